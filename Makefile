@@ -1,0 +1,43 @@
+# The two commands: `make image` builds the UVM into out/uvm, `make test`
+# builds it and runs every test. `make bench` measures; `make lint` checks style.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+UVM := out/uvm
+GUEST_BIN := target/x86_64-unknown-linux-gnu/guest
+IMAGE_TOOL := target/release/parma-image
+export PARMA_UVM := $(abspath $(UVM))
+export PARMA_GUEST_BIN := $(abspath $(GUEST_BIN))
+
+.PHONY: all image test bench lint deps host guest kernel clean
+
+all: image
+
+deps:
+	scripts/deps.sh
+
+host: deps
+	cargo build --release --locked -p parma-image -p parma
+
+guest: deps
+	scripts/build-guest.sh
+
+kernel: host
+	PARMA_IMAGE=$(IMAGE_TOOL) scripts/kernel.sh $(UVM)
+
+image: kernel guest
+	$(IMAGE_TOOL) assemble --uvm $(UVM) --init $(GUEST_BIN)/parma-init \
+	  --agent $(GUEST_BIN)/parma-agent --rustc "$$(rustc -V)"
+
+lint: deps
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+test: image lint
+	cargo test --workspace --locked
+
+bench: image
+	cargo run --release --locked -p parma-tests --bin bench-boot
+
+clean:
+	rm -rf out target

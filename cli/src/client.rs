@@ -1,0 +1,283 @@
+//! A blocking client for the guest agent, over the unix socket QEMU exposes
+//! for the virtio-serial port, or over vsock on real hosts.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use parma_protocol::{
+    AgentError, DecodeError, Decoder, FrameError, FrameKind, GuestInfo, PingInfo, Request, Response, encode_request,
+};
+
+/// Where the agent is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// QEMU's unix socket for the agent's virtio-serial port.
+    Unix(PathBuf),
+    /// A vsock address (`vsock:CID[:PORT]`).
+    Vsock {
+        /// The guest's context id.
+        cid: u32,
+        /// The agent's port.
+        port: u32,
+    },
+}
+
+impl FromStr for Control {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let Some(rest) = s.strip_prefix("vsock:") else {
+            return Ok(Control::Unix(PathBuf::from(s)));
+        };
+        let (cid, port) = rest.split_once(':').unwrap_or((rest, ""));
+        let cid = cid.parse().map_err(|_| format!("bad vsock CID in {s:?}"))?;
+        let port = if port.is_empty() {
+            parma_protocol::VSOCK_PORT
+        } else {
+            port.parse().map_err(|_| format!("bad vsock port in {s:?}"))?
+        };
+        Ok(Control::Vsock { cid, port })
+    }
+}
+
+impl std::fmt::Display for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Control::Unix(path) => write!(f, "{}", path.display()),
+            Control::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+        }
+    }
+}
+
+/// Why a call to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Could not connect before the deadline.
+    #[error("cannot connect to the agent at {control}")]
+    Connect {
+        /// Where.
+        control: String,
+        /// The last error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or writing failed.
+    #[error("talking to the agent")]
+    Io(#[from] std::io::Error),
+    /// No answer before the deadline.
+    #[error("no answer from the agent within {0:?}")]
+    Timeout(Duration),
+    /// The agent (or QEMU) closed the connection.
+    #[error("the agent closed the connection")]
+    Closed,
+    /// The agent sent bytes that are not a frame.
+    #[error("bad frame from the agent")]
+    Frame(#[from] FrameError),
+    /// The agent sent a frame whose body is not a response.
+    #[error("bad response from the agent")]
+    Decode(#[from] DecodeError),
+    /// The agent refused or failed the request.
+    #[error("the agent answered with an error: {0}")]
+    Agent(AgentError),
+    /// The agent answered with the wrong kind of response.
+    #[error("unexpected response from the agent: {0:?}")]
+    Unexpected(Box<Response>),
+}
+
+trait Stream: Read + Write + Send {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Stream for UnixStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
+}
+
+impl Stream for vsock::VsockStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        vsock::VsockStream::set_read_timeout(self, timeout)
+    }
+}
+
+/// A connection to the agent.
+pub struct Client {
+    stream: Box<dyn Stream>,
+    decoder: Decoder,
+    next_id: u32,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("next_id", &self.next_id).field("timeout", &self.timeout).finish()
+    }
+}
+
+/// Ids start at a value unlikely to match a stale answer left on the port
+/// by an earlier client.
+fn first_id() -> u32 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    (nanos ^ std::process::id().rotate_left(16)) | 1
+}
+
+impl Client {
+    /// Connect, retrying until `timeout` (QEMU creates the socket a moment
+    /// after it starts). Each call then waits up to `timeout` for its answer.
+    pub fn connect(control: &Control, timeout: Duration) -> Result<Self, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let attempt: std::io::Result<Box<dyn Stream>> = match control {
+                Control::Unix(path) => UnixStream::connect(path).map(|s| Box::new(s) as Box<dyn Stream>),
+                Control::Vsock { cid, port } => {
+                    vsock::VsockStream::connect_with_cid_port(*cid, *port).map(|s| Box::new(s) as Box<dyn Stream>)
+                }
+            };
+            match attempt {
+                Ok(stream) => {
+                    return Ok(Self { stream, decoder: Decoder::new(), next_id: first_id(), timeout });
+                }
+                Err(source) if Instant::now() >= deadline => {
+                    return Err(ClientError::Connect { control: control.to_string(), source });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Send raw bytes (tests use this to send hostile input).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()?;
+        Ok(())
+    }
+
+    /// Send a request; returns its id.
+    pub fn send(&mut self, request: &Request) -> Result<u32, ClientError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.send_raw(&encode_request(id, request))?;
+        Ok(id)
+    }
+
+    /// The next response frame, whatever its id.
+    pub fn recv(&mut self) -> Result<(u32, Response), ClientError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            if let Some(item) = self.decoder.next_frame() {
+                let frame = item?;
+                if frame.kind != FrameKind::Response {
+                    return Err(ClientError::Unexpected(Box::new(Response::Error(AgentError::new(
+                        parma_protocol::ErrorCode::UnknownKind,
+                        "the agent sent a request frame",
+                    )))));
+                }
+                return Ok((frame.id, Response::decode(&frame.body)?));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Timeout(self.timeout));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Err(ClientError::Closed),
+                Ok(n) => self.decoder.push(buf.get(..n).unwrap_or_default()),
+                Err(err) if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Err(ClientError::Timeout(self.timeout));
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    /// Send a request and wait for its answer, skipping stale answers to
+    /// other ids.
+    pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
+        let id = self.send(request)?;
+        loop {
+            let (got, response) = self.recv()?;
+            if got == id {
+                return Ok(response);
+            }
+            tracing::debug!("skipping a stale answer to request {got}");
+        }
+    }
+
+    /// `Ping`.
+    pub fn ping(&mut self) -> Result<PingInfo, ClientError> {
+        match self.call(&Request::Ping)? {
+            Response::Pong(info) => Ok(info),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `GuestInfo`.
+    pub fn guest_info(&mut self) -> Result<GuestInfo, ClientError> {
+        match self.call(&Request::GuestInfo)? {
+            Response::GuestInfo(info) => Ok(info),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `Shutdown`: the UVM powers off after answering.
+    pub fn shutdown(&mut self) -> Result<(), ClientError> {
+        match self.call(&Request::Shutdown)? {
+            Response::ShuttingDown => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(response: Response) -> ClientError {
+    match response {
+        Response::Error(err) => ClientError::Agent(err),
+        other => ClientError::Unexpected(Box::new(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_addresses() {
+        assert_eq!("/tmp/c.sock".parse(), Ok(Control::Unix("/tmp/c.sock".into())));
+        assert_eq!("vsock:3".parse(), Ok(Control::Vsock { cid: 3, port: 1024 }));
+        assert_eq!("vsock:3:99".parse(), Ok(Control::Vsock { cid: 3, port: 99 }));
+        assert!("vsock:x".parse::<Control>().is_err());
+        assert!("vsock:3:".parse::<Control>().is_ok());
+        assert!("vsock:3:y".parse::<Control>().is_err());
+    }
+
+    #[test]
+    fn skips_stale_answers_and_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut decoder = Decoder::new();
+            let mut buf = [0u8; 1024];
+            let id = loop {
+                let n = conn.read(&mut buf).unwrap();
+                decoder.push(&buf[..n]);
+                if let Some(frame) = decoder.next_frame() {
+                    break frame.unwrap().id;
+                }
+            };
+            // A stale answer first, then the real one; then silence.
+            conn.write_all(&parma_protocol::encode_response(id.wrapping_add(1000), &Response::ShuttingDown)).unwrap();
+            conn.write_all(&parma_protocol::encode_response(id, &Response::ShuttingDown)).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let mut client = Client::connect(&Control::Unix(path), Duration::from_millis(200)).unwrap();
+        client.shutdown().unwrap();
+        assert!(matches!(client.ping(), Err(ClientError::Timeout(_))));
+        server.join().unwrap();
+    }
+}

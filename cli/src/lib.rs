@@ -1,0 +1,11 @@
+//! The host side of Parma: boot the UVM under QEMU, talk to its agent.
+//!
+//! `parma` (the binary) is a thin layer of argument parsing over this
+//! library; the test harness uses the library directly, so tests boot the
+//! UVM exactly as users do.
+
+pub mod client;
+pub mod qemu;
+
+pub use client::{Client, ClientError, Control};
+pub use qemu::{Accel, Serial, VmConfig};

@@ -1,0 +1,174 @@
+//! `parma`: the host CLI of Parma.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use parma::qemu::shell_words;
+use parma::{Accel, Client, Control, Serial, VmConfig};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(name = "parma", version, about = "Confidential containers with attested execution policies")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot and manage the utility VM.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Talk to the guest agent.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Boot the UVM with QEMU; runs until the VM powers off and exits with QEMU's status.
+    Run(VmRun),
+}
+
+#[derive(Args)]
+struct VmRun {
+    /// The UVM directory `make image` wrote.
+    #[arg(long, default_value = "out/uvm")]
+    uvm: PathBuf,
+    /// tcg (emulation, anywhere) or kvm (real hosts).
+    #[arg(long, value_enum, default_value = "tcg")]
+    accel: Accel,
+    /// The unix socket for the agent's virtio-serial port.
+    #[arg(long)]
+    control: PathBuf,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    memory: u32,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Write the serial console here instead of to stdout.
+    #[arg(long)]
+    serial_log: Option<PathBuf>,
+    /// Also give the guest vsock with this CID (needs /dev/vhost-vsock).
+    #[arg(long)]
+    vsock_cid: Option<u32>,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Print the QEMU command line instead of running it.
+    #[arg(long)]
+    print_command: bool,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// The agent: a unix socket path (virtio-serial), or vsock:CID[:PORT].
+    #[arg(long)]
+    control: Control,
+    /// Seconds to wait for the agent (connecting and answering).
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Check the agent answers; print its versions and uptime.
+    Ping(AgentArgs),
+    /// Print what the guest has: memory, CPUs, mounts, SEV devices.
+    Info(AgentArgs),
+    /// Power the UVM off.
+    Shutdown(AgentArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
+    match Cli::parse().command {
+        Command::Vm(VmCommand::Run(args)) => vm_run(args),
+        Command::Agent(command) => agent(command),
+    }
+}
+
+fn vm_run(args: VmRun) -> anyhow::Result<()> {
+    let config = VmConfig {
+        qemu: args.qemu,
+        uvm: args.uvm,
+        initrd: None,
+        accel: args.accel,
+        control: args.control,
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        serial: args.serial_log.map_or(Serial::Stdio, Serial::File),
+        vsock_cid: args.vsock_cid,
+    };
+    let qemu_args = config.args()?;
+    if args.print_command {
+        println!("{}", shell_words(&config.qemu, &qemu_args));
+        return Ok(());
+    }
+    tracing::info!("{}", shell_words(&config.qemu, &qemu_args));
+    // Become QEMU: its exit status is ours, and signals reach it directly.
+    let err = std::process::Command::new(&config.qemu).args(&qemu_args).exec();
+    Err(err).with_context(|| format!("cannot run {}", config.qemu.display()))
+}
+
+fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        println!("{}", human(value));
+    }
+    Ok(())
+}
+
+fn connect(args: &AgentArgs) -> anyhow::Result<Client> {
+    let timeout = Duration::try_from_secs_f64(args.timeout).context("bad --timeout")?;
+    Ok(Client::connect(&args.control, timeout)?)
+}
+
+fn agent(command: AgentCommand) -> anyhow::Result<()> {
+    match command {
+        AgentCommand::Ping(args) => {
+            let info = connect(&args)?.ping()?;
+            print(args.json, &info, |i| {
+                format!(
+                    "agent {} (protocol {}), kernel {}, up {:.3} s",
+                    i.agent_version,
+                    i.protocol_version,
+                    i.kernel_release,
+                    i.uptime_ms as f64 / 1000.0
+                )
+            })
+        }
+        AgentCommand::Info(args) => {
+            let info = connect(&args)?.guest_info()?;
+            print(args.json, &info, |i| {
+                let mut out = format!(
+                    "memory {} KiB ({} KiB available), {} cpu(s), sev-guest device: {}, tsm report: {}\n",
+                    i.memory_total_kib,
+                    i.memory_available_kib,
+                    i.cpus,
+                    if i.sev_guest_device { "yes" } else { "no" },
+                    if i.tsm_report { "yes" } else { "no" },
+                );
+                for m in &i.mounts {
+                    out.push_str(&format!("  {} on {} type {} ({})\n", m.source, m.target, m.fstype, m.options));
+                }
+                out.trim_end().to_string()
+            })
+        }
+        AgentCommand::Shutdown(args) => {
+            connect(&args)?.shutdown()?;
+            print(args.json, &serde_json::json!({"shutting_down": true}), |_| "the UVM is powering off".into())
+        }
+    }
+}

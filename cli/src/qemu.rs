@@ -1,0 +1,216 @@
+//! The QEMU command line that boots the UVM.
+//!
+//! These are the same arguments `qemu/run-tcg.sh` types by hand and
+//! `qemu/README.md` explains; the test harness boots through this code too.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use parma_image::files;
+use parma_protocol::SERIAL_PORT_NAME;
+
+/// Which accelerator runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// Software emulation: works anywhere, no SEV-SNP; the default for development and CI.
+    Tcg,
+    /// Hardware virtualisation: real hosts with /dev/kvm.
+    Kvm,
+}
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Serial {
+    /// QEMU's stdout.
+    Stdio,
+    /// A log file.
+    File(PathBuf),
+}
+
+/// Everything needed to boot one UVM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// The UVM directory (`vmlinuz`, `initrd.img`, `cmdline`).
+    pub uvm: PathBuf,
+    /// Boot this initrd instead of the UVM's (test variants).
+    pub initrd: Option<PathBuf>,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Unix socket QEMU listens on for the agent's virtio-serial port.
+    pub control: PathBuf,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Guest vCPUs.
+    pub cpus: u32,
+    /// The serial console.
+    pub serial: Serial,
+    /// Also give the guest a vsock device with this CID (needs vhost-vsock on the host).
+    pub vsock_cid: Option<u32>,
+}
+
+/// The UVM directory lacks a file.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path} (run `make image` first?)")]
+pub struct MissingFile {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl VmConfig {
+    /// Defaults for a UVM directory and a control socket: TCG, 512 MiB, one vCPU, console on stdout.
+    pub fn new(uvm: impl Into<PathBuf>, control: impl Into<PathBuf>) -> Self {
+        Self {
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            uvm: uvm.into(),
+            initrd: None,
+            accel: Accel::Tcg,
+            control: control.into(),
+            memory_mib: 512,
+            cpus: 1,
+            serial: Serial::Stdio,
+            vsock_cid: None,
+        }
+    }
+
+    /// The kernel command line from the UVM directory.
+    pub fn cmdline(&self) -> Result<String, MissingFile> {
+        let path = self.uvm.join(files::CMDLINE);
+        std::fs::read_to_string(&path).map(|s| s.trim().to_string()).map_err(|source| MissingFile { path, source })
+    }
+
+    fn existing(&self, name: &str) -> Result<PathBuf, MissingFile> {
+        let path = self.uvm.join(name);
+        std::fs::metadata(&path).map(|_| path.clone()).map_err(|source| MissingFile { path, source })
+    }
+
+    /// QEMU's arguments, without the program name.
+    pub fn args(&self) -> Result<Vec<OsString>, MissingFile> {
+        let kernel = self.existing(files::KERNEL)?;
+        let initrd = match &self.initrd {
+            Some(path) => path.clone(),
+            None => self.existing(files::INITRD)?,
+        };
+        let cmdline = self.cmdline()?;
+        let (machine, cpu) = match self.accel {
+            Accel::Tcg => ("q35,accel=tcg", "max"),
+            Accel::Kvm => ("q35,accel=kvm", "host"),
+        };
+        let serial = match &self.serial {
+            Serial::Stdio => OsString::from("stdio"),
+            Serial::File(path) => join("file:", path),
+        };
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+        push(&["-machine", machine, "-cpu", cpu]);
+        push(&["-smp", &self.cpus.to_string(), "-m", &self.memory_mib.to_string()]);
+        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        args.extend([OsString::from("-kernel"), kernel.into_os_string()]);
+        args.extend([OsString::from("-initrd"), initrd.into_os_string()]);
+        args.extend([OsString::from("-append"), OsString::from(cmdline)]);
+        args.extend([OsString::from("-serial"), serial]);
+        args.extend(["-device", "virtio-serial-pci,id=virtio-serial0", "-chardev"].map(OsString::from));
+        // QEMU splits options at commas; a comma in the path is written twice.
+        let control = self.control.to_string_lossy().replace(',', ",,");
+        args.push(format!("socket,id=agent,server=on,wait=off,path={control}").into());
+        args.push("-device".into());
+        args.push(format!("virtserialport,bus=virtio-serial0.0,chardev=agent,name={SERIAL_PORT_NAME}").into());
+        if let Some(cid) = self.vsock_cid {
+            args.push("-device".into());
+            args.push(format!("vhost-vsock-pci,guest-cid={cid}").into());
+        }
+        Ok(args)
+    }
+
+    /// The full command.
+    pub fn command(&self) -> Result<Command, MissingFile> {
+        let mut command = Command::new(&self.qemu);
+        command.args(self.args()?);
+        Ok(command)
+    }
+}
+
+fn join(prefix: &str, path: &Path) -> OsString {
+    let mut out = OsString::from(prefix);
+    out.push(path.as_os_str());
+    out
+}
+
+/// Quote a command line for display (and for pasting into a shell).
+pub fn shell_words(program: &Path, args: &[OsString]) -> String {
+    std::iter::once(program.as_os_str())
+        .chain(args.iter().map(OsString::as_os_str))
+        .map(|arg| {
+            let arg = arg.to_string_lossy();
+            if !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=,:+".contains(c)) {
+                arg.into_owned()
+            } else {
+                format!("'{}'", arg.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uvm_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [files::KERNEL, files::INITRD] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        std::fs::write(dir.path().join(files::CMDLINE), "console=ttyS0 quiet\n").unwrap();
+        dir
+    }
+
+    fn strings(config: &VmConfig) -> Vec<String> {
+        config.args().unwrap().iter().map(|a| a.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn tcg_command_line() {
+        let dir = uvm_dir();
+        let mut config = VmConfig::new(dir.path(), "/tmp/c.sock");
+        config.serial = Serial::File("/tmp/serial.log".into());
+        let args = strings(&config);
+        let find = |flag: &str| args[args.iter().position(|a| a == flag).unwrap() + 1].clone();
+        assert_eq!(find("-machine"), "q35,accel=tcg");
+        assert_eq!(find("-append"), "console=ttyS0 quiet");
+        assert_eq!(find("-serial"), "file:/tmp/serial.log");
+        assert_eq!(find("-chardev"), "socket,id=agent,server=on,wait=off,path=/tmp/c.sock");
+        assert!(args.contains(&"-no-reboot".to_string()));
+        assert!(args.contains(&"virtserialport,bus=virtio-serial0.0,chardev=agent,name=org.parma.agent".to_string()));
+        assert!(!args.iter().any(|a| a.contains("vsock")));
+    }
+
+    #[test]
+    fn kvm_and_vsock() {
+        let dir = uvm_dir();
+        let mut config = VmConfig::new(dir.path(), "/tmp/c.sock");
+        config.accel = Accel::Kvm;
+        config.vsock_cid = Some(7);
+        let args = strings(&config);
+        assert!(args.contains(&"q35,accel=kvm".to_string()));
+        assert!(args.contains(&"host".to_string()));
+        assert!(args.contains(&"vhost-vsock-pci,guest-cid=7".to_string()));
+    }
+
+    #[test]
+    fn missing_image_is_named() {
+        let err = VmConfig::new("/nonexistent/uvm", "/tmp/c.sock").args().unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/uvm/vmlinuz"), "{err}");
+    }
+
+    #[test]
+    fn quoting() {
+        let args = [OsString::from("-append"), OsString::from("console=ttyS0 quiet"), OsString::from("it's")];
+        assert_eq!(shell_words(Path::new("qemu"), &args), r"qemu -append 'console=ttyS0 quiet' 'it'\''s'");
+    }
+}

@@ -1,0 +1,92 @@
+//! The user's path, by hand: `parma vm run ... &`, then `parma agent ping`,
+//! `info --json` and `shutdown`; QEMU (which `vm run` becomes) exits 0.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // The VM runs in its own process group; take all of it down.
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.0.id())]).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn uvm() -> PathBuf {
+    std::env::var_os("PARMA_UVM")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../out/uvm"), PathBuf::from)
+}
+
+fn parma(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_parma")).args(args).output().unwrap()
+}
+
+#[test]
+fn vm_run_then_ping_info_shutdown() {
+    let uvm = uvm();
+    assert!(uvm.join("vmlinuz").is_file(), "{} has no image: run `make image` first", uvm.display());
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("c.sock");
+    let serial = dir.path().join("serial.log");
+    let mut vm = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_parma"))
+            .args(["vm", "run", "--uvm"])
+            .arg(&uvm)
+            .arg("--control")
+            .arg(&control)
+            .arg("--serial-log")
+            .arg(&serial)
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let control = control.to_str().unwrap();
+
+    let started = Instant::now();
+    let ping = parma(&["agent", "ping", "--control", control, "--timeout", "60"]);
+    assert!(
+        ping.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&ping.stderr),
+        std::fs::read_to_string(&serial).unwrap_or_default()
+    );
+    let line = String::from_utf8_lossy(&ping.stdout);
+    assert!(line.starts_with("agent 0.1.0 (protocol 1), kernel 6.12"), "{line}");
+    eprintln!("ping answered {:.2} s after vm run", started.elapsed().as_secs_f64());
+
+    let info = parma(&["agent", "info", "--control", control, "--json"]);
+    assert!(info.status.success());
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["cpus"], 1);
+    assert_eq!(info["sev_guest_device"], false);
+
+    let shutdown = parma(&["agent", "shutdown", "--control", control]);
+    assert!(shutdown.status.success(), "{}", String::from_utf8_lossy(&shutdown.stderr));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = vm.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "QEMU still runs 10 s after shutdown");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "vm run exited with {status}");
+    let log = std::fs::read_to_string(&serial).unwrap();
+    assert!(log.contains("parma-init: agent requested shutdown"), "{log}");
+    assert!(!log.contains("panic"), "{log}");
+}
+
+#[test]
+fn errors_are_clear() {
+    let out = parma(&["vm", "run", "--uvm", "/nonexistent", "--control", "/tmp/x.sock"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/vmlinuz"));
+    let out = parma(&["agent", "ping", "--control", "/nonexistent/c.sock", "--timeout", "0.2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to the agent at /nonexistent/c.sock"));
+}

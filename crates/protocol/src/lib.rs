@@ -1,0 +1,48 @@
+//! The wire protocol between the host and the Parma guest agent.
+//!
+//! It exists as its own crate because three parties must agree on it byte for
+//! byte: the agent in the guest, the host CLI, and the tests. It must not
+//! depend on anything guest- or host-specific (no tokio, no QEMU): it is pure
+//! data and a decoder that is safe on hostile input.
+//!
+//! The same bytes flow over vsock (real hosts) and a virtio-serial port
+//! (emulation and tests): see [`frame`] for the layout.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
+pub mod frame;
+pub mod message;
+
+pub use frame::{Decoder, Frame, FrameError, FrameKind, MAX_BODY, VERSION, encode};
+pub use message::{AgentError, DecodeError, ErrorCode, GuestInfo, MountInfo, PingInfo, Request, RequestKind, Response};
+
+/// The virtio-serial port name the agent listens on (`-device virtserialport,name=...`).
+pub const SERIAL_PORT_NAME: &str = "org.parma.agent";
+/// The vsock port the agent listens on.
+pub const VSOCK_PORT: u32 = 1024;
+
+/// Encode a request frame.
+pub fn encode_request(id: u32, request: &Request) -> Vec<u8> {
+    // Requests of this crate are small; the size check cannot trip.
+    encode(FrameKind::Request, id, &request.encode()).unwrap_or_default()
+}
+
+/// Encode a response frame. A response body over the limit (which the agent
+/// never builds) is replaced by an error saying so.
+pub fn encode_response(id: u32, response: &Response) -> Vec<u8> {
+    encode(FrameKind::Response, id, &response.encode()).unwrap_or_else(|err| {
+        let error = Response::Error(AgentError::new(ErrorCode::Failed, err.to_string()));
+        encode(FrameKind::Response, id, &error.encode()).unwrap_or_default()
+    })
+}
+
+impl From<&FrameError> for AgentError {
+    fn from(err: &FrameError) -> Self {
+        let code = match err {
+            FrameError::BadMagic { .. } => ErrorCode::BadMagic,
+            FrameError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            FrameError::UnknownKind { .. } => ErrorCode::UnknownKind,
+            FrameError::Oversize { .. } => ErrorCode::Oversize,
+        };
+        AgentError::new(code, err.to_string())
+    }
+}

@@ -1,0 +1,253 @@
+//! Typed requests and responses: the JSON bodies of frames.
+//!
+//! Every body is a JSON object with a `"type"` field naming the variant.
+//! Unknown fields are refused, so a typo on the host is an error, not a
+//! silently ignored option.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest string the agent puts in an error message (bytes).
+pub const MAX_MESSAGE: usize = 4096;
+
+/// A request from the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum Request {
+    /// Liveness and versions.
+    Ping,
+    /// What the guest has: memory, CPUs, mounts, SEV devices.
+    GuestInfo,
+    /// Power the UVM off once the response is sent.
+    Shutdown,
+}
+
+/// The variant names of [`Request`], as on the wire.
+pub const REQUEST_TYPES: &[&str] = &["Ping", "GuestInfo", "Shutdown"];
+
+impl Request {
+    /// The variant name, as on the wire (`"Ping"`).
+    pub fn kind(&self) -> RequestKind {
+        match self {
+            Request::Ping => RequestKind::Ping,
+            Request::GuestInfo => RequestKind::GuestInfo,
+            Request::Shutdown => RequestKind::Shutdown,
+        }
+    }
+}
+
+/// The kind of a request without its arguments: what the policy gate decides on first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RequestKind {
+    /// [`Request::Ping`].
+    Ping,
+    /// [`Request::GuestInfo`].
+    GuestInfo,
+    /// [`Request::Shutdown`].
+    Shutdown,
+}
+
+impl RequestKind {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Ping => "Ping",
+            RequestKind::GuestInfo => "GuestInfo",
+            RequestKind::Shutdown => "Shutdown",
+        }
+    }
+}
+
+/// A response from the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum Response {
+    /// Answer to [`Request::Ping`].
+    Pong(PingInfo),
+    /// Answer to [`Request::GuestInfo`].
+    GuestInfo(GuestInfo),
+    /// Answer to [`Request::Shutdown`]: the UVM powers off after this.
+    ShuttingDown,
+    /// The request was refused or failed.
+    Error(AgentError),
+}
+
+/// Versions and liveness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PingInfo {
+    /// Protocol version the agent speaks.
+    pub protocol_version: u16,
+    /// The agent's crate version.
+    pub agent_version: String,
+    /// `uname -r` of the guest kernel.
+    pub kernel_release: String,
+    /// Time since the guest kernel booted, in milliseconds.
+    pub uptime_ms: u64,
+}
+
+/// What the guest has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestInfo {
+    /// `MemTotal` from /proc/meminfo, KiB.
+    pub memory_total_kib: u64,
+    /// `MemAvailable` from /proc/meminfo, KiB.
+    pub memory_available_kib: u64,
+    /// Online CPUs.
+    pub cpus: u32,
+    /// Mounted filesystems, in /proc/self/mounts order.
+    pub mounts: Vec<MountInfo>,
+    /// Whether `/dev/sev-guest` exists (an SEV-SNP guest).
+    pub sev_guest_device: bool,
+    /// Whether the configfs TSM report interface is mounted and present.
+    pub tsm_report: bool,
+}
+
+/// One mounted filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountInfo {
+    /// Device or pseudo-filesystem name.
+    pub source: String,
+    /// Mount point.
+    pub target: String,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Mount options.
+    pub options: String,
+}
+
+/// Why a request failed, as the host sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(deny_unknown_fields)]
+#[error("{code}: {message}")]
+pub struct AgentError {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// One readable line, at most [`MAX_MESSAGE`] bytes.
+    pub message: String,
+}
+
+impl AgentError {
+    /// An error with a message cut to [`MAX_MESSAGE`] bytes on a char boundary.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > MAX_MESSAGE {
+            let mut end = MAX_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        Self { code, message }
+    }
+}
+
+/// Error codes. Stable on the wire; new ones are added at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The bytes were not a frame (bad magic); the agent skipped to the next one.
+    BadMagic,
+    /// The frame's protocol version is not spoken by the agent.
+    UnsupportedVersion,
+    /// The frame kind is not a request.
+    UnknownKind,
+    /// The body is longer than the protocol allows.
+    Oversize,
+    /// The body is not a valid request (bad JSON, wrong fields).
+    Malformed,
+    /// The body names a request type the agent does not know.
+    UnknownType,
+    /// The policy denied the request; nothing happened.
+    PolicyDenied,
+    /// The request was allowed but failed in the guest.
+    Failed,
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            ErrorCode::BadMagic => "bad_magic",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::UnknownKind => "unknown_kind",
+            ErrorCode::Oversize => "oversize",
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::PolicyDenied => "policy_denied",
+            ErrorCode::Failed => "failed",
+        };
+        f.write_str(name)
+    }
+}
+
+/// A body that did not decode into a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// A JSON object with a `"type"` the agent does not know.
+    #[error("unknown request type {0:?}")]
+    UnknownType(String),
+    /// Anything else: not JSON, not an object, missing or extra fields.
+    #[error("malformed request: {0}")]
+    Malformed(String),
+}
+
+impl From<DecodeError> for AgentError {
+    fn from(err: DecodeError) -> Self {
+        let code = match err {
+            DecodeError::UnknownType(_) => ErrorCode::UnknownType,
+            DecodeError::Malformed(_) => ErrorCode::Malformed,
+        };
+        AgentError::new(code, err.to_string())
+    }
+}
+
+impl Request {
+    /// Decode a request body.
+    ///
+    /// Fields the request type does not have are refused (serde cannot do
+    /// that for unit variants of an internally tagged enum, so it is checked
+    /// here against the request's own serialisation: request types must not
+    /// skip fields when serialising).
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|err| DecodeError::Malformed(err.to_string()))?;
+        if let Some(ty) = value.get("type").and_then(serde_json::Value::as_str) {
+            if !REQUEST_TYPES.contains(&ty) {
+                let mut ty = ty.to_string();
+                ty.truncate(ty.floor_char_boundary(128));
+                return Err(DecodeError::UnknownType(ty));
+            }
+        }
+        let request = Request::deserialize(&value).map_err(|err| DecodeError::Malformed(err.to_string()))?;
+        if let (serde_json::Value::Object(input), Ok(serde_json::Value::Object(known))) =
+            (&value, serde_json::to_value(&request))
+        {
+            if let Some(extra) = input.keys().find(|key| !known.contains_key(*key)) {
+                let mut extra = extra.clone();
+                extra.truncate(extra.floor_char_boundary(128));
+                return Err(DecodeError::Malformed(format!("unknown field `{extra}`")));
+            }
+        }
+        Ok(request)
+    }
+
+    /// Encode a request body.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising these plain enums cannot fail; an empty body would be
+        // refused as malformed by the agent rather than sent wrong.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+impl Response {
+    /// Decode a response body.
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        serde_json::from_slice(body).map_err(|err| DecodeError::Malformed(err.to_string()))
+    }
+
+    /// Encode a response body.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}

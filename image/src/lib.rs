@@ -1,0 +1,35 @@
+//! Builds the Parma UVM image on the host: the reproducible initrd, the check
+//! of the kernel config, the command line and the manifest.
+//!
+//! Host only: the guest never links it. Scripts call its binary,
+//! `parma-image`; the test harness uses the library to build test variants
+//! of the initrd.
+
+pub mod initrd;
+pub mod kconfig;
+pub mod manifest;
+
+/// The kernel command line of the default profile.
+///
+/// `quiet` keeps the serial console (slow under emulation) to errors;
+/// `panic=-1` turns a kernel panic into a reset, which QEMU's `-no-reboot`
+/// turns into an exit, so a broken guest never hangs its host.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+
+/// The files `make image` writes into the UVM directory.
+pub mod files {
+    /// The kernel (bzImage).
+    pub const KERNEL: &str = "vmlinuz";
+    /// The initrd.
+    pub const INITRD: &str = "initrd.img";
+    /// The kernel's final config.
+    pub const KERNEL_CONFIG: &str = "kernel.config";
+    /// `make kernelrelease`.
+    pub const KERNEL_RELEASE: &str = "kernel.release";
+    /// Debian package and version of the kernel source.
+    pub const KERNEL_SOURCE: &str = "kernel.source";
+    /// The kernel command line.
+    pub const CMDLINE: &str = "cmdline";
+    /// The manifest.
+    pub const MANIFEST: &str = "manifest.json";
+}

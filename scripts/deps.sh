@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install what building and testing the UVM needs on Debian 12, as root,
+# from Debian's archive and rustup only. Safe to run again: it installs only
+# what is missing.
+set -euo pipefail
+
+packages=(
+  # QEMU to boot the UVM (TCG here, KVM/SNP on real hosts).
+  qemu-system-x86
+  # Kernel build.
+  bc bison flex libelf-dev libssl-dev make gcc xz-utils
+  # The Debian 13 archive keys, to fetch the pinned kernel source.
+  debian-archive-keyring
+  # Static glibc for the guest binaries.
+  libc6-dev
+)
+
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "deps: missing ${missing[*]}; run as root (or install them) first" >&2
+    exit 1
+  fi
+  echo "deps: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "deps: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2
+  exit 1
+fi
+if command -v rustup >/dev/null; then
+  for component in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+  done
+fi

@@ -1,0 +1,168 @@
+//! Boot the real UVM under QEMU TCG and talk to its agent.
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use parma_protocol::frame::MAGIC;
+use parma_protocol::{ErrorCode, Request, Response, VERSION, encode_request};
+use parma_tests::{Boot, Guest, Paths, write_initrd};
+
+/// Generous for TCG on a loaded 2-core machine; a healthy boot takes ~3 s.
+const READY: Duration = Duration::from_secs(60);
+const ANSWER: Duration = Duration::from_secs(10);
+
+fn header(version: u16, kind: u16, id: u32, len: u32) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&kind.to_le_bytes());
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out
+}
+
+/// A ping on a fresh connection still answers.
+fn still_serving(guest: &mut Guest) -> anyhow::Result<()> {
+    let info = guest.ping_until(std::time::Instant::now() + ANSWER).context("the agent stopped serving")?;
+    ensure!(info.protocol_version == VERSION);
+    Ok(())
+}
+
+fn error_code(response: Response) -> anyhow::Result<ErrorCode> {
+    match response {
+        Response::Error(err) => Ok(err.code),
+        other => anyhow::bail!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn boot_ping_info_shutdown() -> anyhow::Result<()> {
+    let paths = Paths::require_image()?;
+    let mut guest = Guest::boot(&paths, &Boot::default())?;
+    let info = guest.wait_ready(READY)?;
+    let release = std::fs::read_to_string(paths.uvm.join("kernel.release"))?;
+    ensure!(info.kernel_release == release.trim(), "kernel {} is not the image's {release}", info.kernel_release);
+    ensure!(info.agent_version == env!("CARGO_PKG_VERSION"));
+    ensure!(info.uptime_ms > 0);
+
+    let mut client = guest.client(ANSWER)?;
+    let guest_info = client.guest_info()?;
+    ensure!(guest_info.cpus == 1, "{guest_info:?}");
+    ensure!((400_000..=524_288).contains(&guest_info.memory_total_kib), "{guest_info:?}");
+    ensure!(!guest_info.sev_guest_device, "TCG has no SEV guest device");
+    ensure!(guest_info.tsm_report, "configfs TSM report directory missing: {guest_info:?}");
+    for (target, fstype) in [
+        ("/proc", "proc"),
+        ("/sys", "sysfs"),
+        ("/dev", "devtmpfs"),
+        ("/run", "tmpfs"),
+        ("/sys/fs/cgroup", "cgroup2"),
+        ("/sys/kernel/config", "configfs"),
+    ] {
+        ensure!(
+            guest_info.mounts.iter().any(|m| m.target == target && m.fstype == fstype),
+            "{target} ({fstype}) is not mounted: {:?}",
+            guest_info.mounts
+        );
+    }
+
+    client.shutdown()?;
+    let status = guest.wait_exit(Duration::from_secs(10))?;
+    ensure!(status.success(), "QEMU exited with {status}");
+    let serial = guest.serial();
+    ensure!(serial.contains("parma-init: agent requested shutdown"), "{serial}");
+    guest.check_serial()
+}
+
+#[test]
+fn hostile_input_is_answered_and_survived() -> anyhow::Result<()> {
+    let paths = Paths::require_image()?;
+    let mut guest = Guest::boot(&paths, &Boot::default())?;
+    guest.wait_ready(READY)?;
+
+    // A well-framed body that is not JSON: typed error, same connection keeps working.
+    let mut client = guest.client(ANSWER)?;
+    let mut frame = header(VERSION, 1, 77, 9);
+    frame.extend_from_slice(b"{not json");
+    client.send_raw(&frame)?;
+    let (id, response) = client.recv()?;
+    ensure!(id == 77 && error_code(response)? == ErrorCode::Malformed);
+    client.ping().context("same connection after a malformed frame")?;
+
+    // Unknown request type and unknown protocol version: typed errors, same connection.
+    let body = br#"{"type":"MountEverything"}"#;
+    let mut frame = header(VERSION, 1, 78, body.len() as u32);
+    frame.extend_from_slice(body);
+    client.send_raw(&frame)?;
+    let (id, response) = client.recv()?;
+    ensure!(id == 78 && error_code(response)? == ErrorCode::UnknownType);
+    let mut frame = header(VERSION + 1, 1, 79, 4);
+    frame.extend_from_slice(b"abcd");
+    client.send_raw(&frame)?;
+    let (id, response) = client.recv()?;
+    ensure!(id == 79 && error_code(response)? == ErrorCode::UnsupportedVersion);
+    client.ping()?;
+    drop(client);
+
+    // An oversize length: refused at once, without waiting for the body.
+    let mut client = guest.client(ANSWER)?;
+    client.send_raw(&header(VERSION, 1, 80, u32::MAX))?;
+    let (id, response) = client.recv()?;
+    ensure!(id == 80 && error_code(response)? == ErrorCode::Oversize);
+    drop(client);
+    still_serving(&mut guest).context("after an oversize length")?;
+
+    // Random garbage (deterministic), then disconnect.
+    let mut client = guest.client(ANSWER)?;
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let garbage: Vec<u8> = (0..64 * 1024)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[0]
+        })
+        .collect();
+    client.send_raw(&garbage)?;
+    let (_, response) = client.recv()?;
+    ensure!(error_code(response)? == ErrorCode::BadMagic);
+    drop(client);
+    still_serving(&mut guest).context("after random garbage")?;
+
+    // Half a frame, then disconnect.
+    let mut client = guest.client(ANSWER)?;
+    let ping = encode_request(81, &Request::Ping);
+    client.send_raw(&ping[..ping.len() / 2])?;
+    drop(client);
+    still_serving(&mut guest).context("after half a frame")?;
+
+    // A response frame sent to the agent.
+    let mut client = guest.client(ANSWER)?;
+    let body = br#"{"type":"Ping"}"#;
+    let mut frame = header(VERSION, 2, 82, body.len() as u32);
+    frame.extend_from_slice(body);
+    client.send_raw(&frame)?;
+    let (id, response) = client.recv()?;
+    ensure!(id == 82 && error_code(response)? == ErrorCode::UnknownKind);
+    client.ping()?;
+
+    client.shutdown()?;
+    ensure!(guest.wait_exit(Duration::from_secs(10))?.success());
+    guest.check_serial()
+}
+
+#[test]
+fn agent_death_powers_the_vm_off_with_the_reason() -> anyhow::Result<()> {
+    let paths = Paths::require_image()?;
+    let init = std::fs::read(paths.guest_binary("parma-init")?)?;
+    let dying = std::fs::read(paths.guest_binary("dying-agent")?)?;
+    let scratch = tempfile::tempdir()?;
+    let initrd = write_initrd(scratch.path(), "dying.img", &parma_image::initrd::uvm(init, dying)?)?;
+    let mut guest = Guest::boot(&paths, &Boot { initrd: Some(initrd), ..Boot::default() })?;
+    let status = guest.wait_exit(READY)?;
+    let serial = guest.serial();
+    ensure!(status.success(), "QEMU exited with {status}:\n{serial}");
+    ensure!(serial.contains("dying-agent: exiting with status 42"), "{serial}");
+    ensure!(serial.contains("parma-init: agent exited with status 42"), "{serial}");
+    ensure!(serial.contains("parma-init: powering off"), "{serial}");
+    guest.check_serial()
+}
