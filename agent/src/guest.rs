@@ -79,16 +79,15 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
-        if b == b'\\' {
-            if let Some(value) = bytes
+        if b == b'\\'
+            && let Some(value) = bytes
                 .get(i + 1..i + 4)
                 .and_then(|oct| std::str::from_utf8(oct).ok())
                 .and_then(|oct| u8::from_str_radix(oct, 8).ok())
-            {
-                out.push(value);
-                i += 4;
-                continue;
-            }
+        {
+            out.push(value);
+            i += 4;
+            continue;
         }
         out.push(b);
         i += 1;

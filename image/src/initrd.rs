@@ -130,10 +130,10 @@ impl Initrd {
     /// Check that every entry's parent directory is there.
     fn check_parents(&self) -> Result<(), InitrdError> {
         for path in self.entries.keys() {
-            if let Some((parent, _)) = path.rsplit_once('/') {
-                if !matches!(self.entries.get(parent), Some(Entry { kind: Kind::Dir, .. })) {
-                    return Err(InitrdError::MissingParent { path: path.clone(), parent: parent.to_string() });
-                }
+            if let Some((parent, _)) = path.rsplit_once('/')
+                && !matches!(self.entries.get(parent), Some(Entry { kind: Kind::Dir, .. }))
+            {
+                return Err(InitrdError::MissingParent { path: path.clone(), parent: parent.to_string() });
             }
         }
         Ok(())

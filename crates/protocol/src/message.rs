@@ -212,22 +212,17 @@ impl Request {
     pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
         let value: serde_json::Value =
             serde_json::from_slice(body).map_err(|err| DecodeError::Malformed(err.to_string()))?;
-        if let Some(ty) = value.get("type").and_then(serde_json::Value::as_str) {
-            if !REQUEST_TYPES.contains(&ty) {
-                let mut ty = ty.to_string();
-                ty.truncate(ty.floor_char_boundary(128));
-                return Err(DecodeError::UnknownType(ty));
-            }
+        if let Some(ty) = value.get("type").and_then(serde_json::Value::as_str)
+            && !REQUEST_TYPES.contains(&ty)
+        {
+            return Err(DecodeError::UnknownType(bounded(ty)));
         }
         let request = Request::deserialize(&value).map_err(|err| DecodeError::Malformed(err.to_string()))?;
         if let (serde_json::Value::Object(input), Ok(serde_json::Value::Object(known))) =
             (&value, serde_json::to_value(&request))
+            && let Some(extra) = input.keys().find(|key| !known.contains_key(*key))
         {
-            if let Some(extra) = input.keys().find(|key| !known.contains_key(*key)) {
-                let mut extra = extra.clone();
-                extra.truncate(extra.floor_char_boundary(128));
-                return Err(DecodeError::Malformed(format!("unknown field `{extra}`")));
-            }
+            return Err(DecodeError::Malformed(format!("unknown field `{}`", bounded(extra))));
         }
         Ok(request)
     }
@@ -238,6 +233,11 @@ impl Request {
         // refused as malformed by the agent rather than sent wrong.
         serde_json::to_vec(self).unwrap_or_default()
     }
+}
+
+/// A host-chosen name, cut to 128 bytes for error messages.
+fn bounded(name: &str) -> String {
+    name.get(..name.floor_char_boundary(128)).unwrap_or_default().to_string()
 }
 
 impl Response {
