@@ -21,7 +21,7 @@ jobs=${JOBS:-$(nproc)}
 apt_dir="$cache/apt-trixie"
 apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
   -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache"
-  -o Dir::State::status=/dev/null -o Debug::NoLocking=1)
+  -o Dir::State::status=/dev/null -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
 keys=/usr/share/keyrings/debian-archive-trixie-stable.gpg,/usr/share/keyrings/debian-archive-trixie-automatic.gpg,/usr/share/keyrings/debian-archive-trixie-security-automatic.gpg
 
 apt_update() {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use parma_protocol::{SERIAL_PORT_NAME, VSOCK_PORT};
 use tokio::net::unix::pipe;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
 
 use crate::dispatch::Dispatcher;
@@ -18,6 +18,8 @@ use crate::serve::{Ended, serve};
 
 /// Where the kernel lists virtio-serial ports and their names.
 const VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
+/// Concurrent vsock connections the agent serves; more are closed at once.
+const MAX_VSOCK_CONNECTIONS: usize = 8;
 /// How often the agent looks again for its port, and for a host on it.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -84,8 +86,10 @@ pub fn listen_vsock() -> std::io::Result<VsockListener> {
     VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, VSOCK_PORT))
 }
 
-/// Accept vsock connections and serve each on its own task.
+/// Accept vsock connections and serve each on its own task, at most
+/// [`MAX_VSOCK_CONNECTIONS`] at a time (each may hold a bounded frame buffer).
 pub async fn serve_vsock(listener: VsockListener, dispatcher: Arc<Dispatcher>, shutdown: mpsc::Sender<()>) {
+    let slots = Arc::new(Semaphore::new(MAX_VSOCK_CONNECTIONS));
     loop {
         let (mut stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -95,9 +99,14 @@ pub async fn serve_vsock(listener: VsockListener, dispatcher: Arc<Dispatcher>, s
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("vsock {peer:?}: refused, {MAX_VSOCK_CONNECTIONS} connections already open");
+            continue;
+        };
         let dispatcher = dispatcher.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             match serve(&mut stream, &dispatcher).await {
                 Ok(Ended::Shutdown) => {
                     let _ = shutdown.send(()).await;

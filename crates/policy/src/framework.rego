@@ -1,0 +1,531 @@
+# The Parma policy framework: the rules a tenant's policy binds its
+# enforcement points to. It ships inside the agent, so the launch measurement
+# covers it; the tenant's policy (package policy) supplies the data:
+# `containers`, `external_processes` and the `allow_*` knobs.
+#
+# Every enforcement point evaluates to an object:
+#   {"allowed": true,  "metadata": [ops...]}          when allowed, with the
+#                                                     state changes to apply
+#                                                     once the action succeeded
+#   {"allowed": false, "reason": {"message": ...,
+#                                 "candidates": [...]}} when denied
+# The agent passes its state (what is mounted, which containers started) in
+# `input.state`; it never comes from the host.
+package framework
+
+import rego.v1
+
+# The policy's data, each read by its own path: reading `data.policy` whole
+# would evaluate the policy's rules, which refer back here.
+default policy_containers := []
+
+policy_containers := data.policy.containers
+
+default external_processes := []
+
+external_processes := data.policy.external_processes
+
+default allow_properties_access := false
+
+allow_properties_access := data.policy.allow_properties_access
+
+default allow_dump_stacks := false
+
+allow_dump_stacks := data.policy.allow_dump_stacks
+
+default allow_runtime_logging := false
+
+allow_runtime_logging := data.policy.allow_runtime_logging
+
+default allow_unencrypted_scratch := false
+
+allow_unencrypted_scratch := data.policy.allow_unencrypted_scratch
+
+default allow_capability_dropping := false
+
+allow_capability_dropping := data.policy.allow_capability_dropping
+
+state := object.get(input, "state", {})
+
+devices := object.get(state, "devices", {})
+
+overlays := object.get(state, "overlays", {})
+
+started := object.get(state, "started", {})
+
+allowed_with(ops) := {"allowed": true, "metadata": ops}
+
+denied(message, candidates) := {"allowed": false, "reason": {"message": message, "candidates": candidates}}
+
+quote(s) := json.marshal(s)
+
+# ---------------------------------------------------------------- devices
+
+policy_layer_hashes contains h if {
+	some c in policy_containers
+	some h in c.layers
+}
+
+device_hash_mounted(h) if {
+	some target, mounted in devices
+	mounted == h
+}
+
+mount_device_problems contains sprintf("target %s is already mounted", [quote(input.target)]) if {
+	devices[input.target]
+}
+
+mount_device_problems contains sprintf("device %s is already mounted at %s", [quote(input.deviceHash), quote(t)]) if {
+	some t, h in devices
+	h == input.deviceHash
+	t != input.target
+}
+
+mount_device_problems contains sprintf("device %s is not a layer of any container in the policy", [quote(input.deviceHash)]) if {
+	not policy_layer_hashes[input.deviceHash]
+}
+
+default mount_device := {"allowed": false, "reason": {"message": "mount_device: input is missing target or deviceHash", "candidates": []}}
+
+mount_device := allowed_with([{"name": "devices", "action": "add", "key": input.target, "value": input.deviceHash}]) if {
+	is_string(input.target)
+	is_string(input.deviceHash)
+	count(mount_device_problems) == 0
+}
+
+mount_device := denied(concat("; ", sort(mount_device_problems)), []) if {
+	count(mount_device_problems) > 0
+}
+
+device_in_use_by(target) := [id |
+	some id, overlay in overlays
+	some path in overlay.layerPaths
+	path == target
+]
+
+default unmount_device := {"allowed": false, "reason": {"message": "unmount_device: input is missing unmountTarget", "candidates": []}}
+
+unmount_device := allowed_with([{"name": "devices", "action": "remove", "key": input.unmountTarget}]) if {
+	devices[input.unmountTarget]
+	count(device_in_use_by(input.unmountTarget)) == 0
+}
+
+unmount_device := denied(sprintf("no device is mounted at %s", [quote(input.unmountTarget)]), []) if {
+	is_string(input.unmountTarget)
+	not devices[input.unmountTarget]
+}
+
+unmount_device := denied(sprintf("device at %s is in use by the overlay of container(s) %s", [quote(input.unmountTarget), concat(", ", device_in_use_by(input.unmountTarget))]), []) if {
+	devices[input.unmountTarget]
+	count(device_in_use_by(input.unmountTarget)) > 0
+}
+
+# ---------------------------------------------------------------- overlays
+
+# The root hashes of the layers the host asks to stack, from the devices it mounted.
+overlay_hashes := [h |
+	some path in input.layerPaths
+	h := object.get(devices, path, sprintf("<nothing mounted at %s>", [path]))
+]
+
+layer_failures(c) := [sprintf("container %s has %d layers, the overlay has %d", [quote(c.name), count(c.layers), count(overlay_hashes)])] if {
+	count(c.layers) != count(overlay_hashes)
+} else := [msg |
+	some i, h in overlay_hashes
+	h != c.layers[i]
+	msg := sprintf("layer %d is %s, container %s expects %s", [i, h, quote(c.name), c.layers[i]])
+]
+
+overlay_candidates := [c.name |
+	some c in policy_containers
+	count(layer_failures(c)) == 0
+]
+
+overlay_target_used if {
+	some id, overlay in overlays
+	overlay.target == input.target
+}
+
+mount_overlay_problems contains sprintf("container %s already has an overlay", [quote(input.containerID)]) if {
+	overlays[input.containerID]
+}
+
+mount_overlay_problems contains sprintf("target %s already holds an overlay", [quote(input.target)]) if {
+	overlay_target_used
+}
+
+mount_overlay_problems contains sprintf("no device is mounted at %s", [quote(path)]) if {
+	some path in input.layerPaths
+	not devices[path]
+}
+
+default mount_overlay := {"allowed": false, "reason": {"message": "mount_overlay: input is missing containerID, layerPaths or target", "candidates": []}}
+
+mount_overlay := allowed_with([{"name": "overlays", "action": "add", "key": input.containerID, "value": {
+	"target": input.target,
+	"layerPaths": input.layerPaths,
+	"layers": overlay_hashes,
+	"candidates": overlay_candidates,
+}}]) if {
+	is_string(input.containerID)
+	is_string(input.target)
+	is_array(input.layerPaths)
+	count(mount_overlay_problems) == 0
+	count(overlay_candidates) > 0
+}
+
+mount_overlay := denied(concat("; ", sort(mount_overlay_problems)), []) if {
+	count(mount_overlay_problems) > 0
+}
+
+mount_overlay := denied("the layers match no container in the policy", [{"container": c.name, "failures": layer_failures(c)} | some c in policy_containers]) if {
+	is_array(input.layerPaths)
+	count(mount_overlay_problems) == 0
+	count(overlay_candidates) == 0
+}
+
+default unmount_overlay := {"allowed": false, "reason": {"message": "unmount_overlay: input is missing unmountTarget", "candidates": []}}
+
+overlay_at(target) := id if {
+	some id, overlay in overlays
+	overlay.target == target
+}
+
+unmount_overlay := allowed_with([{"name": "overlays", "action": "remove", "key": overlay_at(input.unmountTarget)}]) if {
+	id := overlay_at(input.unmountTarget)
+	not running(id)
+}
+
+unmount_overlay := denied(sprintf("no overlay is mounted at %s", [quote(input.unmountTarget)]), []) if {
+	is_string(input.unmountTarget)
+	not overlay_at(input.unmountTarget)
+}
+
+unmount_overlay := denied(sprintf("container %s still runs on the overlay at %s", [quote(overlay_at(input.unmountTarget)), quote(input.unmountTarget)]), []) if {
+	running(overlay_at(input.unmountTarget))
+}
+
+running(id) if {
+	started[id]
+	not started[id].stopped
+}
+
+# ---------------------------------------------------------------- matching
+
+command_failures(expected, actual, what) := [] if {
+	expected == actual
+} else := [sprintf("%s %s is not %s", [what, json.marshal(actual), json.marshal(expected)])]
+
+env_rule_matches(rule, var) if {
+	rule.strategy == "string"
+	rule.pattern == var
+}
+
+env_rule_matches(rule, var) if {
+	rule.strategy == "re2"
+	regex.match(concat("", ["^(?:", rule.pattern, ")$"]), var)
+}
+
+env_allowed(c, var) if {
+	some rule in object.get(c, "env_rules", [])
+	env_rule_matches(rule, var)
+}
+
+env_failures(c, env) := array.concat(
+	[sprintf("env %s matches no rule of container %s", [quote(var), quote(c.name)]) |
+		some var in env
+		not env_allowed(c, var)
+	],
+	[sprintf("env rule %s of container %s is required but no variable matches it", [quote(rule.pattern), quote(c.name)]) |
+		some rule in object.get(c, "env_rules", [])
+		object.get(rule, "required", false)
+		not any_env_matches(rule, env)
+	],
+)
+
+any_env_matches(rule, env) if {
+	some var in env
+	env_rule_matches(rule, var)
+}
+
+working_dir_failures(c, dir) := [] if {
+	object.get(c, "working_dir", "/") == dir
+} else := [sprintf("working dir %s is not %s", [quote(dir), quote(object.get(c, "working_dir", "/"))])]
+
+user_failures(c, user) := [] if {
+	not c.user
+} else := [] if {
+	user_matches(c.user, user)
+} else := [sprintf("user %s is not %s", [json.marshal(user), json.marshal(c.user)])]
+
+user_matches(expected, actual) if {
+	object.get(expected, "uid", actual.uid) == actual.uid
+	object.get(expected, "gid", object.get(actual, "gid", 0)) == object.get(actual, "gid", 0)
+	object.get(expected, "name", object.get(actual, "name", "")) == object.get(actual, "name", "")
+}
+
+groups_failures(c, groups) := [] if {
+	not c.groups
+} else := [] if {
+	sort(c.groups) == sort(groups)
+} else := [sprintf("groups %s are not %s", [json.marshal(groups), json.marshal(c.groups)])]
+
+capability_sets := ["bounding", "effective", "inheritable", "permitted", "ambient"]
+
+capability_failures(c, caps) := [sprintf("capabilities.%s %s are not %s", [set_name, json.marshal(got), json.marshal(want)]) |
+	some set_name in capability_sets
+	want := sort(object.get(object.get(c, "capabilities", {}), set_name, []))
+	got := sort(object.get(caps, set_name, []))
+	not capability_set_ok(want, got)
+]
+
+capability_set_ok(want, got) if want == got
+
+capability_set_ok(want, got) if {
+	allow_capability_dropping == true
+	every cap in got { cap in want }
+}
+
+mount_rule_matches(rule, m) if {
+	rule.destination == m.destination
+	rule.type == m.type
+	regex.match(concat("", ["^(?:", rule.source, ")$"]), m.source)
+	sort(rule.options) == sort(m.options)
+}
+
+mount_failures(c, mounts) := [sprintf("mount %s matches no mount rule of container %s", [json.marshal(m), quote(c.name)]) |
+	some m in mounts
+	not any_mount_rule(c, m)
+]
+
+any_mount_rule(c, m) if {
+	some rule in object.get(c, "mounts", [])
+	mount_rule_matches(rule, m)
+}
+
+flag_failures(c, req) := array.concat(
+	[msg |
+		object.get(c, "no_new_privileges", false)
+		not object.get(req, "noNewPrivileges", false)
+		msg := sprintf("container %s requires no_new_privileges", [quote(c.name)])
+	],
+	array.concat(
+		[msg |
+			object.get(req, "privileged", false)
+			not object.get(c, "allow_elevated", false)
+			msg := sprintf("container %s may not run privileged", [quote(c.name)])
+		],
+		[msg |
+			want := object.get(c, "seccomp_profile_sha256", "")
+			got := object.get(req, "seccompProfileSHA256", "")
+			want != got
+			msg := sprintf("seccomp profile %s is not %s", [quote(got), quote(want)])
+		],
+	),
+)
+
+container_failures(c) := array.concat(
+	command_failures(c.command, input.argList, "command"),
+	array.concat(
+		env_failures(c, input.envList),
+		array.concat(
+			working_dir_failures(c, input.workingDir),
+			array.concat(
+				user_failures(c, object.get(input, "user", {"uid": 0})),
+				array.concat(
+					groups_failures(c, object.get(input, "groups", [])),
+					array.concat(
+						capability_failures(c, object.get(input, "capabilities", {})),
+						array.concat(mount_failures(c, object.get(input, "mounts", [])), flag_failures(c, input)),
+					),
+				),
+			),
+		),
+	),
+)
+
+policy_container(name) := c if {
+	some c in policy_containers
+	c.name == name
+}
+
+# ---------------------------------------------------------------- containers
+
+create_candidates := [policy_container(name) | some name in overlays[input.containerID].candidates]
+
+create_passing := [c | some c in create_candidates; count(container_failures(c)) == 0]
+
+default create_container := {"allowed": false, "reason": {"message": "create_container: input is missing containerID", "candidates": []}}
+
+create_container := denied(sprintf("container %s already exists", [quote(input.containerID)]), []) if {
+	started[input.containerID]
+}
+
+create_container := denied(sprintf("container %s has no overlay mounted through the policy", [quote(input.containerID)]), []) if {
+	is_string(input.containerID)
+	not started[input.containerID]
+	not overlays[input.containerID]
+}
+
+create_container := allowed_with([{"name": "started", "action": "add", "key": input.containerID, "value": {
+	"name": create_passing[0].name,
+	"argList": input.argList,
+	"envList": input.envList,
+	"workingDir": input.workingDir,
+}}]) if {
+	not started[input.containerID]
+	overlays[input.containerID]
+	count(create_passing) > 0
+}
+
+create_container := denied(
+	sprintf("no container of the policy allows this request (tried %s)", [concat(", ", [quote(c.name) | some c in create_candidates])]),
+	[{"container": c.name, "failures": container_failures(c)} | some c in create_candidates],
+) if {
+	not started[input.containerID]
+	overlays[input.containerID]
+	count(create_passing) == 0
+}
+
+exec_failures(c, process) := array.concat(
+	command_failures(process.command, input.argList, "command"),
+	array.concat(env_failures(c, input.envList), working_dir_failures(c, input.workingDir)),
+)
+
+started_container := policy_container(started[input.containerID].name)
+
+default exec_in_container := {"allowed": false, "reason": {"message": "exec_in_container: input is missing containerID", "candidates": []}}
+
+exec_in_container := denied(sprintf("container %s is not running", [quote(input.containerID)]), []) if {
+	is_string(input.containerID)
+	not running(input.containerID)
+}
+
+exec_in_container := {"allowed": true, "metadata": []} if {
+	running(input.containerID)
+	some process in object.get(started_container, "exec_processes", [])
+	count(exec_failures(started_container, process)) == 0
+}
+
+exec_in_container := denied(sprintf("no exec process of container %s allows this request", [quote(started_container.name)]), [{
+	"container": started_container.name,
+	"failures": exec_process_failures,
+}]) if {
+	running(input.containerID)
+	not exec_allowed
+}
+
+exec_allowed if {
+	some process in object.get(started_container, "exec_processes", [])
+	count(exec_failures(started_container, process)) == 0
+}
+
+exec_process_failures := [msg |
+	some process in object.get(started_container, "exec_processes", [])
+	some msg in exec_failures(started_container, process)
+] if {
+	count(object.get(started_container, "exec_processes", [])) > 0
+} else := [sprintf("container %s lists no exec processes", [quote(started_container.name)])]
+
+default shutdown_container := {"allowed": false, "reason": {"message": "shutdown_container: input is missing containerID", "candidates": []}}
+
+shutdown_container := allowed_with([{"name": "started", "action": "update", "key": input.containerID, "value": object.union(started[input.containerID], {"stopped": true})}]) if {
+	running(input.containerID)
+}
+
+shutdown_container := denied(sprintf("container %s is not running", [quote(input.containerID)]), []) if {
+	is_string(input.containerID)
+	not running(input.containerID)
+}
+
+default signal_container_process := {"allowed": false, "reason": {"message": "signal_container_process: input is missing containerID or signal", "candidates": []}}
+
+signal_container_process := denied(sprintf("container %s is not running", [quote(input.containerID)]), []) if {
+	is_string(input.containerID)
+	not running(input.containerID)
+}
+
+signal_container_process := {"allowed": true, "metadata": []} if {
+	running(input.containerID)
+	signal_allowed
+}
+
+signal_container_process := denied(sprintf("signal %d to %s of container %s is not allowed", [input.signal, signal_target, quote(input.containerID)]), []) if {
+	running(input.containerID)
+	is_number(input.signal)
+	not signal_allowed
+}
+
+signal_target := "the init process" if {
+	input.isInitProcess
+} else := sprintf("process %s", [json.marshal(input.argList)])
+
+signal_allowed if {
+	input.isInitProcess
+	input.signal in object.get(started_container, "signals", [])
+}
+
+signal_allowed if {
+	not input.isInitProcess
+	some process in object.get(started_container, "exec_processes", [])
+	process.command == input.argList
+	input.signal in object.get(process, "signals", [])
+}
+
+# ---------------------------------------------------------------- the UVM itself
+
+default exec_external := {"allowed": false, "reason": {"message": "exec_external: input is missing argList", "candidates": []}}
+
+external_failures(process) := array.concat(
+	command_failures(process.command, input.argList, "command"),
+	array.concat(env_failures(process, input.envList), working_dir_failures(process, input.workingDir)),
+)
+
+exec_external := {"allowed": true, "metadata": []} if {
+	some process in external_processes
+	count(external_failures(process)) == 0
+}
+
+exec_external := denied("no external process of the policy allows this request", [{"container": "external", "failures": [msg |
+	some process in external_processes
+	some msg in external_failures(process)
+]}]) if {
+	is_array(input.argList)
+	not external_allowed
+}
+
+external_allowed if {
+	some process in external_processes
+	count(external_failures(process)) == 0
+}
+
+default scratch_mount := {"allowed": false, "reason": {"message": "scratch_mount: input is missing target or encrypted", "candidates": []}}
+
+scratch_mount := {"allowed": true, "metadata": []} if {
+	is_string(input.target)
+	input.encrypted == true
+}
+
+scratch_mount := {"allowed": true, "metadata": []} if {
+	is_string(input.target)
+	input.encrypted == false
+	allow_unencrypted_scratch == true
+}
+
+scratch_mount := denied("unencrypted scratch is not allowed by the policy", []) if {
+	is_string(input.target)
+	input.encrypted == false
+	not allow_unencrypted_scratch == true
+}
+
+scratch_unmount := {"allowed": true, "metadata": []} if is_string(input.unmountTarget)
+
+knob_point(value, name, what) := {"allowed": true, "metadata": []} if {
+	value == true
+} else := denied(sprintf("%s is not allowed by the policy (%s is false)", [what, name]), [])
+
+get_properties := knob_point(allow_properties_access, "allow_properties_access", "reading properties")
+
+dump_stacks := knob_point(allow_dump_stacks, "allow_dump_stacks", "dumping stacks")
+
+runtime_logging := knob_point(allow_runtime_logging, "allow_runtime_logging", "runtime logging")

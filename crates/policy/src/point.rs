@@ -1,0 +1,100 @@
+//! The enforcement points: one rule of the policy each.
+
+use std::str::FromStr;
+
+/// An enforcement point: a kind of host request the policy decides on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Point {
+    /// Mount a layer's block device (through dm-verity) at a target.
+    MountDevice,
+    /// Unmount a layer device.
+    UnmountDevice,
+    /// Stack mounted layers into a container's root filesystem.
+    MountOverlay,
+    /// Remove a container's overlay.
+    UnmountOverlay,
+    /// Create (and start) a container.
+    CreateContainer,
+    /// Run a process in a started container.
+    ExecInContainer,
+    /// Run a process in the UVM itself.
+    ExecExternal,
+    /// Stop a container.
+    ShutdownContainer,
+    /// Signal a container's process.
+    SignalContainerProcess,
+    /// Mount the writable scratch space.
+    ScratchMount,
+    /// Unmount the scratch space.
+    ScratchUnmount,
+    /// Read container properties (statistics).
+    GetProperties,
+    /// Dump the agent's stacks.
+    DumpStacks,
+    /// Turn on runtime logging to the host.
+    RuntimeLogging,
+    /// Load a policy fragment.
+    LoadFragment,
+}
+
+impl Point {
+    /// Every enforcement point.
+    pub const ALL: [Point; 15] = [
+        Point::MountDevice,
+        Point::UnmountDevice,
+        Point::MountOverlay,
+        Point::UnmountOverlay,
+        Point::CreateContainer,
+        Point::ExecInContainer,
+        Point::ExecExternal,
+        Point::ShutdownContainer,
+        Point::SignalContainerProcess,
+        Point::ScratchMount,
+        Point::ScratchUnmount,
+        Point::GetProperties,
+        Point::DumpStacks,
+        Point::RuntimeLogging,
+        Point::LoadFragment,
+    ];
+
+    /// The rule name in the policy (`data.policy.<rule>`).
+    pub fn rule(self) -> &'static str {
+        match self {
+            Point::MountDevice => "mount_device",
+            Point::UnmountDevice => "unmount_device",
+            Point::MountOverlay => "mount_overlay",
+            Point::UnmountOverlay => "unmount_overlay",
+            Point::CreateContainer => "create_container",
+            Point::ExecInContainer => "exec_in_container",
+            Point::ExecExternal => "exec_external",
+            Point::ShutdownContainer => "shutdown_container",
+            Point::SignalContainerProcess => "signal_container_process",
+            Point::ScratchMount => "scratch_mount",
+            Point::ScratchUnmount => "scratch_unmount",
+            Point::GetProperties => "get_properties",
+            Point::DumpStacks => "dump_stacks",
+            Point::RuntimeLogging => "runtime_logging",
+            Point::LoadFragment => "load_fragment",
+        }
+    }
+}
+
+impl std::fmt::Display for Point {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.rule())
+    }
+}
+
+/// A name that is not an enforcement point.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown enforcement point {0:?}")]
+pub struct UnknownPoint(pub String);
+
+impl FromStr for Point {
+    type Err = UnknownPoint;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Point::ALL.into_iter().find(|p| p.rule() == s).ok_or_else(|| UnknownPoint(s.chars().take(64).collect()))
+    }
+}

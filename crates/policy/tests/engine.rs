@@ -1,0 +1,191 @@
+//! The engine's contract: identity by hash, deny by default, bounded
+//! evaluation, state only through commits.
+
+use std::time::Duration;
+
+use parma_policy::{Engine, Point, Policy, PolicyError, policy_hash};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn engine(rego: &str) -> Engine {
+    Engine::new(&Policy::from_bytes(rego.as_bytes().to_vec()).unwrap()).unwrap()
+}
+
+#[test]
+fn hash_is_sha256sum_of_the_exact_bytes() {
+    let path = repo().join("policies/allow_all.rego");
+    let out = std::process::Command::new("sha256sum").arg(&path).output().unwrap();
+    let expected = String::from_utf8(out.stdout).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(policy_hash(&bytes), expected.split_whitespace().next().unwrap());
+    assert_eq!(Policy::from_bytes(bytes).unwrap().hash_hex(), policy_hash(&std::fs::read(&path).unwrap()));
+    // One byte more is another policy.
+    assert_ne!(policy_hash(b"package policy\n"), policy_hash(b"package policy\n\n"));
+}
+
+#[test]
+fn allow_all_allows_every_point() {
+    let mut engine = Engine::new(&Policy::from_bytes(std::fs::read(repo().join("policies/allow_all.rego")).unwrap()).unwrap()).unwrap();
+    for point in Point::ALL {
+        let decision = engine.decide(point, &json!({"containerID": "x"}));
+        assert!(decision.allowed, "{point}: {:?}", decision.denial);
+    }
+}
+
+#[test]
+fn an_empty_policy_denies_everything() {
+    let mut engine = engine("package policy\n");
+    for point in Point::ALL {
+        let decision = engine.decide(point, &json!({}));
+        assert!(!decision.allowed);
+        assert!(decision.denial.unwrap().line().contains("does not define"), "{point}");
+    }
+}
+
+#[test]
+fn results_other_than_allow_are_denials() {
+    let mut engine = engine(
+        r#"package policy
+mount_device := "yes"
+unmount_device := {"allowed": 1}
+mount_overlay := false
+create_container := {"allowed": false}
+"#,
+    );
+    for point in [Point::MountDevice, Point::UnmountDevice, Point::MountOverlay, Point::CreateContainer] {
+        assert!(!engine.decide(point, &json!({})).allowed, "{point}");
+    }
+    let line = engine.decide(Point::MountDevice, &json!({})).denial.unwrap().line();
+    assert!(line.contains(r#"the rule returned "yes", not an allow decision"#), "{line}");
+}
+
+#[test]
+fn a_rule_that_errors_denies() {
+    let mut engine = engine(
+        r#"package policy
+mount_device := {"allowed": to_number(input.target) > 0}
+"#,
+    );
+    let decision = engine.decide(Point::MountDevice, &json!({"target": "not a number"}));
+    assert!(!decision.allowed);
+    assert!(decision.denial.unwrap().line().starts_with("mount_device denied: policy error:"));
+    assert!(engine.decide(Point::MountDevice, &json!({"target": "12"})).allowed);
+}
+
+#[test]
+fn evaluation_over_budget_denies() {
+    let policy = Policy::from_bytes(
+        br#"package policy
+mount_device := {"allowed": count([1 | some i in numbers.range(1, 3000); some j in numbers.range(1, 3000)]) > 0}
+"#
+        .to_vec(),
+    )
+    .unwrap();
+    let mut engine = Engine::with_budget(&policy, Duration::from_millis(20)).unwrap();
+    let started = std::time::Instant::now();
+    let decision = engine.decide(Point::MountDevice, &json!({}));
+    assert!(!decision.allowed);
+    assert!(started.elapsed() < Duration::from_secs(5), "the budget did not stop evaluation");
+    let line = decision.denial.unwrap().line();
+    assert!(line.contains("policy error") && line.contains("time limit"), "{line}");
+}
+
+#[test]
+fn bad_policies_are_refused_at_load() {
+    let load = |bytes: &[u8]| Engine::new(&Policy::from_bytes(bytes.to_vec())?);
+    assert!(matches!(load(b"package other\n"), Err(PolicyError::WrongPackage(p)) if p == "data.other"));
+    assert!(matches!(load(b"package policy\nx := \n"), Err(PolicyError::Rego(_))));
+    assert!(matches!(Policy::from_bytes(vec![0xff, 0xfe]), Err(PolicyError::NotUtf8)));
+    assert!(matches!(Policy::from_bytes(vec![b' '; parma_policy::MAX_POLICY + 1]), Err(PolicyError::TooLarge(_))));
+}
+
+#[test]
+fn denied_and_uncommitted_decisions_leave_state_alone() {
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/two_containers.rego");
+    let mut engine = Engine::new(&Policy::from_bytes(std::fs::read(golden).unwrap()).unwrap()).unwrap();
+    let h1 = "1".repeat(64);
+    let allowed = engine.decide(Point::MountDevice, &json!({"target": "/a", "deviceHash": h1}));
+    assert!(allowed.allowed);
+    assert!(engine.state().get("devices", "/a").is_none(), "state changed before commit");
+    let denied = engine.decide(Point::MountDevice, &json!({"target": "/b", "deviceHash": "0".repeat(64)}));
+    engine.commit(&denied).unwrap();
+    assert_eq!(engine.state().to_json(), json!({}));
+    engine.commit(&allowed).unwrap();
+    assert_eq!(engine.state().get("devices", "/a"), Some(&Value::String(h1)));
+}
+
+/// The golden policy's "web" container, mounted and ready for create_container.
+fn web_ready() -> (Engine, Value) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut engine = Engine::new(&Policy::from_bytes(std::fs::read(dir.join("two_containers.rego")).unwrap()).unwrap()).unwrap();
+    let scenario: Value = serde_json::from_slice(&std::fs::read(dir.join("two_containers.json")).unwrap()).unwrap();
+    for (target, hash) in [("/l0", "1".repeat(64)), ("/l1", "2".repeat(64))] {
+        let d = engine.decide(Point::MountDevice, &json!({"target": target, "deviceHash": hash}));
+        engine.commit(&d).unwrap();
+    }
+    let d = engine.decide(Point::MountOverlay, &json!({"containerID": "c1", "layerPaths": ["/l0", "/l1"], "target": "/r"}));
+    engine.commit(&d).unwrap();
+    (engine, scenario["templates"]["web"].clone())
+}
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    ExtraArg(String),
+    ExtraEnv(String),
+    Mode(String),
+    WorkingDir(String),
+    Uid(u32),
+    ExtraCap(String),
+    DropNoNewPrivileges,
+    Privileged,
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        "[a-z-]{1,12}".prop_map(Mutation::ExtraArg),
+        "[A-Z_]{1,10}=[a-z0-9]{0,8}".prop_map(Mutation::ExtraEnv),
+        prop_oneof![Just("prod".to_string()), Just("staging".to_string()), "[a-z]{1,10}"].prop_map(Mutation::Mode),
+        "/[a-z]{1,10}".prop_map(Mutation::WorkingDir),
+        (0u32..100_000).prop_map(Mutation::Uid),
+        "CAP_[A-Z_]{3,12}".prop_map(Mutation::ExtraCap),
+        Just(Mutation::DropNoNewPrivileges),
+        Just(Mutation::Privileged),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Any one change to an allowed request is denied, unless it is a
+    /// change the policy allows (MODE may be prod or staging).
+    #[test]
+    fn mutations_of_an_allowed_request_are_denied(m in mutation()) {
+        let (mut engine, mut input) = web_ready();
+        prop_assert!(engine.decide(Point::CreateContainer, &input).allowed);
+        let expect_allowed = match &m {
+            Mutation::ExtraArg(arg) => { input["argList"].as_array_mut().unwrap().push(json!(arg)); false }
+            Mutation::ExtraEnv(var) => { input["envList"].as_array_mut().unwrap().push(json!(var)); var == "MODE=prod" || var == "MODE=staging" }
+            Mutation::Mode(mode) => {
+                input["envList"] = json!(["PATH=/usr/bin:/bin", format!("MODE={mode}")]);
+                mode == "prod" || mode == "staging"
+            }
+            Mutation::WorkingDir(dir) => { input["workingDir"] = json!(dir); dir == "/srv" }
+            Mutation::Uid(uid) => { input["user"]["uid"] = json!(uid); *uid == 1000 }
+            Mutation::ExtraCap(cap) => {
+                input["capabilities"]["effective"].as_array_mut().unwrap().push(json!(cap));
+                cap == "CAP_NET_BIND_SERVICE"
+            }
+            Mutation::DropNoNewPrivileges => { input["noNewPrivileges"] = json!(false); false }
+            Mutation::Privileged => { input["privileged"] = json!(true); false }
+        };
+        let decision = engine.decide(Point::CreateContainer, &input);
+        prop_assert_eq!(decision.allowed, expect_allowed, "{:?}: {:?}", m, decision.denial);
+        if !decision.allowed {
+            prop_assert!(decision.denial.unwrap().candidates.iter().any(|c| c.container == "web" && !c.failures.is_empty()));
+        }
+    }
+}
