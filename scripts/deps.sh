@@ -13,6 +13,10 @@ packages=(
   debian-archive-keyring
   # Static glibc for the guest binaries.
   libc6-dev
+  # Independent checkers the layer tests compare against: veritysetup, e2fsck, debugfs.
+  cryptsetup-bin e2fsprogs
+  # sha256sum and friends (the policy hash is checked against it).
+  coreutils
 )
 
 missing=()
