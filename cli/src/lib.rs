@@ -5,6 +5,7 @@
 //! UVM exactly as users do.
 
 pub mod client;
+pub mod policy;
 pub mod qemu;
 
 pub use client::{Client, ClientError, Control};

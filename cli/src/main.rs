@@ -25,6 +25,53 @@ enum Command {
     /// Talk to the guest agent.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Hash execution policies and dry-run their decisions on the host.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print the policy's identity: sha256 of its exact bytes (what goes into HOST_DATA).
+    Hash {
+        /// The policy file (Rego).
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decide one request; exit 0 if allowed, 2 if denied.
+    Eval(EvalArgs),
+    /// Decide one request and explain it: every container tried and every field that failed.
+    Explain(EvalArgs),
+    /// Run a scenario of requests with expected decisions; exit non-zero on any mismatch.
+    Simulate {
+        /// The policy file.
+        #[arg(long)]
+        policy: PathBuf,
+        /// The scenario (JSON: templates and steps).
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The policy file.
+    #[arg(long)]
+    policy: PathBuf,
+    /// The request: {"point": "create_container", "input": {...}}.
+    #[arg(long)]
+    input: PathBuf,
+    /// Decide from this state (as the agent keeps it) instead of an empty one.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -95,7 +142,45 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Vm(VmCommand::Run(args)) => vm_run(args),
         Command::Agent(command) => agent(command),
+        Command::Policy(command) => policy(command),
     }
+}
+
+fn policy(command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Hash { file, json } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let hash = parma_policy::policy_hash(&bytes);
+            print(json, &serde_json::json!({"file": file, "sha256": hash}), |_| hash.clone())
+        }
+        PolicyCommand::Eval(args) | PolicyCommand::Explain(args) if args.json => {
+            let decision = parma::policy::eval(&args.policy, &args.input, args.state.as_deref())?;
+            println!("{}", serde_json::to_string_pretty(&decision)?);
+            exit_for(&decision)
+        }
+        PolicyCommand::Eval(args) => {
+            let decision = parma::policy::eval(&args.policy, &args.input, args.state.as_deref())?;
+            match &decision.denial {
+                None => println!("{}: allowed", decision.point),
+                Some(denial) => println!("{}", denial.line()),
+            }
+            exit_for(&decision)
+        }
+        PolicyCommand::Explain(args) => {
+            let decision = parma::policy::eval(&args.policy, &args.input, args.state.as_deref())?;
+            println!("{}", parma::policy::explain(&decision));
+            exit_for(&decision)
+        }
+        PolicyCommand::Simulate { policy, scenario, json } => parma::policy::simulate(&policy, &scenario, json),
+    }
+}
+
+/// `parma policy eval` exits 2 on a denial, so scripts can tell it from an error (1).
+fn exit_for(decision: &parma_policy::Decision) -> anyhow::Result<()> {
+    if !decision.allowed {
+        std::process::exit(2);
+    }
+    Ok(())
 }
 
 fn vm_run(args: VmRun) -> anyhow::Result<()> {

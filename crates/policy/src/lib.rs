@@ -129,8 +129,9 @@ impl Engine {
         });
         rego.add_policy("framework.rego".into(), FRAMEWORK.into())
             .map_err(|err| PolicyError::Rego(format!("framework: {err}")))?;
-        let package =
-            rego.add_policy("policy.rego".into(), policy.text.clone()).map_err(|err| PolicyError::Rego(err.to_string()))?;
+        let package = rego
+            .add_policy("policy.rego".into(), policy.text.clone())
+            .map_err(|err| PolicyError::Rego(err.to_string()))?;
         if package != "data.policy" {
             return Err(PolicyError::WrongPackage(package));
         }

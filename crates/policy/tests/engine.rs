@@ -29,7 +29,9 @@ fn hash_is_sha256sum_of_the_exact_bytes() {
 
 #[test]
 fn allow_all_allows_every_point() {
-    let mut engine = Engine::new(&Policy::from_bytes(std::fs::read(repo().join("policies/allow_all.rego")).unwrap()).unwrap()).unwrap();
+    let mut engine =
+        Engine::new(&Policy::from_bytes(std::fs::read(repo().join("policies/allow_all.rego")).unwrap()).unwrap())
+            .unwrap();
     for point in Point::ALL {
         let decision = engine.decide(point, &json!({"containerID": "x"}));
         assert!(decision.allowed, "{point}: {:?}", decision.denial);
@@ -121,13 +123,15 @@ fn denied_and_uncommitted_decisions_leave_state_alone() {
 /// The golden policy's "web" container, mounted and ready for create_container.
 fn web_ready() -> (Engine, Value) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
-    let mut engine = Engine::new(&Policy::from_bytes(std::fs::read(dir.join("two_containers.rego")).unwrap()).unwrap()).unwrap();
+    let mut engine =
+        Engine::new(&Policy::from_bytes(std::fs::read(dir.join("two_containers.rego")).unwrap()).unwrap()).unwrap();
     let scenario: Value = serde_json::from_slice(&std::fs::read(dir.join("two_containers.json")).unwrap()).unwrap();
     for (target, hash) in [("/l0", "1".repeat(64)), ("/l1", "2".repeat(64))] {
         let d = engine.decide(Point::MountDevice, &json!({"target": target, "deviceHash": hash}));
         engine.commit(&d).unwrap();
     }
-    let d = engine.decide(Point::MountOverlay, &json!({"containerID": "c1", "layerPaths": ["/l0", "/l1"], "target": "/r"}));
+    let d =
+        engine.decide(Point::MountOverlay, &json!({"containerID": "c1", "layerPaths": ["/l0", "/l1"], "target": "/r"}));
     engine.commit(&d).unwrap();
     (engine, scenario["templates"]["web"].clone())
 }

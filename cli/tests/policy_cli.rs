@@ -1,0 +1,78 @@
+//! `parma policy`: hash, eval, explain and simulate, as a user runs them.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn parma(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_parma")).args(args).current_dir(repo()).output().unwrap()
+}
+
+const POLICY: &str = "crates/policy/tests/golden/two_containers.rego";
+const SCENARIO: &str = "crates/policy/tests/golden/two_containers.json";
+
+#[test]
+fn hash_equals_sha256sum() {
+    let out = parma(&["policy", "hash", "policies/allow_all.rego"]);
+    assert!(out.status.success());
+    let sum = Command::new("sha256sum").arg("policies/allow_all.rego").current_dir(repo()).output().unwrap();
+    let sum = String::from_utf8(sum.stdout).unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), sum.split_whitespace().next().unwrap());
+}
+
+#[test]
+fn eval_exit_codes_and_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let request = dir.path().join("r.json");
+    let h1 = "1".repeat(64);
+    std::fs::write(&request, format!(r#"{{"point":"mount_device","input":{{"target":"/l0","deviceHash":"{h1}"}}}}"#))
+        .unwrap();
+    let out = parma(&["policy", "eval", "--policy", POLICY, "--input", request.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "mount_device: allowed");
+
+    let state = dir.path().join("s.json");
+    std::fs::write(&state, format!(r#"{{"devices":{{"/l0":"{h1}"}}}}"#)).unwrap();
+    let out = parma(&[
+        "policy",
+        "eval",
+        "--policy",
+        POLICY,
+        "--input",
+        request.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(r#"target "/l0" is already mounted"#));
+
+    let out = parma(&["policy", "explain", "--policy", POLICY, "--input", request.to_str().unwrap(), "--json"]);
+    let decision: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(decision["allowed"], true);
+    assert_eq!(decision["ops"][0]["name"], "devices");
+
+    std::fs::write(&request, r#"{"point":"format_disk","input":{}}"#).unwrap();
+    let out = parma(&["policy", "eval", "--policy", POLICY, "--input", request.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown enforcement point \"format_disk\""));
+}
+
+#[test]
+fn simulate_passes_the_golden_scenario_and_catches_a_wrong_expectation() {
+    let out = parma(&["policy", "simulate", "--policy", POLICY, "--scenario", SCENARIO]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("67 steps, 67 passed, 0 failed"));
+
+    let mut scenario: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo().join(SCENARIO)).unwrap()).unwrap();
+    scenario["steps"][0]["allowed"] = serde_json::json!(false);
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.json");
+    std::fs::write(&wrong, serde_json::to_vec(&scenario).unwrap()).unwrap();
+    let out = parma(&["policy", "simulate", "--policy", POLICY, "--scenario", wrong.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("MISMATCH  allowed  mount the base layer: expected denied"));
+}
