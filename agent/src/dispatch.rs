@@ -3,6 +3,8 @@
 //! A handler cannot be reached without passing [`Gate::check`]: the only way
 //! from a frame to a handler is [`Dispatcher::dispatch`].
 
+use std::sync::Mutex;
+
 use parma_protocol::{AgentError, ErrorCode, Frame, FrameKind, PingInfo, Request, Response, VERSION};
 
 use crate::gate::Gate;
@@ -18,15 +20,19 @@ pub enum After {
 }
 
 /// The dispatcher shared by every transport.
+///
+/// The gate (and the policy state in it) is behind one lock, held from the
+/// decision to the end of the handler, so decisions and the state they
+/// build happen in one order.
 #[derive(Debug)]
 pub struct Dispatcher {
-    gate: Gate,
+    gate: Mutex<Gate>,
 }
 
 impl Dispatcher {
-    /// A dispatcher with the gate in force before any policy is set.
+    /// A dispatcher with no policy set.
     pub fn new() -> Self {
-        Self { gate: Gate::before_policy() }
+        Self { gate: Mutex::new(Gate::new()) }
     }
 
     /// Handle one frame from the host.
@@ -39,7 +45,10 @@ impl Dispatcher {
             Ok(request) => request,
             Err(err) => return (Response::Error(err.into()), After::Continue),
         };
-        if let Err(err) = self.gate.check(&request) {
+        // A handler that panicked while holding the lock left the gate as it
+        // was before its decision; keep serving with it.
+        let mut gate = self.gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(err) = gate.check(&request) {
             tracing::warn!(id = frame.id, "denied: {}", err.message);
             return (Response::Error(err), After::Continue);
         }
@@ -50,6 +59,13 @@ impl Dispatcher {
                 Err(err) => (Response::Error(AgentError::new(ErrorCode::Failed, err)), After::Continue),
             },
             Request::Shutdown => (Response::ShuttingDown, After::Shutdown),
+            Request::SetPolicy { policy } => match gate.set_policy(&policy) {
+                Ok(sha256) => {
+                    tracing::info!("policy {sha256} is in force");
+                    (Response::PolicySet { sha256 }, After::Continue)
+                }
+                Err(err) => (Response::Error(err), After::Continue),
+            },
         }
     }
 }

@@ -224,6 +224,14 @@ impl Client {
         }
     }
 
+    /// `SetPolicy`: returns the sha256 the agent computed.
+    pub fn set_policy(&mut self, policy: String) -> Result<String, ClientError> {
+        match self.call(&Request::SetPolicy { policy })? {
+            Response::PolicySet { sha256 } => Ok(sha256),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// `Shutdown`: the UVM powers off after answering.
     pub fn shutdown(&mut self) -> Result<(), ClientError> {
         match self.call(&Request::Shutdown)? {

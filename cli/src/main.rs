@@ -132,6 +132,13 @@ enum AgentCommand {
     Info(AgentArgs),
     /// Power the UVM off.
     Shutdown(AgentArgs),
+    /// Install the execution policy (once per boot); prints its sha256.
+    SetPolicy {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The policy file (Rego).
+        policy: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -250,6 +257,13 @@ fn agent(command: AgentCommand) -> anyhow::Result<()> {
                 }
                 out.trim_end().to_string()
             })
+        }
+        AgentCommand::SetPolicy { agent: args, policy } => {
+            let text = std::fs::read_to_string(&policy).with_context(|| format!("cannot read {}", policy.display()))?;
+            let local = parma_policy::policy_hash(text.as_bytes());
+            let sha256 = connect(&args)?.set_policy(text)?;
+            anyhow::ensure!(sha256 == local, "the agent hashed the policy as {sha256}, this host as {local}");
+            print(args.json, &serde_json::json!({"sha256": sha256}), |_| format!("policy {sha256} is in force"))
         }
         AgentCommand::Shutdown(args) => {
             connect(&args)?.shutdown()?;

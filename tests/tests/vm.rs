@@ -151,6 +151,30 @@ fn hostile_input_is_answered_and_survived() -> anyhow::Result<()> {
 }
 
 #[test]
+fn policy_is_set_once_and_compiled_in_the_guest() -> anyhow::Result<()> {
+    let paths = Paths::require_image()?;
+    let mut guest = Guest::boot(&paths, &Boot::default())?;
+    guest.wait_ready(READY)?;
+    let mut client = guest.client(ANSWER)?;
+
+    // Rego that does not compile: refused, nothing in force.
+    let err = client.set_policy("package policy\nallow := \n".into()).unwrap_err();
+    ensure!(err.to_string().contains("does not compile"), "{err}");
+
+    let allow_all = std::fs::read_to_string(paths.repo.join("policies/allow_all.rego"))?;
+    let sha256 = client.set_policy(allow_all.clone())?;
+    ensure!(sha256 == parma_policy::policy_hash(allow_all.as_bytes()));
+
+    // A second policy is denied, naming the one in force.
+    let err = client.set_policy("package policy\n".into()).unwrap_err();
+    ensure!(err.to_string().contains(&format!("policy {sha256} is in force")), "{err}");
+    client.ping()?;
+    client.shutdown()?;
+    ensure!(guest.wait_exit(Duration::from_secs(10))?.success());
+    guest.check_serial()
+}
+
+#[test]
 fn agent_death_powers_the_vm_off_with_the_reason() -> anyhow::Result<()> {
     let paths = Paths::require_image()?;
     let init = std::fs::read(paths.guest_binary("parma-init")?)?;

@@ -19,10 +19,16 @@ pub enum Request {
     GuestInfo,
     /// Power the UVM off once the response is sent.
     Shutdown,
+    /// Install the execution policy (Rego text). Once per boot: a policy,
+    /// once set, cannot be replaced.
+    SetPolicy {
+        /// The policy's exact text; its sha256 is its identity.
+        policy: String,
+    },
 }
 
 /// The variant names of [`Request`], as on the wire.
-pub const REQUEST_TYPES: &[&str] = &["Ping", "GuestInfo", "Shutdown"];
+pub const REQUEST_TYPES: &[&str] = &["Ping", "GuestInfo", "Shutdown", "SetPolicy"];
 
 impl Request {
     /// The variant name, as on the wire (`"Ping"`).
@@ -31,6 +37,7 @@ impl Request {
             Request::Ping => RequestKind::Ping,
             Request::GuestInfo => RequestKind::GuestInfo,
             Request::Shutdown => RequestKind::Shutdown,
+            Request::SetPolicy { .. } => RequestKind::SetPolicy,
         }
     }
 }
@@ -44,6 +51,8 @@ pub enum RequestKind {
     GuestInfo,
     /// [`Request::Shutdown`].
     Shutdown,
+    /// [`Request::SetPolicy`].
+    SetPolicy,
 }
 
 impl RequestKind {
@@ -53,6 +62,7 @@ impl RequestKind {
             RequestKind::Ping => "Ping",
             RequestKind::GuestInfo => "GuestInfo",
             RequestKind::Shutdown => "Shutdown",
+            RequestKind::SetPolicy => "SetPolicy",
         }
     }
 }
@@ -67,6 +77,11 @@ pub enum Response {
     GuestInfo(GuestInfo),
     /// Answer to [`Request::Shutdown`]: the UVM powers off after this.
     ShuttingDown,
+    /// Answer to [`Request::SetPolicy`]: the policy is in force.
+    PolicySet {
+        /// sha256 of the policy's exact bytes, lowercase hex.
+        sha256: String,
+    },
     /// The request was refused or failed.
     Error(AgentError),
 }

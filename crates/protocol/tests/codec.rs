@@ -35,7 +35,9 @@ fn header_layout_is_little_endian_and_16_bytes() {
 
 #[test]
 fn request_round_trip() {
-    for request in [Request::Ping, Request::GuestInfo, Request::Shutdown] {
+    for request in
+        [Request::Ping, Request::GuestInfo, Request::Shutdown, Request::SetPolicy { policy: "package policy\n".into() }]
+    {
         let frames = decode_all(&encode_request(7, &request));
         let [Ok(frame)] = frames.as_slice() else { panic!("{frames:?}") };
         assert_eq!(frame.kind, FrameKind::Request);
@@ -67,6 +69,7 @@ fn response_round_trip() {
             tsm_report: true,
         }),
         Response::ShuttingDown,
+        Response::PolicySet { sha256: "ab".repeat(32) },
         Response::Error(AgentError::new(ErrorCode::PolicyDenied, "no")),
     ];
     for response in responses {
@@ -80,7 +83,17 @@ fn response_round_trip() {
 #[test]
 fn unknown_type_and_malformed_are_told_apart() {
     assert_eq!(Request::decode(br#"{"type":"FormatDisk"}"#), Err(DecodeError::UnknownType("FormatDisk".into())));
-    for body in [&b"not json"[..], b"{}", b"[1,2]", br#"{"type":"Ping","extra":1}"#, br#"{"type":7}"#, b""] {
+    for body in [
+        &b"not json"[..],
+        b"{}",
+        b"[1,2]",
+        br#"{"type":"Ping","extra":1}"#,
+        br#"{"type":7}"#,
+        b"",
+        br#"{"type":"SetPolicy"}"#,
+        br#"{"type":"SetPolicy","policy":7}"#,
+        br#"{"type":"SetPolicy","policy":"p","hash":"x"}"#,
+    ] {
         assert!(matches!(Request::decode(body), Err(DecodeError::Malformed(_))), "{:?}", String::from_utf8_lossy(body));
     }
     let long = format!(r#"{{"type":"{}"}}"#, "x".repeat(10_000));
