@@ -37,6 +37,7 @@ test: image lint
 	cargo test --workspace --locked
 
 bench: image
+	cargo run --release --locked -p parma-tests --bin bench-policy
 	cargo run --release --locked -p parma-tests --bin bench-boot
 
 clean:

@@ -158,15 +158,17 @@ impl Engine {
     /// `request` is the point's input (a JSON object, see docs/policy.md); a
     /// `state` field in it is replaced by the engine's own state.
     pub fn decide(&mut self, point: Point, request: &serde_json::Value) -> Decision {
-        let Some(fields) = request.as_object() else {
+        if !request.is_object() {
             return Decision::deny(point, "the request is not a JSON object");
-        };
-        let mut input = fields.clone();
-        input.insert("state".into(), self.state.to_json());
-        let input = match regorus::Value::deserialize_from(&serde_json::Value::Object(input)) {
+        }
+        let mut input = match state::to_rego(request) {
             Ok(input) => input,
             Err(err) => return Decision::deny(point, format!("cannot build the policy input: {err}")),
         };
+        // The engine's state replaces whatever `state` the request carried.
+        if let Ok(fields) = input.as_object_mut() {
+            fields.insert(regorus::Value::from("state"), self.state.rego().clone());
+        }
         self.rego.set_input(input);
         let result = match self.rego.eval_rule(format!("data.policy.{}", point.rule())) {
             Ok(result) => result,
@@ -191,15 +193,4 @@ fn rule_error(point: Point, error: &str) -> String {
     }
     let flat: Vec<&str> = error.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     format!("policy error: {}", flat.join(" "))
-}
-
-/// Conversion of JSON into regorus values without going through text.
-trait DeserializeFrom: Sized {
-    fn deserialize_from(value: &serde_json::Value) -> Result<Self, serde_json::Error>;
-}
-
-impl DeserializeFrom for regorus::Value {
-    fn deserialize_from(value: &serde_json::Value) -> Result<Self, serde_json::Error> {
-        serde::Deserialize::deserialize(value)
-    }
 }

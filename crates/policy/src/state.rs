@@ -11,10 +11,47 @@ use serde_json::{Map, Value};
 /// The maps the framework keeps.
 pub const MAPS: &[&str] = &["devices", "overlays", "started"];
 
-/// The engine's state.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct State(Map<String, Value>);
+/// The engine's state, as JSON and as the interpreter's value.
+///
+/// Both are kept in step so that a decision hands the interpreter the state
+/// by reference (an `Arc` clone), whatever its size, instead of converting
+/// it every time.
+#[derive(Debug, Clone)]
+pub struct State {
+    json: Map<String, Value>,
+    rego: regorus::Value,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self { json: Map::new(), rego: regorus::Value::new_object() }
+    }
+}
+
+impl PartialEq for State {
+    fn eq(&self, other: &Self) -> bool {
+        self.json == other.json
+    }
+}
+
+impl Serialize for State {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.json.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for State {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let json = Map::<String, Value>::deserialize(deserializer)?;
+        let rego = to_rego(&Value::Object(json.clone())).map_err(serde::de::Error::custom)?;
+        Ok(Self { json, rego })
+    }
+}
+
+/// JSON to the interpreter's value, without going through text.
+pub(crate) fn to_rego(value: &Value) -> Result<regorus::Value, serde_json::Error> {
+    regorus::Value::deserialize(value)
+}
 
 /// What an operation does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,17 +115,26 @@ pub enum StateError {
 impl State {
     /// The state as the JSON object rules see.
     pub fn to_json(&self) -> Value {
-        Value::Object(self.0.clone())
+        Value::Object(self.json.clone())
+    }
+
+    /// The state as the interpreter's value (cheap to clone).
+    pub(crate) fn rego(&self) -> &regorus::Value {
+        &self.rego
     }
 
     /// One entry of one map.
     pub fn get(&self, map: &str, key: &str) -> Option<&Value> {
-        self.0.get(map)?.get(key)
+        self.json.get(map)?.get(key)
     }
 
     /// Apply operations, all or none.
     pub fn apply(&mut self, ops: &[MetadataOp]) -> Result<(), StateError> {
-        let mut next = self.0.clone();
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut next = self.json.clone();
+        let mut rego = self.rego.clone();
         for op in ops {
             if !MAPS.contains(&op.name.as_str()) {
                 return Err(StateError::UnknownMap(op.name.clone()));
@@ -104,17 +150,32 @@ impl State {
                     return Err(StateError::Missing { map: name, key });
                 }
                 Action::Add | Action::Update => {
-                    let value = op.value.clone().ok_or(StateError::NoValue { map: name, key })?;
+                    let value = op.value.clone().ok_or(StateError::NoValue { map: name.clone(), key: key.clone() })?;
+                    let converted = to_rego(&value).map_err(|_| StateError::NoValue { map: name, key })?;
                     map.insert(op.key.clone(), value);
+                    rego_map(&mut rego, &op.name)?.insert(regorus::Value::from(op.key.as_str()), converted);
                 }
                 Action::Remove => {
                     map.remove(&op.key);
+                    rego_map(&mut rego, &op.name)?.remove(&regorus::Value::from(op.key.as_str()));
                 }
             }
         }
-        self.0 = next;
+        self.json = next;
+        self.rego = rego;
         Ok(())
     }
+}
+
+/// The named map inside the state value, created empty when missing.
+fn rego_map<'a>(state: &'a mut regorus::Value, name: &str) -> Result<&'a mut regorus::value::Object, StateError> {
+    let unknown = || StateError::UnknownMap(name.to_string());
+    let root = state.as_object_mut().map_err(|_| unknown())?;
+    let key = regorus::Value::from(name);
+    if !root.contains_key(&key) {
+        root.insert(key.clone(), regorus::Value::new_object());
+    }
+    root.get_mut(&key).and_then(|map| map.as_object_mut().ok()).ok_or_else(unknown)
 }
 
 #[cfg(test)]
@@ -134,6 +195,19 @@ mod tests {
         state.apply(&[op(Action::Update, "/a", Some(json!("h2")))]).unwrap();
         state.apply(&[op(Action::Remove, "/a", None)]).unwrap();
         assert_eq!(state.get("devices", "/a"), None);
+    }
+
+    #[test]
+    fn the_interpreter_value_follows_the_json() {
+        let mut state = State::default();
+        state
+            .apply(&[op(Action::Add, "/a", Some(json!({"x": [1, 2]}))), op(Action::Add, "/b", Some(json!("h")))])
+            .unwrap();
+        state.apply(&[op(Action::Remove, "/b", None)]).unwrap();
+        let back: Value = serde_json::to_value(state.rego()).unwrap();
+        assert_eq!(back, state.to_json());
+        let parsed: State = serde_json::from_value(state.to_json()).unwrap();
+        assert_eq!(serde_json::to_value(parsed.rego()).unwrap(), state.to_json());
     }
 
     #[test]

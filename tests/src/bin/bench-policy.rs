@@ -1,0 +1,224 @@
+//! `make bench`: latency of full stateful policy decisions (evaluation plus
+//! state commit) per enforcement point, for generated policies of 1, 10 and
+//! 100 containers, the policy load time, and the cost of the checks on one
+//! container start against `allow_all.rego`, all in one run. Writes
+//! `out/bench/policy.json`.
+//!
+//! Each container of a generated policy has 3-8 layers, 5-15 env rules (a
+//! third of them regexes) and 2 mounts, as the policy issue specifies.
+
+use std::time::{Duration, Instant};
+
+use parma_policy::{Engine, Point, Policy};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+const SIZES: [usize; 3] = [1, 10, 100];
+/// Container starts measured per policy size.
+const ROUNDS: usize = 200;
+
+fn hash(container: usize, layer: usize) -> String {
+    format!("{:016x}{:048x}", container as u64 * 1000 + layer as u64, 0xabcdef_u64)
+}
+
+fn layers(c: usize) -> usize {
+    3 + c % 6
+}
+
+fn env_rules(c: usize) -> Vec<Value> {
+    (0..5 + c % 11)
+        .map(|i| {
+            if i % 3 == 2 {
+                json!({"pattern": format!("VAR{i}=[a-z]+[0-9]*"), "strategy": "re2", "required": false})
+            } else {
+                json!({"pattern": format!("VAR{i}=value{i}"), "strategy": "string", "required": i == 0})
+            }
+        })
+        .collect()
+}
+
+fn env_list(c: usize) -> Vec<String> {
+    (0..5 + c % 11).map(|i| if i % 3 == 2 { format!("VAR{i}=abc{i}") } else { format!("VAR{i}=value{i}") }).collect()
+}
+
+fn container(c: usize) -> Value {
+    json!({
+        "name": format!("c{c}"),
+        "layers": (0..layers(c)).map(|l| hash(c, l)).collect::<Vec<_>>(),
+        "command": ["/bin/app", format!("--id={c}")],
+        "env_rules": env_rules(c),
+        "working_dir": "/app",
+        "user": {"uid": 1000, "gid": 1000},
+        "capabilities": {"bounding": ["CAP_CHOWN"], "effective": ["CAP_CHOWN"], "permitted": ["CAP_CHOWN"], "inheritable": [], "ambient": []},
+        "no_new_privileges": true,
+        "mounts": [
+            {"destination": "/etc/hosts", "type": "bind", "source": "/run/parma/[a-z0-9]+/hosts", "options": ["rbind", "ro"]},
+            {"destination": "/data", "type": "bind", "source": "/run/parma/[a-z0-9]+/data", "options": ["rbind", "rw"]},
+        ],
+        "exec_processes": [{"command": ["/bin/health"], "signals": [15]}],
+        "signals": [15],
+    })
+}
+
+fn generated_policy(n: usize) -> String {
+    let containers: Vec<Value> = (0..n).map(container).collect();
+    let mut rego = String::from("package policy\n\nimport rego.v1\n\napi_version := \"0.1.0\"\n\n");
+    rego.push_str(&format!("containers := {}\n\n", serde_json::to_string_pretty(&containers).unwrap_or_default()));
+    for point in Point::ALL {
+        if point != Point::LoadFragment {
+            rego.push_str(&format!("{0} := data.framework.{0}\n", point.rule()));
+        }
+    }
+    rego
+}
+
+/// The requests of one container's life, in order.
+fn lifecycle(c: usize, round: usize) -> Vec<(Point, Value)> {
+    let id = format!("r{round}");
+    let paths: Vec<String> = (0..layers(c)).map(|l| format!("/run/layers/{round}-{l}")).collect();
+    let mut steps: Vec<(Point, Value)> = paths
+        .iter()
+        .enumerate()
+        .map(|(l, path)| (Point::MountDevice, json!({"target": path, "deviceHash": hash(c, l)})))
+        .collect();
+    steps.push((
+        Point::MountOverlay,
+        json!({"containerID": id, "layerPaths": paths, "target": format!("/run/{id}/rootfs")}),
+    ));
+    steps.push((
+        Point::CreateContainer,
+        json!({
+            "containerID": id,
+            "argList": ["/bin/app", format!("--id={c}")],
+            "envList": env_list(c),
+            "workingDir": "/app",
+            "user": {"uid": 1000, "gid": 1000},
+            "groups": [],
+            "capabilities": {"bounding": ["CAP_CHOWN"], "effective": ["CAP_CHOWN"], "permitted": ["CAP_CHOWN"], "inheritable": [], "ambient": []},
+            "noNewPrivileges": true,
+            "privileged": false,
+            "seccompProfileSHA256": "",
+            "mounts": [
+                {"destination": "/etc/hosts", "type": "bind", "source": format!("/run/parma/{id}/hosts"), "options": ["ro", "rbind"]},
+                {"destination": "/data", "type": "bind", "source": format!("/run/parma/{id}/data"), "options": ["rw", "rbind"]},
+            ],
+        }),
+    ));
+    steps.push((
+        Point::ExecInContainer,
+        json!({"containerID": id, "argList": ["/bin/health"], "envList": env_list(c), "workingDir": "/app"}),
+    ));
+    steps.push((
+        Point::SignalContainerProcess,
+        json!({"containerID": id, "signal": 15, "isInitProcess": true, "argList": []}),
+    ));
+    steps.push((Point::ShutdownContainer, json!({"containerID": id})));
+    steps.push((Point::UnmountOverlay, json!({"unmountTarget": format!("/run/{id}/rootfs")})));
+    steps.extend(paths.iter().map(|path| (Point::UnmountDevice, json!({"unmountTarget": path}))));
+    steps
+}
+
+#[derive(Default, Serialize)]
+struct PointStats {
+    samples: usize,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+#[derive(Serialize)]
+struct SizeReport {
+    containers: usize,
+    policy_bytes: usize,
+    load_ms: f64,
+    points: std::collections::BTreeMap<&'static str, PointStats>,
+    container_start_us: f64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+}
+
+/// Run `ROUNDS` container lives; returns per-point latencies and the median
+/// time of one container start (all decisions of one life up to create).
+fn run(engine: &mut Engine, containers: usize) -> anyhow::Result<(Vec<(Point, Duration)>, f64)> {
+    let mut samples = Vec::new();
+    let mut starts = Vec::new();
+    for round in 0..ROUNDS {
+        let c = round % containers;
+        let mut start = Duration::ZERO;
+        for (point, input) in lifecycle(c, round) {
+            let t = Instant::now();
+            let decision = engine.decide(point, &input);
+            engine.commit(&decision)?;
+            let elapsed = t.elapsed();
+            anyhow::ensure!(decision.allowed, "{point} denied in round {round}: {:?}", decision.denial);
+            if matches!(point, Point::MountDevice | Point::MountOverlay | Point::CreateContainer) {
+                start += elapsed;
+            }
+            samples.push((point, elapsed));
+        }
+        starts.push(start);
+    }
+    starts.sort();
+    Ok((samples, percentile(&starts, 0.5)))
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut reports = Vec::new();
+    for n in SIZES {
+        let text = generated_policy(n);
+        let started = Instant::now();
+        let mut engine = Engine::new(&Policy::from_bytes(text.clone().into_bytes())?)?;
+        // The first decision prepares the engine: part of loading.
+        let _ = engine.decide(Point::GetProperties, &json!({}));
+        let load_ms = started.elapsed().as_secs_f64() * 1e3;
+        let (samples, container_start_us) = run(&mut engine, n)?;
+        let mut points = std::collections::BTreeMap::new();
+        for point in Point::ALL {
+            let mut times: Vec<Duration> = samples.iter().filter(|(p, _)| *p == point).map(|(_, d)| *d).collect();
+            if times.is_empty() {
+                continue;
+            }
+            times.sort();
+            points.insert(
+                point.rule(),
+                PointStats { samples: times.len(), p50_us: percentile(&times, 0.5), p99_us: percentile(&times, 0.99) },
+            );
+        }
+        reports.push(SizeReport { containers: n, policy_bytes: text.len(), load_ms, points, container_start_us });
+    }
+
+    // The same container starts under allow_all, in the same run.
+    let allow_all = std::fs::read(parma_tests::Paths::get().repo.join("policies/allow_all.rego"))?;
+    let mut engine = Engine::new(&Policy::from_bytes(allow_all)?)?;
+    let (_, allow_all_start_us) = run(&mut engine, 10)?;
+    let generated_start_us = reports.get(1).map_or(0.0, |r| r.container_start_us);
+
+    let report = json!({
+        "rounds": ROUNDS,
+        "sizes": reports,
+        "container_start_us": {"generated_10": generated_start_us, "allow_all": allow_all_start_us,
+                               "ratio": generated_start_us / allow_all_start_us},
+    });
+    let out = parma_tests::Paths::get().repo.join("out/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("policy.json"), serde_json::to_string_pretty(&report)? + "\n")?;
+
+    println!("{:<26} {:>10} {:>10} {:>10}", "p50 / p99 (us)", "1", "10", "100");
+    let rules: Vec<&str> = reports.first().map(|r| r.points.keys().copied().collect()).unwrap_or_default();
+    for rule in rules {
+        let cells: Vec<String> = reports
+            .iter()
+            .map(|r| r.points.get(rule).map_or("-".into(), |s| format!("{:.0}/{:.0}", s.p50_us, s.p99_us)))
+            .collect();
+        println!("{rule:<26} {:>10} {:>10} {:>10}", cells[0], cells[1], cells[2]);
+    }
+    let loads: Vec<String> = reports.iter().map(|r| format!("{:.1}", r.load_ms)).collect();
+    println!("{:<26} {:>10} {:>10} {:>10}", "load (ms)", loads[0], loads[1], loads[2]);
+    println!(
+        "container start decisions: {generated_start_us:.0} us generated (10 containers) vs {allow_all_start_us:.0} us allow_all"
+    );
+    println!("wrote {}", out.join("policy.json").display());
+    Ok(())
+}
