@@ -36,3 +36,5 @@ dump_stacks := {"allowed": true}
 runtime_logging := {"allowed": true}
 
 load_fragment := {"allowed": true}
+
+get_attestation := {"allowed": true}

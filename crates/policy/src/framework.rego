@@ -43,6 +43,18 @@ allow_unencrypted_scratch := data.policy.allow_unencrypted_scratch
 
 default allow_capability_dropping := false
 
+# Ordering and completeness: containers named in `start_order` start only
+# after every container before them started (stopping later does not undo
+# that), and attestation waits until every one of `required_containers`
+# started.
+default start_order := []
+
+start_order := data.policy.start_order
+
+default required_containers := []
+
+required_containers := data.policy.required_containers
+
 allow_capability_dropping := data.policy.allow_capability_dropping
 
 state := object.get(input, "state", {})
@@ -336,13 +348,28 @@ container_failures(c) := array.concat(
 					groups_failures(c, object.get(input, "groups", [])),
 					array.concat(
 						capability_failures(c, object.get(input, "capabilities", {})),
-						array.concat(mount_failures(c, object.get(input, "mounts", [])), flag_failures(c, input)),
+						array.concat(
+							mount_failures(c, object.get(input, "mounts", [])),
+							array.concat(flag_failures(c, input), order_failures(c)),
+						),
 					),
 				),
 			),
 		),
 	),
 )
+
+started_names contains entry.name if {
+	some _, entry in started
+}
+
+order_failures(c) := [sprintf("container %s starts after %s, which has not started", [quote(c.name), quote(before)]) |
+	some i, name in start_order
+	name == c.name
+	some j, before in start_order
+	j < i
+	not started_names[before]
+]
 
 policy_container(name) := c if {
 	some c in policy_containers
@@ -470,6 +497,18 @@ signal_allowed if {
 	some process in object.get(started_container, "exec_processes", [])
 	process.command == input.argList
 	input.signal in object.get(process, "signals", [])
+}
+
+# ---------------------------------------------------------------- attestation
+
+missing_required := [name | some name in required_containers; not started_names[name]]
+
+get_attestation := {"allowed": true, "metadata": []} if {
+	count(missing_required) == 0
+}
+
+get_attestation := denied(sprintf("the container group is not complete: %s not started", [concat(", ", [quote(n) | some n in missing_required])]), []) if {
+	count(missing_required) > 0
 }
 
 # ---------------------------------------------------------------- the UVM itself

@@ -36,11 +36,13 @@ pub enum Point {
     RuntimeLogging,
     /// Load a policy fragment.
     LoadFragment,
+    /// Give a container (or the host) an attestation report.
+    GetAttestation,
 }
 
 impl Point {
     /// Every enforcement point.
-    pub const ALL: [Point; 15] = [
+    pub const ALL: [Point; 16] = [
         Point::MountDevice,
         Point::UnmountDevice,
         Point::MountOverlay,
@@ -56,6 +58,7 @@ impl Point {
         Point::DumpStacks,
         Point::RuntimeLogging,
         Point::LoadFragment,
+        Point::GetAttestation,
     ];
 
     /// The rule name in the policy (`data.policy.<rule>`).
@@ -76,6 +79,7 @@ impl Point {
             Point::DumpStacks => "dump_stacks",
             Point::RuntimeLogging => "runtime_logging",
             Point::LoadFragment => "load_fragment",
+            Point::GetAttestation => "get_attestation",
         }
     }
 }

@@ -80,3 +80,5 @@ get_properties := data.framework.get_properties
 dump_stacks := data.framework.dump_stacks
 
 runtime_logging := data.framework.runtime_logging
+
+get_attestation := data.framework.get_attestation
