@@ -34,7 +34,9 @@ lint: deps
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
 test: image lint
-	cargo test --workspace --locked
+	mkdir -p out
+	cargo test --workspace --locked 2>&1 | tee out/test.log
+	scripts/test-summary.sh out/test.log
 
 bench: image
 	cargo run --release --locked -p parma-tests --bin bench-policy
