@@ -9,7 +9,7 @@ IMAGE_TOOL := target/release/parma-image
 export PARMA_UVM := $(abspath $(UVM))
 export PARMA_GUEST_BIN := $(abspath $(GUEST_BIN))
 
-.PHONY: all image test bench lint deps host guest kernel clean
+.PHONY: all image test bench lint deps host guest kernel oracle clean
 
 all: image
 
@@ -27,13 +27,17 @@ kernel: host
 
 image: kernel guest
 	$(IMAGE_TOOL) assemble --uvm $(UVM) --init $(GUEST_BIN)/parma-init \
-	  --agent $(GUEST_BIN)/parma-agent --rustc "$$(rustc -V)"
+	  --agent $(GUEST_BIN)/parma-agent --rustc "$$(rustc -V)" \
+	  --ovmf qemu/ovmf/ovmf_AmdSev_suffix.bin --ovmf-hash "$$(cat qemu/ovmf/ovmf_AmdSev.hash)"
 
 lint: deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
-test: image lint
+oracle:
+	scripts/oracle.sh >/dev/null
+
+test: image lint oracle
 	mkdir -p out
 	cargo test --workspace --locked 2>&1 | tee out/test.log
 	scripts/test-summary.sh out/test.log

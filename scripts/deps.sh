@@ -17,6 +17,9 @@ packages=(
   cryptsetup-bin e2fsprogs
   # sha256sum and friends (the policy hash is checked against it).
   coreutils
+  # Debian's OVMF.fd (launch digests without a kernel) and venvs for the
+  # launch-digest oracle from PyPI.
+  ovmf python3-venv
 )
 
 missing=()

@@ -28,6 +28,73 @@ enum Command {
     /// Hash execution policies and dry-run their decisions on the host.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Compute the expected SEV-SNP launch digest of a UVM (QEMU direct boot, kernel-hashes=on).
+    Measure(MeasureArgs),
+    /// Verify an SEV-SNP attestation report: AMD's chain, the signature, the
+    /// TCB, the policy, and what you expect; exit 0 only if every check passes.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("certificates").required(true).args(["certs", "vcek"])))]
+struct VerifyArgs {
+    /// The report: 1184 bytes, or hex text.
+    #[arg(long)]
+    report: PathBuf,
+    /// A directory with vcek.der (or .pem) and optionally ark.pem, ask.pem or cert_chain.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// The VCEK alone (DER or PEM); ASK and ARK are AMD's, built in.
+    #[arg(long)]
+    vcek: Option<PathBuf>,
+    /// milan, genoa or turin (default: from the report or the VCEK).
+    #[arg(long)]
+    product: Option<parma_snp::Product>,
+    /// The launch digest you expect (96 hex digits; see `parma measure`).
+    #[arg(long)]
+    expect_measurement: Option<String>,
+    /// The HOST_DATA you expect (64 hex digits; for Parma, `parma policy hash`).
+    #[arg(long)]
+    expect_host_data: Option<String>,
+    /// The REPORT_DATA you expect (hex, up to 64 bytes; shorter is zero padded).
+    #[arg(long)]
+    expect_report_data: Option<String>,
+    /// The least TCB you accept, e.g. bl=3,tee=0,snp=8,ucode=115.
+    #[arg(long)]
+    min_tcb: Option<parma_snp::TcbVersion>,
+    /// INSECURE: accept a chain rooted elsewhere than AMD (the emulation provider's).
+    #[arg(long)]
+    allow_insecure_emulation: bool,
+    /// Print JSON: every check with its values.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct MeasureArgs {
+    /// The UVM directory: its vmlinuz, initrd.img and cmdline are measured
+    /// through the firmware's kernel-hashes table. Without it, the firmware alone.
+    #[arg(long)]
+    uvm: Option<PathBuf>,
+    /// The firmware: an OVMF build (AmdSevX64 for direct boot), or its last
+    /// pages when --ovmf-hash gives the digest of the rest.
+    #[arg(long)]
+    ovmf: PathBuf,
+    /// Precomputed digest of the firmware pages (96 hex digits).
+    #[arg(long)]
+    ovmf_hash: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// vCPU type, as QEMU's -cpu names it (EPYC-v4, EPYC-Milan, EPYC-Genoa, ...).
+    #[arg(long, default_value = "EPYC-v4")]
+    vcpu_type: String,
+    /// The kernel command line (default: the UVM's cmdline file).
+    #[arg(long)]
+    append: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -150,7 +217,105 @@ fn main() -> anyhow::Result<()> {
         Command::Vm(VmCommand::Run(args)) => vm_run(args),
         Command::Agent(command) => agent(command),
         Command::Policy(command) => policy(command),
+        Command::Measure(args) => measure(args),
+        Command::Verify(args) => verify(args),
     }
+}
+
+fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&args.report).with_context(|| format!("cannot read {}", args.report.display()))?;
+    let report = parma_snp::AttestationReport::parse(&bytes)
+        .with_context(|| format!("{} is not an SEV-SNP report", args.report.display()))?;
+    let certs = match (args.certs, args.vcek) {
+        (Some(dir), _) => parma_snp::CertSource::Dir(dir),
+        (None, Some(vcek)) => parma_snp::CertSource::Vcek(vcek),
+        (None, None) => anyhow::bail!("give --certs DIR or --vcek FILE"),
+    };
+    let mut expect = parma_snp::Expectations {
+        product: args.product,
+        min_tcb: args.min_tcb,
+        allow_insecure_emulation: args.allow_insecure_emulation,
+        ..Default::default()
+    };
+    if let Some(hex) = &args.expect_measurement {
+        expect = expect.measurement_hex(hex)?;
+    }
+    if let Some(hex) = &args.expect_host_data {
+        expect = expect.host_data_hex(hex)?;
+    }
+    if let Some(hex) = &args.expect_report_data {
+        expect = expect.report_data_hex(hex)?;
+    }
+    let verification = parma_snp::verify(&report, &certs, &expect)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&verification)?);
+    } else {
+        for check in verification.checks() {
+            let mut line = format!("{}  {}", if check.passed { "pass" } else { "FAIL" }, check.name);
+            if let Some(actual) = &check.actual {
+                line.push_str(&format!(": {actual}"));
+            }
+            if !check.passed {
+                if let Some(expected) = &check.expected {
+                    line.push_str(&format!(" (expected {expected})"));
+                }
+                if let Some(detail) = &check.detail {
+                    line.push_str(&format!(" ({detail})"));
+                }
+            }
+            println!("{line}");
+        }
+        if verification.insecure_emulation() {
+            println!("WARNING: the chain is not AMD's (insecure emulation): this report proves nothing about hardware");
+        }
+        let failed = verification.failed().count();
+        println!(
+            "{} checks, {} passed, {failed} failed",
+            verification.checks().len(),
+            verification.checks().len() - failed
+        );
+    }
+    if !verification.all_passed() {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+fn measure(args: MeasureArgs) -> anyhow::Result<()> {
+    let direct_boot = match &args.uvm {
+        None => None,
+        Some(uvm) => {
+            let cmdline = match args.append {
+                Some(cmdline) => cmdline,
+                None => std::fs::read_to_string(uvm.join(parma_image::files::CMDLINE))
+                    .with_context(|| format!("cannot read the cmdline of {}", uvm.display()))?
+                    .trim()
+                    .to_string(),
+            };
+            Some(parma_measure::DirectBoot {
+                kernel: uvm.join(parma_image::files::KERNEL),
+                initrd: uvm.join(parma_image::files::INITRD),
+                cmdline,
+            })
+        }
+    };
+    let launch = parma_measure::Launch {
+        ovmf: args.ovmf,
+        ovmf_hash: args.ovmf_hash,
+        vcpus: args.vcpus,
+        vcpu_type: args.vcpu_type,
+        direct_boot,
+        guest_features: 1,
+    };
+    let digest = hex::encode(parma_measure::launch_digest(&launch)?);
+    let json = serde_json::json!({
+        "launch_digest": digest,
+        "vcpus": launch.vcpus,
+        "vcpu_type": launch.vcpu_type,
+        "ovmf": launch.ovmf,
+        "cmdline": launch.direct_boot.as_ref().map(|b| b.cmdline.clone()),
+    });
+    print(args.json, &json, |_| digest.clone())
 }
 
 fn policy(command: PolicyCommand) -> anyhow::Result<()> {

@@ -26,6 +26,26 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileDigest>,
     /// Every entry of the initrd.
     pub initrd: Vec<Listed>,
+    /// The expected SEV-SNP launch digest of the default profile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub launch: Option<LaunchDigest>,
+}
+
+/// A launch digest and what it was computed for.
+#[derive(Debug, Clone, Serialize)]
+pub struct LaunchDigest {
+    /// What the digest covers besides the UVM's kernel, initrd and cmdline.
+    pub profile: String,
+    /// sha384-sized launch digest, lowercase hex.
+    pub digest: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// vCPU type.
+    pub vcpu_type: String,
+    /// The firmware file measured (or its tail).
+    pub ovmf: String,
+    /// The precomputed digest of the firmware pages, when `ovmf` is a tail.
+    pub ovmf_hash: Option<String>,
 }
 
 /// Where the kernel came from.

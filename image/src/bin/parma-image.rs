@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use parma_image::manifest::{FileDigest, Kernel, Manifest, SCHEMA};
+use parma_image::manifest::{FileDigest, Kernel, LaunchDigest, Manifest, SCHEMA};
 use parma_image::{DEFAULT_CMDLINE, files, initrd, kconfig};
 
 #[derive(Parser)]
@@ -43,13 +43,22 @@ enum Command {
         /// The kernel command line.
         #[arg(long, default_value = DEFAULT_CMDLINE)]
         cmdline: String,
+        /// Record the launch digest for this firmware (default profile: 1 vCPU, EPYC-v4).
+        #[arg(long)]
+        ovmf: Option<PathBuf>,
+        /// The precomputed digest of the firmware pages, when --ovmf is its tail.
+        #[arg(long)]
+        ovmf_hash: Option<String>,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::KconfigCheck { config, fragments } => kconfig_check(&config, &fragments),
-        Command::Assemble { uvm, init, agent, rustc, cmdline } => assemble(&uvm, &init, &agent, &rustc, &cmdline),
+        Command::Assemble { uvm, init, agent, rustc, cmdline, ovmf, ovmf_hash } => {
+            let firmware = ovmf.map(|ovmf| (ovmf, ovmf_hash));
+            assemble(&uvm, &init, &agent, &rustc, &cmdline, firmware)
+        }
     }
 }
 
@@ -86,7 +95,39 @@ fn kconfig_check(config: &Path, fragments: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn assemble(uvm: &Path, init: &Path, agent: &Path, rustc: &str, cmdline: &str) -> anyhow::Result<()> {
+/// The default profile's launch digest.
+fn launch_digest(uvm: &Path, cmdline: &str, ovmf: PathBuf, ovmf_hash: Option<String>) -> anyhow::Result<LaunchDigest> {
+    let launch = parma_measure::Launch {
+        ovmf: ovmf.clone(),
+        ovmf_hash: ovmf_hash.clone(),
+        vcpus: 1,
+        vcpu_type: "EPYC-v4".into(),
+        direct_boot: Some(parma_measure::DirectBoot {
+            kernel: uvm.join(files::KERNEL),
+            initrd: uvm.join(files::INITRD),
+            cmdline: cmdline.to_string(),
+        }),
+        guest_features: 1,
+    };
+    let digest = parma_measure::launch_digest(&launch)?;
+    Ok(LaunchDigest {
+        profile: "QEMU direct boot, kernel-hashes=on, 1 vCPU EPYC-v4, the given OVMF".into(),
+        digest: hex::encode(digest),
+        vcpus: launch.vcpus,
+        vcpu_type: launch.vcpu_type,
+        ovmf: ovmf.display().to_string(),
+        ovmf_hash,
+    })
+}
+
+fn assemble(
+    uvm: &Path,
+    init: &Path,
+    agent: &Path,
+    rustc: &str,
+    cmdline: &str,
+    firmware: Option<(PathBuf, Option<String>)>,
+) -> anyhow::Result<()> {
     let initrd = initrd::uvm(read(init)?, read(agent)?)?;
     let initrd_bytes = initrd.to_gz()?;
     write_atomic(&uvm.join(files::INITRD), &initrd_bytes)?;
@@ -110,6 +151,7 @@ fn assemble(uvm: &Path, init: &Path, agent: &Path, rustc: &str, cmdline: &str) -
         cmdline: cmdline.to_string(),
         files: digests,
         initrd: initrd.listing(),
+        launch: firmware.map(|(ovmf, hash)| launch_digest(uvm, cmdline, ovmf, hash)).transpose()?,
     };
     let mut json = serde_json::to_vec_pretty(&manifest)?;
     json.push(b'\n');
@@ -120,5 +162,8 @@ fn assemble(uvm: &Path, init: &Path, agent: &Path, rustc: &str, cmdline: &str) -
         println!("{name:<14} {:>10}  {}", digest.size, digest.sha256);
     }
     println!("kernel {} ({}), cmdline {:?}", manifest.kernel.release, manifest.kernel.source, manifest.cmdline);
+    if let Some(launch) = &manifest.launch {
+        println!("launch digest ({}): {}", launch.profile, launch.digest);
+    }
     Ok(())
 }

@@ -1,0 +1,56 @@
+//! `parma verify` and `parma measure`, as a relying party runs them.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn parma(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_parma")).args(args).current_dir(repo()).output().unwrap()
+}
+
+const REPORT: &str = "crates/snp/tests/data/report_milan.hex";
+const VCEK: &str = "crates/snp/tests/data/vcek_milan.der";
+
+#[test]
+fn a_real_milan_report_verifies_and_expectations_are_enforced() {
+    let out = parma(&["verify", "--report", REPORT, "--vcek", VCEK, "--product", "milan"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pass  report_signature"));
+
+    // HOST_DATA of this report is all zero: any policy hash is refused.
+    let policy_hash = "5541618991b19141a976bd776fa0b281292eba76cdf1f3da3602888f12defc52";
+    let out = parma(&["verify", "--report", REPORT, "--vcek", VCEK, "--expect-host-data", policy_hash, "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["all_passed"], false);
+    let checks = json["checks"].as_array().unwrap();
+    let host_data = checks.iter().find(|c| c["name"] == "host_data").unwrap();
+    assert_eq!(host_data["passed"], false);
+    assert!(checks.iter().filter(|c| c["name"] != "host_data").all(|c| c["passed"] == true));
+
+    // The Genoa roots do not sign a Milan chain.
+    let out = parma(&["verify", "--report", REPORT, "--vcek", VCEK, "--product", "genoa"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn verify_errors_are_clear() {
+    let out = parma(&["verify", "--report", "/nonexistent", "--vcek", VCEK]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent"));
+    let out = parma(&["verify", "--report", REPORT]);
+    assert!(!out.status.success(), "certificates are required");
+}
+
+#[test]
+fn measure_prints_the_digest_of_the_firmware_alone_or_with_a_kernel() {
+    let out = parma(&["measure", "--ovmf", "/usr/share/ovmf/OVMF.fd", "--vcpus", "2", "--vcpu-type", "EPYC-Milan"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let digest = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(digest.trim().len(), 96);
+    let out = parma(&["measure", "--ovmf", "/usr/share/ovmf/OVMF.fd", "--vcpu-type", "Pentium"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown vCPU type \"Pentium\""));
+}
