@@ -9,4 +9,4 @@ pub mod policy;
 pub mod qemu;
 
 pub use client::{Client, ClientError, Control};
-pub use qemu::{Accel, Serial, VmConfig};
+pub use qemu::{Accel, Serial, Snp, VmConfig, VmError};

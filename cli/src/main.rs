@@ -176,6 +176,18 @@ struct VmRun {
     /// Print the QEMU command line instead of running it.
     #[arg(long)]
     print_command: bool,
+    /// Launch as an SEV-SNP guest (needs --accel kvm on an SNP host, QEMU 9.1 or newer).
+    #[arg(long, requires_all = ["ovmf", "policy"])]
+    snp: bool,
+    /// With --snp: an AmdSevX64 OVMF build (it has the kernel-hashes section).
+    #[arg(long)]
+    ovmf: Option<PathBuf>,
+    /// With --snp: the execution policy; its sha256 becomes HOST_DATA.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// With --snp: the vCPU type, which the launch digest depends on.
+    #[arg(long, default_value = "EPYC-v4")]
+    vcpu_type: String,
 }
 
 #[derive(Args)]
@@ -366,6 +378,17 @@ fn vm_run(args: VmRun) -> anyhow::Result<()> {
         cpus: args.cpus,
         serial: args.serial_log.map_or(Serial::Stdio, Serial::File),
         vsock_cid: args.vsock_cid,
+        snp: None,
+    };
+    let config = if args.snp {
+        let (Some(ovmf), Some(policy)) = (args.ovmf, args.policy) else {
+            anyhow::bail!("--snp needs --ovmf and --policy");
+        };
+        let bytes = std::fs::read(&policy).with_context(|| format!("cannot read {}", policy.display()))?;
+        let host_data = parma_policy::Policy::from_bytes(bytes)?.hash();
+        VmConfig { snp: Some(parma::Snp { ovmf, host_data, vcpu_type: args.vcpu_type }), ..config }
+    } else {
+        config
     };
     let qemu_args = config.args()?;
     if args.print_command {

@@ -49,17 +49,37 @@ pub struct VmConfig {
     pub serial: Serial,
     /// Also give the guest a vsock device with this CID (needs vhost-vsock on the host).
     pub vsock_cid: Option<u32>,
+    /// Launch as an SEV-SNP guest (real hosts only).
+    pub snp: Option<Snp>,
 }
 
-/// The UVM directory lacks a file.
+/// What an SEV-SNP launch needs besides the UVM.
+#[derive(Debug, Clone)]
+pub struct Snp {
+    /// An AmdSevX64 OVMF build: the one with the kernel-hashes section that
+    /// `kernel-hashes=on` needs. Its digest is part of the launch digest.
+    pub ovmf: PathBuf,
+    /// HOST_DATA: for Parma, the sha256 of the execution policy.
+    pub host_data: [u8; 32],
+    /// vCPU type (`-cpu`); the launch digest depends on it.
+    pub vcpu_type: String,
+}
+
+/// The VM cannot be started as asked.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read {path} (run `make image` first?)")]
-pub struct MissingFile {
-    /// The file.
-    pub path: PathBuf,
-    /// Why.
-    #[source]
-    pub source: std::io::Error,
+pub enum VmError {
+    /// The UVM directory lacks a file.
+    #[error("cannot read {path} (run `make image` first?)")]
+    MissingFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SEV-SNP needs KVM on an SNP host; emulation has no SNP.
+    #[error("an SEV-SNP launch needs --accel kvm on an SNP host (TCG has no SEV-SNP)")]
+    SnpNeedsKvm,
 }
 
 impl VmConfig {
@@ -75,46 +95,71 @@ impl VmConfig {
             cpus: 1,
             serial: Serial::Stdio,
             vsock_cid: None,
+            snp: None,
         }
     }
 
     /// The kernel command line from the UVM directory.
-    pub fn cmdline(&self) -> Result<String, MissingFile> {
+    pub fn cmdline(&self) -> Result<String, VmError> {
         let path = self.uvm.join(files::CMDLINE);
-        std::fs::read_to_string(&path).map(|s| s.trim().to_string()).map_err(|source| MissingFile { path, source })
+        std::fs::read_to_string(&path)
+            .map(|s| s.trim().to_string())
+            .map_err(|source| VmError::MissingFile { path, source })
     }
 
-    fn existing(&self, name: &str) -> Result<PathBuf, MissingFile> {
+    fn existing(&self, name: &str) -> Result<PathBuf, VmError> {
         let path = self.uvm.join(name);
-        std::fs::metadata(&path).map(|_| path.clone()).map_err(|source| MissingFile { path, source })
+        std::fs::metadata(&path).map(|_| path.clone()).map_err(|source| VmError::MissingFile { path, source })
     }
 
     /// QEMU's arguments, without the program name.
-    pub fn args(&self) -> Result<Vec<OsString>, MissingFile> {
+    pub fn args(&self) -> Result<Vec<OsString>, VmError> {
         let kernel = self.existing(files::KERNEL)?;
         let initrd = match &self.initrd {
             Some(path) => path.clone(),
             None => self.existing(files::INITRD)?,
         };
         let cmdline = self.cmdline()?;
-        let (machine, cpu) = match self.accel {
-            Accel::Tcg => ("q35,accel=tcg", "max"),
-            Accel::Kvm => ("q35,accel=kvm", "host"),
+        let (machine, cpu) = match (self.accel, &self.snp) {
+            (Accel::Tcg, None) => ("q35,accel=tcg".to_string(), "max".to_string()),
+            (Accel::Kvm, None) => ("q35,accel=kvm".to_string(), "host".to_string()),
+            (Accel::Tcg, Some(_)) => return Err(VmError::SnpNeedsKvm),
+            (Accel::Kvm, Some(snp)) => {
+                ("q35,accel=kvm,confidential-guest-support=sev0,memory-backend=ram0".to_string(), snp.vcpu_type.clone())
+            }
         };
+        // Virtio devices of an SEV guest go through the platform IOMMU path
+        // (bounce buffers in shared memory): the guest cannot share its
+        // encrypted pages with a device directly.
+        let virtio_opts = if self.snp.is_some() { ",disable-legacy=on,iommu_platform=on" } else { "" };
         let serial = match &self.serial {
             Serial::Stdio => OsString::from("stdio"),
             Serial::File(path) => join("file:", path),
         };
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
-        push(&["-machine", machine, "-cpu", cpu]);
+        push(&["-machine", &machine, "-cpu", &cpu]);
         push(&["-smp", &self.cpus.to_string(), "-m", &self.memory_mib.to_string()]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
         args.extend([OsString::from("-kernel"), kernel.into_os_string()]);
         args.extend([OsString::from("-initrd"), initrd.into_os_string()]);
         args.extend([OsString::from("-append"), OsString::from(cmdline)]);
+        if let Some(snp) = &self.snp {
+            use base64::Engine as _;
+            let host_data = base64::engine::general_purpose::STANDARD.encode(snp.host_data);
+            args.push("-object".into());
+            args.push(format!("memory-backend-memfd,id=ram0,size={}M,share=true", self.memory_mib).into());
+            args.push("-object".into());
+            args.push(
+                format!("sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1,kernel-hashes=on,host-data={host_data}")
+                    .into(),
+            );
+            args.extend([OsString::from("-bios"), snp.ovmf.clone().into_os_string()]);
+        }
         args.extend([OsString::from("-serial"), serial]);
-        args.extend(["-device", "virtio-serial-pci,id=virtio-serial0", "-chardev"].map(OsString::from));
+        args.push("-device".into());
+        args.push(format!("virtio-serial-pci,id=virtio-serial0{virtio_opts}").into());
+        args.push("-chardev".into());
         // QEMU splits options at commas; a comma in the path is written twice.
         let control = self.control.to_string_lossy().replace(',', ",,");
         args.push(format!("socket,id=agent,server=on,wait=off,path={control}").into());
@@ -122,13 +167,13 @@ impl VmConfig {
         args.push(format!("virtserialport,bus=virtio-serial0.0,chardev=agent,name={SERIAL_PORT_NAME}").into());
         if let Some(cid) = self.vsock_cid {
             args.push("-device".into());
-            args.push(format!("vhost-vsock-pci,guest-cid={cid}").into());
+            args.push(format!("vhost-vsock-pci,guest-cid={cid}{virtio_opts}").into());
         }
         Ok(args)
     }
 
     /// The full command.
-    pub fn command(&self) -> Result<Command, MissingFile> {
+    pub fn command(&self) -> Result<Command, VmError> {
         let mut command = Command::new(&self.qemu);
         command.args(self.args()?);
         Ok(command)
@@ -200,6 +245,35 @@ mod tests {
         assert!(args.contains(&"q35,accel=kvm".to_string()));
         assert!(args.contains(&"host".to_string()));
         assert!(args.contains(&"vhost-vsock-pci,guest-cid=7".to_string()));
+    }
+
+    #[test]
+    fn snp_launch() {
+        let dir = uvm_dir();
+        let mut config = VmConfig::new(dir.path(), "/tmp/c.sock");
+        config.snp =
+            Some(Snp { ovmf: "/fw/OVMF.amdsev.fd".into(), host_data: [0xab; 32], vcpu_type: "EPYC-v4".into() });
+        assert!(matches!(config.args(), Err(VmError::SnpNeedsKvm)));
+        config.accel = Accel::Kvm;
+        config.vsock_cid = Some(3);
+        config.memory_mib = 1024;
+        let args = strings(&config);
+        let find = |flag: &str| args[args.iter().position(|a| a == flag).unwrap() + 1].clone();
+        assert_eq!(find("-machine"), "q35,accel=kvm,confidential-guest-support=sev0,memory-backend=ram0");
+        assert_eq!(find("-cpu"), "EPYC-v4");
+        assert_eq!(find("-bios"), "/fw/OVMF.amdsev.fd");
+        let objects: Vec<_> =
+            args.iter().enumerate().filter(|(_, a)| *a == "-object").map(|(i, _)| &args[i + 1]).collect();
+        assert_eq!(objects[0], "memory-backend-memfd,id=ram0,size=1024M,share=true");
+        // 32 bytes of 0xab in base64.
+        assert_eq!(
+            objects[1],
+            "sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1,kernel-hashes=on,host-data=q6urq6urq6urq6urq6urq6urq6urq6urq6urq6urq6s="
+        );
+        assert!(args.contains(&"virtio-serial-pci,id=virtio-serial0,disable-legacy=on,iommu_platform=on".to_string()));
+        assert!(args.contains(&"vhost-vsock-pci,guest-cid=3,disable-legacy=on,iommu_platform=on".to_string()));
+        // Direct boot: the measured kernel, initrd and cmdline.
+        assert_eq!(find("-append"), "console=ttyS0 quiet");
     }
 
     #[test]

@@ -54,3 +54,45 @@ fn measure_prints_the_digest_of_the_firmware_alone_or_with_a_kernel() {
     let out = parma(&["measure", "--ovmf", "/usr/share/ovmf/OVMF.fd", "--vcpu-type", "Pentium"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown vCPU type \"Pentium\""));
 }
+
+#[test]
+fn snp_command_line_carries_the_policy_hash_as_host_data() {
+    let out = parma(&[
+        "vm",
+        "run",
+        "--uvm",
+        "out/uvm",
+        "--control",
+        "/tmp/c.sock",
+        "--accel",
+        "kvm",
+        "--snp",
+        "--ovmf",
+        "qemu/ovmf/ovmf_AmdSev_suffix.bin",
+        "--policy",
+        "policies/allow_all.rego",
+        "--print-command",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = String::from_utf8(out.stdout).unwrap();
+    let hash = parma(&["policy", "hash", "policies/allow_all.rego"]);
+    let hash = hex::decode(String::from_utf8(hash.stdout).unwrap().trim()).unwrap();
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(hash);
+    assert!(line.contains(&format!("kernel-hashes=on,host-data={b64}")), "{line}");
+    let out = parma(&[
+        "vm",
+        "run",
+        "--uvm",
+        "out/uvm",
+        "--control",
+        "/tmp/c.sock",
+        "--snp",
+        "--ovmf",
+        "qemu/ovmf/ovmf_AmdSev_suffix.bin",
+        "--policy",
+        "policies/allow_all.rego",
+        "--print-command",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --accel kvm"));
+}
