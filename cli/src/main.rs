@@ -28,6 +28,9 @@ enum Command {
     /// Hash execution policies and dry-run their decisions on the host.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Turn container images into dm-verity protected ext4 layers.
+    #[command(subcommand)]
+    Layer(LayerCommand),
     /// Compute the expected SEV-SNP launch digest of a UVM (QEMU direct boot, kernel-hashes=on).
     Measure(MeasureArgs),
     /// Verify an SEV-SNP attestation report: AMD's chain, the signature, the
@@ -68,6 +71,26 @@ struct VerifyArgs {
     /// Print JSON: every check with its values.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum LayerCommand {
+    /// Write each layer of an image as ext4 + dm-verity (DIR/<diff-id>.img),
+    /// DIR/layers.json (root hashes) and DIR/config.json (for the policy generator).
+    Build {
+        /// An OCI image layout directory or a `docker save` archive.
+        #[arg(long)]
+        oci: PathBuf,
+        /// The image to take (annotation org.opencontainers.image.ref.name); default: the only one.
+        #[arg(long = "ref")]
+        reference: Option<String>,
+        /// The output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Print layers.json to stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -229,6 +252,9 @@ fn main() -> anyhow::Result<()> {
         Command::Vm(VmCommand::Run(args)) => vm_run(args),
         Command::Agent(command) => agent(command),
         Command::Policy(command) => policy(command),
+        Command::Layer(LayerCommand::Build { oci, reference, out, json }) => {
+            layer_build(&oci, reference.as_deref(), &out, json)
+        }
         Command::Measure(args) => measure(args),
         Command::Verify(args) => verify(args),
     }
@@ -289,6 +315,44 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     }
     if !verification.all_passed() {
         std::process::exit(2);
+    }
+    Ok(())
+}
+
+fn layer_build(
+    oci: &std::path::Path,
+    reference: Option<&str>,
+    out: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let terminal = std::io::stderr().is_terminal();
+    let progress = |event: parma_layer::Progress| {
+        let mut err = std::io::stderr().lock();
+        let _ = match event {
+            parma_layer::Progress::Layer { index, count, diff_id, .. } if terminal => {
+                writeln!(err, "layer {}/{count} {diff_id}", index + 1)
+            }
+            parma_layer::Progress::Read { read, size, .. } if terminal => {
+                write!(err, "\r  {:>6.1} of {:.1} MiB", read as f64 / 1048576.0, size as f64 / 1048576.0)
+            }
+            parma_layer::Progress::Hashing { .. } if terminal => write!(err, "\r  hashing the verity tree          "),
+            parma_layer::Progress::Done { file_size, .. } if terminal => {
+                writeln!(err, "\r  done: {:.1} MiB image              ", file_size as f64 / 1048576.0)
+            }
+            parma_layer::Progress::Reused { .. } if terminal => writeln!(err, "  same as an earlier layer: reused"),
+            _ => Ok(()),
+        };
+    };
+    let built = parma_layer::build(oci, reference, out, &progress)
+        .with_context(|| format!("cannot build the layers of {}", oci.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&built.layers)?);
+    } else {
+        for layer in &built.layers.layers {
+            println!("{}  {}", layer.root_hash, layer.file);
+        }
+        println!("wrote {} and {}", built.layers_json.display(), built.config_json.display());
     }
     Ok(())
 }

@@ -1,0 +1,339 @@
+//! The whole build: plan, one image per layer, config.json, layers.json.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::LayerError;
+use crate::convert::{self, TarError};
+use crate::digest::{Derived, Digest, HashReader};
+use crate::image::{self, Plan, PlannedLayer};
+use crate::source::Source;
+
+/// Buffer between the file and the decompressor.
+const READ_BUFFER: usize = 1 << 20;
+/// Buffer between the decompressor and the tar reader.
+const TAR_BUFFER: usize = 256 << 10;
+/// Buffer in front of the image file.
+const WRITE_BUFFER: usize = 1 << 20;
+/// Bytes between two [`Progress::Read`] reports.
+const REPORT_EVERY: u64 = 8 << 20;
+
+/// What [`build`] reports as it goes, for a progress bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Progress {
+    /// Layer `index` (of `count`) starts; `size` is its blob's size in bytes.
+    Layer { index: usize, count: usize, diff_id: Digest, size: u64 },
+    /// `read` of the layer's `size` blob bytes have been read.
+    Read { index: usize, read: u64, size: u64 },
+    /// The ext4 image is written; its hash tree is being computed.
+    Hashing { index: usize },
+    /// The layer's image is in place.
+    Done { index: usize, file_size: u64 },
+    /// The layer has the same diff-id as an earlier one: its image is reused.
+    Reused { index: usize },
+}
+
+/// One line of `layers.json`: where a layer's image is and how to open it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerRecord {
+    /// sha256 of the uncompressed tar, `sha256:<hex>`.
+    pub diff_id: Digest,
+    /// File name in the output directory: `<diff-id hex>.img`.
+    pub file: String,
+    /// dm-verity root hash, hex.
+    pub root_hash: String,
+    /// dm-verity salt, hex.
+    pub salt: String,
+    /// Always `sha256`.
+    pub hash_algorithm: String,
+    pub data_block_size: u32,
+    pub hash_block_size: u32,
+    /// Blocks of ext4 data covered by the tree.
+    pub data_blocks: u64,
+    /// Byte offset of the verity superblock (the ext4 size):
+    /// `veritysetup verify --hash-offset`.
+    pub hash_offset: u64,
+    /// Size of the whole file: ext4, then the hash area.
+    pub file_size: u64,
+}
+
+/// `layers.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayersFile {
+    /// The chosen manifest's digest (absent for legacy docker save archives).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<Digest>,
+    /// sha256 of the image config.
+    pub config_digest: Digest,
+    /// Bottom layer first.
+    pub layers: Vec<LayerRecord>,
+}
+
+/// `config.json`: what the policy generator needs from the image config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ImageConfig {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub working_dir: String,
+    pub user: String,
+    pub labels: BTreeMap<String, String>,
+    /// `PORT/PROTOCOL`, sorted.
+    pub exposed_ports: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+}
+
+/// What [`build`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Built {
+    pub layers: LayersFile,
+    pub config: ImageConfig,
+    /// `DIR/layers.json`.
+    pub layers_json: PathBuf,
+    /// `DIR/config.json`.
+    pub config_json: PathBuf,
+}
+
+/// `parma layer build --oci PATH [--ref NAME] --out DIR`: turn the image at
+/// `oci` (an OCI layout directory or a `docker save` archive) into
+/// `DIR/<diff-id hex>.img` per layer, `DIR/config.json` and
+/// `DIR/layers.json` (see the crate documentation). `out` is created if
+/// missing; files are written under temporary names and renamed when
+/// complete, `layers.json` last. `progress` is called from this thread.
+pub fn build(
+    oci: &Path,
+    reference: Option<&str>,
+    out: &Path,
+    progress: &dyn Fn(Progress),
+) -> Result<Built, LayerError> {
+    let source = Source::open(oci)?;
+    let plan = image::plan(&source, reference)?;
+    fs::create_dir_all(out).map_err(|source| LayerError::Output { path: out.to_owned(), source })?;
+
+    let count = plan.layers.len();
+    let mut records = Vec::with_capacity(count);
+    let mut done: HashMap<Digest, LayerRecord> = HashMap::new();
+    for (index, layer) in plan.layers.iter().enumerate() {
+        if let Some(record) = done.get(&layer.diff_id) {
+            progress(Progress::Reused { index });
+            records.push(record.clone());
+            continue;
+        }
+        let record = build_layer(&source, layer, index, count, out, progress)?;
+        progress(Progress::Done { index, file_size: record.file_size });
+        done.insert(layer.diff_id, record.clone());
+        records.push(record);
+    }
+
+    let config = image_config(&plan);
+    let layers =
+        LayersFile { manifest_digest: plan.manifest_digest, config_digest: plan.config_digest, layers: records };
+    let config_json = out.join("config.json");
+    write_json(out, &config_json, &config)?;
+    let layers_json = out.join("layers.json");
+    write_json(out, &layers_json, &layers)?;
+    Ok(Built { layers, config, layers_json, config_json })
+}
+
+fn image_config(plan: &Plan) -> ImageConfig {
+    let run = plan.config.config.as_ref();
+    let list = |v: Option<&Vec<String>>| v.cloned().unwrap_or_default();
+    ImageConfig {
+        entrypoint: list(run.and_then(|r| r.entrypoint.as_ref())),
+        cmd: list(run.and_then(|r| r.cmd.as_ref())),
+        env: list(run.and_then(|r| r.env.as_ref())),
+        working_dir: run.and_then(|r| r.working_dir.clone()).unwrap_or_default(),
+        user: run.and_then(|r| r.user.clone()).unwrap_or_default(),
+        labels: run.and_then(|r| r.labels.clone()).unwrap_or_default(),
+        exposed_ports: run
+            .and_then(|r| r.exposed_ports.as_ref())
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default(),
+        stop_signal: run.and_then(|r| r.stop_signal.clone()),
+    }
+}
+
+fn write_json<T: Serialize>(dir: &Path, path: &Path, value: &T) -> Result<(), LayerError> {
+    let output = |source| LayerError::Output { path: path.to_owned(), source };
+    let mut text = serde_json::to_vec_pretty(value).map_err(|e| output(io::Error::other(e)))?;
+    text.push(b'\n');
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(output)?;
+    tmp.write_all(&text).map_err(output)?;
+    publish(tmp, path)
+}
+
+/// Give a finished temporary file its final name, readable by all.
+fn publish(tmp: tempfile::NamedTempFile, path: &Path) -> Result<(), LayerError> {
+    let output = |source| LayerError::Output { path: path.to_owned(), source };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file().set_permissions(fs::Permissions::from_mode(0o644)).map_err(output)?;
+    }
+    tmp.persist(path).map_err(|e| output(e.error))?;
+    Ok(())
+}
+
+/// Compression, told by the stream's first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+fn sniff(start: &[u8]) -> Compression {
+    match start {
+        [0x1f, 0x8b, ..] => Compression::Gzip,
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
+        _ => Compression::None,
+    }
+}
+
+/// A blob reader that reports progress.
+struct Reporting<'p, R> {
+    inner: HashReader<R>,
+    index: usize,
+    size: u64,
+    next_report: u64,
+    progress: &'p dyn Fn(Progress),
+}
+
+impl<R: Read> Read for Reporting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let read = self.inner.count();
+        if read >= self.next_report || (n == 0 && !buf.is_empty()) {
+            self.next_report = read.saturating_add(REPORT_EVERY);
+            (self.progress)(Progress::Read { index: self.index, read, size: self.size });
+        }
+        Ok(n)
+    }
+}
+
+/// Read everything left; returns how many bytes there were.
+fn drain(reader: &mut impl Read) -> io::Result<u64> {
+    io::copy(reader, &mut io::sink())
+}
+
+fn build_layer(
+    source: &Source,
+    layer: &PlannedLayer,
+    index: usize,
+    count: usize,
+    out: &Path,
+    progress: &dyn Fn(Progress),
+) -> Result<LayerRecord, LayerError> {
+    let (member, size) = source.open_member(&layer.member)?;
+    if let Some((digest, expected)) = layer.blob
+        && expected != size
+    {
+        return Err(LayerError::BlobSize { digest, expected, actual: size });
+    }
+    progress(Progress::Layer { index, count, diff_id: layer.diff_id, size });
+
+    let derived = Derived::new(&layer.diff_id);
+    let file_name = format!("{}.img", layer.diff_id.hex());
+    let final_path = out.join(&file_name);
+    let output = |source| LayerError::Output { path: final_path.clone(), source };
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").suffix(".img").tempfile_in(out).map_err(output)?;
+    let options = parma_ext4::Options::new(derived.ext4_uuid, derived.ext4_hash_seed);
+
+    let mut raw =
+        Reporting { inner: HashReader::new(member, layer.blob.is_some()), index, size, next_report: 0, progress };
+    let read_err = |source| LayerError::Read { name: layer.member.clone(), source };
+    let converted = convert_stream(&mut raw, layer.blob.is_some(), options, tmp.as_file_mut());
+    // Whatever happened, a blob whose digest is wrong is the first thing to say.
+    if let Some((digest, _)) = layer.blob {
+        if converted.is_err() {
+            let _ = drain(&mut raw);
+        }
+        let actual = raw.inner.digest().unwrap_or(digest);
+        if actual != digest && raw.inner.count() == size {
+            return Err(LayerError::BlobDigest { digest, actual });
+        }
+        if converted.is_ok() && raw.inner.count() != size {
+            return Err(LayerError::BlobSize { digest, expected: size, actual: raw.inner.count() });
+        }
+    }
+    let (image_size, diff_id, trailing) = converted.map_err(|e| match e {
+        StreamError::Tar(source) => LayerError::Layer { index, diff_id: layer.diff_id, source },
+        StreamError::Read(source) => read_err(source),
+    })?;
+    if trailing {
+        return Err(LayerError::TrailingData { index });
+    }
+    let diff_id = diff_id.or_else(|| raw.inner.digest()).unwrap_or(layer.diff_id);
+    if diff_id != layer.diff_id {
+        return Err(LayerError::DiffId { index, expected: layer.diff_id, actual: diff_id });
+    }
+
+    progress(Progress::Hashing { index });
+    let file = tmp.as_file_mut();
+    file.set_len(image_size).map_err(output)?;
+    let params = parma_verity::Params::new(derived.verity_salt.to_vec(), derived.verity_uuid);
+    let formatted =
+        parma_verity::format_appended(&params, file).map_err(|source| LayerError::Verity { index, source })?;
+    let file_size = file.metadata().map_err(output)?.len();
+    publish(tmp, &final_path)?;
+    Ok(LayerRecord {
+        diff_id: layer.diff_id,
+        file: file_name,
+        root_hash: formatted.root_hash.to_hex(),
+        salt: hex::encode(derived.verity_salt),
+        hash_algorithm: params.hash.name().to_owned(),
+        data_block_size: params.data_block_size,
+        hash_block_size: params.hash_block_size,
+        data_blocks: formatted.layout.data_blocks(),
+        hash_offset: formatted.layout.hash_offset(),
+        file_size,
+    })
+}
+
+enum StreamError {
+    Tar(TarError),
+    Read(io::Error),
+}
+
+/// Decompress, hash and convert one layer blob. Returns the image size, the
+/// diff-id unless it is the blob digest `raw` computes (an uncompressed
+/// layer whose blob is hashed), and
+/// whether bytes followed the compressed stream.
+fn convert_stream(
+    raw: &mut impl Read,
+    raw_hashed: bool,
+    options: parma_ext4::Options,
+    image: &mut File,
+) -> Result<(u64, Option<Digest>, bool), StreamError> {
+    let mut buffered = BufReader::with_capacity(READ_BUFFER, raw);
+    let compression = sniff(buffered.fill_buf().map_err(StreamError::Read)?);
+    let decoder: Box<dyn Read + '_> = match compression {
+        Compression::None => Box::new(&mut buffered),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(&mut buffered)),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(&mut buffered)
+                .map_err(|source| StreamError::Tar(TarError::Read { offset: 0, source }))?,
+        ),
+    };
+    // An uncompressed blob's digest is its diff-id: hash it once.
+    let tar_stream = HashReader::new(decoder, compression != Compression::None || !raw_hashed);
+    let mut archive = tar::Archive::new(BufReader::with_capacity(TAR_BUFFER, tar_stream));
+    let image_size = {
+        let sink = BufWriter::with_capacity(WRITE_BUFFER, &mut *image);
+        convert::convert(&mut archive, options, sink).map_err(StreamError::Tar)?
+    };
+    // The end-of-archive blocks and the padding after them count in the diff-id.
+    let mut rest = archive.into_inner();
+    let offset = rest.get_ref().count();
+    drain(&mut rest).map_err(|source| StreamError::Tar(TarError::Read { offset, source }))?;
+    let tar_stream = rest.into_inner();
+    let diff_id = tar_stream.digest();
+    drop(tar_stream);
+    let trailing = !buffered.buffer().is_empty() || drain(&mut buffered).map_err(StreamError::Read)? > 0;
+    Ok((image_size, diff_id, trailing && compression != Compression::None))
+}
