@@ -5,8 +5,11 @@
 
 use std::sync::Mutex;
 
+use zerocopy::IntoBytes;
+
 use parma_protocol::{AgentError, ErrorCode, Frame, FrameKind, PingInfo, Request, Response, VERSION};
 
+use crate::attest::{Provider, report_data_from_hex};
 use crate::gate::Gate;
 use crate::guest;
 
@@ -27,12 +30,13 @@ pub enum After {
 #[derive(Debug)]
 pub struct Dispatcher {
     gate: Mutex<Gate>,
+    attestation: Provider,
 }
 
 impl Dispatcher {
-    /// A dispatcher with no policy set.
-    pub fn new() -> Self {
-        Self { gate: Mutex::new(Gate::new()) }
+    /// A dispatcher with no policy set, getting reports from `attestation`.
+    pub fn new(attestation: Provider) -> Self {
+        Self { gate: Mutex::new(Gate::new()), attestation }
     }
 
     /// Handle one frame from the host.
@@ -59,13 +63,40 @@ impl Dispatcher {
                 Err(err) => (Response::Error(AgentError::new(ErrorCode::Failed, err)), After::Continue),
             },
             Request::Shutdown => (Response::ShuttingDown, After::Shutdown),
-            Request::SetPolicy { policy } => match gate.set_policy(&policy) {
-                Ok(sha256) => {
-                    tracing::info!("policy {sha256} is in force");
-                    (Response::PolicySet { sha256 }, After::Continue)
+            Request::SetPolicy { policy } => {
+                // A fresh report, binding the policy's hash, gives HOST_DATA.
+                let hash = parma_policy::policy_hash(policy.as_bytes());
+                let mut report_data = [0u8; 64];
+                report_data.iter_mut().zip(hex::decode(&hash).unwrap_or_default()).for_each(|(d, s)| *d = s);
+                let host_data = self.attestation.report(&report_data).map(|report| report.host_data);
+                self.set_policy(&mut gate, &policy, host_data)
+            }
+            Request::GetAttestation { report_data } => {
+                let report = report_data_from_hex(&report_data).and_then(|data| self.attestation.report(&data));
+                match report {
+                    Ok(report) => (
+                        Response::Attestation {
+                            report: hex::encode(report.as_bytes()),
+                            provider: self.attestation.name().to_string(),
+                        },
+                        After::Continue,
+                    ),
+                    Err(err) => (Response::Error(AgentError::new(ErrorCode::Failed, err)), After::Continue),
                 }
-                Err(err) => (Response::Error(err), After::Continue),
-            },
+            }
+        }
+    }
+
+    fn set_policy(&self, gate: &mut Gate, policy: &str, host_data: Result<[u8; 32], String>) -> (Response, After) {
+        match gate.set_policy(policy, host_data) {
+            Ok(sha256) => {
+                tracing::info!("policy {sha256} is in force");
+                (Response::PolicySet { sha256 }, After::Continue)
+            }
+            Err(err) => {
+                tracing::warn!("SetPolicy refused: {}", err.message);
+                (Response::Error(err), After::Continue)
+            }
         }
     }
 }
@@ -90,7 +121,8 @@ mod tests {
 
     #[tokio::test]
     async fn ping_answers_with_versions() {
-        let (response, after) = Dispatcher::new().dispatch(&frame(br#"{"type":"Ping"}"#)).await;
+        let (response, after) =
+            Dispatcher::new(Provider::Emulated { host_data: [0; 32] }).dispatch(&frame(br#"{"type":"Ping"}"#)).await;
         let Response::Pong(info) = response else { panic!("{response:?}") };
         assert_eq!(info.protocol_version, VERSION);
         assert_eq!(info.agent_version, env!("CARGO_PKG_VERSION"));
@@ -100,7 +132,9 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_is_answered_then_acted_on() {
-        let (response, after) = Dispatcher::new().dispatch(&frame(br#"{"type":"Shutdown"}"#)).await;
+        let (response, after) = Dispatcher::new(Provider::Emulated { host_data: [0; 32] })
+            .dispatch(&frame(br#"{"type":"Shutdown"}"#))
+            .await;
         assert_eq!(response, Response::ShuttingDown);
         assert_eq!(after, After::Shutdown);
     }
@@ -113,7 +147,8 @@ mod tests {
             (br#"{"type":"Ping","as":"root"}"#, ErrorCode::Malformed),
         ];
         for (body, code) in cases {
-            let (response, after) = Dispatcher::new().dispatch(&frame(body)).await;
+            let (response, after) =
+                Dispatcher::new(Provider::Emulated { host_data: [0; 32] }).dispatch(&frame(body)).await;
             let Response::Error(err) = response else { panic!("{response:?}") };
             assert_eq!(err.code, code);
             assert_eq!(after, After::Continue);
@@ -124,7 +159,7 @@ mod tests {
     async fn response_frames_are_refused() {
         let mut frame = frame(br#"{"type":"Ping"}"#);
         frame.kind = FrameKind::Response;
-        let (response, _) = Dispatcher::new().dispatch(&frame).await;
+        let (response, _) = Dispatcher::new(Provider::Emulated { host_data: [0; 32] }).dispatch(&frame).await;
         assert!(matches!(response, Response::Error(AgentError { code: ErrorCode::UnknownKind, .. })));
     }
 }

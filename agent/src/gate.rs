@@ -6,18 +6,30 @@
 //!
 //! - `Ping`, `GuestInfo` and `Shutdown` are not enforcement points: they
 //!   change nothing but the UVM's power state and pass in every state.
-//! - `SetPolicy` installs the execution policy once; a second one is denied.
+//! - `SetPolicy` installs the execution policy once, only if its sha256 is
+//!   the HOST_DATA of this launch (from a fresh attestation report); a
+//!   second one is denied. A policy whose hash differs puts the agent in
+//!   lockdown: it refuses everything but `Ping`, `GuestInfo`,
+//!   `GetAttestation` and `Shutdown`, saying why.
+//! - `GetAttestation` passes before a policy is set, and afterwards is
+//!   decided by the policy's `get_attestation` rule (a group can be
+//!   attested only once complete).
 //! - Requests that act on the guest (mounts, containers, exec: the container
 //!   lifecycle issue) are decided by the policy engine at their enforcement
 //!   point, and denied while no policy is set.
 
-use parma_policy::{Engine, Policy};
+use parma_policy::{Engine, Point, Policy};
 use parma_protocol::{AgentError, ErrorCode, Request};
 
 /// The gate and the policy in force.
 #[derive(Debug, Default)]
 pub struct Gate {
     engine: Option<Engine>,
+    lockdown: Option<String>,
+}
+
+fn denied(message: impl Into<String>) -> AgentError {
+    AgentError::new(ErrorCode::PolicyDenied, message)
 }
 
 impl Gate {
@@ -32,27 +44,62 @@ impl Gate {
     }
 
     /// Allow the request, or say why not.
-    pub fn check(&self, request: &Request) -> Result<(), AgentError> {
+    pub fn check(&mut self, request: &Request) -> Result<(), AgentError> {
+        if let Some(reason) = &self.lockdown {
+            return match request {
+                Request::Ping | Request::GuestInfo | Request::GetAttestation { .. } | Request::Shutdown => Ok(()),
+                Request::SetPolicy { .. } => Err(denied(format!("SetPolicy is denied: {reason}"))),
+            };
+        }
         match request {
             Request::Ping | Request::GuestInfo | Request::Shutdown => Ok(()),
             Request::SetPolicy { .. } => match self.policy_hash() {
                 None => Ok(()),
-                Some(hash) => Err(AgentError::new(
-                    ErrorCode::PolicyDenied,
-                    format!("SetPolicy is denied: policy {hash} is in force and cannot be replaced"),
-                )),
+                Some(hash) => {
+                    Err(denied(format!("SetPolicy is denied: policy {hash} is in force and cannot be replaced")))
+                }
+            },
+            Request::GetAttestation { report_data } => match &mut self.engine {
+                None => Ok(()),
+                Some(engine) => {
+                    let decision =
+                        engine.decide(Point::GetAttestation, &serde_json::json!({ "reportData": report_data }));
+                    match decision.denial {
+                        None => Ok(()),
+                        Some(denial) => Err(denied(denial.line())),
+                    }
+                }
             },
         }
     }
 
-    /// Compile and install a policy; returns its hash.
-    pub fn set_policy(&mut self, text: &str) -> Result<String, AgentError> {
+    /// Compile a policy and install it if its hash is `host_data`, the
+    /// HOST_DATA of this launch; returns the hash. A hash that differs puts
+    /// the agent in lockdown.
+    pub fn set_policy(&mut self, text: &str, host_data: Result<[u8; 32], String>) -> Result<String, AgentError> {
         if let Some(hash) = self.policy_hash() {
-            return Err(AgentError::new(ErrorCode::PolicyDenied, format!("policy {hash} is already in force")));
+            return Err(denied(format!("policy {hash} is already in force")));
+        }
+        if let Some(reason) = &self.lockdown {
+            return Err(denied(reason.clone()));
         }
         let failed = |err: parma_policy::PolicyError| AgentError::new(ErrorCode::Failed, err.to_string());
         let policy = Policy::from_bytes(text.as_bytes().to_vec()).map_err(failed)?;
+        // A policy that does not compile is refused as such, before its hash matters.
         let engine = Engine::new(&policy).map_err(failed)?;
+        let host_data = host_data.map_err(|err| {
+            AgentError::new(ErrorCode::Failed, format!("cannot check the policy against HOST_DATA: {err}"))
+        })?;
+        if policy.hash() != host_data {
+            let reason = format!(
+                "policy {} is not the HOST_DATA {} of this launch; the agent refuses every request but Ping, \
+                 GuestInfo, GetAttestation and Shutdown",
+                policy.hash_hex(),
+                hex::encode(host_data)
+            );
+            self.lockdown = Some(reason.clone());
+            return Err(denied(reason));
+        }
         let hash = engine.policy_hash().to_string();
         self.engine = Some(engine);
         Ok(hash)
@@ -65,14 +112,22 @@ mod tests {
 
     const ALLOW_ALL: &str = include_str!("../../policies/allow_all.rego");
 
+    fn hash_of(text: &str) -> Result<[u8; 32], String> {
+        Ok(Policy::from_bytes(text.as_bytes().to_vec()).unwrap().hash())
+    }
+
+    fn attest() -> Request {
+        Request::GetAttestation { report_data: "00".into() }
+    }
+
     #[test]
     fn requests_that_are_not_enforcement_points_pass() {
         let mut gate = Gate::new();
-        for request in [Request::Ping, Request::GuestInfo, Request::Shutdown] {
+        for request in [Request::Ping, Request::GuestInfo, Request::Shutdown, attest()] {
             assert_eq!(gate.check(&request), Ok(()));
         }
-        gate.set_policy(ALLOW_ALL).unwrap();
-        for request in [Request::Ping, Request::GuestInfo, Request::Shutdown] {
+        gate.set_policy(ALLOW_ALL, hash_of(ALLOW_ALL)).unwrap();
+        for request in [Request::Ping, Request::GuestInfo, Request::Shutdown, attest()] {
             assert_eq!(gate.check(&request), Ok(()));
         }
     }
@@ -82,21 +137,53 @@ mod tests {
         let mut gate = Gate::new();
         let set = Request::SetPolicy { policy: ALLOW_ALL.into() };
         assert_eq!(gate.check(&set), Ok(()));
-        let hash = gate.set_policy(ALLOW_ALL).unwrap();
+        let hash = gate.set_policy(ALLOW_ALL, hash_of(ALLOW_ALL)).unwrap();
         assert_eq!(hash, parma_policy::policy_hash(ALLOW_ALL.as_bytes()));
         let err = gate.check(&set).unwrap_err();
         assert_eq!(err.code, ErrorCode::PolicyDenied);
         assert!(err.message.contains(&hash), "{}", err.message);
-        assert_eq!(gate.set_policy("package policy\n").unwrap_err().code, ErrorCode::PolicyDenied);
+        assert_eq!(
+            gate.set_policy("package policy\n", hash_of("package policy\n")).unwrap_err().code,
+            ErrorCode::PolicyDenied
+        );
     }
 
     #[test]
     fn a_broken_policy_is_refused_and_leaves_none_in_force() {
         let mut gate = Gate::new();
-        let err = gate.set_policy("package policy\nallow := \n").unwrap_err();
+        let broken = "package policy\nallow := \n";
+        let err = gate.set_policy(broken, hash_of(broken)).unwrap_err();
         assert_eq!(err.code, ErrorCode::Failed);
         assert!(err.message.contains("does not compile"), "{}", err.message);
-        assert_eq!(gate.set_policy("package other\n").unwrap_err().code, ErrorCode::Failed);
         assert!(gate.policy_hash().is_none());
+        let err = gate.set_policy(ALLOW_ALL, Err("no provider".into())).unwrap_err();
+        assert!(err.message.contains("cannot check the policy against HOST_DATA: no provider"), "{}", err.message);
+        assert!(gate.policy_hash().is_none());
+        assert_eq!(gate.check(&Request::SetPolicy { policy: ALLOW_ALL.into() }), Ok(()));
+    }
+
+    #[test]
+    fn a_policy_that_is_not_host_data_locks_the_agent_down() {
+        let mut gate = Gate::new();
+        let err = gate.set_policy(ALLOW_ALL, Ok([0; 32])).unwrap_err();
+        assert_eq!(err.code, ErrorCode::PolicyDenied);
+        assert!(err.message.contains("is not the HOST_DATA 0000"), "{}", err.message);
+        assert!(gate.policy_hash().is_none());
+        for request in [Request::Ping, Request::GuestInfo, attest(), Request::Shutdown] {
+            assert_eq!(gate.check(&request), Ok(()));
+        }
+        let err = gate.check(&Request::SetPolicy { policy: ALLOW_ALL.into() }).unwrap_err();
+        assert!(err.message.contains("refuses every request but"), "{}", err.message);
+        assert!(gate.set_policy(ALLOW_ALL, hash_of(ALLOW_ALL)).is_err(), "lockdown is final");
+    }
+
+    #[test]
+    fn attestation_waits_for_a_complete_group() {
+        let policy =
+            "package policy\nget_attestation := data.framework.get_attestation\nrequired_containers := [\"web\"]\n";
+        let mut gate = Gate::new();
+        gate.set_policy(policy, hash_of(policy)).unwrap();
+        let err = gate.check(&attest()).unwrap_err();
+        assert!(err.message.contains("the container group is not complete: \"web\" not started"), "{}", err.message);
     }
 }

@@ -7,6 +7,7 @@
 //! when it has no transport (status 1); init powers the VM off either way.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
+mod attest;
 mod dispatch;
 mod gate;
 mod guest;
@@ -37,7 +38,7 @@ fn main() {
 }
 
 async fn run() -> i32 {
-    let dispatcher = Arc::new(Dispatcher::new());
+    let dispatcher = Arc::new(Dispatcher::new(attest::Provider::detect()));
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<()>(1);
 
     let vsock = match transport::listen_vsock() {

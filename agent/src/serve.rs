@@ -64,7 +64,7 @@ mod tests {
 
     async fn exchange(input: Vec<u8>) -> (Vec<Response>, Ended) {
         let (mut agent_side, mut host_side) = tokio::io::duplex(1 << 22);
-        let dispatcher = Dispatcher::new();
+        let dispatcher = Dispatcher::new(crate::attest::Provider::Emulated { host_data: [0; 32] });
         host_side.write_all(&input).await.unwrap();
         host_side.shutdown().await.unwrap();
         let ended = serve(&mut agent_side, &dispatcher).await.unwrap();

@@ -232,6 +232,19 @@ impl Client {
         }
     }
 
+    /// `GetAttestation`: the report's bytes and its provider.
+    pub fn attestation(&mut self, report_data: &[u8]) -> Result<(Vec<u8>, String), ClientError> {
+        match self.call(&Request::GetAttestation { report_data: hex::encode(report_data) })? {
+            Response::Attestation { report, provider } => {
+                let bytes = hex::decode(&report).map_err(|_| {
+                    ClientError::Decode(parma_protocol::DecodeError::Malformed("the report is not hex".into()))
+                })?;
+                Ok((bytes, provider))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// `Shutdown`: the UVM powers off after answering.
     pub fn shutdown(&mut self) -> Result<(), ClientError> {
         match self.call(&Request::Shutdown)? {

@@ -205,9 +205,14 @@ struct VmRun {
     /// With --snp: an AmdSevX64 OVMF build (it has the kernel-hashes section).
     #[arg(long)]
     ovmf: Option<PathBuf>,
-    /// With --snp: the execution policy; its sha256 becomes HOST_DATA.
+    /// With --snp or --insecure-emulate-snp: the execution policy; its sha256 becomes HOST_DATA.
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// INSECURE, for development under TCG: the guest emulates SEV-SNP
+    /// reports (signed by a public test key, with HOST_DATA = sha256 of
+    /// --policy); `parma verify` refuses them without --allow-insecure-emulation.
+    #[arg(long, requires = "policy", conflicts_with = "snp")]
+    insecure_emulate_snp: bool,
     /// With --snp: the vCPU type, which the launch digest depends on.
     #[arg(long, default_value = "EPYC-v4")]
     vcpu_type: String,
@@ -234,6 +239,21 @@ enum AgentCommand {
     Info(AgentArgs),
     /// Power the UVM off.
     Shutdown(AgentArgs),
+    /// Get an SEV-SNP attestation report binding REPORT_DATA; write it to a file.
+    Attest {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// REPORT_DATA in hex (up to 64 bytes; e.g. the hash of a public key).
+        #[arg(long, default_value = "")]
+        report_data: String,
+        /// Where to write the report (1184 bytes).
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write the INSECURE emulation's test chain here (ark.pem,
+        /// ask.pem, vcek.der) for `parma verify --certs DIR --allow-insecure-emulation`.
+        #[arg(long)]
+        emulation_chain: Option<PathBuf>,
+    },
     /// Install the execution policy (once per boot); prints its sha256.
     SetPolicy {
         #[command(flatten)]
@@ -443,16 +463,26 @@ fn vm_run(args: VmRun) -> anyhow::Result<()> {
         serial: args.serial_log.map_or(Serial::Stdio, Serial::File),
         vsock_cid: args.vsock_cid,
         snp: None,
+        insecure_emulated_host_data: None,
     };
-    let config = if args.snp {
-        let (Some(ovmf), Some(policy)) = (args.ovmf, args.policy) else {
-            anyhow::bail!("--snp needs --ovmf and --policy");
-        };
-        let bytes = std::fs::read(&policy).with_context(|| format!("cannot read {}", policy.display()))?;
-        let host_data = parma_policy::Policy::from_bytes(bytes)?.hash();
-        VmConfig { snp: Some(parma::Snp { ovmf, host_data, vcpu_type: args.vcpu_type }), ..config }
-    } else {
-        config
+    let host_data = match &args.policy {
+        Some(policy) => {
+            let bytes = std::fs::read(policy).with_context(|| format!("cannot read {}", policy.display()))?;
+            Some(parma_policy::Policy::from_bytes(bytes)?.hash())
+        }
+        None => None,
+    };
+    let config = match (args.snp, args.insecure_emulate_snp, host_data) {
+        (true, _, Some(host_data)) => {
+            let Some(ovmf) = args.ovmf else { anyhow::bail!("--snp needs --ovmf") };
+            VmConfig { snp: Some(parma::Snp { ovmf, host_data, vcpu_type: args.vcpu_type }), ..config }
+        }
+        (false, true, Some(host_data)) => {
+            tracing::warn!("INSECURE: the guest emulates SEV-SNP attestation reports");
+            VmConfig { insecure_emulated_host_data: Some(host_data), ..config }
+        }
+        (true, _, None) | (false, true, None) => anyhow::bail!("--snp and --insecure-emulate-snp need --policy"),
+        (false, false, _) => config,
     };
     let qemu_args = config.args()?;
     if args.print_command {
@@ -508,6 +538,22 @@ fn agent(command: AgentCommand) -> anyhow::Result<()> {
                     out.push_str(&format!("  {} on {} type {} ({})\n", m.source, m.target, m.fstype, m.options));
                 }
                 out.trim_end().to_string()
+            })
+        }
+        AgentCommand::Attest { agent: args, report_data, out, emulation_chain } => {
+            let data = hex::decode(&report_data).context("--report-data is not hex")?;
+            anyhow::ensure!(data.len() <= 64, "--report-data is longer than 64 bytes");
+            let (report, provider) = connect(&args)?.attestation(&data)?;
+            std::fs::write(&out, &report).with_context(|| format!("cannot write {}", out.display()))?;
+            if let Some(dir) = &emulation_chain {
+                std::fs::create_dir_all(dir)?;
+                parma_snp::emulation::test_chain(&parma_snp::emulation::AGENT_SEED)?.write_dir(dir)?;
+            }
+            if provider != "sev-guest" {
+                eprintln!("WARNING: {provider}: this report proves nothing about hardware");
+            }
+            print(args.json, &serde_json::json!({"report": out, "provider": provider}), |_| {
+                format!("wrote {} ({} bytes, {provider})", out.display(), report.len())
             })
         }
         AgentCommand::SetPolicy { agent: args, policy } => {

@@ -51,7 +51,13 @@ pub struct VmConfig {
     pub vsock_cid: Option<u32>,
     /// Launch as an SEV-SNP guest (real hosts only).
     pub snp: Option<Snp>,
+    /// INSECURE, emulation only: turn on the guest's emulated attestation
+    /// reports (a kernel command-line flag) with this HOST_DATA (fw_cfg).
+    pub insecure_emulated_host_data: Option<[u8; 32]>,
 }
+
+/// The kernel command-line flag of the insecure report emulation.
+pub const EMULATION_FLAG: &str = "parma.insecure_emulated_snp=1";
 
 /// What an SEV-SNP launch needs besides the UVM.
 #[derive(Debug, Clone)]
@@ -96,6 +102,7 @@ impl VmConfig {
             serial: Serial::Stdio,
             vsock_cid: None,
             snp: None,
+            insecure_emulated_host_data: None,
         }
     }
 
@@ -119,7 +126,12 @@ impl VmConfig {
             Some(path) => path.clone(),
             None => self.existing(files::INITRD)?,
         };
-        let cmdline = self.cmdline()?;
+        let mut cmdline = self.cmdline()?;
+        if self.insecure_emulated_host_data.is_some() {
+            // Part of the measured command line: an emulated launch can never
+            // have the digest of a real one.
+            cmdline = format!("{cmdline} {EMULATION_FLAG}");
+        }
         let (machine, cpu) = match (self.accel, &self.snp) {
             (Accel::Tcg, None) => ("q35,accel=tcg".to_string(), "max".to_string()),
             (Accel::Kvm, None) => ("q35,accel=kvm".to_string(), "host".to_string()),
@@ -155,6 +167,10 @@ impl VmConfig {
                     .into(),
             );
             args.extend([OsString::from("-bios"), snp.ovmf.clone().into_os_string()]);
+        }
+        if let Some(host_data) = self.insecure_emulated_host_data {
+            args.push("-fw_cfg".into());
+            args.push(format!("name=opt/org.parma/host_data,string={}", hex::encode(host_data)).into());
         }
         args.extend([OsString::from("-serial"), serial]);
         args.push("-device".into());
@@ -274,6 +290,17 @@ mod tests {
         assert!(args.contains(&"vhost-vsock-pci,guest-cid=3,disable-legacy=on,iommu_platform=on".to_string()));
         // Direct boot: the measured kernel, initrd and cmdline.
         assert_eq!(find("-append"), "console=ttyS0 quiet");
+    }
+
+    #[test]
+    fn insecure_emulation_changes_the_cmdline_and_passes_host_data() {
+        let dir = uvm_dir();
+        let mut config = VmConfig::new(dir.path(), "/tmp/c.sock");
+        config.insecure_emulated_host_data = Some([0x11; 32]);
+        let args = strings(&config);
+        let find = |flag: &str| args[args.iter().position(|a| a == flag).unwrap() + 1].clone();
+        assert_eq!(find("-append"), "console=ttyS0 quiet parma.insecure_emulated_snp=1");
+        assert_eq!(find("-fw_cfg"), format!("name=opt/org.parma/host_data,string={}", "11".repeat(32)));
     }
 
     #[test]

@@ -81,11 +81,22 @@ pub struct Boot {
     pub memory_mib: u32,
     /// vCPUs.
     pub cpus: u32,
+    /// INSECURE: emulated SEV-SNP reports with this HOST_DATA.
+    pub emulated_host_data: Option<[u8; 32]>,
 }
 
 impl Default for Boot {
     fn default() -> Self {
-        Self { initrd: None, memory_mib: 512, cpus: 1 }
+        Self { initrd: None, memory_mib: 512, cpus: 1, emulated_host_data: None }
+    }
+}
+
+impl Boot {
+    /// A boot whose emulated reports carry the hash of this policy file as HOST_DATA.
+    pub fn emulated_for_policy(policy: &Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(policy).with_context(|| format!("cannot read {}", policy.display()))?;
+        let host_data = parma_policy::Policy::from_bytes(bytes)?.hash();
+        Ok(Self { emulated_host_data: Some(host_data), ..Self::default() })
     }
 }
 
@@ -110,6 +121,7 @@ impl Guest {
         config.initrd = boot.initrd.clone();
         config.memory_mib = boot.memory_mib;
         config.cpus = boot.cpus;
+        config.insecure_emulated_host_data = boot.emulated_host_data;
         config.serial = Serial::File(serial_log.clone());
         let mut command = config.command()?;
         std::os::unix::process::CommandExt::process_group(&mut command, 0);

@@ -153,7 +153,8 @@ fn hostile_input_is_answered_and_survived() -> anyhow::Result<()> {
 #[test]
 fn policy_is_set_once_and_compiled_in_the_guest() -> anyhow::Result<()> {
     let paths = Paths::require_image()?;
-    let mut guest = Guest::boot(&paths, &Boot::default())?;
+    let allow_all_path = paths.repo.join("policies/allow_all.rego");
+    let mut guest = Guest::boot(&paths, &Boot::emulated_for_policy(&allow_all_path)?)?;
     guest.wait_ready(READY)?;
     let mut client = guest.client(ANSWER)?;
 
@@ -161,7 +162,7 @@ fn policy_is_set_once_and_compiled_in_the_guest() -> anyhow::Result<()> {
     let err = client.set_policy("package policy\nallow := \n".into()).unwrap_err();
     ensure!(err.to_string().contains("does not compile"), "{err}");
 
-    let allow_all = std::fs::read_to_string(paths.repo.join("policies/allow_all.rego"))?;
+    let allow_all = std::fs::read_to_string(&allow_all_path)?;
     let sha256 = client.set_policy(allow_all.clone())?;
     ensure!(sha256 == parma_policy::policy_hash(allow_all.as_bytes()));
 
@@ -169,6 +170,80 @@ fn policy_is_set_once_and_compiled_in_the_guest() -> anyhow::Result<()> {
     let err = client.set_policy("package policy\n".into()).unwrap_err();
     ensure!(err.to_string().contains(&format!("policy {sha256} is in force")), "{err}");
     client.ping()?;
+    client.shutdown()?;
+    ensure!(guest.wait_exit(Duration::from_secs(10))?.success());
+    guest.check_serial()
+}
+
+#[test]
+fn a_policy_that_is_not_host_data_locks_the_agent_down() -> anyhow::Result<()> {
+    let paths = Paths::require_image()?;
+    // HOST_DATA is the hash of allow_all; the host sends another policy.
+    let mut guest = Guest::boot(&paths, &Boot::emulated_for_policy(&paths.repo.join("policies/allow_all.rego"))?)?;
+    guest.wait_ready(READY)?;
+    let mut client = guest.client(ANSWER)?;
+    let other = "package policy\n\nmount_device := {\"allowed\": true}\n";
+    let err = client.set_policy(other.into()).unwrap_err();
+    ensure!(err.to_string().contains("is not the HOST_DATA"), "{err}");
+    // Lockdown: Ping, GuestInfo, GetAttestation, Shutdown only, with the reason.
+    client.ping()?;
+    client.guest_info()?;
+    let (report, provider) = client.attestation(b"still here")?;
+    ensure!(report.len() == 1184 && provider == "insecure-emulation");
+    let allow_all = std::fs::read_to_string(paths.repo.join("policies/allow_all.rego"))?;
+    let err = client.set_policy(allow_all).unwrap_err();
+    ensure!(
+        err.to_string().contains("refuses every request but Ping, GuestInfo, GetAttestation and Shutdown"),
+        "{err}"
+    );
+    client.shutdown()?;
+    ensure!(guest.wait_exit(Duration::from_secs(10))?.success());
+    guest.check_serial()
+}
+
+#[test]
+fn emulated_attestation_binds_policy_and_report_data_and_needs_the_insecure_flag() -> anyhow::Result<()> {
+    let paths = Paths::require_image()?;
+    let allow_all_path = paths.repo.join("policies/allow_all.rego");
+    let mut guest = Guest::boot(&paths, &Boot::emulated_for_policy(&allow_all_path)?)?;
+    guest.wait_ready(READY)?;
+    let mut client = guest.client(ANSWER)?;
+    let policy_hash = client.set_policy(std::fs::read_to_string(&allow_all_path)?)?;
+
+    let public_key_hash = [0x5a_u8; 32];
+    let (bytes, provider) = client.attestation(&public_key_hash)?;
+    ensure!(provider == "insecure-emulation");
+    let report = parma_snp::AttestationReport::parse(&bytes)?;
+    let chain = parma_snp::emulation::test_chain(&parma_snp::emulation::AGENT_SEED)?;
+    let expect = parma_snp::Expectations { allow_insecure_emulation: true, ..Default::default() }
+        .host_data_hex(&policy_hash)?
+        .report_data_hex(&hex::encode(public_key_hash))?;
+    let verification = parma_snp::verify(&report, &chain.cert_source(), &expect)?;
+    ensure!(verification.all_passed(), "{:?}", verification.failed().collect::<Vec<_>>());
+    ensure!(verification.insecure_emulation());
+
+    // Without the insecure flag, the same report is refused.
+    let strict = parma_snp::Expectations { allow_insecure_emulation: false, ..expect };
+    ensure!(!parma_snp::verify(&report, &chain.cert_source(), &strict)?.all_passed());
+
+    client.shutdown()?;
+    ensure!(guest.wait_exit(Duration::from_secs(10))?.success());
+    guest.check_serial()
+}
+
+#[test]
+fn without_a_report_provider_no_policy_is_accepted() -> anyhow::Result<()> {
+    // Plain TCG: no SNP, no emulation flag. The agent cannot check a policy
+    // against HOST_DATA, so it takes none (and nothing can run).
+    let paths = Paths::require_image()?;
+    let mut guest = Guest::boot(&paths, &Boot::default())?;
+    guest.wait_ready(READY)?;
+    let mut client = guest.client(ANSWER)?;
+    let allow_all = std::fs::read_to_string(paths.repo.join("policies/allow_all.rego"))?;
+    let err = client.set_policy(allow_all).unwrap_err();
+    ensure!(err.to_string().contains("cannot check the policy against HOST_DATA: no attestation provider"), "{err}");
+    let err = client.attestation(b"x").unwrap_err();
+    ensure!(err.to_string().contains("not an SEV-SNP guest"), "{err}");
     client.shutdown()?;
     ensure!(guest.wait_exit(Duration::from_secs(10))?.success());
     guest.check_serial()

@@ -25,10 +25,15 @@ pub enum Request {
         /// The policy's exact text; its sha256 is its identity.
         policy: String,
     },
+    /// An SEV-SNP attestation report whose REPORT_DATA is the caller's.
+    GetAttestation {
+        /// REPORT_DATA in hex: up to 64 bytes, zero padded on the right.
+        report_data: String,
+    },
 }
 
 /// The variant names of [`Request`], as on the wire.
-pub const REQUEST_TYPES: &[&str] = &["Ping", "GuestInfo", "Shutdown", "SetPolicy"];
+pub const REQUEST_TYPES: &[&str] = &["Ping", "GuestInfo", "Shutdown", "SetPolicy", "GetAttestation"];
 
 impl Request {
     /// The variant name, as on the wire (`"Ping"`).
@@ -38,6 +43,7 @@ impl Request {
             Request::GuestInfo => RequestKind::GuestInfo,
             Request::Shutdown => RequestKind::Shutdown,
             Request::SetPolicy { .. } => RequestKind::SetPolicy,
+            Request::GetAttestation { .. } => RequestKind::GetAttestation,
         }
     }
 }
@@ -53,6 +59,8 @@ pub enum RequestKind {
     Shutdown,
     /// [`Request::SetPolicy`].
     SetPolicy,
+    /// [`Request::GetAttestation`].
+    GetAttestation,
 }
 
 impl RequestKind {
@@ -63,6 +71,7 @@ impl RequestKind {
             RequestKind::GuestInfo => "GuestInfo",
             RequestKind::Shutdown => "Shutdown",
             RequestKind::SetPolicy => "SetPolicy",
+            RequestKind::GetAttestation => "GetAttestation",
         }
     }
 }
@@ -81,6 +90,14 @@ pub enum Response {
     PolicySet {
         /// sha256 of the policy's exact bytes, lowercase hex.
         sha256: String,
+    },
+    /// Answer to [`Request::GetAttestation`].
+    Attestation {
+        /// The 1184-byte report, lowercase hex.
+        report: String,
+        /// Who made it: `sev-guest` (SEV-SNP firmware, through configfs TSM)
+        /// or `insecure-emulation` (a test key; proves nothing).
+        provider: String,
     },
     /// The request was refused or failed.
     Error(AgentError),

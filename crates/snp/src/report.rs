@@ -37,6 +37,16 @@ impl RawTcb {
             TcbLayout::Turin => TcbVersion { fmc: Some(b0), bootloader: b1, tee: b2, snp: b3, microcode: b7 },
         }
     }
+
+    /// The bytes of `tcb` in `layout` (the inverse of [`RawTcb::decode`]; an
+    /// FMC level is dropped in the Milan/Genoa layout, which has none).
+    pub fn encode(tcb: TcbVersion, layout: TcbLayout) -> RawTcb {
+        let TcbVersion { fmc, bootloader, tee, snp, microcode } = tcb;
+        match layout {
+            TcbLayout::MilanGenoa => RawTcb([bootloader, tee, 0, 0, 0, 0, snp, microcode]),
+            TcbLayout::Turin => RawTcb([fmc.unwrap_or(0), bootloader, tee, snp, 0, 0, 0, microcode]),
+        }
+    }
 }
 
 impl fmt::Debug for RawTcb {
@@ -407,6 +417,10 @@ mod tests {
             TcbVersion { fmc: Some(1), bootloader: 2, tee: 3, snp: 4, microcode: 6 }
         );
         assert_eq!(Product::Turin.tcb_layout(), TcbLayout::Turin);
+        for layout in [TcbLayout::MilanGenoa, TcbLayout::Turin] {
+            assert_eq!(RawTcb::encode(raw.decode(layout), layout).decode(layout), raw.decode(layout));
+        }
+        assert_eq!(RawTcb::encode(raw.decode(TcbLayout::Turin), TcbLayout::Turin), RawTcb([1, 2, 3, 4, 0, 0, 0, 6]));
     }
 
     #[test]

@@ -1,0 +1,160 @@
+//! Attestation reports from inside the guest.
+//!
+//! On an SEV-SNP guest the report comes from the firmware through the
+//! kernel's configfs TSM interface (`/sys/kernel/config/tsm/report`, the
+//! `sev-guest` provider). Under emulation (TCG) there is no SNP: when, and
+//! only when, the kernel command line carries
+//! `parma.insecure_emulated_snp=1`, reports in the real format are signed
+//! with a fixed test key, with HOST_DATA taken from QEMU's fw_cfg. The flag
+//! is part of the measured command line, so an emulated launch can never
+//! have the launch digest of a real one, and `parma verify` refuses such
+//! reports unless told `--allow-insecure-emulation`.
+
+use std::path::{Path, PathBuf};
+
+use parma_snp::AttestationReport;
+
+/// The kernel command-line flag that turns the insecure emulation on.
+pub const EMULATION_FLAG: &str = "parma.insecure_emulated_snp=1";
+/// Where QEMU's fw_cfg puts HOST_DATA under emulation (64 hex digits).
+const FW_CFG_HOST_DATA: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.parma/host_data/raw";
+/// The configfs TSM report directory.
+const TSM_REPORT: &str = "/sys/kernel/config/tsm/report";
+
+/// Where reports come from.
+#[derive(Debug)]
+pub enum Provider {
+    /// The SEV-SNP firmware, through configfs TSM.
+    Tsm(PathBuf),
+    /// INSECURE: a test key, for emulation only.
+    Emulated {
+        /// HOST_DATA as QEMU's fw_cfg gave it (zero when absent).
+        host_data: [u8; 32],
+    },
+}
+
+impl Provider {
+    /// The provider of this boot: emulation if the kernel command line asks
+    /// for it, else the TSM interface.
+    pub fn detect() -> Self {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        if cmdline.split_whitespace().any(|arg| arg == EMULATION_FLAG) {
+            let host_data = read_fw_cfg_host_data(Path::new(FW_CFG_HOST_DATA)).unwrap_or([0; 32]);
+            tracing::warn!("INSECURE: attestation reports are emulated ({EMULATION_FLAG})");
+            Provider::Emulated { host_data }
+        } else {
+            Provider::Tsm(PathBuf::from(TSM_REPORT))
+        }
+    }
+
+    /// Its name in responses.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Provider::Tsm(_) => "sev-guest",
+            Provider::Emulated { .. } => "insecure-emulation",
+        }
+    }
+
+    /// A fresh report binding `report_data`.
+    pub fn report(&self, report_data: &[u8; 64]) -> Result<AttestationReport, String> {
+        let bytes = match self {
+            Provider::Tsm(dir) => tsm_report(dir, report_data)?,
+            Provider::Emulated { host_data } => {
+                let signer = parma_snp::emulation::Signer::from_seed(&parma_snp::emulation::AGENT_SEED);
+                let fields = parma_snp::emulation::EmulatedFields {
+                    report_data: *report_data,
+                    host_data: *host_data,
+                    ..Default::default()
+                };
+                return Ok(signer.report(fields));
+            }
+        };
+        AttestationReport::parse(&bytes).map_err(|err| format!("the firmware's report does not parse: {err}"))
+    }
+}
+
+/// HOST_DATA from fw_cfg: 64 hex digits, surrounding whitespace allowed.
+fn read_fw_cfg_host_data(path: &Path) -> Option<[u8; 32]> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let bytes = hex::decode(text.trim()).ok()?;
+    bytes.try_into().ok()
+}
+
+/// One report through configfs TSM: make an entry, write REPORT_DATA,
+/// read the report, check nobody else wrote meanwhile, remove the entry.
+fn tsm_report(dir: &Path, report_data: &[u8; 64]) -> Result<Vec<u8>, String> {
+    if !dir.is_dir() {
+        return Err(format!("no attestation provider: {} is missing (not an SEV-SNP guest?)", dir.display()));
+    }
+    let entry = dir.join(format!("parma-{}", std::process::id()));
+    std::fs::create_dir(&entry).map_err(|err| match err.raw_os_error() {
+        Some(libc::ENXIO) => {
+            "no attestation provider: the TSM report interface has none (not an SEV-SNP guest?)".into()
+        }
+        _ => format!("cannot create {}: {err}", entry.display()),
+    })?;
+    let result = (|| {
+        let generation = || std::fs::read_to_string(entry.join("generation")).unwrap_or_default();
+        std::fs::write(entry.join("inblob"), report_data).map_err(|err| format!("cannot write inblob: {err}"))?;
+        let before = generation();
+        let report = std::fs::read(entry.join("outblob"))
+            .map_err(|err| format!("no report from the TSM provider (not an SEV-SNP guest?): {err}"))?;
+        if generation() != before {
+            return Err("the TSM report entry changed while it was read".to_string());
+        }
+        Ok(report)
+    })();
+    let _ = std::fs::remove_dir(&entry);
+    result
+}
+
+/// REPORT_DATA from hex: up to 64 bytes, zero padded on the right.
+pub fn report_data_from_hex(text: &str) -> Result<[u8; 64], String> {
+    if text.len() > 128 {
+        return Err("report_data is longer than 64 bytes".into());
+    }
+    let bytes = hex::decode(text).map_err(|_| "report_data is not hex".to_string())?;
+    let mut data = [0u8; 64];
+    data.iter_mut().zip(&bytes).for_each(|(d, s)| *d = *s);
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_data_is_padded_and_bounded() {
+        let data = report_data_from_hex("abcd").unwrap();
+        assert_eq!(&data[..3], &[0xab, 0xcd, 0]);
+        assert!(report_data_from_hex(&"00".repeat(65)).is_err());
+        assert!(report_data_from_hex("xyz").is_err());
+        assert_eq!(report_data_from_hex("").unwrap(), [0; 64]);
+    }
+
+    #[test]
+    fn fw_cfg_host_data() {
+        let dir = std::env::temp_dir().join(format!("parma-fwcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("raw");
+        std::fs::write(&path, format!("{}\n", "ab".repeat(32))).unwrap();
+        assert_eq!(read_fw_cfg_host_data(&path), Some([0xab; 32]));
+        std::fs::write(&path, "ab").unwrap();
+        assert_eq!(read_fw_cfg_host_data(&path), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tsm_missing_is_a_clear_error() {
+        let err = tsm_report(Path::new("/nonexistent/tsm"), &[0; 64]).unwrap_err();
+        assert!(err.contains("no attestation provider"), "{err}");
+    }
+
+    #[test]
+    fn emulated_reports_carry_host_data_and_report_data() {
+        let provider = Provider::Emulated { host_data: [7; 32] };
+        let report = provider.report(&[9; 64]).unwrap();
+        assert_eq!(report.host_data, [7; 32]);
+        assert_eq!(report.report_data, [9; 64]);
+    }
+}
