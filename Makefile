@@ -44,6 +44,7 @@ test: image lint oracle
 
 bench: image
 	cargo run --release --locked -p parma-tests --bin bench-policy
+	cargo run --release --locked -p parma-tests --bin bench-attest
 	cargo run --release --locked -p parma-tests --bin bench-boot
 
 clean:
