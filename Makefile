@@ -45,6 +45,7 @@ test: image lint oracle
 bench: image
 	cargo run --release --locked -p parma-tests --bin bench-policy
 	cargo run --release --locked -p parma-tests --bin bench-attest
+	cargo run --release --locked -p parma-tests --bin bench-layer
 	cargo run --release --locked -p parma-tests --bin bench-boot
 
 clean:

@@ -9,6 +9,8 @@ const WHITEOUT: &[u8] = b".wh.";
 const OPAQUE: &[u8] = b".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const NAME_MAX: usize = 255;
+/// A sparse entry may expand beyond this only to 64 times its stored bytes.
+const MAX_SPARSE_EXPANSION: u64 = 1 << 30;
 
 /// Why a layer's tar stream was refused. Entries are named as the tar names
 /// them (lossily decoded); offsets are bytes into the uncompressed tar, at
@@ -233,6 +235,16 @@ impl<W: Write + Seek> Converter<W> {
         self.claim(&path, &raw, offset)?;
         let seen = if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
             let size = e.size();
+            // A GNU sparse entry expands its holes to zeros: a few stored
+            // bytes could otherwise announce gigabytes of output.
+            let stored = e.header().entry_size().unwrap_or(0);
+            if kind.is_gnu_sparse() && size > MAX_SPARSE_EXPANSION && size / 64 > stored {
+                return Err(TarError::Invalid {
+                    entry: show(&raw),
+                    offset,
+                    reason: "sparse entry expands to over 1 GiB and 64 times its stored size",
+                });
+            }
             self.w.add_file(&path, &meta, size, &mut *e).map_err(ext4)?;
             Seen::Other
         } else if kind.is_symlink() {
