@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod policy;
+pub mod policy_gen;
 pub mod qemu;
 
 pub use client::{Client, ClientError, Control};

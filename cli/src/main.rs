@@ -122,6 +122,26 @@ struct MeasureArgs {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
+    /// Generate a policy from a container image (and an optional container
+    /// spec): the layers' root hashes, the command, env, working dir, user.
+    Gen {
+        /// An OCI image layout directory or a `docker save` archive.
+        #[arg(long)]
+        oci: PathBuf,
+        /// The image to take (annotation org.opencontainers.image.ref.name).
+        #[arg(long = "ref")]
+        reference: Option<String>,
+        /// A container spec (JSON): name, command, env rules, mounts, user,
+        /// capabilities, exec_processes, signals, no_new_privileges.
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        /// Where the layer images go (they are built as `parma layer build` does).
+        #[arg(long, default_value = "layers")]
+        layers_dir: PathBuf,
+        /// Write the policy here (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print the policy's identity: sha256 of its exact bytes (what goes into HOST_DATA).
     Hash {
         /// The policy file (Rego).
@@ -416,6 +436,19 @@ fn measure(args: MeasureArgs) -> anyhow::Result<()> {
 
 fn policy(command: PolicyCommand) -> anyhow::Result<()> {
     match command {
+        PolicyCommand::Gen { oci, reference, spec, layers_dir, out } => {
+            let text = parma::policy_gen::generate(&oci, reference.as_deref(), spec.as_deref(), &layers_dir)?;
+            let hash = parma_policy::policy_hash(text.as_bytes());
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+                None => print!("{text}"),
+            }
+            eprintln!("policy sha256 (HOST_DATA): {hash}");
+            Ok(())
+        }
         PolicyCommand::Hash { file, json } => {
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let hash = parma_policy::policy_hash(&bytes);

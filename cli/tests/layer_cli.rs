@@ -16,10 +16,8 @@ fn blob(dir: &Path, bytes: &[u8]) -> String {
     digest
 }
 
-#[test]
-fn layer_build_writes_verity_images_and_layers_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let oci = dir.path().join("oci");
+/// A one-layer OCI layout at `oci`; returns the layer's diff-id hex.
+fn make_oci(oci: &Path) -> String {
     std::fs::create_dir_all(oci.join("blobs/sha256")).unwrap();
     let mut layer = tar::Builder::new(Vec::new());
     let mut header = tar::Header::new_gnu();
@@ -34,7 +32,7 @@ fn layer_build_writes_verity_images_and_layers_json() {
     let layer = layer.into_inner().unwrap();
     let layer_digest = blob(&oci, &layer);
     let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["/hello"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_digest}"]}}}}"#
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["/hello"],"Env":["PATH=/usr/bin"],"WorkingDir":"/srv","User":"1000"}},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_digest}"]}}}}"#
     );
     let config_digest = blob(&oci, config.as_bytes());
     let manifest = format!(
@@ -52,6 +50,14 @@ fn layer_build_writes_verity_images_and_layers_json() {
         ),
     )
     .unwrap();
+    layer_digest
+}
+
+#[test]
+fn layer_build_writes_verity_images_and_layers_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let oci = dir.path().join("oci");
+    let layer_digest = make_oci(&oci);
 
     let out = dir.path().join("layers");
     let run = Command::new(env!("CARGO_BIN_EXE_parma"))
@@ -77,4 +83,58 @@ fn layer_build_writes_verity_images_and_layers_json() {
         .expect("veritysetup (apt-get install cryptsetup-bin)");
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
     assert!(String::from_utf8_lossy(&run.stdout).contains(root));
+}
+
+#[test]
+fn policy_gen_allows_exactly_what_the_image_says() {
+    use parma_policy::{Engine, Point, Policy};
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().unwrap();
+    let oci = dir.path().join("oci");
+    make_oci(&oci);
+    let policy_path = dir.path().join("policy.rego");
+    let layers = dir.path().join("layers");
+    let run = Command::new(env!("CARGO_BIN_EXE_parma"))
+        .args(["policy", "gen", "--oci"])
+        .arg(&oci)
+        .arg("--layers-dir")
+        .arg(&layers)
+        .arg("--out")
+        .arg(&policy_path)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let text = std::fs::read(&policy_path).unwrap();
+    let hash = parma_policy::policy_hash(&text);
+    assert!(String::from_utf8_lossy(&run.stderr).contains(&hash), "the generator prints the HOST_DATA");
+
+    let built: serde_json::Value = serde_json::from_slice(&std::fs::read(layers.join("layers.json")).unwrap()).unwrap();
+    let root = built["layers"][0]["root_hash"].as_str().unwrap();
+    let mut engine = Engine::new(&Policy::from_bytes(text).unwrap()).unwrap();
+    let mut step = |point, input: serde_json::Value, allowed: bool| {
+        let decision = engine.decide(point, &input);
+        assert_eq!(decision.allowed, allowed, "{point}: {:?}", decision.denial);
+        engine.commit(&decision).unwrap();
+        decision
+    };
+    step(Point::MountDevice, json!({"target": "/l0", "deviceHash": root}), true);
+    step(Point::MountDevice, json!({"target": "/l1", "deviceHash": "0".repeat(64)}), false);
+    step(Point::MountOverlay, json!({"containerID": "c", "layerPaths": ["/l0"], "target": "/r"}), true);
+    let caps = parma::policy_gen::DEFAULT_CAPABILITIES;
+    let create = json!({
+        "containerID": "c", "argList": ["/hello"], "envList": ["PATH=/usr/bin"], "workingDir": "/srv",
+        "user": {"uid": 1000}, "groups": [],
+        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps, "inheritable": [], "ambient": []},
+        "noNewPrivileges": false, "privileged": false, "seccompProfileSHA256": "", "mounts": [],
+    });
+    let mut extra_env = create.clone();
+    extra_env["envList"] = json!(["PATH=/usr/bin", "DEBUG=1"]);
+    let denied = step(Point::CreateContainer, extra_env, false);
+    assert!(denied.denial.unwrap().line().contains(r#"env "DEBUG=1" matches no rule of container "container""#));
+    let mut shell = create.clone();
+    shell["argList"] = json!(["/bin/sh"]);
+    step(Point::CreateContainer, shell, false);
+    step(Point::CreateContainer, create, true);
+    step(Point::DumpStacks, json!({}), false);
 }

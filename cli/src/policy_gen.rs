@@ -1,0 +1,214 @@
+//! `parma policy gen`: a policy from a container image and an optional
+//! small container spec, like `az confcom acipolicygen` and Kata's
+//! `genpolicy`. Without a spec it allows exactly what the image config
+//! says: its entrypoint and cmd, its env, working dir and user, the layers'
+//! dm-verity root hashes in order, and the default capability set.
+
+use std::path::Path;
+
+use anyhow::Context;
+use parma_policy::Point;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// The capabilities an unprivileged container gets by default (the OCI
+/// runtime defaults of containerd and Docker).
+pub const DEFAULT_CAPABILITIES: &[&str] = &[
+    "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_MKNOD",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_RAW",
+    "CAP_SETFCAP",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SETUID",
+    "CAP_SYS_CHROOT",
+];
+
+/// An env rule in a spec: `NAME=value` exactly, or a pattern.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EnvSpec {
+    /// Exactly this `NAME=value`.
+    Exact(String),
+    /// A rule as the framework takes it.
+    Rule {
+        /// `NAME=value` or an RE2 pattern over it.
+        pattern: String,
+        /// `string` or `re2`.
+        #[serde(default = "string_strategy")]
+        strategy: String,
+        /// Must some variable match it?
+        #[serde(default)]
+        required: bool,
+    },
+}
+
+fn string_strategy() -> String {
+    "string".into()
+}
+
+/// The optional container spec: everything the image config does not say,
+/// or says differently.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// The container's name in the policy (default `container`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The command and arguments (default: entrypoint + cmd).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Env rules, added to the image's own variables.
+    #[serde(default)]
+    pub env: Vec<EnvSpec>,
+    /// The working dir (default: the image's, else `/`).
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    /// The user (default: from the image's `User`).
+    #[serde(default)]
+    pub user: Option<Value>,
+    /// Capability sets (default: the OCI defaults).
+    #[serde(default)]
+    pub capabilities: Option<Value>,
+    /// Mount rules.
+    #[serde(default)]
+    pub mounts: Vec<Value>,
+    /// Processes that may be exec'd in the container.
+    #[serde(default)]
+    pub exec_processes: Vec<Value>,
+    /// Signals the container's init process may get.
+    #[serde(default)]
+    pub signals: Vec<u32>,
+    /// Require no_new_privileges.
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    /// Allow privileged containers.
+    #[serde(default)]
+    pub allow_elevated: bool,
+}
+
+/// The image's `User` as a policy user: `uid[:gid]` numbers, or a name.
+fn user_of(user: &str) -> Value {
+    let (u, g) = user.split_once(':').unwrap_or((user, ""));
+    let mut out = serde_json::Map::new();
+    match u.parse::<u64>() {
+        Ok(uid) => drop(out.insert("uid".into(), json!(uid))),
+        Err(_) if u.is_empty() => drop(out.insert("uid".into(), json!(0))),
+        Err(_) => drop(out.insert("name".into(), json!(u))),
+    }
+    if let Ok(gid) = g.parse::<u64>() {
+        out.insert("gid".into(), json!(gid));
+    }
+    Value::Object(out)
+}
+
+/// The container entry of the policy, from the built layers and the spec.
+pub fn container(built: &parma_layer::Built, spec: &Spec) -> Value {
+    let config = &built.config;
+    let command = spec.command.clone().unwrap_or_else(|| [config.entrypoint.clone(), config.cmd.clone()].concat());
+    let mut env_rules: Vec<Value> =
+        config.env.iter().map(|var| json!({"pattern": var, "strategy": "string", "required": false})).collect();
+    for rule in &spec.env {
+        env_rules.push(match rule {
+            EnvSpec::Exact(var) => json!({"pattern": var, "strategy": "string", "required": false}),
+            EnvSpec::Rule { pattern, strategy, required } => {
+                json!({"pattern": pattern, "strategy": strategy, "required": required})
+            }
+        });
+    }
+    let working_dir = spec
+        .working_dir
+        .clone()
+        .unwrap_or_else(|| if config.working_dir.is_empty() { "/".to_string() } else { config.working_dir.clone() });
+    let caps = json!(DEFAULT_CAPABILITIES);
+    json!({
+        "name": spec.name.clone().unwrap_or_else(|| "container".into()),
+        "layers": built.layers.layers.iter().map(|l| l.root_hash.clone()).collect::<Vec<_>>(),
+        "command": command,
+        "env_rules": env_rules,
+        "working_dir": working_dir,
+        "user": spec.user.clone().unwrap_or_else(|| user_of(&config.user)),
+        "capabilities": spec.capabilities.clone().unwrap_or_else(|| json!({
+            "bounding": caps, "effective": caps, "permitted": caps, "inheritable": [], "ambient": [],
+        })),
+        "no_new_privileges": spec.no_new_privileges,
+        "seccomp_profile_sha256": "",
+        "allow_elevated": spec.allow_elevated,
+        "mounts": spec.mounts,
+        "exec_processes": spec.exec_processes,
+        "signals": spec.signals,
+    })
+}
+
+/// The policy's Rego text for these containers: data, knobs all off, every
+/// enforcement point bound to the framework.
+pub fn rego(containers: &[Value], source: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    out.push_str(&format!("# Generated by parma policy gen from {source}.\n"));
+    out.push_str("package policy\n\nimport rego.v1\n\napi_version := \"0.1.0\"\n\nframework_version := \"0.1.0\"\n\n");
+    out.push_str(&format!("containers := {}\n\n", serde_json::to_string_pretty(containers)?));
+    out.push_str("external_processes := []\n\n");
+    for knob in [
+        "allow_properties_access",
+        "allow_dump_stacks",
+        "allow_runtime_logging",
+        "allow_unencrypted_scratch",
+        "allow_capability_dropping",
+    ] {
+        out.push_str(&format!("{knob} := false\n\n"));
+    }
+    for point in Point::ALL {
+        if point != Point::LoadFragment {
+            out.push_str(&format!("{0} := data.framework.{0}\n\n", point.rule()));
+        }
+    }
+    Ok(out.trim_end().to_string() + "\n")
+}
+
+/// Build the image's layers into `layers_dir`, then write the policy.
+pub fn generate(oci: &Path, reference: Option<&str>, spec: Option<&Path>, layers_dir: &Path) -> anyhow::Result<String> {
+    let spec: Spec = match spec {
+        None => Spec::default(),
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a valid container spec", path.display()))?
+        }
+    };
+    let built = parma_layer::build(oci, reference, layers_dir, &|_| {})
+        .with_context(|| format!("cannot build the layers of {}", oci.display()))?;
+    let text = rego(&[container(&built, &spec)], &oci.display().to_string())?;
+    // The policy must load: a generator that writes a broken policy is a bug.
+    parma_policy::Engine::new(&parma_policy::Policy::from_bytes(text.clone().into_bytes())?)
+        .context("the generated policy does not load")?;
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users() {
+        assert_eq!(user_of(""), json!({"uid": 0}));
+        assert_eq!(user_of("1000"), json!({"uid": 1000}));
+        assert_eq!(user_of("1000:1001"), json!({"uid": 1000, "gid": 1001}));
+        assert_eq!(user_of("nginx"), json!({"name": "nginx"}));
+    }
+
+    #[test]
+    fn spec_env_forms() {
+        let spec: Spec = serde_json::from_str(
+            r#"{"env": ["A=1", {"pattern": "B=[0-9]+", "strategy": "re2", "required": true}], "signals": [15]}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.env.len(), 2);
+        assert!(serde_json::from_str::<Spec>(r#"{"comand": ["x"]}"#).is_err(), "typos are refused");
+    }
+}
