@@ -30,17 +30,17 @@ fn make_oci(oci: &Path) -> String {
     header.set_cksum();
     layer.append_data(&mut header, "hello.txt", &contents[..]).unwrap();
     let layer = layer.into_inner().unwrap();
-    let layer_digest = blob(&oci, &layer);
+    let layer_digest = blob(oci, &layer);
     let config = format!(
         r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["/hello"],"Env":["PATH=/usr/bin"],"WorkingDir":"/srv","User":"1000"}},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_digest}"]}}}}"#
     );
-    let config_digest = blob(&oci, config.as_bytes());
+    let config_digest = blob(oci, config.as_bytes());
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{layer_digest}","size":{}}}]}}"#,
         config.len(),
         layer.len()
     );
-    let manifest_digest = blob(&oci, manifest.as_bytes());
+    let manifest_digest = blob(oci, manifest.as_bytes());
     std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     std::fs::write(
         oci.join("index.json"),
