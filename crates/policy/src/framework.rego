@@ -15,31 +15,33 @@ package framework
 
 import rego.v1
 
-# The policy's data, each read by its own path: reading `data.policy` whole
-# would evaluate the policy's rules, which refer back here.
+# The policy's data. The engine evaluates each of these rules of the policy
+# once, when it loads the policy, and hands the values in as the data
+# document `data.parma_policy_data` (so a decision never rebuilds the
+# container list from its Rego text): they must not depend on input.
 default policy_containers := []
 
-policy_containers := data.policy.containers
+policy_containers := data.parma_policy_data.containers
 
 default external_processes := []
 
-external_processes := data.policy.external_processes
+external_processes := data.parma_policy_data.external_processes
 
 default allow_properties_access := false
 
-allow_properties_access := data.policy.allow_properties_access
+allow_properties_access := data.parma_policy_data.allow_properties_access
 
 default allow_dump_stacks := false
 
-allow_dump_stacks := data.policy.allow_dump_stacks
+allow_dump_stacks := data.parma_policy_data.allow_dump_stacks
 
 default allow_runtime_logging := false
 
-allow_runtime_logging := data.policy.allow_runtime_logging
+allow_runtime_logging := data.parma_policy_data.allow_runtime_logging
 
 default allow_unencrypted_scratch := false
 
-allow_unencrypted_scratch := data.policy.allow_unencrypted_scratch
+allow_unencrypted_scratch := data.parma_policy_data.allow_unencrypted_scratch
 
 default allow_capability_dropping := false
 
@@ -49,13 +51,13 @@ default allow_capability_dropping := false
 # started.
 default start_order := []
 
-start_order := data.policy.start_order
+start_order := data.parma_policy_data.start_order
 
 default required_containers := []
 
-required_containers := data.policy.required_containers
+required_containers := data.parma_policy_data.required_containers
 
-allow_capability_dropping := data.policy.allow_capability_dropping
+allow_capability_dropping := data.parma_policy_data.allow_capability_dropping
 
 state := object.get(input, "state", {})
 

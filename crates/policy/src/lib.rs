@@ -135,6 +135,7 @@ impl Engine {
         if package != "data.policy" {
             return Err(PolicyError::WrongPackage(package));
         }
+        load_policy_data(&mut rego)?;
         Ok(Self { rego, state: State::default(), policy_hash: policy.hash_hex() })
     }
 
@@ -184,6 +185,42 @@ impl Engine {
         }
         self.state.apply(&decision.ops)
     }
+}
+
+/// The policy's data rules the framework reads (see framework.rego).
+pub const DATA_RULES: &[&str] = &[
+    "containers",
+    "external_processes",
+    "allow_properties_access",
+    "allow_dump_stacks",
+    "allow_runtime_logging",
+    "allow_unencrypted_scratch",
+    "allow_capability_dropping",
+    "start_order",
+    "required_containers",
+];
+
+/// Evaluate the policy's data rules once and hand them to the framework as
+/// the data document `parma_policy_data`.
+fn load_policy_data(rego: &mut regorus::Engine) -> Result<(), PolicyError> {
+    let mut data = regorus::Value::new_object();
+    let fields = data.as_object_mut().map_err(|err| PolicyError::Rego(err.to_string()))?;
+    for name in DATA_RULES {
+        match rego.eval_rule(format!("data.policy.{name}")) {
+            Ok(regorus::Value::Undefined) => {}
+            Ok(value) => {
+                fields.insert(regorus::Value::from(*name), value);
+            }
+            // A policy that does not declare the rule simply has no such data.
+            Err(err) if err.to_string().contains("not a valid rule path") => {}
+            Err(err) => return Err(PolicyError::Rego(format!("data.policy.{name}: {err}"))),
+        }
+    }
+    let mut root = regorus::Value::new_object();
+    root.as_object_mut()
+        .map_err(|err| PolicyError::Rego(err.to_string()))?
+        .insert(regorus::Value::from("parma_policy_data"), data);
+    rego.add_data(root).map_err(|err| PolicyError::Rego(err.to_string()))
 }
 
 /// The reason for a rule that failed to evaluate: the error on one line.
