@@ -65,10 +65,11 @@ impl Dispatcher {
             Request::Shutdown => (Response::ShuttingDown, After::Shutdown),
             Request::SetPolicy { policy } => {
                 // A fresh report, binding the policy's hash, gives HOST_DATA.
-                let hash = parma_policy::policy_hash(policy.as_bytes());
-                let mut report_data = [0u8; 64];
-                report_data.iter_mut().zip(hex::decode(&hash).unwrap_or_default()).for_each(|(d, s)| *d = s);
-                let host_data = self.attestation.report(&report_data).map(|report| report.host_data);
+                let host_data = |hash: &[u8; 32]| {
+                    let mut report_data = [0u8; 64];
+                    report_data.iter_mut().zip(hash).for_each(|(d, s)| *d = *s);
+                    self.attestation.report(&report_data).map(|report| report.host_data)
+                };
                 self.set_policy(&mut gate, &policy, host_data)
             }
             Request::GetAttestation { report_data } => {
@@ -87,7 +88,12 @@ impl Dispatcher {
         }
     }
 
-    fn set_policy(&self, gate: &mut Gate, policy: &str, host_data: Result<[u8; 32], String>) -> (Response, After) {
+    fn set_policy(
+        &self,
+        gate: &mut Gate,
+        policy: &str,
+        host_data: impl FnOnce(&[u8; 32]) -> Result<[u8; 32], String>,
+    ) -> (Response, After) {
         match gate.set_policy(policy, host_data) {
             Ok(sha256) => {
                 tracing::info!("policy {sha256} is in force");

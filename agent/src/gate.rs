@@ -73,10 +73,15 @@ impl Gate {
         }
     }
 
-    /// Compile a policy and install it if its hash is `host_data`, the
-    /// HOST_DATA of this launch; returns the hash. A hash that differs puts
-    /// the agent in lockdown.
-    pub fn set_policy(&mut self, text: &str, host_data: Result<[u8; 32], String>) -> Result<String, AgentError> {
+    /// Compile a policy and install it if its hash is the HOST_DATA of this
+    /// launch, which `host_data` fetches given the hash (only once the policy
+    /// compiled); returns the hash. A hash that differs puts the agent in
+    /// lockdown.
+    pub fn set_policy(
+        &mut self,
+        text: &str,
+        host_data: impl FnOnce(&[u8; 32]) -> Result<[u8; 32], String>,
+    ) -> Result<String, AgentError> {
         if let Some(hash) = self.policy_hash() {
             return Err(denied(format!("policy {hash} is already in force")));
         }
@@ -87,7 +92,7 @@ impl Gate {
         let policy = Policy::from_bytes(text.as_bytes().to_vec()).map_err(failed)?;
         // A policy that does not compile is refused as such, before its hash matters.
         let engine = Engine::new(&policy).map_err(failed)?;
-        let host_data = host_data.map_err(|err| {
+        let host_data = host_data(&policy.hash()).map_err(|err| {
             AgentError::new(ErrorCode::Failed, format!("cannot check the policy against HOST_DATA: {err}"))
         })?;
         if policy.hash() != host_data {
@@ -112,8 +117,10 @@ mod tests {
 
     const ALLOW_ALL: &str = include_str!("../../policies/allow_all.rego");
 
-    fn hash_of(text: &str) -> Result<[u8; 32], String> {
-        Ok(Policy::from_bytes(text.as_bytes().to_vec()).unwrap().hash())
+    /// A launch whose HOST_DATA is this policy's hash.
+    fn hash_of(text: &str) -> impl FnOnce(&[u8; 32]) -> Result<[u8; 32], String> {
+        let hash = Policy::from_bytes(text.as_bytes().to_vec()).unwrap().hash();
+        move |_| Ok(hash)
     }
 
     fn attest() -> Request {
@@ -156,7 +163,7 @@ mod tests {
         assert_eq!(err.code, ErrorCode::Failed);
         assert!(err.message.contains("does not compile"), "{}", err.message);
         assert!(gate.policy_hash().is_none());
-        let err = gate.set_policy(ALLOW_ALL, Err("no provider".into())).unwrap_err();
+        let err = gate.set_policy(ALLOW_ALL, |_| Err("no provider".into())).unwrap_err();
         assert!(err.message.contains("cannot check the policy against HOST_DATA: no provider"), "{}", err.message);
         assert!(gate.policy_hash().is_none());
         assert_eq!(gate.check(&Request::SetPolicy { policy: ALLOW_ALL.into() }), Ok(()));
@@ -165,7 +172,7 @@ mod tests {
     #[test]
     fn a_policy_that_is_not_host_data_locks_the_agent_down() {
         let mut gate = Gate::new();
-        let err = gate.set_policy(ALLOW_ALL, Ok([0; 32])).unwrap_err();
+        let err = gate.set_policy(ALLOW_ALL, |_| Ok([0; 32])).unwrap_err();
         assert_eq!(err.code, ErrorCode::PolicyDenied);
         assert!(err.message.contains("is not the HOST_DATA 0000"), "{}", err.message);
         assert!(gate.policy_hash().is_none());
