@@ -20,6 +20,8 @@ packages=(
   # Debian's OVMF.fd (launch digests without a kernel) and venvs for the
   # launch-digest oracle from PyPI.
   ovmf python3-venv
+  # The test container image's shell tools (a static /bin/busybox).
+  busybox-static
 )
 
 missing=()

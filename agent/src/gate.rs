@@ -14,11 +14,16 @@
 //! - `GetAttestation` passes before a policy is set, and afterwards is
 //!   decided by the policy's `get_attestation` rule (a group can be
 //!   attested only once complete).
-//! - Requests that act on the guest (mounts, containers, exec: the container
-//!   lifecycle issue) are decided by the policy engine at their enforcement
-//!   point, and denied while no policy is set.
+//! - Requests that act on the guest (mounts, containers, exec, signals,
+//!   delete) are decided by the policy engine at their enforcement points,
+//!   with inputs the dispatcher builds from the request and the agent's own
+//!   records; they are denied while no policy is set. The decisions' state
+//!   changes are committed only after the action succeeded.
+//! - `StartContainer`, `WaitProcess`, `ReadOutput` and `WriteStdin` act
+//!   only on a container the policy already allowed (at `create_container`
+//!   or `exec_in_container`); they need a policy in force.
 
-use parma_policy::{Engine, Point, Policy};
+use parma_policy::{Decision, Engine, Point, Policy};
 use parma_protocol::{AgentError, ErrorCode, Request};
 
 /// The gate and the policy in force.
@@ -33,43 +38,104 @@ fn denied(message: impl Into<String>) -> AgentError {
 }
 
 impl Gate {
-    /// A gate with no policy set.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// The sha256 of the policy in force, if any.
     pub fn policy_hash(&self) -> Option<&str> {
         self.engine.as_ref().map(Engine::policy_hash)
     }
 
-    /// Allow the request, or say why not.
-    pub fn check(&mut self, request: &Request) -> Result<(), AgentError> {
+    /// Allow the request, or say why not. `points` are the enforcement
+    /// points the request meets, with their inputs; the allowed decisions
+    /// are returned for [`Gate::commit`] once the action succeeded.
+    pub fn check(
+        &mut self,
+        request: &Request,
+        points: &[(Point, serde_json::Value)],
+    ) -> Result<Vec<Decision>, AgentError> {
         if let Some(reason) = &self.lockdown {
             return match request {
-                Request::Ping | Request::GuestInfo | Request::GetAttestation { .. } | Request::Shutdown => Ok(()),
-                Request::SetPolicy { .. } => Err(denied(format!("SetPolicy is denied: {reason}"))),
+                Request::Ping | Request::GuestInfo | Request::GetAttestation { .. } | Request::Shutdown => {
+                    Ok(Vec::new())
+                }
+                Request::SetPolicy { .. }
+                | Request::MountLayer { .. }
+                | Request::UnmountLayer { .. }
+                | Request::MountOverlay { .. }
+                | Request::UnmountOverlay { .. }
+                | Request::CreateContainer { .. }
+                | Request::StartContainer { .. }
+                | Request::ExecProcess { .. }
+                | Request::SignalProcess { .. }
+                | Request::WaitProcess { .. }
+                | Request::ReadOutput { .. }
+                | Request::WriteStdin { .. }
+                | Request::DeleteContainer { .. } => {
+                    Err(denied(format!("{} is denied: {reason}", request.kind().as_str())))
+                }
             };
         }
         match request {
-            Request::Ping | Request::GuestInfo | Request::Shutdown => Ok(()),
+            Request::Ping | Request::GuestInfo | Request::Shutdown => Ok(Vec::new()),
             Request::SetPolicy { .. } => match self.policy_hash() {
-                None => Ok(()),
+                None => Ok(Vec::new()),
                 Some(hash) => {
                     Err(denied(format!("SetPolicy is denied: policy {hash} is in force and cannot be replaced")))
                 }
             },
             Request::GetAttestation { report_data } => match &mut self.engine {
-                None => Ok(()),
+                None => Ok(Vec::new()),
                 Some(engine) => {
                     let decision =
                         engine.decide(Point::GetAttestation, &serde_json::json!({ "reportData": report_data }));
                     match decision.denial {
-                        None => Ok(()),
+                        None => Ok(Vec::new()),
                         Some(denial) => Err(denied(denial.line())),
                     }
                 }
             },
+            Request::StartContainer { .. }
+            | Request::WaitProcess { .. }
+            | Request::ReadOutput { .. }
+            | Request::WriteStdin { .. } => {
+                self.engine_for(request)?;
+                Ok(Vec::new())
+            }
+            Request::MountLayer { .. }
+            | Request::UnmountLayer { .. }
+            | Request::MountOverlay { .. }
+            | Request::UnmountOverlay { .. }
+            | Request::CreateContainer { .. }
+            | Request::ExecProcess { .. }
+            | Request::SignalProcess { .. }
+            | Request::DeleteContainer { .. } => {
+                let engine = self.engine_for(request)?;
+                let mut decisions = Vec::with_capacity(points.len());
+                for (point, input) in points {
+                    let decision = engine.decide(*point, input);
+                    if let Some(denial) = &decision.denial {
+                        return Err(denied(denial.line()));
+                    }
+                    decisions.push(decision);
+                }
+                if decisions.is_empty() {
+                    return Err(denied(format!("{} meets no enforcement point", request.kind().as_str())));
+                }
+                Ok(decisions)
+            }
+        }
+    }
+
+    fn engine_for(&mut self, request: &Request) -> Result<&mut Engine, AgentError> {
+        let kind = request.kind().as_str();
+        self.engine.as_mut().ok_or_else(|| denied(format!("{kind} is denied: no policy is set")))
+    }
+
+    /// Apply the state changes of decisions whose action succeeded.
+    pub fn commit(&mut self, decisions: &[Decision]) {
+        let Some(engine) = &mut self.engine else { return };
+        for decision in decisions {
+            if let Err(err) = engine.commit(decision) {
+                tracing::error!("policy state not updated: {err}");
+            }
         }
     }
 
@@ -129,24 +195,24 @@ mod tests {
 
     #[test]
     fn requests_that_are_not_enforcement_points_pass() {
-        let mut gate = Gate::new();
+        let mut gate = Gate::default();
         for request in [Request::Ping, Request::GuestInfo, Request::Shutdown, attest()] {
-            assert_eq!(gate.check(&request), Ok(()));
+            assert_eq!(gate.check(&request, &[]), Ok(vec![]));
         }
         gate.set_policy(ALLOW_ALL, hash_of(ALLOW_ALL)).unwrap();
         for request in [Request::Ping, Request::GuestInfo, Request::Shutdown, attest()] {
-            assert_eq!(gate.check(&request), Ok(()));
+            assert_eq!(gate.check(&request, &[]), Ok(vec![]));
         }
     }
 
     #[test]
     fn a_policy_is_set_once() {
-        let mut gate = Gate::new();
+        let mut gate = Gate::default();
         let set = Request::SetPolicy { policy: ALLOW_ALL.into() };
-        assert_eq!(gate.check(&set), Ok(()));
+        assert_eq!(gate.check(&set, &[]), Ok(vec![]));
         let hash = gate.set_policy(ALLOW_ALL, hash_of(ALLOW_ALL)).unwrap();
         assert_eq!(hash, parma_policy::policy_hash(ALLOW_ALL.as_bytes()));
-        let err = gate.check(&set).unwrap_err();
+        let err = gate.check(&set, &[]).unwrap_err();
         assert_eq!(err.code, ErrorCode::PolicyDenied);
         assert!(err.message.contains(&hash), "{}", err.message);
         assert_eq!(
@@ -157,7 +223,7 @@ mod tests {
 
     #[test]
     fn a_broken_policy_is_refused_and_leaves_none_in_force() {
-        let mut gate = Gate::new();
+        let mut gate = Gate::default();
         let broken = "package policy\nallow := \n";
         let err = gate.set_policy(broken, hash_of(broken)).unwrap_err();
         assert_eq!(err.code, ErrorCode::Failed);
@@ -166,20 +232,20 @@ mod tests {
         let err = gate.set_policy(ALLOW_ALL, |_| Err("no provider".into())).unwrap_err();
         assert!(err.message.contains("cannot check the policy against HOST_DATA: no provider"), "{}", err.message);
         assert!(gate.policy_hash().is_none());
-        assert_eq!(gate.check(&Request::SetPolicy { policy: ALLOW_ALL.into() }), Ok(()));
+        assert_eq!(gate.check(&Request::SetPolicy { policy: ALLOW_ALL.into() }, &[]), Ok(vec![]));
     }
 
     #[test]
     fn a_policy_that_is_not_host_data_locks_the_agent_down() {
-        let mut gate = Gate::new();
+        let mut gate = Gate::default();
         let err = gate.set_policy(ALLOW_ALL, |_| Ok([0; 32])).unwrap_err();
         assert_eq!(err.code, ErrorCode::PolicyDenied);
         assert!(err.message.contains("is not the HOST_DATA 0000"), "{}", err.message);
         assert!(gate.policy_hash().is_none());
         for request in [Request::Ping, Request::GuestInfo, attest(), Request::Shutdown] {
-            assert_eq!(gate.check(&request), Ok(()));
+            assert_eq!(gate.check(&request, &[]), Ok(vec![]));
         }
-        let err = gate.check(&Request::SetPolicy { policy: ALLOW_ALL.into() }).unwrap_err();
+        let err = gate.check(&Request::SetPolicy { policy: ALLOW_ALL.into() }, &[]).unwrap_err();
         assert!(err.message.contains("refuses every request but"), "{}", err.message);
         assert!(gate.set_policy(ALLOW_ALL, hash_of(ALLOW_ALL)).is_err(), "lockdown is final");
     }
@@ -188,9 +254,9 @@ mod tests {
     fn attestation_waits_for_a_complete_group() {
         let policy =
             "package policy\nget_attestation := data.framework.get_attestation\nrequired_containers := [\"web\"]\n";
-        let mut gate = Gate::new();
+        let mut gate = Gate::default();
         gate.set_policy(policy, hash_of(policy)).unwrap();
-        let err = gate.check(&attest()).unwrap_err();
+        let err = gate.check(&attest(), &[]).unwrap_err();
         assert!(err.message.contains("the container group is not complete: \"web\" not started"), "{}", err.message);
     }
 }

@@ -8,10 +8,12 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod attest;
+mod containers;
 mod dispatch;
 mod gate;
 mod guest;
 mod serve;
+mod storage;
 mod transport;
 
 use std::sync::Arc;

@@ -8,7 +8,8 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use parma_protocol::{
-    AgentError, DecodeError, Decoder, FrameError, FrameKind, GuestInfo, PingInfo, Request, Response, encode_request,
+    AgentError, DecodeError, Decoder, FrameError, FrameKind, GuestInfo, OutputStream, PingInfo, ProcessSpec, Request,
+    Response, encode_request,
 };
 
 /// Where the agent is reached.
@@ -148,6 +149,11 @@ impl Client {
         }
     }
 
+    /// How long each call waits for its answer from now on.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// Send raw bytes (tests use this to send hostile input).
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.stream.write_all(bytes)?;
@@ -251,6 +257,173 @@ impl Client {
             Response::ShuttingDown => Ok(()),
             other => Err(unexpected(other)),
         }
+    }
+}
+
+/// How a process ended, or that it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessStatus {
+    /// Still running.
+    pub running: bool,
+    /// Exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// The killing signal, when one did.
+    pub signal: Option<i32>,
+}
+
+/// The container requests, one method each.
+impl Client {
+    fn done(&mut self, request: &Request) -> Result<(), ClientError> {
+        match self.call(request)? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn started(&mut self, request: &Request) -> Result<i32, ClientError> {
+        match self.call(request)? {
+            Response::Started { pid } => Ok(pid),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `MountLayer`: returns the dm-verity device.
+    pub fn mount_layer(
+        &mut self,
+        name: &str,
+        serial: &str,
+        root_hash: &str,
+        hash_offset: u64,
+    ) -> Result<String, ClientError> {
+        let request =
+            Request::MountLayer { name: name.into(), serial: serial.into(), root_hash: root_hash.into(), hash_offset };
+        match self.call(&request)? {
+            Response::LayerMounted { device, .. } => Ok(device),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `UnmountLayer`.
+    pub fn unmount_layer(&mut self, name: &str) -> Result<(), ClientError> {
+        self.done(&Request::UnmountLayer { name: name.into() })
+    }
+
+    /// `MountOverlay`: returns the container's root in the guest.
+    pub fn mount_overlay(
+        &mut self,
+        container_id: &str,
+        layers: &[String],
+        writable: bool,
+    ) -> Result<String, ClientError> {
+        let request = Request::MountOverlay { container_id: container_id.into(), layers: layers.to_vec(), writable };
+        match self.call(&request)? {
+            Response::OverlayMounted { target } => Ok(target),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `UnmountOverlay`.
+    pub fn unmount_overlay(&mut self, container_id: &str) -> Result<(), ClientError> {
+        self.done(&Request::UnmountOverlay { container_id: container_id.into() })
+    }
+
+    /// `CreateContainer`.
+    pub fn create_container(&mut self, container_id: &str, process: &ProcessSpec) -> Result<(), ClientError> {
+        self.done(&Request::CreateContainer {
+            container_id: container_id.into(),
+            process: process.clone(),
+            hostname: None,
+            readonly_rootfs: false,
+        })
+    }
+
+    /// `StartContainer`: the init process's PID.
+    pub fn start_container(&mut self, container_id: &str) -> Result<i32, ClientError> {
+        self.started(&Request::StartContainer { container_id: container_id.into() })
+    }
+
+    /// `ExecProcess`: the process's PID.
+    pub fn exec_process(
+        &mut self,
+        container_id: &str,
+        exec_id: &str,
+        process: &ProcessSpec,
+    ) -> Result<i32, ClientError> {
+        self.started(&Request::ExecProcess {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            process: process.clone(),
+        })
+    }
+
+    /// `SignalProcess`.
+    pub fn signal_process(
+        &mut self,
+        container_id: &str,
+        exec_id: Option<&str>,
+        signal: i32,
+    ) -> Result<(), ClientError> {
+        self.done(&Request::SignalProcess {
+            container_id: container_id.into(),
+            exec_id: exec_id.map(Into::into),
+            signal,
+        })
+    }
+
+    /// `WaitProcess`: does not block.
+    pub fn wait_process(&mut self, container_id: &str, exec_id: Option<&str>) -> Result<ProcessStatus, ClientError> {
+        let request = Request::WaitProcess { container_id: container_id.into(), exec_id: exec_id.map(Into::into) };
+        match self.call(&request)? {
+            Response::ProcessStatus { running, exit_code, signal } => Ok(ProcessStatus { running, exit_code, signal }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `ReadOutput`: new bytes, and whether the stream ended.
+    pub fn read_output(
+        &mut self,
+        container_id: &str,
+        exec_id: Option<&str>,
+        stream: OutputStream,
+    ) -> Result<(Vec<u8>, bool), ClientError> {
+        let request =
+            Request::ReadOutput { container_id: container_id.into(), exec_id: exec_id.map(Into::into), stream };
+        match self.call(&request)? {
+            Response::Output { data, eof } => {
+                use base64::Engine as _;
+                let bytes = base64::engine::general_purpose::STANDARD.decode(data.as_bytes()).map_err(|_| {
+                    ClientError::Decode(parma_protocol::DecodeError::Malformed("output is not base64".into()))
+                })?;
+                Ok((bytes, eof))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `WriteStdin`: the bytes the pipe took.
+    pub fn write_stdin(
+        &mut self,
+        container_id: &str,
+        exec_id: Option<&str>,
+        data: &[u8],
+        close: bool,
+    ) -> Result<u64, ClientError> {
+        use base64::Engine as _;
+        let request = Request::WriteStdin {
+            container_id: container_id.into(),
+            exec_id: exec_id.map(Into::into),
+            data: base64::engine::general_purpose::STANDARD.encode(data),
+            close,
+        };
+        match self.call(&request)? {
+            Response::Written { bytes } => Ok(bytes),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `DeleteContainer`.
+    pub fn delete_container(&mut self, container_id: &str) -> Result<(), ClientError> {
+        self.done(&Request::DeleteContainer { container_id: container_id.into() })
     }
 }
 

@@ -8,6 +8,7 @@ pub mod client;
 pub mod policy;
 pub mod policy_gen;
 pub mod qemu;
+pub mod run;
 
 pub use client::{Client, ClientError, Control};
-pub use qemu::{Accel, Serial, Snp, VmConfig, VmError};
+pub use qemu::{Accel, Disk, Serial, Snp, VmConfig, VmError};

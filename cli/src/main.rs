@@ -1,7 +1,7 @@
 //! `parma`: the host CLI of Parma.
 
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -36,6 +36,56 @@ enum Command {
     /// Verify an SEV-SNP attestation report: AMD's chain, the signature, the
     /// TCB, the policy, and what you expect; exit 0 only if every check passes.
     Verify(VerifyArgs),
+    /// Run a container image in a fresh UVM under an execution policy:
+    /// boot, set the policy, mount the verity layers, create, start, stream
+    /// output, exit with the container's code.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The UVM directory (from `make image`).
+    #[arg(long, default_value = "out/uvm")]
+    uvm: PathBuf,
+    /// The execution policy (Rego); its sha256 becomes HOST_DATA.
+    #[arg(long)]
+    policy: PathBuf,
+    /// The image: an OCI layout directory or a `docker save` archive.
+    #[arg(long)]
+    oci: PathBuf,
+    /// Which image of the layout (annotation org.opencontainers.image.ref.name).
+    #[arg(long = "ref")]
+    reference: Option<String>,
+    /// Where the layer images are built (reused across runs of the same image).
+    #[arg(long, default_value = "out/layers")]
+    layers_dir: PathBuf,
+    /// The accelerator: tcg (anywhere) or kvm.
+    #[arg(long, value_enum, default_value = "tcg")]
+    accel: Accel,
+    /// Launch as an SEV-SNP guest (an SNP host, --accel kvm, and --ovmf).
+    #[arg(long, requires = "ovmf")]
+    snp: bool,
+    /// With --snp: an AmdSevX64 OVMF build.
+    #[arg(long)]
+    ovmf: Option<PathBuf>,
+    /// With --snp: the vCPU type.
+    #[arg(long, default_value = "EPYC-v4")]
+    vcpu_type: String,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 512)]
+    memory: u32,
+    /// Write the guest's serial console here (default: discarded).
+    #[arg(long)]
+    serial_log: Option<PathBuf>,
+    /// The container's id in the guest.
+    #[arg(long, default_value = "c0")]
+    id: String,
+    /// Give up on the container after this many seconds.
+    #[arg(long, default_value_t = 600.0)]
+    timeout: f64,
+    /// The command, replacing the image's entrypoint and cmd.
+    #[arg(last = true)]
+    args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -236,6 +286,10 @@ struct VmRun {
     /// With --snp: the vCPU type, which the launch digest depends on.
     #[arg(long, default_value = "EPYC-v4")]
     vcpu_type: String,
+    /// Attach the layers `parma layer build` wrote to this directory as
+    /// read-only disks with serials parma-l0, parma-l1, ... (base first).
+    #[arg(long)]
+    layers: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -281,6 +335,125 @@ enum AgentCommand {
         /// The policy file (Rego).
         policy: PathBuf,
     },
+    /// Open a layer disk through dm-verity and mount it (policy: mount_device).
+    MountLayer {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The layer's name in the guest.
+        #[arg(long)]
+        name: String,
+        /// The disk's virtio-blk serial (`parma vm run --layers` uses parma-l0, parma-l1, ...).
+        #[arg(long)]
+        serial: String,
+        /// The dm-verity root hash.
+        #[arg(long)]
+        root_hash: String,
+        /// The verity superblock's offset (layers.json: hash_offset).
+        #[arg(long)]
+        hash_offset: u64,
+    },
+    /// Unmount a layer and close its dm-verity device (policy: unmount_device).
+    UnmountLayer {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The layer's name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Stack mounted layers (base first) as a container's root (policy: mount_overlay, scratch_mount).
+    MountOverlay {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The container's id.
+        #[arg(long)]
+        id: String,
+        /// Layer names, base first, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        layers: Vec<String>,
+        /// No writable upper layer.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Unmount a container's overlay (policy: unmount_overlay).
+    UnmountOverlay {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The container's id.
+        #[arg(long)]
+        id: String,
+    },
+    /// Create a container on its overlay (policy: create_container).
+    Create {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The container's id.
+        #[arg(long)]
+        id: String,
+        /// The process as JSON (args, env, cwd, uid, gid, groups, capabilities, no_new_privileges).
+        #[arg(long, conflicts_with = "config")]
+        process: Option<PathBuf>,
+        /// Or: the image's config.json from `parma layer build` (entrypoint, env, user...).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The command, replacing the config's entrypoint and cmd.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Start a created container.
+    Start {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The container's id.
+        #[arg(long)]
+        id: String,
+    },
+    /// Run another process in a running container (policy: exec_in_container).
+    Exec {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The container's id.
+        #[arg(long)]
+        id: String,
+        /// The process's id within the container.
+        #[arg(long)]
+        exec_id: String,
+        /// The process as JSON.
+        #[arg(long)]
+        process: PathBuf,
+    },
+    /// Signal a container's init or exec process (policy: signal_container_process).
+    Signal {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The container's id.
+        #[arg(long)]
+        id: String,
+        /// An exec id (default: the init process).
+        #[arg(long)]
+        exec_id: Option<String>,
+        /// The signal number.
+        #[arg(long)]
+        signal: i32,
+    },
+    /// Copy a process's output until it exits; exit with its code.
+    Wait {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The container's id.
+        #[arg(long)]
+        id: String,
+        /// An exec id (default: the init process).
+        #[arg(long)]
+        exec_id: Option<String>,
+    },
+    /// Delete a container whose processes exited (policy: shutdown_container).
+    Delete {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The container's id.
+        #[arg(long)]
+        id: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -297,6 +470,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Measure(args) => measure(args),
         Command::Verify(args) => verify(args),
+        Command::Run(args) => {
+            let code = run_container(args)?;
+            std::process::exit(code);
+        }
     }
 }
 
@@ -497,6 +674,10 @@ fn vm_run(args: VmRun) -> anyhow::Result<()> {
         vsock_cid: args.vsock_cid,
         snp: None,
         insecure_emulated_host_data: None,
+        disks: match &args.layers {
+            Some(dir) => layer_disks_of(dir)?,
+            None => Vec::new(),
+        },
     };
     let host_data = match &args.policy {
         Some(policy) => {
@@ -599,6 +780,180 @@ fn agent(command: AgentCommand) -> anyhow::Result<()> {
         AgentCommand::Shutdown(args) => {
             connect(&args)?.shutdown()?;
             print(args.json, &serde_json::json!({"shutting_down": true}), |_| "the UVM is powering off".into())
+        }
+        AgentCommand::MountLayer { agent: args, name, serial, root_hash, hash_offset } => {
+            let device = connect(&args)?.mount_layer(&name, &serial, &root_hash, hash_offset)?;
+            print(args.json, &serde_json::json!({"device": device}), |_| {
+                format!("layer {name} mounted through {device}")
+            })
+        }
+        AgentCommand::UnmountLayer { agent: args, name } => {
+            connect(&args)?.unmount_layer(&name)?;
+            print(args.json, &serde_json::json!({"unmounted": name}), |_| format!("layer {name} unmounted"))
+        }
+        AgentCommand::MountOverlay { agent: args, id, layers, read_only } => {
+            let target = connect(&args)?.mount_overlay(&id, &layers, !read_only)?;
+            print(args.json, &serde_json::json!({"target": target}), |_| format!("overlay of {id} on {target}"))
+        }
+        AgentCommand::UnmountOverlay { agent: args, id } => {
+            connect(&args)?.unmount_overlay(&id)?;
+            print(args.json, &serde_json::json!({"unmounted": id}), |_| format!("overlay of {id} unmounted"))
+        }
+        AgentCommand::Create { agent: args, id, process, config, args: command } => {
+            let process = match (process, config) {
+                (Some(path), _) => read_json::<parma_protocol::ProcessSpec>(&path)?,
+                (None, Some(path)) => {
+                    let config: parma_layer::ImageConfig = read_json(&path)?;
+                    parma::run::process_from_config(&config, &command)?
+                }
+                (None, None) => anyhow::bail!("give --process FILE or --config FILE"),
+            };
+            connect(&args)?.create_container(&id, &process)?;
+            print(args.json, &serde_json::json!({"created": id}), |_| format!("container {id} created"))
+        }
+        AgentCommand::Start { agent: args, id } => {
+            let pid = connect(&args)?.start_container(&id)?;
+            print(args.json, &serde_json::json!({"pid": pid}), |_| format!("container {id} started (pid {pid})"))
+        }
+        AgentCommand::Exec { agent: args, id, exec_id, process } => {
+            let process = read_json::<parma_protocol::ProcessSpec>(&process)?;
+            let pid = connect(&args)?.exec_process(&id, &exec_id, &process)?;
+            print(args.json, &serde_json::json!({"pid": pid}), |_| format!("process {exec_id} started (pid {pid})"))
+        }
+        AgentCommand::Signal { agent: args, id, exec_id, signal } => {
+            connect(&args)?.signal_process(&id, exec_id.as_deref(), signal)?;
+            print(args.json, &serde_json::json!({"signalled": id}), |_| format!("signal {signal} sent"))
+        }
+        AgentCommand::Wait { agent: args, id, exec_id } => {
+            let mut client = connect(&args)?;
+            let status = parma::run::pump(
+                &mut client,
+                &id,
+                exec_id.as_deref(),
+                &mut std::io::stdout(),
+                &mut std::io::stderr(),
+                Duration::from_secs(24 * 3600),
+            )?;
+            std::process::exit(parma::run::exit_code(&status));
+        }
+        AgentCommand::Delete { agent: args, id } => {
+            connect(&args)?.delete_container(&id)?;
+            print(args.json, &serde_json::json!({"deleted": id}), |_| format!("container {id} deleted"))
+        }
+    }
+}
+
+/// The disks of the layers listed in `dir/layers.json`, base first.
+fn layer_disks_of(dir: &Path) -> anyhow::Result<Vec<parma::Disk>> {
+    let listing: serde_json::Value = read_json(&dir.join("layers.json"))?;
+    let layers = listing.get("layers").and_then(serde_json::Value::as_array).context("layers.json has no layers")?;
+    layers
+        .iter()
+        .enumerate()
+        .map(|(index, layer)| {
+            let file = layer.get("file").and_then(serde_json::Value::as_str).context("a layer has no file")?;
+            anyhow::ensure!(!file.contains('/'), "layer file {file:?} is not a plain name");
+            Ok(parma::Disk { path: dir.join(file), serial: parma::run::layer_serial(index) })
+        })
+        .collect()
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", path.display()))
+}
+
+/// `parma run`: returns the container's exit code.
+fn run_container(args: RunArgs) -> anyhow::Result<i32> {
+    let policy =
+        std::fs::read_to_string(&args.policy).with_context(|| format!("cannot read {}", args.policy.display()))?;
+    let host_data = parma_policy::Policy::from_bytes(policy.clone().into_bytes())?.hash();
+    let built = parma_layer::build(&args.oci, args.reference.as_deref(), &args.layers_dir, &|_| {})
+        .with_context(|| format!("cannot build the layers of {}", args.oci.display()))?;
+    let process = parma::run::process_from_config(&built.config, &args.args)?;
+    let dir = tempfile::Builder::new().prefix("parma-run-").tempdir()?;
+    let control = dir.path().join("control.sock");
+    let mut config = VmConfig::new(&args.uvm, &control);
+    config.accel = args.accel;
+    config.memory_mib = args.memory;
+    config.disks = parma::run::layer_disks(&built, &args.layers_dir);
+    config.serial = Serial::File(args.serial_log.clone().unwrap_or_else(|| dir.path().join("serial.log")));
+    if args.snp {
+        let ovmf = args.ovmf.clone().context("--snp needs --ovmf")?;
+        config.snp = Some(parma::Snp { ovmf, host_data, vcpu_type: args.vcpu_type.clone() });
+    } else {
+        eprintln!("parma run: INSECURE emulation: no SEV-SNP; the guest emulates attestation reports");
+        config.insecure_emulated_host_data = Some(host_data);
+    }
+    let mut qemu = config
+        .command()?
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot run {}", config.qemu.display()))?;
+    let result = drive_container(&control, &policy, &built, &args, &process);
+    let code = match result {
+        Ok(code) => {
+            // The agent powers the UVM off after answering Shutdown.
+            let give_up = std::time::Instant::now() + Duration::from_secs(30);
+            while qemu.try_wait()?.is_none() && std::time::Instant::now() < give_up {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            code
+        }
+        Err(err) => {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            let serial = std::fs::read_to_string(match &args.serial_log {
+                Some(path) => path.clone(),
+                None => dir.path().join("serial.log"),
+            })
+            .unwrap_or_default();
+            return Err(err.context(format!("guest console:\n{serial}")));
+        }
+    };
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    Ok(code)
+}
+
+fn drive_container(
+    control: &Path,
+    policy: &str,
+    built: &parma_layer::Built,
+    args: &RunArgs,
+    process: &parma_protocol::ProcessSpec,
+) -> anyhow::Result<i32> {
+    let control = Control::Unix(control.to_path_buf());
+    let timeout = Duration::try_from_secs_f64(args.timeout).context("bad --timeout")?;
+    let mut client = wait_for_agent(&control, Duration::from_secs(120))?;
+    client.set_policy(policy.to_string()).context("the agent refused the policy")?;
+    parma::run::mount_image(&mut client, built, &args.id)?;
+    client.create_container(&args.id, process).context("cannot create the container")?;
+    client.start_container(&args.id).context("cannot start the container")?;
+    client.write_stdin(&args.id, None, &[], true)?;
+    let status =
+        parma::run::pump(&mut client, &args.id, None, &mut std::io::stdout(), &mut std::io::stderr(), timeout)?;
+    client.delete_container(&args.id).context("cannot delete the container")?;
+    parma::run::unmount_image(&mut client, built, &args.id)?;
+    client.shutdown()?;
+    Ok(parma::run::exit_code(&status))
+}
+
+/// Connect and ping until the agent answers (each try on a new connection:
+/// a virtio-serial port has no connection boundaries).
+fn wait_for_agent(control: &Control, deadline: Duration) -> anyhow::Result<Client> {
+    let give_up = std::time::Instant::now() + deadline;
+    loop {
+        match Client::connect(control, Duration::from_secs(1)).and_then(|mut c| c.ping().map(|_| c)) {
+            Ok(mut client) => {
+                client.set_timeout(Duration::from_secs(60));
+                return Ok(client);
+            }
+            Err(err) if std::time::Instant::now() >= give_up => {
+                return Err(err).context("the agent did not answer");
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
 }

@@ -54,6 +54,17 @@ pub struct VmConfig {
     /// INSECURE, emulation only: turn on the guest's emulated attestation
     /// reports (a kernel command-line flag) with this HOST_DATA (fw_cfg).
     pub insecure_emulated_host_data: Option<[u8; 32]>,
+    /// Read-only virtio-blk disks (container layers), in order.
+    pub disks: Vec<Disk>,
+}
+
+/// A read-only disk the guest finds by its virtio-blk serial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The image file.
+    pub path: PathBuf,
+    /// The serial the guest sees (at most 20 of `[A-Za-z0-9-]`).
+    pub serial: String,
 }
 
 /// The kernel command-line flag of the insecure report emulation.
@@ -86,6 +97,9 @@ pub enum VmError {
     /// SEV-SNP needs KVM on an SNP host; emulation has no SNP.
     #[error("an SEV-SNP launch needs --accel kvm on an SNP host (TCG has no SEV-SNP)")]
     SnpNeedsKvm,
+    /// A disk serial QEMU or the guest would not take.
+    #[error("disk serial {0:?} is not 1 to 20 of [A-Za-z0-9-]")]
+    BadSerial(String),
 }
 
 impl VmConfig {
@@ -103,6 +117,7 @@ impl VmConfig {
             vsock_cid: None,
             snp: None,
             insecure_emulated_host_data: None,
+            disks: Vec::new(),
         }
     }
 
@@ -181,6 +196,19 @@ impl VmConfig {
         args.push(format!("socket,id=agent,server=on,wait=off,path={control}").into());
         args.push("-device".into());
         args.push(format!("virtserialport,bus=virtio-serial0.0,chardev=agent,name={SERIAL_PORT_NAME}").into());
+        for (index, disk) in self.disks.iter().enumerate() {
+            if disk.serial.is_empty()
+                || disk.serial.len() > 20
+                || !disk.serial.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                return Err(VmError::BadSerial(disk.serial.clone()));
+            }
+            let path = disk.path.to_string_lossy().replace(',', ",,");
+            args.push("-drive".into());
+            args.push(format!("file={path},if=none,id=disk{index},format=raw,readonly=on").into());
+            args.push("-device".into());
+            args.push(format!("virtio-blk-pci,drive=disk{index},serial={}{virtio_opts}", disk.serial).into());
+        }
         if let Some(cid) = self.vsock_cid {
             args.push("-device".into());
             args.push(format!("vhost-vsock-pci,guest-cid={cid}{virtio_opts}").into());

@@ -12,6 +12,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use nix::errno::Errno;
@@ -104,8 +105,12 @@ fn main() {
     power_off();
 }
 
+/// Where the initramfs is copied before it becomes the root.
+const NEW_ROOT: &str = "/.root";
+
 /// Mount, start the agent, supervise. Returns why the VM must power off.
 fn run() -> Result<String, String> {
+    leave_rootfs()?;
     for spec in MOUNTS {
         mount_one(spec)?;
     }
@@ -118,6 +123,62 @@ fn run() -> Result<String, String> {
     let agent = Pid::from_raw(i32::try_from(agent.id()).map_err(|_| "agent pid out of range")?);
     log(&format!("started agent {AGENT} (pid {agent})"));
     supervise(agent)
+}
+
+/// Copy the initramfs into a tmpfs and make that the root, as `switch_root`
+/// does: containers need `pivot_root`, which cannot leave the kernel's
+/// rootfs. The initramfs's files are removed from the rootfs to free the memory.
+fn leave_rootfs() -> Result<(), String> {
+    std::fs::create_dir(NEW_ROOT).map_err(|err| format!("cannot create {NEW_ROOT}: {err}"))?;
+    mount(Some("root"), NEW_ROOT, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755"))
+        .map_err(|err| format!("cannot mount the root tmpfs: {err}"))?;
+    copy_tree(Path::new("/"), Path::new(NEW_ROOT))?;
+    let entries = std::fs::read_dir("/").map_err(|err| format!("cannot list the initramfs: {err}"))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path == Path::new(NEW_ROOT) {
+            continue;
+        }
+        // Freeing memory only: a file left behind is harmless, hidden under the new root.
+        let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+    }
+    nix::unistd::chdir(NEW_ROOT).map_err(|err| format!("cannot enter {NEW_ROOT}: {err}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|err| format!("cannot move the root tmpfs to /: {err}"))?;
+    nix::unistd::chroot(".").map_err(|err| format!("cannot chroot into the root tmpfs: {err}"))?;
+    nix::unistd::chdir("/").map_err(|err| format!("cannot enter the new root: {err}"))
+}
+
+/// Copy directories, regular files and symlinks of `from` into `to`, which exists.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    let entries = std::fs::read_dir(from).map_err(|err| format!("cannot list {}: {err}", from.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|err| format!("cannot list {}: {err}", from.display()))?;
+        let source = entry.path();
+        if source == Path::new(NEW_ROOT) {
+            continue;
+        }
+        let target = to.join(entry.file_name());
+        let meta =
+            std::fs::symlink_metadata(&source).map_err(|err| format!("cannot stat {}: {err}", source.display()))?;
+        let copied = if meta.is_dir() {
+            std::fs::create_dir(&target)
+                .and_then(|()| std::fs::set_permissions(&target, meta.permissions()))
+                .map_err(|err| format!("cannot create {}: {err}", target.display()))
+                .and_then(|()| copy_tree(&source, &target))
+        } else if meta.is_file() {
+            std::fs::copy(&source, &target).map(drop).map_err(|err| format!("cannot copy {}: {err}", source.display()))
+        } else if meta.file_type().is_symlink() {
+            std::fs::read_link(&source)
+                .and_then(|link| std::os::unix::fs::symlink(link, &target))
+                .map_err(|err| format!("cannot copy link {}: {err}", source.display()))
+        } else {
+            // Device nodes (dev/console): devtmpfs provides them.
+            Ok(())
+        };
+        copied?;
+    }
+    Ok(())
 }
 
 fn mount_one(spec: &MountSpec) -> Result<(), String> {

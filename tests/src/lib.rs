@@ -8,6 +8,7 @@
 //!
 //! A missing image is a failure, never a skip: `make test` builds it first.
 
+pub mod oci;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -83,11 +84,13 @@ pub struct Boot {
     pub cpus: u32,
     /// INSECURE: emulated SEV-SNP reports with this HOST_DATA.
     pub emulated_host_data: Option<[u8; 32]>,
+    /// Read-only disks (container layers).
+    pub disks: Vec<parma::Disk>,
 }
 
 impl Default for Boot {
     fn default() -> Self {
-        Self { initrd: None, memory_mib: 512, cpus: 1, emulated_host_data: None }
+        Self { initrd: None, memory_mib: 512, cpus: 1, emulated_host_data: None, disks: Vec::new() }
     }
 }
 
@@ -122,6 +125,7 @@ impl Guest {
         config.memory_mib = boot.memory_mib;
         config.cpus = boot.cpus;
         config.insecure_emulated_host_data = boot.emulated_host_data;
+        config.disks = boot.disks.clone();
         config.serial = Serial::File(serial_log.clone());
         let mut command = config.command()?;
         std::os::unix::process::CommandExt::process_group(&mut command, 0);

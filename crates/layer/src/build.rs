@@ -75,7 +75,8 @@ pub struct LayersFile {
 }
 
 /// `config.json`: what the policy generator needs from the image config.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ImageConfig {
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
@@ -85,7 +86,7 @@ pub struct ImageConfig {
     pub labels: BTreeMap<String, String>,
     /// `PORT/PROTOCOL`, sorted.
     pub exposed_ports: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_signal: Option<String>,
 }
 

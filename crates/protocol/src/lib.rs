@@ -13,7 +13,10 @@ pub mod frame;
 pub mod message;
 
 pub use frame::{Decoder, Frame, FrameError, FrameKind, MAX_BODY, VERSION, encode};
-pub use message::{AgentError, DecodeError, ErrorCode, GuestInfo, MountInfo, PingInfo, Request, RequestKind, Response};
+pub use message::{
+    AgentError, CapabilitySets, DecodeError, ErrorCode, GuestInfo, MountInfo, OutputStream, PingInfo, ProcessSpec,
+    Request, RequestKind, Response,
+};
 
 /// The virtio-serial port name the agent listens on (`-device virtserialport,name=...`).
 pub const SERIAL_PORT_NAME: &str = "org.parma.agent";

@@ -30,10 +30,178 @@ pub enum Request {
         /// REPORT_DATA in hex: up to 64 bytes, zero padded on the right.
         report_data: String,
     },
+    /// Open a layer disk through dm-verity with the given root hash and mount
+    /// it read-only at `/run/parma/layers/<name>` (policy: `mount_device`).
+    MountLayer {
+        /// The layer's name in the guest: 1 to 64 of `[a-z0-9_-]`.
+        name: String,
+        /// The virtio-blk serial of the disk holding the layer's image.
+        serial: String,
+        /// The dm-verity root hash, lowercase hex.
+        root_hash: String,
+        /// Byte offset of the verity superblock on the disk (`layers.json`'s `hash_offset`).
+        hash_offset: u64,
+    },
+    /// Unmount a layer and close its dm-verity device (policy: `unmount_device`).
+    UnmountLayer {
+        /// The layer's name.
+        name: String,
+    },
+    /// Stack mounted layers, base first, with overlayfs as a container's root
+    /// at `/run/parma/containers/<id>/rootfs` (policy: `mount_overlay`, and
+    /// `scratch_mount` for its writable upper layer).
+    MountOverlay {
+        /// The container's id: 1 to 64 of `[a-z0-9_-]`.
+        container_id: String,
+        /// Layer names, base layer first.
+        layers: Vec<String>,
+        /// Give the container a writable upper layer (in encrypted guest memory).
+        writable: bool,
+    },
+    /// Unmount a container's overlay (policy: `unmount_overlay`).
+    UnmountOverlay {
+        /// The container's id.
+        container_id: String,
+    },
+    /// Prepare a container on its overlay (policy: `create_container`).
+    CreateContainer {
+        /// The container's id (its overlay must be mounted).
+        container_id: String,
+        /// Its init process.
+        process: ProcessSpec,
+        /// Its host name (default: the id).
+        hostname: Option<String>,
+        /// Mount its root read-only.
+        readonly_rootfs: bool,
+    },
+    /// Start a created container's init process.
+    StartContainer {
+        /// The container's id.
+        container_id: String,
+    },
+    /// Start another process in a running container (policy: `exec_in_container`).
+    ExecProcess {
+        /// The container's id.
+        container_id: String,
+        /// The new process's id within the container: 1 to 64 of `[a-z0-9_-]`.
+        exec_id: String,
+        /// The process.
+        process: ProcessSpec,
+    },
+    /// Signal a container's init process or an exec'd process (policy:
+    /// `signal_container_process`).
+    SignalProcess {
+        /// The container's id.
+        container_id: String,
+        /// An exec id; none for the init process.
+        exec_id: Option<String>,
+        /// The signal number.
+        signal: i32,
+    },
+    /// Whether a process has exited, and how. Does not block.
+    WaitProcess {
+        /// The container's id.
+        container_id: String,
+        /// An exec id; none for the init process.
+        exec_id: Option<String>,
+    },
+    /// Read what a process wrote to stdout or stderr so far. Does not block.
+    ReadOutput {
+        /// The container's id.
+        container_id: String,
+        /// An exec id; none for the init process.
+        exec_id: Option<String>,
+        /// Which stream.
+        stream: OutputStream,
+    },
+    /// Write to a process's stdin, and optionally close it.
+    WriteStdin {
+        /// The container's id.
+        container_id: String,
+        /// An exec id; none for the init process.
+        exec_id: Option<String>,
+        /// Bytes, base64.
+        data: String,
+        /// Close stdin after writing.
+        close: bool,
+    },
+    /// Remove a container whose processes have all exited (policy:
+    /// `shutdown_container`), with its cgroup; the overlay stays until
+    /// `UnmountOverlay`.
+    DeleteContainer {
+        /// The container's id.
+        container_id: String,
+    },
 }
 
 /// The variant names of [`Request`], as on the wire.
-pub const REQUEST_TYPES: &[&str] = &["Ping", "GuestInfo", "Shutdown", "SetPolicy", "GetAttestation"];
+pub const REQUEST_TYPES: &[&str] = &[
+    "Ping",
+    "GuestInfo",
+    "Shutdown",
+    "SetPolicy",
+    "GetAttestation",
+    "MountLayer",
+    "UnmountLayer",
+    "MountOverlay",
+    "UnmountOverlay",
+    "CreateContainer",
+    "StartContainer",
+    "ExecProcess",
+    "SignalProcess",
+    "WaitProcess",
+    "ReadOutput",
+    "WriteStdin",
+    "DeleteContainer",
+];
+
+/// A process as the host asks for it (a subset of the OCI runtime spec's `process`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// argv; `args[0]` is looked up in the container's `PATH` when it has no `/`.
+    pub args: Vec<String>,
+    /// `NAME=value` entries.
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    pub cwd: String,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Supplementary group ids.
+    pub groups: Vec<u32>,
+    /// Capability sets by OCI name (`CAP_CHOWN`).
+    pub capabilities: CapabilitySets,
+    /// Set `no_new_privs`.
+    pub no_new_privileges: bool,
+}
+
+/// The five capability sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapabilitySets {
+    /// Bounding.
+    pub bounding: Vec<String>,
+    /// Effective.
+    pub effective: Vec<String>,
+    /// Inheritable.
+    pub inheritable: Vec<String>,
+    /// Permitted.
+    pub permitted: Vec<String>,
+    /// Ambient.
+    pub ambient: Vec<String>,
+}
+
+/// A process's output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    /// fd 1.
+    Stdout,
+    /// fd 2.
+    Stderr,
+}
 
 impl Request {
     /// The variant name, as on the wire (`"Ping"`).
@@ -44,6 +212,18 @@ impl Request {
             Request::Shutdown => RequestKind::Shutdown,
             Request::SetPolicy { .. } => RequestKind::SetPolicy,
             Request::GetAttestation { .. } => RequestKind::GetAttestation,
+            Request::MountLayer { .. } => RequestKind::MountLayer,
+            Request::UnmountLayer { .. } => RequestKind::UnmountLayer,
+            Request::MountOverlay { .. } => RequestKind::MountOverlay,
+            Request::UnmountOverlay { .. } => RequestKind::UnmountOverlay,
+            Request::CreateContainer { .. } => RequestKind::CreateContainer,
+            Request::StartContainer { .. } => RequestKind::StartContainer,
+            Request::ExecProcess { .. } => RequestKind::ExecProcess,
+            Request::SignalProcess { .. } => RequestKind::SignalProcess,
+            Request::WaitProcess { .. } => RequestKind::WaitProcess,
+            Request::ReadOutput { .. } => RequestKind::ReadOutput,
+            Request::WriteStdin { .. } => RequestKind::WriteStdin,
+            Request::DeleteContainer { .. } => RequestKind::DeleteContainer,
         }
     }
 }
@@ -61,6 +241,30 @@ pub enum RequestKind {
     SetPolicy,
     /// [`Request::GetAttestation`].
     GetAttestation,
+    /// [`Request::MountLayer`].
+    MountLayer,
+    /// [`Request::UnmountLayer`].
+    UnmountLayer,
+    /// [`Request::MountOverlay`].
+    MountOverlay,
+    /// [`Request::UnmountOverlay`].
+    UnmountOverlay,
+    /// [`Request::CreateContainer`].
+    CreateContainer,
+    /// [`Request::StartContainer`].
+    StartContainer,
+    /// [`Request::ExecProcess`].
+    ExecProcess,
+    /// [`Request::SignalProcess`].
+    SignalProcess,
+    /// [`Request::WaitProcess`].
+    WaitProcess,
+    /// [`Request::ReadOutput`].
+    ReadOutput,
+    /// [`Request::WriteStdin`].
+    WriteStdin,
+    /// [`Request::DeleteContainer`].
+    DeleteContainer,
 }
 
 impl RequestKind {
@@ -72,6 +276,18 @@ impl RequestKind {
             RequestKind::Shutdown => "Shutdown",
             RequestKind::SetPolicy => "SetPolicy",
             RequestKind::GetAttestation => "GetAttestation",
+            RequestKind::MountLayer => "MountLayer",
+            RequestKind::UnmountLayer => "UnmountLayer",
+            RequestKind::MountOverlay => "MountOverlay",
+            RequestKind::UnmountOverlay => "UnmountOverlay",
+            RequestKind::CreateContainer => "CreateContainer",
+            RequestKind::StartContainer => "StartContainer",
+            RequestKind::ExecProcess => "ExecProcess",
+            RequestKind::SignalProcess => "SignalProcess",
+            RequestKind::WaitProcess => "WaitProcess",
+            RequestKind::ReadOutput => "ReadOutput",
+            RequestKind::WriteStdin => "WriteStdin",
+            RequestKind::DeleteContainer => "DeleteContainer",
         }
     }
 }
@@ -99,6 +315,47 @@ pub enum Response {
         /// or `insecure-emulation` (a test key; proves nothing).
         provider: String,
     },
+    /// Answer to [`Request::MountLayer`].
+    LayerMounted {
+        /// Where it is mounted in the guest.
+        target: String,
+        /// The dm-verity device.
+        device: String,
+    },
+    /// Answer to [`Request::MountOverlay`].
+    OverlayMounted {
+        /// The container's root in the guest.
+        target: String,
+    },
+    /// Answer to [`Request::StartContainer`] and [`Request::ExecProcess`].
+    Started {
+        /// The process's PID in the guest.
+        pid: i32,
+    },
+    /// Answer to [`Request::WaitProcess`].
+    ProcessStatus {
+        /// Still running.
+        running: bool,
+        /// Its exit code, once it exited normally.
+        exit_code: Option<i32>,
+        /// The signal that killed it, if one did.
+        signal: Option<i32>,
+    },
+    /// Answer to [`Request::ReadOutput`].
+    Output {
+        /// Bytes, base64 (empty: nothing new yet).
+        data: String,
+        /// The stream is closed and everything was read.
+        eof: bool,
+    },
+    /// Answer to [`Request::WriteStdin`].
+    Written {
+        /// Bytes the pipe took now; the host sends the rest later.
+        bytes: u64,
+    },
+    /// Answer to requests that return nothing but success (unmounts,
+    /// create, signal, delete).
+    Done,
     /// The request was refused or failed.
     Error(AgentError),
 }

@@ -1,0 +1,709 @@
+//! Start a container process: `clone3` into new namespaces (or into a running
+//! container's), its root set up with mounts and `pivot_root`, then its user,
+//! groups and capabilities, `no_new_privs`, its working directory and `execve`.
+//!
+//! Everything the child needs is prepared before the clone as C strings and
+//! pointer arrays; the child makes raw system calls only, with no allocation
+//! and no lock, so it is safe whatever threads the parent has. A failing step
+//! writes `(step, errno)` to a close-on-exec pipe and exits with 127; the
+//! parent reads the pipe (EOF means the `execve` succeeded) and turns it into
+//! a typed [`LaunchError::Setup`].
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr;
+
+/// The `clone3` flag that starts the child in the cgroup `cgroup` names.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// One step of preparing the container's root, run in order in the child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootOp {
+    /// `mkdir(path, mode)`; an existing directory is fine.
+    Mkdir {
+        /// Absolute path in the parent's view (under the rootfs).
+        path: CString,
+        /// Permission bits.
+        mode: u32,
+    },
+    /// `mount(source, target, fstype, flags, data)`.
+    Mount {
+        /// Source (`proc`, `tmpfs`, a path for binds).
+        source: CString,
+        /// Absolute target path in the parent's view (under the rootfs).
+        target: CString,
+        /// Filesystem type; empty for binds and remounts.
+        fstype: CString,
+        /// `MS_*` flags.
+        flags: u64,
+        /// Filesystem options; empty for none.
+        data: CString,
+    },
+    /// `mknod(path, S_IFCHR | mode, makedev(major, minor))`.
+    CharDevice {
+        /// Absolute path in the parent's view (under the rootfs).
+        path: CString,
+        /// Permission bits.
+        mode: u32,
+        /// Major number.
+        major: u32,
+        /// Minor number.
+        minor: u32,
+    },
+    /// `symlink(target, path)`.
+    Symlink {
+        /// What the link points to.
+        target: CString,
+        /// Absolute path of the link in the parent's view.
+        path: CString,
+    },
+}
+
+/// A new container: its root, prepared by [`RootOp`]s, then pivoted into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewContainer {
+    /// The mounted root filesystem (the overlay), absolute.
+    pub rootfs: CString,
+    /// Mounts, device nodes and links made under it before the pivot.
+    pub ops: Vec<RootOp>,
+    /// Remount the root read-only after the pivot.
+    pub readonly_rootfs: bool,
+    /// The UTS namespace's host name.
+    pub hostname: CString,
+}
+
+/// Capability sets as bit masks (bit N is capability N).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// The bounding set.
+    pub bounding: u64,
+    /// Effective.
+    pub effective: u64,
+    /// Permitted.
+    pub permitted: u64,
+    /// Inheritable.
+    pub inheritable: u64,
+    /// Ambient.
+    pub ambient: u64,
+}
+
+/// The process to run, as the container sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    /// The executable's path inside the container (already resolved against PATH).
+    pub exe: CString,
+    /// argv, argv[0] included.
+    pub argv: Vec<CString>,
+    /// `NAME=value` entries.
+    pub env: Vec<CString>,
+    /// Working directory inside the container.
+    pub cwd: CString,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// Capability sets.
+    pub capabilities: Capabilities,
+    /// Set `no_new_privs` before `execve`.
+    pub no_new_privileges: bool,
+    /// The highest capability number the kernel knows (`/proc/sys/kernel/cap_last_cap`).
+    pub last_cap: u32,
+}
+
+/// Where the process runs.
+#[derive(Debug)]
+pub enum Namespaces<'a> {
+    /// New mount, PID, UTS, IPC, network and cgroup namespaces, with this root.
+    New(&'a NewContainer),
+    /// The namespaces of a running container, named by its init's pidfd.
+    Join(BorrowedFd<'a>),
+}
+
+/// The child's stdin, stdout and stderr.
+#[derive(Debug)]
+pub struct Stdio {
+    /// Becomes fd 0.
+    pub stdin: OwnedFd,
+    /// Becomes fd 1.
+    pub stdout: OwnedFd,
+    /// Becomes fd 2.
+    pub stderr: OwnedFd,
+}
+
+/// The step of the child's setup that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Putting the pipes on fds 0, 1, 2.
+    Stdio,
+    /// `setsid`.
+    Setsid,
+    /// Making every mount private.
+    MountPrivate,
+    /// Binding the root onto itself.
+    BindRoot,
+    /// The root operation with this index.
+    RootOp(u32),
+    /// `pivot_root`.
+    PivotRoot,
+    /// Detaching the old root.
+    DetachOldRoot,
+    /// Remounting the root read-only.
+    ReadonlyRoot,
+    /// `sethostname`.
+    Hostname,
+    /// Joining the container's namespaces.
+    JoinNamespaces,
+    /// Dropping capabilities from the bounding set.
+    Bounding,
+    /// `setgroups`.
+    Groups,
+    /// `setresgid`.
+    Gid,
+    /// `setresuid`.
+    Uid,
+    /// `capset`.
+    Capset,
+    /// Raising ambient capabilities.
+    Ambient,
+    /// `PR_SET_NO_NEW_PRIVS`.
+    NoNewPrivs,
+    /// `chdir` to the working directory.
+    Cwd,
+    /// `execve`.
+    Exec,
+    /// A step number this code does not know.
+    Unknown(u32),
+}
+
+impl Step {
+    fn code(self) -> u32 {
+        match self {
+            Step::Stdio => 1,
+            Step::Setsid => 2,
+            Step::MountPrivate => 3,
+            Step::BindRoot => 4,
+            Step::PivotRoot => 5,
+            Step::DetachOldRoot => 6,
+            Step::ReadonlyRoot => 7,
+            Step::Hostname => 8,
+            Step::JoinNamespaces => 9,
+            Step::Bounding => 10,
+            Step::Groups => 11,
+            Step::Gid => 12,
+            Step::Uid => 13,
+            Step::Capset => 14,
+            Step::Ambient => 15,
+            Step::NoNewPrivs => 16,
+            Step::Cwd => 17,
+            Step::Exec => 18,
+            Step::RootOp(index) => 0x1000_0000 | index,
+            Step::Unknown(code) => code,
+        }
+    }
+
+    fn from_code(code: u32) -> Self {
+        match code {
+            1 => Step::Stdio,
+            2 => Step::Setsid,
+            3 => Step::MountPrivate,
+            4 => Step::BindRoot,
+            5 => Step::PivotRoot,
+            6 => Step::DetachOldRoot,
+            7 => Step::ReadonlyRoot,
+            8 => Step::Hostname,
+            9 => Step::JoinNamespaces,
+            10 => Step::Bounding,
+            11 => Step::Groups,
+            12 => Step::Gid,
+            13 => Step::Uid,
+            14 => Step::Capset,
+            15 => Step::Ambient,
+            16 => Step::NoNewPrivs,
+            17 => Step::Cwd,
+            18 => Step::Exec,
+            code if code & 0x1000_0000 != 0 => Step::RootOp(code & 0x0fff_ffff),
+            code => Step::Unknown(code),
+        }
+    }
+}
+
+/// Why a launch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// A system call in the parent failed.
+    #[error("{what}: {source}")]
+    Parent {
+        /// What was being done.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// The child's setup failed before `execve` completed.
+    #[error("container setup failed at {step:?}: {source}")]
+    Setup {
+        /// The step.
+        step: Step,
+        /// Its errno.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn parent(what: &'static str) -> LaunchError {
+    LaunchError::Parent { what, source: io::Error::last_os_error() }
+}
+
+/// A started process.
+#[derive(Debug)]
+pub struct Child {
+    /// Its PID in the agent's PID namespace.
+    pub pid: i32,
+    /// A pidfd for it: signals and waits cannot hit a recycled PID.
+    pub pidfd: OwnedFd,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// `exit(code)`.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+impl Child {
+    /// Send `signal` through the pidfd.
+    pub fn signal(&self, signal: i32) -> io::Result<()> {
+        // SAFETY: pidfd_send_signal with a valid pidfd, a null siginfo and no flags.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), signal, ptr::null::<u8>(), 0) };
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    /// Reap the process if it has exited; `None` while it runs.
+    pub fn try_wait(&self) -> io::Result<Option<Exit>> {
+        // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our pidfd with a valid siginfo_t out pointer.
+        let rc = unsafe {
+            libc::waitid(libc::P_PIDFD, self.pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG)
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: waitid filled `info` (si_pid is 0 when nothing has exited yet).
+        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+        if pid == 0 {
+            return Ok(None);
+        }
+        Ok(Some(if info.si_code == libc::CLD_EXITED { Exit::Code(status) } else { Exit::Signal(status) }))
+    }
+}
+
+/// `struct clone_args` (version 2, with `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `struct __user_cap_header_struct`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+/// `struct __user_cap_data_struct`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// A NULL-terminated array of pointers into C strings that outlive it.
+struct CArray<'a> {
+    ptrs: Vec<*const libc::c_char>,
+    _strings: std::marker::PhantomData<&'a CStr>,
+}
+
+impl<'a> CArray<'a> {
+    fn new(strings: &'a [CString]) -> Self {
+        let mut ptrs: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+        ptrs.push(ptr::null());
+        Self { ptrs, _strings: std::marker::PhantomData }
+    }
+}
+
+/// Everything the child reads, borrowed or prepared before the clone.
+struct Plan<'a> {
+    namespaces: &'a Namespaces<'a>,
+    process: &'a Process,
+    stdio: [RawFd; 3],
+    argv: CArray<'a>,
+    envp: CArray<'a>,
+    error_pipe: RawFd,
+}
+
+/// Start `process` in `namespaces`, directly in the cgroup `cgroup` (a
+/// directory fd of cgroup v2) when given.
+pub fn spawn(
+    namespaces: &Namespaces<'_>,
+    process: &Process,
+    stdio: Stdio,
+    cgroup: Option<BorrowedFd<'_>>,
+) -> Result<Child, LaunchError> {
+    let mut pipe = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(parent("cannot create the setup pipe"));
+    }
+    // SAFETY: both fds were just created and are owned here only.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    let plan = Plan {
+        namespaces,
+        process,
+        stdio: [stdio.stdin.as_raw_fd(), stdio.stdout.as_raw_fd(), stdio.stderr.as_raw_fd()],
+        argv: CArray::new(&process.argv),
+        envp: CArray::new(&process.env),
+        error_pipe: write_end.as_raw_fd(),
+    };
+
+    let mut flags = libc::CLONE_PIDFD as u64;
+    let mut restore_pid_ns = None;
+    match namespaces {
+        Namespaces::New(_) => {
+            flags |= (libc::CLONE_NEWNS
+                | libc::CLONE_NEWPID
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWNET
+                | libc::CLONE_NEWCGROUP) as u64;
+        }
+        Namespaces::Join(pidfd) => {
+            // A PID namespace is entered by children only: point this thread's
+            // children at the container's, and back right after the clone.
+            let own = std::fs::File::open("/proc/thread-self/ns/pid")
+                .map_err(|source| LaunchError::Parent { what: "cannot open the agent's PID namespace", source })?;
+            // SAFETY: setns with a valid pidfd and one namespace flag.
+            if unsafe { libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+                return Err(parent("cannot enter the container's PID namespace"));
+            }
+            restore_pid_ns = Some(own);
+        }
+    }
+    if cgroup.is_some() {
+        flags |= CLONE_INTO_CGROUP;
+    }
+    let mut pidfd: RawFd = -1;
+    let args = CloneArgs {
+        flags,
+        pidfd: &raw mut pidfd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.map_or(0, |fd| fd.as_raw_fd() as u64),
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM and with no stack behaves like fork:
+    // the child gets a copy of this address space and continues here. The
+    // child only runs `child`, which never returns.
+    let pid = unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
+    if pid == 0 {
+        child(&plan);
+    }
+    let clone_error = io::Error::last_os_error();
+    if let Some(own) = restore_pid_ns {
+        // SAFETY: setns back into the agent's own PID namespace.
+        if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+            // Later children would land in the container: nothing is safe after this.
+            std::process::abort();
+        }
+    }
+    if pid < 0 {
+        return Err(LaunchError::Parent { what: "clone3 failed", source: clone_error });
+    }
+    drop(plan);
+    drop(write_end);
+    drop(stdio);
+    // SAFETY: clone3 stored a new pidfd owned by nobody else.
+    let child = Child { pid: pid as i32, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } };
+    let mut report = [0u8; 8];
+    let mut got = 0;
+    while got < report.len() {
+        let rest = report.get_mut(got..).unwrap_or_default();
+        // SAFETY: read into the remaining part of `report`.
+        let n = unsafe { libc::read(read_end.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(parent("cannot read the setup pipe"));
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    if got == 0 {
+        return Ok(child);
+    }
+    // The child failed and exits with 127: reap it so no zombie stays.
+    let mut status = 0;
+    // SAFETY: waitpid on our own child.
+    unsafe { libc::waitpid(child.pid, &mut status, 0) };
+    let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
+    let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+    Err(LaunchError::Setup { step: Step::from_code(step), source: io::Error::from_raw_os_error(errno) })
+}
+
+/// The child: never returns.
+fn child(plan: &Plan<'_>) -> ! {
+    let failed = match setup(plan) {
+        Ok(never) => match never {},
+        Err(step) => step,
+    };
+    let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    let mut report = [0u8; 8];
+    let (code, err) = report.split_at_mut(4);
+    code.copy_from_slice(&failed.code().to_ne_bytes());
+    err.copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: write a stack buffer to the setup pipe, then exit without
+    // running any of the parent's atexit handlers or destructors.
+    unsafe {
+        libc::write(plan.error_pipe, report.as_ptr().cast(), report.len());
+        libc::_exit(127)
+    }
+}
+
+enum Never {}
+
+/// Check a libc return value; a negative one fails `step`.
+fn check(rc: libc::c_long, step: Step) -> Result<(), Step> {
+    if rc < 0 { Err(step) } else { Ok(()) }
+}
+
+fn setup(plan: &Plan<'_>) -> Result<Never, Step> {
+    // SAFETY: raw system calls on C strings and pointer arrays that `plan`
+    // keeps alive; nothing allocates.
+    unsafe {
+        for (fd, target) in plan.stdio.iter().zip(0..) {
+            if *fd == target {
+                check(libc::fcntl(target, libc::F_SETFD, 0).into(), Step::Stdio)?;
+            } else {
+                check(libc::dup2(*fd, target).into(), Step::Stdio)?;
+            }
+        }
+        // Nothing else crosses the execve, whatever the parent left open.
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        check(libc::setsid().into(), Step::Setsid)?;
+        match plan.namespaces {
+            Namespaces::New(container) => new_root(container)?,
+            Namespaces::Join(pidfd) => {
+                let flags = libc::CLONE_NEWNS
+                    | libc::CLONE_NEWUTS
+                    | libc::CLONE_NEWIPC
+                    | libc::CLONE_NEWNET
+                    | libc::CLONE_NEWCGROUP;
+                check(libc::setns(pidfd.as_raw_fd(), flags).into(), Step::JoinNamespaces)?;
+            }
+        }
+        identity(plan.process)?;
+        check(libc::chdir(plan.process.cwd.as_ptr()).into(), Step::Cwd)?;
+        libc::execve(plan.process.exe.as_ptr(), plan.argv.ptrs.as_ptr(), plan.envp.ptrs.as_ptr());
+        Err(Step::Exec)
+    }
+}
+
+/// Mounts, pivot and host name of a new container (in the child).
+///
+/// # Safety
+/// Raw system calls on the container's prepared C strings.
+unsafe fn new_root(container: &NewContainer) -> Result<(), Step> {
+    let null = ptr::null::<libc::c_char>();
+    // SAFETY: see `setup`.
+    unsafe {
+        check(
+            libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, ptr::null()).into(),
+            Step::MountPrivate,
+        )?;
+        let root = container.rootfs.as_ptr();
+        check(libc::mount(root, root, null, libc::MS_BIND | libc::MS_REC, ptr::null()).into(), Step::BindRoot)?;
+        for (op, index) in container.ops.iter().zip(0u32..) {
+            let step = Step::RootOp(index);
+            match op {
+                RootOp::Mkdir { path, mode } => {
+                    if libc::mkdir(path.as_ptr(), *mode) < 0 && *libc::__errno_location() != libc::EEXIST {
+                        return Err(step);
+                    }
+                }
+                RootOp::Mount { source, target, fstype, flags, data } => {
+                    let fstype = if fstype.is_empty() { null } else { fstype.as_ptr() };
+                    let data = if data.is_empty() { ptr::null() } else { data.as_ptr().cast() };
+                    check(libc::mount(source.as_ptr(), target.as_ptr(), fstype, *flags, data).into(), step)?;
+                }
+                RootOp::CharDevice { path, mode, major, minor } => {
+                    let dev = libc::makedev(*major, *minor);
+                    check(libc::mknod(path.as_ptr(), libc::S_IFCHR | *mode, dev).into(), step)?;
+                }
+                RootOp::Symlink { target, path } => {
+                    check(libc::symlink(target.as_ptr(), path.as_ptr()).into(), step)?;
+                }
+            }
+        }
+        check(libc::chdir(root).into(), Step::PivotRoot)?;
+        check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()), Step::PivotRoot)?;
+        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH).into(), Step::DetachOldRoot)?;
+        check(libc::chdir(c"/".as_ptr()).into(), Step::DetachOldRoot)?;
+        if container.readonly_rootfs {
+            let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+            check(libc::mount(null, c"/".as_ptr(), null, flags, ptr::null()).into(), Step::ReadonlyRoot)?;
+        }
+        let name = container.hostname.as_bytes();
+        check(libc::sethostname(name.as_ptr().cast(), name.len()).into(), Step::Hostname)?;
+    }
+    Ok(())
+}
+
+/// Bounding set, groups, ids, capabilities, no_new_privs (in the child).
+fn identity(process: &Process) -> Result<(), Step> {
+    let caps = process.capabilities;
+    // SAFETY: see `setup`.
+    unsafe {
+        check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0).into(), Step::Bounding)?;
+        for cap in 0..=process.last_cap.min(63) {
+            if caps.bounding & (1 << cap) == 0 {
+                check(libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0).into(), Step::Bounding)?;
+            }
+        }
+        check(libc::setgroups(process.groups.len(), process.groups.as_ptr()).into(), Step::Groups)?;
+        check(libc::setresgid(process.gid, process.gid, process.gid).into(), Step::Gid)?;
+        check(libc::setresuid(process.uid, process.uid, process.uid).into(), Step::Uid)?;
+        let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+        let data = [
+            CapData {
+                effective: caps.effective as u32,
+                permitted: caps.permitted as u32,
+                inheritable: caps.inheritable as u32,
+            },
+            CapData {
+                effective: (caps.effective >> 32) as u32,
+                permitted: (caps.permitted >> 32) as u32,
+                inheritable: (caps.inheritable >> 32) as u32,
+            },
+        ];
+        check(libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()), Step::Capset)?;
+        check(
+            libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0).into(),
+            Step::Ambient,
+        )?;
+        for cap in 0..=process.last_cap.min(63) {
+            if caps.ambient & (1 << cap) != 0 {
+                let raise = libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong;
+                check(libc::prctl(libc::PR_CAP_AMBIENT, raise, cap as libc::c_ulong, 0, 0).into(), Step::Ambient)?;
+            }
+        }
+        if process.no_new_privileges {
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into(), Step::NoNewPrivs)?;
+        }
+    }
+    Ok(())
+}
+
+/// Capability names as the OCI spec writes them (`CAP_CHOWN`), by number.
+pub const CAPABILITY_NAMES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// The bit mask of capability names; an unknown name is returned as the error.
+pub fn capability_mask<S: AsRef<str>>(names: &[S]) -> Result<u64, String> {
+    let mut mask = 0u64;
+    for name in names {
+        let name = name.as_ref();
+        let bit = CAPABILITY_NAMES.iter().position(|known| *known == name).ok_or_else(|| name.to_string())?;
+        mask |= 1 << bit;
+    }
+    Ok(mask)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_round_trip() {
+        for step in [Step::Stdio, Step::PivotRoot, Step::Exec, Step::RootOp(7), Step::Capset] {
+            assert_eq!(Step::from_code(step.code()), step);
+        }
+        assert_eq!(Step::from_code(999), Step::Unknown(999));
+    }
+
+    #[test]
+    fn capability_names_map_to_kernel_numbers() {
+        assert_eq!(capability_mask(&["CAP_CHOWN"]).unwrap(), 1);
+        assert_eq!(capability_mask(&["CAP_SYS_ADMIN"]).unwrap(), 1 << 21);
+        assert_eq!(capability_mask(&["CAP_CHECKPOINT_RESTORE"]).unwrap(), 1 << 40);
+        assert_eq!(capability_mask(&["CAP_CHOWN", "CAP_NOPE"]).unwrap_err(), "CAP_NOPE");
+    }
+
+    #[test]
+    fn clone_args_is_version_2() {
+        assert_eq!(size_of::<CloneArgs>(), 88);
+    }
+}

@@ -1,0 +1,103 @@
+//! The end-to-end tests' container program (the test OCI image's entrypoint):
+//! prints what it sees as `key=value` lines, one fact a line, so a test can
+//! check the process, the environment and the overlay from inside.
+//!
+//! Arguments, any number, in any order (other words only show in `args=`):
+//! `write PATH TEXT` writes TEXT 256 times to PATH and fsyncs it before
+//! printing; `stderr TEXT` prints TEXT on stderr after the facts; `sleep MS`
+//! sleeps before exiting; `exit N` exits with status N. Any failure prints
+//! `error=...` and exits with status 70.
+
+use std::ffi::OsString;
+use std::io::{ErrorKind, Write};
+use std::time::Duration;
+
+/// The exit status after an error (EX_SOFTWARE).
+const FAILED: i32 = 70;
+
+fn main() {
+    let args: Vec<String> = std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
+    let code = match run(&args) {
+        Ok(code) => code,
+        Err(err) => {
+            println!("error={err}");
+            FAILED
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(args: &[String]) -> Result<i32, String> {
+    let mut code = 0;
+    let mut sleep = None;
+    let mut stderr = Vec::new();
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        let mut value = |what: &str| words.next().ok_or_else(|| format!("{word} needs {what}"));
+        match word.as_str() {
+            "write" => {
+                let path = value("PATH and TEXT")?;
+                let text = value("TEXT")?;
+                write(path, text).map_err(|e| format!("write {path}: {e}"))?;
+            }
+            "exit" => code = value("N")?.parse().map_err(|e| format!("exit: {e}"))?,
+            "sleep" => sleep = Some(Duration::from_millis(value("MS")?.parse().map_err(|e| format!("sleep: {e}"))?)),
+            "stderr" => stderr.push(value("TEXT")?.clone()),
+            _ => {}
+        }
+    }
+
+    let mut out = format!("args={args:?}\n");
+    let cwd = std::env::current_dir().map_err(|e| format!("cwd: {e}"))?;
+    out.push_str(&format!("cwd={}\n", cwd.display()));
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| format!("/proc/self/status: {e}"))?;
+    out.push_str(&format!("uid={}\n", status_field(&status, "Uid:", true)?));
+    out.push_str(&format!("gid={}\n", status_field(&status, "Gid:", true)?));
+    out.push_str(&format!("groups={}\n", status_field(&status, "Groups:", false)?));
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    env.sort();
+    for (name, value) in env {
+        out.push_str(&format!("env {}={}\n", name.to_string_lossy(), value.to_string_lossy()));
+    }
+    for (key, path) in
+        [("whiteout_file", "/etc/remove-me"), ("opaque_old", "/opt/old/old.txt"), ("opaque_new", "/opt/old/new.txt")]
+    {
+        out.push_str(&format!("{key}={}\n", presence(path)?));
+    }
+
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush()).map_err(|e| format!("stdout: {e}"))?;
+    for text in stderr {
+        eprintln!("{text}");
+    }
+    if let Some(duration) = sleep {
+        std::thread::sleep(duration);
+    }
+    Ok(code)
+}
+
+/// A line of `/proc/self/status`: its first number (the real id), or all of
+/// them joined by commas (the supplementary groups, as getgroups gives them).
+fn status_field(status: &str, label: &str, first: bool) -> Result<String, String> {
+    let line = status.lines().find_map(|l| l.strip_prefix(label)).ok_or_else(|| format!("no {label} in status"))?;
+    let mut numbers = line.split_whitespace();
+    if first {
+        numbers.next().map(str::to_owned).ok_or_else(|| format!("empty {label} in status"))
+    } else {
+        Ok(numbers.collect::<Vec<_>>().join(","))
+    }
+}
+
+fn presence(path: &str) -> Result<&'static str, String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => Ok("present"),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok("absent"),
+        Err(e) => Err(format!("{path}: {e}")),
+    }
+}
+
+fn write(path: &str, text: &str) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(text.repeat(256).as_bytes())?;
+    file.sync_all()
+}

@@ -1,0 +1,261 @@
+//! A small, real OCI image for the end-to-end container tests, written as an
+//! OCI image layout directory with correct digests and sizes.
+//!
+//! Two gzip-compressed layers: "base" (a static busybox from the host and
+//! its shell tools, `/etc/passwd` and `/etc/group` with `app` 1000:1000, a
+//! file and a directory for the next layer to hide) and "app" (the
+//! `oci-hello` test program as the entrypoint, an OCI whiteout of
+//! `/etc/remove-me` and an opaque `/opt/old`). Every header is fixed (mtime
+//! 0, owner 0:0 except `/srv`) and gzip carries mtime 0, so the same inputs
+//! give the same bytes.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use flate2::{Compression, GzBuilder};
+use parma_layer::Digest;
+use serde_json::json;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, KnownLayout};
+
+/// The image's `org.opencontainers.image.ref.name`.
+pub const REF_NAME: &str = "parma-test:1";
+/// Where the `oci-hello` program is in the image: `config.Entrypoint`.
+pub const ENTRYPOINT: &str = "/usr/bin/oci-hello";
+/// `config.Env`.
+pub const ENV: [&str; 2] = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "GREETING=hello"];
+/// `config.WorkingDir`, owned by [`USER`].
+pub const WORKING_DIR: &str = "/srv";
+/// `config.User`: `app` in the image's `/etc/passwd`.
+pub const USER: &str = "1000:1000";
+/// The host's static busybox, copied into the image.
+pub const HOST_BUSYBOX: &str = "/bin/busybox";
+/// The links to busybox in the image's `/bin`.
+pub const BUSYBOX_TOOLS: [&str; 11] = ["sh", "echo", "cat", "env", "id", "pwd", "sleep", "ls", "true", "false", "head"];
+/// What `/etc/remove-me` holds in the base layer (the app layer whites it out).
+pub const REMOVED_TEXT: &str = "secret of the base layer\n";
+
+const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// Every tar header's mtime.
+const MTIME: u64 = 0;
+
+/// An image [`build_test_image`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestImage {
+    /// The OCI image layout directory.
+    pub layout: PathBuf,
+    /// Its one manifest's `org.opencontainers.image.ref.name` ([`REF_NAME`]).
+    pub reference: String,
+    /// The manifest's digest, as `index.json` gives it.
+    pub manifest_digest: Digest,
+    /// sha256 of each uncompressed layer tar, base layer first.
+    pub diff_ids: Vec<Digest>,
+}
+
+/// Write the test image as an OCI layout in `out` (created if missing),
+/// with `hello` (the static `oci-hello` built by `scripts/build-guest.sh`)
+/// as its entrypoint and the host's static `/bin/busybox` as its shell.
+pub fn build_test_image(out: &Path, hello: &Path) -> anyhow::Result<TestImage> {
+    let busybox = read_static(Path::new(HOST_BUSYBOX), "install busybox-static (scripts/deps.sh)")?;
+    let hello = read_static(hello, "build it with scripts/build-guest.sh")?;
+    let tars = [base_layer(&busybox)?, app_layer(&hello)?];
+
+    let blobs = out.join("blobs/sha256");
+    fs::create_dir_all(&blobs).with_context(|| format!("cannot create {}", blobs.display()))?;
+    let mut diff_ids = Vec::with_capacity(tars.len());
+    let mut layers = Vec::with_capacity(tars.len());
+    for tar in &tars {
+        diff_ids.push(Digest::of(tar));
+        layers.push(put_blob(&blobs, LAYER_TYPE, &gzip(tar)?)?.1);
+    }
+    let config = json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Entrypoint": [ENTRYPOINT],
+            "Cmd": [],
+            "Env": ENV,
+            "WorkingDir": WORKING_DIR,
+            "User": USER,
+        },
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let (_, config) = put_blob(&blobs, CONFIG_TYPE, &serde_json::to_vec(&config)?)?;
+    let manifest = json!({"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "config": config, "layers": layers});
+    let (manifest_digest, mut descriptor) = put_blob(&blobs, MANIFEST_TYPE, &serde_json::to_vec(&manifest)?)?;
+    descriptor["annotations"] = json!({"org.opencontainers.image.ref.name": REF_NAME});
+    let index =
+        json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [descriptor]});
+    write(&out.join("index.json"), &serde_json::to_vec(&index)?)?;
+    write(&out.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    Ok(TestImage { layout: out.to_owned(), reference: REF_NAME.to_owned(), manifest_digest, diff_ids })
+}
+
+/// Layer 0: the filesystem's skeleton, busybox, users, and what layer 1 hides.
+fn base_layer(busybox: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut tar = Tar::default();
+    for dir in ["bin", "etc", "proc", "sys", "dev", "opt", "opt/old", "usr", "usr/bin"] {
+        tar.dir(dir, 0o755, 0)?;
+    }
+    tar.dir("srv", 0o755, 1000)?;
+    tar.dir("tmp", 0o1777, 0)?;
+    tar.file("bin/busybox", 0o755, busybox)?;
+    for tool in BUSYBOX_TOOLS {
+        tar.symlink(&format!("bin/{tool}"), "busybox")?;
+    }
+    tar.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/srv:/bin/sh\n")?;
+    tar.file("etc/group", 0o644, b"root:x:0:\napp:x:1000:\n")?;
+    tar.file("etc/remove-me", 0o644, REMOVED_TEXT.as_bytes())?;
+    tar.file("opt/old/old.txt", 0o644, b"hidden by the app layer's opaque /opt/old\n")?;
+    tar.finish()
+}
+
+/// Layer 1: the program, a whiteout and an opaque directory.
+fn app_layer(hello: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut tar = Tar::default();
+    for dir in ["etc", "opt", "opt/old", "usr", "usr/bin"] {
+        tar.dir(dir, 0o755, 0)?;
+    }
+    tar.file("etc/.wh.remove-me", 0o644, b"")?;
+    tar.file("opt/old/.wh..wh..opq", 0o644, b"")?;
+    tar.file("opt/old/new.txt", 0o644, b"from the app layer\n")?;
+    tar.file(ENTRYPOINT.trim_start_matches('/'), 0o755, hello)?;
+    tar.finish()
+}
+
+/// A tar stream with fixed headers.
+struct Tar(tar::Builder<Vec<u8>>);
+
+impl Default for Tar {
+    fn default() -> Self {
+        Tar(tar::Builder::new(Vec::new()))
+    }
+}
+
+impl Tar {
+    fn header(kind: tar::EntryType, mode: u32, owner: u64, size: u64) -> tar::Header {
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_uid(owner);
+        header.set_gid(owner);
+        header.set_mtime(MTIME);
+        header.set_size(size);
+        header
+    }
+
+    /// A directory owned by `owner:owner`.
+    fn dir(&mut self, path: &str, mode: u32, owner: u64) -> anyhow::Result<()> {
+        let mut header = Self::header(tar::EntryType::Directory, mode, owner, 0);
+        self.0.append_data(&mut header, path, &[][..]).with_context(|| format!("tar: {path}"))
+    }
+
+    fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> anyhow::Result<()> {
+        let mut header = Self::header(tar::EntryType::Regular, mode, 0, data.len() as u64);
+        self.0.append_data(&mut header, path, data).with_context(|| format!("tar: {path}"))
+    }
+
+    fn symlink(&mut self, path: &str, target: &str) -> anyhow::Result<()> {
+        let mut header = Self::header(tar::EntryType::Symlink, 0o777, 0, 0);
+        self.0.append_link(&mut header, path, target).with_context(|| format!("tar: {path}"))
+    }
+
+    fn finish(self) -> anyhow::Result<Vec<u8>> {
+        Ok(self.0.into_inner()?)
+    }
+}
+
+/// gzip with mtime 0 and no file name.
+fn gzip(data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut gz = GzBuilder::new().mtime(0).write(Vec::new(), Compression::default());
+    std::io::Write::write_all(&mut gz, data)?;
+    Ok(gz.finish()?)
+}
+
+/// Store a blob under its digest; its digest and OCI descriptor.
+fn put_blob(blobs: &Path, media_type: &str, bytes: &[u8]) -> anyhow::Result<(Digest, serde_json::Value)> {
+    let digest = Digest::of(bytes);
+    write(&blobs.join(digest.hex()), bytes)?;
+    Ok((digest, json!({"mediaType": media_type, "digest": digest, "size": bytes.len()})))
+}
+
+fn write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Read a program for the image, which has no libc: it must be a static
+/// x86-64 ELF (no program interpreter). `fix` says how to get one.
+fn read_static(path: &Path, fix: &str) -> anyhow::Result<Vec<u8>> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => bail!("{} is missing: {fix}", path.display()),
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
+    };
+    if !is_static_x86_64(&bytes) {
+        bail!("{} is not a static x86-64 ELF program: {fix}", path.display());
+    }
+    Ok(bytes)
+}
+
+/// The ELF64 file header.
+#[derive(FromBytes, KnownLayout, Immutable)]
+#[repr(C)]
+struct ElfHeader {
+    ident: [u8; 16],
+    kind: U16,
+    machine: U16,
+    version: U32,
+    entry: U64,
+    phoff: U64,
+    shoff: U64,
+    flags: U32,
+    ehsize: U16,
+    phentsize: U16,
+    phnum: U16,
+    shentsize: U16,
+    shnum: U16,
+    shstrndx: U16,
+}
+
+/// An ELF64 program header.
+#[derive(FromBytes, KnownLayout, Immutable)]
+#[repr(C)]
+struct ProgramHeader {
+    kind: U32,
+    flags: U32,
+    offset: U64,
+    vaddr: U64,
+    paddr: U64,
+    filesz: U64,
+    memsz: U64,
+    align: U64,
+}
+
+const _: () = assert!(size_of::<ElfHeader>() == 64 && size_of::<ProgramHeader>() == 56);
+
+/// ELFCLASS64, ELFDATA2LSB.
+const ELF64_LE: [u8; 6] = *b"\x7fELF\x02\x01";
+const EM_X86_64: u16 = 62;
+const PT_INTERP: u32 = 3;
+
+/// A little-endian x86-64 ELF64 with no `PT_INTERP` (static or static-pie).
+fn is_static_x86_64(elf: &[u8]) -> bool {
+    let Ok((header, _)) = ElfHeader::read_from_prefix(elf) else { return false };
+    if !header.ident.starts_with(&ELF64_LE) || header.machine.get() != EM_X86_64 {
+        return false;
+    }
+    let Ok(phoff) = usize::try_from(header.phoff.get()) else { return false };
+    let entsize = usize::from(header.phentsize.get());
+    if entsize < size_of::<ProgramHeader>() {
+        return false;
+    }
+    (0..usize::from(header.phnum.get())).all(|i| {
+        let entry = i.checked_mul(entsize).and_then(|o| o.checked_add(phoff)).and_then(|o| elf.get(o..));
+        entry
+            .and_then(|bytes| ProgramHeader::read_from_prefix(bytes).ok())
+            .is_some_and(|(ph, _)| ph.kind.get() != PT_INTERP)
+    })
+}

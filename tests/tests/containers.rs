@@ -1,0 +1,200 @@
+//! Confidential containers end to end under QEMU TCG: a real OCI image
+//! (busybox-static and a static test program, two layers, whiteouts) turned
+//! into dm-verity layers, a policy from `parma policy gen`, and the agent
+//! mounting, stacking and running it, with every host request decided by
+//! the policy. Then the attack table: each attack denied or failed with its
+//! reason, and the agent still serving.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use parma::client::{Client, ClientError};
+use parma::run;
+use parma_protocol::{ErrorCode, ProcessSpec};
+use parma_tests::{Boot, Guest, Paths, oci};
+
+const READY: Duration = Duration::from_secs(90);
+const CALL: Duration = Duration::from_secs(60);
+const ID: &str = "hello";
+
+/// The test image, its layers and a generated policy.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    built: parma_layer::Built,
+    layers_dir: PathBuf,
+    policy: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> anyhow::Result<Self> {
+        let paths = Paths::get();
+        let dir = tempfile::tempdir()?;
+        let image = oci::build_test_image(&dir.path().join("oci"), &paths.guest_binary("oci-hello")?)?;
+        let layers_dir = dir.path().join("layers");
+        let spec = dir.path().join("spec.json");
+        std::fs::write(
+            &spec,
+            serde_json::to_vec(&serde_json::json!({
+                "name": "hello",
+                "exec_processes": [{"command": ["/bin/cat", "/etc/passwd"], "signals": []}],
+                "signals": [9],
+                "no_new_privileges": true,
+            }))?,
+        )?;
+        let text = parma::policy_gen::generate(&image.layout, Some(oci::REF_NAME), Some(&spec), &layers_dir)?;
+        let policy = dir.path().join("policy.rego");
+        std::fs::write(&policy, &text)?;
+        let built = parma_layer::build(&image.layout, Some(oci::REF_NAME), &layers_dir, &|_| {})?;
+        Ok(Self { _dir: dir, built, layers_dir, policy })
+    }
+
+    fn boot(&self, disks: Vec<parma::Disk>) -> anyhow::Result<(Guest, Client)> {
+        let mut boot = Boot::emulated_for_policy(&self.policy)?;
+        boot.disks = disks;
+        let mut guest = Guest::boot(&Paths::get(), &boot)?;
+        guest.wait_ready(READY)?;
+        let mut client = guest.client(CALL)?;
+        client.set_policy(std::fs::read_to_string(&self.policy)?)?;
+        Ok((guest, client))
+    }
+
+    fn process(&self) -> anyhow::Result<ProcessSpec> {
+        run::process_from_config(&self.built.config, &[])
+    }
+}
+
+/// The agent's error for a call that must fail: its code and message.
+fn refused<T: std::fmt::Debug>(result: Result<T, ClientError>) -> anyhow::Result<(ErrorCode, String)> {
+    match result {
+        Err(ClientError::Agent(err)) => Ok((err.code, err.message)),
+        other => bail!("expected the agent to refuse, got {other:?}"),
+    }
+}
+
+fn denied<T: std::fmt::Debug>(result: Result<T, ClientError>, reason: &str) -> anyhow::Result<()> {
+    let (code, message) = refused(result)?;
+    ensure!(code == ErrorCode::PolicyDenied, "expected a policy denial, got {code}: {message}");
+    ensure!(message.contains(reason), "the denial does not say {reason:?}: {message}");
+    Ok(())
+}
+
+/// Everything the process printed, and how it ended.
+fn output(client: &mut Client, id: &str, exec_id: Option<&str>) -> anyhow::Result<(String, String, i32)> {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let status = run::pump(client, id, exec_id, &mut stdout, &mut stderr, Duration::from_secs(120))?;
+    Ok((String::from_utf8(stdout)?, String::from_utf8(stderr)?, run::exit_code(&status)))
+}
+
+#[test]
+fn a_container_runs_as_its_policy_says_and_every_attack_is_refused() -> anyhow::Result<()> {
+    let fixture = Fixture::new()?;
+    let (mut guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
+    let layers = &fixture.built.layers.layers;
+    ensure!(layers.len() == 2, "the test image has two layers");
+
+    // A layer whose root hash the policy does not name is not even opened.
+    let mut wrong = layers[0].root_hash.clone().into_bytes();
+    wrong[0] = if wrong[0] == b'0' { b'1' } else { b'0' };
+    let wrong = String::from_utf8(wrong)?;
+    denied(client.mount_layer("l0", "parma-l0", &wrong, layers[0].hash_offset), "is not a layer of any container")?;
+    // Nothing was mounted: the right hash still mounts under that name.
+    for (index, layer) in layers.iter().enumerate() {
+        client.mount_layer(&run::layer_name(index), &run::layer_serial(index), &layer.root_hash, layer.hash_offset)?;
+    }
+    // The same device cannot be mounted twice.
+    denied(client.mount_layer("again", "parma-l0", &layers[0].root_hash, layers[0].hash_offset), "already mounted")?;
+    // Layers in the wrong order match no container.
+    denied(client.mount_overlay(ID, &["l1".into(), "l0".into()], true), "the layers match no container")?;
+    client.mount_overlay(ID, &["l0".into(), "l1".into()], true)?;
+    // A device under an overlay cannot be unmounted.
+    denied(client.unmount_layer("l0"), "is in use by the overlay")?;
+
+    // Creates that differ from the policy in one field each.
+    let good = fixture.process()?;
+    let mut other_command = good.clone();
+    other_command.args = vec!["/bin/sh".into(), "-c".into(), "cat /etc/remove-me".into()];
+    denied(client.create_container(ID, &other_command), "command")?;
+    let mut extra_env = good.clone();
+    extra_env.env.push("DEBUG=1".into());
+    denied(client.create_container(ID, &extra_env), "DEBUG=1")?;
+    let mut root = good.clone();
+    root.uid = 0;
+    denied(client.create_container(ID, &root), "user")?;
+    // Another container id has no overlay of its own.
+    denied(client.create_container("intruder", &good), "has no overlay mounted through the policy")?;
+
+    // The real thing.
+    client.create_container(ID, &good)?;
+    client.start_container(ID)?;
+    client.write_stdin(ID, None, &[], true)?;
+    let (stdout, stderr, code) = output(&mut client, ID, None)?;
+    ensure!(code == 0, "exit code {code}\nstdout:\n{stdout}\nstderr:\n{stderr}\nserial:\n{}", guest.serial());
+    for line in [
+        "cwd=/srv",
+        "uid=1000",
+        "gid=1000",
+        "env GREETING=hello",
+        "whiteout_file=absent",
+        "opaque_old=absent",
+        "opaque_new=present",
+    ] {
+        ensure!(stdout.lines().any(|l| l == line), "no line {line:?} in:\n{stdout}");
+    }
+    ensure!(!stdout.contains("env DEBUG"), "{stdout}");
+
+    // After it exited: exec and signals find no running container.
+    denied(client.signal_process("nobody", None, 9), "")?;
+    let (code, message) = refused(client.exec_process(ID, "cat", &good))?;
+    ensure!(code == ErrorCode::PolicyDenied || code == ErrorCode::Failed, "{code}: {message}");
+
+    client.delete_container(ID)?;
+    run::unmount_image(&mut client, &fixture.built, ID)?;
+    client.ping()?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// The first data block of `file` in an ext4 image, by debugfs.
+fn first_block(image: &Path, file: &str) -> anyhow::Result<u64> {
+    let out = std::process::Command::new("/sbin/debugfs")
+        .args(["-R", &format!("blocks {file}")])
+        .arg(image)
+        .output()
+        .context("cannot run debugfs (scripts/deps.sh installs e2fsprogs)")?;
+    let text = String::from_utf8(out.stdout)?;
+    text.split_whitespace().next().and_then(|b| b.parse().ok()).with_context(|| format!("no blocks for {file}: {text}"))
+}
+
+#[test]
+fn a_flipped_byte_in_a_layer_reads_as_eio_and_nothing_runs() -> anyhow::Result<()> {
+    let fixture = Fixture::new()?;
+    let layers = &fixture.built.layers.layers;
+    // Copy the top layer and flip one byte of the test program's first block.
+    let tampered = fixture.layers_dir.join("tampered.img");
+    let original = fixture.layers_dir.join(&layers[1].file);
+    std::fs::copy(&original, &tampered)?;
+    let block = first_block(&tampered, oci::ENTRYPOINT)?;
+    let mut bytes = std::fs::read(&tampered)?;
+    let offset = usize::try_from(block * 4096 + 100)?;
+    bytes[offset] ^= 0x01;
+    std::fs::write(&tampered, &bytes)?;
+
+    let mut disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    disks[1].path = tampered;
+    let (mut guest, mut client) = fixture.boot(disks)?;
+    // The metadata is intact, so the layer mounts with the policy's root hash...
+    run::mount_image(&mut client, &fixture.built, ID)?;
+    client.create_container(ID, &fixture.process()?)?;
+    // ...but the program cannot be read: exec fails with EIO, nothing runs.
+    let (code, message) = refused(client.start_container(ID))?;
+    ensure!(code == ErrorCode::Failed, "{code}: {message}");
+    ensure!(message.contains("os error 5"), "not EIO: {message}");
+    client.ping()?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(30))?;
+    Ok(())
+}
