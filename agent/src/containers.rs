@@ -16,7 +16,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
-use parma_protocol::{OutputStream, ProcessSpec};
+use parma_protocol::{OutputStream, ProcessSpec, Resources};
 use parma_sys::launch::{self, Capabilities, Child, Exit, Namespaces, NewContainer, Process, RootOp};
 
 use crate::storage;
@@ -59,6 +59,17 @@ struct Container {
     cgroup: String,
 }
 
+/// How a container is created, besides its process.
+#[derive(Debug, Default)]
+pub struct Options<'a> {
+    /// Its host name (default: its id).
+    pub hostname: Option<&'a str>,
+    /// Mount its root read-only.
+    pub readonly_rootfs: bool,
+    /// Its cgroup limits.
+    pub resources: Resources,
+}
+
 /// What a process's status is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status {
@@ -99,18 +110,12 @@ impl Containers {
     }
 
     /// Prepare container `id` on its mounted overlay.
-    pub fn create(
-        &mut self,
-        id: &str,
-        spec: &ProcessSpec,
-        hostname: Option<&str>,
-        readonly_rootfs: bool,
-    ) -> Result<(), String> {
+    pub fn create(&mut self, id: &str, spec: &ProcessSpec, options: &Options<'_>) -> Result<(), String> {
         if self.containers.contains_key(id) {
             return Err(format!("container {id:?} already exists"));
         }
         let rootfs = storage::rootfs_target(id);
-        let hostname = hostname.unwrap_or(id);
+        let hostname = options.hostname.unwrap_or(id);
         if hostname.is_empty() || hostname.len() > 64 || hostname.contains('\0') {
             return Err(format!("host name {hostname:?} is not 1 to 64 bytes"));
         }
@@ -118,11 +123,15 @@ impl Containers {
         let new = NewContainer {
             rootfs: cstring(&rootfs)?,
             ops: root_ops(&rootfs)?,
-            readonly_rootfs,
+            readonly_rootfs: options.readonly_rootfs,
             hostname: cstring(hostname)?,
         };
         let cgroup = format!("{CGROUP_PARENT}/{id}");
         make_cgroup(&cgroup)?;
+        if let Err(err) = limit(&cgroup, &options.resources) {
+            let _ = std::fs::remove_dir(&cgroup);
+            return Err(err);
+        }
         self.containers.insert(
             id.to_string(),
             Container {
@@ -156,6 +165,19 @@ impl Containers {
         let container = self.containers.get_mut(id).ok_or_else(|| format!("container {id:?} does not exist"))?;
         if container.execs.contains_key(exec_id) {
             return Err(format!("process {exec_id:?} already exists in container {id:?}"));
+        }
+        // The policy decides an exec by its command, env and working dir; its
+        // identity must be the container's, so an exec cannot gain privileges.
+        let same_identity = spec.uid == container.spec.uid
+            && spec.gid == container.spec.gid
+            && spec.groups == container.spec.groups
+            && spec.capabilities == container.spec.capabilities
+            && (spec.no_new_privileges || !container.spec.no_new_privileges);
+        if !same_identity {
+            return Err(format!(
+                "an exec in container {id:?} must run with the container's uid, gid, groups, capabilities and \
+                 no_new_privileges"
+            ));
         }
         let init = container.init.as_mut().ok_or_else(|| format!("container {id:?} has not started"))?;
         if init.poll_exit()?.is_some() {
@@ -437,6 +459,23 @@ fn root_ops(rootfs: &str) -> Result<Vec<RootOp>, String> {
     Ok(ops)
 }
 
+/// Write the container's limits into its cgroup.
+fn limit(cgroup: &str, resources: &Resources) -> Result<(), String> {
+    let write = |file: &str, value: String| {
+        std::fs::write(format!("{cgroup}/{file}"), &value).map_err(|err| format!("cannot set {file} to {value}: {err}"))
+    };
+    if let Some(bytes) = resources.memory_max {
+        write("memory.max", bytes.to_string())?;
+    }
+    if let Some(pids) = resources.pids_max {
+        write("pids.max", pids.to_string())?;
+    }
+    if let Some((quota, period)) = resources.cpu_max {
+        write("cpu.max", format!("{quota} {period}"))?;
+    }
+    Ok(())
+}
+
 /// The container's cgroup, with the memory and pids controllers enabled above it.
 fn make_cgroup(path: &str) -> Result<(), String> {
     if !std::path::Path::new(CGROUP_PARENT).exists() {
@@ -444,7 +483,9 @@ fn make_cgroup(path: &str) -> Result<(), String> {
         for dir in ["/sys/fs/cgroup", CGROUP_PARENT] {
             let control = format!("{dir}/cgroup.subtree_control");
             // Controllers the kernel lacks are left out; placement works without them.
-            let _ = std::fs::write(&control, "+memory +pids");
+            for controller in ["+memory", "+pids", "+cpu"] {
+                let _ = std::fs::write(&control, controller);
+            }
         }
     }
     std::fs::create_dir(path).map_err(|err| format!("cannot create cgroup {path}: {err}"))

@@ -14,7 +14,7 @@ use parma_policy::Point;
 use parma_protocol::{AgentError, ErrorCode, Frame, FrameKind, PingInfo, ProcessSpec, Request, Response, VERSION};
 
 use crate::attest::{Provider, report_data_from_hex};
-use crate::containers::Containers;
+use crate::containers::{self, Containers};
 use crate::gate::Gate;
 use crate::guest;
 use crate::storage::{self, Storage, check_name};
@@ -161,11 +161,16 @@ fn act(guest: &mut Guest, request: Request) -> Result<Response, String> {
             }
             storage.unmount_overlay(&container_id).map(|()| Response::Done)
         }
-        Request::CreateContainer { container_id, process, hostname, readonly_rootfs } => {
+        Request::CreateContainer { container_id, process, hostname, readonly_rootfs, resources } => {
             if !storage.has_overlay(&container_id) {
                 return Err(format!("container {container_id:?} has no overlay"));
             }
-            containers.create(&container_id, &process, hostname.as_deref(), readonly_rootfs).map(|()| Response::Done)
+            let options = containers::Options {
+                hostname: hostname.as_deref(),
+                readonly_rootfs,
+                resources: resources.unwrap_or_default(),
+            };
+            containers.create(&container_id, &process, &options).map(|()| Response::Done)
         }
         Request::StartContainer { container_id } => {
             containers.start(&container_id).map(|pid| Response::Started { pid })

@@ -302,7 +302,8 @@ mod tests {
         assert_eq!(table.salt, "010203");
         assert_eq!(table.root_hash, formatted.root_hash.to_hex());
 
-        for (offset, want) in [(4096, "bad signature"), (3 * 4096 + 1, "not a 4096-byte block"), (1 << 40, "inside the disk")]
+        for (offset, want) in
+            [(4096, "bad signature"), (3 * 4096 + 1, "not a 4096-byte block"), (1 << 40, "inside the disk")]
         {
             let err = verity_table(&path, &formatted.root_hash, offset).unwrap_err();
             assert!(err.contains(want), "{offset}: {err}");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use parma_protocol::{
     AgentError, DecodeError, Decoder, FrameError, FrameKind, GuestInfo, OutputStream, PingInfo, ProcessSpec, Request,
-    Response, encode_request,
+    Resources, Response, encode_request,
 };
 
 /// Where the agent is reached.
@@ -327,13 +327,24 @@ impl Client {
         self.done(&Request::UnmountOverlay { container_id: container_id.into() })
     }
 
-    /// `CreateContainer`.
+    /// `CreateContainer` with no limits.
     pub fn create_container(&mut self, container_id: &str, process: &ProcessSpec) -> Result<(), ClientError> {
+        self.create_container_with(container_id, process, None)
+    }
+
+    /// `CreateContainer` with cgroup limits.
+    pub fn create_container_with(
+        &mut self,
+        container_id: &str,
+        process: &ProcessSpec,
+        resources: Option<Resources>,
+    ) -> Result<(), ClientError> {
         self.done(&Request::CreateContainer {
             container_id: container_id.into(),
             process: process.clone(),
             hostname: None,
             readonly_rootfs: false,
+            resources,
         })
     }
 

@@ -28,6 +28,11 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> anyhow::Result<Self> {
+        Self::with_command(None)
+    }
+
+    /// The policy's container runs `command` instead of the image's entrypoint.
+    fn with_command(command: Option<&[&str]>) -> anyhow::Result<Self> {
         let paths = Paths::get();
         let dir = tempfile::tempdir()?;
         let image = oci::build_test_image(&dir.path().join("oci"), &paths.guest_binary("oci-hello")?)?;
@@ -37,7 +42,11 @@ impl Fixture {
             &spec,
             serde_json::to_vec(&serde_json::json!({
                 "name": "hello",
-                "exec_processes": [{"command": ["/bin/cat", "/etc/passwd"], "signals": []}],
+                "command": command,
+                "exec_processes": [
+                    {"command": ["/bin/cat", "/etc/passwd"], "signals": []},
+                    {"command": ["/bin/cat", "/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/memory.max"], "signals": []},
+                ],
                 "signals": [9],
                 "no_new_privileges": true,
             }))?,
@@ -61,6 +70,11 @@ impl Fixture {
 
     fn process(&self) -> anyhow::Result<ProcessSpec> {
         run::process_from_config(&self.built.config, &[])
+    }
+
+    fn process_with(&self, args: &[&str]) -> anyhow::Result<ProcessSpec> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        run::process_from_config(&self.built.config, &args)
     }
 }
 
@@ -196,5 +210,104 @@ fn a_flipped_byte_in_a_layer_reads_as_eio_and_nothing_runs() -> anyhow::Result<(
     guest.check_serial()?;
     client.shutdown()?;
     guest.wait_exit(Duration::from_secs(30))?;
+    Ok(())
+}
+
+#[test]
+fn exec_and_signals_reach_only_what_the_policy_lists() -> anyhow::Result<()> {
+    let command = ["/usr/bin/oci-hello", "sleep", "60000"];
+    let fixture = Fixture::with_command(Some(&command))?;
+    let (mut guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
+    run::mount_image(&mut client, &fixture.built, ID)?;
+    let limits = parma_protocol::Resources { memory_max: Some(64 << 20), pids_max: Some(32), cpu_max: None };
+    client.create_container_with(ID, &fixture.process_with(&command)?, Some(limits))?;
+    client.start_container(ID)?;
+    ensure!(client.wait_process(ID, None)?.running, "the container should sleep");
+
+    // It sees its own cgroup (a cgroup namespace) with the limits asked for.
+    let limits = fixture.process_with(&["/bin/cat", "/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/memory.max"])?;
+    client.exec_process(ID, "limits", &limits)?;
+    let (stdout, stderr, code) = output(&mut client, ID, Some("limits"))?;
+    ensure!(code == 0 && stdout == "32\n67108864\n", "exit {code}: {stdout}{stderr}");
+
+    // The policy's exec process runs in the container's namespaces and root.
+    let cat = fixture.process_with(&["/bin/cat", "/etc/passwd"])?;
+    client.exec_process(ID, "cat", &cat)?;
+    let (stdout, stderr, code) = output(&mut client, ID, Some("cat"))?;
+    ensure!(code == 0 && stdout.contains("app:x:1000:1000"), "exit {code}: {stdout}{stderr}");
+    // Anything else is denied, with the reason.
+    denied(client.exec_process(ID, "sh", &fixture.process_with(&["/bin/sh"])?), "no exec process of container")?;
+    denied(client.exec_process("nobody", "cat", &cat), "is not running")?;
+    // The allowed command as root: refused, an exec keeps the container's identity.
+    let mut as_root = cat.clone();
+    as_root.uid = 0;
+    let (code, message) = refused(client.exec_process(ID, "root", &as_root))?;
+    ensure!(code == ErrorCode::Failed && message.contains("must run with the container's uid"), "{message}");
+    // Signal 15 is not in the policy's list; 9 is.
+    denied(client.signal_process(ID, None, 15), "signal")?;
+    denied(client.signal_process("nobody", None, 9), "is not running")?;
+    ensure!(client.wait_process(ID, None)?.running, "a denied signal did nothing");
+    client.signal_process(ID, None, 9)?;
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = client.wait_process(ID, None)?;
+        if !status.running || std::time::Instant::now() > give_up {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    ensure!(status.signal == Some(9), "{status:?}");
+
+    client.delete_container(ID)?;
+    run::unmount_image(&mut client, &fixture.built, ID)?;
+    client.ping()?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(30))?;
+    Ok(())
+}
+
+#[test]
+fn parma_run_runs_the_image_and_returns_its_exit_code() -> anyhow::Result<()> {
+    let fixture = Fixture::new()?;
+    let paths = Paths::get();
+    let parma = paths.repo.join("target/release/parma");
+    ensure!(parma.is_file(), "{} is missing: make test builds it (cargo build --release -p parma)", parma.display());
+    let image = fixture._dir.path().join("oci");
+    let out = std::process::Command::new(&parma)
+        .arg("run")
+        .arg("--uvm")
+        .arg(&paths.uvm)
+        .arg("--policy")
+        .arg(&fixture.policy)
+        .arg("--oci")
+        .arg(&image)
+        .args(["--ref", oci::REF_NAME, "--layers-dir"])
+        .arg(&fixture.layers_dir)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(0), "parma run: {}\n{stdout}\n{stderr}", out.status);
+    ensure!(stdout.lines().any(|l| l == "whiteout_file=absent"), "{stdout}");
+    ensure!(stdout.lines().any(|l| l == "uid=1000"), "{stdout}");
+    ensure!(stderr.contains("INSECURE"), "emulation must say so: {stderr}");
+
+    // A command the policy does not allow: denied, with the reason, nothing runs.
+    let out = std::process::Command::new(&parma)
+        .arg("run")
+        .arg("--uvm")
+        .arg(&paths.uvm)
+        .arg("--policy")
+        .arg(&fixture.policy)
+        .arg("--oci")
+        .arg(&image)
+        .args(["--ref", oci::REF_NAME, "--layers-dir"])
+        .arg(&fixture.layers_dir)
+        .args(["--", "/bin/sh", "-c", "echo pwned"])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && !stdout.contains("pwned"), "{stdout}\n{stderr}");
+    ensure!(stderr.contains("policy_denied") && stderr.contains("command"), "{stderr}");
     Ok(())
 }

@@ -196,6 +196,11 @@ fn a_policy_that_is_not_host_data_locks_the_agent_down() -> anyhow::Result<()> {
         err.to_string().contains("refuses every request but Ping, GuestInfo, GetAttestation and Shutdown"),
         "{err}"
     );
+    // Container requests too, even those the other policy would allow.
+    let err = client.mount_layer("l0", "parma-l0", &"ab".repeat(32), 4096).unwrap_err();
+    ensure!(err.to_string().contains("MountLayer is denied: policy"), "{err}");
+    let err = client.delete_container("c0").unwrap_err();
+    ensure!(err.to_string().contains("DeleteContainer is denied: policy"), "{err}");
     client.shutdown()?;
     ensure!(guest.wait_exit(Duration::from_secs(10))?.success());
     guest.check_serial()

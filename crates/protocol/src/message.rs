@@ -73,6 +73,8 @@ pub enum Request {
         hostname: Option<String>,
         /// Mount its root read-only.
         readonly_rootfs: bool,
+        /// cgroup v2 limits of the container (all its processes).
+        resources: Option<Resources>,
     },
     /// Start a created container's init process.
     StartContainer {
@@ -175,6 +177,18 @@ pub struct ProcessSpec {
     pub capabilities: CapabilitySets,
     /// Set `no_new_privs`.
     pub no_new_privileges: bool,
+}
+
+/// cgroup v2 limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// `memory.max` in bytes.
+    pub memory_max: Option<u64>,
+    /// `pids.max`.
+    pub pids_max: Option<u64>,
+    /// `cpu.max`: quota and period in microseconds.
+    pub cpu_max: Option<(u64, u64)>,
 }
 
 /// The five capability sets.
