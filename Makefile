@@ -47,6 +47,7 @@ bench: image
 	cargo run --release --locked -p parma-tests --bin bench-attest
 	cargo run --release --locked -p parma-tests --bin bench-layer
 	cargo run --release --locked -p parma-tests --bin bench-boot
+	cargo run --release --locked -p parma-tests --bin bench-e2e
 
 clean:
 	rm -rf out target

@@ -145,6 +145,12 @@ impl Containers {
         Ok(())
     }
 
+    /// Write new limits into container `id`'s cgroup.
+    pub fn update(&mut self, id: &str, resources: &Resources) -> Result<(), String> {
+        let container = self.containers.get(id).ok_or_else(|| format!("container {id:?} does not exist"))?;
+        limit(&container.cgroup, resources)
+    }
+
     /// Start a created container's init process; returns its PID.
     pub fn start(&mut self, id: &str) -> Result<i32, String> {
         let container = self.containers.get_mut(id).ok_or_else(|| format!("container {id:?} does not exist"))?;

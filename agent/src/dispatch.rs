@@ -155,6 +155,10 @@ fn act(guest: &mut Guest, request: Request) -> Result<Response, String> {
             let target = storage.mount_overlay(&container_id, &layers, writable)?;
             Ok(Response::OverlayMounted { target })
         }
+        Request::MountScratch { serial } => {
+            let scratch = storage.mount_scratch(&serial)?;
+            Ok(Response::ScratchMounted { device: scratch.device.clone(), bytes: scratch.bytes })
+        }
         Request::UnmountOverlay { container_id } => {
             if containers.exists(&container_id) {
                 return Err(format!("container {container_id:?} still exists: delete it first"));
@@ -174,6 +178,9 @@ fn act(guest: &mut Guest, request: Request) -> Result<Response, String> {
         }
         Request::StartContainer { container_id } => {
             containers.start(&container_id).map(|pid| Response::Started { pid })
+        }
+        Request::UpdateContainer { container_id, resources } => {
+            containers.update(&container_id, &resources).map(|()| Response::Done)
         }
         Request::ExecProcess { container_id, exec_id, process } => {
             containers.exec(&container_id, &exec_id, &process).map(|pid| Response::Started { pid })
@@ -244,6 +251,10 @@ fn points(request: &Request, containers: &Containers) -> Result<Vec<(Point, Valu
             }
             points
         }
+        Request::MountScratch { .. } => {
+            // Authenticated dm-crypt over dm-integrity: encrypted.
+            vec![(Point::ScratchMount, json!({"target": "swap", "encrypted": true}))]
+        }
         Request::UnmountOverlay { container_id } => {
             name("container id", container_id)?;
             vec![(Point::UnmountOverlay, json!({"unmountTarget": storage::rootfs_target(container_id)}))]
@@ -283,6 +294,7 @@ fn points(request: &Request, containers: &Containers) -> Result<Vec<(Point, Valu
             vec![(Point::ShutdownContainer, json!({"containerID": container_id}))]
         }
         Request::StartContainer { container_id }
+        | Request::UpdateContainer { container_id, .. }
         | Request::WaitProcess { container_id, .. }
         | Request::ReadOutput { container_id, .. }
         | Request::WriteStdin { container_id, .. } => {

@@ -19,7 +19,8 @@
 //!   with inputs the dispatcher builds from the request and the agent's own
 //!   records; they are denied while no policy is set. The decisions' state
 //!   changes are committed only after the action succeeded.
-//! - `StartContainer`, `WaitProcess`, `ReadOutput` and `WriteStdin` act
+//! - `StartContainer`, `UpdateContainer` (limits only restrict), `WaitProcess`,
+//!   `ReadOutput` and `WriteStdin` act
 //!   only on a container the policy already allowed (at `create_container`
 //!   or `exec_in_container`); they need a policy in force.
 
@@ -61,7 +62,9 @@ impl Gate {
                 | Request::UnmountLayer { .. }
                 | Request::MountOverlay { .. }
                 | Request::UnmountOverlay { .. }
+                | Request::MountScratch { .. }
                 | Request::CreateContainer { .. }
+                | Request::UpdateContainer { .. }
                 | Request::StartContainer { .. }
                 | Request::ExecProcess { .. }
                 | Request::SignalProcess { .. }
@@ -93,6 +96,7 @@ impl Gate {
                 }
             },
             Request::StartContainer { .. }
+            | Request::UpdateContainer { .. }
             | Request::WaitProcess { .. }
             | Request::ReadOutput { .. }
             | Request::WriteStdin { .. } => {
@@ -103,6 +107,7 @@ impl Gate {
             | Request::UnmountLayer { .. }
             | Request::MountOverlay { .. }
             | Request::UnmountOverlay { .. }
+            | Request::MountScratch { .. }
             | Request::CreateContainer { .. }
             | Request::ExecProcess { .. }
             | Request::SignalProcess { .. }

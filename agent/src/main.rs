@@ -12,6 +12,7 @@ mod containers;
 mod dispatch;
 mod gate;
 mod guest;
+mod scratch;
 mod serve;
 mod storage;
 mod transport;

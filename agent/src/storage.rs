@@ -60,6 +60,7 @@ pub fn scratch_target(id: &str) -> String {
 struct Layer {
     device: Device,
     target: String,
+    serial: String,
 }
 
 /// A mounted overlay.
@@ -74,6 +75,7 @@ struct Overlay {
 pub struct Storage {
     layers: BTreeMap<String, Layer>,
     overlays: BTreeMap<String, Overlay>,
+    scratch: Option<crate::scratch::Scratch>,
 }
 
 impl Storage {
@@ -94,6 +96,9 @@ impl Storage {
             return Err(format!("layer {name:?} is already mounted"));
         }
         let root = RootHash::from_hex(root_hash).map_err(|err| format!("root hash: {err}"))?;
+        if self.scratch.as_ref().is_some_and(|s| s.serial == serial) {
+            return Err(format!("disk {serial:?} is the scratch disk"));
+        }
         let disk = find_disk(serial)?;
         let table = verity_table(&disk, &root, hash_offset)?;
         let control = Control::open().map_err(|err| err.to_string())?;
@@ -123,9 +128,22 @@ impl Storage {
             return Err(err);
         }
         let path = device.path();
-        self.layers.insert(name.to_string(), Layer { device, target: target.clone() });
+        self.layers.insert(name.to_string(), Layer { device, target: target.clone(), serial: serial.to_string() });
         tracing::info!("layer {name} ({root_hash}) from disk {serial} on {target} through {path}");
         Ok(path)
+    }
+
+    /// Make the disk with `serial` the encrypted scratch (swap).
+    pub fn mount_scratch(&mut self, serial: &str) -> Result<&crate::scratch::Scratch, String> {
+        if let Some(scratch) = &self.scratch {
+            return Err(format!("the scratch is already on disk {:?}", scratch.serial));
+        }
+        if let Some((name, _)) = self.layers.iter().find(|(_, layer)| layer.serial == serial) {
+            return Err(format!("disk {serial:?} holds layer {name:?}"));
+        }
+        let disk = find_disk(serial)?;
+        let size = block_device_size(&disk)?;
+        Ok(self.scratch.insert(crate::scratch::setup(serial, &disk, size)?))
     }
 
     /// Unmount layer `name` and remove its dm-verity device.

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use parma_protocol::{SERIAL_PORT_NAME, VSOCK_PORT};
-use tokio::net::unix::pipe;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
 
@@ -55,29 +54,164 @@ fn named_port(class_dir: &Path, wanted: &str) -> Option<PathBuf> {
 /// return end of file until a host connects again. Each such gap resets the
 /// decoder, so half a frame from a host that left never merges with the
 /// next host's bytes. Returns `Ok` only once a shutdown request was answered.
+///
+/// The port is read and written with blocking calls on two threads, not
+/// through epoll: the virtio console driver's wakeups around a host
+/// reconnecting can be missed by an edge-triggered poller, which left a
+/// request unread until the host gave up (seen under TCG, about one boot in
+/// ten). A blocking read waits on the driver's own condition instead.
 pub async fn serve_serial(path: &Path, dispatcher: &Dispatcher) -> anyhow::Result<()> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
         .open(path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    // tokio's pipe halves drive any pollable non-blocking descriptor; the
-    // port is opened once (the kernel allows one opener) and duplicated.
     let writer = file.try_clone().context("cannot duplicate the serial port descriptor")?;
-    let reader = pipe::Receiver::from_file_unchecked(file).context("cannot poll the serial port")?;
-    let writer = pipe::Sender::from_file_unchecked(writer).context("cannot poll the serial port")?;
-    let mut port = tokio::io::join(reader, writer);
+    let (events_tx, mut events) = mpsc::channel::<SerialEvent>(16);
+    let (out_tx, out_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::Builder::new()
+        .name("serial-read".into())
+        .spawn(move || read_port(file, &events_tx))
+        .context("cannot start the serial reader")?;
+    let (finished_tx, finished) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("serial-write".into())
+        .spawn(move || {
+            write_port(writer, &out_rx);
+            let _ = finished_tx.send(());
+        })
+        .context("cannot start the serial writer")?;
     loop {
-        match serve(&mut port, dispatcher).await {
-            Ok(Ended::Shutdown) => return Ok(()),
-            // No host connected: wait before looking again.
-            Ok(Ended::Eof) => tokio::time::sleep(POLL).await,
+        let mut stream = SerialStream { events: &mut events, pending: Vec::new(), out: out_tx.clone() };
+        match serve(&mut stream, dispatcher).await {
+            Ok(Ended::Shutdown) => {
+                // The writer ends once every sender is gone, after writing
+                // the answer: wait for it (a while: with no host on the
+                // port a write blocks) before the agent exits.
+                drop(stream);
+                drop(out_tx);
+                let _ = finished.recv_timeout(Duration::from_secs(2));
+                return Ok(());
+            }
+            Ok(Ended::Eof) => {}
             Err(err) => {
                 tracing::warn!("serial port: {err}");
                 tokio::time::sleep(POLL).await;
             }
         }
+    }
+}
+
+/// What the reader thread saw on the port.
+#[derive(Debug)]
+enum SerialEvent {
+    Data(Vec<u8>),
+    /// The host side closed after sending something.
+    Eof,
+    /// The port cannot be read at all.
+    Failed(std::io::ErrorKind),
+}
+
+/// Blocking reads until the agent exits; end of file (no host) is polled.
+fn read_port(mut file: std::fs::File, events: &mpsc::Sender<SerialEvent>) {
+    use std::io::Read;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut connected = false;
+    loop {
+        let event = match file.read(&mut buf) {
+            Ok(0) => {
+                if !std::mem::replace(&mut connected, false) {
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+                SerialEvent::Eof
+            }
+            Ok(n) => {
+                connected = true;
+                SerialEvent::Data(buf.get(..n).unwrap_or_default().to_vec())
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                std::thread::sleep(POLL);
+                SerialEvent::Failed(err.kind())
+            }
+        };
+        if events.blocking_send(event).is_err() {
+            return;
+        }
+    }
+}
+
+/// Blocking writes of whole responses, in order.
+fn write_port(mut file: std::fs::File, out: &std::sync::mpsc::Receiver<Vec<u8>>) {
+    use std::io::Write;
+    while let Ok(bytes) = out.recv() {
+        if let Err(err) = file.write_all(&bytes) {
+            tracing::warn!("serial port: a response was lost: {err}");
+        }
+    }
+}
+
+/// One host's stretch of the serial port, as a stream for `serve`.
+struct SerialStream<'a> {
+    events: &'a mut mpsc::Receiver<SerialEvent>,
+    pending: Vec<u8>,
+    out: std::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl tokio::io::AsyncRead for SerialStream<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        if self.pending.is_empty() {
+            match self.events.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(SerialEvent::Data(bytes))) => self.pending = bytes,
+                // End of this host's stream: zero bytes read.
+                Poll::Ready(Some(SerialEvent::Eof)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(SerialEvent::Failed(kind))) => {
+                    return Poll::Ready(Err(std::io::Error::new(kind, "cannot read the serial port")));
+                }
+                Poll::Ready(None) => {
+                    return Poll::Ready(Err(std::io::Error::other("the serial reader stopped")));
+                }
+            }
+        }
+        let n = self.pending.len().min(buf.remaining());
+        buf.put_slice(self.pending.get(..n).unwrap_or_default());
+        self.pending.drain(..n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for SerialStream<'_> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.out.send(buf.to_vec()) {
+            Ok(()) => std::task::Poll::Ready(Ok(buf.len())),
+            Err(_) => std::task::Poll::Ready(Err(std::io::Error::other("the serial writer stopped"))),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
 

@@ -322,6 +322,15 @@ impl Client {
         }
     }
 
+    /// `MountScratch`.
+    /// Returns the swap device and its usable bytes.
+    pub fn mount_scratch(&mut self, serial: &str) -> Result<(String, u64), ClientError> {
+        match self.call(&Request::MountScratch { serial: serial.into() })? {
+            Response::ScratchMounted { device, bytes } => Ok((device, bytes)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// `UnmountOverlay`.
     pub fn unmount_overlay(&mut self, container_id: &str) -> Result<(), ClientError> {
         self.done(&Request::UnmountOverlay { container_id: container_id.into() })
@@ -346,6 +355,11 @@ impl Client {
             readonly_rootfs: false,
             resources,
         })
+    }
+
+    /// `UpdateContainer`.
+    pub fn update_container(&mut self, container_id: &str, resources: &Resources) -> Result<(), ClientError> {
+        self.done(&Request::UpdateContainer { container_id: container_id.into(), resources: resources.clone() })
     }
 
     /// `StartContainer`: the init process's PID.

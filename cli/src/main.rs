@@ -80,6 +80,11 @@ struct RunArgs {
     /// The container's id in the guest.
     #[arg(long, default_value = "c0")]
     id: String,
+    /// Give the guest an encrypted scratch disk of this many MiB (a sparse
+    /// file, deleted afterwards): the containers' writes that do not fit in
+    /// guest memory go there, encrypted and authenticated. 0: none.
+    #[arg(long, default_value_t = 0)]
+    scratch_mib: u64,
     /// Give up on the container after this many seconds.
     #[arg(long, default_value_t = 600.0)]
     timeout: f64,
@@ -290,6 +295,10 @@ struct VmRun {
     /// read-only disks with serials parma-l0, parma-l1, ... (base first).
     #[arg(long)]
     layers: Option<PathBuf>,
+    /// Attach this file as the writable scratch disk (serial parma-scratch),
+    /// for `parma agent mount-scratch`. Its contents are destroyed.
+    #[arg(long)]
+    scratch: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -374,6 +383,15 @@ enum AgentCommand {
         #[arg(long)]
         read_only: bool,
     },
+    /// Make a writable disk the encrypted scratch: swap over authenticated
+    /// dm-crypt and dm-integrity with a key made in the guest (policy: scratch_mount).
+    MountScratch {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The disk's virtio-blk serial (`parma vm run --scratch` uses parma-scratch).
+        #[arg(long, default_value = "parma-scratch")]
+        serial: String,
+    },
     /// Unmount a container's overlay (policy: unmount_overlay).
     UnmountOverlay {
         #[command(flatten)]
@@ -398,6 +416,20 @@ enum AgentCommand {
         /// The command, replacing the config's entrypoint and cmd.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Change a container's cgroup limits.
+    Update {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The container's id.
+        #[arg(long)]
+        id: String,
+        /// memory.max in bytes.
+        #[arg(long)]
+        memory_max: Option<u64>,
+        /// pids.max.
+        #[arg(long)]
+        pids_max: Option<u64>,
     },
     /// Start a created container.
     Start {
@@ -674,9 +706,19 @@ fn vm_run(args: VmRun) -> anyhow::Result<()> {
         vsock_cid: args.vsock_cid,
         snp: None,
         insecure_emulated_host_data: None,
-        disks: match &args.layers {
-            Some(dir) => layer_disks_of(dir)?,
-            None => Vec::new(),
+        disks: {
+            let mut disks = match &args.layers {
+                Some(dir) => layer_disks_of(dir)?,
+                None => Vec::new(),
+            };
+            if let Some(path) = &args.scratch {
+                disks.push(parma::Disk {
+                    path: path.clone(),
+                    serial: parma::run::SCRATCH_SERIAL.into(),
+                    writable: true,
+                });
+            }
+            disks
         },
     };
     let host_data = match &args.policy {
@@ -795,6 +837,12 @@ fn agent(command: AgentCommand) -> anyhow::Result<()> {
             let target = connect(&args)?.mount_overlay(&id, &layers, !read_only)?;
             print(args.json, &serde_json::json!({"target": target}), |_| format!("overlay of {id} on {target}"))
         }
+        AgentCommand::MountScratch { agent: args, serial } => {
+            let (device, bytes) = connect(&args)?.mount_scratch(&serial)?;
+            print(args.json, &serde_json::json!({"device": device, "bytes": bytes}), |_| {
+                format!("encrypted scratch: {bytes} bytes of swap on {device}")
+            })
+        }
         AgentCommand::UnmountOverlay { agent: args, id } => {
             connect(&args)?.unmount_overlay(&id)?;
             print(args.json, &serde_json::json!({"unmounted": id}), |_| format!("overlay of {id} unmounted"))
@@ -810,6 +858,11 @@ fn agent(command: AgentCommand) -> anyhow::Result<()> {
             };
             connect(&args)?.create_container(&id, &process)?;
             print(args.json, &serde_json::json!({"created": id}), |_| format!("container {id} created"))
+        }
+        AgentCommand::Update { agent: args, id, memory_max, pids_max } => {
+            let resources = parma_protocol::Resources { memory_max, pids_max, cpu_max: None };
+            connect(&args)?.update_container(&id, &resources)?;
+            print(args.json, &serde_json::json!({"updated": id}), |_| format!("container {id} updated"))
         }
         AgentCommand::Start { agent: args, id } => {
             let pid = connect(&args)?.start_container(&id)?;
@@ -853,7 +906,7 @@ fn layer_disks_of(dir: &Path) -> anyhow::Result<Vec<parma::Disk>> {
         .map(|(index, layer)| {
             let file = layer.get("file").and_then(serde_json::Value::as_str).context("a layer has no file")?;
             anyhow::ensure!(!file.contains('/'), "layer file {file:?} is not a plain name");
-            Ok(parma::Disk { path: dir.join(file), serial: parma::run::layer_serial(index) })
+            Ok(parma::Disk { path: dir.join(file), serial: parma::run::layer_serial(index), writable: false })
         })
         .collect()
 }
@@ -877,6 +930,11 @@ fn run_container(args: RunArgs) -> anyhow::Result<i32> {
     config.accel = args.accel;
     config.memory_mib = args.memory;
     config.disks = parma::run::layer_disks(&built, &args.layers_dir);
+    if args.scratch_mib > 0 {
+        let path = dir.path().join("scratch.img");
+        std::fs::File::create(&path)?.set_len(args.scratch_mib << 20)?;
+        config.disks.push(parma::Disk { path, serial: parma::run::SCRATCH_SERIAL.into(), writable: true });
+    }
     config.serial = Serial::File(args.serial_log.clone().unwrap_or_else(|| dir.path().join("serial.log")));
     if args.snp {
         let ovmf = args.ovmf.clone().context("--snp needs --ovmf")?;
@@ -928,6 +986,9 @@ fn drive_container(
     let timeout = Duration::try_from_secs_f64(args.timeout).context("bad --timeout")?;
     let mut client = wait_for_agent(&control, Duration::from_secs(120))?;
     client.set_policy(policy.to_string()).context("the agent refused the policy")?;
+    if args.scratch_mib > 0 {
+        client.mount_scratch(parma::run::SCRATCH_SERIAL).context("cannot set up the encrypted scratch")?;
+    }
     parma::run::mount_image(&mut client, built, &args.id)?;
     client.create_container(&args.id, process).context("cannot create the container")?;
     client.start_container(&args.id).context("cannot start the container")?;

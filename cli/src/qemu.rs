@@ -65,6 +65,8 @@ pub struct Disk {
     pub path: PathBuf,
     /// The serial the guest sees (at most 20 of `[A-Za-z0-9-]`).
     pub serial: String,
+    /// Writable (the scratch disk); layers are read-only.
+    pub writable: bool,
 }
 
 /// The kernel command-line flag of the insecure report emulation.
@@ -205,7 +207,8 @@ impl VmConfig {
             }
             let path = disk.path.to_string_lossy().replace(',', ",,");
             args.push("-drive".into());
-            args.push(format!("file={path},if=none,id=disk{index},format=raw,readonly=on").into());
+            let readonly = if disk.writable { "off" } else { "on" };
+            args.push(format!("file={path},if=none,id=disk{index},format=raw,readonly={readonly}").into());
             args.push("-device".into());
             args.push(format!("virtio-blk-pci,drive=disk{index},serial={}{virtio_opts}", disk.serial).into());
         }

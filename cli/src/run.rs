@@ -25,6 +25,9 @@ pub fn layer_serial(index: usize) -> String {
     format!("parma-l{index}")
 }
 
+/// The virtio-blk serial of the scratch disk.
+pub const SCRATCH_SERIAL: &str = "parma-scratch";
+
 /// The read-only disks of an image's layers, base first.
 pub fn layer_disks(built: &Built, layers_dir: &Path) -> Vec<Disk> {
     built
@@ -32,7 +35,7 @@ pub fn layer_disks(built: &Built, layers_dir: &Path) -> Vec<Disk> {
         .layers
         .iter()
         .enumerate()
-        .map(|(index, layer)| Disk { path: layers_dir.join(&layer.file), serial: layer_serial(index) })
+        .map(|(index, layer)| Disk { path: layers_dir.join(&layer.file), serial: layer_serial(index), writable: false })
         .collect()
 }
 

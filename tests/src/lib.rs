@@ -215,6 +215,35 @@ impl Guest {
         bail!("the agent did not answer within {deadline:?} ({last_error})\nserial:\n{}", self.serial())
     }
 
+    /// A connection on which the agent answered a ping, waiting at most
+    /// `deadline` after QEMU started; each call on it then waits up to `timeout`.
+    /// (A request sent right after a reconnect can be swallowed while the
+    /// agent resynchronises: this pings until one is answered on the
+    /// connection it returns.)
+    pub fn ready_client(&mut self, deadline: Duration, timeout: Duration) -> anyhow::Result<Client> {
+        let give_up = self.started + deadline;
+        let mut last_error = String::from("no attempt");
+        while Instant::now() < give_up {
+            self.fail_if_exited("waiting for the agent")?;
+            if !self.control.exists() {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            match Client::connect(&self.control(), Duration::from_secs(1)) {
+                Ok(mut client) => match client.ping() {
+                    Ok(_) => {
+                        self.check_serial()?;
+                        client.set_timeout(timeout);
+                        return Ok(client);
+                    }
+                    Err(err) => last_error = format!("{err:#}"),
+                },
+                Err(err) => last_error = format!("{err:#}"),
+            }
+        }
+        bail!("the agent did not answer within {deadline:?} ({last_error})\nserial:\n{}", self.serial())
+    }
+
     /// A new connection to the agent.
     pub fn client(&self, timeout: Duration) -> anyhow::Result<Client> {
         Ok(Client::connect(&self.control(), timeout)?)

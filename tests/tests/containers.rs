@@ -46,6 +46,7 @@ impl Fixture {
                 "exec_processes": [
                     {"command": ["/bin/cat", "/etc/passwd"], "signals": []},
                     {"command": ["/bin/cat", "/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/memory.max"], "signals": []},
+                    {"command": ["/bin/cat", "/proc/self/status"], "signals": []},
                 ],
                 "signals": [9],
                 "no_new_privileges": true,
@@ -62,9 +63,10 @@ impl Fixture {
         let mut boot = Boot::emulated_for_policy(&self.policy)?;
         boot.disks = disks;
         let mut guest = Guest::boot(&Paths::get(), &boot)?;
-        guest.wait_ready(READY)?;
-        let mut client = guest.client(CALL)?;
-        client.set_policy(std::fs::read_to_string(&self.policy)?)?;
+        let mut client = guest.ready_client(READY, CALL)?;
+        if let Err(err) = client.set_policy(std::fs::read_to_string(&self.policy)?) {
+            bail!("SetPolicy: {err}\nserial:\n{}", guest.serial());
+        }
         Ok((guest, client))
     }
 
@@ -235,6 +237,15 @@ fn exec_and_signals_reach_only_what_the_policy_lists() -> anyhow::Result<()> {
     client.exec_process(ID, "cat", &cat)?;
     let (stdout, stderr, code) = output(&mut client, ID, Some("cat"))?;
     ensure!(code == 0 && stdout.contains("app:x:1000:1000"), "exit {code}: {stdout}{stderr}");
+    // It starts with default signal handling (the agent ignores SIGPIPE; the container must not).
+    client.exec_process(ID, "status", &fixture.process_with(&["/bin/cat", "/proc/self/status"])?)?;
+    let (stdout, stderr, code) = output(&mut client, ID, Some("status"))?;
+    ensure!(code == 0, "exit {code}: {stderr}");
+    for line in
+        ["SigIgn:\t0000000000000000", "SigBlk:\t0000000000000000", "NoNewPrivs:\t1", "Uid:\t1000\t1000\t1000\t1000"]
+    {
+        ensure!(stdout.lines().any(|l| l == line), "no {line:?} in:\n{stdout}");
+    }
     // Anything else is denied, with the reason.
     denied(client.exec_process(ID, "sh", &fixture.process_with(&["/bin/sh"])?), "no exec process of container")?;
     denied(client.exec_process("nobody", "cat", &cat), "is not running")?;
@@ -310,4 +321,80 @@ fn parma_run_runs_the_image_and_returns_its_exit_code() -> anyhow::Result<()> {
     ensure!(!out.status.success() && !stdout.contains("pwned"), "{stdout}\n{stderr}");
     ensure!(stderr.contains("policy_denied") && stderr.contains("command"), "{stderr}");
     Ok(())
+}
+
+#[test]
+fn container_writes_reach_the_scratch_disk_only_encrypted_and_authenticated() -> anyhow::Result<()> {
+    const MARKER: &str = "PARMA-PLAINTEXT-MARKER-0123456789";
+    let script = format!(
+        "/bin/busybox yes {MARKER} | head -c 20971520 > /srv/big; head -c 33 /srv/big; echo; read go; \
+         cat /sys/fs/cgroup/memory.swap.current; read go; cat /srv/big > /dev/null; echo rc=$?"
+    );
+    let command = ["/bin/sh", "-c", script.as_str()];
+    let fixture = Fixture::with_command(Some(&command))?;
+    let scratch = fixture._dir.path().join("scratch.img");
+    std::fs::File::create(&scratch)?.set_len(128 << 20)?;
+    let mut disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    disks.push(parma::Disk { path: scratch.clone(), serial: run::SCRATCH_SERIAL.into(), writable: true });
+    let (mut guest, mut client) = fixture.boot(disks)?;
+
+    let (device, bytes) = client.mount_scratch(run::SCRATCH_SERIAL)?;
+    ensure!(bytes > 96 << 20 && device.starts_with("/dev/dm-"), "{device}: {bytes} bytes");
+    // Once per boot, and never on a layer's disk.
+    let (code, message) = refused(client.mount_scratch(run::SCRATCH_SERIAL))?;
+    ensure!(code == ErrorCode::Failed && message.contains("already"), "{message}");
+    let (code, message) = refused(client.mount_scratch("parma-l0"))?;
+    ensure!(code == ErrorCode::Failed, "{message}");
+
+    // 20 MiB written to the container's upper layer (guest memory)...
+    run::mount_image(&mut client, &fixture.built, ID)?;
+    client.create_container(ID, &fixture.process_with(&command)?)?;
+    client.start_container(ID)?;
+    let first = read_lines(&mut client, 1)?;
+    ensure!(first == [MARKER], "the data reads back: {first:?}");
+    // ...then the container may keep only 4 MiB in memory: the rest goes to the scratch.
+    let limits = parma_protocol::Resources { memory_max: Some(4 << 20), pids_max: None, cpu_max: None };
+    client.update_container(ID, &limits)?;
+    client.write_stdin(ID, None, b"go\n", false)?;
+    let swapped: u64 = read_lines(&mut client, 1)?.concat().trim().parse().context("memory.swap.current")?;
+    ensure!(swapped > 12 << 20, "only {swapped} bytes were swapped out");
+
+    // The host's view of the disk: much was written, none of it readable.
+    let disk = std::fs::read(&scratch)?;
+    let written = disk.chunks(4096).filter(|block| block.iter().any(|b| *b != 0)).count() * 4096;
+    ensure!(written as u64 > swapped, "only {written} bytes reached the disk");
+    let marker = MARKER.as_bytes();
+    ensure!(!disk.windows(marker.len()).any(|w| w == marker), "the scratch disk holds the plaintext");
+    ensure!(!disk.windows(6).any(|w| w == b"PARMA-"), "the scratch disk holds a piece of the plaintext");
+
+    // The host overwrites the swapped data: the container cannot read it back.
+    let file = std::fs::OpenOptions::new().write(true).open(&scratch)?;
+    std::os::unix::fs::FileExt::write_all_at(&file, &vec![0x5a; disk.len() - (1 << 20)], 1 << 20)?;
+    file.sync_all()?;
+    client.write_stdin(ID, None, b"go\n", true)?;
+    let (rest, stderr, code) = output(&mut client, ID, None)?;
+    ensure!(!rest.contains("rc=0"), "forged swap was read as data: {rest}\n{stderr}");
+    ensure!(code != 0 || rest.contains("rc=1"), "exit {code}: {rest}\n{stderr}");
+    client.ping()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
+}
+
+/// The next `count` lines of the container's stdout.
+fn read_lines(client: &mut Client, count: usize) -> anyhow::Result<Vec<String>> {
+    let mut text = String::new();
+    let give_up = std::time::Instant::now() + Duration::from_secs(240);
+    while text.matches('\n').count() < count {
+        let (data, eof) = client.read_output(ID, None, parma_protocol::OutputStream::Stdout)?;
+        text.push_str(std::str::from_utf8(&data)?);
+        if eof || std::time::Instant::now() >= give_up {
+            let (stderr, _) = client.read_output(ID, None, parma_protocol::OutputStream::Stderr)?;
+            bail!("the container stopped early: {text}\nstderr: {}", String::from_utf8_lossy(&stderr));
+        }
+        if data.is_empty() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(text.lines().map(str::to_string).collect())
 }

@@ -58,6 +58,13 @@ pub enum Request {
         /// Give the container a writable upper layer (in encrypted guest memory).
         writable: bool,
     },
+    /// Use a disk from the host as the encrypted scratch: swap through
+    /// dm-integrity and authenticated dm-crypt with a key made in the guest
+    /// (policy: `scratch_mount`). Once per boot.
+    MountScratch {
+        /// The virtio-blk serial of the (writable) disk.
+        serial: String,
+    },
     /// Unmount a container's overlay (policy: `unmount_overlay`).
     UnmountOverlay {
         /// The container's id.
@@ -75,6 +82,14 @@ pub enum Request {
         readonly_rootfs: bool,
         /// cgroup v2 limits of the container (all its processes).
         resources: Option<Resources>,
+    },
+    /// Change a container's cgroup limits (lowering `memory_max` below its
+    /// use reclaims at once: to swap, when there is encrypted scratch).
+    UpdateContainer {
+        /// The container's id.
+        container_id: String,
+        /// The new limits; absent fields are left as they are.
+        resources: Resources,
     },
     /// Start a created container's init process.
     StartContainer {
@@ -147,7 +162,9 @@ pub const REQUEST_TYPES: &[&str] = &[
     "UnmountLayer",
     "MountOverlay",
     "UnmountOverlay",
+    "MountScratch",
     "CreateContainer",
+    "UpdateContainer",
     "StartContainer",
     "ExecProcess",
     "SignalProcess",
@@ -230,7 +247,9 @@ impl Request {
             Request::UnmountLayer { .. } => RequestKind::UnmountLayer,
             Request::MountOverlay { .. } => RequestKind::MountOverlay,
             Request::UnmountOverlay { .. } => RequestKind::UnmountOverlay,
+            Request::MountScratch { .. } => RequestKind::MountScratch,
             Request::CreateContainer { .. } => RequestKind::CreateContainer,
+            Request::UpdateContainer { .. } => RequestKind::UpdateContainer,
             Request::StartContainer { .. } => RequestKind::StartContainer,
             Request::ExecProcess { .. } => RequestKind::ExecProcess,
             Request::SignalProcess { .. } => RequestKind::SignalProcess,
@@ -263,8 +282,12 @@ pub enum RequestKind {
     MountOverlay,
     /// [`Request::UnmountOverlay`].
     UnmountOverlay,
+    /// [`Request::MountScratch`].
+    MountScratch,
     /// [`Request::CreateContainer`].
     CreateContainer,
+    /// [`Request::UpdateContainer`].
+    UpdateContainer,
     /// [`Request::StartContainer`].
     StartContainer,
     /// [`Request::ExecProcess`].
@@ -294,7 +317,9 @@ impl RequestKind {
             RequestKind::UnmountLayer => "UnmountLayer",
             RequestKind::MountOverlay => "MountOverlay",
             RequestKind::UnmountOverlay => "UnmountOverlay",
+            RequestKind::MountScratch => "MountScratch",
             RequestKind::CreateContainer => "CreateContainer",
+            RequestKind::UpdateContainer => "UpdateContainer",
             RequestKind::StartContainer => "StartContainer",
             RequestKind::ExecProcess => "ExecProcess",
             RequestKind::SignalProcess => "SignalProcess",
@@ -340,6 +365,13 @@ pub enum Response {
     OverlayMounted {
         /// The container's root in the guest.
         target: String,
+    },
+    /// Answer to [`Request::MountScratch`].
+    ScratchMounted {
+        /// The swap device (dm-crypt over dm-integrity).
+        device: String,
+        /// Usable bytes.
+        bytes: u64,
     },
     /// Answer to [`Request::StartContainer`] and [`Request::ExecProcess`].
     Started {

@@ -174,6 +174,8 @@ pub enum Step {
     Cwd,
     /// `execve`.
     Exec,
+    /// Resetting signal dispositions and the mask.
+    Signals,
     /// A step number this code does not know.
     Unknown(u32),
 }
@@ -199,6 +201,7 @@ impl Step {
             Step::NoNewPrivs => 16,
             Step::Cwd => 17,
             Step::Exec => 18,
+            Step::Signals => 19,
             Step::RootOp(index) => 0x1000_0000 | index,
             Step::Unknown(code) => code,
         }
@@ -224,6 +227,7 @@ impl Step {
             16 => Step::NoNewPrivs,
             17 => Step::Cwd,
             18 => Step::Exec,
+            19 => Step::Signals,
             code if code & 0x1000_0000 != 0 => Step::RootOp(code & 0x0fff_ffff),
             code => Step::Unknown(code),
         }
@@ -319,6 +323,15 @@ struct CloneArgs {
     set_tid: u64,
     set_tid_size: u64,
     cgroup: u64,
+}
+
+/// The kernel's `struct sigaction` on x86_64 (not glibc's).
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
 }
 
 /// `struct __user_cap_header_struct`.
@@ -510,6 +523,19 @@ fn setup(plan: &Plan<'_>) -> Result<Never, Step> {
                 check(libc::dup2(*fd, target).into(), Step::Stdio)?;
             }
         }
+        // Signal dispositions and the mask are the agent's (Rust ignores
+        // SIGPIPE; an ignored signal stays ignored across execve): the
+        // container starts with the defaults, as under any OCI runtime.
+        // The raw system call: glibc refuses to touch its own signals 32 and 33.
+        let default = KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
+        for signal in 1..=64 {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                libc::syscall(libc::SYS_rt_sigaction, signal, &raw const default, ptr::null_mut::<u8>(), 8usize);
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        check(libc::sigprocmask(libc::SIG_SETMASK, &none, ptr::null_mut()).into(), Step::Signals)?;
         // Nothing else crosses the execve, whatever the parent left open.
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
         check(libc::setsid().into(), Step::Setsid)?;

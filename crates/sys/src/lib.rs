@@ -10,9 +10,11 @@
 //!   and directly in its cgroup, set up its root with `pivot_root`, drop to
 //!   its user and capabilities and `execve` it. The child runs only raw
 //!   system calls on data prepared before the clone: no allocation, no lock.
+//! - [`swap`]: `swapon`/`swapoff` for the encrypted scratch device.
 //!
 //! Linux only, x86_64 is what is tested.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod dm;
 pub mod launch;
+pub mod swap;
