@@ -178,11 +178,12 @@ impl Containers {
             && spec.gid == container.spec.gid
             && spec.groups == container.spec.groups
             && spec.capabilities == container.spec.capabilities
+            && spec.seccomp == container.spec.seccomp
             && (spec.no_new_privileges || !container.spec.no_new_privileges);
         if !same_identity {
             return Err(format!(
-                "an exec in container {id:?} must run with the container's uid, gid, groups, capabilities and \
-                 no_new_privileges"
+                "an exec in container {id:?} must run with the container's uid, gid, groups, capabilities, \
+                 seccomp profile and no_new_privileges"
             ));
         }
         let init = container.init.as_mut().ok_or_else(|| format!("container {id:?} has not started"))?;
@@ -348,6 +349,24 @@ fn prepare_process(rootfs: &str, spec: &ProcessSpec) -> Result<Process, String> 
         inheritable: mask(&caps.inheritable, "inheritable")?,
         ambient: mask(&caps.ambient, "ambient")?,
     };
+    let seccomp = match &spec.seccomp {
+        None => Vec::new(),
+        Some(_) if !spec.no_new_privileges => {
+            return Err("a seccomp profile needs no_new_privileges (the filter is installed as the user)".into());
+        }
+        Some(profile) => crate::seccomp::compile(profile)?,
+    };
+    let rlimits = spec
+        .rlimits
+        .iter()
+        .map(|limit| {
+            let resource = rlimit_resource(&limit.kind).ok_or_else(|| format!("unknown rlimit {:?}", limit.kind))?;
+            if limit.soft > limit.hard {
+                return Err(format!("rlimit {}: soft {} exceeds hard {}", limit.kind, limit.soft, limit.hard));
+            }
+            Ok((resource, limit.soft, limit.hard))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     for env in &spec.env {
         if !env.contains('=') {
             return Err(format!(
@@ -367,6 +386,8 @@ fn prepare_process(rootfs: &str, spec: &ProcessSpec) -> Result<Process, String> 
         capabilities,
         no_new_privileges: spec.no_new_privileges,
         last_cap: last_cap(),
+        rlimits,
+        seccomp,
     })
 }
 
@@ -385,6 +406,29 @@ fn resolve(rootfs: &str, arg0: &str, env: &[String]) -> Result<String, String> {
         }
     }
     Err(format!("executable {arg0:?} not found in PATH {path:?} of the container"))
+}
+
+/// The `RLIMIT_*` number of an OCI rlimit type.
+fn rlimit_resource(kind: &str) -> Option<u32> {
+    Some(match kind {
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        _ => return None,
+    })
 }
 
 fn last_cap() -> u32 {
@@ -512,6 +556,8 @@ mod tests {
             groups: vec![],
             capabilities: CapabilitySets { bounding: vec!["CAP_KILL".into()], ..Default::default() },
             no_new_privileges: true,
+            rlimits: Vec::new(),
+            seccomp: None,
         }
     }
 
@@ -547,6 +593,16 @@ mod tests {
         let mut bad = spec(&["/bin/x\0y"]);
         bad.args.push("z".into());
         assert!(prepare_process(rootfs, &bad).unwrap_err().contains("NUL"));
+        let mut bad = spec(&["/bin/x"]);
+        bad.rlimits.push(parma_protocol::Rlimit { kind: "RLIMIT_WISHES".into(), soft: 1, hard: 1 });
+        assert!(prepare_process(rootfs, &bad).unwrap_err().contains("unknown rlimit"));
+        let mut bad = spec(&["/bin/x"]);
+        bad.rlimits.push(parma_protocol::Rlimit { kind: "RLIMIT_NOFILE".into(), soft: 2, hard: 1 });
+        assert!(prepare_process(rootfs, &bad).unwrap_err().contains("exceeds hard"));
+        let mut bad = spec(&["/bin/x"]);
+        bad.no_new_privileges = false;
+        bad.seccomp = Some("{}".into());
+        assert!(prepare_process(rootfs, &bad).unwrap_err().contains("needs no_new_privileges"));
         let good = prepare_process(rootfs, &spec(&["/bin/x", "a"])).unwrap();
         assert_eq!(good.capabilities.bounding, 1 << 5);
         assert_eq!(good.argv.len(), 2);

@@ -268,7 +268,9 @@ fn points(request: &Request, containers: &Containers) -> Result<Vec<(Point, Valu
                 fields.insert("capabilities".into(), json!(process.capabilities));
                 fields.insert("noNewPrivileges".into(), json!(process.no_new_privileges));
                 fields.insert("privileged".into(), json!(false));
-                fields.insert("seccompProfileSHA256".into(), json!(""));
+                let seccomp =
+                    process.seccomp.as_deref().map_or_else(String::new, |p| parma_policy::policy_hash(p.as_bytes()));
+                fields.insert("seccompProfileSHA256".into(), json!(seccomp));
                 fields.insert("mounts".into(), json!([]));
             }
             vec![(Point::CreateContainer, input)]

@@ -13,6 +13,7 @@ mod dispatch;
 mod gate;
 mod guest;
 mod scratch;
+mod seccomp;
 mod serve;
 mod storage;
 mod transport;

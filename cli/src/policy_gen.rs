@@ -91,6 +91,9 @@ pub struct Spec {
     /// Allow privileged containers.
     #[serde(default)]
     pub allow_elevated: bool,
+    /// sha256 of the OCI seccomp profile the container must run under (none: no profile).
+    #[serde(default)]
+    pub seccomp_profile_sha256: Option<String>,
 }
 
 /// The image's `User` as a policy user: `uid[:gid]` numbers, or a name.
@@ -138,7 +141,7 @@ pub fn container(built: &parma_layer::Built, spec: &Spec) -> Value {
             "bounding": caps, "effective": caps, "permitted": caps, "inheritable": [], "ambient": [],
         })),
         "no_new_privileges": spec.no_new_privileges,
-        "seccomp_profile_sha256": "",
+        "seccomp_profile_sha256": spec.seccomp_profile_sha256.clone().unwrap_or_default(),
         "allow_elevated": spec.allow_elevated,
         "mounts": spec.mounts,
         "exec_processes": spec.exec_processes,

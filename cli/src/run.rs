@@ -64,6 +64,8 @@ pub fn process_from_config(config: &ImageConfig, args: &[String]) -> anyhow::Res
             ambient: Vec::new(),
         },
         no_new_privileges: true,
+        rlimits: Vec::new(),
+        seccomp: None,
     })
 }
 

@@ -33,6 +33,11 @@ impl Fixture {
 
     /// The policy's container runs `command` instead of the image's entrypoint.
     fn with_command(command: Option<&[&str]>) -> anyhow::Result<Self> {
+        Self::with(command, None)
+    }
+
+    /// ... and must run under the seccomp profile with this sha256.
+    fn with(command: Option<&[&str]>, seccomp_sha256: Option<&str>) -> anyhow::Result<Self> {
         let paths = Paths::get();
         let dir = tempfile::tempdir()?;
         let image = oci::build_test_image(&dir.path().join("oci"), &paths.guest_binary("oci-hello")?)?;
@@ -50,6 +55,7 @@ impl Fixture {
                 ],
                 "signals": [9],
                 "no_new_privileges": true,
+                "seccomp_profile_sha256": seccomp_sha256,
             }))?,
         )?;
         let text = parma::policy_gen::generate(&image.layout, Some(oci::REF_NAME), Some(&spec), &layers_dir)?;
@@ -397,4 +403,35 @@ fn read_lines(client: &mut Client, count: usize) -> anyhow::Result<Vec<String>> 
         }
     }
     Ok(text.lines().map(str::to_string).collect())
+}
+
+#[test]
+fn seccomp_profiles_and_rlimits_apply_to_the_container() -> anyhow::Result<()> {
+    // A deny-list: mkdir fails with EPERM, everything else is allowed.
+    let profile = r#"{"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}"#;
+    let digest = parma_policy::policy_hash(profile.as_bytes());
+    let command = ["/bin/sh", "-c", "mkdir /srv/x; echo mkdir=$?; ulimit -n"];
+    let fixture = Fixture::with(Some(&command), Some(&digest))?;
+    let (mut guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
+    run::mount_image(&mut client, &fixture.built, ID)?;
+    let mut process = fixture.process_with(&command)?;
+    // Without the profile, or with another one, the policy says no.
+    denied(client.create_container(ID, &process), "seccomp profile")?;
+    process.seccomp = Some(profile.replace("mkdirat", "rmdir"));
+    denied(client.create_container(ID, &process), "seccomp profile")?;
+    process.seccomp = Some(profile.to_string());
+    process.rlimits = vec![parma_protocol::Rlimit { kind: "RLIMIT_NOFILE".into(), soft: 64, hard: 64 }];
+    client.create_container(ID, &process)?;
+    client.start_container(ID)?;
+    client.write_stdin(ID, None, &[], true)?;
+    let (stdout, stderr, code) = output(&mut client, ID, None)?;
+    ensure!(code == 0, "exit {code}: {stdout}{stderr}");
+    ensure!(stdout == "mkdir=1\n64\n", "{stdout}\n{stderr}");
+    ensure!(stderr.contains("Operation not permitted"), "{stderr}");
+    client.ping()?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(30))?;
+    Ok(())
 }

@@ -194,6 +194,26 @@ pub struct ProcessSpec {
     pub capabilities: CapabilitySets,
     /// Set `no_new_privs`.
     pub no_new_privileges: bool,
+    /// Resource limits (`RLIMIT_NOFILE` and the like), set before the process starts.
+    #[serde(default)]
+    pub rlimits: Vec<Rlimit>,
+    /// An OCI seccomp profile (`linux.seccomp` of the runtime spec) as JSON
+    /// text; the policy sees its sha256. Needs `no_new_privileges`.
+    #[serde(default)]
+    pub seccomp: Option<String>,
+}
+
+/// One resource limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rlimit {
+    /// `RLIMIT_NOFILE`, `RLIMIT_NPROC`, ... as the OCI spec names them.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
 }
 
 /// cgroup v2 limits.

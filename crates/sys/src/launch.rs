@@ -89,7 +89,7 @@ pub struct Capabilities {
 }
 
 /// The process to run, as the container sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Process {
     /// The executable's path inside the container (already resolved against PATH).
     pub exe: CString,
@@ -111,6 +111,10 @@ pub struct Process {
     pub no_new_privileges: bool,
     /// The highest capability number the kernel knows (`/proc/sys/kernel/cap_last_cap`).
     pub last_cap: u32,
+    /// Resource limits: (`RLIMIT_*` number, soft, hard).
+    pub rlimits: Vec<(u32, u64, u64)>,
+    /// A compiled seccomp filter, installed last before `execve` (empty: none).
+    pub seccomp: Vec<libc::sock_filter>,
 }
 
 /// Where the process runs.
@@ -176,6 +180,10 @@ pub enum Step {
     Exec,
     /// Resetting signal dispositions and the mask.
     Signals,
+    /// `setrlimit`.
+    Rlimits,
+    /// Installing the seccomp filter.
+    Seccomp,
     /// A step number this code does not know.
     Unknown(u32),
 }
@@ -202,6 +210,8 @@ impl Step {
             Step::Cwd => 17,
             Step::Exec => 18,
             Step::Signals => 19,
+            Step::Rlimits => 20,
+            Step::Seccomp => 21,
             Step::RootOp(index) => 0x1000_0000 | index,
             Step::Unknown(code) => code,
         }
@@ -228,6 +238,8 @@ impl Step {
             17 => Step::Cwd,
             18 => Step::Exec,
             19 => Step::Signals,
+            20 => Step::Rlimits,
+            21 => Step::Seccomp,
             code if code & 0x1000_0000 != 0 => Step::RootOp(code & 0x0fff_ffff),
             code => Step::Unknown(code),
         }
@@ -552,6 +564,16 @@ fn setup(plan: &Plan<'_>) -> Result<Never, Step> {
         }
         identity(plan.process)?;
         check(libc::chdir(plan.process.cwd.as_ptr()).into(), Step::Cwd)?;
+        // Last before execve, so the filter constrains the container only.
+        let filter = &plan.process.seccomp;
+        if !filter.is_empty() {
+            let len = u16::try_from(filter.len()).map_err(|_| Step::Seccomp)?;
+            let program = libc::sock_fprog { len, filter: filter.as_ptr().cast_mut() };
+            check(
+                libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &raw const program, 0, 0).into(),
+                Step::Seccomp,
+            )?;
+        }
         libc::execve(plan.process.exe.as_ptr(), plan.argv.ptrs.as_ptr(), plan.envp.ptrs.as_ptr());
         Err(Step::Exec)
     }
@@ -612,6 +634,11 @@ fn identity(process: &Process) -> Result<(), Step> {
     let caps = process.capabilities;
     // SAFETY: see `setup`.
     unsafe {
+        // Limits first: raising a hard limit needs CAP_SYS_RESOURCE, gone after setresuid.
+        for (resource, soft, hard) in &process.rlimits {
+            let limit = libc::rlimit { rlim_cur: *soft, rlim_max: *hard };
+            check(libc::setrlimit(*resource, &limit).into(), Step::Rlimits)?;
+        }
         check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0).into(), Step::Bounding)?;
         for cap in 0..=process.last_cap.min(63) {
             if caps.bounding & (1 << cap) == 0 {

@@ -1,0 +1,196 @@
+//! OCI seccomp profiles (`linux.seccomp` of the runtime spec) compiled to
+//! BPF with rust-vmm's `seccompiler`.
+//!
+//! Supported: a default action, and syscall entries that all share one other
+//! action, with argument conditions. That is the shape of allow-lists
+//! (default `SCMP_ACT_ERRNO`, entries `SCMP_ACT_ALLOW`) and deny-lists (the
+//! reverse). Anything else (several entry actions, notify listeners, flags)
+//! is refused with a clear error rather than approximated. Syscall names
+//! that do not exist on x86_64 are skipped, as libseccomp does.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// Most distinct names a profile may list.
+const MAX_NAMES: usize = 4096;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Profile {
+    default_action: String,
+    #[serde(default)]
+    default_errno_ret: Option<u32>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    #[serde(default)]
+    flags: Vec<String>,
+    #[serde(default)]
+    syscalls: Vec<Entry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Entry {
+    names: Vec<String>,
+    action: String,
+    #[serde(default)]
+    errno_ret: Option<u32>,
+    #[serde(default)]
+    args: Vec<Arg>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Arg {
+    index: u8,
+    value: u64,
+    #[serde(default)]
+    value_two: u64,
+    op: String,
+}
+
+/// `seccompiler`'s action for an OCI action.
+fn action(name: &str, errno: Option<u32>) -> Result<Value, String> {
+    Ok(match name {
+        "SCMP_ACT_ALLOW" => json!("allow"),
+        "SCMP_ACT_ERRNO" => json!({"errno": errno.unwrap_or(libc::EPERM as u32)}),
+        "SCMP_ACT_KILL" | "SCMP_ACT_KILL_THREAD" => json!("kill_thread"),
+        "SCMP_ACT_KILL_PROCESS" => json!("kill_process"),
+        "SCMP_ACT_TRAP" => json!("trap"),
+        "SCMP_ACT_LOG" => json!("log"),
+        other => return Err(format!("seccomp action {other:?} is not supported")),
+    })
+}
+
+fn condition(arg: &Arg) -> Result<Value, String> {
+    let (op, value) = match arg.op.as_str() {
+        "SCMP_CMP_EQ" => (json!("eq"), arg.value),
+        "SCMP_CMP_NE" => (json!("ne"), arg.value),
+        "SCMP_CMP_LT" => (json!("lt"), arg.value),
+        "SCMP_CMP_LE" => (json!("le"), arg.value),
+        "SCMP_CMP_GT" => (json!("gt"), arg.value),
+        "SCMP_CMP_GE" => (json!("ge"), arg.value),
+        // OCI: value is the mask, valueTwo what the masked argument must equal.
+        "SCMP_CMP_MASKED_EQ" => (json!({"masked_eq": arg.value}), arg.value_two),
+        other => return Err(format!("seccomp operator {other:?} is not supported")),
+    };
+    Ok(json!({"index": arg.index, "type": "qword", "op": op, "val": value}))
+}
+
+/// Compile an OCI seccomp profile for x86_64.
+pub fn compile(text: &str) -> Result<Vec<libc::sock_filter>, String> {
+    let profile: Profile = serde_json::from_str(text).map_err(|err| format!("seccomp profile: {err}"))?;
+    if !profile.flags.is_empty() {
+        return Err(format!("seccomp flags {:?} are not supported", profile.flags));
+    }
+    if !profile.architectures.is_empty() && !profile.architectures.iter().any(|a| a == "SCMP_ARCH_X86_64") {
+        return Err("the seccomp profile does not cover SCMP_ARCH_X86_64".into());
+    }
+    let default = action(&profile.default_action, profile.default_errno_ret)?;
+    let mut entry_action: Option<Value> = None;
+    let mut rules = Vec::new();
+    for entry in &profile.syscalls {
+        let this = action(&entry.action, entry.errno_ret.or(profile.default_errno_ret))?;
+        if this == default {
+            continue; // Same as the default: nothing to add.
+        }
+        match &entry_action {
+            None => entry_action = Some(this),
+            Some(existing) if *existing == this => {}
+            Some(existing) => {
+                return Err(format!(
+                    "seccomp profiles with entries of several actions ({existing} and {this}) are not supported"
+                ));
+            }
+        }
+        let conditions = entry.args.iter().map(condition).collect::<Result<Vec<_>, _>>()?;
+        for name in &entry.names {
+            rules.push(if conditions.is_empty() {
+                json!({"syscall": name})
+            } else {
+                json!({"syscall": name, "args": conditions})
+            });
+        }
+    }
+    if rules.len() > MAX_NAMES {
+        return Err(format!("the seccomp profile lists {} syscalls; at most {MAX_NAMES}", rules.len()));
+    }
+    let Some(entry_action) = entry_action else {
+        return Err("the seccomp profile has no entry with an action other than its default".into());
+    };
+    // Names unknown on x86_64 are dropped one by one, as libseccomp ignores them.
+    loop {
+        let filter = json!({"main": {"mismatch_action": default, "match_action": entry_action, "filter": rules}});
+        let bytes = serde_json::to_vec(&filter).map_err(|err| err.to_string())?;
+        match seccompiler::compile_from_json(bytes.as_slice(), seccompiler::TargetArch::x86_64) {
+            Ok(mut map) => {
+                let program = map.remove("main").ok_or("seccompiler returned no filter")?;
+                return Ok(program
+                    .into_iter()
+                    .map(|i| libc::sock_filter { code: i.code, jt: i.jt, jf: i.jf, k: i.k })
+                    .collect());
+            }
+            Err(err) => {
+                // seccompiler keeps its syscall table and the error naming
+                // the unknown syscall private; its message names it.
+                let message = err.to_string();
+                let Some(name) = unknown_syscall(&message) else {
+                    return Err(format!("seccomp profile: {message}"));
+                };
+                let before = rules.len();
+                rules.retain(|rule| rule.get("syscall").and_then(Value::as_str) != Some(name));
+                if rules.len() == before || rules.is_empty() {
+                    return Err(format!("seccomp profile: syscall {name:?} cannot be resolved"));
+                }
+            }
+        }
+    }
+}
+
+/// The name in seccompiler's "Invalid syscall name: NAME for given arch" message.
+fn unknown_syscall(message: &str) -> Option<&str> {
+    let rest = message.split("Invalid syscall name: ").nth(1)?;
+    rest.split(" for given arch").next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_lists_compile_and_unknown_names_are_skipped() {
+        let profile = r#"{"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [
+                {"names": ["read", "write", "exit_group", "arm_fadvise64_64"], "action": "SCMP_ACT_ALLOW"},
+                {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+                 "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_EQ"}]}
+            ]}"#;
+        let program = compile(profile).unwrap();
+        assert!(program.len() > 5);
+    }
+
+    #[test]
+    fn unsupported_profiles_are_refused() {
+        for (profile, want) in [
+            (r#"{"defaultAction": "SCMP_ACT_NOTIFY", "syscalls": []}"#, "not supported"),
+            (r#"{"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_AARCH64"]}"#, "X86_64"),
+            (r#"{"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/x"}"#, "unknown field"),
+            (r#"{"defaultAction": "SCMP_ACT_ALLOW", "flags": ["SECCOMP_FILTER_FLAG_LOG"]}"#, "flags"),
+            (r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}"#, "no entry"),
+            (
+                r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+                    {"names": ["read"], "action": "SCMP_ACT_ERRNO"},
+                    {"names": ["write"], "action": "SCMP_ACT_KILL"}]}"#,
+                "several actions",
+            ),
+            (
+                r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["nope_nope"], "action": "SCMP_ACT_ERRNO"}]}"#,
+                "cannot be resolved",
+            ),
+        ] {
+            let err = compile(profile).unwrap_err();
+            assert!(err.contains(want), "{profile}: {err}");
+        }
+    }
+}
