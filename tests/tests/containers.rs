@@ -435,3 +435,37 @@ fn seccomp_profiles_and_rlimits_apply_to_the_container() -> anyhow::Result<()> {
     guest.wait_exit(Duration::from_secs(30))?;
     Ok(())
 }
+
+#[test]
+fn a_read_only_root_cannot_be_written() -> anyhow::Result<()> {
+    let command = ["/bin/sh", "-c", "touch /srv/new; echo touch=$?; cat /etc/passwd > /dev/null; echo read=$?"];
+    let fixture = Fixture::with_command(Some(&command))?;
+    let (mut guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
+    for (index, layer) in fixture.built.layers.layers.iter().enumerate() {
+        client.mount_layer(&run::layer_name(index), &run::layer_serial(index), &layer.root_hash, layer.hash_offset)?;
+    }
+    // No upper layer, and the root remounted read-only inside the container.
+    client.mount_overlay(ID, &["l0".into(), "l1".into()], false)?;
+    let create = parma_protocol::Request::CreateContainer {
+        container_id: ID.into(),
+        process: fixture.process_with(&command)?,
+        hostname: Some("ro-test".into()),
+        readonly_rootfs: true,
+        resources: None,
+    };
+    let response = client.call(&create)?;
+    ensure!(response == parma_protocol::Response::Done, "{response:?}");
+    client.start_container(ID)?;
+    client.write_stdin(ID, None, &[], true)?;
+    let (stdout, stderr, code) = output(&mut client, ID, None)?;
+    ensure!(code == 0 && stdout == "touch=1\nread=0\n", "exit {code}: {stdout}{stderr}");
+    ensure!(stderr.contains("Read-only file system"), "{stderr}");
+    ensure!(!stderr.contains("/dev/null"), "/dev/null must be writable by the container's user: {stderr}");
+    client.delete_container(ID)?;
+    client.unmount_overlay(ID)?;
+    client.ping()?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(30))?;
+    Ok(())
+}

@@ -593,6 +593,9 @@ unsafe fn new_root(container: &NewContainer) -> Result<(), Step> {
         )?;
         let root = container.rootfs.as_ptr();
         check(libc::mount(root, root, null, libc::MS_BIND | libc::MS_REC, ptr::null()).into(), Step::BindRoot)?;
+        // Device nodes and directories get exactly their modes (/dev/null is
+        // 0666); the process itself starts with the OCI default umask below.
+        libc::umask(0);
         for (op, index) in container.ops.iter().zip(0u32..) {
             let step = Step::RootOp(index);
             match op {
@@ -615,6 +618,7 @@ unsafe fn new_root(container: &NewContainer) -> Result<(), Step> {
                 }
             }
         }
+        libc::umask(0o022);
         check(libc::chdir(root).into(), Step::PivotRoot)?;
         check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()), Step::PivotRoot)?;
         check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH).into(), Step::DetachOldRoot)?;
