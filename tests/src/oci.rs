@@ -259,3 +259,63 @@ fn is_static_x86_64(elf: &[u8]) -> bool {
             .is_some_and(|(ph, _)| ph.kind.get() != PT_INTERP)
     })
 }
+
+/// The test image built into a temporary directory, with its verity layers
+/// and a policy from `parma policy gen` (the end-to-end tests' and
+/// `bench-e2e`'s starting point).
+#[derive(Debug)]
+pub struct PolicyFixture {
+    dir: tempfile::TempDir,
+    /// The OCI layout.
+    pub layout: PathBuf,
+    /// What `parma layer build` made of it.
+    pub built: parma_layer::Built,
+    /// Where the layer images are.
+    pub layers_dir: PathBuf,
+    /// The generated policy.
+    pub policy: PathBuf,
+}
+
+impl PolicyFixture {
+    /// Build the image with `hello` as its probe and generate a policy for
+    /// container `name`: its command is `command` (default: the image's),
+    /// `/bin/cat /etc/passwd` and two cgroup and status readers are its exec
+    /// processes, signal 9 is allowed, `no_new_privileges` is required, and
+    /// the seccomp profile with `seccomp_sha256` when given.
+    pub fn new(
+        hello: &Path,
+        name: &str,
+        command: Option<&[&str]>,
+        seccomp_sha256: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let image = build_test_image(&dir.path().join("oci"), hello)?;
+        let layers_dir = dir.path().join("layers");
+        let spec = dir.path().join("spec.json");
+        std::fs::write(
+            &spec,
+            serde_json::to_vec(&serde_json::json!({
+                "name": name,
+                "command": command,
+                "exec_processes": [
+                    {"command": ["/bin/cat", "/etc/passwd"], "signals": []},
+                    {"command": ["/bin/cat", "/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/memory.max"], "signals": []},
+                    {"command": ["/bin/cat", "/proc/self/status"], "signals": []},
+                ],
+                "signals": [9],
+                "no_new_privileges": true,
+                "seccomp_profile_sha256": seccomp_sha256,
+            }))?,
+        )?;
+        let text = parma::policy_gen::generate(&image.layout, Some(REF_NAME), Some(&spec), &layers_dir)?;
+        let policy = dir.path().join("policy.rego");
+        std::fs::write(&policy, &text)?;
+        let built = parma_layer::build(&image.layout, Some(REF_NAME), &layers_dir, &|_| {})?;
+        Ok(Self { layout: image.layout, dir, built, layers_dir, policy })
+    }
+
+    /// A scratch directory that lives as long as the fixture.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}

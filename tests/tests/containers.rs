@@ -5,7 +5,7 @@
 //! the policy. Then the attack table: each attack denied or failed with its
 //! reason, and the agent still serving.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -19,11 +19,13 @@ const CALL: Duration = Duration::from_secs(60);
 const ID: &str = "hello";
 
 /// The test image, its layers and a generated policy.
-struct Fixture {
-    _dir: tempfile::TempDir,
-    built: parma_layer::Built,
-    layers_dir: PathBuf,
-    policy: PathBuf,
+struct Fixture(oci::PolicyFixture);
+
+impl std::ops::Deref for Fixture {
+    type Target = oci::PolicyFixture;
+    fn deref(&self) -> &oci::PolicyFixture {
+        &self.0
+    }
 }
 
 impl Fixture {
@@ -38,31 +40,8 @@ impl Fixture {
 
     /// ... and must run under the seccomp profile with this sha256.
     fn with(command: Option<&[&str]>, seccomp_sha256: Option<&str>) -> anyhow::Result<Self> {
-        let paths = Paths::get();
-        let dir = tempfile::tempdir()?;
-        let image = oci::build_test_image(&dir.path().join("oci"), &paths.guest_binary("oci-hello")?)?;
-        let layers_dir = dir.path().join("layers");
-        let spec = dir.path().join("spec.json");
-        std::fs::write(
-            &spec,
-            serde_json::to_vec(&serde_json::json!({
-                "name": "hello",
-                "command": command,
-                "exec_processes": [
-                    {"command": ["/bin/cat", "/etc/passwd"], "signals": []},
-                    {"command": ["/bin/cat", "/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/memory.max"], "signals": []},
-                    {"command": ["/bin/cat", "/proc/self/status"], "signals": []},
-                ],
-                "signals": [9],
-                "no_new_privileges": true,
-                "seccomp_profile_sha256": seccomp_sha256,
-            }))?,
-        )?;
-        let text = parma::policy_gen::generate(&image.layout, Some(oci::REF_NAME), Some(&spec), &layers_dir)?;
-        let policy = dir.path().join("policy.rego");
-        std::fs::write(&policy, &text)?;
-        let built = parma_layer::build(&image.layout, Some(oci::REF_NAME), &layers_dir, &|_| {})?;
-        Ok(Self { _dir: dir, built, layers_dir, policy })
+        let hello = Paths::get().guest_binary("oci-hello")?;
+        Ok(Self(oci::PolicyFixture::new(&hello, "hello", command, seccomp_sha256)?))
     }
 
     fn boot(&self, disks: Vec<parma::Disk>) -> anyhow::Result<(Guest, Client)> {
@@ -84,6 +63,15 @@ impl Fixture {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         run::process_from_config(&self.built.config, &args)
     }
+}
+
+/// The agent still answers, the console shows no panic, the UVM powers off.
+fn still_serving_then_shutdown(mut guest: Guest, mut client: Client) -> anyhow::Result<()> {
+    client.ping()?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
 }
 
 /// The agent's error for a call that must fail: its code and message.
@@ -111,7 +99,7 @@ fn output(client: &mut Client, id: &str, exec_id: Option<&str>) -> anyhow::Resul
 #[test]
 fn a_container_runs_as_its_policy_says_and_every_attack_is_refused() -> anyhow::Result<()> {
     let fixture = Fixture::new()?;
-    let (mut guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
+    let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
     let layers = &fixture.built.layers.layers;
     ensure!(layers.len() == 2, "the test image has two layers");
 
@@ -172,11 +160,7 @@ fn a_container_runs_as_its_policy_says_and_every_attack_is_refused() -> anyhow::
 
     client.delete_container(ID)?;
     run::unmount_image(&mut client, &fixture.built, ID)?;
-    client.ping()?;
-    guest.check_serial()?;
-    client.shutdown()?;
-    guest.wait_exit(Duration::from_secs(30))?;
-    Ok(())
+    still_serving_then_shutdown(guest, client)
 }
 
 /// The first data block of `file` in an ext4 image, by debugfs.
@@ -206,7 +190,7 @@ fn a_flipped_byte_in_a_layer_reads_as_eio_and_nothing_runs() -> anyhow::Result<(
 
     let mut disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
     disks[1].path = tampered;
-    let (mut guest, mut client) = fixture.boot(disks)?;
+    let (guest, mut client) = fixture.boot(disks)?;
     // The metadata is intact, so the layer mounts with the policy's root hash...
     run::mount_image(&mut client, &fixture.built, ID)?;
     client.create_container(ID, &fixture.process()?)?;
@@ -214,18 +198,14 @@ fn a_flipped_byte_in_a_layer_reads_as_eio_and_nothing_runs() -> anyhow::Result<(
     let (code, message) = refused(client.start_container(ID))?;
     ensure!(code == ErrorCode::Failed, "{code}: {message}");
     ensure!(message.contains("os error 5"), "not EIO: {message}");
-    client.ping()?;
-    guest.check_serial()?;
-    client.shutdown()?;
-    guest.wait_exit(Duration::from_secs(30))?;
-    Ok(())
+    still_serving_then_shutdown(guest, client)
 }
 
 #[test]
 fn exec_and_signals_reach_only_what_the_policy_lists() -> anyhow::Result<()> {
     let command = ["/usr/bin/oci-hello", "sleep", "60000"];
     let fixture = Fixture::with_command(Some(&command))?;
-    let (mut guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
+    let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
     run::mount_image(&mut client, &fixture.built, ID)?;
     let limits = parma_protocol::Resources { memory_max: Some(64 << 20), pids_max: Some(32), cpu_max: None };
     client.create_container_with(ID, &fixture.process_with(&command)?, Some(limits))?;
@@ -277,11 +257,7 @@ fn exec_and_signals_reach_only_what_the_policy_lists() -> anyhow::Result<()> {
 
     client.delete_container(ID)?;
     run::unmount_image(&mut client, &fixture.built, ID)?;
-    client.ping()?;
-    guest.check_serial()?;
-    client.shutdown()?;
-    guest.wait_exit(Duration::from_secs(30))?;
-    Ok(())
+    still_serving_then_shutdown(guest, client)
 }
 
 #[test]
@@ -290,7 +266,7 @@ fn parma_run_runs_the_image_and_returns_its_exit_code() -> anyhow::Result<()> {
     let paths = Paths::get();
     let parma = paths.repo.join("target/release/parma");
     ensure!(parma.is_file(), "{} is missing: make test builds it (cargo build --release -p parma)", parma.display());
-    let image = fixture._dir.path().join("oci");
+    let image = fixture.layout.clone();
     let out = std::process::Command::new(&parma)
         .arg("run")
         .arg("--uvm")
@@ -338,11 +314,11 @@ fn container_writes_reach_the_scratch_disk_only_encrypted_and_authenticated() ->
     );
     let command = ["/bin/sh", "-c", script.as_str()];
     let fixture = Fixture::with_command(Some(&command))?;
-    let scratch = fixture._dir.path().join("scratch.img");
+    let scratch = fixture.dir().join("scratch.img");
     std::fs::File::create(&scratch)?.set_len(128 << 20)?;
     let mut disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
     disks.push(parma::Disk { path: scratch.clone(), serial: run::SCRATCH_SERIAL.into(), writable: true });
-    let (mut guest, mut client) = fixture.boot(disks)?;
+    let (guest, mut client) = fixture.boot(disks)?;
 
     let (device, bytes) = client.mount_scratch(run::SCRATCH_SERIAL)?;
     ensure!(bytes > 96 << 20 && device.starts_with("/dev/dm-"), "{device}: {bytes} bytes");
@@ -381,10 +357,7 @@ fn container_writes_reach_the_scratch_disk_only_encrypted_and_authenticated() ->
     let (rest, stderr, code) = output(&mut client, ID, None)?;
     ensure!(!rest.contains("rc=0"), "forged swap was read as data: {rest}\n{stderr}");
     ensure!(code != 0 || rest.contains("rc=1"), "exit {code}: {rest}\n{stderr}");
-    client.ping()?;
-    client.shutdown()?;
-    guest.wait_exit(Duration::from_secs(60))?;
-    Ok(())
+    still_serving_then_shutdown(guest, client)
 }
 
 /// The next `count` lines of the container's stdout.
@@ -413,7 +386,7 @@ fn seccomp_profiles_and_rlimits_apply_to_the_container() -> anyhow::Result<()> {
     let digest = parma_policy::policy_hash(profile.as_bytes());
     let command = ["/bin/sh", "-c", "mkdir /srv/x; echo mkdir=$?; ulimit -n"];
     let fixture = Fixture::with(Some(&command), Some(&digest))?;
-    let (mut guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
+    let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
     run::mount_image(&mut client, &fixture.built, ID)?;
     let mut process = fixture.process_with(&command)?;
     // Without the profile, or with another one, the policy says no.
@@ -429,18 +402,14 @@ fn seccomp_profiles_and_rlimits_apply_to_the_container() -> anyhow::Result<()> {
     ensure!(code == 0, "exit {code}: {stdout}{stderr}");
     ensure!(stdout == "mkdir=1\n64\n", "{stdout}\n{stderr}");
     ensure!(stderr.contains("Operation not permitted"), "{stderr}");
-    client.ping()?;
-    guest.check_serial()?;
-    client.shutdown()?;
-    guest.wait_exit(Duration::from_secs(30))?;
-    Ok(())
+    still_serving_then_shutdown(guest, client)
 }
 
 #[test]
 fn a_read_only_root_cannot_be_written() -> anyhow::Result<()> {
     let command = ["/bin/sh", "-c", "touch /srv/new; echo touch=$?; cat /etc/passwd > /dev/null; echo read=$?"];
     let fixture = Fixture::with_command(Some(&command))?;
-    let (mut guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
+    let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
     for (index, layer) in fixture.built.layers.layers.iter().enumerate() {
         client.mount_layer(&run::layer_name(index), &run::layer_serial(index), &layer.root_hash, layer.hash_offset)?;
     }
@@ -463,9 +432,5 @@ fn a_read_only_root_cannot_be_written() -> anyhow::Result<()> {
     ensure!(!stderr.contains("/dev/null"), "/dev/null must be writable by the container's user: {stderr}");
     client.delete_container(ID)?;
     client.unmount_overlay(ID)?;
-    client.ping()?;
-    guest.check_serial()?;
-    client.shutdown()?;
-    guest.wait_exit(Duration::from_secs(30))?;
-    Ok(())
+    still_serving_then_shutdown(guest, client)
 }

@@ -13,7 +13,7 @@
 //! Writes `out/bench/e2e.json`.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -88,36 +88,7 @@ struct Report {
 }
 
 /// The test image, its layers and its generated policy.
-struct Image {
-    _dir: tempfile::TempDir,
-    layout: PathBuf,
-    built: parma_layer::Built,
-    layers_dir: PathBuf,
-    policy: PathBuf,
-}
-
-impl Image {
-    fn new(paths: &Paths) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let image = oci::build_test_image(&dir.path().join("oci"), &paths.guest_binary("oci-hello")?)?;
-        let layers_dir = dir.path().join("layers");
-        let spec = dir.path().join("spec.json");
-        std::fs::write(
-            &spec,
-            serde_json::to_vec(&serde_json::json!({
-                "name": "bench",
-                "exec_processes": [{"command": ["/bin/cat", "/etc/passwd"], "signals": []}],
-                "signals": [9],
-                "no_new_privileges": true,
-            }))?,
-        )?;
-        let text = parma::policy_gen::generate(&image.layout, Some(oci::REF_NAME), Some(&spec), &layers_dir)?;
-        let policy = dir.path().join("policy.rego");
-        std::fs::write(&policy, &text)?;
-        let built = parma_layer::build(&image.layout, Some(oci::REF_NAME), &layers_dir, &|_| {})?;
-        Ok(Self { layout: image.layout, _dir: dir, built, layers_dir, policy })
-    }
-}
+type Image = oci::PolicyFixture;
 
 /// A UVM whose HOST_DATA is its policy's hash, with the image's layers mounted.
 struct Vm {
@@ -261,7 +232,7 @@ fn main() -> anyhow::Result<()> {
     if !cli.is_file() {
         bail!("{} is missing: run `cargo build --release -p parma` first", cli.display());
     }
-    let image = Image::new(&paths)?;
+    let image = Image::new(&paths.guest_binary("oci-hello")?, "bench", None, None)?;
     let allow_all = paths.repo.join("policies/allow_all.rego");
     let process = run::process_from_config(&image.built.config, &[])?;
     let layers: Vec<String> = (0..image.built.layers.layers.len()).map(run::layer_name).collect();
