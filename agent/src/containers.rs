@@ -237,22 +237,18 @@ impl Containers {
             OutputStream::Stderr => &mut proc.stderr,
         };
         let Some(file) = slot else { return Ok((Vec::new(), true)) };
-        let mut data = vec![0u8; MAX_READ];
-        let mut got = 0;
-        let mut eof = false;
-        while got < data.len() {
-            match file.read(data.get_mut(got..).unwrap_or_default()) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => got += n,
-                Err(err) if err.kind() == ErrorKind::WouldBlock => break,
+        // Grows with what is there (a poll that finds nothing allocates nothing).
+        let mut data = Vec::new();
+        let eof = loop {
+            let room = MAX_READ.saturating_sub(data.len()) as u64;
+            match Read::by_ref(file).take(room).read_to_end(&mut data) {
+                // End of the stream, unless the limit stopped the read first.
+                Ok(_) => break data.len() < MAX_READ,
+                Err(err) if err.kind() == ErrorKind::WouldBlock => break false,
                 Err(err) if err.kind() == ErrorKind::Interrupted => {}
                 Err(err) => return Err(format!("cannot read the process's output: {err}")),
             }
-        }
-        data.truncate(got);
+        };
         if eof {
             *slot = None;
         }

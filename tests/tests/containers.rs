@@ -266,18 +266,21 @@ fn parma_run_runs_the_image_and_returns_its_exit_code() -> anyhow::Result<()> {
     let paths = Paths::get();
     let parma = paths.repo.join("target/release/parma");
     ensure!(parma.is_file(), "{} is missing: make test builds it (cargo build --release -p parma)", parma.display());
-    let image = fixture.layout.clone();
-    let out = std::process::Command::new(&parma)
-        .arg("run")
-        .arg("--uvm")
-        .arg(&paths.uvm)
-        .arg("--policy")
-        .arg(&fixture.policy)
-        .arg("--oci")
-        .arg(&image)
-        .args(["--ref", oci::REF_NAME, "--layers-dir"])
-        .arg(&fixture.layers_dir)
-        .output()?;
+    let run = |extra: &[&str]| {
+        std::process::Command::new(&parma)
+            .arg("run")
+            .arg("--uvm")
+            .arg(&paths.uvm)
+            .arg("--policy")
+            .arg(&fixture.policy)
+            .arg("--oci")
+            .arg(&fixture.layout)
+            .args(["--ref", oci::REF_NAME, "--layers-dir"])
+            .arg(&fixture.layers_dir)
+            .args(extra)
+            .output()
+    };
+    let out = run(&[])?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.code() == Some(0), "parma run: {}\n{stdout}\n{stderr}", out.status);
@@ -286,18 +289,7 @@ fn parma_run_runs_the_image_and_returns_its_exit_code() -> anyhow::Result<()> {
     ensure!(stderr.contains("INSECURE"), "emulation must say so: {stderr}");
 
     // A command the policy does not allow: denied, with the reason, nothing runs.
-    let out = std::process::Command::new(&parma)
-        .arg("run")
-        .arg("--uvm")
-        .arg(&paths.uvm)
-        .arg("--policy")
-        .arg(&fixture.policy)
-        .arg("--oci")
-        .arg(&image)
-        .args(["--ref", oci::REF_NAME, "--layers-dir"])
-        .arg(&fixture.layers_dir)
-        .args(["--", "/bin/sh", "-c", "echo pwned"])
-        .output()?;
+    let out = run(&["--", "/bin/sh", "-c", "echo pwned"])?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success() && !stdout.contains("pwned"), "{stdout}\n{stderr}");
