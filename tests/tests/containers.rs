@@ -334,9 +334,18 @@ fn container_writes_reach_the_scratch_disk_only_encrypted_and_authenticated() ->
     ensure!(swapped > 12 << 20, "only {swapped} bytes were swapped out");
 
     // The host's view of the disk: much was written, none of it readable.
-    let disk = std::fs::read(&scratch)?;
-    let written = disk.chunks(4096).filter(|block| block.iter().any(|b| *b != 0)).count() * 4096;
-    ensure!(written as u64 > swapped, "only {written} bytes reached the disk");
+    // memory.swap.current counts swap slots as they are allocated; the writes
+    // behind them may still be in flight, so wait for them to land.
+    let give_up = std::time::Instant::now() + Duration::from_secs(60);
+    let (disk, written) = loop {
+        let disk = std::fs::read(&scratch)?;
+        let written = disk.chunks(4096).filter(|block| block.iter().any(|b| *b != 0)).count() as u64 * 4096;
+        if written > swapped || std::time::Instant::now() >= give_up {
+            break (disk, written);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    ensure!(written > swapped, "only {written} of {swapped} swapped bytes reached the disk");
     let marker = MARKER.as_bytes();
     ensure!(!disk.windows(marker.len()).any(|w| w == marker), "the scratch disk holds the plaintext");
     ensure!(!disk.windows(6).any(|w| w == b"PARMA-"), "the scratch disk holds a piece of the plaintext");
