@@ -11,4 +11,4 @@ pub mod qemu;
 pub mod run;
 
 pub use client::{Client, ClientError, Control};
-pub use qemu::{Accel, Disk, Serial, Snp, VmConfig, VmError};
+pub use qemu::{Accel, Disk, Serial, Snp, SnpBoot, VmConfig, VmError};

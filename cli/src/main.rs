@@ -62,12 +62,15 @@ struct RunArgs {
     /// The accelerator: tcg (anywhere) or kvm.
     #[arg(long, value_enum, default_value = "tcg")]
     accel: Accel,
-    /// Launch as an SEV-SNP guest (an SNP host, --accel kvm, and --ovmf).
-    #[arg(long, requires = "ovmf")]
+    /// Launch as an SEV-SNP guest (an SNP host, --accel kvm, and --ovmf or --igvm).
+    #[arg(long)]
     snp: bool,
     /// With --snp: an AmdSevX64 OVMF build.
-    #[arg(long)]
+    #[arg(long, requires = "snp", conflicts_with = "igvm")]
     ovmf: Option<PathBuf>,
+    /// With --snp: the UVM's IGVM file (QEMU 10.1 or newer).
+    #[arg(long, requires = "snp")]
+    igvm: Option<PathBuf>,
     /// With --snp: the vCPU type.
     #[arg(long, default_value = "EPYC-v4")]
     vcpu_type: String,
@@ -152,12 +155,16 @@ enum LayerCommand {
 struct MeasureArgs {
     /// The UVM directory: its vmlinuz, initrd.img and cmdline are measured
     /// through the firmware's kernel-hashes table. Without it, the firmware alone.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "igvm")]
     uvm: Option<PathBuf>,
     /// The firmware: an OVMF build (AmdSevX64 for direct boot), or its last
     /// pages when --ovmf-hash gives the digest of the rest.
+    #[arg(long, required_unless_present = "igvm", conflicts_with = "igvm")]
+    ovmf: Option<PathBuf>,
+    /// Measure an IGVM file (out/uvm/uvm.igvm) as QEMU 10.1+ and KVM launch
+    /// it, instead of a firmware launch.
     #[arg(long)]
-    ovmf: PathBuf,
+    igvm: Option<PathBuf>,
     /// Precomputed digest of the firmware pages (96 hex digits).
     #[arg(long)]
     ovmf_hash: Option<String>,
@@ -274,12 +281,17 @@ struct VmRun {
     /// Print the QEMU command line instead of running it.
     #[arg(long)]
     print_command: bool,
-    /// Launch as an SEV-SNP guest (needs --accel kvm on an SNP host, QEMU 9.1 or newer).
-    #[arg(long, requires_all = ["ovmf", "policy"])]
+    /// Launch as an SEV-SNP guest (needs --accel kvm on an SNP host): with
+    /// --ovmf (QEMU 9.1 or newer) or --igvm (QEMU 10.1 or newer).
+    #[arg(long, requires = "policy")]
     snp: bool,
     /// With --snp: an AmdSevX64 OVMF build (it has the kernel-hashes section).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "igvm")]
     ovmf: Option<PathBuf>,
+    /// With --snp: boot the UVM's IGVM file (out/uvm/uvm.igvm) instead of
+    /// firmware plus kernel; the guest memory is the file's.
+    #[arg(long, requires = "snp")]
+    igvm: Option<PathBuf>,
     /// With --snp or --insecure-emulate-snp: the execution policy; its sha256 becomes HOST_DATA.
     #[arg(long)]
     policy: Option<PathBuf>,
@@ -509,6 +521,21 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// How an SNP launch boots, and its guest memory: an IGVM file fixes it.
+fn snp_boot(ovmf: Option<PathBuf>, igvm: Option<PathBuf>, memory_mib: u32) -> anyhow::Result<(parma::SnpBoot, u32)> {
+    match (ovmf, igvm) {
+        (Some(ovmf), None) => Ok((parma::SnpBoot::KernelHashes { ovmf }, memory_mib)),
+        (None, Some(file)) => {
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let measured = parma_igvm::measure(&bytes, 1, None)
+                .with_context(|| format!("{} is not a UVM IGVM file", file.display()))?;
+            let memory = u32::try_from(measured.memory_mib).context("the IGVM file's memory is too large")?;
+            Ok((parma::SnpBoot::Igvm(file), memory))
+        }
+        _ => anyhow::bail!("--snp needs --ovmf FILE (kernel hashes) or --igvm FILE"),
+    }
+}
+
 fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let bytes = std::fs::read(&args.report).with_context(|| format!("cannot read {}", args.report.display()))?;
     let report = parma_snp::AttestationReport::parse(&bytes)
@@ -607,6 +634,22 @@ fn layer_build(
 }
 
 fn measure(args: MeasureArgs) -> anyhow::Result<()> {
+    if let Some(file) = &args.igvm {
+        let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let measured = parma_igvm::measure(&bytes, args.vcpus, Some(&args.vcpu_type))
+            .with_context(|| format!("cannot measure {}", file.display()))?;
+        let json = serde_json::json!({
+            "launch_digest": measured.digest,
+            "igvm": file,
+            "vcpus": measured.vcpus,
+            "vcpu_type": args.vcpu_type,
+            "memory_mib": measured.memory_mib,
+            "policy": measured.policy.map(|p| format!("{p:#x}")),
+            "pages": measured.pages,
+        });
+        return print(args.json, &json, |_| measured.digest.clone());
+    }
+    let Some(ovmf) = args.ovmf else { anyhow::bail!("give --ovmf FILE or --igvm FILE") };
     let direct_boot = match &args.uvm {
         None => None,
         Some(uvm) => {
@@ -625,7 +668,7 @@ fn measure(args: MeasureArgs) -> anyhow::Result<()> {
         }
     };
     let launch = parma_measure::Launch {
-        ovmf: args.ovmf,
+        ovmf,
         ovmf_hash: args.ovmf_hash,
         vcpus: args.vcpus,
         vcpu_type: args.vcpu_type,
@@ -730,8 +773,9 @@ fn vm_run(args: VmRun) -> anyhow::Result<()> {
     };
     let config = match (args.snp, args.insecure_emulate_snp, host_data) {
         (true, _, Some(host_data)) => {
-            let Some(ovmf) = args.ovmf else { anyhow::bail!("--snp needs --ovmf") };
-            VmConfig { snp: Some(parma::Snp { ovmf, host_data, vcpu_type: args.vcpu_type }), ..config }
+            let (boot, memory_mib) = snp_boot(args.ovmf, args.igvm, config.memory_mib)?;
+            let snp = parma::Snp { boot, host_data, vcpu_type: args.vcpu_type };
+            VmConfig { snp: Some(snp), memory_mib, ..config }
         }
         (false, true, Some(host_data)) => {
             tracing::warn!("INSECURE: the guest emulates SEV-SNP attestation reports");
@@ -937,8 +981,9 @@ fn run_container(args: RunArgs) -> anyhow::Result<i32> {
     }
     config.serial = Serial::File(args.serial_log.clone().unwrap_or_else(|| dir.path().join("serial.log")));
     if args.snp {
-        let ovmf = args.ovmf.clone().context("--snp needs --ovmf")?;
-        config.snp = Some(parma::Snp { ovmf, host_data, vcpu_type: args.vcpu_type.clone() });
+        let (boot, memory_mib) = snp_boot(args.ovmf.clone(), args.igvm.clone(), config.memory_mib)?;
+        config.memory_mib = memory_mib;
+        config.snp = Some(parma::Snp { boot, host_data, vcpu_type: args.vcpu_type.clone() });
     } else {
         eprintln!("parma run: INSECURE emulation: no SEV-SNP; the guest emulates attestation reports");
         config.insecure_emulated_host_data = Some(host_data);

@@ -75,13 +75,29 @@ pub const EMULATION_FLAG: &str = "parma.insecure_emulated_snp=1";
 /// What an SEV-SNP launch needs besides the UVM.
 #[derive(Debug, Clone)]
 pub struct Snp {
-    /// An AmdSevX64 OVMF build: the one with the kernel-hashes section that
-    /// `kernel-hashes=on` needs. Its digest is part of the launch digest.
-    pub ovmf: PathBuf,
+    /// How the guest's initial memory is made.
+    pub boot: SnpBoot,
     /// HOST_DATA: for Parma, the sha256 of the execution policy.
     pub host_data: [u8; 32],
     /// vCPU type (`-cpu`); the launch digest depends on it.
     pub vcpu_type: String,
+}
+
+/// The two ways to launch the UVM on SEV-SNP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnpBoot {
+    /// QEMU 9.1+: OVMF measured by the firmware, which checks the kernel,
+    /// initrd and command line against the hashes QEMU puts in its
+    /// kernel-hashes table (`kernel-hashes=on`). The path is an AmdSevX64
+    /// OVMF build, the one with that table; its digest is part of the launch digest.
+    KernelHashes {
+        /// The firmware.
+        ovmf: PathBuf,
+    },
+    /// QEMU 10.1+: the UVM's IGVM file (`out/uvm/uvm.igvm`), every page of
+    /// which is measured, with no firmware at all. The guest memory is the
+    /// file's (`parma measure --igvm` prints it).
+    Igvm(PathBuf),
 }
 
 /// The VM cannot be started as asked.
@@ -154,7 +170,9 @@ impl VmConfig {
             (Accel::Kvm, None) => ("q35,accel=kvm".to_string(), "host".to_string()),
             (Accel::Tcg, Some(_)) => return Err(VmError::SnpNeedsKvm),
             (Accel::Kvm, Some(snp)) => {
-                ("q35,accel=kvm,confidential-guest-support=sev0,memory-backend=ram0".to_string(), snp.vcpu_type.clone())
+                let igvm = if matches!(snp.boot, SnpBoot::Igvm(_)) { ",igvm-cfg=igvm0" } else { "" };
+                let machine = format!("q35,accel=kvm,confidential-guest-support=sev0,memory-backend=ram0{igvm}");
+                (machine, snp.vcpu_type.clone())
             }
         };
         // Virtio devices of an SEV guest go through the platform IOMMU path
@@ -170,20 +188,30 @@ impl VmConfig {
         push(&["-machine", &machine, "-cpu", &cpu]);
         push(&["-smp", &self.cpus.to_string(), "-m", &self.memory_mib.to_string()]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
-        args.extend([OsString::from("-kernel"), kernel.into_os_string()]);
-        args.extend([OsString::from("-initrd"), initrd.into_os_string()]);
-        args.extend([OsString::from("-append"), OsString::from(cmdline)]);
+        // The IGVM file holds the kernel, initrd and command line itself.
+        if !matches!(self.snp, Some(Snp { boot: SnpBoot::Igvm(_), .. })) {
+            args.extend([OsString::from("-kernel"), kernel.into_os_string()]);
+            args.extend([OsString::from("-initrd"), initrd.into_os_string()]);
+            args.extend([OsString::from("-append"), OsString::from(cmdline)]);
+        }
         if let Some(snp) = &self.snp {
             use base64::Engine as _;
             let host_data = base64::engine::general_purpose::STANDARD.encode(snp.host_data);
             args.push("-object".into());
             args.push(format!("memory-backend-memfd,id=ram0,size={}M,share=true", self.memory_mib).into());
-            args.push("-object".into());
-            args.push(
-                format!("sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1,kernel-hashes=on,host-data={host_data}")
-                    .into(),
-            );
-            args.extend([OsString::from("-bios"), snp.ovmf.clone().into_os_string()]);
+            let common = "sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1";
+            match &snp.boot {
+                SnpBoot::KernelHashes { ovmf } => {
+                    let object = format!("{common},kernel-hashes=on,host-data={host_data}");
+                    args.extend(["-object".into(), object.into()]);
+                    args.extend([OsString::from("-bios"), ovmf.clone().into_os_string()]);
+                }
+                SnpBoot::Igvm(file) => {
+                    args.extend(["-object".into(), format!("{common},host-data={host_data}").into()]);
+                    let file = file.to_string_lossy().replace(',', ",,");
+                    args.extend(["-object".into(), format!("igvm-cfg,id=igvm0,file={file}").into()]);
+                }
+            }
         }
         if let Some(host_data) = self.insecure_emulated_host_data {
             args.push("-fw_cfg".into());
@@ -298,8 +326,11 @@ mod tests {
     fn snp_launch() {
         let dir = uvm_dir();
         let mut config = VmConfig::new(dir.path(), "/tmp/c.sock");
-        config.snp =
-            Some(Snp { ovmf: "/fw/OVMF.amdsev.fd".into(), host_data: [0xab; 32], vcpu_type: "EPYC-v4".into() });
+        config.snp = Some(Snp {
+            boot: SnpBoot::KernelHashes { ovmf: "/fw/OVMF.amdsev.fd".into() },
+            host_data: [0xab; 32],
+            vcpu_type: "EPYC-v4".into(),
+        });
         assert!(matches!(config.args(), Err(VmError::SnpNeedsKvm)));
         config.accel = Accel::Kvm;
         config.vsock_cid = Some(3);
@@ -321,6 +352,36 @@ mod tests {
         assert!(args.contains(&"vhost-vsock-pci,guest-cid=3,disable-legacy=on,iommu_platform=on".to_string()));
         // Direct boot: the measured kernel, initrd and cmdline.
         assert_eq!(find("-append"), "console=ttyS0 quiet");
+    }
+
+    #[test]
+    fn snp_launch_from_the_igvm_file() {
+        let dir = uvm_dir();
+        let mut config = VmConfig::new(dir.path(), "/tmp/c.sock");
+        config.accel = Accel::Kvm;
+        let boot = SnpBoot::Igvm("/uvm/a,b.igvm".into());
+        config.snp = Some(Snp { boot, host_data: [0xcd; 32], vcpu_type: "EPYC-Genoa".into() });
+        let args = strings(&config);
+        let find = |flag: &str| args[args.iter().position(|a| a == flag).unwrap() + 1].clone();
+        assert_eq!(
+            find("-machine"),
+            "q35,accel=kvm,confidential-guest-support=sev0,memory-backend=ram0,igvm-cfg=igvm0"
+        );
+        assert_eq!(find("-cpu"), "EPYC-Genoa");
+        let objects: Vec<_> =
+            args.iter().enumerate().filter(|(_, a)| *a == "-object").map(|(i, _)| &args[i + 1]).collect();
+        assert_eq!(objects.len(), 3);
+        assert_eq!(objects[0], "memory-backend-memfd,id=ram0,size=512M,share=true");
+        assert_eq!(
+            objects[1],
+            "sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1,host-data=zc3Nzc3Nzc3Nzc3Nzc3Nzc3Nzc3Nzc3Nzc3Nzc3Nzc0="
+        );
+        assert_eq!(objects[2], "igvm-cfg,id=igvm0,file=/uvm/a,,b.igvm");
+        // The file is the whole guest: no firmware, no kernel outside it.
+        for flag in ["-bios", "-kernel", "-initrd", "-append"] {
+            assert!(!args.iter().any(|a| a == flag), "{flag} with an IGVM launch");
+        }
+        assert!(args.contains(&"virtio-serial-pci,id=virtio-serial0,disable-legacy=on,iommu_platform=on".to_string()));
     }
 
     #[test]

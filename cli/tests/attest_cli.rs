@@ -56,6 +56,71 @@ fn measure_prints_the_digest_of_the_firmware_alone_or_with_a_kernel() {
 }
 
 #[test]
+fn measure_an_igvm_file_and_launch_it() {
+    // The digest make image recorded is the one `parma measure --igvm` computes.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo().join("out/uvm/manifest.json")).unwrap()).unwrap();
+    let out = parma(&["measure", "--igvm", "out/uvm/uvm.igvm", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["launch_digest"], manifest["igvm"]["digest"]);
+    assert_eq!(json["memory_mib"], 512);
+    assert_eq!(json["pages"]["vmsa"], 1);
+    assert_eq!(json["policy"], "0x30000");
+    // A second vCPU starts in the reset state of its type: another digest.
+    let two = parma(&["measure", "--igvm", "out/uvm/uvm.igvm", "--vcpus", "2", "--vcpu-type", "EPYC-Genoa"]);
+    assert!(two.status.success(), "{}", String::from_utf8_lossy(&two.stderr));
+    assert_ne!(String::from_utf8_lossy(&two.stdout).trim(), json["launch_digest"].as_str().unwrap());
+    let out = parma(&["measure", "--igvm", "out/uvm/initrd.img"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot measure out/uvm/initrd.img"));
+    let out = parma(&["measure"]);
+    assert!(!out.status.success(), "a firmware or an IGVM file is required");
+
+    let out = parma(&[
+        "vm",
+        "run",
+        "--uvm",
+        "out/uvm",
+        "--control",
+        "/tmp/c.sock",
+        "--accel",
+        "kvm",
+        "--snp",
+        "--igvm",
+        "out/uvm/uvm.igvm",
+        "--memory",
+        "2048",
+        "--policy",
+        "policies/allow_all.rego",
+        "--print-command",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(line.contains("-object igvm-cfg,id=igvm0,file=out/uvm/uvm.igvm"), "{line}");
+    assert!(line.contains("igvm-cfg=igvm0") && line.contains("-m 512 "), "the file's memory wins: {line}");
+    assert!(!line.contains("-kernel") && !line.contains("kernel-hashes"), "{line}");
+    let out = parma(&[
+        "vm",
+        "run",
+        "--uvm",
+        "out/uvm",
+        "--control",
+        "/tmp/c.sock",
+        "--accel",
+        "kvm",
+        "--snp",
+        "--policy",
+        "policies/allow_all.rego",
+        "--print-command",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--snp needs --ovmf FILE"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn snp_command_line_carries_the_policy_hash_as_host_data() {
     let out = parma(&[
         "vm",
@@ -95,4 +160,41 @@ fn snp_command_line_carries_the_policy_hash_as_host_data() {
         "--print-command",
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs --accel kvm"));
+}
+
+#[test]
+fn run_snp_script_and_parma_agree_on_the_command_line() {
+    // A stand-in QEMU that prints its arguments, one per line.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("qemu-system-x86_64");
+    std::fs::write(&fake, "#!/bin/sh\nprintf '%s\\n' \"$@\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap());
+    let policy = "policies/allow_all.rego";
+    let host_data: [u8; 32] = hex::decode(String::from_utf8(parma(&["policy", "hash", policy]).stdout).unwrap().trim())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let uvm = repo().join("out/uvm");
+    let ovmf = repo().join("qemu/ovmf/ovmf_AmdSev_suffix.bin");
+    for (first, boot) in [
+        (ovmf.to_str().unwrap(), parma::SnpBoot::KernelHashes { ovmf: ovmf.clone() }),
+        ("--igvm", parma::SnpBoot::Igvm(uvm.join("uvm.igvm"))),
+    ] {
+        let out = Command::new("bash")
+            .arg("qemu/run-snp.sh")
+            .args([first, policy, uvm.to_str().unwrap(), "/tmp/c.sock"])
+            .env("PATH", &path)
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let script: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect();
+        let mut config = parma::VmConfig::new(&uvm, "/tmp/c.sock");
+        config.accel = parma::Accel::Kvm;
+        config.snp = Some(parma::Snp { boot, host_data, vcpu_type: "EPYC-v4".into() });
+        let ours: Vec<String> = config.args().unwrap().iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(script, ours, "qemu/run-snp.sh {first}");
+    }
 }

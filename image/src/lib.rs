@@ -16,6 +16,11 @@ pub mod manifest;
 /// turns into an exit, so a broken guest never hangs its host.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
 
+/// Guest memory of the IGVM file, MiB: its e820 map and zero pages are
+/// measured, so the memory size is part of the file and of its digest. The
+/// same as `parma vm run`'s default.
+pub const IGVM_MEMORY_MIB: u32 = 512;
+
 /// The files `make image` writes into the UVM directory.
 pub mod files {
     /// The kernel (bzImage).
@@ -32,4 +37,6 @@ pub mod files {
     pub const CMDLINE: &str = "cmdline";
     /// The manifest.
     pub const MANIFEST: &str = "manifest.json";
+    /// The UVM as one IGVM file, for SNP hosts that boot IGVM (QEMU 10.1+).
+    pub const IGVM: &str = "uvm.igvm";
 }

@@ -29,6 +29,21 @@ pub struct Manifest {
     /// The expected SEV-SNP launch digest of the default profile.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub launch: Option<LaunchDigest>,
+    /// The IGVM file and its launch digest.
+    pub igvm: IgvmDigest,
+}
+
+/// The IGVM file's launch digest (QEMU with `igvm-cfg`, KVM).
+#[derive(Debug, Clone, Serialize)]
+pub struct IgvmDigest {
+    /// The file, in the UVM directory.
+    pub file: String,
+    /// Guest memory it fixes, MiB.
+    pub memory_mib: u32,
+    /// vCPUs of the digest (the boot vCPU's state is in the file).
+    pub vcpus: u32,
+    /// sha384-sized launch digest, lowercase hex.
+    pub digest: String,
 }
 
 /// A launch digest and what it was computed for.

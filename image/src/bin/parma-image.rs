@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use parma_image::manifest::{FileDigest, Kernel, LaunchDigest, Manifest, SCHEMA};
-use parma_image::{DEFAULT_CMDLINE, files, initrd, kconfig};
+use parma_image::manifest::{FileDigest, IgvmDigest, Kernel, LaunchDigest, Manifest, SCHEMA};
+use parma_image::{DEFAULT_CMDLINE, IGVM_MEMORY_MIB, files, initrd, kconfig};
 
 #[derive(Parser)]
 #[command(about = "Build the Parma UVM image")]
@@ -132,10 +132,25 @@ fn assemble(
     let initrd_bytes = initrd.to_gz()?;
     write_atomic(&uvm.join(files::INITRD), &initrd_bytes)?;
     write_atomic(&uvm.join(files::CMDLINE), cmdline.as_bytes())?;
+    let igvm = parma_igvm::build(&parma_igvm::Uvm {
+        kernel: &read(&uvm.join(files::KERNEL))?,
+        initrd: &initrd_bytes,
+        cmdline,
+        memory_mib: IGVM_MEMORY_MIB,
+        guest_features: 1,
+        policy: parma_igvm::DEFAULT_POLICY,
+    })?;
+    write_atomic(&uvm.join(files::IGVM), &igvm)?;
+    let igvm = IgvmDigest {
+        file: files::IGVM.into(),
+        memory_mib: IGVM_MEMORY_MIB,
+        vcpus: 1,
+        digest: parma_igvm::measure(&igvm, 1, None)?.digest,
+    };
 
     let config = read(&uvm.join(files::KERNEL_CONFIG))?;
     let mut digests = BTreeMap::new();
-    for name in [files::KERNEL, files::INITRD, files::KERNEL_CONFIG, files::CMDLINE] {
+    for name in [files::KERNEL, files::INITRD, files::KERNEL_CONFIG, files::CMDLINE, files::IGVM] {
         let path = uvm.join(name);
         let digest = FileDigest::of_file(&path).with_context(|| format!("cannot hash {}", path.display()))?;
         digests.insert(name.to_string(), digest);
@@ -152,6 +167,7 @@ fn assemble(
         files: digests,
         initrd: initrd.listing(),
         launch: firmware.map(|(ovmf, hash)| launch_digest(uvm, cmdline, ovmf, hash)).transpose()?,
+        igvm,
     };
     let mut json = serde_json::to_vec_pretty(&manifest)?;
     json.push(b'\n');
@@ -165,5 +181,7 @@ fn assemble(
     if let Some(launch) = &manifest.launch {
         println!("launch digest ({}): {}", launch.profile, launch.digest);
     }
+    let igvm = &manifest.igvm;
+    println!("launch digest (IGVM {}, {} MiB, 1 vCPU): {}", igvm.file, igvm.memory_mib, igvm.digest);
     Ok(())
 }
