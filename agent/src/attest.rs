@@ -2,7 +2,9 @@
 //!
 //! On an SEV-SNP guest the report comes from the firmware through the
 //! kernel's configfs TSM interface (`/sys/kernel/config/tsm/report`, the
-//! `sev-guest` provider). Under emulation (TCG) there is no SNP: when, and
+//! `sev-guest` provider), or, where that interface is unavailable, through
+//! the `SNP_GET_REPORT` ioctl on `/dev/sev-guest` (the `sev` crate's guest
+//! firmware API). Under emulation (TCG) there is no SNP: when, and
 //! only when, the kernel command line carries
 //! `parma.insecure_emulated_snp=1`, reports in the real format are signed
 //! with a fixed test key, with HOST_DATA taken from QEMU's fw_cfg. The flag
@@ -20,12 +22,20 @@ pub const EMULATION_FLAG: &str = "parma.insecure_emulated_snp=1";
 const FW_CFG_HOST_DATA: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.parma/host_data/raw";
 /// The configfs TSM report directory.
 const TSM_REPORT: &str = "/sys/kernel/config/tsm/report";
+/// The SEV guest device.
+const SEV_GUEST: &str = "/dev/sev-guest";
 
 /// Where reports come from.
 #[derive(Debug)]
 pub enum Provider {
-    /// The SEV-SNP firmware, through configfs TSM.
-    Tsm(PathBuf),
+    /// The SEV-SNP firmware: through configfs TSM (this directory), else
+    /// through the ioctl on this device.
+    Firmware {
+        /// The TSM report directory.
+        tsm: PathBuf,
+        /// The SEV guest device.
+        device: PathBuf,
+    },
     /// INSECURE: a test key, for emulation only.
     Emulated {
         /// HOST_DATA as QEMU's fw_cfg gave it (zero when absent).
@@ -43,14 +53,14 @@ impl Provider {
             tracing::warn!("INSECURE: attestation reports are emulated ({EMULATION_FLAG})");
             Provider::Emulated { host_data }
         } else {
-            Provider::Tsm(PathBuf::from(TSM_REPORT))
+            Provider::Firmware { tsm: PathBuf::from(TSM_REPORT), device: PathBuf::from(SEV_GUEST) }
         }
     }
 
     /// Its name in responses.
     pub fn name(&self) -> &'static str {
         match self {
-            Provider::Tsm(_) => "sev-guest",
+            Provider::Firmware { .. } => "sev-guest",
             Provider::Emulated { .. } => "insecure-emulation",
         }
     }
@@ -58,7 +68,12 @@ impl Provider {
     /// A fresh report binding `report_data`.
     pub fn report(&self, report_data: &[u8; 64]) -> Result<AttestationReport, String> {
         let bytes = match self {
-            Provider::Tsm(dir) => tsm_report(dir, report_data)?,
+            Provider::Firmware { tsm, device } => match tsm_report(tsm, report_data) {
+                Ok(bytes) => bytes,
+                Err(Unavailable::No(tsm_err)) => ioctl_report(device, report_data)
+                    .map_err(|err| format!("{tsm_err}; and {}: {err}", device.display()))?,
+                Err(Unavailable::Failed(err)) => return Err(err),
+            },
             Provider::Emulated { host_data } => {
                 let signer = parma_snp::emulation::Signer::from_seed(&parma_snp::emulation::AGENT_SEED);
                 let fields = parma_snp::emulation::EmulatedFields {
@@ -80,18 +95,30 @@ fn read_fw_cfg_host_data(path: &Path) -> Option<[u8; 32]> {
     bytes.try_into().ok()
 }
 
+/// Why the TSM interface gave no report.
+#[derive(Debug)]
+enum Unavailable {
+    /// It is not there, or has no provider: try the device.
+    No(String),
+    /// It is there and failed: that is the answer.
+    Failed(String),
+}
+
 /// One report through configfs TSM: make an entry, write REPORT_DATA,
 /// read the report, check nobody else wrote meanwhile, remove the entry.
-fn tsm_report(dir: &Path, report_data: &[u8; 64]) -> Result<Vec<u8>, String> {
+fn tsm_report(dir: &Path, report_data: &[u8; 64]) -> Result<Vec<u8>, Unavailable> {
     if !dir.is_dir() {
-        return Err(format!("no attestation provider: {} is missing (not an SEV-SNP guest?)", dir.display()));
+        return Err(Unavailable::No(format!(
+            "no attestation provider: {} is missing (not an SEV-SNP guest?)",
+            dir.display()
+        )));
     }
     let entry = dir.join(format!("parma-{}", std::process::id()));
     std::fs::create_dir(&entry).map_err(|err| match err.raw_os_error() {
         Some(libc::ENXIO) => {
-            "no attestation provider: the TSM report interface has none (not an SEV-SNP guest?)".into()
+            Unavailable::No("no attestation provider: the TSM report interface has none (not an SEV-SNP guest?)".into())
         }
-        _ => format!("cannot create {}: {err}", entry.display()),
+        _ => Unavailable::Failed(format!("cannot create {}: {err}", entry.display())),
     })?;
     let result = (|| {
         let generation = || std::fs::read_to_string(entry.join("generation")).unwrap_or_default();
@@ -105,7 +132,20 @@ fn tsm_report(dir: &Path, report_data: &[u8; 64]) -> Result<Vec<u8>, String> {
         Ok(report)
     })();
     let _ = std::fs::remove_dir(&entry);
-    result
+    result.map_err(Unavailable::Failed)
+}
+
+/// One report through `SNP_GET_REPORT` on the SEV guest device, requested
+/// for VMPL 0 (the guest kernel's level when no SVSM runs below it).
+fn ioctl_report(device: &Path, report_data: &[u8; 64]) -> Result<Vec<u8>, String> {
+    if !device.exists() {
+        return Err("missing (not an SEV-SNP guest?)".into());
+    }
+    if device != Path::new(SEV_GUEST) {
+        return Err("the sev crate opens /dev/sev-guest only".into());
+    }
+    let mut firmware = sev::firmware::guest::Firmware::open().map_err(|err| format!("cannot open: {err}"))?;
+    firmware.get_report(None, Some(*report_data), Some(0)).map_err(|err| format!("SNP_GET_REPORT failed: {err}"))
 }
 
 /// REPORT_DATA from hex: up to 64 bytes, zero padded on the right.
@@ -145,9 +185,25 @@ mod tests {
     }
 
     #[test]
-    fn tsm_missing_is_a_clear_error() {
-        let err = tsm_report(Path::new("/nonexistent/tsm"), &[0; 64]).unwrap_err();
-        assert!(err.contains("no attestation provider"), "{err}");
+    fn no_provider_is_a_clear_error_naming_both_interfaces() {
+        let provider = Provider::Firmware { tsm: "/nonexistent/tsm".into(), device: "/nonexistent/sev-guest".into() };
+        let err = provider.report(&[0; 64]).unwrap_err();
+        assert!(err.contains("no attestation provider: /nonexistent/tsm is missing"), "{err}");
+        assert!(err.contains("/nonexistent/sev-guest: missing (not an SEV-SNP guest?)"), "{err}");
+        assert_eq!(provider.name(), "sev-guest");
+    }
+
+    #[test]
+    fn a_failing_tsm_entry_is_the_answer() {
+        // A TSM directory where entries cannot be made (a plain file stands in
+        // for it): the error is that, not a fallback to the device.
+        let dir = tempfile::tempdir().unwrap();
+        let tsm = dir.path().join("tsm");
+        std::fs::create_dir(&tsm).unwrap();
+        std::fs::write(tsm.join(format!("parma-{}", std::process::id())), b"").unwrap();
+        let provider = Provider::Firmware { tsm, device: "/nonexistent/sev-guest".into() };
+        let err = provider.report(&[0; 64]).unwrap_err();
+        assert!(err.starts_with("cannot create"), "{err}");
     }
 
     #[test]
