@@ -75,10 +75,9 @@ quote(s) := json.marshal(s)
 
 # ---------------------------------------------------------------- devices
 
-policy_layer_hashes contains h if {
-	some c in policy_containers
-	some h in c.layers
-}
+# Every layer root hash of every container, as {hash: true}: built once when
+# the policy is loaded (the engine's data document), not on every decision.
+policy_layer_hashes := object.get(data.parma_policy_data, "layer_hashes", {})
 
 device_hash_mounted(h) if {
 	some target, mounted in devices
@@ -150,10 +149,9 @@ layer_failures(c) := [sprintf("container %s has %d layers, the overlay has %d", 
 	msg := sprintf("layer %d is %s, container %s expects %s", [i, h, quote(c.name), c.layers[i]])
 ]
 
-overlay_candidates := [c.name |
-	some c in policy_containers
-	count(layer_failures(c)) == 0
-]
+# The containers whose layers are exactly these, in policy order: an index
+# built at load, keyed by the JSON of the layer list.
+overlay_candidates := object.get(data.parma_policy_data.containers_by_layers, json.marshal(overlay_hashes), [])
 
 overlay_target_used if {
 	some id, overlay in overlays
@@ -235,9 +233,11 @@ env_rule_matches(rule, var) if {
 	rule.pattern == var
 }
 
+# rule.anchored is "^(?:PATTERN)$", added to every re2 rule when the policy is
+# loaded: a pattern matches the whole variable, never a part of it.
 env_rule_matches(rule, var) if {
 	rule.strategy == "re2"
-	regex.match(concat("", ["^(?:", rule.pattern, ")$"]), var)
+	regex.match(rule.anchored, var)
 }
 
 env_allowed(c, var) if {
@@ -373,10 +373,8 @@ order_failures(c) := [sprintf("container %s starts after %s, which has not start
 	not started_names[before]
 ]
 
-policy_container(name) := c if {
-	some c in policy_containers
-	c.name == name
-}
+# The policy's containers by name (the first of a name), indexed at load.
+policy_container(name) := data.parma_policy_data.containers_by_name[name]
 
 # ---------------------------------------------------------------- containers
 
@@ -432,8 +430,7 @@ exec_in_container := denied(sprintf("container %s is not running", [quote(input.
 
 exec_in_container := {"allowed": true, "metadata": []} if {
 	running(input.containerID)
-	some process in object.get(started_container, "exec_processes", [])
-	count(exec_failures(started_container, process)) == 0
+	exec_allowed
 }
 
 exec_in_container := denied(sprintf("no exec process of container %s allows this request", [quote(started_container.name)]), [{

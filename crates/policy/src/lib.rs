@@ -104,13 +104,40 @@ impl Policy {
     }
 }
 
+/// How regorus evaluates the rules. Both give the same decisions (the golden
+/// tables run on both); they differ in speed and in one reason: a builtin
+/// that fails is an error in the interpreter and an undefined rule in the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The policy compiled once, at load, to regorus's register VM (RVM)
+    /// bytecode: about 2.5x faster per decision. The default.
+    Vm,
+    /// regorus's tree-walking interpreter.
+    Interpreter,
+}
+
 /// The policy engine: the framework and one policy loaded into regorus,
 /// plus the state the decisions build up.
-#[derive(Debug)]
 pub struct Engine {
     rego: regorus::Engine,
+    /// The policy compiled for regorus's register VM, with the points the
+    /// policy defines as entry points; `None`: the tree-walking interpreter.
+    vm: Option<regorus::rvm::RegoVM>,
+    /// Entry points of `vm`.
+    entry_points: Vec<String>,
     state: State,
     policy_hash: String,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("policy_hash", &self.policy_hash)
+            .field("backend", &if self.vm.is_some() { Backend::Vm } else { Backend::Interpreter })
+            .field("entry_points", &self.entry_points)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Engine {
@@ -121,6 +148,11 @@ impl Engine {
 
     /// Load a policy; each decision may take at most `budget` of wall-clock time.
     pub fn with_budget(policy: &Policy, budget: Duration) -> Result<Self, PolicyError> {
+        Self::with_backend(policy, budget, Backend::Vm)
+    }
+
+    /// Load a policy for one evaluation backend.
+    pub fn with_backend(policy: &Policy, budget: Duration, backend: Backend) -> Result<Self, PolicyError> {
         let mut rego = regorus::Engine::new();
         rego.set_strict_builtin_errors(true);
         rego.set_execution_timer_config(ExecutionTimerConfig {
@@ -135,8 +167,15 @@ impl Engine {
         if package != "data.policy" {
             return Err(PolicyError::WrongPackage(package));
         }
-        load_policy_data(&mut rego)?;
-        Ok(Self { rego, state: State::default(), policy_hash: policy.hash_hex() })
+        let data = load_policy_data(&mut rego)?;
+        let (vm, entry_points) = match backend {
+            Backend::Interpreter => (None, Vec::new()),
+            Backend::Vm => {
+                let (vm, entry_points) = compile_vm(&mut rego, data, budget)?;
+                (Some(vm), entry_points)
+            }
+        };
+        Ok(Self { rego, vm, entry_points, state: State::default(), policy_hash: policy.hash_hex() })
     }
 
     /// The hash of the loaded policy.
@@ -170,10 +209,35 @@ impl Engine {
         if let Ok(fields) = input.as_object_mut() {
             fields.insert(regorus::Value::from("state"), self.state.rego().clone());
         }
-        self.rego.set_input(input);
-        let result = match self.rego.eval_rule(format!("data.policy.{}", point.rule())) {
+        let rule = format!("data.policy.{}", point.rule());
+        let result = match &mut self.vm {
+            Some(vm) => {
+                if !self.entry_points.contains(&rule) {
+                    return Decision::deny(point, format!("the policy does not define {point} (deny by default)."));
+                }
+                vm.set_input(input);
+                let result = vm.execute_entry_point_by_name(&rule).map_err(|err| err.to_string());
+                // Drop the input's share of the state, so the next commit
+                // changes it in place instead of copying it.
+                vm.set_input(regorus::Value::Null);
+                result
+            }
+            None => {
+                self.rego.set_input(input);
+                let result = self.rego.eval_rule(rule).map_err(|err| err.to_string());
+                self.rego.set_input(regorus::Value::Null);
+                result
+            }
+        };
+        let result = match result {
+            Ok(regorus::Value::Undefined) if self.vm.is_some() => {
+                // The rule is declared (an entry point) but has no value: a
+                // condition failed or a builtin failed on this input.
+                let reason = format!("the policy's {point} rule is undefined for this input (deny by default)");
+                return Decision::deny(point, reason);
+            }
             Ok(result) => result,
-            Err(err) => return Decision::deny(point, rule_error(point, &err.to_string())),
+            Err(err) => return Decision::deny(point, rule_error(point, &err)),
         };
         Decision::from_rule_result(point, &result)
     }
@@ -200,9 +264,45 @@ pub const DATA_RULES: &[&str] = &[
     "required_containers",
 ];
 
+/// Compile the policy and the framework for regorus's register VM, with one
+/// entry point per enforcement point the policy defines.
+fn compile_vm(
+    rego: &mut regorus::Engine,
+    data: regorus::Value,
+    budget: Duration,
+) -> Result<(regorus::rvm::RegoVM, Vec<String>), PolicyError> {
+    let vm_error = |err: &dyn std::fmt::Display| PolicyError::Rego(format!("register VM: {err}"));
+    let entry_points: Vec<String> = Point::ALL
+        .iter()
+        .filter(|point| rego.has_declared_rule_rooted_at("policy.rego", point.rule()).unwrap_or(false))
+        .map(|point| format!("data.policy.{}", point.rule()))
+        .collect();
+    let Some(first) = entry_points.first() else {
+        return Ok((regorus::rvm::RegoVM::new(), entry_points));
+    };
+    let compiled = rego.compile_with_entrypoint(&first.as_str().into()).map_err(|err| vm_error(&err))?;
+    let names: Vec<&str> = entry_points.iter().map(String::as_str).collect();
+    let program = regorus::languages::rego::compiler::Compiler::compile_from_policy(&compiled, &names)
+        .map_err(|err| vm_error(&err))?;
+    let mut vm = regorus::rvm::RegoVM::new_with_policy(compiled);
+    vm.load_program(program);
+    vm.set_data(data).map_err(|err| vm_error(&err))?;
+    // The wall-clock budget bounds a decision; the VM's default instruction
+    // cap (25,000) would deny legitimate decisions on large policies.
+    vm.set_max_instructions(usize::MAX);
+    // As in the interpreter: a builtin that fails is an error (a denial with
+    // the reason), not a silently undefined expression.
+    vm.set_strict_builtin_errors(true);
+    vm.set_execution_timer_config(Some(ExecutionTimerConfig {
+        limit: budget,
+        check_interval: NonZeroU32::MIN.saturating_add(63),
+    }));
+    Ok((vm, entry_points))
+}
+
 /// Evaluate the policy's data rules once and hand them to the framework as
-/// the data document `parma_policy_data`.
-fn load_policy_data(rego: &mut regorus::Engine) -> Result<(), PolicyError> {
+/// the data document `parma_policy_data`; returns the whole data document.
+fn load_policy_data(rego: &mut regorus::Engine) -> Result<regorus::Value, PolicyError> {
     let mut data = regorus::Value::new_object();
     let fields = data.as_object_mut().map_err(|err| PolicyError::Rego(err.to_string()))?;
     for name in DATA_RULES {
@@ -216,11 +316,79 @@ fn load_policy_data(rego: &mut regorus::Engine) -> Result<(), PolicyError> {
             Err(err) => return Err(PolicyError::Rego(format!("data.policy.{name}: {err}"))),
         }
     }
+    index_containers(fields)?;
     let mut root = regorus::Value::new_object();
     root.as_object_mut()
         .map_err(|err| PolicyError::Rego(err.to_string()))?
         .insert(regorus::Value::from("parma_policy_data"), data);
-    rego.add_data(root).map_err(|err| PolicyError::Rego(err.to_string()))
+    rego.add_data(root.clone()).map_err(|err| PolicyError::Rego(err.to_string()))?;
+    Ok(root)
+}
+
+/// What the framework looks up instead of scanning every container on every
+/// decision, built once from the policy's `containers`:
+/// - `layer_hashes`: every layer root hash, as `{hash: true}`;
+/// - `containers_by_name`: each container by name (the first of a name);
+/// - `containers_by_layers`: container names by the JSON of their layer list;
+/// - each re2 env rule gets `anchored`, its pattern as `^(?:PATTERN)$`.
+fn index_containers(fields: &mut regorus::value::Object) -> Result<(), PolicyError> {
+    let error = |err: &dyn std::fmt::Display| PolicyError::Rego(format!("indexing the policy's containers: {err}"));
+    let mut hashes = regorus::Value::new_object();
+    let mut by_name = regorus::Value::new_object();
+    let mut by_layers = regorus::Value::new_object();
+    let containers = match fields.get(&regorus::Value::from("containers")).map(regorus::Value::as_array) {
+        Some(Ok(containers)) => containers.iter().cloned().collect(),
+        _ => Vec::new(),
+    };
+    let mut indexed = Vec::with_capacity(containers.len());
+    for mut container in containers {
+        let layers = container["layers"].clone();
+        if let Ok(list) = layers.as_array() {
+            let hash_index = hashes.as_object_mut().map_err(|err| error(&err))?;
+            for layer in list.iter().filter(|layer| layer.as_string().is_ok()) {
+                hash_index.insert(layer.clone(), regorus::Value::from(true));
+            }
+            let key = regorus::Value::from(serde_json::to_string(&layers).map_err(|err| error(&err))?);
+            let names = by_layers.as_object_mut().map_err(|err| error(&err))?;
+            if !names.contains_key(&key) {
+                names.insert(key.clone(), regorus::Value::from(Vec::<regorus::Value>::new()));
+            }
+            if let Some(entry) = names.get_mut(&key) {
+                entry.as_array_mut().map_err(|err| error(&err))?.push(container["name"].clone());
+            }
+        }
+        if let Ok(rules) = container["env_rules"].as_array() {
+            let anchored: Vec<regorus::Value> = rules
+                .iter()
+                .map(|rule| {
+                    let mut rule = rule.clone();
+                    if rule["strategy"] == regorus::Value::from("re2")
+                        && let (Ok(pattern), Ok(object)) = (rule["pattern"].as_string().cloned(), rule.as_object_mut())
+                    {
+                        object
+                            .insert(regorus::Value::from("anchored"), regorus::Value::from(format!("^(?:{pattern})$")));
+                    }
+                    rule
+                })
+                .collect();
+            if let Ok(object) = container.as_object_mut() {
+                object.insert(regorus::Value::from("env_rules"), regorus::Value::from(anchored));
+            }
+        }
+        let name = container["name"].clone();
+        let names = by_name.as_object_mut().map_err(|err| error(&err))?;
+        if name != regorus::Value::Undefined && !names.contains_key(&name) {
+            names.insert(name, container.clone());
+        }
+        indexed.push(container);
+    }
+    if fields.contains_key(&regorus::Value::from("containers")) {
+        fields.insert(regorus::Value::from("containers"), regorus::Value::from(indexed));
+    }
+    fields.insert(regorus::Value::from("layer_hashes"), hashes);
+    fields.insert(regorus::Value::from("containers_by_name"), by_name);
+    fields.insert(regorus::Value::from("containers_by_layers"), by_layers);
+    Ok(())
 }
 
 /// The reason for a rule that failed to evaluate: the error on one line.

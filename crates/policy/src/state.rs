@@ -128,41 +128,57 @@ impl State {
         self.json.get(map)?.get(key)
     }
 
-    /// Apply operations, all or none.
+    /// Apply operations, all or none. The operations are checked first
+    /// against the state as the earlier operations of the same batch leave
+    /// it, then applied in place: the cost is that of the operations, not of
+    /// the state's size.
     pub fn apply(&mut self, ops: &[MetadataOp]) -> Result<(), StateError> {
         if ops.is_empty() {
             return Ok(());
         }
-        let mut next = self.json.clone();
-        let mut rego = self.rego.clone();
+        // (map, key) -> present after the operations checked so far.
+        let mut batch: Vec<(&str, &str, bool)> = Vec::with_capacity(ops.len());
+        let mut values = Vec::with_capacity(ops.len());
         for op in ops {
             if !MAPS.contains(&op.name.as_str()) {
                 return Err(StateError::UnknownMap(op.name.clone()));
             }
-            let map = next.entry(op.name.clone()).or_insert_with(|| Value::Object(Map::new()));
-            let Value::Object(map) = map else {
-                return Err(StateError::UnknownMap(op.name.clone()));
-            };
+            let present = batch
+                .iter()
+                .rev()
+                .find(|(map, key, _)| *map == op.name && *key == op.key)
+                .map(|(_, _, present)| *present)
+                .unwrap_or_else(|| self.get(&op.name, &op.key).is_some());
             let (name, key) = (op.name.clone(), op.key.clone());
-            match op.action {
-                Action::Add if map.contains_key(&op.key) => return Err(StateError::Exists { map: name, key }),
-                Action::Update | Action::Remove if !map.contains_key(&op.key) => {
-                    return Err(StateError::Missing { map: name, key });
-                }
+            let value = match op.action {
+                Action::Add if present => return Err(StateError::Exists { map: name, key }),
+                Action::Update | Action::Remove if !present => return Err(StateError::Missing { map: name, key }),
                 Action::Add | Action::Update => {
-                    let value = op.value.clone().ok_or(StateError::NoValue { map: name.clone(), key: key.clone() })?;
-                    let converted = to_rego(&value).map_err(|_| StateError::NoValue { map: name, key })?;
-                    map.insert(op.key.clone(), value);
-                    rego_map(&mut rego, &op.name)?.insert(regorus::Value::from(op.key.as_str()), converted);
+                    let value = op.value.as_ref().ok_or(StateError::NoValue { map: name.clone(), key: key.clone() })?;
+                    let converted = to_rego(value).map_err(|_| StateError::NoValue { map: name, key })?;
+                    Some((value.clone(), converted))
                 }
-                Action::Remove => {
-                    map.remove(&op.key);
-                    rego_map(&mut rego, &op.name)?.remove(&regorus::Value::from(op.key.as_str()));
+                Action::Remove => None,
+            };
+            batch.push((&op.name, &op.key, value.is_some()));
+            values.push(value);
+        }
+        for (op, value) in ops.iter().zip(values) {
+            let json = self.json.entry(op.name.clone()).or_insert_with(|| Value::Object(Map::new()));
+            let rego = rego_map(&mut self.rego, &op.name);
+            match (value, json, rego) {
+                (Some((value, converted)), Value::Object(json), Ok(rego)) => {
+                    json.insert(op.key.clone(), value);
+                    rego.insert(regorus::Value::from(op.key.as_str()), converted);
                 }
+                (None, Value::Object(json), Ok(rego)) => {
+                    json.remove(&op.key);
+                    rego.remove(&regorus::Value::from(op.key.as_str()));
+                }
+                // The maps are objects by construction (MAPS only).
+                _ => return Err(StateError::UnknownMap(op.name.clone())),
             }
         }
-        self.json = next;
-        self.rego = rego;
         Ok(())
     }
 }

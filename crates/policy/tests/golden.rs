@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use parma_policy::scenario::{self, Scenario};
-use parma_policy::{Engine, Policy};
+use parma_policy::{Backend, DEFAULT_BUDGET, Engine, Policy};
 
 #[test]
 fn golden_scenarios() {
@@ -21,14 +21,17 @@ fn golden_scenarios() {
     for file in files {
         let scenario: Scenario = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
         let policy = dir.join(scenario.policy.as_deref().unwrap());
-        let mut engine = Engine::new(&Policy::from_bytes(std::fs::read(&policy).unwrap()).unwrap()).unwrap();
-        for outcome in scenario::run(&mut engine, &scenario) {
-            cases += 1;
-            if let Some(mismatch) = outcome.mismatch {
-                failures.push(format!("{}: {}: {mismatch}", file.display(), outcome.step));
+        let policy = Policy::from_bytes(std::fs::read(&policy).unwrap()).unwrap();
+        for backend in [Backend::Vm, Backend::Interpreter] {
+            let mut engine = Engine::with_backend(&policy, DEFAULT_BUDGET, backend).unwrap();
+            for outcome in scenario::run(&mut engine, &scenario) {
+                cases += 1;
+                if let Some(mismatch) = outcome.mismatch {
+                    failures.push(format!("{} ({backend:?}): {}: {mismatch}", file.display(), outcome.step));
+                }
             }
         }
     }
     assert!(failures.is_empty(), "{} of {cases} steps differ:\n{}", failures.len(), failures.join("\n"));
-    assert!(cases >= 60, "only {cases} golden cases");
+    assert!(cases >= 2 * 60, "only {cases} golden cases (both backends)");
 }

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use parma_policy::{Engine, Point, Policy};
+use parma_policy::{Backend, DEFAULT_BUDGET, Engine, Point, Policy};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -139,6 +139,13 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e6)
 }
 
+/// The latencies of one point, sorted.
+fn sorted(samples: &[(Point, Duration)], point: Point) -> Vec<Duration> {
+    let mut times: Vec<Duration> = samples.iter().filter(|(p, _)| *p == point).map(|(_, d)| *d).collect();
+    times.sort();
+    times
+}
+
 /// Run `ROUNDS` container lives; returns per-point latencies and the median
 /// time of one container start (all decisions of one life up to create).
 fn run(engine: &mut Engine, containers: usize) -> anyhow::Result<(Vec<(Point, Duration)>, f64)> {
@@ -166,21 +173,28 @@ fn run(engine: &mut Engine, containers: usize) -> anyhow::Result<(Vec<(Point, Du
 
 fn main() -> anyhow::Result<()> {
     let mut reports = Vec::new();
+    let mut interpreter = Vec::new();
     for n in SIZES {
         let text = generated_policy(n);
+        let policy = Policy::from_bytes(text.clone().into_bytes())?;
+        // The baseline: the same decisions through regorus's interpreter.
+        let mut engine = Engine::with_backend(&policy, DEFAULT_BUDGET, Backend::Interpreter)?;
+        let (samples, start_us) = run(&mut engine, n)?;
+        let create: Vec<Duration> = sorted(&samples, Point::CreateContainer);
+        interpreter.push((percentile(&create, 0.5), start_us));
+
         let started = Instant::now();
-        let mut engine = Engine::new(&Policy::from_bytes(text.clone().into_bytes())?)?;
+        let mut engine = Engine::new(&policy)?;
         // The first decision prepares the engine: part of loading.
         let _ = engine.decide(Point::GetProperties, &json!({}));
         let load_ms = started.elapsed().as_secs_f64() * 1e3;
         let (samples, container_start_us) = run(&mut engine, n)?;
         let mut points = std::collections::BTreeMap::new();
         for point in Point::ALL {
-            let mut times: Vec<Duration> = samples.iter().filter(|(p, _)| *p == point).map(|(_, d)| *d).collect();
+            let times = sorted(&samples, point);
             if times.is_empty() {
                 continue;
             }
-            times.sort();
             points.insert(
                 point.rule(),
                 PointStats { samples: times.len(), p50_us: percentile(&times, 0.5), p99_us: percentile(&times, 0.99) },
@@ -195,9 +209,21 @@ fn main() -> anyhow::Result<()> {
     let (_, allow_all_start_us) = run(&mut engine, 10)?;
     let generated_start_us = reports.get(1).map_or(0.0, |r| r.container_start_us);
 
+    let baseline: Vec<Value> = reports
+        .iter()
+        .zip(&interpreter)
+        .map(|(r, (create_us, start_us))| {
+            let vm_create = r.points.get("create_container").map_or(0.0, |s| s.p50_us);
+            json!({"containers": r.containers, "create_container_p50_us": create_us, "container_start_us": start_us,
+                   "create_container_speedup": create_us / vm_create,
+                   "container_start_speedup": start_us / r.container_start_us})
+        })
+        .collect();
     let report = json!({
         "rounds": ROUNDS,
+        "backend": "regorus register VM (RVM)",
         "sizes": reports,
+        "interpreter_baseline": baseline,
         "container_start_us": {"generated_10": generated_start_us, "allow_all": allow_all_start_us,
                                "ratio": generated_start_us / allow_all_start_us},
     });
@@ -216,6 +242,15 @@ fn main() -> anyhow::Result<()> {
     }
     let loads: Vec<String> = reports.iter().map(|r| format!("{:.1}", r.load_ms)).collect();
     println!("{:<26} {:>10} {:>10} {:>10}", "load (ms)", loads[0], loads[1], loads[2]);
+    for (r, (create_us, start_us)) in reports.iter().zip(&interpreter) {
+        let vm_create = r.points.get("create_container").map_or(0.0, |s| s.p50_us);
+        println!(
+            "{:>3} containers: interpreter create_container {create_us:.0} us, start {start_us:.0} us; VM {:.1}x, {:.1}x faster",
+            r.containers,
+            create_us / vm_create,
+            start_us / r.container_start_us
+        );
+    }
     println!(
         "container start decisions: {generated_start_us:.0} us generated (10 containers) vs {allow_all_start_us:.0} us allow_all"
     );
