@@ -17,6 +17,8 @@ packages=(
   cryptsetup-bin e2fsprogs
   # sha256sum and friends (the policy hash is checked against it).
   coreutils
+  # Fragment issuer keys and signatures, as docs/policy.md makes them.
+  openssl
   # Debian's OVMF.fd (launch digests without a kernel) and venvs for the
   # launch-digest oracle from PyPI.
   ovmf python3-venv

@@ -107,6 +107,26 @@ impl Dispatcher {
                     Err(err) => (Response::Error(AgentError::new(ErrorCode::Failed, err)), After::Continue),
                 }
             }
+            Request::LoadFragment { fragment, signature, public_key } => {
+                let decode = |what: &str, text: &str| {
+                    BASE64.decode(text.as_bytes()).map_err(|err| malformed(format!("{what} is not base64: {err}")))
+                };
+                let signed = (|| {
+                    Ok(parma_policy::SignedFragment {
+                        payload: decode("fragment", &fragment)?,
+                        signature: decode("signature", &signature)?,
+                        public_key: decode("public_key", &public_key)?,
+                    })
+                })();
+                let response = match signed.and_then(|signed| gate.load_fragment(&signed)) {
+                    Ok(response) => response,
+                    Err(err) => {
+                        tracing::warn!(id = frame.id, "LoadFragment refused: {}", err.message);
+                        Response::Error(err)
+                    }
+                };
+                (response, After::Continue)
+            }
             request => {
                 let response = match act(&mut guest, request) {
                     Ok(response) => {
@@ -206,7 +226,8 @@ fn act(guest: &mut Guest, request: Request) -> Result<Response, String> {
         | Request::GuestInfo
         | Request::Shutdown
         | Request::SetPolicy { .. }
-        | Request::GetAttestation { .. } => Err("internal error: request routed to the wrong handler".into()),
+        | Request::GetAttestation { .. }
+        | Request::LoadFragment { .. } => Err("internal error: request routed to the wrong handler".into()),
     }
 }
 
@@ -223,7 +244,8 @@ fn points(request: &Request, containers: &Containers) -> Result<Vec<(Point, Valu
         | Request::GuestInfo
         | Request::Shutdown
         | Request::SetPolicy { .. }
-        | Request::GetAttestation { .. } => Vec::new(),
+        | Request::GetAttestation { .. }
+        | Request::LoadFragment { .. } => Vec::new(),
         Request::MountLayer { name: layer, root_hash, .. } => {
             name("layer", layer)?;
             vec![(Point::MountDevice, json!({"target": storage::layer_target(layer), "deviceHash": root_hash}))]

@@ -19,13 +19,16 @@
 //!   with inputs the dispatcher builds from the request and the agent's own
 //!   records; they are denied while no policy is set. The decisions' state
 //!   changes are committed only after the action succeeded.
+//! - `LoadFragment` needs a policy in force; the issuer's signature is
+//!   checked first, then the policy's `load_fragment` rule decides on issuer,
+//!   feed and SVN, and only then do the fragment's containers join the policy.
 //! - `StartContainer`, `UpdateContainer` (limits only restrict), `WaitProcess`,
 //!   `ReadOutput` and `WriteStdin` act
 //!   only on a container the policy already allowed (at `create_container`
 //!   or `exec_in_container`); they need a policy in force.
 
 use parma_policy::{Decision, Engine, Point, Policy};
-use parma_protocol::{AgentError, ErrorCode, Request};
+use parma_protocol::{AgentError, ErrorCode, Request, Response};
 
 /// The gate and the policy in force.
 #[derive(Debug, Default)]
@@ -71,7 +74,8 @@ impl Gate {
                 | Request::WaitProcess { .. }
                 | Request::ReadOutput { .. }
                 | Request::WriteStdin { .. }
-                | Request::DeleteContainer { .. } => {
+                | Request::DeleteContainer { .. }
+                | Request::LoadFragment { .. } => {
                     Err(denied(format!("{} is denied: {reason}", request.kind().as_str())))
                 }
             };
@@ -99,7 +103,9 @@ impl Gate {
             | Request::UpdateContainer { .. }
             | Request::WaitProcess { .. }
             | Request::ReadOutput { .. }
-            | Request::WriteStdin { .. } => {
+            | Request::WriteStdin { .. }
+            // Decided in `load_fragment`, after the signature checked.
+            | Request::LoadFragment { .. } => {
                 self.engine_for(request)?;
                 Ok(Vec::new())
             }
@@ -142,6 +148,28 @@ impl Gate {
                 tracing::error!("policy state not updated: {err}");
             }
         }
+    }
+
+    /// Check a fragment's signature, decide `load_fragment` on its issuer,
+    /// feed and SVN, and add its containers to the policy in force.
+    pub fn load_fragment(&mut self, signed: &parma_policy::SignedFragment) -> Result<Response, AgentError> {
+        let engine = self.engine.as_mut().ok_or_else(|| denied("LoadFragment is denied: no policy is set"))?;
+        let (decision, fragment) = engine.load_fragment(signed);
+        let fragment = match (decision.denial.as_ref(), fragment) {
+            (None, Some(fragment)) => fragment,
+            (Some(denial), _) => return Err(denied(denial.line())),
+            (None, None) => return Err(denied("load_fragment denied")),
+        };
+        let response = Response::FragmentLoaded {
+            issuer: fragment.issuer.clone(),
+            feed: fragment.feed.clone(),
+            svn: fragment.svn,
+            containers: fragment.containers.len() as u64,
+        };
+        engine
+            .commit_fragment(&decision, fragment)
+            .map_err(|err| AgentError::new(ErrorCode::Failed, err.to_string()))?;
+        Ok(response)
     }
 
     /// Compile a policy and install it if its hash is the HOST_DATA of this
@@ -253,6 +281,41 @@ mod tests {
         let err = gate.check(&Request::SetPolicy { policy: ALLOW_ALL.into() }, &[]).unwrap_err();
         assert!(err.message.contains("refuses every request but"), "{}", err.message);
         assert!(gate.set_policy(ALLOW_ALL, hash_of(ALLOW_ALL)).is_err(), "lockdown is final");
+    }
+
+    #[test]
+    fn fragments_need_a_policy_a_listed_issuer_and_load_once() {
+        use p384::ecdsa::signature::Signer as _;
+        use p384::pkcs8::EncodePublicKey as _;
+        let key = p384::ecdsa::SigningKey::from_slice(&[7; 48]).unwrap();
+        let public_key = key.verifying_key().to_public_key_der().unwrap().as_bytes().to_vec();
+        let payload = br#"{"feed": "contoso/sidecar", "svn": 2, "containers": [{"name": "sidecar", "layers": []}]}"#;
+        let signature: p384::ecdsa::Signature = key.sign(payload);
+        let signed = parma_policy::SignedFragment {
+            payload: payload.to_vec(),
+            signature: signature.to_der().as_bytes().to_vec(),
+            public_key: public_key.clone(),
+        };
+        let request =
+            Request::LoadFragment { fragment: String::new(), signature: String::new(), public_key: String::new() };
+
+        let mut gate = Gate::default();
+        assert!(gate.check(&request, &[]).unwrap_err().message.contains("no policy is set"));
+        assert!(gate.load_fragment(&signed).unwrap_err().message.contains("no policy is set"));
+        let issuer = parma_policy::fragment::issuer_id(&public_key);
+        let policy = format!(
+            "package policy\n\ncontainers := []\n\nfragments := [{{\"issuer\": \"{issuer}\", \"feed\": \"contoso/sidecar\", \"minimum_svn\": 1}}]\n\nload_fragment := data.framework.load_fragment\n"
+        );
+        gate.set_policy(&policy, hash_of(&policy)).unwrap();
+        assert!(gate.check(&request, &[]).unwrap().is_empty());
+        let loaded = gate.load_fragment(&signed).unwrap();
+        assert_eq!(loaded, Response::FragmentLoaded { issuer, feed: "contoso/sidecar".into(), svn: 2, containers: 1 });
+        let again = gate.load_fragment(&signed).unwrap_err();
+        assert_eq!(again.code, ErrorCode::PolicyDenied);
+        assert!(again.message.contains("is already loaded"), "{}", again.message);
+        let mut forged = signed.clone();
+        forged.payload[10] ^= 1;
+        assert!(gate.load_fragment(&forged).unwrap_err().message.contains("does not verify"));
     }
 
     #[test]

@@ -450,6 +450,24 @@ impl Client {
     pub fn delete_container(&mut self, container_id: &str) -> Result<(), ClientError> {
         self.done(&Request::DeleteContainer { container_id: container_id.into() })
     }
+
+    /// `LoadFragment`: the signed fragment bytes, its signature and the
+    /// issuer's SPKI DER key; returns the agent's `FragmentLoaded` answer.
+    pub fn load_fragment(
+        &mut self,
+        fragment: &[u8],
+        signature: &[u8],
+        public_key: &[u8],
+    ) -> Result<Response, ClientError> {
+        use base64::Engine as _;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let request =
+            Request::LoadFragment { fragment: b64(fragment), signature: b64(signature), public_key: b64(public_key) };
+        match self.call(&request)? {
+            loaded @ Response::FragmentLoaded { .. } => Ok(loaded),
+            other => Err(unexpected(other)),
+        }
+    }
 }
 
 fn unexpected(response: Response) -> ClientError {

@@ -212,6 +212,12 @@ enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print a fragment issuer's id for a policy's `fragments` list: sha256
+    /// of its public key (SubjectPublicKeyInfo DER).
+    Issuer {
+        /// The issuer's public key, DER (`openssl pkey -pubout -outform DER`).
+        key: PathBuf,
+    },
     /// Decide one request; exit 0 if allowed, 2 if denied.
     Eval(EvalArgs),
     /// Decide one request and explain it: every container tried and every field that failed.
@@ -498,6 +504,21 @@ enum AgentCommand {
         #[arg(long)]
         id: String,
     },
+    /// Add a signed fragment's containers to the policy in force (policy:
+    /// load_fragment, after the issuer's signature checked).
+    LoadFragment {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The fragment document {"feed", "svn", "containers"}, as signed.
+        #[arg(long)]
+        fragment: PathBuf,
+        /// Its ECDSA P-384 / SHA-384 signature (DER, as `openssl dgst -sha384 -sign` writes it).
+        #[arg(long)]
+        signature: PathBuf,
+        /// The issuer's public key, SubjectPublicKeyInfo DER.
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -699,6 +720,12 @@ fn policy(command: PolicyCommand) -> anyhow::Result<()> {
                 None => print!("{text}"),
             }
             eprintln!("policy sha256 (HOST_DATA): {hash}");
+            Ok(())
+        }
+        PolicyCommand::Issuer { key } => {
+            let der = std::fs::read(&key).with_context(|| format!("cannot read {}", key.display()))?;
+            let issuer = parma_policy::fragment::issuer_of(&der).with_context(|| key.display().to_string())?;
+            println!("{issuer}");
             Ok(())
         }
         PolicyCommand::Hash { file, json } => {
@@ -936,6 +963,18 @@ fn agent(command: AgentCommand) -> anyhow::Result<()> {
         AgentCommand::Delete { agent: args, id } => {
             connect(&args)?.delete_container(&id)?;
             print(args.json, &serde_json::json!({"deleted": id}), |_| format!("container {id} deleted"))
+        }
+        AgentCommand::LoadFragment { agent: args, fragment, signature, key } => {
+            let read = |path: &Path| std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+            let loaded = connect(&args)?.load_fragment(&read(&fragment)?, &read(&signature)?, &read(&key)?)?;
+            let json = serde_json::to_value(&loaded)?;
+            print(args.json, &json, |j| {
+                let body = &j["FragmentLoaded"];
+                format!(
+                    "fragment {} (svn {}) of issuer {} added {} container(s)",
+                    body["feed"], body["svn"], body["issuer"], body["containers"]
+                )
+            })
         }
     }
 }

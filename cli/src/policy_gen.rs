@@ -166,10 +166,11 @@ pub fn rego(containers: &[Value], source: &str) -> anyhow::Result<String> {
     ] {
         out.push_str(&format!("{knob} := false\n\n"));
     }
+    // Fragments: list {"issuer": sha256 of the key (parma policy issuer),
+    // "feed": "...", "minimum_svn": N} here to let an issuer add containers.
+    out.push_str("fragments := []\n\n");
     for point in Point::ALL {
-        if point != Point::LoadFragment {
-            out.push_str(&format!("{0} := data.framework.{0}\n\n", point.rule()));
-        }
+        out.push_str(&format!("{0} := data.framework.{0}\n\n", point.rule()));
     }
     Ok(out.trim_end().to_string() + "\n")
 }

@@ -76,3 +76,36 @@ fn simulate_passes_the_golden_scenario_and_catches_a_wrong_expectation() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("MISMATCH  allowed  mount the base layer: expected denied"));
 }
+
+#[test]
+fn openssl_made_issuer_keys_and_signatures_are_what_fragments_take() {
+    // The flow docs/policy.md gives, with the openssl command-line tool.
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().expect("openssl (scripts/deps.sh installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&["ecparam", "-name", "secp384r1", "-genkey", "-noout", "-out", &path("issuer.pem")]);
+    openssl(&["pkey", "-in", &path("issuer.pem"), "-pubout", "-outform", "DER", "-out", &path("issuer.der")]);
+    let payload = br#"{"feed": "contoso/sidecar", "svn": 3, "containers": [{"name": "sidecar", "layers": []}]}"#;
+    std::fs::write(path("fragment.json"), payload).unwrap();
+    openssl(&["dgst", "-sha384", "-sign", &path("issuer.pem"), "-out", &path("fragment.sig"), &path("fragment.json")]);
+
+    let out = parma(&["policy", "issuer", &path("issuer.der")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let issuer = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let der = std::fs::read(path("issuer.der")).unwrap();
+    use sha2::Digest as _;
+    assert_eq!(issuer, hex::encode(sha2::Sha256::digest(&der)));
+    let signed = parma_policy::SignedFragment {
+        payload: payload.to_vec(),
+        signature: std::fs::read(path("fragment.sig")).unwrap(),
+        public_key: der,
+    };
+    let fragment = signed.verify().unwrap();
+    assert_eq!((fragment.issuer, fragment.feed.as_str(), fragment.svn), (issuer, "contoso/sidecar", 3));
+
+    let out = parma(&["policy", "issuer", &path("issuer.pem")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an ECDSA P-384 public key"));
+}

@@ -89,6 +89,19 @@ fn denied<T: std::fmt::Debug>(result: Result<T, ClientError>, reason: &str) -> a
     Ok(())
 }
 
+/// A fragment adding one container, signed by a P-384 key made from `seed`:
+/// (fragment bytes, DER signature, issuer key as SPKI DER).
+fn signed_fragment(seed: u8) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    use p384::ecdsa::signature::Signer as _;
+    use p384::pkcs8::EncodePublicKey as _;
+    let key = p384::ecdsa::SigningKey::from_slice(&[seed; 48]).expect("a valid scalar");
+    let fragment =
+        br#"{"feed": "intruder/feed", "svn": 1, "containers": [{"name": "intruder", "layers": []}]}"#.to_vec();
+    let signature: p384::ecdsa::Signature = key.sign(&fragment);
+    let public_key = key.verifying_key().to_public_key_der().expect("SPKI encoding").as_bytes().to_vec();
+    (fragment, signature.to_der().as_bytes().to_vec(), public_key)
+}
+
 /// Everything the process printed, and how it ended.
 fn output(client: &mut Client, id: &str, exec_id: Option<&str>) -> anyhow::Result<(String, String, i32)> {
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -119,6 +132,16 @@ fn a_container_runs_as_its_policy_says_and_every_attack_is_refused() -> anyhow::
     client.mount_overlay(ID, &["l0".into(), "l1".into()], true)?;
     // A device under an overlay cannot be unmounted.
     denied(client.unmount_layer("l0"), "is in use by the overlay")?;
+    // A fragment signed by an issuer the policy does not list adds nothing;
+    // one whose bytes were changed after signing does not even reach the policy.
+    let (fragment, signature, key) = signed_fragment(9);
+    let issuer = parma_policy::fragment::issuer_id(&key);
+    denied(client.load_fragment(&fragment, &signature, &key), &format!("issuer \"{issuer}\" is not listed"))?;
+    let mut forged = fragment.clone();
+    forged[3] ^= 1;
+    denied(client.load_fragment(&forged, &signature, &key), "signature does not verify")?;
+    let (code, message) = refused(client.load_fragment(&fragment, b"not a signature", &key))?;
+    ensure!(code == ErrorCode::PolicyDenied && message.contains("not an ECDSA P-384 signature"), "{message}");
 
     // Creates that differ from the policy in one field each.
     let good = fixture.process()?;

@@ -59,6 +59,10 @@ required_containers := data.parma_policy_data.required_containers
 
 allow_capability_dropping := data.parma_policy_data.allow_capability_dropping
 
+default fragments := []
+
+fragments := data.parma_policy_data.fragments
+
 state := object.get(input, "state", {})
 
 devices := object.get(state, "devices", {})
@@ -567,3 +571,56 @@ get_properties := knob_point(allow_properties_access, "allow_properties_access",
 dump_stacks := knob_point(allow_dump_stacks, "allow_dump_stacks", "dumping stacks")
 
 runtime_logging := knob_point(allow_runtime_logging, "allow_runtime_logging", "runtime logging")
+
+# ---------------------------------------------------------------- fragments
+
+# A fragment's issuer (sha256 of its key), feed and SVN, checked against the
+# policy's `fragments` list; its signature was checked before this rule runs.
+loaded_fragments := object.get(state, "fragments", {})
+
+fragment_issuer_listed if {
+	some f in fragments
+	f.issuer == input.issuer
+}
+
+fragment_feed_listed if {
+	some f in fragments
+	f.issuer == input.issuer
+	f.feed == input.feed
+}
+
+load_fragment_problems contains sprintf("issuer %s is not listed in the policy", [quote(input.issuer)]) if {
+	not fragment_issuer_listed
+}
+
+load_fragment_problems contains sprintf("feed %s is not listed for issuer %s", [quote(input.feed), quote(input.issuer)]) if {
+	fragment_issuer_listed
+	not fragment_feed_listed
+}
+
+load_fragment_problems contains sprintf("svn %d of feed %s is below the minimum %d", [input.svn, quote(input.feed), f.minimum_svn]) if {
+	some f in fragments
+	f.issuer == input.issuer
+	f.feed == input.feed
+	input.svn < f.minimum_svn
+}
+
+load_fragment_problems contains sprintf("feed %s is already loaded", [quote(input.feed)]) if {
+	loaded_fragments[input.feed]
+}
+
+default load_fragment := {"allowed": false, "reason": {"message": "load_fragment: input is missing issuer, feed or svn", "candidates": []}}
+
+load_fragment := allowed_with([{"name": "fragments", "action": "add", "key": input.feed, "value": {"issuer": input.issuer, "svn": input.svn}}]) if {
+	is_string(input.issuer)
+	is_string(input.feed)
+	is_number(input.svn)
+	count(load_fragment_problems) == 0
+}
+
+load_fragment := denied(concat("; ", sort(load_fragment_problems)), []) if {
+	is_string(input.issuer)
+	is_string(input.feed)
+	is_number(input.svn)
+	count(load_fragment_problems) > 0
+}

@@ -25,6 +25,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod decision;
+pub mod fragment;
 mod point;
 pub mod scenario;
 mod state;
@@ -36,6 +37,7 @@ use regorus::utils::limits::ExecutionTimerConfig;
 use sha2::{Digest, Sha256};
 
 pub use decision::{Candidate, Decision, Denial};
+pub use fragment::{Fragment, FragmentError, SignedFragment};
 pub use point::{Point, UnknownPoint};
 pub use state::{Action, MetadataOp, State, StateError};
 
@@ -125,6 +127,8 @@ pub struct Engine {
     vm: Option<regorus::rvm::RegoVM>,
     /// Entry points of `vm`.
     entry_points: Vec<String>,
+    /// The data document (`data.parma_policy_data` and its indexes); fragments extend it.
+    data: regorus::Value,
     state: State,
     policy_hash: String,
 }
@@ -171,11 +175,11 @@ impl Engine {
         let (vm, entry_points) = match backend {
             Backend::Interpreter => (None, Vec::new()),
             Backend::Vm => {
-                let (vm, entry_points) = compile_vm(&mut rego, data, budget)?;
+                let (vm, entry_points) = compile_vm(&mut rego, data.clone(), budget)?;
                 (Some(vm), entry_points)
             }
         };
-        Ok(Self { rego, vm, entry_points, state: State::default(), policy_hash: policy.hash_hex() })
+        Ok(Self { rego, vm, entry_points, data, state: State::default(), policy_hash: policy.hash_hex() })
     }
 
     /// The hash of the loaded policy.
@@ -242,6 +246,51 @@ impl Engine {
         Decision::from_rule_result(point, &result)
     }
 
+    /// Check a fragment's signature and decide `load_fragment` on its
+    /// issuer, feed and SVN. The fragment comes back only when allowed; its
+    /// containers count once [`Engine::commit_fragment`] took it.
+    pub fn load_fragment(&mut self, signed: &SignedFragment) -> (Decision, Option<Fragment>) {
+        let fragment = match signed.verify() {
+            Ok(fragment) => fragment,
+            Err(err) => return (Decision::deny(Point::LoadFragment, err.to_string()), None),
+        };
+        let decision = self.decide(Point::LoadFragment, &fragment.input());
+        let fragment = decision.allowed.then_some(fragment);
+        (decision, fragment)
+    }
+
+    /// Commit an allowed `load_fragment` decision and add the fragment's
+    /// containers to the policy's data, after the base policy's.
+    pub fn commit_fragment(&mut self, decision: &Decision, fragment: Fragment) -> Result<(), PolicyError> {
+        if !decision.allowed {
+            return Ok(());
+        }
+        let error = |err: &dyn std::fmt::Display| PolicyError::Rego(format!("adding the fragment: {err}"));
+        let mut data = self.data.clone();
+        let root = data.as_object_mut().map_err(|err| error(&err))?;
+        let fields = root
+            .get_mut(&regorus::Value::from(POLICY_DATA))
+            .and_then(|fields| fields.as_object_mut().ok())
+            .ok_or_else(|| error(&"no policy data"))?;
+        let mut containers: Vec<regorus::Value> = match fields.get(&regorus::Value::from("containers")) {
+            Some(value) => value.as_array().map(|list| list.iter().cloned().collect()).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        for container in &fragment.containers {
+            containers.push(state::to_rego(container).map_err(|err| error(&err))?);
+        }
+        fields.insert(regorus::Value::from("containers"), regorus::Value::from(containers));
+        index_containers(fields)?;
+        self.commit(decision).map_err(|err| error(&err))?;
+        self.rego.clear_data();
+        self.rego.add_data(data.clone()).map_err(|err| error(&err))?;
+        if let Some(vm) = &mut self.vm {
+            vm.set_data(data.clone()).map_err(|err| error(&err))?;
+        }
+        self.data = data;
+        Ok(())
+    }
+
     /// Apply an allowed decision's state changes, once its action succeeded.
     pub fn commit(&mut self, decision: &Decision) -> Result<(), StateError> {
         if !decision.allowed {
@@ -262,7 +311,11 @@ pub const DATA_RULES: &[&str] = &[
     "allow_capability_dropping",
     "start_order",
     "required_containers",
+    "fragments",
 ];
+
+/// The data document the framework reads the policy's data from.
+const POLICY_DATA: &str = "parma_policy_data";
 
 /// Compile the policy and the framework for regorus's register VM, with one
 /// entry point per enforcement point the policy defines.
@@ -320,7 +373,7 @@ fn load_policy_data(rego: &mut regorus::Engine) -> Result<regorus::Value, Policy
     let mut root = regorus::Value::new_object();
     root.as_object_mut()
         .map_err(|err| PolicyError::Rego(err.to_string()))?
-        .insert(regorus::Value::from("parma_policy_data"), data);
+        .insert(regorus::Value::from(POLICY_DATA), data);
     rego.add_data(root.clone()).map_err(|err| PolicyError::Rego(err.to_string()))?;
     Ok(root)
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// The maps the framework keeps.
-pub const MAPS: &[&str] = &["devices", "overlays", "started"];
+pub const MAPS: &[&str] = &["devices", "overlays", "started", "fragments"];
 
 /// The engine's state, as JSON and as the interpreter's value.
 ///

@@ -149,6 +149,17 @@ pub enum Request {
         /// The container's id.
         container_id: String,
     },
+    /// Add a signed policy fragment's containers to the policy in force
+    /// (policy: `load_fragment`, on the issuer, feed and SVN, once the
+    /// issuer's signature over the fragment checked).
+    LoadFragment {
+        /// The fragment document `{"feed", "svn", "containers"}`, base64 of the signed bytes.
+        fragment: String,
+        /// ECDSA P-384 / SHA-384 signature over those bytes (DER or r || s), base64.
+        signature: String,
+        /// The issuer's public key, SubjectPublicKeyInfo DER, base64.
+        public_key: String,
+    },
 }
 
 /// The variant names of [`Request`], as on the wire.
@@ -172,6 +183,7 @@ pub const REQUEST_TYPES: &[&str] = &[
     "ReadOutput",
     "WriteStdin",
     "DeleteContainer",
+    "LoadFragment",
 ];
 
 /// A process as the host asks for it (a subset of the OCI runtime spec's `process`).
@@ -277,6 +289,7 @@ impl Request {
             Request::ReadOutput { .. } => RequestKind::ReadOutput,
             Request::WriteStdin { .. } => RequestKind::WriteStdin,
             Request::DeleteContainer { .. } => RequestKind::DeleteContainer,
+            Request::LoadFragment { .. } => RequestKind::LoadFragment,
         }
     }
 }
@@ -322,6 +335,8 @@ pub enum RequestKind {
     WriteStdin,
     /// [`Request::DeleteContainer`].
     DeleteContainer,
+    /// [`Request::LoadFragment`].
+    LoadFragment,
 }
 
 impl RequestKind {
@@ -347,6 +362,7 @@ impl RequestKind {
             RequestKind::ReadOutput => "ReadOutput",
             RequestKind::WriteStdin => "WriteStdin",
             RequestKind::DeleteContainer => "DeleteContainer",
+            RequestKind::LoadFragment => "LoadFragment",
         }
     }
 }
@@ -418,6 +434,17 @@ pub enum Response {
     Written {
         /// Bytes the pipe took now; the host sends the rest later.
         bytes: u64,
+    },
+    /// Answer to [`Request::LoadFragment`].
+    FragmentLoaded {
+        /// sha256 of the issuer's key, lowercase hex.
+        issuer: String,
+        /// The fragment's feed.
+        feed: String,
+        /// Its SVN.
+        svn: u64,
+        /// How many containers it added.
+        containers: u64,
     },
     /// Answer to requests that return nothing but success (unmounts,
     /// create, signal, delete).
