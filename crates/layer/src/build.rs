@@ -1,8 +1,8 @@
 //! The whole build: plan, one image per layer, config.json, layers.json.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::fs;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::LayerError;
 use crate::convert::{self, TarError};
 use crate::digest::{Derived, Digest, HashReader};
+use crate::hasher::HashingFile;
 use crate::image::{self, Plan, PlannedLayer};
 use crate::source::Source;
 
@@ -248,7 +249,11 @@ fn build_layer(
     let mut raw =
         Reporting { inner: HashReader::new(member, layer.blob.is_some()), index, size, next_report: 0, progress };
     let read_err = |source| LayerError::Read { name: layer.member.clone(), source };
-    let converted = convert_stream(&mut raw, layer.blob.is_some(), options, tmp.as_file_mut());
+    // The verity digests of the data blocks are computed on a second thread
+    // while the ext4 image is written.
+    let params = parma_verity::Params::new(derived.verity_salt.to_vec(), derived.verity_uuid);
+    let mut hashing = HashingFile::new(tmp.as_file(), &params).map_err(output)?;
+    let converted = convert_stream(&mut raw, layer.blob.is_some(), options, &mut hashing);
     // Whatever happened, a blob whose digest is wrong is the first thing to say.
     if let Some((digest, _)) = layer.blob {
         if converted.is_err() {
@@ -275,11 +280,11 @@ fn build_layer(
     }
 
     progress(Progress::Hashing { index });
+    let leaves = hashing.finish(image_size).map_err(output)?;
     let file = tmp.as_file_mut();
     file.set_len(image_size).map_err(output)?;
-    let params = parma_verity::Params::new(derived.verity_salt.to_vec(), derived.verity_uuid);
-    let formatted =
-        parma_verity::format_appended(&params, file).map_err(|source| LayerError::Verity { index, source })?;
+    let formatted = parma_verity::format_appended_with_leaves(&params, file, &leaves)
+        .map_err(|source| LayerError::Verity { index, source })?;
     let file_size = file.metadata().map_err(output)?.len();
     publish(tmp, &final_path)?;
     Ok(LayerRecord {
@@ -309,7 +314,7 @@ fn convert_stream(
     raw: &mut impl Read,
     raw_hashed: bool,
     options: parma_ext4::Options,
-    image: &mut File,
+    image: &mut (impl Write + Seek),
 ) -> Result<(u64, Option<Digest>, bool), StreamError> {
     let mut buffered = BufReader::with_capacity(READ_BUFFER, raw);
     let compression = sniff(buffered.fill_buf().map_err(StreamError::Read)?);

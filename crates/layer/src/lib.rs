@@ -67,6 +67,7 @@
 mod build;
 mod convert;
 mod digest;
+mod hasher;
 mod image;
 mod source;
 

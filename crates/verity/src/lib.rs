@@ -38,7 +38,7 @@ use std::fmt;
 
 pub use layout::{Layout, Level};
 pub use superblock::{SIGNATURE, SUPERBLOCK_LEN, Superblock};
-pub use tree::{Formatted, format, format_appended, root_hash, verify};
+pub use tree::{Formatted, data_block_digest, format, format_appended, format_appended_with_leaves, root_hash, verify};
 
 /// The digest algorithm of the tree. Only SHA-256 is supported; it is named
 /// explicitly because it is written into the superblock.

@@ -67,6 +67,33 @@ pub fn format_appended<F: Read + Write + Seek>(params: &Params, file: &mut F) ->
     Ok(Formatted { root_hash, layout })
 }
 
+/// [`format_appended`] with the data blocks' digests already computed
+/// (`leaves[i]` = [`data_block_digest`] of block `i`, for example by a thread
+/// that hashed the data while it was being written): only the upper levels
+/// are computed here, and the data is not read again.
+pub fn format_appended_with_leaves<F: Read + Write + Seek>(
+    params: &Params,
+    file: &mut F,
+    leaves: &[[u8; 32]],
+) -> Result<Formatted, Error> {
+    let data_size = file.seek(SeekFrom::End(0)).map_err(Error::ReadData)?;
+    let layout = Layout::for_data_size(params, data_size, data_size)?;
+    if leaves.len() as u64 != layout.data_blocks() {
+        return Err(Error::DataShort { read: leaves.len() as u64, expected: layout.data_blocks() });
+    }
+    let mut io = Shared { file: &mut *file, position: Some(data_size), read_at: 0 };
+    let root_hash = build_from(params, &layout, &mut io, Some(leaves))?;
+    let end = data_size.checked_add(layout.hash_area_size()).ok_or(Error::TooLarge(layout.data_blocks()))?;
+    file.seek(SeekFrom::Start(end)).map_err(Error::WriteHash)?;
+    file.flush().map_err(Error::WriteHash)?;
+    Ok(Formatted { root_hash, layout })
+}
+
+/// The digest of one data block as it enters the tree: `digest(salt || block)`.
+pub fn data_block_digest(params: &Params, block: &[u8]) -> [u8; 32] {
+    salted_digest(params.hash, &params.salt, block)
+}
+
 /// The root hash of `data_size` bytes read from `data`, writing nothing.
 pub fn root_hash<R: Read>(params: &Params, mut data: R, data_size: u64) -> Result<RootHash, Error> {
     let layout = Layout::for_data_size(params, data_size, 0)?;
@@ -248,6 +275,16 @@ impl Shape<'_> {
 
 /// Write the superblock and the tree, and return the root hash.
 fn build(params: &Params, layout: &Layout, io: &mut impl Io) -> Result<RootHash, Error> {
+    build_from(params, layout, io, None)
+}
+
+/// [`build`], reading and hashing the data blocks unless their digests are given.
+fn build_from(
+    params: &Params,
+    layout: &Layout,
+    io: &mut impl Io,
+    leaves: Option<&[[u8; 32]]>,
+) -> Result<RootHash, Error> {
     let hash_block_size = layout.hash_block_size() as usize;
     let shape = Shape {
         params,
@@ -268,13 +305,21 @@ fn build(params: &Params, layout: &Layout, io: &mut impl Io) -> Result<RootHash,
         .map(|level| Pending { block: vec![0; hash_block_size], filled: 0, next_block: level.first_block })
         .collect();
     let mut root = None;
-    let mut data = vec![0u8; params.data_block_size as usize];
+    let mut data = vec![0u8; if leaves.is_some() { 0 } else { params.data_block_size as usize }];
     for index in 0..layout.data_blocks() {
-        io.read_data(&mut data).map_err(|err| match err.kind() {
-            ErrorKind::UnexpectedEof => Error::DataShort { read: index, expected: layout.data_blocks() },
-            _ => Error::ReadData(err),
-        })?;
-        let digest = salted_digest(params.hash, &params.salt, &data);
+        let digest = match leaves {
+            Some(leaves) => *usize::try_from(index)
+                .ok()
+                .and_then(|i| leaves.get(i))
+                .ok_or(Error::DataShort { read: index, expected: layout.data_blocks() })?,
+            None => {
+                io.read_data(&mut data).map_err(|err| match err.kind() {
+                    ErrorKind::UnexpectedEof => Error::DataShort { read: index, expected: layout.data_blocks() },
+                    _ => Error::ReadData(err),
+                })?;
+                salted_digest(params.hash, &params.salt, &data)
+            }
+        };
         root = shape.push(&mut levels, digest, io)?.or(root);
     }
     for lowest in 0..levels.len() {
@@ -409,6 +454,26 @@ mod tests {
             let image = file.into_inner();
             assert_eq!(&image[..data.len()], &data[..]);
             assert!(image[data.len()..] == area[..]);
+        }
+    }
+
+    #[test]
+    fn given_leaves_equal_reading_the_data() {
+        let params = Params::new(vec![0x5a; 32], [1; 16]);
+        for blocks in [1usize, 2, 127, 128, 129, 128 * 128 + 3] {
+            let data = bytes(blocks as u64, blocks * 4096);
+            let (expected, hash_area) = format_to_vec(&params, &data, data.len() as u64);
+            let expected_file = [data.as_slice(), &hash_area].concat();
+            let leaves: Vec<[u8; 32]> = data.chunks(4096).map(|b| data_block_digest(&params, b)).collect();
+            let mut file = Cursor::new(data.clone());
+            let formatted = format_appended_with_leaves(&params, &mut file, &leaves).unwrap();
+            assert_eq!(formatted, expected, "{blocks} blocks");
+            assert_eq!(file.into_inner(), expected_file, "{blocks} blocks");
+            let mut short = Cursor::new(data.clone());
+            assert!(matches!(
+                format_appended_with_leaves(&params, &mut short, &leaves[1..]),
+                Err(Error::DataShort { .. })
+            ));
         }
     }
 
