@@ -62,14 +62,8 @@ fn container(c: usize) -> Value {
 
 fn generated_policy(n: usize) -> String {
     let containers: Vec<Value> = (0..n).map(container).collect();
-    let mut rego = String::from("package policy\n\nimport rego.v1\n\napi_version := \"0.1.0\"\n\n");
-    rego.push_str(&format!("containers := {}\n\n", serde_json::to_string_pretty(&containers).unwrap_or_default()));
-    for point in Point::ALL {
-        if point != Point::LoadFragment {
-            rego.push_str(&format!("{0} := data.framework.{0}\n", point.rule()));
-        }
-    }
-    rego
+    // The policy `parma policy gen` writes for these containers.
+    parma::policy_gen::rego(&containers, "bench-policy").unwrap_or_default()
 }
 
 /// The requests of one container's life, in order.
