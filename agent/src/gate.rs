@@ -11,9 +11,9 @@
 //!   second one is denied. A policy whose hash differs puts the agent in
 //!   lockdown: it refuses everything but `Ping`, `GuestInfo`,
 //!   `GetAttestation` and `Shutdown`, saying why.
-//! - `GetAttestation` passes before a policy is set, and afterwards is
-//!   decided by the policy's `get_attestation` rule (a group can be
-//!   attested only once complete).
+//! - `GetAttestation` is denied before a policy is set, passes in lockdown
+//!   (so the host can show why), and otherwise is decided by the policy's
+//!   `get_attestation` rule (a group can be attested only once complete).
 //! - Requests that act on the guest (mounts, containers, exec, signals,
 //!   delete) are decided by the policy engine at their enforcement points,
 //!   with inputs the dispatcher builds from the request and the agent's own
@@ -89,7 +89,7 @@ impl Gate {
                 }
             },
             Request::GetAttestation { report_data } => match &mut self.engine {
-                None => Ok(Vec::new()),
+                None => Err(denied("GetAttestation is denied: no policy is set")),
                 Some(engine) => {
                     let decision =
                         engine.decide(Point::GetAttestation, &serde_json::json!({ "reportData": report_data }));
@@ -229,9 +229,13 @@ mod tests {
     #[test]
     fn requests_that_are_not_enforcement_points_pass() {
         let mut gate = Gate::default();
-        for request in [Request::Ping, Request::GuestInfo, Request::Shutdown, attest()] {
+        for request in [Request::Ping, Request::GuestInfo, Request::Shutdown] {
             assert_eq!(gate.check(&request, &[]), Ok(vec![]));
         }
+        // Before a policy, everything else is denied, attestation included.
+        let err = gate.check(&attest(), &[]).unwrap_err();
+        assert_eq!(err.code, ErrorCode::PolicyDenied);
+        assert_eq!(err.message, "GetAttestation is denied: no policy is set");
         gate.set_policy(ALLOW_ALL, hash_of(ALLOW_ALL)).unwrap();
         for request in [Request::Ping, Request::GuestInfo, Request::Shutdown, attest()] {
             assert_eq!(gate.check(&request, &[]), Ok(vec![]));
