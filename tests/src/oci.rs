@@ -260,6 +260,41 @@ fn is_static_x86_64(elf: &[u8]) -> bool {
     })
 }
 
+/// The feed the fixture's policy takes fragments from.
+pub const FRAGMENT_FEED: &str = "parma-tests/sidecar";
+
+/// The signing key of the one issuer the fixture's policy lists.
+fn fragment_signing_key(seed: u8) -> anyhow::Result<p384::ecdsa::SigningKey> {
+    Ok(p384::ecdsa::SigningKey::from_slice(&[seed; 48])?)
+}
+
+/// The listed issuer's public key, SPKI DER.
+pub fn fragment_issuer_key() -> Vec<u8> {
+    use p384::pkcs8::EncodePublicKey as _;
+    fragment_signing_key(7)
+        .ok()
+        .and_then(|key| key.verifying_key().to_public_key_der().ok())
+        .map(|der| der.as_bytes().to_vec())
+        .unwrap_or_default()
+}
+
+/// A fragment `{feed, svn, containers}` signed by the key made from `seed`
+/// (7: the issuer the fixture's policy lists): (bytes, DER signature, SPKI key).
+pub fn signed_fragment(
+    seed: u8,
+    feed: &str,
+    svn: u64,
+    containers: &[serde_json::Value],
+) -> anyhow::Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+    use p384::ecdsa::signature::Signer as _;
+    use p384::pkcs8::EncodePublicKey as _;
+    let key = fragment_signing_key(seed)?;
+    let fragment = serde_json::to_vec(&serde_json::json!({"feed": feed, "svn": svn, "containers": containers}))?;
+    let signature: p384::ecdsa::Signature = key.sign(&fragment);
+    let public_key = key.verifying_key().to_public_key_der()?.as_bytes().to_vec();
+    Ok((fragment, signature.to_der().as_bytes().to_vec(), public_key))
+}
+
 /// The test image built into a temporary directory, with its verity layers
 /// and a policy from `parma policy gen` (the end-to-end tests' and
 /// `bench-e2e`'s starting point).
@@ -305,6 +340,7 @@ impl PolicyFixture {
                 "signals": [9],
                 "no_new_privileges": true,
                 "seccomp_profile_sha256": seccomp_sha256,
+                "fragments": [{"issuer": parma_policy::fragment::issuer_id(&fragment_issuer_key()), "feed": FRAGMENT_FEED, "minimum_svn": 1}],
             }))?,
         )?;
         let text = parma::policy_gen::generate(&image.layout, Some(REF_NAME), Some(&spec), &layers_dir)?;

@@ -13,6 +13,7 @@ use parma::client::{Client, ClientError};
 use parma::run;
 use parma_protocol::{ErrorCode, ProcessSpec};
 use parma_tests::{Boot, Guest, Paths, oci};
+use serde_json::json;
 
 const READY: Duration = Duration::from_secs(90);
 const CALL: Duration = Duration::from_secs(60);
@@ -89,19 +90,6 @@ fn denied<T: std::fmt::Debug>(result: Result<T, ClientError>, reason: &str) -> a
     Ok(())
 }
 
-/// A fragment adding one container, signed by a P-384 key made from `seed`:
-/// (fragment bytes, DER signature, issuer key as SPKI DER).
-fn signed_fragment(seed: u8) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
-    use p384::ecdsa::signature::Signer as _;
-    use p384::pkcs8::EncodePublicKey as _;
-    let key = p384::ecdsa::SigningKey::from_slice(&[seed; 48]).expect("a valid scalar");
-    let fragment =
-        br#"{"feed": "intruder/feed", "svn": 1, "containers": [{"name": "intruder", "layers": []}]}"#.to_vec();
-    let signature: p384::ecdsa::Signature = key.sign(&fragment);
-    let public_key = key.verifying_key().to_public_key_der().expect("SPKI encoding").as_bytes().to_vec();
-    (fragment, signature.to_der().as_bytes().to_vec(), public_key)
-}
-
 /// Everything the process printed, and how it ended.
 fn output(client: &mut Client, id: &str, exec_id: Option<&str>) -> anyhow::Result<(String, String, i32)> {
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -134,7 +122,8 @@ fn a_container_runs_as_its_policy_says_and_every_attack_is_refused() -> anyhow::
     denied(client.unmount_layer("l0"), "is in use by the overlay")?;
     // A fragment signed by an issuer the policy does not list adds nothing;
     // one whose bytes were changed after signing does not even reach the policy.
-    let (fragment, signature, key) = signed_fragment(9);
+    let intruder = json!([{"name": "intruder", "layers": []}]);
+    let (fragment, signature, key) = oci::signed_fragment(9, oci::FRAGMENT_FEED, 1, intruder.as_array().unwrap())?;
     let issuer = parma_policy::fragment::issuer_id(&key);
     denied(client.load_fragment(&fragment, &signature, &key), &format!("issuer \"{issuer}\" is not listed"))?;
     let mut forged = fragment.clone();
@@ -400,6 +389,41 @@ fn read_lines(client: &mut Client, count: usize) -> anyhow::Result<Vec<String>> 
         }
     }
     Ok(text.lines().map(str::to_string).collect())
+}
+
+#[test]
+fn a_fragment_from_the_listed_issuer_adds_a_container_the_base_policy_lacks() -> anyhow::Result<()> {
+    let fixture = Fixture::new()?;
+    let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
+    run::mount_image(&mut client, &fixture.built, "side")?;
+    let sidecar = fixture.process_with(&["/bin/busybox", "echo", "sidecar"])?;
+    // The base policy has one container, "hello": this command is not its.
+    denied(client.create_container("side", &sidecar), "tried \"hello\"")?;
+    client.unmount_overlay("side")?;
+
+    // The listed issuer adds "sidecar", same layers, that command.
+    let spec: parma::policy_gen::Spec = serde_json::from_value(json!({
+        "name": "sidecar", "command": ["/bin/busybox", "echo", "sidecar"], "no_new_privileges": true,
+    }))?;
+    let container = parma::policy_gen::container(&fixture.built, &spec);
+    let old = oci::signed_fragment(7, oci::FRAGMENT_FEED, 0, std::slice::from_ref(&container))?;
+    denied(client.load_fragment(&old.0, &old.1, &old.2), "svn 0 of feed")?;
+    let (fragment, signature, key) = oci::signed_fragment(7, oci::FRAGMENT_FEED, 2, &[container])?;
+    match client.load_fragment(&fragment, &signature, &key)? {
+        parma_protocol::Response::FragmentLoaded { feed, svn, containers, .. } => {
+            ensure!(feed == oci::FRAGMENT_FEED && svn == 2 && containers == 1, "{feed} {svn} {containers}");
+        }
+        other => bail!("unexpected answer {other:?}"),
+    }
+    denied(client.load_fragment(&fragment, &signature, &key), "is already loaded")?;
+
+    // Now the same request is allowed, and runs.
+    client.mount_overlay("side", &["l0".into(), "l1".into()], true)?;
+    client.create_container("side", &sidecar)?;
+    client.start_container("side")?;
+    let (stdout, stderr, code) = output(&mut client, "side", None)?;
+    ensure!(stdout == "sidecar\n" && code == 0, "exit {code}: {stdout}\n{stderr}");
+    still_serving_then_shutdown(guest, client)
 }
 
 #[test]
