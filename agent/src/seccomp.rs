@@ -1,12 +1,21 @@
 //! OCI seccomp profiles (`linux.seccomp` of the runtime spec) compiled to
 //! BPF with rust-vmm's `seccompiler`.
 //!
-//! Supported: a default action, and syscall entries that all share one other
-//! action, with argument conditions. That is the shape of allow-lists
-//! (default `SCMP_ACT_ERRNO`, entries `SCMP_ACT_ALLOW`) and deny-lists (the
-//! reverse). Anything else (several entry actions, notify listeners, flags)
-//! is refused with a clear error rather than approximated. Syscall names
-//! that do not exist on x86_64 are skipped, as libseccomp does.
+//! Supported: a default action, and syscall entries with any of the actions
+//! below, with argument conditions. `seccompiler` builds filters with one
+//! action on a match and one on a mismatch, so a profile becomes a chain of
+//! filters, which the kernel runs together, taking the most restrictive
+//! result:
+//! - unless the default is to allow: mismatch = the default, match = allow,
+//!   over every syscall the entries name;
+//! - for each other action an entry uses besides allow: mismatch = allow,
+//!   match = that action, over that action's entries.
+//!
+//! A syscall no entry names gets the default; one named by an allow entry is
+//! allowed; one named by an entry of another action gets that action.
+//! Anything else (notify listeners, flags, other architectures) is refused
+//! with a clear error rather than approximated. Syscall names that do not
+//! exist on x86_64 are skipped, as libseccomp does.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -77,8 +86,8 @@ fn condition(arg: &Arg) -> Result<Value, String> {
     Ok(json!({"index": arg.index, "type": "qword", "op": op, "val": value}))
 }
 
-/// Compile an OCI seccomp profile for x86_64.
-pub fn compile(text: &str) -> Result<Vec<libc::sock_filter>, String> {
+/// Compile an OCI seccomp profile for x86_64 into the filters to install, in order.
+pub fn compile(text: &str) -> Result<Vec<Vec<libc::sock_filter>>, String> {
     let profile: Profile = serde_json::from_str(text).map_err(|err| format!("seccomp profile: {err}"))?;
     if !profile.flags.is_empty() {
         return Err(format!("seccomp flags {:?} are not supported", profile.flags));
@@ -86,41 +95,58 @@ pub fn compile(text: &str) -> Result<Vec<libc::sock_filter>, String> {
     if !profile.architectures.is_empty() && !profile.architectures.iter().any(|a| a == "SCMP_ARCH_X86_64") {
         return Err("the seccomp profile does not cover SCMP_ARCH_X86_64".into());
     }
+    let allow = json!("allow");
     let default = action(&profile.default_action, profile.default_errno_ret)?;
-    let mut entry_action: Option<Value> = None;
-    let mut rules = Vec::new();
+    // Every named syscall (for the default filter), and the rules of each
+    // action other than allow, in the profile's order.
+    let mut named = Vec::new();
+    let mut groups: Vec<(Value, Vec<Value>)> = Vec::new();
     for entry in &profile.syscalls {
         let this = action(&entry.action, entry.errno_ret.or(profile.default_errno_ret))?;
         if this == default {
             continue; // Same as the default: nothing to add.
         }
-        match &entry_action {
-            None => entry_action = Some(this),
-            Some(existing) if *existing == this => {}
-            Some(existing) => {
-                return Err(format!(
-                    "seccomp profiles with entries of several actions ({existing} and {this}) are not supported"
-                ));
+        let conditions = entry.args.iter().map(condition).collect::<Result<Vec<_>, _>>()?;
+        let rules: Vec<Value> = entry
+            .names
+            .iter()
+            .map(|name| {
+                if conditions.is_empty() {
+                    json!({"syscall": name})
+                } else {
+                    json!({"syscall": name, "args": conditions})
+                }
+            })
+            .collect();
+        named.extend(rules.iter().cloned());
+        if this != allow {
+            match groups.iter_mut().find(|(action, _)| *action == this) {
+                Some((_, group)) => group.extend(rules),
+                None => groups.push((this, rules)),
             }
         }
-        let conditions = entry.args.iter().map(condition).collect::<Result<Vec<_>, _>>()?;
-        for name in &entry.names {
-            rules.push(if conditions.is_empty() {
-                json!({"syscall": name})
-            } else {
-                json!({"syscall": name, "args": conditions})
-            });
-        }
     }
-    if rules.len() > MAX_NAMES {
-        return Err(format!("the seccomp profile lists {} syscalls; at most {MAX_NAMES}", rules.len()));
+    if named.len() > MAX_NAMES {
+        return Err(format!("the seccomp profile lists {} syscalls; at most {MAX_NAMES}", named.len()));
     }
-    let Some(entry_action) = entry_action else {
+    if named.is_empty() {
         return Err("the seccomp profile has no entry with an action other than its default".into());
-    };
-    // Names unknown on x86_64 are dropped one by one, as libseccomp ignores them.
+    }
+    let mut filters = Vec::new();
+    if default != allow {
+        filters.push(compile_one(&default, &allow, named)?);
+    }
+    for (action, rules) in groups {
+        filters.push(compile_one(&allow, &action, rules)?);
+    }
+    Ok(filters)
+}
+
+/// One filter: `matched` for the rules, `mismatch` for everything else.
+/// Names unknown on x86_64 are dropped one by one, as libseccomp ignores them.
+fn compile_one(mismatch: &Value, matched: &Value, mut rules: Vec<Value>) -> Result<Vec<libc::sock_filter>, String> {
     loop {
-        let filter = json!({"main": {"mismatch_action": default, "match_action": entry_action, "filter": rules}});
+        let filter = json!({"main": {"mismatch_action": mismatch, "match_action": matched, "filter": rules}});
         let bytes = serde_json::to_vec(&filter).map_err(|err| err.to_string())?;
         match seccompiler::compile_from_json(bytes.as_slice(), seccompiler::TargetArch::x86_64) {
             Ok(mut map) => {
@@ -166,8 +192,31 @@ mod tests {
                 {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
                  "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_EQ"}]}
             ]}"#;
-        let program = compile(profile).unwrap();
-        assert!(program.len() > 5);
+        let filters = compile(profile).unwrap();
+        assert_eq!(filters.len(), 1, "an allow-list is one filter");
+        assert!(filters[0].len() > 5);
+    }
+
+    #[test]
+    fn several_actions_become_a_chain_of_filters() {
+        // Allow-list with an exception that fails differently: the default
+        // filter allows every named syscall, then one filter per other action.
+        let profile = r#"{"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1, "syscalls": [
+            {"names": ["read", "write", "exit_group"], "action": "SCMP_ACT_ALLOW"},
+            {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38},
+            {"names": ["ptrace"], "action": "SCMP_ACT_KILL_PROCESS"},
+            {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]}"#;
+        assert_eq!(compile(profile).unwrap().len(), 3);
+        // Deny-list: no default filter, one per action.
+        let profile = r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["read"], "action": "SCMP_ACT_ERRNO"},
+            {"names": ["write"], "action": "SCMP_ACT_KILL"}]}"#;
+        assert_eq!(compile(profile).unwrap().len(), 2);
+        // Entries with the default's action add nothing.
+        let profile = r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["read"], "action": "SCMP_ACT_ALLOW"},
+            {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}"#;
+        assert_eq!(compile(profile).unwrap().len(), 1);
     }
 
     #[test]
@@ -178,12 +227,6 @@ mod tests {
             (r#"{"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/x"}"#, "unknown field"),
             (r#"{"defaultAction": "SCMP_ACT_ALLOW", "flags": ["SECCOMP_FILTER_FLAG_LOG"]}"#, "flags"),
             (r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}"#, "no entry"),
-            (
-                r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-                    {"names": ["read"], "action": "SCMP_ACT_ERRNO"},
-                    {"names": ["write"], "action": "SCMP_ACT_KILL"}]}"#,
-                "several actions",
-            ),
             (
                 r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["nope_nope"], "action": "SCMP_ACT_ERRNO"}]}"#,
                 "cannot be resolved",

@@ -428,18 +428,20 @@ fn a_fragment_from_the_listed_issuer_adds_a_container_the_base_policy_lacks() ->
 
 #[test]
 fn seccomp_profiles_and_rlimits_apply_to_the_container() -> anyhow::Result<()> {
-    // A deny-list: mkdir fails with EPERM, everything else is allowed.
+    // A deny-list with two actions: mkdir fails with EPERM, rmdir with
+    // ENOSYS, everything else is allowed.
     let profile = r#"{"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
-        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}"#;
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+                     {"names": ["rmdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]}"#;
     let digest = parma_policy::policy_hash(profile.as_bytes());
-    let command = ["/bin/sh", "-c", "mkdir /srv/x; echo mkdir=$?; ulimit -n"];
+    let command = ["/bin/sh", "-c", "mkdir /srv/x; echo mkdir=$?; rmdir /srv; echo rmdir=$?; ulimit -n"];
     let fixture = Fixture::with(Some(&command), Some(&digest))?;
     let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
     run::mount_image(&mut client, &fixture.built, ID)?;
     let mut process = fixture.process_with(&command)?;
     // Without the profile, or with another one, the policy says no.
     denied(client.create_container(ID, &process), "seccomp profile")?;
-    process.seccomp = Some(profile.replace("mkdirat", "rmdir"));
+    process.seccomp = Some(profile.replace("mkdirat", "chmod"));
     denied(client.create_container(ID, &process), "seccomp profile")?;
     process.seccomp = Some(profile.to_string());
     process.rlimits = vec![parma_protocol::Rlimit { kind: "RLIMIT_NOFILE".into(), soft: 64, hard: 64 }];
@@ -448,8 +450,9 @@ fn seccomp_profiles_and_rlimits_apply_to_the_container() -> anyhow::Result<()> {
     client.write_stdin(ID, None, &[], true)?;
     let (stdout, stderr, code) = output(&mut client, ID, None)?;
     ensure!(code == 0, "exit {code}: {stdout}{stderr}");
-    ensure!(stdout == "mkdir=1\n64\n", "{stdout}\n{stderr}");
-    ensure!(stderr.contains("Operation not permitted"), "{stderr}");
+    ensure!(stdout == "mkdir=1\nrmdir=1\n64\n", "{stdout}\n{stderr}");
+    ensure!(stderr.contains("Operation not permitted"), "mkdir gets EPERM: {stderr}");
+    ensure!(stderr.contains("Function not implemented"), "rmdir gets ENOSYS: {stderr}");
     still_serving_then_shutdown(guest, client)
 }
 

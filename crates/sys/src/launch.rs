@@ -113,8 +113,10 @@ pub struct Process {
     pub last_cap: u32,
     /// Resource limits: (`RLIMIT_*` number, soft, hard).
     pub rlimits: Vec<(u32, u64, u64)>,
-    /// A compiled seccomp filter, installed last before `execve` (empty: none).
-    pub seccomp: Vec<libc::sock_filter>,
+    /// Compiled seccomp filters, installed in order last before `execve`
+    /// (none: no filter). The kernel runs every installed filter and takes
+    /// the most restrictive result.
+    pub seccomp: Vec<Vec<libc::sock_filter>>,
 }
 
 /// Where the process runs.
@@ -565,8 +567,7 @@ fn setup(plan: &Plan<'_>) -> Result<Never, Step> {
         identity(plan.process)?;
         check(libc::chdir(plan.process.cwd.as_ptr()).into(), Step::Cwd)?;
         // Last before execve, so the filter constrains the container only.
-        let filter = &plan.process.seccomp;
-        if !filter.is_empty() {
+        for filter in plan.process.seccomp.iter().filter(|filter| !filter.is_empty()) {
             let len = u16::try_from(filter.len()).map_err(|_| Step::Seccomp)?;
             let program = libc::sock_fprog { len, filter: filter.as_ptr().cast_mut() };
             check(
