@@ -76,48 +76,22 @@ fn measure_an_igvm_file_and_launch_it() {
     let out = parma(&["measure"]);
     assert!(!out.status.success(), "a firmware or an IGVM file is required");
 
-    let out = parma(&[
-        "vm",
-        "run",
-        "--uvm",
-        "out/uvm",
-        "--control",
-        "/tmp/c.sock",
-        "--accel",
-        "kvm",
-        "--snp",
-        "--igvm",
-        "out/uvm/uvm.igvm",
-        "--memory",
-        "2048",
-        "--policy",
-        "policies/allow_all.rego",
-        "--print-command",
-    ]);
+    // The same command without a way to boot the guest is refused, with the fix.
+    let snp = |extra: &[&str]| {
+        let mut args = vec!["vm", "run", "--uvm", "out/uvm", "--control", "/tmp/c.sock", "--accel", "kvm", "--snp"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--policy", "policies/allow_all.rego", "--print-command"]);
+        parma(&args)
+    };
+    let out = snp(&["--igvm", "out/uvm/uvm.igvm", "--memory", "2048"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let line = String::from_utf8(out.stdout).unwrap();
     assert!(line.contains("-object igvm-cfg,id=igvm0,file=out/uvm/uvm.igvm"), "{line}");
     assert!(line.contains("igvm-cfg=igvm0") && line.contains("-m 512 "), "the file's memory wins: {line}");
     assert!(!line.contains("-kernel") && !line.contains("kernel-hashes"), "{line}");
-    let out = parma(&[
-        "vm",
-        "run",
-        "--uvm",
-        "out/uvm",
-        "--control",
-        "/tmp/c.sock",
-        "--accel",
-        "kvm",
-        "--snp",
-        "--policy",
-        "policies/allow_all.rego",
-        "--print-command",
-    ]);
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--snp needs --ovmf FILE"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = snp(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--snp needs --ovmf FILE"), "{stderr}");
 }
 
 #[test]

@@ -281,14 +281,30 @@ impl Engine {
         }
         fields.insert(regorus::Value::from("containers"), regorus::Value::from(containers));
         index_containers(fields)?;
-        self.commit(decision).map_err(|err| error(&err))?;
-        self.rego.clear_data();
-        self.rego.add_data(data.clone()).map_err(|err| error(&err))?;
+        // All or nothing: the new data goes to both backends, then the state
+        // records the feed; any failure puts the old data back.
+        let result = self.set_data(&data).and_then(|()| self.commit(decision).map_err(|err| error(&err)));
+        match result {
+            Ok(()) => {
+                self.data = data;
+                Ok(())
+            }
+            Err(err) => {
+                let old = self.data.clone();
+                self.set_data(&old)?;
+                Err(err)
+            }
+        }
+    }
+
+    /// Hand a data document to the interpreter and, if any, the VM.
+    fn set_data(&mut self, data: &regorus::Value) -> Result<(), PolicyError> {
+        let error = |err: &dyn std::fmt::Display| PolicyError::Rego(format!("setting the policy data: {err}"));
         if let Some(vm) = &mut self.vm {
             vm.set_data(data.clone()).map_err(|err| error(&err))?;
         }
-        self.data = data;
-        Ok(())
+        self.rego.clear_data();
+        self.rego.add_data(data.clone()).map_err(|err| error(&err))
     }
 
     /// Apply an allowed decision's state changes, once its action succeeded.
