@@ -244,17 +244,26 @@ env_rule_matches(rule, var) if {
 	regex.match(rule.anchored, var)
 }
 
-env_allowed(c, var) if {
-	some rule in object.get(c, "env_rules", [])
-	env_rule_matches(rule, var)
+# A variable is allowed by an exact-string rule (a lookup in the index built
+# at load) or else by one of the re2 rules.
+env_allowed(c, var) := true if {
+	c.env_strings[var]
+} else := true if {
+	some pattern in c.env_patterns
+	regex.match(pattern, var)
 }
 
+# Whose rules: a container by name, or an external process (which has none).
+owner(c) := sprintf("container %s", [quote(c.name)]) if {
+	c.name
+} else := "the external process"
+
 env_failures(c, env) := array.concat(
-	[sprintf("env %s matches no rule of container %s", [quote(var), quote(c.name)]) |
+	[sprintf("env %s matches no rule of %s", [quote(var), owner(c)]) |
 		some var in env
 		not env_allowed(c, var)
 	],
-	[sprintf("env rule %s of container %s is required but no variable matches it", [quote(rule.pattern), quote(c.name)]) |
+	[sprintf("env rule %s of %s is required but no variable matches it", [quote(rule.pattern), owner(c)]) |
 		some rule in object.get(c, "env_rules", [])
 		object.get(rule, "required", false)
 		not any_env_matches(rule, env)
@@ -384,7 +393,85 @@ policy_container(name) := data.parma_policy_data.containers_by_name[name]
 
 create_candidates := [policy_container(name) | some name in overlays[input.containerID].candidates]
 
-create_passing := [c | some c in create_candidates; count(container_failures(c)) == 0]
+create_passing := [c | some c in create_candidates; container_ok(c)]
+
+# The allowed path: plain checks that stop at the first mismatch and build
+# no messages. `container_ok(c)` holds exactly when `container_failures(c)`
+# is empty (the golden tables and an engine test hold both to that); the
+# failure lists are built only to explain a denial.
+container_ok(c) if {
+	c.command == input.argList
+	env_ok(c, input.envList)
+	object.get(c, "working_dir", "/") == input.workingDir
+	count(user_failures(c, object.get(input, "user", {"uid": 0}))) == 0
+	count(groups_failures(c, object.get(input, "groups", []))) == 0
+	capabilities_ok(c, object.get(input, "capabilities", {}))
+	mounts_ok(c, object.get(input, "mounts", []))
+	flags_ok(c, input)
+	not order_blocked(c)
+}
+
+env_ok(c, env) if {
+	not env_unmatched(c, env)
+	not env_required_missing(c, env)
+}
+
+env_unmatched(c, env) if {
+	some var in env
+	not env_allowed(c, var)
+}
+
+env_required_missing(c, env) if {
+	some rule in object.get(c, "env_rules", [])
+	object.get(rule, "required", false)
+	not any_env_matches(rule, env)
+}
+
+capabilities_ok(c, caps) if {
+	not capability_mismatch(c, caps)
+}
+
+capability_mismatch(c, caps) if {
+	some set_name in capability_sets
+	want := sort(object.get(object.get(c, "capabilities", {}), set_name, []))
+	got := sort(object.get(caps, set_name, []))
+	not capability_set_ok(want, got)
+}
+
+mounts_ok(c, mounts) if {
+	not mount_unmatched(c, mounts)
+}
+
+mount_unmatched(c, mounts) if {
+	some m in mounts
+	not any_mount_rule(c, m)
+}
+
+flags_ok(c, req) if {
+	not flag_broken(c, req)
+}
+
+flag_broken(c, req) if {
+	object.get(c, "no_new_privileges", false)
+	not object.get(req, "noNewPrivileges", false)
+}
+
+flag_broken(c, req) if {
+	object.get(req, "privileged", false)
+	not object.get(c, "allow_elevated", false)
+}
+
+flag_broken(c, req) if {
+	object.get(c, "seccomp_profile_sha256", "") != object.get(req, "seccompProfileSHA256", "")
+}
+
+order_blocked(c) if {
+	some i, name in start_order
+	name == c.name
+	some j, before in start_order
+	j < i
+	not started_names[before]
+}
 
 default create_container := {"allowed": false, "reason": {"message": "create_container: input is missing containerID", "candidates": []}}
 
@@ -447,7 +534,14 @@ exec_in_container := denied(sprintf("no exec process of container %s allows this
 
 exec_allowed if {
 	some process in object.get(started_container, "exec_processes", [])
-	count(exec_failures(started_container, process)) == 0
+	exec_ok(started_container, process)
+}
+
+# Holds exactly when `exec_failures(c, process)` is empty.
+exec_ok(c, process) if {
+	process.command == input.argList
+	env_ok(c, input.envList)
+	object.get(c, "working_dir", "/") == input.workingDir
 }
 
 exec_process_failures := [msg |

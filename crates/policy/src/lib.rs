@@ -426,24 +426,7 @@ fn index_containers(fields: &mut regorus::value::Object) -> Result<(), PolicyErr
                 entry.as_array_mut().map_err(|err| error(&err))?.push(container["name"].clone());
             }
         }
-        if let Ok(rules) = container["env_rules"].as_array() {
-            let anchored: Vec<regorus::Value> = rules
-                .iter()
-                .map(|rule| {
-                    let mut rule = rule.clone();
-                    if rule["strategy"] == regorus::Value::from("re2")
-                        && let (Ok(pattern), Ok(object)) = (rule["pattern"].as_string().cloned(), rule.as_object_mut())
-                    {
-                        object
-                            .insert(regorus::Value::from("anchored"), regorus::Value::from(format!("^(?:{pattern})$")));
-                    }
-                    rule
-                })
-                .collect();
-            if let Ok(object) = container.as_object_mut() {
-                object.insert(regorus::Value::from("env_rules"), regorus::Value::from(anchored));
-            }
-        }
+        index_env(&mut container);
         let name = container["name"].clone();
         let names = by_name.as_object_mut().map_err(|err| error(&err))?;
         if name != regorus::Value::Undefined && !names.contains_key(&name) {
@@ -454,10 +437,52 @@ fn index_containers(fields: &mut regorus::value::Object) -> Result<(), PolicyErr
     if fields.contains_key(&regorus::Value::from("containers")) {
         fields.insert(regorus::Value::from("containers"), regorus::Value::from(indexed));
     }
+    let key = regorus::Value::from("external_processes");
+    if let Some(Ok(processes)) = fields.get(&key).map(regorus::Value::as_array) {
+        let mut processes: Vec<regorus::Value> = processes.iter().cloned().collect();
+        processes.iter_mut().for_each(index_env);
+        fields.insert(key, regorus::Value::from(processes));
+    }
     fields.insert(regorus::Value::from("layer_hashes"), hashes);
     fields.insert(regorus::Value::from("containers_by_name"), by_name);
     fields.insert(regorus::Value::from("containers_by_layers"), by_layers);
     Ok(())
+}
+
+/// Index a container's (or external process's) env rules for the framework:
+/// `env_strings` is `{pattern: true}` of its exact-string rules, so a
+/// variable is found without a scan; `env_patterns` lists its re2 rules as
+/// `^(?:PATTERN)$`, which each re2 rule also gets as `anchored`, so a
+/// pattern matches a whole variable, never a part of it. Rules of any other
+/// strategy match nothing, as before.
+fn index_env(process: &mut regorus::Value) {
+    let Ok(rules) = process["env_rules"].as_array() else { return };
+    let mut strings = std::collections::BTreeMap::new();
+    let mut patterns = Vec::new();
+    let anchored: Vec<regorus::Value> = rules
+        .iter()
+        .map(|rule| {
+            let mut rule = rule.clone();
+            let strategy = rule["strategy"].clone();
+            if let Ok(pattern) = rule["pattern"].as_string().cloned() {
+                if strategy == regorus::Value::from("string") {
+                    strings.insert(regorus::Value::from(pattern.as_ref()), regorus::Value::from(true));
+                } else if strategy == regorus::Value::from("re2")
+                    && let Ok(object) = rule.as_object_mut()
+                {
+                    let whole = regorus::Value::from(format!("^(?:{pattern})$"));
+                    object.insert(regorus::Value::from("anchored"), whole.clone());
+                    patterns.push(whole);
+                }
+            }
+            rule
+        })
+        .collect();
+    if let Ok(object) = process.as_object_mut() {
+        object.insert(regorus::Value::from("env_rules"), regorus::Value::from(anchored));
+        object.insert(regorus::Value::from("env_strings"), regorus::Value::from(strings));
+        object.insert(regorus::Value::from("env_patterns"), regorus::Value::from(patterns));
+    }
 }
 
 /// The reason for a rule that failed to evaluate: the error on one line.

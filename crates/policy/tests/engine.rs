@@ -201,3 +201,30 @@ proptest! {
         }
     }
 }
+
+/// External processes' env rules match as containers' do: exact strings and
+/// whole-variable re2 patterns (which never matched before they were indexed
+/// at load like the containers' rules).
+#[test]
+fn external_processes_match_exact_and_re2_env_rules() {
+    let mut engine = engine(
+        r#"package policy
+external_processes := [{"command": ["/bin/date"], "working_dir": "/", "env_rules": [
+	{"pattern": "TZ=UTC", "strategy": "string"},
+	{"pattern": "LANG=[a-z]+_[A-Z]+", "strategy": "re2"},
+]}]
+exec_external := data.framework.exec_external
+"#,
+    );
+    let request = |env: &[&str]| json!({"argList": ["/bin/date"], "envList": env, "workingDir": "/"});
+    for env in [&[][..], &["TZ=UTC"], &["LANG=en_US"], &["TZ=UTC", "LANG=de_DE"]] {
+        let decision = engine.decide(Point::ExecExternal, &request(env));
+        assert!(decision.allowed, "{env:?}: {:?}", decision.denial);
+    }
+    for env in [&["TZ=CET"][..], &["LANG=en_US.UTF-8"], &["XLANG=en_US"], &["TZ=UTC", "HOME=/"]] {
+        let decision = engine.decide(Point::ExecExternal, &request(env));
+        assert!(!decision.allowed, "{env:?} is allowed");
+        let line = decision.denial.unwrap().line();
+        assert!(line.contains("matches no rule"), "{env:?}: {line}");
+    }
+}
