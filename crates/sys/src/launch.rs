@@ -8,6 +8,17 @@
 //! writes `(step, errno)` to a close-on-exec pipe and exits with 127; the
 //! parent reads the pipe (EOF means the `execve` succeeded) and turns it into
 //! a typed [`LaunchError::Setup`].
+//!
+//! The clone shares the agent's memory (`CLONE_VM | CLONE_VFORK`, as
+//! `posix_spawn` does) instead of copying it: the child runs on a stack of
+//! its own while the calling thread waits until it calls `execve` or exits.
+//! So starting a container costs the same whatever the agent's size (no
+//! page tables to copy, no copy-on-write faults afterwards), which matters
+//! most under emulation. Because the memory is shared, the child also keeps
+//! to calls that change only itself: the ids are set with the raw system
+//! calls (glibc's wrappers would signal the agent's threads to change theirs
+//! too), and every signal is blocked across the clone so that no handler of
+//! the agent runs in the child before it resets them.
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -16,6 +27,9 @@ use std::ptr;
 
 /// The `clone3` flag that starts the child in the cgroup `cgroup` names.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// The child's stack: its frames are small and it allocates nothing.
+const CHILD_STACK: usize = 256 * 1024;
 
 /// One step of preparing the container's root, run in order in the child.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -440,32 +454,35 @@ pub fn spawn(
     if cgroup.is_some() {
         flags |= CLONE_INTO_CGROUP;
     }
+    let stack = match Stack::new(CHILD_STACK) {
+        Ok(stack) => stack,
+        Err(source) => {
+            restore_pid_namespace(restore_pid_ns.as_ref());
+            return Err(LaunchError::Parent { what: "cannot map the child's stack", source });
+        }
+    };
+    flags |= (libc::CLONE_VM | libc::CLONE_VFORK) as u64;
     let mut pidfd: RawFd = -1;
     let args = CloneArgs {
         flags,
         pidfd: &raw mut pidfd as u64,
         exit_signal: libc::SIGCHLD as u64,
+        stack: stack.base as u64,
+        stack_size: stack.len as u64,
         cgroup: cgroup.map_or(0, |fd| fd.as_raw_fd() as u64),
         ..CloneArgs::default()
     };
-    // SAFETY: clone3 without CLONE_VM and with no stack behaves like fork:
-    // the child gets a copy of this address space and continues here. The
-    // child only runs `child`, which never returns.
-    let pid = unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
-    if pid == 0 {
-        child(&plan);
-    }
-    let clone_error = io::Error::last_os_error();
-    if let Some(own) = restore_pid_ns {
-        // SAFETY: setns back into the agent's own PID namespace.
-        if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-            // Later children would land in the container: nothing is safe after this.
-            std::process::abort();
-        }
-    }
-    if pid < 0 {
-        return Err(LaunchError::Parent { what: "clone3 failed", source: clone_error });
-    }
+    let clone_result = {
+        let _blocked = BlockedSignals::all();
+        // SAFETY: the child runs `child_entry(&plan)` on its own stack and
+        // never returns; this thread waits (CLONE_VFORK) until the child
+        // called `execve` or exited, so `plan` and the stack outlive its use.
+        let pid = unsafe { clone3_vm(&args, child_entry, (&raw const plan).cast()) };
+        if pid < 0 { Err(io::Error::from_raw_os_error(-pid as i32)) } else { Ok(pid) }
+    };
+    drop(stack);
+    restore_pid_namespace(restore_pid_ns.as_ref());
+    let pid = clone_result.map_err(|source| LaunchError::Parent { what: "clone3 failed", source })?;
     drop(plan);
     drop(write_end);
     drop(stdio);
@@ -498,6 +515,133 @@ pub fn spawn(
     let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
     let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
     Err(LaunchError::Setup { step: Step::from_code(step), source: io::Error::from_raw_os_error(errno) })
+}
+
+/// Point this thread's children back at the agent's own PID namespace.
+fn restore_pid_namespace(own: Option<&std::fs::File>) {
+    if let Some(own) = own {
+        // SAFETY: setns back into the agent's own PID namespace.
+        if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+            // Later children would land in the container: nothing is safe after this.
+            std::process::abort();
+        }
+    }
+}
+
+/// An anonymous mapping for the child's stack, with a guard page below it.
+struct Stack {
+    base: *mut u8,
+    len: usize,
+    mapping: *mut libc::c_void,
+    mapped: usize,
+}
+
+impl Stack {
+    fn new(len: usize) -> io::Result<Self> {
+        let page = 4096;
+        let mapped = len + page;
+        // SAFETY: a fresh private anonymous mapping, owned by the result.
+        let mapping = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                mapped,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if mapping == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the lowest page of the mapping just made becomes the guard.
+        if unsafe { libc::mprotect(mapping, page, libc::PROT_NONE) } < 0 {
+            let err = io::Error::last_os_error();
+            // SAFETY: unmap what was mapped above.
+            unsafe { libc::munmap(mapping, mapped) };
+            return Err(err);
+        }
+        // SAFETY: `page` is inside the mapping.
+        let base = unsafe { mapping.cast::<u8>().add(page) };
+        Ok(Self { base, len, mapping, mapped })
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is ours and no child runs on it any more.
+        unsafe { libc::munmap(self.mapping, self.mapped) };
+    }
+}
+
+/// Every signal blocked on this thread until dropped: a handler of the agent
+/// must not run in the child, which shares its memory, before the child
+/// reset them.
+struct BlockedSignals(libc::sigset_t);
+
+impl BlockedSignals {
+    fn all() -> Self {
+        // SAFETY: sigset_t is plain data; the calls fill and swap masks.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            Self(old)
+        }
+    }
+}
+
+impl Drop for BlockedSignals {
+    fn drop(&mut self) {
+        // SAFETY: put back the mask saved in `all`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, ptr::null_mut()) };
+    }
+}
+
+/// `clone3` with `CLONE_VM`: the child starts on the stack `args` names and
+/// calls `entry(arg)`, which must never return; the parent gets the child's
+/// PID or a negative errno. Written out because the child cannot return
+/// through the frames of the thread it was cloned from.
+///
+/// # Safety
+/// `args` must name a stack that stays mapped until the child called
+/// `execve` or exited (CLONE_VFORK waits for that), and `entry` must not
+/// return, allocate or take locks.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3_vm(args: &CloneArgs, entry: extern "C" fn(*const u8) -> !, arg: *const u8) -> i64 {
+    let result: i64;
+    // SAFETY: the caller's contract above. The kernel starts the child with
+    // rsp at the top of its stack (16-byte aligned, so `call` leaves the
+    // alignment the ABI expects) and rax = 0; the parent continues at 2.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => result,
+            in("rdi") std::ptr::from_ref(args),
+            in("rsi") size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") entry,
+            out("rcx") _,
+            out("r11") _,
+            options(nostack),
+        );
+    }
+    result
+}
+
+/// Where the child starts, on its own stack.
+extern "C" fn child_entry(plan: *const u8) -> ! {
+    // SAFETY: `spawn` passes its `Plan`, alive while the parent waits.
+    let plan = unsafe { &*plan.cast::<Plan<'_>>() };
+    child(plan)
 }
 
 /// The child: never returns.
@@ -650,9 +794,10 @@ fn identity(process: &Process) -> Result<(), Step> {
                 check(libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0).into(), Step::Bounding)?;
             }
         }
-        check(libc::setgroups(process.groups.len(), process.groups.as_ptr()).into(), Step::Groups)?;
-        check(libc::setresgid(process.gid, process.gid, process.gid).into(), Step::Gid)?;
-        check(libc::setresuid(process.uid, process.uid, process.uid).into(), Step::Uid)?;
+        // The raw calls: they change this task only (see the module docs).
+        check(libc::syscall(libc::SYS_setgroups, process.groups.len(), process.groups.as_ptr()), Step::Groups)?;
+        check(libc::syscall(libc::SYS_setresgid, process.gid, process.gid, process.gid), Step::Gid)?;
+        check(libc::syscall(libc::SYS_setresuid, process.uid, process.uid, process.uid), Step::Uid)?;
         let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
         let data = [
             CapData {
