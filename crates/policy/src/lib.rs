@@ -172,6 +172,9 @@ impl Engine {
             return Err(PolicyError::WrongPackage(package));
         }
         let data = load_policy_data(&mut rego)?;
+        // regorus 0.14.1's VM gets `every` wrong (see `uses_every`): such a
+        // policy is decided by the interpreter.
+        let backend = if uses_every(&policy.text) { Backend::Interpreter } else { backend };
         let (vm, entry_points) = match backend {
             Backend::Interpreter => (None, Vec::new()),
             Backend::Vm => {
@@ -180,6 +183,12 @@ impl Engine {
             }
         };
         Ok(Self { rego, vm, entry_points, data, state: State::default(), policy_hash: policy.hash_hex() })
+    }
+
+    /// The backend that decides: [`Backend::Interpreter`] for a policy that
+    /// uses `every`, whatever was asked for.
+    pub fn backend(&self) -> Backend {
+        if self.vm.is_some() { Backend::Vm } else { Backend::Interpreter }
     }
 
     /// The hash of the loaded policy.
@@ -427,6 +436,7 @@ fn index_containers(fields: &mut regorus::value::Object) -> Result<(), PolicyErr
             }
         }
         index_env(&mut container);
+        index_mounts_and_capabilities(&mut container);
         let name = container["name"].clone();
         let names = by_name.as_object_mut().map_err(|err| error(&err))?;
         if name != regorus::Value::Undefined && !names.contains_key(&name) {
@@ -449,40 +459,177 @@ fn index_containers(fields: &mut regorus::value::Object) -> Result<(), PolicyErr
     Ok(())
 }
 
-/// Index a container's (or external process's) env rules for the framework:
-/// `env_strings` is `{pattern: true}` of its exact-string rules, so a
-/// variable is found without a scan; `env_patterns` lists its re2 rules as
-/// `^(?:PATTERN)$`, which each re2 rule also gets as `anchored`, so a
-/// pattern matches a whole variable, never a part of it. Rules of any other
-/// strategy match nothing, as before.
+/// Index a container's (or external process's) env rules for the framework's
+/// fast path, which needs no function call per variable:
+/// - `env_strings`: `{pattern: true}` of the exact-string rules;
+/// - `env_patterns`: the re2 rules as `^(?:PATTERN)$` (each re2 rule also
+///   gets it as `anchored`), so a pattern matches a whole variable, never a
+///   part of it;
+/// - `env_required_strings`, `env_required_patterns`: the same for the rules
+///   marked `required` (any value but `false`, as Rego reads it);
+/// - `env_required_other`: how many required rules can never match (another
+///   strategy, or a pattern that is not a string).
+///
+/// Rules of any other strategy match nothing, as in the failure lists. A
+/// process whose `env_rules` is not a list gets no index, so the fast path
+/// allows none of its requests.
 fn index_env(process: &mut regorus::Value) {
-    let Ok(rules) = process["env_rules"].as_array() else { return };
+    let no_rules = regorus::Value::from(Vec::<regorus::Value>::new());
+    let rules = match &process["env_rules"] {
+        regorus::Value::Undefined => &no_rules,
+        rules => rules,
+    };
+    let Ok(rules) = rules.as_array() else { return };
     let mut strings = std::collections::BTreeMap::new();
-    let mut patterns = Vec::new();
+    let (mut patterns, mut required_strings, mut required_patterns) = (Vec::new(), Vec::new(), Vec::new());
+    let mut required_other = 0u64;
+    let string = regorus::Value::from("string");
+    let re2 = regorus::Value::from("re2");
     let anchored: Vec<regorus::Value> = rules
         .iter()
         .map(|rule| {
             let mut rule = rule.clone();
-            let strategy = rule["strategy"].clone();
-            if let Ok(pattern) = rule["pattern"].as_string().cloned() {
-                if strategy == regorus::Value::from("string") {
-                    strings.insert(regorus::Value::from(pattern.as_ref()), regorus::Value::from(true));
-                } else if strategy == regorus::Value::from("re2")
-                    && let Ok(object) = rule.as_object_mut()
-                {
+            let required = !matches!(rule["required"], regorus::Value::Undefined | regorus::Value::Bool(false));
+            match (rule["pattern"].as_string().cloned(), &rule["strategy"]) {
+                (Ok(pattern), strategy) if *strategy == string => {
+                    let pattern = regorus::Value::from(pattern.as_ref());
+                    strings.insert(pattern.clone(), regorus::Value::from(true));
+                    if required {
+                        required_strings.push(pattern);
+                    }
+                }
+                (Ok(pattern), strategy) if *strategy == re2 => {
                     let whole = regorus::Value::from(format!("^(?:{pattern})$"));
-                    object.insert(regorus::Value::from("anchored"), whole.clone());
+                    if let Ok(object) = rule.as_object_mut() {
+                        object.insert(regorus::Value::from("anchored"), whole.clone());
+                    }
+                    if required {
+                        required_patterns.push(whole.clone());
+                    }
                     patterns.push(whole);
                 }
+                _ => required_other += u64::from(required),
             }
             rule
         })
         .collect();
     if let Ok(object) = process.as_object_mut() {
-        object.insert(regorus::Value::from("env_rules"), regorus::Value::from(anchored));
-        object.insert(regorus::Value::from("env_strings"), regorus::Value::from(strings));
-        object.insert(regorus::Value::from("env_patterns"), regorus::Value::from(patterns));
+        let fields = [
+            ("env_rules", regorus::Value::from(anchored)),
+            ("env_strings", regorus::Value::from(strings)),
+            ("env_patterns", regorus::Value::from(patterns)),
+            ("env_required_strings", regorus::Value::from(required_strings)),
+            ("env_required_patterns", regorus::Value::from(required_patterns)),
+            ("env_required_other", regorus::Value::from(required_other)),
+        ];
+        for (name, value) in fields {
+            object.insert(regorus::Value::from(name), value);
+        }
     }
+}
+
+/// Index a container's mount rules and capabilities for the framework:
+/// each mount rule gets `anchored_source` (`^(?:SOURCE)$`) and
+/// `options_sorted`; `capabilities_sorted` holds each of the five sets
+/// sorted (a missing set is empty; a set that is not a list is left out,
+/// so no request passes it).
+fn index_mounts_and_capabilities(container: &mut regorus::Value) {
+    if let Ok(rules) = container["mounts"].as_array() {
+        let rules: Vec<regorus::Value> = rules
+            .iter()
+            .map(|rule| {
+                let mut rule = rule.clone();
+                let source = rule["source"].as_string().map(|source| format!("^(?:{source})$"));
+                let options = rule["options"].as_array().map(|options| {
+                    let mut sorted = options.to_vec();
+                    sorted.sort();
+                    sorted
+                });
+                if let Ok(object) = rule.as_object_mut() {
+                    if let Ok(source) = source {
+                        object.insert(regorus::Value::from("anchored_source"), regorus::Value::from(source));
+                    }
+                    if let Ok(options) = options {
+                        object.insert(regorus::Value::from("options_sorted"), regorus::Value::from(options));
+                    }
+                }
+                rule
+            })
+            .collect();
+        if let Ok(object) = container.as_object_mut() {
+            object.insert(regorus::Value::from("mounts"), regorus::Value::from(rules));
+        }
+    }
+    let mut sorted = std::collections::BTreeMap::new();
+    for set in ["bounding", "effective", "inheritable", "permitted", "ambient"] {
+        match &container["capabilities"][set] {
+            regorus::Value::Undefined => {
+                sorted.insert(regorus::Value::from(set), regorus::Value::from(Vec::<regorus::Value>::new()));
+            }
+            value => {
+                if let Ok(list) = value.as_array() {
+                    let mut list = list.to_vec();
+                    list.sort();
+                    sorted.insert(regorus::Value::from(set), regorus::Value::from(list));
+                }
+            }
+        }
+    }
+    if let Ok(object) = container.as_object_mut() {
+        object.insert(regorus::Value::from("capabilities_sorted"), regorus::Value::from(sorted));
+    }
+}
+
+/// Whether the Rego text uses the keyword `every` (outside comments and
+/// string literals; a false positive only costs speed).
+///
+/// regorus 0.14.1's register VM evaluates `every x in xs { m[x] == 1 }` to
+/// true when one element fails (a lookup by the loop variable in the body),
+/// and loops until the time budget on a comprehension in the body; its
+/// interpreter gets both right. A tenant's `every` would fail open under the
+/// VM, so such a policy is decided by the interpreter. The framework itself
+/// uses no `every` (a test checks it).
+pub fn uses_every(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(&byte) = bytes.get(i) {
+        match byte {
+            b'#' => {
+                while bytes.get(i).is_some_and(|b| *b != b'\n') {
+                    i += 1;
+                }
+            }
+            b'"' => {
+                i += 1;
+                while let Some(&b) = bytes.get(i) {
+                    i += if b == b'\\' { 2 } else { 1 };
+                    if b == b'"' {
+                        break;
+                    }
+                }
+                continue;
+            }
+            b'`' => {
+                i += 1;
+                while bytes.get(i).is_some_and(|b| *b != b'`') {
+                    i += 1;
+                }
+            }
+            b if b.is_ascii_alphabetic() || b == b'_' => {
+                let start = i;
+                while bytes.get(i).is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_') {
+                    i += 1;
+                }
+                if bytes.get(start..i) == Some(b"every") {
+                    return true;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    false
 }
 
 /// The reason for a rule that failed to evaluate: the error on one line.

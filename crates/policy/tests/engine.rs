@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use parma_policy::{Engine, Point, Policy, PolicyError, policy_hash};
+use parma_policy::{Backend, DEFAULT_BUDGET, Engine, Point, Policy, PolicyError, policy_hash, uses_every};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -227,4 +227,39 @@ exec_external := data.framework.exec_external
         let line = decision.denial.unwrap().line();
         assert!(line.contains("matches no rule"), "{env:?}: {line}");
     }
+}
+
+/// regorus 0.14.1's register VM evaluates this `every` to true although
+/// `m["b"]` is 2; the engine decides such a policy with the interpreter, so
+/// the answer is right on either backend asked for.
+#[test]
+fn a_policy_with_every_is_decided_by_the_interpreter() {
+    let text = r#"package policy
+import rego.v1
+m := {"a": 1, "b": 2}
+get_properties := {"allowed": true, "metadata": []} if {
+	every x in input.xs {
+		m[x] == 1
+	}
+}
+"#;
+    for backend in [Backend::Vm, Backend::Interpreter] {
+        let policy = Policy::from_bytes(text.as_bytes().to_vec()).unwrap();
+        let mut engine = Engine::with_backend(&policy, DEFAULT_BUDGET, backend).unwrap();
+        assert_eq!(engine.backend(), Backend::Interpreter);
+        assert!(engine.decide(Point::GetProperties, &json!({"xs": ["a"]})).allowed);
+        assert!(!engine.decide(Point::GetProperties, &json!({"xs": ["a", "b"]})).allowed, "{backend:?}");
+    }
+    // Without `every` the VM decides.
+    let plain = engine("package policy\nget_properties := {\"allowed\": true, \"metadata\": []}\n");
+    assert_eq!(plain.backend(), Backend::Vm);
+}
+
+#[test]
+fn every_is_found_as_a_keyword_only() {
+    assert!(uses_every("p if {\n\tevery x in xs { x }\n}"));
+    assert!(uses_every("import future.keywords.every"));
+    assert!(!uses_every("# every comment\np := \"every \\\" string\"\nq := `every raw`\neveryone := 1\n"));
+    // The framework avoids it, so generated policies run on the VM.
+    assert!(!uses_every(parma_policy::FRAMEWORK));
 }
