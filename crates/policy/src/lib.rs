@@ -118,13 +118,20 @@ pub enum Backend {
     Interpreter,
 }
 
+/// The policy compiled for regorus's register VM.
+struct Vm {
+    machine: regorus::rvm::RegoVM,
+    /// Loaded again after each decision, which drops what the run left behind.
+    program: std::sync::Arc<regorus::rvm::Program>,
+}
+
 /// The policy engine: the framework and one policy loaded into regorus,
 /// plus the state the decisions build up.
 pub struct Engine {
     rego: regorus::Engine,
     /// The policy compiled for regorus's register VM, with the points the
     /// policy defines as entry points; `None`: the tree-walking interpreter.
-    vm: Option<regorus::rvm::RegoVM>,
+    vm: Option<Vm>,
     /// Entry points of `vm`.
     entry_points: Vec<String>,
     /// The data document (`data.parma_policy_data` and its indexes); fragments extend it.
@@ -177,10 +184,7 @@ impl Engine {
         let backend = if uses_every(&policy.text) { Backend::Interpreter } else { backend };
         let (vm, entry_points) = match backend {
             Backend::Interpreter => (None, Vec::new()),
-            Backend::Vm => {
-                let (vm, entry_points) = compile_vm(&mut rego, data.clone(), budget)?;
-                (Some(vm), entry_points)
-            }
+            Backend::Vm => compile_vm(&mut rego, data.clone(), budget)?,
         };
         Ok(Self { rego, vm, entry_points, data, state: State::default(), policy_hash: policy.hash_hex() })
     }
@@ -228,11 +232,16 @@ impl Engine {
                 if !self.entry_points.contains(&rule) {
                     return Decision::deny(point, format!("the policy does not define {point} (deny by default)."));
                 }
-                vm.set_input(input);
-                let result = vm.execute_entry_point_by_name(&rule).map_err(|err| err.to_string());
+                vm.machine.set_input(input);
+                let result = vm.machine.execute_entry_point_by_name(&rule).map_err(|err| err.to_string());
                 // Drop the input's share of the state, so the next commit
                 // changes it in place instead of copying it.
-                vm.set_input(regorus::Value::Null);
+                vm.machine.set_input(regorus::Value::Null);
+                // And the rule values and registers the VM keeps until its
+                // next run: they share the state's maps too, and would make
+                // every commit copy them (a cost growing with every
+                // container ever started).
+                vm.machine.load_program(vm.program.clone());
                 result
             }
             None => {
@@ -310,7 +319,7 @@ impl Engine {
     fn set_data(&mut self, data: &regorus::Value) -> Result<(), PolicyError> {
         let error = |err: &dyn std::fmt::Display| PolicyError::Rego(format!("setting the policy data: {err}"));
         if let Some(vm) = &mut self.vm {
-            vm.set_data(data.clone()).map_err(|err| error(&err))?;
+            vm.machine.set_data(data.clone()).map_err(|err| error(&err))?;
         }
         self.rego.clear_data();
         self.rego.add_data(data.clone()).map_err(|err| error(&err))
@@ -348,7 +357,7 @@ fn compile_vm(
     rego: &mut regorus::Engine,
     data: regorus::Value,
     budget: Duration,
-) -> Result<(regorus::rvm::RegoVM, Vec<String>), PolicyError> {
+) -> Result<(Option<Vm>, Vec<String>), PolicyError> {
     let vm_error = |err: &dyn std::fmt::Display| PolicyError::Rego(format!("register VM: {err}"));
     let entry_points: Vec<String> = Point::ALL
         .iter()
@@ -356,14 +365,14 @@ fn compile_vm(
         .map(|point| format!("data.policy.{}", point.rule()))
         .collect();
     let Some(first) = entry_points.first() else {
-        return Ok((regorus::rvm::RegoVM::new(), entry_points));
+        return Ok((None, entry_points));
     };
     let compiled = rego.compile_with_entrypoint(&first.as_str().into()).map_err(|err| vm_error(&err))?;
     let names: Vec<&str> = entry_points.iter().map(String::as_str).collect();
     let program = regorus::languages::rego::compiler::Compiler::compile_from_policy(&compiled, &names)
         .map_err(|err| vm_error(&err))?;
     let mut vm = regorus::rvm::RegoVM::new_with_policy(compiled);
-    vm.load_program(program);
+    vm.load_program(program.clone());
     vm.set_data(data).map_err(|err| vm_error(&err))?;
     // The wall-clock budget bounds a decision; the VM's default instruction
     // cap (25,000) would deny legitimate decisions on large policies.
@@ -375,7 +384,7 @@ fn compile_vm(
         limit: budget,
         check_interval: NonZeroU32::MIN.saturating_add(63),
     }));
-    Ok((vm, entry_points))
+    Ok((Some(Vm { machine: vm, program }), entry_points))
 }
 
 /// Evaluate the policy's data rules once and hand them to the framework as

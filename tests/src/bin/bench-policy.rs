@@ -1,6 +1,7 @@
 //! `make bench`: latency of full stateful policy decisions (evaluation plus
 //! state commit) per enforcement point, for generated policies of 1, 10 and
-//! 100 containers, the policy load time, and the cost of the checks on one
+//! 100 containers, the policy load time, the same after 3,000 container lives
+//! (the state keeps them all), and the cost of the checks on one
 //! container start against `allow_all.rego`, all in one run. Writes
 //! `out/bench/policy.json`.
 //!
@@ -16,6 +17,8 @@ use serde_json::{Value, json};
 const SIZES: [usize; 3] = [1, 10, 100];
 /// Container starts measured per policy size.
 const ROUNDS: usize = 200;
+/// Container lives of the long-lived agent (the first and last `ROUNDS` compared).
+const LONG_LIVES: usize = 3000;
 
 fn hash(container: usize, layer: usize) -> String {
     format!("{:016x}{:048x}", container as u64 * 1000 + layer as u64, 0xabcdef_u64)
@@ -143,9 +146,14 @@ fn sorted(samples: &[(Point, Duration)], point: Point) -> Vec<Duration> {
 /// Run `ROUNDS` container lives; returns per-point latencies and the median
 /// time of one container start (all decisions of one life up to create).
 fn run(engine: &mut Engine, containers: usize) -> anyhow::Result<(Vec<(Point, Duration)>, f64)> {
+    run_rounds(engine, containers, ROUNDS)
+}
+
+/// [`run`] for `rounds` container lives; samples stay in order.
+fn run_rounds(engine: &mut Engine, containers: usize, rounds: usize) -> anyhow::Result<(Vec<(Point, Duration)>, f64)> {
     let mut samples = Vec::new();
     let mut starts = Vec::new();
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let c = round % containers;
         let mut start = Duration::ZERO;
         for (point, input) in lifecycle(c, round) {
@@ -197,6 +205,20 @@ fn main() -> anyhow::Result<()> {
         reports.push(SizeReport { containers: n, policy_bytes: text.len(), load_ms, points, container_start_us });
     }
 
+    // A long-lived agent: the state keeps every container ever started, so
+    // a decision (and its commit) must not grow with it.
+    let mut engine = Engine::new(&Policy::from_bytes(generated_policy(10).into_bytes())?)?;
+    let (samples, _) = run_rounds(&mut engine, 10, LONG_LIVES)?;
+    let creates: Vec<Duration> =
+        samples.iter().filter(|(p, _)| *p == Point::CreateContainer).map(|(_, d)| *d).collect();
+    let p50_of = |lives: &[Duration]| {
+        let mut lives = lives.to_vec();
+        lives.sort();
+        percentile(&lives, 0.5)
+    };
+    let early_us = p50_of(creates.get(..ROUNDS).unwrap_or_default());
+    let late_us = p50_of(creates.get(creates.len().saturating_sub(ROUNDS)..).unwrap_or_default());
+
     // The same container starts under allow_all, in the same run.
     let allow_all = std::fs::read(parma_tests::Paths::get().repo.join("policies/allow_all.rego"))?;
     let mut engine = Engine::new(&Policy::from_bytes(allow_all)?)?;
@@ -218,6 +240,8 @@ fn main() -> anyhow::Result<()> {
         "backend": "regorus register VM (RVM)",
         "sizes": reports,
         "interpreter_baseline": baseline,
+        "long_lived": {"lives": LONG_LIVES, "create_container_p50_us_first": early_us,
+                       "create_container_p50_us_last": late_us, "ratio": late_us / early_us},
         "container_start_us": {"generated_10": generated_start_us, "allow_all": allow_all_start_us,
                                "ratio": generated_start_us / allow_all_start_us},
     });
@@ -247,6 +271,11 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "container start decisions: {generated_start_us:.0} us generated (10 containers) vs {allow_all_start_us:.0} us allow_all"
+    );
+    println!(
+        "long-lived agent (10 containers): create_container p50 {early_us:.0} us over the first {ROUNDS} lives, \
+         {late_us:.0} us over the last {ROUNDS} of {LONG_LIVES} ({:.2}x)",
+        late_us / early_us
     );
     println!("wrote {}", out.join("policy.json").display());
     Ok(())
