@@ -68,6 +68,8 @@ pub struct Options<'a> {
     pub readonly_rootfs: bool,
     /// Its cgroup limits.
     pub resources: Resources,
+    /// Its mounts beyond the defaults, as the policy allowed them.
+    pub mounts: &'a [parma_protocol::Mount],
 }
 
 /// What a process's status is.
@@ -120,9 +122,11 @@ impl Containers {
             return Err(format!("host name {hostname:?} is not 1 to 64 bytes"));
         }
         let process = prepare_process(&rootfs, spec)?;
+        let mut ops = root_ops(&rootfs)?;
+        ops.extend(crate::mounts::prepare(&rootfs, options.mounts)?);
         let new = NewContainer {
             rootfs: cstring(&rootfs)?,
-            ops: root_ops(&rootfs)?,
+            ops,
             readonly_rootfs: options.readonly_rootfs,
             hostname: cstring(hostname)?,
         };

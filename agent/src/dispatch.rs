@@ -185,7 +185,7 @@ fn act(guest: &mut Guest, request: Request) -> Result<Response, String> {
             }
             storage.unmount_overlay(&container_id).map(|()| Response::Done)
         }
-        Request::CreateContainer { container_id, process, hostname, readonly_rootfs, resources } => {
+        Request::CreateContainer { container_id, process, hostname, readonly_rootfs, resources, mounts } => {
             if !storage.has_overlay(&container_id) {
                 return Err(format!("container {container_id:?} has no overlay"));
             }
@@ -193,6 +193,7 @@ fn act(guest: &mut Guest, request: Request) -> Result<Response, String> {
                 hostname: hostname.as_deref(),
                 readonly_rootfs,
                 resources: resources.unwrap_or_default(),
+                mounts: &mounts,
             };
             containers.create(&container_id, &process, &options).map(|()| Response::Done)
         }
@@ -281,7 +282,7 @@ fn points(request: &Request, containers: &Containers) -> Result<Vec<(Point, Valu
             name("container id", container_id)?;
             vec![(Point::UnmountOverlay, json!({"unmountTarget": storage::rootfs_target(container_id)}))]
         }
-        Request::CreateContainer { container_id, process, .. } => {
+        Request::CreateContainer { container_id, process, mounts, .. } => {
             name("container id", container_id)?;
             let mut input = process_input(container_id, process);
             if let Value::Object(fields) = &mut input {
@@ -293,7 +294,7 @@ fn points(request: &Request, containers: &Containers) -> Result<Vec<(Point, Valu
                 let seccomp =
                     process.seccomp.as_deref().map_or_else(String::new, |p| parma_policy::policy_hash(p.as_bytes()));
                 fields.insert("seccompProfileSHA256".into(), json!(seccomp));
-                fields.insert("mounts".into(), json!([]));
+                fields.insert("mounts".into(), json!(mounts));
             }
             vec![(Point::CreateContainer, input)]
         }

@@ -12,6 +12,7 @@ mod containers;
 mod dispatch;
 mod gate;
 mod guest;
+mod mounts;
 mod scratch;
 mod seccomp;
 mod serve;

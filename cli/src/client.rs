@@ -8,8 +8,8 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use parma_protocol::{
-    AgentError, DecodeError, Decoder, FrameError, FrameKind, GuestInfo, OutputStream, PingInfo, ProcessSpec, Request,
-    Resources, Response, encode_request,
+    AgentError, DecodeError, Decoder, FrameError, FrameKind, GuestInfo, Mount, OutputStream, PingInfo, ProcessSpec,
+    Request, Resources, Response, encode_request,
 };
 
 /// Where the agent is reached.
@@ -338,15 +338,16 @@ impl Client {
 
     /// `CreateContainer` with no limits.
     pub fn create_container(&mut self, container_id: &str, process: &ProcessSpec) -> Result<(), ClientError> {
-        self.create_container_with(container_id, process, None)
+        self.create_container_with(container_id, process, None, &[])
     }
 
-    /// `CreateContainer` with cgroup limits.
+    /// `CreateContainer` with cgroup limits and mounts.
     pub fn create_container_with(
         &mut self,
         container_id: &str,
         process: &ProcessSpec,
         resources: Option<Resources>,
+        mounts: &[Mount],
     ) -> Result<(), ClientError> {
         self.done(&Request::CreateContainer {
             container_id: container_id.into(),
@@ -354,6 +355,7 @@ impl Client {
             hostname: None,
             readonly_rootfs: false,
             resources,
+            mounts: mounts.to_vec(),
         })
     }
 

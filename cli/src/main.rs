@@ -88,6 +88,11 @@ struct RunArgs {
     /// guest memory go there, encrypted and authenticated. 0: none.
     #[arg(long, default_value_t = 0)]
     scratch_mib: u64,
+    /// A mount beyond the defaults, TYPE:SOURCE:DESTINATION[:OPTION,...]:
+    /// `tmpfs:tmpfs:/scratch:size=64m` or `bind:/run/parma/volumes/NAME:/data:ro`
+    /// (a volume in guest memory). The policy must list it. Repeatable.
+    #[arg(long = "mount", value_parser = parma::run::parse_mount)]
+    mounts: Vec<parma_protocol::Mount>,
     /// Give up on the container after this many seconds.
     #[arg(long, default_value_t = 600.0)]
     timeout: f64,
@@ -431,6 +436,10 @@ enum AgentCommand {
         /// Or: the image's config.json from `parma layer build` (entrypoint, env, user...).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// A mount beyond the defaults, TYPE:SOURCE:DESTINATION[:OPTION,...]
+        /// (see `parma run --help`). Repeatable.
+        #[arg(long = "mount", value_parser = parma::run::parse_mount)]
+        mounts: Vec<parma_protocol::Mount>,
         /// The command, replacing the config's entrypoint and cmd.
         #[arg(last = true)]
         args: Vec<String>,
@@ -918,7 +927,7 @@ fn agent(command: AgentCommand) -> anyhow::Result<()> {
             connect(&args)?.unmount_overlay(&id)?;
             print(args.json, &serde_json::json!({"unmounted": id}), |_| format!("overlay of {id} unmounted"))
         }
-        AgentCommand::Create { agent: args, id, process, config, args: command } => {
+        AgentCommand::Create { agent: args, id, process, config, mounts, args: command } => {
             let process = match (process, config) {
                 (Some(path), _) => read_json::<parma_protocol::ProcessSpec>(&path)?,
                 (None, Some(path)) => {
@@ -927,7 +936,7 @@ fn agent(command: AgentCommand) -> anyhow::Result<()> {
                 }
                 (None, None) => anyhow::bail!("give --process FILE or --config FILE"),
             };
-            connect(&args)?.create_container(&id, &process)?;
+            connect(&args)?.create_container_with(&id, &process, None, &mounts)?;
             print(args.json, &serde_json::json!({"created": id}), |_| format!("container {id} created"))
         }
         AgentCommand::Update { agent: args, id, memory_max, pids_max } => {
@@ -1074,7 +1083,7 @@ fn drive_container(
         client.mount_scratch(parma::run::SCRATCH_SERIAL).context("cannot set up the encrypted scratch")?;
     }
     parma::run::mount_image(&mut client, built, &args.id)?;
-    client.create_container(&args.id, process).context("cannot create the container")?;
+    client.create_container_with(&args.id, process, None, &args.mounts).context("cannot create the container")?;
     client.start_container(&args.id).context("cannot start the container")?;
     client.write_stdin(&args.id, None, &[], true)?;
     let status =

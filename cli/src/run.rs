@@ -39,6 +39,20 @@ pub fn layer_disks(built: &Built, layers_dir: &Path) -> Vec<Disk> {
         .collect()
 }
 
+/// A `--mount` argument: `TYPE:SOURCE:DESTINATION[:OPTION,...]`.
+pub fn parse_mount(text: &str) -> Result<parma_protocol::Mount, String> {
+    let mut parts = text.splitn(4, ':');
+    let (Some(kind), Some(source), Some(destination)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("{text:?} is not TYPE:SOURCE:DESTINATION[:OPTION,...]"));
+    };
+    if kind.is_empty() || source.is_empty() || destination.is_empty() {
+        return Err(format!("{text:?} is not TYPE:SOURCE:DESTINATION[:OPTION,...]"));
+    }
+    let options =
+        parts.next().map_or_else(Vec::new, |o| o.split(',').filter(|o| !o.is_empty()).map(str::to_string).collect());
+    Ok(parma_protocol::Mount { destination: destination.into(), kind: kind.into(), source: source.into(), options })
+}
+
 /// The container's init process as the image config says (what `parma
 /// policy gen` allows by default), with `args` replacing entrypoint + cmd
 /// when given.
@@ -157,6 +171,21 @@ pub fn exit_code(status: &ProcessStatus) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mounts_are_type_source_destination_and_options() {
+        let m = parse_mount("tmpfs:tmpfs:/scratch:size=64m,mode=1777").unwrap();
+        assert_eq!((m.kind.as_str(), m.source.as_str(), m.destination.as_str()), ("tmpfs", "tmpfs", "/scratch"));
+        assert_eq!(m.options, ["size=64m", "mode=1777"]);
+        let m = parse_mount("bind:/run/parma/volumes/shared:/data").unwrap();
+        assert!(m.options.is_empty());
+        // The policy input is the OCI form: "type", not "kind".
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(json["type"], "bind");
+        for bad in ["tmpfs", "tmpfs:tmpfs", "::/x", "bind::/data:ro"] {
+            assert!(parse_mount(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn users_are_numeric() {

@@ -323,6 +323,17 @@ impl PolicyFixture {
         command: Option<&[&str]>,
         seccomp_sha256: Option<&str>,
     ) -> anyhow::Result<Self> {
+        Self::with_mounts(hello, name, command, seccomp_sha256, &[])
+    }
+
+    /// [`PolicyFixture::new`], with `mounts` as the container's mount rules.
+    pub fn with_mounts(
+        hello: &Path,
+        name: &str,
+        command: Option<&[&str]>,
+        seccomp_sha256: Option<&str>,
+        mounts: &[serde_json::Value],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let image = build_test_image(&dir.path().join("oci"), hello)?;
         let layers_dir = dir.path().join("layers");
@@ -340,6 +351,7 @@ impl PolicyFixture {
                 "signals": [9],
                 "no_new_privileges": true,
                 "seccomp_profile_sha256": seccomp_sha256,
+                "mounts": mounts,
                 "fragments": [{"issuer": parma_policy::fragment::issuer_id(&fragment_issuer_key()), "feed": FRAGMENT_FEED, "minimum_svn": 1}],
             }))?,
         )?;

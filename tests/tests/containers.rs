@@ -220,7 +220,7 @@ fn exec_and_signals_reach_only_what_the_policy_lists() -> anyhow::Result<()> {
     let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
     run::mount_image(&mut client, &fixture.built, ID)?;
     let limits = parma_protocol::Resources { memory_max: Some(64 << 20), pids_max: Some(32), cpu_max: None };
-    client.create_container_with(ID, &fixture.process_with(&command)?, Some(limits))?;
+    client.create_container_with(ID, &fixture.process_with(&command)?, Some(limits), &[])?;
     client.start_container(ID)?;
     ensure!(client.wait_process(ID, None)?.running, "the container should sleep");
 
@@ -472,6 +472,7 @@ fn a_read_only_root_cannot_be_written() -> anyhow::Result<()> {
         hostname: Some("ro-test".into()),
         readonly_rootfs: true,
         resources: None,
+        mounts: Vec::new(),
     };
     let response = client.call(&create)?;
     ensure!(response == parma_protocol::Response::Done, "{response:?}");
@@ -483,5 +484,65 @@ fn a_read_only_root_cannot_be_written() -> anyhow::Result<()> {
     ensure!(!stderr.contains("/dev/null"), "/dev/null must be writable by the container's user: {stderr}");
     client.delete_container(ID)?;
     client.unmount_overlay(ID)?;
+    still_serving_then_shutdown(guest, client)
+}
+
+/// The policy's mount rules: a tmpfs with its size and mode, and a volume
+/// bound read-write into one container and read-only into the next, which
+/// reads what the first wrote. A mount the policy does not list is denied
+/// with the reason, and nothing is left behind.
+#[test]
+fn mounts_are_as_the_policy_lists_and_volumes_are_shared() -> anyhow::Result<()> {
+    let command = ["/bin/sh", "-c", "cat /data/f 2>/dev/null; echo hi > /data/f; echo write=$?; cat /proc/self/mounts"];
+    let volume = "/run/parma/volumes/shared";
+    let rules = [
+        json!({"destination": "/scratch", "type": "tmpfs", "source": "tmpfs", "options": ["size=64k", "mode=1770"]}),
+        json!({"destination": "/data", "type": "bind", "source": volume, "options": ["rbind", "rw"]}),
+        json!({"destination": "/data", "type": "bind", "source": volume, "options": ["rbind", "ro"]}),
+    ];
+    let hello = Paths::get().guest_binary("oci-hello")?;
+    let fixture = Fixture(oci::PolicyFixture::with_mounts(&hello, "hello", Some(&command), None, &rules)?);
+    let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
+    for (index, layer) in fixture.built.layers.layers.iter().enumerate() {
+        client.mount_layer(&run::layer_name(index), &run::layer_serial(index), &layer.root_hash, layer.hash_offset)?;
+    }
+    let layers = ["l0".to_string(), "l1".to_string()];
+    let process = fixture.process_with(&command)?;
+    let scratch = run::parse_mount("tmpfs:tmpfs:/scratch:size=64k,mode=1770").map_err(anyhow::Error::msg)?;
+    let mount_line = |stdout: &str, target: &str| -> anyhow::Result<String> {
+        stdout
+            .lines()
+            .find(|line| line.split(' ').nth(1) == Some(target))
+            .map(str::to_string)
+            .with_context(|| format!("{target} is not mounted:\n{stdout}"))
+    };
+
+    // Not in the policy: denied, and the container does not exist.
+    client.mount_overlay("other", &layers, true)?;
+    let other = run::parse_mount("tmpfs:tmpfs:/other").map_err(anyhow::Error::msg)?;
+    let (code, message) = refused(client.create_container_with("other", &process, None, &[other]))?;
+    ensure!(code == ErrorCode::PolicyDenied && message.contains("matches no mount rule"), "{code:?}: {message}");
+    client.unmount_overlay("other")?;
+
+    for (id, options, expect_first, expect_write) in
+        [("writer", "rbind,rw", "", "write=0"), ("reader", "rbind,ro", "hi\n", "write=1")]
+    {
+        let data = run::parse_mount(&format!("bind:{volume}:/data:{options}")).map_err(anyhow::Error::msg)?;
+        client.mount_overlay(id, &layers, true)?;
+        client.create_container_with(id, &process, None, &[scratch.clone(), data])?;
+        client.start_container(id)?;
+        client.write_stdin(id, None, &[], true)?;
+        let (stdout, stderr, code) = output(&mut client, id, None)?;
+        ensure!(code == 0, "{id}: exit {code}: {stdout}{stderr}");
+        ensure!(stdout.starts_with(&format!("{expect_first}{expect_write}\n")), "{id}: {stdout}{stderr}");
+        let tmpfs = mount_line(&stdout, "/scratch")?;
+        ensure!(tmpfs.starts_with("tmpfs /scratch tmpfs rw,nosuid,nodev"), "{id}: {tmpfs}");
+        ensure!(tmpfs.contains("size=64k") && tmpfs.contains("mode=1770"), "{id}: {tmpfs}");
+        let bind = mount_line(&stdout, "/data")?;
+        let want = if options.ends_with("ro") { " ro,nosuid,nodev" } else { " rw,nosuid,nodev" };
+        ensure!(bind.contains(want), "{id}: {bind}");
+        client.delete_container(id)?;
+        client.unmount_overlay(id)?;
+    }
     still_serving_then_shutdown(guest, client)
 }

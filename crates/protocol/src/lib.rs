@@ -14,8 +14,8 @@ pub mod message;
 
 pub use frame::{Decoder, Frame, FrameError, FrameKind, MAX_BODY, VERSION, encode};
 pub use message::{
-    AgentError, CapabilitySets, DecodeError, ErrorCode, GuestInfo, MountInfo, OutputStream, PingInfo, ProcessSpec,
-    Request, RequestKind, Resources, Response, Rlimit,
+    AgentError, CapabilitySets, DecodeError, ErrorCode, GuestInfo, Mount, MountInfo, OutputStream, PingInfo,
+    ProcessSpec, Request, RequestKind, Resources, Response, Rlimit,
 };
 
 /// The virtio-serial port name the agent listens on (`-device virtserialport,name=...`).

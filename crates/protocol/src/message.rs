@@ -82,6 +82,9 @@ pub enum Request {
         readonly_rootfs: bool,
         /// cgroup v2 limits of the container (all its processes).
         resources: Option<Resources>,
+        /// Mounts beyond the defaults (`/proc`, `/dev`, `/sys`, ...), in order.
+        #[serde(default)]
+        mounts: Vec<Mount>,
     },
     /// Change a container's cgroup limits (lowering `memory_max` below its
     /// use reclaims at once: to swap, when there is encrypted scratch).
@@ -226,6 +229,27 @@ pub struct Rlimit {
     pub soft: u64,
     /// Hard limit.
     pub hard: u64,
+}
+
+/// A mount of a container beyond the defaults, as the OCI runtime spec
+/// writes one. The policy decides on all four fields (`create_container`'s
+/// `mounts`); the agent then allows `tmpfs`, and `bind` of a volume of the
+/// UVM: a directory `/run/parma/volumes/NAME` in guest memory, made on first
+/// use and shared by every container that binds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    /// Where, inside the container: an absolute path.
+    pub destination: String,
+    /// `tmpfs` or `bind`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `tmpfs` for tmpfs; `/run/parma/volumes/NAME` for bind.
+    pub source: String,
+    /// Options: `ro`, `rw`, `nosuid`, `nodev`, `noexec`, `exec`, for bind
+    /// `bind`/`rbind`, for tmpfs `size=N[k|m|g]` and `mode=OCTAL`.
+    #[serde(default)]
+    pub options: Vec<String>,
 }
 
 /// cgroup v2 limits.
