@@ -44,6 +44,12 @@ if ! command -v cargo >/dev/null; then
   echo "deps: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2
   exit 1
 fi
+# rust-vmm's vhost-user vsock backend: the tests reach the agent's vsock
+# listener through it, since this kind of host has no /dev/vhost-vsock.
+if ! command -v vhost-device-vsock >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/vhost-device-vsock" ]; then
+  echo "deps: installing vhost-device-vsock 0.3.0 (cargo install)"
+  cargo install --locked --quiet vhost-device-vsock --version 0.3.0
+fi
 if command -v rustup >/dev/null; then
   for component in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"

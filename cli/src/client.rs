@@ -24,12 +24,33 @@ pub enum Control {
         /// The agent's port.
         port: u32,
     },
+    /// The guest's vsock through a host unix socket (`vsock-uds:PATH[:PORT]`):
+    /// the "hybrid vsock" of Firecracker, Cloud Hypervisor and rust-vmm's
+    /// `vhost-device-vsock`, entered with `CONNECT PORT\n` and `OK ...\n`.
+    VsockUds {
+        /// The backend's unix socket for host-side connections.
+        path: PathBuf,
+        /// The agent's port.
+        port: u32,
+    },
 }
 
 impl FromStr for Control {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(rest) = s.strip_prefix("vsock-uds:") {
+            let (path, port) = match rest.rsplit_once(':') {
+                Some((path, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                    (path, port.parse().map_err(|_| format!("bad vsock port in {s:?}"))?)
+                }
+                _ => (rest, parma_protocol::VSOCK_PORT),
+            };
+            if path.is_empty() {
+                return Err(format!("no socket path in {s:?}"));
+            }
+            return Ok(Control::VsockUds { path: PathBuf::from(path), port });
+        }
         let Some(rest) = s.strip_prefix("vsock:") else {
             return Ok(Control::Unix(PathBuf::from(s)));
         };
@@ -49,6 +70,7 @@ impl std::fmt::Display for Control {
         match self {
             Control::Unix(path) => write!(f, "{}", path.display()),
             Control::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Control::VsockUds { path, port } => write!(f, "vsock-uds:{}:{port}", path.display()),
         }
     }
 }
@@ -118,6 +140,39 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// Connect to port `port` of the guest through a hybrid-vsock unix socket:
+/// send `CONNECT PORT\n`, expect a line starting `OK `. Until the agent
+/// listens, the backend closes the connection: a retryable error.
+fn connect_vsock_uds(path: &std::path::Path, port: u32, timeout: Duration) -> std::io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(timeout.min(Duration::from_secs(10))))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Byte by byte: what follows the line is the agent's.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 64 {
+        match stream.read(&mut byte)? {
+            0 => break,
+            _ if byte[0] == b'\n' => {
+                return if line.starts_with(b"OK ") {
+                    stream.set_read_timeout(None)?;
+                    Ok(stream)
+                } else {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionRefused,
+                        format!("the vsock backend answered {:?}", String::from_utf8_lossy(&line)),
+                    ))
+                };
+            }
+            _ => line.push(byte[0]),
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::ConnectionRefused,
+        format!("no agent listens on vsock port {port} yet"),
+    ))
+}
+
 /// Ids start at a value unlikely to match a stale answer left on the port
 /// by an earlier client.
 fn first_id() -> u32 {
@@ -135,6 +190,9 @@ impl Client {
                 Control::Unix(path) => UnixStream::connect(path).map(|s| Box::new(s) as Box<dyn Stream>),
                 Control::Vsock { cid, port } => {
                     vsock::VsockStream::connect_with_cid_port(*cid, *port).map(|s| Box::new(s) as Box<dyn Stream>)
+                }
+                Control::VsockUds { path, port } => {
+                    connect_vsock_uds(path, *port, timeout).map(|s| Box::new(s) as Box<dyn Stream>)
                 }
             };
             match attempt {
@@ -491,6 +549,12 @@ mod tests {
         assert!("vsock:x".parse::<Control>().is_err());
         assert!("vsock:3:".parse::<Control>().is_ok());
         assert!("vsock:3:y".parse::<Control>().is_err());
+        let uds = |path: &str, port| Control::VsockUds { path: PathBuf::from(path), port };
+        assert_eq!("vsock-uds:/run/v.sock".parse(), Ok(uds("/run/v.sock", 1024)));
+        assert_eq!("vsock-uds:/run/v.sock:77".parse(), Ok(uds("/run/v.sock", 77)));
+        assert_eq!("vsock-uds:/a:b/v.sock".parse(), Ok(uds("/a:b/v.sock", 1024)));
+        assert!("vsock-uds:".parse::<Control>().is_err());
+        assert_eq!(uds("/v", 5).to_string(), "vsock-uds:/v:5");
     }
 
     #[test]

@@ -286,6 +286,11 @@ struct VmRun {
     /// Also give the guest vsock with this CID (needs /dev/vhost-vsock).
     #[arg(long)]
     vsock_cid: Option<u32>,
+    /// Or give the guest vsock served by a vhost-user backend listening at
+    /// this socket, e.g. `vhost-device-vsock --socket S --uds-path U`; then
+    /// `--control vsock-uds:U` reaches the agent over vsock. Not with --snp.
+    #[arg(long, conflicts_with = "vsock_cid")]
+    vhost_user_vsock: Option<PathBuf>,
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
@@ -326,7 +331,8 @@ struct VmRun {
 
 #[derive(Args)]
 struct AgentArgs {
-    /// The agent: a unix socket path (virtio-serial), or vsock:CID[:PORT].
+    /// The agent: a unix socket path (virtio-serial), vsock:CID[:PORT], or
+    /// vsock-uds:PATH[:PORT] (a hybrid-vsock unix socket).
     #[arg(long)]
     control: Control,
     /// Seconds to wait for the agent (connecting and answering).
@@ -783,6 +789,7 @@ fn vm_run(args: VmRun) -> anyhow::Result<()> {
         cpus: args.cpus,
         serial: args.serial_log.map_or(Serial::Stdio, Serial::File),
         vsock_cid: args.vsock_cid,
+        vhost_user_vsock: args.vhost_user_vsock,
         snp: None,
         insecure_emulated_host_data: None,
         disks: {

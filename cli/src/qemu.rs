@@ -49,6 +49,10 @@ pub struct VmConfig {
     pub serial: Serial,
     /// Also give the guest a vsock device with this CID (needs vhost-vsock on the host).
     pub vsock_cid: Option<u32>,
+    /// Or a vsock device served by a vhost-user backend at this socket (such
+    /// as rust-vmm's `vhost-device-vsock`; the guest's RAM is then a shared
+    /// memfd). Emulation and hosts without vhost-vsock; not with SNP.
+    pub vhost_user_vsock: Option<PathBuf>,
     /// Launch as an SEV-SNP guest (real hosts only).
     pub snp: Option<Snp>,
     /// INSECURE, emulation only: turn on the guest's emulated attestation
@@ -118,6 +122,10 @@ pub enum VmError {
     /// A disk serial QEMU or the guest would not take.
     #[error("disk serial {0:?} is not 1 to 20 of [A-Za-z0-9-]")]
     BadSerial(String),
+    /// A vhost-user vsock backend needs the guest's RAM shared with it: not
+    /// an SNP guest's, and one vsock device only.
+    #[error("a vhost-user vsock device is for non-SNP guests, and replaces --vsock-cid")]
+    VhostUserVsock,
 }
 
 impl VmConfig {
@@ -133,6 +141,7 @@ impl VmConfig {
             cpus: 1,
             serial: Serial::Stdio,
             vsock_cid: None,
+            vhost_user_vsock: None,
             snp: None,
             insecure_emulated_host_data: None,
             disks: Vec::new(),
@@ -165,9 +174,14 @@ impl VmConfig {
             // have the digest of a real one.
             cmdline = format!("{cmdline} {EMULATION_FLAG}");
         }
+        if self.vhost_user_vsock.is_some() && (self.snp.is_some() || self.vsock_cid.is_some()) {
+            return Err(VmError::VhostUserVsock);
+        }
+        // A vhost-user backend reads the guest's memory: it must be shared.
+        let shared_ram = if self.vhost_user_vsock.is_some() { ",memory-backend=ram0" } else { "" };
         let (machine, cpu) = match (self.accel, &self.snp) {
-            (Accel::Tcg, None) => ("q35,accel=tcg".to_string(), "max".to_string()),
-            (Accel::Kvm, None) => ("q35,accel=kvm".to_string(), "host".to_string()),
+            (Accel::Tcg, None) => (format!("q35,accel=tcg{shared_ram}"), "max".to_string()),
+            (Accel::Kvm, None) => (format!("q35,accel=kvm{shared_ram}"), "host".to_string()),
             (Accel::Tcg, Some(_)) => return Err(VmError::SnpNeedsKvm),
             (Accel::Kvm, Some(snp)) => {
                 let igvm = if matches!(snp.boot, SnpBoot::Igvm(_)) { ",igvm-cfg=igvm0" } else { "" };
@@ -213,6 +227,10 @@ impl VmConfig {
                 }
             }
         }
+        if self.vhost_user_vsock.is_some() {
+            args.push("-object".into());
+            args.push(format!("memory-backend-memfd,id=ram0,size={}M,share=on", self.memory_mib).into());
+        }
         if let Some(host_data) = self.insecure_emulated_host_data {
             args.push("-fw_cfg".into());
             args.push(format!("name=opt/org.parma/host_data,string={}", hex::encode(host_data)).into());
@@ -243,6 +261,11 @@ impl VmConfig {
         if let Some(cid) = self.vsock_cid {
             args.push("-device".into());
             args.push(format!("vhost-vsock-pci,guest-cid={cid}{virtio_opts}").into());
+        }
+        if let Some(socket) = &self.vhost_user_vsock {
+            let socket = socket.to_string_lossy().replace(',', ",,");
+            args.extend(["-chardev".into(), format!("socket,id=vsock0,path={socket}").into()]);
+            args.extend(["-device".into(), OsString::from("vhost-user-vsock-pci,chardev=vsock0")]);
         }
         Ok(args)
     }
@@ -308,6 +331,21 @@ mod tests {
         assert!(args.contains(&"-no-reboot".to_string()));
         assert!(args.contains(&"virtserialport,bus=virtio-serial0.0,chardev=agent,name=org.parma.agent".to_string()));
         assert!(!args.iter().any(|a| a.contains("vsock")));
+    }
+
+    #[test]
+    fn vhost_user_vsock_shares_the_guest_ram() {
+        let dir = uvm_dir();
+        let mut config = VmConfig::new(dir.path(), "/tmp/ctl.sock");
+        config.vhost_user_vsock = Some("/tmp/v,h.sock".into());
+        let args = strings(&config);
+        let find = |flag: &str| args.iter().position(|a| a == flag).map(|i| args[i + 1].clone()).unwrap();
+        assert_eq!(find("-machine"), "q35,accel=tcg,memory-backend=ram0");
+        assert!(args.contains(&"memory-backend-memfd,id=ram0,size=512M,share=on".to_string()));
+        assert!(args.contains(&"socket,id=vsock0,path=/tmp/v,,h.sock".to_string()));
+        assert!(args.contains(&"vhost-user-vsock-pci,chardev=vsock0".to_string()));
+        config.vsock_cid = Some(3);
+        assert!(matches!(config.args(), Err(VmError::VhostUserVsock)));
     }
 
     #[test]

@@ -86,12 +86,60 @@ pub struct Boot {
     pub emulated_host_data: Option<[u8; 32]>,
     /// Read-only disks (container layers).
     pub disks: Vec<parma::Disk>,
+    /// Give the guest vsock through rust-vmm's `vhost-device-vsock` (a
+    /// vhost-user backend; this host has no vhost-vsock), reached with
+    /// [`Guest::vsock_control`].
+    pub vsock: bool,
 }
 
 impl Default for Boot {
     fn default() -> Self {
-        Self { initrd: None, memory_mib: 512, cpus: 1, emulated_host_data: None, disks: Vec::new() }
+        Self { initrd: None, memory_mib: 512, cpus: 1, emulated_host_data: None, disks: Vec::new(), vsock: false }
     }
+}
+
+/// The vhost-user vsock backend `scripts/deps.sh` installs.
+pub const VSOCK_BACKEND: &str = "vhost-device-vsock";
+
+/// Start the vsock backend in `dir`; returns it once its vhost-user socket
+/// is there for QEMU.
+fn start_vsock_backend(dir: &Path) -> anyhow::Result<Child> {
+    let socket = dir.join("vhost-vsock.sock");
+    // On PATH, or where `cargo install` put it.
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .map(|home| home.join("bin").join(VSOCK_BACKEND));
+    let program = match cargo_bin {
+        Some(path) if path.is_file() => path,
+        _ => PathBuf::from(VSOCK_BACKEND),
+    };
+    let mut command = std::process::Command::new(program);
+    command
+        .args(["--guest-cid", "3", "--socket"])
+        .arg(&socket)
+        .arg("--uds-path")
+        .arg(dir.join("vsock.sock"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot start {VSOCK_BACKEND} (scripts/deps.sh installs it with cargo)"))?;
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Some(status) = child.try_wait()? {
+            bail!("{VSOCK_BACKEND} exited at start: {status}");
+        }
+        if Instant::now() >= give_up {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{VSOCK_BACKEND} made no socket within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child)
 }
 
 impl Boot {
@@ -112,6 +160,7 @@ pub struct Guest {
     serial_log: PathBuf,
     started: Instant,
     exited: Option<ExitStatus>,
+    vsock_backend: Option<Child>,
 }
 
 impl Guest {
@@ -127,11 +176,25 @@ impl Guest {
         config.insecure_emulated_host_data = boot.emulated_host_data;
         config.disks = boot.disks.clone();
         config.serial = Serial::File(serial_log.clone());
+        let vsock_backend = if boot.vsock {
+            config.vhost_user_vsock = Some(dir.path().join("vhost-vsock.sock"));
+            Some(start_vsock_backend(dir.path())?)
+        } else {
+            None
+        };
         let mut command = config.command()?;
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let child = command.spawn().context("cannot start qemu-system-x86_64 (is qemu-system-x86 installed?)")?;
-        Ok(Self { child, dir, control, serial_log, started: Instant::now(), exited: None })
+        Ok(Self { child, dir, control, serial_log, started: Instant::now(), exited: None, vsock_backend })
+    }
+
+    /// The agent over vsock, through the backend's unix socket (booted with
+    /// [`Boot::vsock`]).
+    pub fn vsock_control(&self) -> Option<Control> {
+        self.vsock_backend
+            .as_ref()
+            .map(|_| Control::VsockUds { path: self.dir.path().join("vsock.sock"), port: parma_protocol::VSOCK_PORT })
     }
 
     /// The agent's control socket.
@@ -271,6 +334,10 @@ impl Drop for Guest {
                 let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
             }
             let _ = self.child.wait();
+        }
+        if let Some(backend) = &mut self.vsock_backend {
+            let _ = backend.kill();
+            let _ = backend.wait();
         }
     }
 }

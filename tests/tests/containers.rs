@@ -546,3 +546,53 @@ fn mounts_are_as_the_policy_lists_and_volumes_are_shared() -> anyhow::Result<()>
     }
     still_serving_then_shutdown(guest, client)
 }
+
+/// The same protocol over vsock: the guest's virtio-vsock driver and the
+/// agent's vsock listener, reached through a vhost-user backend (rust-vmm's
+/// `vhost-device-vsock`; this host has no vhost-vsock) and its hybrid-vsock
+/// unix socket. A container runs to completion over vsock while the
+/// virtio-serial port still answers; a hostile frame on one vsock
+/// connection does not disturb another; the UVM powers off over vsock.
+#[test]
+fn the_agent_serves_the_same_protocol_over_vsock() -> anyhow::Result<()> {
+    let fixture = Fixture::new()?;
+    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
+    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    boot.vsock = true;
+    let mut guest = Guest::boot(&Paths::get(), &boot)?;
+    guest.wait_ready(READY)?;
+    let vsock = guest.vsock_control().context("booted with vsock")?;
+    let mut client = Client::connect(&vsock, READY).with_context(|| format!("serial:\n{}", guest.serial()))?;
+    client.set_timeout(CALL);
+    client.ping()?;
+    client.set_policy(std::fs::read_to_string(&fixture.policy)?)?;
+
+    // A second vsock connection sends garbage: it is answered or closed,
+    // and the first carries on.
+    let mut hostile = Client::connect(&vsock, CALL)?;
+    hostile.send_raw(&[0xff; 64])?;
+
+    for (index, layer) in fixture.built.layers.layers.iter().enumerate() {
+        client.mount_layer(&run::layer_name(index), &run::layer_serial(index), &layer.root_hash, layer.hash_offset)?;
+    }
+    client.mount_overlay(ID, &["l0".into(), "l1".into()], true)?;
+    client.create_container(ID, &fixture.process()?)?;
+    client.start_container(ID)?;
+    client.write_stdin(ID, None, &[], true)?;
+    let (stdout, stderr, code) = output(&mut client, ID, None)?;
+    ensure!(code == 0 && stdout.contains("cwd=/srv"), "exit {code}: {stdout}{stderr}");
+    // Denials travel the same way.
+    let (code, message) = refused(client.create_container("other", &fixture.process()?))?;
+    ensure!(code == ErrorCode::PolicyDenied && message.contains("no overlay"), "{code:?}: {message}");
+    client.delete_container(ID)?;
+    client.unmount_overlay(ID)?;
+
+    // The virtio-serial port serves alongside.
+    guest.client(CALL)?.ping()?;
+    drop(hostile);
+    client.ping()?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    ensure!(guest.wait_exit(Duration::from_secs(60))?.success(), "QEMU did not exit cleanly");
+    Ok(())
+}
