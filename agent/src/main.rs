@@ -31,6 +31,11 @@ const SERIAL_DEADLINE: Duration = Duration::from_secs(30);
 
 fn main() {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).without_time().with_target(false).init();
+    // No container process may ptrace the agent or open its /proc/PID/mem
+    // (one granted CAP_SYS_PTRACE included), and it leaves no core dump.
+    if let Err(err) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!("cannot make the agent non-dumpable: {err}");
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -10,12 +10,11 @@
 //!   guest memory (encrypted under SEV-SNP), made on first use and shared by
 //!   every container that binds it, for the UVM's life (an `emptyDir`).
 //!
-//! Both are always `nosuid` and `nodev`. A destination under `/proc`, `/dev`
-//! or `/sys` (the agent's own mounts), one that passes through a symbolic
-//! link or a non-directory of the image, and any option not listed is
-//! refused with the reason.
+//! Both are always `nosuid` and `nodev`. Destinations must not nest. A
+//! destination under `/proc`, `/dev` or `/sys` (the agent's own mounts), one
+//! that passes through a symbolic link or a non-directory of the image, and
+//! any option not listed is refused with the reason.
 
-use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 
@@ -41,14 +40,30 @@ pub fn prepare(rootfs: &str, mounts: &[Mount]) -> Result<Vec<RootOp>, String> {
     if mounts.len() > MAX_MOUNTS {
         return Err(format!("{} mounts asked for; at most {MAX_MOUNTS}", mounts.len()));
     }
-    let mut seen = BTreeSet::new();
-    let mut ops = Vec::new();
+    let mut destinations: Vec<Vec<String>> = Vec::new();
     for mount in mounts {
         let components = destination(&mount.destination)?;
-        if !seen.insert(components.clone()) {
-            return Err(format!("mount destination {:?} is given twice", mount.destination));
+        // The child looks each target up by path after the earlier mounts:
+        // one inside another would be looked up in a volume or tmpfs, whose
+        // contents (a symbolic link another container planted) are not the
+        // image's.
+        for other in &destinations {
+            if other == &components {
+                return Err(format!("mount destination {:?} is given twice", mount.destination));
+            }
+            if other.starts_with(&components) || components.starts_with(other) {
+                return Err(format!(
+                    "mount destinations {:?} and /{} nest: mounts inside mounts are not supported",
+                    mount.destination,
+                    other.join("/")
+                ));
+            }
         }
-        let target = mount_point(rootfs, &components)?;
+        destinations.push(components);
+    }
+    let mut ops = Vec::new();
+    for (mount, components) in mounts.iter().zip(&destinations) {
+        let target = mount_point(rootfs, components)?;
         let options = Options::parse(mount)?;
         let target = cstring(&target)?;
         match mount.kind.as_str() {
@@ -135,7 +150,9 @@ fn mount_point(rootfs: &str, components: &[String]) -> Result<String, String> {
     Ok(path)
 }
 
-/// The volume directory a bind mount names, made (mode 0777) if new.
+/// The volume directory a bind mount names, made if new: mode 1777, as
+/// `/tmp`, so containers of other users can share it but not remove each
+/// other's files.
 fn volume(source: &str) -> Result<String, String> {
     let name = source
         .strip_prefix(VOLUMES)
@@ -150,8 +167,8 @@ fn volume(source: &str) -> Result<String, String> {
         .mode(0o755)
         .create(VOLUMES)
         .map_err(|err| format!("cannot make {VOLUMES}: {err}"))?;
-    match std::fs::DirBuilder::new().mode(0o777).create(&path) {
-        Ok(()) => std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))
+    match std::fs::DirBuilder::new().mode(0o1777).create(&path) {
+        Ok(()) => std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o1777))
             .map_err(|err| format!("cannot open up volume {name:?}: {err}")),
         Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(err) => Err(format!("cannot make volume {name:?}: {err}")),
@@ -190,7 +207,11 @@ impl Options {
                 _ if !bind && option.starts_with("size=") => {
                     let size = option.trim_start_matches("size=");
                     let digits = size.trim_end_matches(['k', 'm', 'g']);
-                    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || size.len() - digits.len() > 1
+                    // size=0 would be a tmpfs without a limit.
+                    if digits.is_empty()
+                        || !digits.bytes().all(|b| b.is_ascii_digit())
+                        || digits.bytes().all(|b| b == b'0')
+                        || size.len() - digits.len() > 1
                     {
                         return Err(refuse());
                     }
@@ -254,6 +275,8 @@ mod tests {
             ("tmpfs", "size="),
             ("tmpfs", "size=1mm"),
             ("tmpfs", "size=-1"),
+            ("tmpfs", "size=0"),
+            ("tmpfs", "size=00k"),
             ("tmpfs", "rbind"),
             ("bind", "size=1m"),
             ("bind", "mode=0777"),
@@ -316,6 +339,14 @@ mod tests {
         );
         let twice = [mount("tmpfs", "tmpfs", "/a", &[]), mount("tmpfs", "tmpfs", "/a/", &[])];
         assert!(prepare(rootfs, &twice).unwrap_err().contains("given twice"));
+        // Nested either way round: the inner one would be looked up inside the outer.
+        for pair in [["/data", "/data/bin"], ["/data/bin", "/data"]] {
+            let nested = [mount("tmpfs", "tmpfs", pair[0], &[]), mount("tmpfs", "tmpfs", pair[1], &[])];
+            assert!(prepare(rootfs, &nested).unwrap_err().contains("nest"), "{pair:?}");
+        }
+        // Siblings, even with a common prefix, are fine.
+        let siblings = [mount("tmpfs", "tmpfs", "/data", &[]), mount("tmpfs", "tmpfs", "/database", &[])];
+        assert_eq!(prepare(rootfs, &siblings).unwrap().len(), 2);
         let err = prepare(rootfs, &[mount("proc", "proc", "/p", &[])]).unwrap_err();
         assert!(err.contains("not supported"), "{err}");
         let err = prepare(rootfs, &[mount("tmpfs", "/etc", "/t", &[])]).unwrap_err();

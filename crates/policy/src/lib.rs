@@ -480,15 +480,26 @@ fn index_containers(fields: &mut regorus::value::Object) -> Result<(), PolicyErr
 ///   strategy, or a pattern that is not a string).
 ///
 /// Rules of any other strategy match nothing, as in the failure lists. A
-/// process whose `env_rules` is not a list gets no index, so the fast path
-/// allows none of its requests.
+/// process whose `env_rules` is not a list of objects gets no index (and
+/// loses any index fields the policy wrote itself), so the fast path allows
+/// none of its requests, as the failure lists, which fail on it, deny them.
 fn index_env(process: &mut regorus::Value) {
+    const FIELDS: [&str; 5] =
+        ["env_strings", "env_patterns", "env_required_strings", "env_required_patterns", "env_required_other"];
+    if let Ok(object) = process.as_object_mut() {
+        for field in FIELDS {
+            object.remove(&regorus::Value::from(field));
+        }
+    }
     let no_rules = regorus::Value::from(Vec::<regorus::Value>::new());
     let rules = match &process["env_rules"] {
         regorus::Value::Undefined => &no_rules,
         rules => rules,
     };
     let Ok(rules) = rules.as_array() else { return };
+    if rules.iter().any(|rule| rule.as_object().is_err()) {
+        return;
+    }
     let mut strings = std::collections::BTreeMap::new();
     let (mut patterns, mut required_strings, mut required_patterns) = (Vec::new(), Vec::new(), Vec::new());
     let mut required_other = 0u64;
@@ -541,13 +552,21 @@ fn index_env(process: &mut regorus::Value) {
 /// each mount rule gets `anchored_source` (`^(?:SOURCE)$`) and
 /// `options_sorted`; `capabilities_sorted` holds each of the five sets
 /// sorted (a missing set is empty; a set that is not a list is left out,
-/// so no request passes it).
+/// and `capabilities` that is not an object gives no index, so no request
+/// passes them). Index fields the policy wrote itself are replaced.
 fn index_mounts_and_capabilities(container: &mut regorus::Value) {
+    if let Ok(object) = container.as_object_mut() {
+        object.remove(&regorus::Value::from("capabilities_sorted"));
+    }
     if let Ok(rules) = container["mounts"].as_array() {
         let rules: Vec<regorus::Value> = rules
             .iter()
             .map(|rule| {
                 let mut rule = rule.clone();
+                if let Ok(object) = rule.as_object_mut() {
+                    object.remove(&regorus::Value::from("anchored_source"));
+                    object.remove(&regorus::Value::from("options_sorted"));
+                }
                 let source = rule["source"].as_string().map(|source| format!("^(?:{source})$"));
                 let options = rule["options"].as_array().map(|options| {
                     let mut sorted = options.to_vec();
@@ -568,6 +587,9 @@ fn index_mounts_and_capabilities(container: &mut regorus::Value) {
         if let Ok(object) = container.as_object_mut() {
             object.insert(regorus::Value::from("mounts"), regorus::Value::from(rules));
         }
+    }
+    if !matches!(container["capabilities"], regorus::Value::Undefined | regorus::Value::Object(_)) {
+        return;
     }
     let mut sorted = std::collections::BTreeMap::new();
     for set in ["bounding", "effective", "inheritable", "permitted", "ambient"] {

@@ -197,3 +197,53 @@ fn the_probe_sees_both_outcomes() {
     input["workingDir"] = json!("/");
     assert!(!engine.decide(Point::MountDevice, &input).allowed, "worker's defaults: no user given");
 }
+
+/// Malformed container data, on which the failure lists fail (a denial),
+/// gets no index, so the fast path denies it too; a well-formed container
+/// with the same request passes. Index fields a policy writes itself are
+/// replaced by the engine's.
+#[test]
+fn malformed_container_data_fails_the_fast_path_too() {
+    let request = json!({
+        "argList": ["/bin/app"], "envList": ["A=1"], "workingDir": "/", "user": {"uid": 0},
+        "groups": [], "capabilities": {}, "noNewPrivileges": false, "privileged": false,
+        "seccompProfileSHA256": "", "mounts": [],
+    });
+    let base = json!({"name": "c", "layers": [], "command": ["/bin/app"], "env_rules": [{"pattern": "A=1", "strategy": "string"}]});
+    let variant = |field: &str, value: Value| {
+        let mut c = base.clone();
+        c[field] = value;
+        c
+    };
+    let cases = [
+        (base.clone(), true),
+        (variant("capabilities", json!("x")), false),
+        (variant("capabilities", json!([])), false),
+        (variant("env_rules", json!(["A=1"])), false),
+        (variant("env_rules", json!({"pattern": "A=1", "strategy": "string"})), false),
+        // The policy's own index fields do not count.
+        (variant("env_strings", json!({"B=2": true})), true),
+        (
+            {
+                let mut c = variant("env_rules", json!("A=1"));
+                c["env_strings"] = json!({"A=1": true});
+                c["env_patterns"] = json!([]);
+                c["env_required_strings"] = json!([]);
+                c["env_required_patterns"] = json!([]);
+                c["env_required_other"] = json!(0);
+                c
+            },
+            false,
+        ),
+    ];
+    for (container, allowed) in cases {
+        let policy = format!(
+            "package policy\nimport rego.v1\ncontainers := [{container}]\n\
+             get_properties := {{\"allowed\": true, \"metadata\": []}} if {{\n\
+             \tsome c in data.framework.policy_containers\n\tdata.framework.container_ok(c)\n}}\n"
+        );
+        let mut engine = Engine::new(&Policy::from_bytes(policy.into_bytes()).unwrap()).unwrap();
+        let decision = engine.decide(Point::GetProperties, &request);
+        assert_eq!(decision.allowed, allowed, "{container}: {:?}", decision.denial);
+    }
+}

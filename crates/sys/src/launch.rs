@@ -9,16 +9,21 @@
 //! parent reads the pipe (EOF means the `execve` succeeded) and turns it into
 //! a typed [`LaunchError::Setup`].
 //!
-//! The clone shares the agent's memory (`CLONE_VM | CLONE_VFORK`, as
-//! `posix_spawn` does) instead of copying it: the child runs on a stack of
-//! its own while the calling thread waits until it calls `execve` or exits.
-//! So starting a container costs the same whatever the agent's size (no
-//! page tables to copy, no copy-on-write faults afterwards), which matters
-//! most under emulation. Because the memory is shared, the child also keeps
-//! to calls that change only itself: the ids are set with the raw system
-//! calls (glibc's wrappers would signal the agent's threads to change theirs
-//! too), and every signal is blocked across the clone so that no handler of
-//! the agent runs in the child before it resets them.
+//! A new container's clone shares the agent's memory (`CLONE_VM |
+//! CLONE_VFORK`, as `posix_spawn` does) instead of copying it: the child runs
+//! on a stack of its own while the calling thread waits until it calls
+//! `execve` or exits. So starting a container costs the same whatever the
+//! agent's size (no page tables to copy, no copy-on-write faults
+//! afterwards), which matters most under emulation. Until `execve` the child
+//! is PID 1 of a PID namespace no one else sees. An exec's child joins a
+//! running container, whose processes could reach a shared memory through
+//! `/proc/PID/mem`: it is a fork-like copy. Because the memory may be shared,
+//! the child keeps to calls that change only itself: the ids are set with
+//! the raw system calls (glibc's wrappers would signal the agent's threads
+//! to change theirs too), and every signal is blocked across the clone so
+//! that no handler of the agent runs in the child before it resets them.
+//! (One effect does reach the agent: changing ids makes the shared memory
+//! non-dumpable, which the agent already is: see its `main`.)
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -454,34 +459,56 @@ pub fn spawn(
     if cgroup.is_some() {
         flags |= CLONE_INTO_CGROUP;
     }
-    let stack = match Stack::new(CHILD_STACK) {
-        Ok(stack) => stack,
-        Err(source) => {
-            restore_pid_namespace(restore_pid_ns.as_ref());
-            return Err(LaunchError::Parent { what: "cannot map the child's stack", source });
+    // A new container's child is PID 1 of a PID namespace nobody else sees
+    // until it calls `execve`: it may share the agent's memory. An exec's
+    // child is visible in the running container at once, where a process
+    // with CAP_SYS_PTRACE could open its /proc/PID/mem: it gets a copy.
+    let share_memory = matches!(namespaces, Namespaces::New(_));
+    let stack = if share_memory {
+        match Stack::new(CHILD_STACK) {
+            Ok(stack) => Some(stack),
+            Err(source) => {
+                restore_pid_namespace(restore_pid_ns.as_ref());
+                return Err(LaunchError::Parent { what: "cannot map the child's stack", source });
+            }
         }
+    } else {
+        None
     };
-    flags |= (libc::CLONE_VM | libc::CLONE_VFORK) as u64;
+    if share_memory {
+        flags |= (libc::CLONE_VM | libc::CLONE_VFORK) as u64;
+    }
     let mut pidfd: RawFd = -1;
     let args = CloneArgs {
         flags,
         pidfd: &raw mut pidfd as u64,
         exit_signal: libc::SIGCHLD as u64,
-        stack: stack.base as u64,
-        stack_size: stack.len as u64,
+        stack: stack.as_ref().map_or(0, |stack| stack.base as u64),
+        stack_size: stack.as_ref().map_or(0, |stack| stack.len as u64),
         cgroup: cgroup.map_or(0, |fd| fd.as_raw_fd() as u64),
         ..CloneArgs::default()
     };
     let clone_result = {
         let _blocked = BlockedSignals::all();
-        // SAFETY: the child runs `child_entry(&plan)` on its own stack and
-        // never returns; this thread waits (CLONE_VFORK) until the child
-        // called `execve` or exited, so `plan` and the stack outlive its use.
-        let pid = unsafe { clone3_vm(&args, child_entry, (&raw const plan).cast()) };
+        let pid = if stack.is_some() {
+            // SAFETY: the child runs `child_entry(&plan)` on its own stack and
+            // never returns; this thread waits (CLONE_VFORK) until the child
+            // called `execve` or exited, so `plan` and the stack outlive its use.
+            unsafe { clone3_vm(&args, child_entry, (&raw const plan).cast()) }
+        } else {
+            // SAFETY: clone3 without CLONE_VM and with no stack behaves like
+            // fork: the child gets a copy of this address space and
+            // continues here, where it only runs `child`, which never returns.
+            let pid = unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
+            if pid == 0 {
+                child(&plan);
+            }
+            if pid < 0 { -i64::from(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL)) } else { pid }
+        };
+        restore_pid_namespace(restore_pid_ns.as_ref());
         if pid < 0 { Err(io::Error::from_raw_os_error(-pid as i32)) } else { Ok(pid) }
     };
     drop(stack);
-    restore_pid_namespace(restore_pid_ns.as_ref());
     let pid = clone_result.map_err(|source| LaunchError::Parent { what: "clone3 failed", source })?;
     drop(plan);
     drop(write_end);
@@ -575,27 +602,33 @@ impl Drop for Stack {
 }
 
 /// Every signal blocked on this thread until dropped: a handler of the agent
-/// must not run in the child, which shares its memory, before the child
-/// reset them.
-struct BlockedSignals(libc::sigset_t);
+/// must not run in the child, which may share its memory, before the child
+/// reset them. The raw call: glibc's would leave its own signals 32 and 33
+/// unblocked.
+struct BlockedSignals(u64);
 
 impl BlockedSignals {
     fn all() -> Self {
-        // SAFETY: sigset_t is plain data; the calls fill and swap masks.
-        unsafe {
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-            Self(old)
-        }
+        let all = u64::MAX;
+        let mut old = 0u64;
+        // SAFETY: rt_sigprocmask with 8-byte masks owned here.
+        unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &raw const all, &raw mut old, 8usize) };
+        Self(old)
     }
 }
 
 impl Drop for BlockedSignals {
     fn drop(&mut self) {
         // SAFETY: put back the mask saved in `all`.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, ptr::null_mut()) };
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &raw const self.0,
+                ptr::null_mut::<u64>(),
+                8usize,
+            )
+        };
     }
 }
 
