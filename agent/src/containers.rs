@@ -36,6 +36,8 @@ struct Proc {
     stdin: Option<File>,
     stdout: Option<File>,
     stderr: Option<File>,
+    /// The terminal's master, for `ResizeTerminal`; none without a terminal.
+    terminal: Option<OwnedFd>,
     exit: Option<Exit>,
 }
 
@@ -160,7 +162,7 @@ impl Containers {
         let container = self.containers.get_mut(id).ok_or_else(|| format!("container {id:?} does not exist"))?;
         let (new, process) =
             container.prepared.take().ok_or_else(|| format!("container {id:?} was already started"))?;
-        let (stdio, pipes) = pipes()?;
+        let (stdio, pipes) = pipes(container.spec.terminal)?;
         let cgroup = File::open(&container.cgroup).map_err(|err| format!("cannot open {}: {err}", container.cgroup))?;
         let child = launch::spawn(&Namespaces::New(&new), &process, stdio, Some(cgroup.as_fd()))
             .map_err(|err| format!("cannot start container {id:?}: {err}"))?;
@@ -195,7 +197,7 @@ impl Containers {
             return Err(format!("container {id:?} has exited"));
         }
         let process = prepare_process(&storage::rootfs_target(id), spec)?;
-        let (stdio, pipes) = pipes()?;
+        let (stdio, pipes) = pipes(spec.terminal)?;
         let cgroup = File::open(&container.cgroup).map_err(|err| format!("cannot open {}: {err}", container.cgroup))?;
         let child = launch::spawn(&Namespaces::Join(init.child.pidfd.as_fd()), &process, stdio, Some(cgroup.as_fd()))
             .map_err(|err| format!("cannot exec in container {id:?}: {err}"))?;
@@ -240,6 +242,7 @@ impl Containers {
             OutputStream::Stdout => &mut proc.stdout,
             OutputStream::Stderr => &mut proc.stderr,
         };
+        let terminal = proc.terminal.is_some();
         let Some(file) = slot else { return Ok((Vec::new(), true)) };
         // Grows with what is there (a poll that finds nothing allocates nothing).
         let mut data = Vec::new();
@@ -250,6 +253,8 @@ impl Containers {
                 Ok(_) => break data.len() < MAX_READ,
                 Err(err) if err.kind() == ErrorKind::WouldBlock => break false,
                 Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                // A terminal whose every other end closed reads as EIO: the end.
+                Err(err) if terminal && err.raw_os_error() == Some(libc::EIO) => break true,
                 Err(err) => return Err(format!("cannot read the process's output: {err}")),
             }
         };
@@ -278,6 +283,14 @@ impl Containers {
         Ok(written)
     }
 
+    /// Set the window size of a process's terminal.
+    pub fn resize_terminal(&mut self, id: &str, exec_id: Option<&str>, rows: u16, cols: u16) -> Result<(), String> {
+        let proc = self.proc_mut(id, exec_id)?;
+        let master =
+            proc.terminal.as_ref().ok_or_else(|| format!("the process of container {id:?} has no terminal"))?;
+        launch::set_window_size(master.as_fd(), rows, cols).map_err(|err| format!("cannot resize the terminal: {err}"))
+    }
+
     /// Remove container `id`, whose processes must all have exited, and its cgroup.
     pub fn delete(&mut self, id: &str) -> Result<(), String> {
         if self.running(id) {
@@ -298,12 +311,22 @@ impl Containers {
 struct Pipes {
     stdin: File,
     stdout: File,
-    stderr: File,
+    /// None on a terminal: everything comes through its master.
+    stderr: Option<File>,
+    terminal: Option<OwnedFd>,
 }
 
 impl Pipes {
     fn into_proc(self, child: Child, args: Vec<String>) -> Proc {
-        Proc { child, args, stdin: Some(self.stdin), stdout: Some(self.stdout), stderr: Some(self.stderr), exit: None }
+        Proc {
+            child,
+            args,
+            stdin: Some(self.stdin),
+            stdout: Some(self.stdout),
+            stderr: self.stderr,
+            terminal: self.terminal,
+            exit: None,
+        }
     }
 }
 
@@ -316,13 +339,31 @@ fn nonblocking(fd: OwnedFd) -> Result<File, String> {
     Ok(File::from(fd))
 }
 
-/// The child's stdio and the agent's non-blocking ends.
-fn pipes() -> Result<(launch::Stdio, Pipes), String> {
+/// The child's stdio and the agent's non-blocking ends: three pipes, or a
+/// terminal whose other end is all three.
+fn pipes(terminal: bool) -> Result<(launch::Stdio, Pipes), String> {
+    if terminal {
+        let (master, peer) = launch::open_pty().map_err(|err| format!("cannot open a terminal: {err}"))?;
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|err| format!("cannot duplicate the terminal: {err}"));
+        let stdio = launch::Stdio { stdin: dup(&peer)?, stdout: dup(&peer)?, stderr: peer };
+        let pipes = Pipes {
+            stdin: nonblocking(dup(&master)?)?,
+            stdout: nonblocking(dup(&master)?)?,
+            stderr: None,
+            terminal: Some(master),
+        };
+        return Ok((stdio, pipes));
+    }
     let (stdin_r, stdin_w) = pipe()?;
     let (stdout_r, stdout_w) = pipe()?;
     let (stderr_r, stderr_w) = pipe()?;
     let stdio = launch::Stdio { stdin: stdin_r, stdout: stdout_w, stderr: stderr_w };
-    let pipes = Pipes { stdin: nonblocking(stdin_w)?, stdout: nonblocking(stdout_r)?, stderr: nonblocking(stderr_r)? };
+    let pipes = Pipes {
+        stdin: nonblocking(stdin_w)?,
+        stdout: nonblocking(stdout_r)?,
+        stderr: Some(nonblocking(stderr_r)?),
+        terminal: None,
+    };
     Ok((stdio, pipes))
 }
 
@@ -388,6 +429,7 @@ fn prepare_process(rootfs: &str, spec: &ProcessSpec) -> Result<Process, String> 
         last_cap: last_cap(),
         rlimits,
         seccomp,
+        controlling_terminal: spec.terminal,
     })
 }
 
@@ -558,6 +600,7 @@ mod tests {
             no_new_privileges: true,
             rlimits: Vec::new(),
             seccomp: None,
+            terminal: false,
         }
     }
 

@@ -222,6 +222,9 @@ fn act(guest: &mut Guest, request: Request) -> Result<Response, String> {
             let bytes = containers.write_stdin(&container_id, exec_id.as_deref(), &data, close)?;
             Ok(Response::Written { bytes: bytes as u64 })
         }
+        Request::ResizeTerminal { container_id, exec_id, rows, cols } => {
+            containers.resize_terminal(&container_id, exec_id.as_deref(), rows, cols).map(|()| Response::Done)
+        }
         Request::DeleteContainer { container_id } => containers.delete(&container_id).map(|()| Response::Done),
         Request::Ping
         | Request::GuestInfo
@@ -322,7 +325,8 @@ fn points(request: &Request, containers: &Containers) -> Result<Vec<(Point, Valu
         | Request::UpdateContainer { container_id, .. }
         | Request::WaitProcess { container_id, .. }
         | Request::ReadOutput { container_id, .. }
-        | Request::WriteStdin { container_id, .. } => {
+        | Request::WriteStdin { container_id, .. }
+        | Request::ResizeTerminal { container_id, .. } => {
             name("container id", container_id)?;
             Vec::new()
         }

@@ -23,7 +23,7 @@
 //!   checked first, then the policy's `load_fragment` rule decides on issuer,
 //!   feed and SVN, and only then do the fragment's containers join the policy.
 //! - `StartContainer`, `UpdateContainer` (limits only restrict), `WaitProcess`,
-//!   `ReadOutput` and `WriteStdin` act
+//!   `ReadOutput`, `WriteStdin` and `ResizeTerminal` act
 //!   only on a container the policy already allowed (at `create_container`
 //!   or `exec_in_container`); they need a policy in force.
 
@@ -74,6 +74,7 @@ impl Gate {
                 | Request::WaitProcess { .. }
                 | Request::ReadOutput { .. }
                 | Request::WriteStdin { .. }
+                | Request::ResizeTerminal { .. }
                 | Request::DeleteContainer { .. }
                 | Request::LoadFragment { .. } => {
                     Err(denied(format!("{} is denied: {reason}", request.kind().as_str())))
@@ -104,6 +105,7 @@ impl Gate {
             | Request::WaitProcess { .. }
             | Request::ReadOutput { .. }
             | Request::WriteStdin { .. }
+            | Request::ResizeTerminal { .. }
             // Decided in `load_fragment`, after the signature checked.
             | Request::LoadFragment { .. } => {
                 self.engine_for(request)?;

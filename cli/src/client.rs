@@ -506,6 +506,22 @@ impl Client {
         }
     }
 
+    /// `ResizeTerminal`.
+    pub fn resize_terminal(
+        &mut self,
+        container_id: &str,
+        exec_id: Option<&str>,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), ClientError> {
+        self.done(&Request::ResizeTerminal {
+            container_id: container_id.into(),
+            exec_id: exec_id.map(Into::into),
+            rows,
+            cols,
+        })
+    }
+
     /// `DeleteContainer`.
     pub fn delete_container(&mut self, container_id: &str) -> Result<(), ClientError> {
         self.done(&Request::DeleteContainer { container_id: container_id.into() })

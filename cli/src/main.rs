@@ -446,6 +446,10 @@ enum AgentCommand {
         /// (see `parma run --help`). Repeatable.
         #[arg(long = "mount", value_parser = parma::run::parse_mount)]
         mounts: Vec<parma_protocol::Mount>,
+        /// Run the process on a terminal (its output then comes as stdout
+        /// only; `parma agent resize` sizes it).
+        #[arg(long)]
+        terminal: bool,
         /// The command, replacing the config's entrypoint and cmd.
         #[arg(last = true)]
         args: Vec<String>,
@@ -485,6 +489,26 @@ enum AgentCommand {
         /// The process as JSON.
         #[arg(long)]
         process: PathBuf,
+        /// Run it on a terminal.
+        #[arg(long)]
+        terminal: bool,
+    },
+    /// Set the window size of a process's terminal.
+    Resize {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The container's id.
+        #[arg(long)]
+        id: String,
+        /// An exec id (default: the init process).
+        #[arg(long)]
+        exec_id: Option<String>,
+        /// Rows.
+        #[arg(long)]
+        rows: u16,
+        /// Columns.
+        #[arg(long)]
+        cols: u16,
     },
     /// Signal a container's init or exec process (policy: signal_container_process).
     Signal {
@@ -934,8 +958,8 @@ fn agent(command: AgentCommand) -> anyhow::Result<()> {
             connect(&args)?.unmount_overlay(&id)?;
             print(args.json, &serde_json::json!({"unmounted": id}), |_| format!("overlay of {id} unmounted"))
         }
-        AgentCommand::Create { agent: args, id, process, config, mounts, args: command } => {
-            let process = match (process, config) {
+        AgentCommand::Create { agent: args, id, process, config, mounts, terminal, args: command } => {
+            let mut process = match (process, config) {
                 (Some(path), _) => read_json::<parma_protocol::ProcessSpec>(&path)?,
                 (None, Some(path)) => {
                     let config: parma_layer::ImageConfig = read_json(&path)?;
@@ -943,6 +967,7 @@ fn agent(command: AgentCommand) -> anyhow::Result<()> {
                 }
                 (None, None) => anyhow::bail!("give --process FILE or --config FILE"),
             };
+            process.terminal |= terminal;
             connect(&args)?.create_container_with(&id, &process, None, &mounts)?;
             print(args.json, &serde_json::json!({"created": id}), |_| format!("container {id} created"))
         }
@@ -955,10 +980,17 @@ fn agent(command: AgentCommand) -> anyhow::Result<()> {
             let pid = connect(&args)?.start_container(&id)?;
             print(args.json, &serde_json::json!({"pid": pid}), |_| format!("container {id} started (pid {pid})"))
         }
-        AgentCommand::Exec { agent: args, id, exec_id, process } => {
-            let process = read_json::<parma_protocol::ProcessSpec>(&process)?;
+        AgentCommand::Exec { agent: args, id, exec_id, process, terminal } => {
+            let mut process = read_json::<parma_protocol::ProcessSpec>(&process)?;
+            process.terminal |= terminal;
             let pid = connect(&args)?.exec_process(&id, &exec_id, &process)?;
             print(args.json, &serde_json::json!({"pid": pid}), |_| format!("process {exec_id} started (pid {pid})"))
+        }
+        AgentCommand::Resize { agent: args, id, exec_id, rows, cols } => {
+            connect(&args)?.resize_terminal(&id, exec_id.as_deref(), rows, cols)?;
+            print(args.json, &serde_json::json!({"resized": id, "rows": rows, "cols": cols}), |_| {
+                format!("terminal of {id} is {rows}x{cols}")
+            })
         }
         AgentCommand::Signal { agent: args, id, exec_id, signal } => {
             connect(&args)?.signal_process(&id, exec_id.as_deref(), signal)?;

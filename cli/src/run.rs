@@ -80,6 +80,7 @@ pub fn process_from_config(config: &ImageConfig, args: &[String]) -> anyhow::Res
         no_new_privileges: true,
         rlimits: Vec::new(),
         seccomp: None,
+        terminal: false,
     })
 }
 

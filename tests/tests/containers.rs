@@ -596,3 +596,51 @@ fn the_agent_serves_the_same_protocol_over_vsock() -> anyhow::Result<()> {
     ensure!(guest.wait_exit(Duration::from_secs(60))?.success(), "QEMU did not exit cleanly");
     Ok(())
 }
+
+/// A process on a terminal: its stdin and stdout are a terminal, it reads
+/// the window size the host set, its output (stderr included) comes as
+/// stdout through the line discipline (`\n` becomes `\r\n`), and an exec
+/// gets a terminal of its own. A process without one has none to resize.
+#[test]
+fn a_terminal_gives_the_process_a_tty_and_its_window_size() -> anyhow::Result<()> {
+    let command = [
+        "/bin/sh",
+        "-c",
+        "test -t 0 && echo in=tty; test -t 1 && echo out=tty; read line; /bin/busybox stty size; echo err >&2",
+    ];
+    let fixture = Fixture::with_command(Some(&command))?;
+    let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
+    for (index, layer) in fixture.built.layers.layers.iter().enumerate() {
+        client.mount_layer(&run::layer_name(index), &run::layer_serial(index), &layer.root_hash, layer.hash_offset)?;
+    }
+    client.mount_overlay(ID, &["l0".into(), "l1".into()], true)?;
+    let mut process = fixture.process_with(&command)?;
+    process.terminal = true;
+    client.create_container(ID, &process)?;
+    client.start_container(ID)?;
+    client.resize_terminal(ID, None, 33, 101)?;
+
+    // While the init process waits for its line: an exec on a terminal, and one without.
+    let mut status = fixture.process_with(&["/bin/cat", "/proc/self/status"])?;
+    status.terminal = true;
+    client.exec_process(ID, "tty", &status)?;
+    let (stdout, stderr, code) = output(&mut client, ID, Some("tty"))?;
+    ensure!(code == 0 && stderr.is_empty() && stdout.contains("Name:\tcat\r\n"), "exec: {code} {stdout:?} {stderr:?}");
+    status.terminal = false;
+    client.exec_process(ID, "plain", &status)?;
+    let (code, message) = refused(client.resize_terminal(ID, Some("plain"), 10, 10))?;
+    ensure!(code == ErrorCode::Failed && message.contains("has no terminal"), "{code:?}: {message}");
+    let (stdout, _, _) = output(&mut client, ID, Some("plain"))?;
+    ensure!(stdout.contains("Name:\tcat\n"), "without a terminal, no \\r: {stdout:?}");
+
+    client.write_stdin(ID, None, b"go\n", false)?;
+    let (stdout, stderr, code) = output(&mut client, ID, None)?;
+    ensure!(code == 0, "exit {code}: {stdout:?} {stderr:?}");
+    ensure!(stderr.is_empty(), "a terminal has no separate stderr: {stderr:?}");
+    for line in ["in=tty\r\n", "out=tty\r\n", "33 101\r\n", "err\r\n"] {
+        ensure!(stdout.contains(line), "{line:?} missing from {stdout:?}");
+    }
+    client.delete_container(ID)?;
+    client.unmount_overlay(ID)?;
+    still_serving_then_shutdown(guest, client)
+}

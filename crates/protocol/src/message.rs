@@ -145,6 +145,17 @@ pub enum Request {
         /// Close stdin after writing.
         close: bool,
     },
+    /// Set the window size of a process's terminal (it gets SIGWINCH).
+    ResizeTerminal {
+        /// The container's id.
+        container_id: String,
+        /// An exec id; none for the init process.
+        exec_id: Option<String>,
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
     /// Remove a container whose processes have all exited (policy:
     /// `shutdown_container`), with its cgroup; the overlay stays until
     /// `UnmountOverlay`.
@@ -185,6 +196,7 @@ pub const REQUEST_TYPES: &[&str] = &[
     "WaitProcess",
     "ReadOutput",
     "WriteStdin",
+    "ResizeTerminal",
     "DeleteContainer",
     "LoadFragment",
 ];
@@ -216,6 +228,12 @@ pub struct ProcessSpec {
     /// text; the policy sees its sha256. Needs `no_new_privileges`.
     #[serde(default)]
     pub seccomp: Option<String>,
+    /// Run on a terminal (a pseudo-terminal as stdin, stdout and stderr, and
+    /// the controlling terminal of the process's session): its output comes
+    /// as stdout only, through the terminal's line discipline. Size it with
+    /// `ResizeTerminal`.
+    #[serde(default)]
+    pub terminal: bool,
 }
 
 /// One resource limit.
@@ -312,6 +330,7 @@ impl Request {
             Request::WaitProcess { .. } => RequestKind::WaitProcess,
             Request::ReadOutput { .. } => RequestKind::ReadOutput,
             Request::WriteStdin { .. } => RequestKind::WriteStdin,
+            Request::ResizeTerminal { .. } => RequestKind::ResizeTerminal,
             Request::DeleteContainer { .. } => RequestKind::DeleteContainer,
             Request::LoadFragment { .. } => RequestKind::LoadFragment,
         }
@@ -357,6 +376,8 @@ pub enum RequestKind {
     ReadOutput,
     /// [`Request::WriteStdin`].
     WriteStdin,
+    /// [`Request::ResizeTerminal`].
+    ResizeTerminal,
     /// [`Request::DeleteContainer`].
     DeleteContainer,
     /// [`Request::LoadFragment`].
@@ -385,6 +406,7 @@ impl RequestKind {
             RequestKind::WaitProcess => "WaitProcess",
             RequestKind::ReadOutput => "ReadOutput",
             RequestKind::WriteStdin => "WriteStdin",
+            RequestKind::ResizeTerminal => "ResizeTerminal",
             RequestKind::DeleteContainer => "DeleteContainer",
             RequestKind::LoadFragment => "LoadFragment",
         }

@@ -136,6 +136,9 @@ pub struct Process {
     /// (none: no filter). The kernel runs every installed filter and takes
     /// the most restrictive result.
     pub seccomp: Vec<Vec<libc::sock_filter>>,
+    /// Make stdin (a terminal's other end, see [`open_pty`]) the
+    /// controlling terminal of the process's new session.
+    pub controlling_terminal: bool,
 }
 
 /// Where the process runs.
@@ -205,6 +208,8 @@ pub enum Step {
     Rlimits,
     /// Installing the seccomp filter.
     Seccomp,
+    /// Taking the terminal as the controlling terminal.
+    Terminal,
     /// A step number this code does not know.
     Unknown(u32),
 }
@@ -233,6 +238,7 @@ impl Step {
             Step::Signals => 19,
             Step::Rlimits => 20,
             Step::Seccomp => 21,
+            Step::Terminal => 22,
             Step::RootOp(index) => 0x1000_0000 | index,
             Step::Unknown(code) => code,
         }
@@ -261,6 +267,7 @@ impl Step {
             19 => Step::Signals,
             20 => Step::Rlimits,
             21 => Step::Seccomp,
+            22 => Step::Terminal,
             code if code & 0x1000_0000 != 0 => Step::RootOp(code & 0x0fff_ffff),
             code => Step::Unknown(code),
         }
@@ -730,6 +737,9 @@ fn setup(plan: &Plan<'_>) -> Result<Never, Step> {
         // Nothing else crosses the execve, whatever the parent left open.
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
         check(libc::setsid().into(), Step::Setsid)?;
+        if plan.process.controlling_terminal {
+            check(libc::ioctl(0, libc::TIOCSCTTY, 0).into(), Step::Terminal)?;
+        }
         match plan.namespaces {
             Namespaces::New(container) => new_root(container)?,
             Namespaces::Join(pidfd) => {
@@ -858,6 +868,44 @@ fn identity(process: &Process) -> Result<(), Step> {
         if process.no_new_privileges {
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into(), Step::NoNewPrivs)?;
         }
+    }
+    Ok(())
+}
+
+/// A new pseudo-terminal from the devpts instance at `/dev/pts`: its
+/// master (for the agent) and its other end (the process's stdio), both
+/// close-on-exec. The other end is opened through the master
+/// (`TIOCGPTPEER`), with no path lookup.
+pub fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: open returns a new fd or -1.
+    let master = unsafe { libc::open(c"/dev/pts/ptmx".as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if master < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just opened and is owned here only.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &raw const unlock) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: TIOCGPTPEER takes open flags and returns a new fd or -1.
+    let peer = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) };
+    if peer < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just opened and is owned here only.
+    Ok((master, unsafe { OwnedFd::from_raw_fd(peer) }))
+}
+
+/// Set a terminal's window size (`TIOCSWINSZ` on its master); the process
+/// on it gets SIGWINCH.
+pub fn set_window_size(master: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<()> {
+    let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads a winsize.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &raw const size) } < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
