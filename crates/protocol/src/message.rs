@@ -231,7 +231,8 @@ pub struct ProcessSpec {
     /// Run on a terminal (a pseudo-terminal as stdin, stdout and stderr, and
     /// the controlling terminal of the process's session): its output comes
     /// as stdout only, through the terminal's line discipline. Size it with
-    /// `ResizeTerminal`.
+    /// `ResizeTerminal`. Closing stdin does not end a terminal's input: send
+    /// its end-of-file character (`^D`) instead.
     #[serde(default)]
     pub terminal: bool,
 }
