@@ -96,6 +96,14 @@ struct RunArgs {
     /// Give up on the container after this many seconds.
     #[arg(long, default_value_t = 600.0)]
     timeout: f64,
+    /// Forward this command's stdin to the container's (default: the
+    /// container's stdin is closed at once).
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Run the container's process on a terminal (sized as this one; this
+    /// terminal goes raw meanwhile). With -i for an interactive shell.
+    #[arg(short = 't', long)]
+    tty: bool,
     /// The command, replacing the image's entrypoint and cmd.
     #[arg(last = true)]
     args: Vec<String>,
@@ -1122,11 +1130,31 @@ fn drive_container(
         client.mount_scratch(parma::run::SCRATCH_SERIAL).context("cannot set up the encrypted scratch")?;
     }
     parma::run::mount_image(&mut client, built, &args.id)?;
-    client.create_container_with(&args.id, process, None, &args.mounts).context("cannot create the container")?;
+    let mut process = process.clone();
+    process.terminal = args.tty;
+    client.create_container_with(&args.id, &process, None, &args.mounts).context("cannot create the container")?;
     client.start_container(&args.id).context("cannot start the container")?;
-    client.write_stdin(&args.id, None, &[], true)?;
-    let status =
-        parma::run::pump(&mut client, &args.id, None, &mut std::io::stdout(), &mut std::io::stderr(), timeout)?;
+    let _raw = if args.tty { terminal::Raw::stdin()? } else { None };
+    if args.tty
+        && let Some((rows, cols)) = terminal::size()
+    {
+        client.resize_terminal(&args.id, None, rows, cols)?;
+    }
+    let mut input = if args.interactive {
+        Some(parma::run::Input::spawn(std::io::stdin()))
+    } else {
+        client.write_stdin(&args.id, None, &[], true)?;
+        None
+    };
+    let status = parma::run::pump_with(
+        &mut client,
+        &args.id,
+        None,
+        input.as_mut(),
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+        timeout,
+    )?;
     client.delete_container(&args.id).context("cannot delete the container")?;
     parma::run::unmount_image(&mut client, built, &args.id)?;
     client.shutdown()?;
@@ -1148,5 +1176,45 @@ fn wait_for_agent(control: &Control, deadline: Duration) -> anyhow::Result<Clien
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
+    }
+}
+
+/// The host's terminal for `parma run --tty`.
+mod terminal {
+    use std::io::IsTerminal;
+
+    /// Raw mode on stdin until dropped (nothing when stdin is no terminal).
+    pub struct Raw(nix::sys::termios::Termios);
+
+    impl Raw {
+        pub fn stdin() -> anyhow::Result<Option<Self>> {
+            use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+            let stdin = std::io::stdin();
+            if !stdin.is_terminal() {
+                return Ok(None);
+            }
+            let saved = tcgetattr(&stdin)?;
+            let mut raw = saved.clone();
+            cfmakeraw(&mut raw);
+            tcsetattr(&stdin, SetArg::TCSANOW, &raw)?;
+            Ok(Some(Self(saved)))
+        }
+    }
+
+    impl Drop for Raw {
+        fn drop(&mut self) {
+            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &self.0);
+        }
+    }
+
+    /// The host terminal's rows and columns, as `stty size` reads them.
+    pub fn size() -> Option<(u16, u16)> {
+        if !std::io::stdin().is_terminal() {
+            return None;
+        }
+        let out = std::process::Command::new("stty").arg("size").stdin(std::process::Stdio::inherit()).output().ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        let mut words = text.split_whitespace();
+        Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
     }
 }

@@ -3,15 +3,16 @@
 //! the container, pump its stdio, tear it down. Tests and benchmarks use the
 //! same functions.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use parma_layer::{Built, ImageConfig};
 use parma_protocol::{CapabilitySets, OutputStream, ProcessSpec};
 
-use crate::client::{Client, ProcessStatus};
+use crate::client::{Client, ClientError, ProcessStatus};
 use crate::policy_gen::DEFAULT_CAPABILITIES;
 use crate::qemu::Disk;
 
@@ -120,6 +121,74 @@ pub fn unmount_image(client: &mut Client, built: &Built, id: &str) -> anyhow::Re
     Ok(())
 }
 
+/// Bytes for a process's stdin, read from the host on a thread of its own
+/// (a read may block; the agent connection must not), in chunks of at most
+/// 64 KiB so each `WriteStdin` stays well inside a frame.
+#[derive(Debug)]
+pub struct Input {
+    chunks: mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    pending: Vec<u8>,
+    ended: bool,
+    closed: bool,
+}
+
+impl Input {
+    /// Read `reader` to its end on a new thread.
+    pub fn spawn(mut reader: impl Read + Send + 'static) -> Self {
+        let (chunks, receiver) = mpsc::sync_channel(4);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let chunk = match reader.read(&mut buf) {
+                    Ok(n) => Ok(buf.get(..n).unwrap_or_default().to_vec()),
+                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(err) => Err(err),
+                };
+                let last = !matches!(&chunk, Ok(data) if !data.is_empty());
+                if chunks.send(chunk).is_err() || last {
+                    break;
+                }
+            }
+        });
+        Self { chunks: receiver, pending: Vec::new(), ended: false, closed: false }
+    }
+
+    /// Hand what the host has typed to the process, as much as its pipe
+    /// takes now; close its stdin after the end. A process that closed its
+    /// stdin (or exited) gets no more, as a pipe's reader that went away.
+    fn feed(&mut self, client: &mut Client, id: &str, exec_id: Option<&str>) -> anyhow::Result<bool> {
+        if self.closed {
+            return Ok(false);
+        }
+        if self.pending.is_empty() && !self.ended {
+            match self.chunks.try_recv() {
+                Ok(Ok(chunk)) if chunk.is_empty() => self.ended = true,
+                Ok(Ok(chunk)) => self.pending = chunk,
+                Ok(Err(err)) => return Err(err).context("cannot read stdin"),
+                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Disconnected) => self.ended = true,
+            }
+        }
+        let close = self.ended && self.pending.is_empty();
+        if self.pending.is_empty() && !close {
+            return Ok(false);
+        }
+        match client.write_stdin(id, exec_id, &self.pending, close) {
+            Ok(written) => {
+                let written = usize::try_from(written).unwrap_or(usize::MAX).min(self.pending.len());
+                self.pending.drain(..written);
+                self.closed = close;
+                Ok(written > 0 || close)
+            }
+            Err(ClientError::Agent(_)) => {
+                self.closed = true;
+                Ok(false)
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+}
+
 /// Copy a process's stdout and stderr to `stdout` and `stderr` until it
 /// exited and both streams ended; returns how it ended. Fails after `timeout`.
 pub fn pump(
@@ -130,10 +199,26 @@ pub fn pump(
     stderr: &mut dyn Write,
     timeout: Duration,
 ) -> anyhow::Result<ProcessStatus> {
+    pump_with(client, id, exec_id, None, stdout, stderr, timeout)
+}
+
+/// [`pump`], also feeding `input` to the process's stdin.
+pub fn pump_with(
+    client: &mut Client,
+    id: &str,
+    exec_id: Option<&str>,
+    mut input: Option<&mut Input>,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+    timeout: Duration,
+) -> anyhow::Result<ProcessStatus> {
     let give_up = Instant::now() + timeout;
     let mut open = [true, true];
     loop {
         let mut progress = false;
+        if let Some(input) = input.as_deref_mut() {
+            progress |= input.feed(client, id, exec_id)?;
+        }
         for (stream, index) in [(OutputStream::Stdout, 0), (OutputStream::Stderr, 1)] {
             if !open[index] {
                 continue;

@@ -644,3 +644,50 @@ fn a_terminal_gives_the_process_a_tty_and_its_window_size() -> anyhow::Result<()
     client.unmount_overlay(ID)?;
     still_serving_then_shutdown(guest, client)
 }
+
+/// `parma run -i` streams its stdin to the container's: 300 KiB through
+/// `/bin/cat` come back byte for byte (many `WriteStdin`s, partial writes
+/// into a full pipe included), then the end of input ends `cat`. Without
+/// `-i` the container's stdin is closed at once.
+#[test]
+fn parma_run_streams_stdin_with_interactive() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let fixture = Fixture::with_command(Some(&["/bin/cat"]))?;
+    let paths = Paths::get();
+    let parma = paths.repo.join("target/release/parma");
+    ensure!(parma.is_file(), "{} is missing: make test builds it (cargo build --release -p parma)", parma.display());
+    let input: Vec<u8> =
+        (0..300 * 1024u32).map(|i| b"0123456789abcdefghijklmnopqrstuvwxyz\n"[(i % 37) as usize]).collect();
+    let run = |extra: &[&str], input: Vec<u8>| -> anyhow::Result<std::process::Output> {
+        let mut child = std::process::Command::new(&parma)
+            .arg("run")
+            .arg("--uvm")
+            .arg(&paths.uvm)
+            .arg("--policy")
+            .arg(&fixture.policy)
+            .arg("--oci")
+            .arg(&fixture.layout)
+            .args(["--ref", oci::REF_NAME, "--layers-dir"])
+            .arg(&fixture.layers_dir)
+            .args(extra)
+            .args(["--", "/bin/cat"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output()?;
+        // Without -i nobody reads the pipe: the write may fail, which is fine.
+        let _ = writer.join();
+        Ok(out)
+    };
+    let out = run(&["-i"], input.clone())?;
+    ensure!(out.status.code() == Some(0), "parma run -i: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    ensure!(out.stdout == input, "{} bytes came back, {} went in", out.stdout.len(), input.len());
+
+    let out = run(&[], input)?;
+    ensure!(out.status.code() == Some(0), "parma run: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    ensure!(out.stdout.is_empty(), "without -i, cat reads nothing: {} bytes", out.stdout.len());
+    Ok(())
+}
