@@ -97,9 +97,9 @@ fn parse_user(user: &str) -> anyhow::Result<(u32, u32)> {
     Ok((uid, gid))
 }
 
-/// Mount every layer of `built` (attached as [`layer_disks`]) and stack
-/// them as container `id`'s writable root.
-pub fn mount_image(client: &mut Client, built: &Built, id: &str) -> anyhow::Result<()> {
+/// Mount every layer of `built` (attached as [`layer_disks`]); returns
+/// their names, base first.
+pub fn mount_layers(client: &mut Client, built: &Built) -> anyhow::Result<Vec<String>> {
     let mut names = Vec::new();
     for (index, layer) in built.layers.layers.iter().enumerate() {
         let name = layer_name(index);
@@ -108,6 +108,12 @@ pub fn mount_image(client: &mut Client, built: &Built, id: &str) -> anyhow::Resu
             .with_context(|| format!("cannot mount layer {index} ({})", layer.diff_id))?;
         names.push(name);
     }
+    Ok(names)
+}
+
+/// [`mount_layers`], then stack them as container `id`'s writable root.
+pub fn mount_image(client: &mut Client, built: &Built, id: &str) -> anyhow::Result<()> {
+    let names = mount_layers(client, built)?;
     client.mount_overlay(id, &names, true).context("cannot mount the container's overlay")?;
     Ok(())
 }

@@ -461,9 +461,7 @@ fn a_read_only_root_cannot_be_written() -> anyhow::Result<()> {
     let command = ["/bin/sh", "-c", "touch /srv/new; echo touch=$?; cat /etc/passwd > /dev/null; echo read=$?"];
     let fixture = Fixture::with_command(Some(&command))?;
     let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
-    for (index, layer) in fixture.built.layers.layers.iter().enumerate() {
-        client.mount_layer(&run::layer_name(index), &run::layer_serial(index), &layer.root_hash, layer.hash_offset)?;
-    }
+    run::mount_layers(&mut client, &fixture.built)?;
     // No upper layer, and the root remounted read-only inside the container.
     client.mount_overlay(ID, &["l0".into(), "l1".into()], false)?;
     let create = parma_protocol::Request::CreateContainer {
@@ -503,10 +501,7 @@ fn mounts_are_as_the_policy_lists_and_volumes_are_shared() -> anyhow::Result<()>
     let hello = Paths::get().guest_binary("oci-hello")?;
     let fixture = Fixture(oci::PolicyFixture::with_mounts(&hello, "hello", Some(&command), None, &rules)?);
     let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
-    for (index, layer) in fixture.built.layers.layers.iter().enumerate() {
-        client.mount_layer(&run::layer_name(index), &run::layer_serial(index), &layer.root_hash, layer.hash_offset)?;
-    }
-    let layers = ["l0".to_string(), "l1".to_string()];
+    let layers = run::mount_layers(&mut client, &fixture.built)?;
     let process = fixture.process_with(&command)?;
     let scratch = run::parse_mount("tmpfs:tmpfs:/scratch:size=64k,mode=1770").map_err(anyhow::Error::msg)?;
     let mount_line = |stdout: &str, target: &str| -> anyhow::Result<String> {
@@ -572,10 +567,7 @@ fn the_agent_serves_the_same_protocol_over_vsock() -> anyhow::Result<()> {
     let mut hostile = Client::connect(&vsock, CALL)?;
     hostile.send_raw(&[0xff; 64])?;
 
-    for (index, layer) in fixture.built.layers.layers.iter().enumerate() {
-        client.mount_layer(&run::layer_name(index), &run::layer_serial(index), &layer.root_hash, layer.hash_offset)?;
-    }
-    client.mount_overlay(ID, &["l0".into(), "l1".into()], true)?;
+    run::mount_image(&mut client, &fixture.built, ID)?;
     client.create_container(ID, &fixture.process()?)?;
     client.start_container(ID)?;
     client.write_stdin(ID, None, &[], true)?;
@@ -610,10 +602,7 @@ fn a_terminal_gives_the_process_a_tty_and_its_window_size() -> anyhow::Result<()
     ];
     let fixture = Fixture::with_command(Some(&command))?;
     let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
-    for (index, layer) in fixture.built.layers.layers.iter().enumerate() {
-        client.mount_layer(&run::layer_name(index), &run::layer_serial(index), &layer.root_hash, layer.hash_offset)?;
-    }
-    client.mount_overlay(ID, &["l0".into(), "l1".into()], true)?;
+    run::mount_image(&mut client, &fixture.built, ID)?;
     let mut process = fixture.process_with(&command)?;
     process.terminal = true;
     client.create_container(ID, &process)?;
