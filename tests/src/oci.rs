@@ -312,6 +312,24 @@ pub struct PolicyFixture {
 }
 
 impl PolicyFixture {
+    /// `parma run` (the binary `cli`) of this image under its policy, from the UVM in `uvm`, its
+    /// layers reused from the fixture's layer directory; callers add flags
+    /// and stdio.
+    pub fn parma_run(&self, cli: &Path, uvm: &Path) -> std::process::Command {
+        let mut command = std::process::Command::new(cli);
+        command
+            .arg("run")
+            .arg("--uvm")
+            .arg(uvm)
+            .arg("--policy")
+            .arg(&self.policy)
+            .arg("--oci")
+            .arg(&self.layout)
+            .args(["--ref", REF_NAME, "--layers-dir"])
+            .arg(&self.layers_dir);
+        command
+    }
+
     /// Build the image with `hello` as its probe and generate a policy for
     /// container `name`: its command is `command` (default: the image's),
     /// `/bin/cat /etc/passwd` and two cgroup and status readers are its exec

@@ -278,20 +278,7 @@ fn parma_run_runs_the_image_and_returns_its_exit_code() -> anyhow::Result<()> {
     let paths = Paths::get();
     let parma = paths.repo.join("target/release/parma");
     ensure!(parma.is_file(), "{} is missing: make test builds it (cargo build --release -p parma)", parma.display());
-    let run = |extra: &[&str]| {
-        std::process::Command::new(&parma)
-            .arg("run")
-            .arg("--uvm")
-            .arg(&paths.uvm)
-            .arg("--policy")
-            .arg(&fixture.policy)
-            .arg("--oci")
-            .arg(&fixture.layout)
-            .args(["--ref", oci::REF_NAME, "--layers-dir"])
-            .arg(&fixture.layers_dir)
-            .args(extra)
-            .output()
-    };
+    let run = |extra: &[&str]| fixture.parma_run(&parma, &paths.uvm).args(extra).output();
     let out = run(&[])?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -648,16 +635,8 @@ fn parma_run_streams_stdin_with_interactive() -> anyhow::Result<()> {
     let input: Vec<u8> =
         (0..300 * 1024u32).map(|i| b"0123456789abcdefghijklmnopqrstuvwxyz\n"[(i % 37) as usize]).collect();
     let run = |extra: &[&str], input: Vec<u8>| -> anyhow::Result<std::process::Output> {
-        let mut child = std::process::Command::new(&parma)
-            .arg("run")
-            .arg("--uvm")
-            .arg(&paths.uvm)
-            .arg("--policy")
-            .arg(&fixture.policy)
-            .arg("--oci")
-            .arg(&fixture.layout)
-            .args(["--ref", oci::REF_NAME, "--layers-dir"])
-            .arg(&fixture.layers_dir)
+        let mut child = fixture
+            .parma_run(&parma, &paths.uvm)
             .args(extra)
             .args(["--", "/bin/cat"])
             .stdin(std::process::Stdio::piped())

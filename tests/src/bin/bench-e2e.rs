@@ -14,7 +14,7 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -179,22 +179,8 @@ impl Vm {
 /// `parma run` of the image: time to the first stdout byte and to exit.
 fn parma_run(paths: &Paths, cli: &Path, image: &Image) -> anyhow::Result<(Duration, Duration)> {
     let started = Instant::now();
-    let mut command = Command::new(cli);
-    command
-        .arg("run")
-        .arg("--uvm")
-        .arg(&paths.uvm)
-        .arg("--policy")
-        .arg(&image.policy)
-        .arg("--oci")
-        .arg(&image.layout)
-        .args(["--ref", oci::REF_NAME])
-        .arg("--layers-dir")
-        .arg(&image.layers_dir)
-        .current_dir(&paths.repo)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut command = image.parma_run(cli, &paths.uvm);
+    command.current_dir(&paths.repo).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // Its own process group, QEMU included, so a hung run can be killed whole.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let mut child = command.spawn().with_context(|| format!("cannot run {}", cli.display()))?;
