@@ -15,9 +15,13 @@ mount_overlay := {"allowed": true}
 
 unmount_overlay := {"allowed": true}
 
-create_container := {"allowed": true}
+create_container := {"allowed": true, "allow_stdio_access": true}
 
-exec_in_container := {"allowed": true}
+start_container := {"allowed": true}
+
+update_container := {"allowed": true}
+
+exec_in_container := {"allowed": true, "allow_stdio_access": true}
 
 exec_external := {"allowed": true}
 
@@ -30,8 +34,6 @@ scratch_mount := {"allowed": true}
 scratch_unmount := {"allowed": true}
 
 get_properties := {"allowed": true}
-
-dump_stacks := {"allowed": true}
 
 runtime_logging := {"allowed": true}
 

@@ -14,6 +14,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use parma_protocol::{OutputStream, ProcessSpec, Resources};
@@ -23,6 +24,18 @@ use crate::storage;
 
 /// The cgroup under which every container gets its own.
 const CGROUP_PARENT: &str = "/sys/fs/cgroup/parma";
+/// Memory kept out of the containers' reach (all of them together), for the
+/// agent and the kernel: at least this, or an eighth of the guest's.
+const RESERVED_MEMORY: u64 = 64 << 20;
+/// Tasks kept out of the containers' reach, below the kernel's `threads-max`.
+const RESERVED_TASKS: u64 = 256;
+/// Most containers at once.
+pub const MAX_CONTAINERS: usize = 128;
+/// Most exec'd process records per container: running ones, and exited
+/// ones whose status or output the host has not collected yet.
+pub const MAX_EXECS: usize = 64;
+/// Most masked or read-only paths a request may name.
+const MAX_PATHS: usize = 64;
 /// Most bytes one `ReadOutput` returns.
 pub const MAX_READ: usize = 256 * 1024;
 /// The `PATH` searched when the process's env has none (the OCI default).
@@ -33,6 +46,10 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 struct Proc {
     child: Child,
     args: Vec<String>,
+    /// The policy let the host reach its stdio (else it is /dev/null).
+    stdio: bool,
+    /// The host got its exit status through `WaitProcess`.
+    reported: bool,
     stdin: Option<File>,
     stdout: Option<File>,
     stderr: Option<File>,
@@ -49,6 +66,12 @@ impl Proc {
         }
         Ok(self.exit)
     }
+
+    /// Exited, its status reported and its output read to the end: nothing
+    /// left for the host to collect.
+    fn collected(&self) -> bool {
+        self.exit.is_some() && self.reported && self.stdout.is_none() && self.stderr.is_none()
+    }
 }
 
 /// A container: prepared by `create`, running after `start`.
@@ -59,6 +82,8 @@ struct Container {
     init: Option<Proc>,
     execs: BTreeMap<String, Proc>,
     cgroup: String,
+    /// The policy let the host reach the stdio of its processes.
+    stdio: bool,
 }
 
 /// How a container is created, besides its process.
@@ -72,6 +97,12 @@ pub struct Options<'a> {
     pub resources: Resources,
     /// Its mounts beyond the defaults, as the policy allowed them.
     pub mounts: &'a [parma_protocol::Mount],
+    /// Paths under `/proc` and `/sys` it sees empty.
+    pub masked_paths: &'a [String],
+    /// Paths under `/proc` and `/sys` it sees read-only.
+    pub readonly_paths: &'a [String],
+    /// The policy let the host reach its processes' stdio.
+    pub stdio: bool,
 }
 
 /// What a process's status is.
@@ -106,6 +137,26 @@ impl Containers {
         }
     }
 
+    /// Whether the host may reach the stdio of a process (the policy's
+    /// `allow_stdio_access` when it was allowed).
+    pub fn stdio_allowed(&self, id: &str, exec_id: Option<&str>) -> bool {
+        let Some(container) = self.containers.get(id) else { return false };
+        match exec_id {
+            None => container.stdio,
+            Some(exec_id) => container.execs.get(exec_id).is_some_and(|p| p.stdio),
+        }
+    }
+
+    /// The ids of the containers whose init process runs.
+    pub fn running_ids(&mut self) -> Vec<String> {
+        self.containers
+            .iter_mut()
+            .filter_map(|(id, c)| {
+                c.init.as_mut().is_some_and(|p| matches!(p.poll_exit(), Ok(None))).then(|| id.clone())
+            })
+            .collect()
+    }
+
     /// Whether any process of container `id` still runs.
     pub fn running(&mut self, id: &str) -> bool {
         let Some(container) = self.containers.get_mut(id) else { return false };
@@ -118,6 +169,12 @@ impl Containers {
         if self.containers.contains_key(id) {
             return Err(format!("container {id:?} already exists"));
         }
+        if self.containers.len() >= MAX_CONTAINERS {
+            return Err(format!("{MAX_CONTAINERS} containers exist: delete one first"));
+        }
+        if spec.terminal && !options.stdio {
+            return Err("a terminal needs stdio access, which the policy does not allow".into());
+        }
         let rootfs = storage::rootfs_target(id);
         let hostname = options.hostname.unwrap_or(id);
         if hostname.is_empty() || hostname.len() > 64 || hostname.contains('\0') {
@@ -125,6 +182,7 @@ impl Containers {
         }
         let process = prepare_process(&rootfs, spec)?;
         let mut ops = root_ops(&rootfs)?;
+        ops.extend(path_ops(&rootfs, options.masked_paths, options.readonly_paths)?);
         ops.extend(crate::mounts::prepare(&rootfs, options.mounts)?);
         let new = NewContainer {
             rootfs: cstring(&rootfs)?,
@@ -146,6 +204,7 @@ impl Containers {
                 init: None,
                 execs: BTreeMap::new(),
                 cgroup,
+                stdio: options.stdio,
             },
         );
         Ok(())
@@ -162,21 +221,31 @@ impl Containers {
         let container = self.containers.get_mut(id).ok_or_else(|| format!("container {id:?} does not exist"))?;
         let (new, process) =
             container.prepared.take().ok_or_else(|| format!("container {id:?} was already started"))?;
-        let (stdio, pipes) = pipes(container.spec.terminal)?;
+        let (stdio, pipes) = pipes(container.spec.terminal, container.stdio)?;
         let cgroup = File::open(&container.cgroup).map_err(|err| format!("cannot open {}: {err}", container.cgroup))?;
         let child = launch::spawn(&Namespaces::New(&new), &process, stdio, Some(cgroup.as_fd()))
             .map_err(|err| format!("cannot start container {id:?}: {err}"))?;
         let pid = child.pid;
-        container.init = Some(pipes.into_proc(child, container.spec.args.clone()));
+        container.init = Some(pipes.into_proc(child, container.spec.args.clone(), container.stdio));
         tracing::info!("container {id} started as pid {pid}");
         Ok(pid)
     }
 
-    /// Start `spec` in running container `id` as `exec_id`.
-    pub fn exec(&mut self, id: &str, exec_id: &str, spec: &ProcessSpec) -> Result<i32, String> {
+    /// Start `spec` in running container `id` as `exec_id`; `stdio`: the
+    /// policy lets the host reach its stdio.
+    pub fn exec(&mut self, id: &str, exec_id: &str, spec: &ProcessSpec, stdio: bool) -> Result<i32, String> {
         let container = self.containers.get_mut(id).ok_or_else(|| format!("container {id:?} does not exist"))?;
         if container.execs.contains_key(exec_id) {
             return Err(format!("process {exec_id:?} already exists in container {id:?}"));
+        }
+        if container.execs.len() >= MAX_EXECS {
+            return Err(format!(
+                "container {id:?} has {MAX_EXECS} exec'd processes the host has not collected (wait for them and \
+                 read their output to the end)"
+            ));
+        }
+        if spec.terminal && !stdio {
+            return Err("a terminal needs stdio access, which the policy does not allow".into());
         }
         // The policy decides an exec by its command, env and working dir; its
         // identity must be the container's, so an exec cannot gain privileges.
@@ -197,13 +266,26 @@ impl Containers {
             return Err(format!("container {id:?} has exited"));
         }
         let process = prepare_process(&storage::rootfs_target(id), spec)?;
-        let (stdio, pipes) = pipes(spec.terminal)?;
+        let (child_stdio, pipes) = pipes(spec.terminal, stdio)?;
         let cgroup = File::open(&container.cgroup).map_err(|err| format!("cannot open {}: {err}", container.cgroup))?;
-        let child = launch::spawn(&Namespaces::Join(init.child.pidfd.as_fd()), &process, stdio, Some(cgroup.as_fd()))
-            .map_err(|err| format!("cannot exec in container {id:?}: {err}"))?;
+        let child =
+            launch::spawn(&Namespaces::Join(init.child.pidfd.as_fd()), &process, child_stdio, Some(cgroup.as_fd()))
+                .map_err(|err| format!("cannot exec in container {id:?}: {err}"))?;
         let pid = child.pid;
-        container.execs.insert(exec_id.to_string(), pipes.into_proc(child, spec.args.clone()));
+        container.execs.insert(exec_id.to_string(), pipes.into_proc(child, spec.args.clone(), stdio));
         Ok(pid)
+    }
+
+    /// Drop an exec'd process's record once the host collected everything
+    /// of it (its status and its output): a pod probed every few seconds for
+    /// weeks keeps a bounded number of records and fds.
+    fn reclaim(&mut self, id: &str, exec_id: Option<&str>) {
+        let Some(exec_id) = exec_id else { return };
+        if let Some(container) = self.containers.get_mut(id)
+            && container.execs.get(exec_id).is_some_and(Proc::collected)
+        {
+            container.execs.remove(exec_id);
+        }
     }
 
     fn proc_mut(&mut self, id: &str, exec_id: Option<&str>) -> Result<&mut Proc, String> {
@@ -225,14 +307,20 @@ impl Containers {
         proc.child.signal(signal).map_err(|err| format!("cannot send signal {signal}: {err}"))
     }
 
-    /// Whether a process runs, or how it exited.
+    /// Whether a process runs, or how it exited. An exec'd process whose
+    /// status and output the host now has is forgotten.
     pub fn wait(&mut self, id: &str, exec_id: Option<&str>) -> Result<Status, String> {
         let proc = self.proc_mut(id, exec_id)?;
-        Ok(match proc.poll_exit()? {
+        let status = match proc.poll_exit()? {
             None => Status { running: true, exit_code: None, signal: None },
             Some(Exit::Code(code)) => Status { running: false, exit_code: Some(code), signal: None },
             Some(Exit::Signal(signal)) => Status { running: false, exit_code: None, signal: Some(signal) },
-        })
+        };
+        if !status.running {
+            proc.reported = true;
+            self.reclaim(id, exec_id);
+        }
+        Ok(status)
     }
 
     /// Read what a process wrote so far (at most [`MAX_READ`] bytes); `true` at end of stream.
@@ -260,6 +348,7 @@ impl Containers {
         };
         if eof {
             *slot = None;
+            self.reclaim(id, exec_id);
         }
         Ok((data, eof))
     }
@@ -307,22 +396,25 @@ impl Containers {
     }
 }
 
-/// The agent's ends of a process's pipes, before the process exists.
+/// The agent's ends of a process's pipes, before the process exists (none
+/// when the policy gives the host no stdio access).
 struct Pipes {
-    stdin: File,
-    stdout: File,
+    stdin: Option<File>,
+    stdout: Option<File>,
     /// None on a terminal: everything comes through its master.
     stderr: Option<File>,
     terminal: Option<OwnedFd>,
 }
 
 impl Pipes {
-    fn into_proc(self, child: Child, args: Vec<String>) -> Proc {
+    fn into_proc(self, child: Child, args: Vec<String>, stdio: bool) -> Proc {
         Proc {
             child,
             args,
-            stdin: Some(self.stdin),
-            stdout: Some(self.stdout),
+            stdio,
+            reported: false,
+            stdin: self.stdin,
+            stdout: self.stdout,
             stderr: self.stderr,
             terminal: self.terminal,
             exit: None,
@@ -340,15 +432,29 @@ fn nonblocking(fd: OwnedFd) -> Result<File, String> {
 }
 
 /// The child's stdio and the agent's non-blocking ends: three pipes, or a
-/// terminal whose other end is all three.
-fn pipes(terminal: bool) -> Result<(launch::Stdio, Pipes), String> {
+/// terminal whose other end is all three; `/dev/null` for all three when
+/// the policy gives the host no stdio access.
+fn pipes(terminal: bool, stdio: bool) -> Result<(launch::Stdio, Pipes), String> {
+    if !stdio {
+        let null = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open("/dev/null")
+                .map(OwnedFd::from)
+                .map_err(|err| format!("cannot open /dev/null: {err}"))
+        };
+        let stdio = launch::Stdio { stdin: null()?, stdout: null()?, stderr: null()? };
+        return Ok((stdio, Pipes { stdin: None, stdout: None, stderr: None, terminal: None }));
+    }
     if terminal {
         let (master, peer) = launch::open_pty().map_err(|err| format!("cannot open a terminal: {err}"))?;
         let dup = |fd: &OwnedFd| fd.try_clone().map_err(|err| format!("cannot duplicate the terminal: {err}"));
         let stdio = launch::Stdio { stdin: dup(&peer)?, stdout: dup(&peer)?, stderr: peer };
         let pipes = Pipes {
-            stdin: nonblocking(dup(&master)?)?,
-            stdout: nonblocking(dup(&master)?)?,
+            stdin: Some(nonblocking(dup(&master)?)?),
+            stdout: Some(nonblocking(dup(&master)?)?),
             stderr: None,
             terminal: Some(master),
         };
@@ -359,8 +465,8 @@ fn pipes(terminal: bool) -> Result<(launch::Stdio, Pipes), String> {
     let (stderr_r, stderr_w) = pipe()?;
     let stdio = launch::Stdio { stdin: stdin_r, stdout: stdout_w, stderr: stderr_w };
     let pipes = Pipes {
-        stdin: nonblocking(stdin_w)?,
-        stdout: nonblocking(stdout_r)?,
+        stdin: Some(nonblocking(stdin_w)?),
+        stdout: Some(nonblocking(stdout_r)?),
         stderr: Some(nonblocking(stderr_r)?),
         terminal: None,
     };
@@ -477,7 +583,13 @@ fn last_cap() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40)
 }
 
-/// The container's standard mounts and device nodes (as runc's defaults).
+/// The devices a container gets (the OCI defaults), bound from the guest's
+/// devtmpfs: the container's `/dev` itself is `nodev`, so a node made there
+/// (or brought by a layer) opens nothing.
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// The container's standard mounts and devices (as runc's defaults), every
+/// one `nodev` but the bound device files and devpts.
 fn root_ops(rootfs: &str) -> Result<Vec<RootOp>, String> {
     let p = |path: &str| cstring(&format!("{rootfs}{path}"));
     let c = cstring;
@@ -496,18 +608,19 @@ fn root_ops(rootfs: &str) -> Result<Vec<RootOp>, String> {
             source: c("tmpfs")?,
             target: p("/dev")?,
             fstype: c("tmpfs")?,
-            flags: libc::MS_NOSUID | libc::MS_STRICTATIME,
+            flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_STRICTATIME,
             data: c("mode=755,size=65536k")?,
         },
     ];
-    for (name, minor_major) in
-        [("null", (1, 3)), ("zero", (1, 5)), ("full", (1, 7)), ("random", (1, 8)), ("urandom", (1, 9)), ("tty", (5, 0))]
-    {
-        ops.push(RootOp::CharDevice {
-            path: p(&format!("/dev/{name}"))?,
-            mode: 0o666,
-            major: minor_major.0,
-            minor: minor_major.1,
+    for name in DEVICES {
+        // An empty file to bind onto; the bind keeps devtmpfs's nosuid, noexec.
+        ops.push(RootOp::File { path: p(&format!("/dev/{name}"))?, mode: 0o666 });
+        ops.push(RootOp::Mount {
+            source: c(&format!("/dev/{name}"))?,
+            target: p(&format!("/dev/{name}"))?,
+            fstype: c("")?,
+            flags: libc::MS_BIND,
+            data: c("")?,
         });
     }
     ops.extend([
@@ -551,6 +664,79 @@ fn root_ops(rootfs: &str) -> Result<Vec<RootOp>, String> {
     Ok(ops)
 }
 
+/// A masked or read-only path: absolute, under `/proc` or `/sys` (fresh
+/// mounts of the container's own, with nothing of the image's in them),
+/// normal components only.
+fn kernel_path(what: &str, path: &str) -> Result<(), String> {
+    let components: Vec<&str> = path.split('/').skip(1).collect();
+    let normal = path.starts_with('/')
+        && path.len() <= 256
+        && !components.iter().any(|c| c.is_empty() || *c == "." || *c == ".." || c.contains('\0'));
+    match components.first() {
+        Some(&"proc") | Some(&"sys") if normal && components.len() > 1 => Ok(()),
+        _ => Err(format!(
+            "{what} {:?} is not a normal path under /proc or /sys",
+            path.get(..path.floor_char_boundary(64)).unwrap_or_default()
+        )),
+    }
+}
+
+/// What masks and write-protects `/proc` and `/sys` paths (after those are
+/// mounted): a masked directory gets an empty read-only tmpfs, a masked
+/// file `/dev/null`; a read-only path is bound onto itself read-only. Paths
+/// the guest's kernel does not have are skipped (as runc does); whether a
+/// path is a directory is the guest's own `/proc` and `/sys`'s answer.
+fn path_ops(rootfs: &str, masked: &[String], readonly: &[String]) -> Result<Vec<RootOp>, String> {
+    if masked.len() > MAX_PATHS || readonly.len() > MAX_PATHS {
+        return Err(format!("at most {MAX_PATHS} masked and {MAX_PATHS} read-only paths"));
+    }
+    let c = cstring;
+    let mut ops = Vec::new();
+    for path in readonly {
+        kernel_path("read-only path", path)?;
+        if std::fs::symlink_metadata(path).is_err() {
+            continue;
+        }
+        let target = c(&format!("{rootfs}{path}"))?;
+        ops.push(RootOp::Mount {
+            source: target.clone(),
+            target: target.clone(),
+            fstype: c("")?,
+            flags: libc::MS_BIND | libc::MS_REC,
+            data: c("")?,
+        });
+        ops.push(RootOp::Mount {
+            source: c("")?,
+            target,
+            fstype: c("")?,
+            flags: libc::MS_REMOUNT
+                | libc::MS_BIND
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | libc::MS_NOEXEC,
+            data: c("")?,
+        });
+    }
+    for path in masked {
+        kernel_path("masked path", path)?;
+        let Ok(meta) = std::fs::symlink_metadata(path) else { continue };
+        let target = c(&format!("{rootfs}{path}"))?;
+        ops.push(if meta.is_dir() {
+            RootOp::Mount {
+                source: c("tmpfs")?,
+                target,
+                fstype: c("tmpfs")?,
+                flags: libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                data: c("size=0,mode=0555")?,
+            }
+        } else {
+            RootOp::Mount { source: c("/dev/null")?, target, fstype: c("")?, flags: libc::MS_BIND, data: c("")? }
+        });
+    }
+    Ok(ops)
+}
+
 /// Write the container's limits into its cgroup.
 fn limit(cgroup: &str, resources: &Resources) -> Result<(), String> {
     let write = |file: &str, value: String| {
@@ -568,7 +754,10 @@ fn limit(cgroup: &str, resources: &Resources) -> Result<(), String> {
     Ok(())
 }
 
-/// The container's cgroup, with the memory and pids controllers enabled above it.
+/// The container's cgroup, with the memory and pids controllers enabled
+/// above it. The parent of every container's holds them all to what the
+/// guest can give without starving the agent: a container without limits of
+/// its own cannot take the memory or the tasks the agent needs.
 fn make_cgroup(path: &str) -> Result<(), String> {
     if !std::path::Path::new(CGROUP_PARENT).exists() {
         std::fs::create_dir(CGROUP_PARENT).map_err(|err| format!("cannot create {CGROUP_PARENT}: {err}"))?;
@@ -579,8 +768,31 @@ fn make_cgroup(path: &str) -> Result<(), String> {
                 let _ = std::fs::write(&control, controller);
             }
         }
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let threads = std::fs::read_to_string("/proc/sys/kernel/threads-max").unwrap_or_default();
+        let (memory, tasks) = guest_wide_limits(&meminfo, &threads)
+            .ok_or_else(|| "cannot read the guest's memory and task limits".to_string())?;
+        for (file, value) in [("memory.max", memory), ("pids.max", tasks)] {
+            std::fs::write(format!("{CGROUP_PARENT}/{file}"), value.to_string())
+                .map_err(|err| format!("cannot set {CGROUP_PARENT}/{file} to {value}: {err}"))?;
+        }
     }
     std::fs::create_dir(path).map_err(|err| format!("cannot create cgroup {path}: {err}"))
+}
+
+/// The containers' `memory.max` and `pids.max` together, from
+/// `/proc/meminfo` and `threads-max`: all but [`RESERVED_MEMORY`] (or an
+/// eighth) and all but [`RESERVED_TASKS`].
+fn guest_wide_limits(meminfo: &str, threads_max: &str) -> Option<(u64, u64)> {
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())?;
+    let total = total_kib.checked_mul(1024)?;
+    let memory = total.checked_sub(RESERVED_MEMORY.max(total / 8))?;
+    let tasks = threads_max.trim().parse::<u64>().ok()?.checked_sub(RESERVED_TASKS)?;
+    (memory > 0 && tasks > 0).then_some((memory, tasks))
 }
 
 #[cfg(test)]
@@ -601,6 +813,74 @@ mod tests {
             rlimits: Vec::new(),
             seccomp: None,
             terminal: false,
+        }
+    }
+
+    #[test]
+    fn containers_together_leave_room_for_the_agent() {
+        let meminfo = "MemTotal:         498340 kB\nMemFree: 1 kB\n";
+        let (memory, tasks) = guest_wide_limits(meminfo, "3893\n").unwrap();
+        assert_eq!(memory, 498_340 * 1024 - (64 << 20));
+        assert_eq!(tasks, 3893 - 256);
+        let big = "MemTotal: 16777216 kB\n";
+        assert_eq!(guest_wide_limits(big, "100000").unwrap().0, (16u64 << 30) - (2 << 30));
+        assert_eq!(guest_wide_limits("MemTotal: 1000 kB\n", "3893"), None, "too small to share");
+        assert_eq!(guest_wide_limits("", "3893"), None);
+        assert_eq!(guest_wide_limits(meminfo, "100"), None);
+    }
+
+    #[test]
+    fn masked_and_read_only_paths_stay_in_proc_and_sys() {
+        for good in ["/proc/sys", "/proc/acpi", "/sys/firmware", "/sys/devices/virtual/powercap"] {
+            assert!(kernel_path("p", good).is_ok(), "{good}");
+        }
+        for bad in ["/etc/passwd", "/proc", "/sys/", "proc/sys", "/proc/../etc", "/proc//sys", "/proc/./sys", "/"] {
+            let err = kernel_path("masked path", bad).unwrap_err();
+            assert!(err.contains("is not a normal path under /proc or /sys"), "{bad}: {err}");
+        }
+        let root = "/run/parma/containers/c/rootfs";
+        let ops =
+            path_ops(root, &["/proc/kcore".into(), "/proc/nonexistent-entry".into()], &["/proc/sys".into()]).unwrap();
+        // /proc/sys: bound onto itself, then remounted read-only (and nodev).
+        assert!(matches!(&ops[0], RootOp::Mount { flags, .. } if *flags == libc::MS_BIND | libc::MS_REC));
+        assert!(
+            matches!(&ops[1], RootOp::Mount { flags, .. } if flags & libc::MS_RDONLY != 0 && flags & libc::MS_NODEV != 0)
+        );
+        // A path this kernel lacks is skipped; /proc/kcore exists here only
+        // with CONFIG_PROC_KCORE, as a file: /dev/null over it.
+        let kcore = std::path::Path::new("/proc/kcore").exists();
+        assert_eq!(ops.len(), 2 + usize::from(kcore));
+        assert!(path_ops(root, &["/etc/shadow".into()], &[]).is_err());
+        assert!(path_ops(root, &vec!["/proc/x".to_string(); MAX_PATHS + 1], &[]).is_err());
+    }
+
+    #[test]
+    fn the_container_dev_is_nodev_and_devices_are_bound() {
+        let ops = root_ops("/r").unwrap();
+        let dev = ops
+            .iter()
+            .find_map(|op| match op {
+                RootOp::Mount { target, flags, .. } if target.as_bytes() == b"/r/dev" => Some(*flags),
+                _ => None,
+            })
+            .unwrap();
+        assert!(dev & libc::MS_NODEV != 0);
+        // No node is made: each device is an empty file with a bind on it.
+        assert!(!ops.iter().any(|op| matches!(op, RootOp::CharDevice { .. })));
+        for name in DEVICES {
+            let target = format!("/r/dev/{name}");
+            assert!(ops.iter().any(|op| matches!(op, RootOp::Mount { source, target: t, flags, .. }
+                if t.as_bytes() == target.as_bytes() && *flags == libc::MS_BIND
+                    && source.as_bytes() == format!("/dev/{name}").as_bytes())));
+        }
+        // Every other mount of the container's own is nodev, devpts aside.
+        for op in &ops {
+            if let RootOp::Mount { fstype, flags, .. } = op
+                && !fstype.is_empty()
+                && fstype.as_bytes() != b"devpts"
+            {
+                assert!(flags & libc::MS_NODEV != 0, "{op:?}");
+            }
         }
     }
 

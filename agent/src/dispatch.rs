@@ -1,16 +1,19 @@
 //! The one dispatcher: decode, then the policy gate, then the handler.
 //!
 //! A handler cannot be reached without passing [`Gate::check`]: the only way
-//! from a frame to a handler is [`Dispatcher::dispatch`].
+//! from a request to a handler is [`Dispatcher::handle`]. `Ping` and
+//! `Shutdown` are answered by [`immediate`] without the guest's lock, so a
+//! handler stuck on a disk the host stalls cannot keep the host from
+//! powering the UVM off.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use zerocopy::IntoBytes;
 
-use parma_policy::Point;
+use parma_policy::{Decision, Point};
 use parma_protocol::{AgentError, ErrorCode, Frame, FrameKind, PingInfo, ProcessSpec, Request, Response, VERSION};
 
 use crate::attest::{Provider, report_data_from_hex};
@@ -47,44 +50,79 @@ struct Guest {
     containers: Containers,
 }
 
+/// Decode a frame into a request, or the error to answer with.
+pub fn decode(frame: &Frame) -> Result<Request, Response> {
+    if frame.kind != FrameKind::Request {
+        return Err(Response::Error(AgentError::new(ErrorCode::UnknownKind, "the agent accepts request frames only")));
+    }
+    Request::decode(&frame.body).map_err(|err| Response::Error(err.into()))
+}
+
+/// The answer to a request that needs neither the guest's records nor the
+/// policy (`Ping`, `Shutdown`: allowed in every state, lockdown included),
+/// given at once; `None` for every other request.
+pub fn immediate(request: &Request) -> Option<(Response, After)> {
+    match request {
+        Request::Ping => Some((Response::Pong(ping()), After::Continue)),
+        Request::Shutdown => Some((Response::ShuttingDown, After::Shutdown)),
+        _ => None,
+    }
+}
+
 impl Dispatcher {
     /// A dispatcher with no policy set, getting reports from `attestation`.
     pub fn new(attestation: Provider) -> Self {
         Self { guest: Mutex::new(Guest::default()), attestation }
     }
 
-    /// Handle one frame from the host.
-    pub async fn dispatch(&self, frame: &Frame) -> (Response, After) {
-        if frame.kind != FrameKind::Request {
-            let err = AgentError::new(ErrorCode::UnknownKind, "the agent accepts request frames only");
-            return (Response::Error(err), After::Continue);
+    /// The guest's records, locked. A poisoned lock means a handler panicked
+    /// halfway through a change: the records may not match the guest any
+    /// more, so the agent stops (init powers the UVM off) rather than serve
+    /// on them. (The guest build aborts on a panic, so this is a last line.)
+    fn lock(&self) -> MutexGuard<'_, Guest> {
+        match self.guest.lock() {
+            Ok(guest) => guest,
+            Err(_) => crate::fail_closed("the agent's records are poisoned by a panic"),
         }
-        let request = match Request::decode(&frame.body) {
-            Ok(request) => request,
-            Err(err) => return (Response::Error(err.into()), After::Continue),
-        };
-        // A handler that panicked while holding the lock left the gate as it
-        // was before its decision; keep serving with it.
-        let mut guest = self.guest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let points = match points(&request, &guest.containers) {
+    }
+
+    /// Handle one frame from the host (decode, then [`Dispatcher::handle`]).
+    #[cfg(test)]
+    pub fn dispatch(&self, frame: &Frame) -> (Response, After) {
+        match decode(frame) {
+            Ok(request) => immediate(&request).unwrap_or_else(|| self.handle(frame.id, request)),
+            Err(response) => (response, After::Continue),
+        }
+    }
+
+    /// Decide and carry out one request. May block (a disk the host stalls):
+    /// transports run it off their event loop.
+    pub fn handle(&self, id: u32, request: Request) -> (Response, After) {
+        if let Some(answer) = immediate(&request) {
+            return answer;
+        }
+        let mut guest = self.lock();
+        let points = match points(&request, &mut guest.containers) {
             Ok(points) => points,
             Err(err) => return (Response::Error(err), After::Continue),
         };
         let decisions = match guest.gate.check(&request, &points) {
             Ok(decisions) => decisions,
             Err(err) => {
-                tracing::warn!(id = frame.id, "denied: {}", err.message);
+                tracing::warn!(id, "denied: {}", err.message);
                 return (Response::Error(err), After::Continue);
             }
         };
         let gate = &mut guest.gate;
-        match request {
-            Request::Ping => (Response::Pong(ping()), After::Continue),
+        let response = match request {
+            Request::Ping | Request::Shutdown => Response::Error(AgentError::new(
+                ErrorCode::Failed,
+                "internal error: request routed to the wrong handler",
+            )),
             Request::GuestInfo => match guest::info() {
-                Ok(info) => (Response::GuestInfo(info), After::Continue),
-                Err(err) => (Response::Error(AgentError::new(ErrorCode::Failed, err)), After::Continue),
+                Ok(info) => Response::GuestInfo(info),
+                Err(err) => Response::Error(AgentError::new(ErrorCode::Failed, err)),
             },
-            Request::Shutdown => (Response::ShuttingDown, After::Shutdown),
             Request::SetPolicy { policy } => {
                 // A fresh report, binding the policy's hash, gives HOST_DATA.
                 let host_data = |hash: &[u8; 32]| {
@@ -92,19 +130,26 @@ impl Dispatcher {
                     report_data.iter_mut().zip(hash).for_each(|(d, s)| *d = *s);
                     self.attestation.report(&report_data).map(|report| report.host_data)
                 };
-                self.set_policy(gate, &policy, host_data)
+                match gate.set_policy(&policy, host_data) {
+                    Ok(sha256) => {
+                        tracing::info!("policy {sha256} is in force");
+                        crate::log::apply_policy(gate.runtime_logging_allowed());
+                        Response::PolicySet { sha256 }
+                    }
+                    Err(err) => {
+                        tracing::warn!("SetPolicy refused: {}", err.message);
+                        Response::Error(err)
+                    }
+                }
             }
             Request::GetAttestation { report_data } => {
                 let report = report_data_from_hex(&report_data).and_then(|data| self.attestation.report(&data));
                 match report {
-                    Ok(report) => (
-                        Response::Attestation {
-                            report: hex::encode(report.as_bytes()),
-                            provider: self.attestation.name().to_string(),
-                        },
-                        After::Continue,
-                    ),
-                    Err(err) => (Response::Error(AgentError::new(ErrorCode::Failed, err)), After::Continue),
+                    Ok(report) => Response::Attestation {
+                        report: hex::encode(report.as_bytes()),
+                        provider: self.attestation.name().to_string(),
+                    },
+                    Err(err) => Response::Error(AgentError::new(ErrorCode::Failed, err)),
                 }
             }
             Request::LoadFragment { fragment, signature, public_key } => {
@@ -118,59 +163,94 @@ impl Dispatcher {
                         public_key: decode("public_key", &public_key)?,
                     })
                 })();
-                let response = match signed.and_then(|signed| gate.load_fragment(&signed)) {
+                match signed.and_then(|signed| gate.load_fragment(&signed)) {
                     Ok(response) => response,
                     Err(err) => {
-                        tracing::warn!(id = frame.id, "LoadFragment refused: {}", err.message);
+                        tracing::warn!(id, "LoadFragment refused: {}", err.message);
                         Response::Error(err)
                     }
-                };
-                (response, After::Continue)
+                }
             }
-            request => {
-                let response = match act(&mut guest, request) {
-                    Ok(response) => {
-                        guest.gate.commit(&decisions);
-                        response
-                    }
-                    Err(message) => {
-                        tracing::warn!(id = frame.id, "failed: {message}");
-                        Response::Error(AgentError::new(ErrorCode::Failed, message))
-                    }
-                };
-                (response, After::Continue)
-            }
-        }
-    }
-
-    fn set_policy(
-        &self,
-        gate: &mut Gate,
-        policy: &str,
-        host_data: impl FnOnce(&[u8; 32]) -> Result<[u8; 32], String>,
-    ) -> (Response, After) {
-        match gate.set_policy(policy, host_data) {
-            Ok(sha256) => {
-                tracing::info!("policy {sha256} is in force");
-                (Response::PolicySet { sha256 }, After::Continue)
-            }
-            Err(err) => {
-                tracing::warn!("SetPolicy refused: {}", err.message);
-                (Response::Error(err), After::Continue)
-            }
-        }
+            request => match act(&mut guest, request, &decisions) {
+                Ok(response) => {
+                    guest.gate.commit(&decisions);
+                    response
+                }
+                Err(Failure::Denied(message)) => {
+                    tracing::warn!(id, "denied: {message}");
+                    Response::Error(AgentError::new(ErrorCode::PolicyDenied, message))
+                }
+                Err(Failure::Failed(message)) => {
+                    tracing::warn!(id, "failed: {message}");
+                    Response::Error(AgentError::new(ErrorCode::Failed, message))
+                }
+                Err(Failure::Partly(message)) => {
+                    // The guest changed (a layer is unmounted, its device
+                    // lingers): the policy's records follow what is mounted.
+                    guest.gate.commit(&decisions);
+                    tracing::warn!(id, "failed halfway: {message}");
+                    Response::Error(AgentError::new(ErrorCode::Failed, message))
+                }
+            },
+        };
+        (response, After::Continue)
     }
 }
 
+#[cfg(test)]
+impl Dispatcher {
+    /// Hold the guest's records until told (a handler stuck on a disk).
+    pub fn hold_lock_until(&self, locked: &std::sync::mpsc::Sender<()>, release: &std::sync::mpsc::Receiver<()>) {
+        let _guest = self.lock();
+        let _ = locked.send(());
+        let _ = release.recv();
+    }
+}
+
+/// Why an allowed request did not complete.
+#[derive(Debug)]
+enum Failure {
+    /// Refused after all, by what the policy decided (stdio the policy did
+    /// not grant).
+    Denied(String),
+    /// Failed in the guest; nothing changed.
+    Failed(String),
+    /// Failed after changing the guest: the decision is committed so the
+    /// policy's records match what is mounted.
+    Partly(String),
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Failed(message)
+    }
+}
+
+/// Whether the allowed decisions let the host reach the process's stdio.
+fn stdio_allowed(decisions: &[Decision]) -> bool {
+    decisions.iter().any(|decision| decision.allow_stdio_access)
+}
+
 /// Carry out an allowed request that acts on the guest.
-fn act(guest: &mut Guest, request: Request) -> Result<Response, String> {
+fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Response, Failure> {
     let Guest { storage, containers, .. } = guest;
+    let stdio = |containers: &Containers, id: &str, exec_id: Option<&str>| {
+        if containers.stdio_allowed(id, exec_id) {
+            Ok(())
+        } else {
+            Err(Failure::Denied(format!("the policy does not allow stdio access to the process of container {id:?}")))
+        }
+    };
     match request {
         Request::MountLayer { name, serial, root_hash, hash_offset } => {
             let device = storage.mount_layer(&name, &serial, &root_hash, hash_offset)?;
             Ok(Response::LayerMounted { target: storage::layer_target(&name), device })
         }
-        Request::UnmountLayer { name } => storage.unmount_layer(&name).map(|()| Response::Done),
+        Request::UnmountLayer { name } => match storage.unmount_layer(&name) {
+            Ok(()) => Ok(Response::Done),
+            Err(storage::Teardown::Unchanged(message)) => Err(Failure::Failed(message)),
+            Err(storage::Teardown::Partly(message)) => Err(Failure::Partly(message)),
+        },
         Request::MountOverlay { container_id, layers, writable } => {
             let target = storage.mount_overlay(&container_id, &layers, writable)?;
             Ok(Response::OverlayMounted { target })
@@ -181,57 +261,80 @@ fn act(guest: &mut Guest, request: Request) -> Result<Response, String> {
         }
         Request::UnmountOverlay { container_id } => {
             if containers.exists(&container_id) {
-                return Err(format!("container {container_id:?} still exists: delete it first"));
+                return Err(Failure::Failed(format!("container {container_id:?} still exists: delete it first")));
             }
-            storage.unmount_overlay(&container_id).map(|()| Response::Done)
+            match storage.unmount_overlay(&container_id) {
+                Ok(()) => Ok(Response::Done),
+                Err(storage::Teardown::Unchanged(message)) => Err(Failure::Failed(message)),
+                Err(storage::Teardown::Partly(message)) => Err(Failure::Partly(message)),
+            }
         }
-        Request::CreateContainer { container_id, process, hostname, readonly_rootfs, resources, mounts } => {
+        Request::CreateContainer {
+            container_id,
+            process,
+            hostname,
+            readonly_rootfs,
+            resources,
+            mounts,
+            masked_paths,
+            readonly_paths,
+        } => {
             if !storage.has_overlay(&container_id) {
-                return Err(format!("container {container_id:?} has no overlay"));
+                return Err(Failure::Failed(format!("container {container_id:?} has no overlay")));
             }
             let options = containers::Options {
                 hostname: hostname.as_deref(),
                 readonly_rootfs,
                 resources: resources.unwrap_or_default(),
                 mounts: &mounts,
+                masked_paths: &masked_paths.unwrap_or_else(default_masked_paths),
+                readonly_paths: &readonly_paths.unwrap_or_else(default_readonly_paths),
+                stdio: stdio_allowed(decisions),
             };
-            containers.create(&container_id, &process, &options).map(|()| Response::Done)
+            containers.create(&container_id, &process, &options)?;
+            Ok(Response::Done)
         }
         Request::StartContainer { container_id } => {
-            containers.start(&container_id).map(|pid| Response::Started { pid })
+            Ok(containers.start(&container_id).map(|pid| Response::Started { pid })?)
         }
         Request::UpdateContainer { container_id, resources } => {
-            containers.update(&container_id, &resources).map(|()| Response::Done)
+            Ok(containers.update(&container_id, &resources).map(|()| Response::Done)?)
         }
         Request::ExecProcess { container_id, exec_id, process } => {
-            containers.exec(&container_id, &exec_id, &process).map(|pid| Response::Started { pid })
+            let pid = containers.exec(&container_id, &exec_id, &process, stdio_allowed(decisions))?;
+            Ok(Response::Started { pid })
         }
         Request::SignalProcess { container_id, exec_id, signal } => {
-            containers.signal(&container_id, exec_id.as_deref(), signal).map(|()| Response::Done)
+            Ok(containers.signal(&container_id, exec_id.as_deref(), signal).map(|()| Response::Done)?)
         }
         Request::WaitProcess { container_id, exec_id } => {
             let status = containers.wait(&container_id, exec_id.as_deref())?;
             Ok(Response::ProcessStatus { running: status.running, exit_code: status.exit_code, signal: status.signal })
         }
         Request::ReadOutput { container_id, exec_id, stream } => {
+            stdio(containers, &container_id, exec_id.as_deref())?;
             let (data, eof) = containers.read(&container_id, exec_id.as_deref(), stream)?;
             Ok(Response::Output { data: BASE64.encode(data), eof })
         }
         Request::WriteStdin { container_id, exec_id, data, close } => {
+            stdio(containers, &container_id, exec_id.as_deref())?;
             let data = BASE64.decode(data.as_bytes()).map_err(|err| format!("stdin data is not base64: {err}"))?;
             let bytes = containers.write_stdin(&container_id, exec_id.as_deref(), &data, close)?;
             Ok(Response::Written { bytes: bytes as u64 })
         }
         Request::ResizeTerminal { container_id, exec_id, rows, cols } => {
-            containers.resize_terminal(&container_id, exec_id.as_deref(), rows, cols).map(|()| Response::Done)
+            stdio(containers, &container_id, exec_id.as_deref())?;
+            Ok(containers.resize_terminal(&container_id, exec_id.as_deref(), rows, cols).map(|()| Response::Done)?)
         }
-        Request::DeleteContainer { container_id } => containers.delete(&container_id).map(|()| Response::Done),
+        Request::DeleteContainer { container_id } => Ok(containers.delete(&container_id).map(|()| Response::Done)?),
         Request::Ping
         | Request::GuestInfo
         | Request::Shutdown
         | Request::SetPolicy { .. }
         | Request::GetAttestation { .. }
-        | Request::LoadFragment { .. } => Err("internal error: request routed to the wrong handler".into()),
+        | Request::LoadFragment { .. } => {
+            Err(Failure::Failed("internal error: request routed to the wrong handler".into()))
+        }
     }
 }
 
@@ -239,17 +342,27 @@ fn malformed(message: String) -> AgentError {
     AgentError::new(ErrorCode::Malformed, message)
 }
 
+fn default_masked_paths() -> Vec<String> {
+    parma_policy::DEFAULT_MASKED_PATHS.iter().map(|p| p.to_string()).collect()
+}
+
+fn default_readonly_paths() -> Vec<String> {
+    parma_policy::DEFAULT_READONLY_PATHS.iter().map(|p| p.to_string()).collect()
+}
+
 /// The enforcement points a request meets, with their inputs (field names
-/// as hcsshim's). Names are checked here, before any decision.
-fn points(request: &Request, containers: &Containers) -> Result<Vec<(Point, Value)>, AgentError> {
+/// as hcsshim's). Names are checked here, before any decision; what the
+/// policy sees is what the agent acts on (defaults filled in, report data
+/// decoded), never the host's spelling of it.
+fn points(request: &Request, containers: &mut Containers) -> Result<Vec<(Point, Value)>, AgentError> {
     let name = |what: &str, name: &str| check_name(what, name).map_err(malformed);
     Ok(match request {
-        Request::Ping
-        | Request::GuestInfo
-        | Request::Shutdown
-        | Request::SetPolicy { .. }
-        | Request::GetAttestation { .. }
-        | Request::LoadFragment { .. } => Vec::new(),
+        Request::Ping | Request::Shutdown | Request::SetPolicy { .. } | Request::LoadFragment { .. } => Vec::new(),
+        Request::GuestInfo => vec![(Point::GetProperties, json!({}))],
+        Request::GetAttestation { report_data } => {
+            let data = report_data_from_hex(report_data).map_err(malformed)?;
+            vec![(Point::GetAttestation, json!({"reportData": hex::encode(data), "running": containers.running_ids()}))]
+        }
         Request::MountLayer { name: layer, root_hash, .. } => {
             name("layer", layer)?;
             vec![(Point::MountDevice, json!({"target": storage::layer_target(layer), "deviceHash": root_hash}))]
@@ -272,20 +385,21 @@ fn points(request: &Request, containers: &Containers) -> Result<Vec<(Point, Valu
                 // Guest memory: encrypted and integrity-protected by SEV-SNP.
                 points.push((
                     Point::ScratchMount,
-                    json!({"target": storage::scratch_target(container_id), "encrypted": true}),
+                    json!({"target": storage::scratch_target(container_id), "encrypted": true, "swap": false}),
                 ));
             }
             points
         }
         Request::MountScratch { .. } => {
-            // Authenticated dm-crypt over dm-integrity: encrypted.
-            vec![(Point::ScratchMount, json!({"target": "swap", "encrypted": true}))]
+            // Authenticated dm-crypt over dm-integrity: encrypted, but swap
+            // on a host disk, without freshness.
+            vec![(Point::ScratchMount, json!({"target": "swap", "encrypted": true, "swap": true}))]
         }
         Request::UnmountOverlay { container_id } => {
             name("container id", container_id)?;
             vec![(Point::UnmountOverlay, json!({"unmountTarget": storage::rootfs_target(container_id)}))]
         }
-        Request::CreateContainer { container_id, process, mounts, .. } => {
+        Request::CreateContainer { container_id, process, mounts, masked_paths, readonly_paths, .. } => {
             name("container id", container_id)?;
             let mut input = process_input(container_id, process);
             if let Value::Object(fields) = &mut input {
@@ -298,8 +412,20 @@ fn points(request: &Request, containers: &Containers) -> Result<Vec<(Point, Valu
                     process.seccomp.as_deref().map_or_else(String::new, |p| parma_policy::policy_hash(p.as_bytes()));
                 fields.insert("seccompProfileSHA256".into(), json!(seccomp));
                 fields.insert("mounts".into(), json!(mounts));
+                let masked = masked_paths.clone().unwrap_or_else(default_masked_paths);
+                let readonly = readonly_paths.clone().unwrap_or_else(default_readonly_paths);
+                fields.insert("maskedPaths".into(), json!(masked));
+                fields.insert("readonlyPaths".into(), json!(readonly));
             }
             vec![(Point::CreateContainer, input)]
+        }
+        Request::StartContainer { container_id } => {
+            name("container id", container_id)?;
+            vec![(Point::StartContainer, json!({"containerID": container_id}))]
+        }
+        Request::UpdateContainer { container_id, resources } => {
+            name("container id", container_id)?;
+            vec![(Point::UpdateContainer, json!({"containerID": container_id, "resources": resources}))]
         }
         Request::ExecProcess { container_id, exec_id, process } => {
             name("container id", container_id)?;
@@ -321,9 +447,7 @@ fn points(request: &Request, containers: &Containers) -> Result<Vec<(Point, Valu
             name("container id", container_id)?;
             vec![(Point::ShutdownContainer, json!({"containerID": container_id}))]
         }
-        Request::StartContainer { container_id }
-        | Request::UpdateContainer { container_id, .. }
-        | Request::WaitProcess { container_id, .. }
+        Request::WaitProcess { container_id, .. }
         | Request::ReadOutput { container_id, .. }
         | Request::WriteStdin { container_id, .. }
         | Request::ResizeTerminal { container_id, .. } => {
@@ -333,12 +457,15 @@ fn points(request: &Request, containers: &Containers) -> Result<Vec<(Point, Valu
     })
 }
 
+/// What the create and exec points see of a process.
 fn process_input(container_id: &str, process: &ProcessSpec) -> Value {
     json!({
         "containerID": container_id,
         "argList": process.args,
         "envList": process.env,
         "workingDir": process.cwd,
+        "terminal": process.terminal,
+        "rlimits": process.rlimits,
     })
 }
 
@@ -360,10 +487,13 @@ mod tests {
         Frame { kind: FrameKind::Request, id: 1, body: body.to_vec() }
     }
 
-    #[tokio::test]
-    async fn ping_answers_with_versions() {
-        let (response, after) =
-            Dispatcher::new(Provider::Emulated { host_data: [0; 32] }).dispatch(&frame(br#"{"type":"Ping"}"#)).await;
+    fn dispatcher() -> Dispatcher {
+        Dispatcher::new(Provider::Emulated { host_data: [0; 32] })
+    }
+
+    #[test]
+    fn ping_answers_with_versions() {
+        let (response, after) = dispatcher().dispatch(&frame(br#"{"type":"Ping"}"#));
         let Response::Pong(info) = response else { panic!("{response:?}") };
         assert_eq!(info.protocol_version, VERSION);
         assert_eq!(info.agent_version, env!("CARGO_PKG_VERSION"));
@@ -371,36 +501,92 @@ mod tests {
         assert_eq!(after, After::Continue);
     }
 
-    #[tokio::test]
-    async fn shutdown_is_answered_then_acted_on() {
-        let (response, after) = Dispatcher::new(Provider::Emulated { host_data: [0; 32] })
-            .dispatch(&frame(br#"{"type":"Shutdown"}"#))
-            .await;
+    #[test]
+    fn shutdown_is_answered_then_acted_on() {
+        let (response, after) = dispatcher().dispatch(&frame(br#"{"type":"Shutdown"}"#));
         assert_eq!(response, Response::ShuttingDown);
         assert_eq!(after, After::Shutdown);
     }
 
-    #[tokio::test]
-    async fn bad_bodies_get_typed_errors() {
+    #[test]
+    fn ping_and_shutdown_need_no_lock() {
+        // While a handler holds the guest's records (a stalled disk), the
+        // host can still ping and power off.
+        let dispatcher = dispatcher();
+        let _held = dispatcher.lock();
+        assert!(matches!(immediate(&Request::Ping), Some((Response::Pong(_), After::Continue))));
+        assert_eq!(immediate(&Request::Shutdown), Some((Response::ShuttingDown, After::Shutdown)));
+        assert_eq!(immediate(&Request::GuestInfo), None);
+    }
+
+    #[test]
+    fn bad_bodies_get_typed_errors() {
         let cases: [(&[u8], ErrorCode); 3] = [
             (b"{", ErrorCode::Malformed),
             (br#"{"type":"RunAsRoot"}"#, ErrorCode::UnknownType),
             (br#"{"type":"Ping","as":"root"}"#, ErrorCode::Malformed),
         ];
         for (body, code) in cases {
-            let (response, after) =
-                Dispatcher::new(Provider::Emulated { host_data: [0; 32] }).dispatch(&frame(body)).await;
+            let (response, after) = dispatcher().dispatch(&frame(body));
             let Response::Error(err) = response else { panic!("{response:?}") };
             assert_eq!(err.code, code);
             assert_eq!(after, After::Continue);
         }
     }
 
-    #[tokio::test]
-    async fn response_frames_are_refused() {
+    #[test]
+    fn response_frames_are_refused() {
         let mut frame = frame(br#"{"type":"Ping"}"#);
         frame.kind = FrameKind::Response;
-        let (response, _) = Dispatcher::new(Provider::Emulated { host_data: [0; 32] }).dispatch(&frame).await;
+        let (response, _) = dispatcher().dispatch(&frame);
         assert!(matches!(response, Response::Error(AgentError { code: ErrorCode::UnknownKind, .. })));
+    }
+
+    #[test]
+    fn the_policy_sees_report_data_as_the_agent_uses_it() {
+        // Upper case, short: one REPORT_DATA, one spelling for the policy.
+        let mut containers = Containers::default();
+        for spelling in ["ABCD", "abcd", "abcd00"] {
+            let points = points(&Request::GetAttestation { report_data: spelling.into() }, &mut containers).unwrap();
+            let expected = format!("abcd{}", "0".repeat(124));
+            assert_eq!(points[0].1["reportData"], json!(expected), "{spelling}");
+            assert_eq!(points[0].1["running"], json!([]));
+        }
+        let err = points(&Request::GetAttestation { report_data: "xyz".into() }, &mut containers).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Malformed);
+    }
+
+    #[test]
+    fn defaults_reach_the_policy_as_applied() {
+        let mut containers = Containers::default();
+        let process = ProcessSpec {
+            args: vec!["/bin/x".into()],
+            env: vec![],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            capabilities: Default::default(),
+            no_new_privileges: false,
+            rlimits: vec![parma_protocol::Rlimit { kind: "RLIMIT_NOFILE".into(), soft: 1, hard: 2 }],
+            seccomp: None,
+            terminal: true,
+        };
+        let request = Request::CreateContainer {
+            container_id: "c".into(),
+            process,
+            hostname: None,
+            readonly_rootfs: false,
+            resources: None,
+            mounts: vec![],
+            masked_paths: None,
+            readonly_paths: None,
+        };
+        let points = points(&request, &mut containers).unwrap();
+        let input = &points[0].1;
+        assert_eq!(input["maskedPaths"], json!(parma_policy::DEFAULT_MASKED_PATHS));
+        assert_eq!(input["readonlyPaths"], json!(parma_policy::DEFAULT_READONLY_PATHS));
+        assert_eq!(input["terminal"], json!(true));
+        assert_eq!(input["rlimits"], json!([{"type": "RLIMIT_NOFILE", "soft": 1, "hard": 2}]));
     }
 }

@@ -4,28 +4,37 @@
 //! request type is listed below by name (no wildcard), so a new request
 //! cannot reach a handler until this file says how it is decided.
 //!
-//! - `Ping`, `GuestInfo` and `Shutdown` are not enforcement points: they
-//!   change nothing but the UVM's power state and pass in every state.
+//! - `Ping` and `Shutdown` are not enforcement points: they change nothing
+//!   but the UVM's power state and pass in every state (the dispatcher
+//!   answers them without the lock).
+//! - `GuestInfo` passes before a policy is set and in lockdown (no tenant
+//!   data exists yet); once a policy is in force it is decided by its
+//!   `get_properties` rule.
 //! - `SetPolicy` installs the execution policy once, only if its sha256 is
-//!   the HOST_DATA of this launch (from a fresh attestation report); a
-//!   second one is denied. A policy whose hash differs puts the agent in
-//!   lockdown: it refuses everything but `Ping`, `GuestInfo`,
-//!   `GetAttestation` and `Shutdown`, saying why.
+//!   the HOST_DATA of this launch (from a fresh attestation report, fetched
+//!   before the host's Rego is parsed); a second one is denied. A policy
+//!   whose hash differs, or that is HOST_DATA but does not compile, puts the
+//!   agent in lockdown: it refuses everything but `Ping`, `GuestInfo`,
+//!   `GetAttestation` and `Shutdown`, saying why. Once it is in force, its
+//!   `runtime_logging` rule decides whether the agent keeps logging to the
+//!   console the host reads.
 //! - `GetAttestation` is denied before a policy is set, passes in lockdown
 //!   (so the host can show why), and otherwise is decided by the policy's
-//!   `get_attestation` rule (a group can be attested only once complete).
-//! - Requests that act on the guest (mounts, containers, exec, signals,
-//!   delete) are decided by the policy engine at their enforcement points,
-//!   with inputs the dispatcher builds from the request and the agent's own
-//!   records; they are denied while no policy is set. The decisions' state
-//!   changes are committed only after the action succeeded.
+//!   `get_attestation` rule (a group can be attested only while complete).
+//! - Requests that act on the guest (mounts, containers, start, updates,
+//!   exec, signals, delete) are decided by the policy engine at their
+//!   enforcement points, with inputs the dispatcher builds from the request
+//!   and the agent's own records; they are denied while no policy is set.
+//!   The decisions' state changes are committed only after the action
+//!   succeeded.
 //! - `LoadFragment` needs a policy in force; the issuer's signature is
 //!   checked first, then the policy's `load_fragment` rule decides on issuer,
-//!   feed and SVN, and only then do the fragment's containers join the policy.
-//! - `StartContainer`, `UpdateContainer` (limits only restrict), `WaitProcess`,
-//!   `ReadOutput`, `WriteStdin` and `ResizeTerminal` act
-//!   only on a container the policy already allowed (at `create_container`
-//!   or `exec_in_container`); they need a policy in force.
+//!   feed, SVN and the names it adds, and only then do the fragment's
+//!   containers join the policy.
+//! - `WaitProcess`, `ReadOutput`, `WriteStdin` and `ResizeTerminal` act only
+//!   on a process the policy already allowed (at `create_container` or
+//!   `exec_in_container`), the last three only if that decision granted
+//!   stdio access; they need a policy in force.
 
 use parma_policy::{Decision, Engine, Point, Policy};
 use parma_protocol::{AgentError, ErrorCode, Request, Response};
@@ -82,27 +91,15 @@ impl Gate {
             };
         }
         match request {
-            Request::Ping | Request::GuestInfo | Request::Shutdown => Ok(Vec::new()),
+            Request::Ping | Request::Shutdown => Ok(Vec::new()),
+            Request::GuestInfo if self.engine.is_none() => Ok(Vec::new()),
             Request::SetPolicy { .. } => match self.policy_hash() {
                 None => Ok(Vec::new()),
                 Some(hash) => {
                     Err(denied(format!("SetPolicy is denied: policy {hash} is in force and cannot be replaced")))
                 }
             },
-            Request::GetAttestation { report_data } => match &mut self.engine {
-                None => Err(denied("GetAttestation is denied: no policy is set")),
-                Some(engine) => {
-                    let decision =
-                        engine.decide(Point::GetAttestation, &serde_json::json!({ "reportData": report_data }));
-                    match decision.denial {
-                        None => Ok(Vec::new()),
-                        Some(denial) => Err(denied(denial.line())),
-                    }
-                }
-            },
-            Request::StartContainer { .. }
-            | Request::UpdateContainer { .. }
-            | Request::WaitProcess { .. }
+            Request::WaitProcess { .. }
             | Request::ReadOutput { .. }
             | Request::WriteStdin { .. }
             | Request::ResizeTerminal { .. }
@@ -111,12 +108,16 @@ impl Gate {
                 self.engine_for(request)?;
                 Ok(Vec::new())
             }
-            Request::MountLayer { .. }
+            Request::GuestInfo
+            | Request::GetAttestation { .. }
+            | Request::MountLayer { .. }
             | Request::UnmountLayer { .. }
             | Request::MountOverlay { .. }
             | Request::UnmountOverlay { .. }
             | Request::MountScratch { .. }
             | Request::CreateContainer { .. }
+            | Request::StartContainer { .. }
+            | Request::UpdateContainer { .. }
             | Request::ExecProcess { .. }
             | Request::SignalProcess { .. }
             | Request::DeleteContainer { .. } => {
@@ -135,6 +136,12 @@ impl Gate {
                 Ok(decisions)
             }
         }
+    }
+
+    /// Whether the policy in force lets the agent keep logging to the
+    /// console (its `runtime_logging` rule); false without a policy.
+    pub fn runtime_logging_allowed(&mut self) -> bool {
+        self.engine.as_mut().is_some_and(|engine| engine.decide(Point::RuntimeLogging, &serde_json::json!({})).allowed)
     }
 
     fn engine_for(&mut self, request: &Request) -> Result<&mut Engine, AgentError> {
@@ -174,10 +181,11 @@ impl Gate {
         Ok(response)
     }
 
-    /// Compile a policy and install it if its hash is the HOST_DATA of this
-    /// launch, which `host_data` fetches given the hash (only once the policy
-    /// compiled); returns the hash. A hash that differs puts the agent in
-    /// lockdown.
+    /// Install a policy if its hash is the HOST_DATA of this launch, which
+    /// `host_data` fetches given the hash; returns the hash. The host's text
+    /// is hashed, checked against HOST_DATA, and only then parsed and
+    /// compiled. A hash that differs, or a policy that is HOST_DATA but does
+    /// not compile, puts the agent in lockdown.
     pub fn set_policy(
         &mut self,
         text: &str,
@@ -191,8 +199,6 @@ impl Gate {
         }
         let failed = |err: parma_policy::PolicyError| AgentError::new(ErrorCode::Failed, err.to_string());
         let policy = Policy::from_bytes(text.as_bytes().to_vec()).map_err(failed)?;
-        // A policy that does not compile is refused as such, before its hash matters.
-        let engine = Engine::new(&policy).map_err(failed)?;
         let host_data = host_data(&policy.hash()).map_err(|err| {
             AgentError::new(ErrorCode::Failed, format!("cannot check the policy against HOST_DATA: {err}"))
         })?;
@@ -206,6 +212,19 @@ impl Gate {
             self.lockdown = Some(reason.clone());
             return Err(denied(reason));
         }
+        let engine = match Engine::new(&policy) {
+            Ok(engine) => engine,
+            Err(err) => {
+                // The attested policy itself is broken: nothing can ever be allowed.
+                let reason = format!(
+                    "policy {} is the HOST_DATA of this launch but cannot be used ({err}); the agent refuses \
+                     every request but Ping, GuestInfo, GetAttestation and Shutdown",
+                    policy.hash_hex()
+                );
+                self.lockdown = Some(reason.clone());
+                return Err(AgentError::new(ErrorCode::Failed, reason));
+            }
+        };
         let hash = engine.policy_hash().to_string();
         self.engine = Some(engine);
         Ok(hash)
@@ -228,6 +247,14 @@ mod tests {
         Request::GetAttestation { report_data: "00".into() }
     }
 
+    fn attest_point() -> Vec<(Point, serde_json::Value)> {
+        vec![(Point::GetAttestation, serde_json::json!({"reportData": "00", "running": []}))]
+    }
+
+    fn info_point() -> Vec<(Point, serde_json::Value)> {
+        vec![(Point::GetProperties, serde_json::json!({}))]
+    }
+
     #[test]
     fn requests_that_are_not_enforcement_points_pass() {
         let mut gate = Gate::default();
@@ -235,13 +262,27 @@ mod tests {
             assert_eq!(gate.check(&request, &[]), Ok(vec![]));
         }
         // Before a policy, everything else is denied, attestation included.
-        let err = gate.check(&attest(), &[]).unwrap_err();
+        let err = gate.check(&attest(), &attest_point()).unwrap_err();
         assert_eq!(err.code, ErrorCode::PolicyDenied);
         assert_eq!(err.message, "GetAttestation is denied: no policy is set");
         gate.set_policy(ALLOW_ALL, hash_of(ALLOW_ALL)).unwrap();
-        for request in [Request::Ping, Request::GuestInfo, Request::Shutdown, attest()] {
+        for request in [Request::Ping, Request::Shutdown] {
             assert_eq!(gate.check(&request, &[]), Ok(vec![]));
         }
+        assert_eq!(gate.check(&attest(), &attest_point()).map(|d| d.len()), Ok(1));
+        assert_eq!(gate.check(&Request::GuestInfo, &info_point()).map(|d| d.len()), Ok(1));
+        assert!(gate.runtime_logging_allowed());
+    }
+
+    #[test]
+    fn guest_info_and_logging_follow_the_knobs() {
+        let policy = "package policy\nget_properties := data.framework.get_properties\n\
+                      runtime_logging := data.framework.runtime_logging\nallow_properties_access := false\n";
+        let mut gate = Gate::default();
+        gate.set_policy(policy, hash_of(policy)).unwrap();
+        let err = gate.check(&Request::GuestInfo, &info_point()).unwrap_err();
+        assert!(err.message.contains("allow_properties_access is false"), "{}", err.message);
+        assert!(!gate.runtime_logging_allowed());
     }
 
     #[test]
@@ -261,17 +302,31 @@ mod tests {
     }
 
     #[test]
-    fn a_broken_policy_is_refused_and_leaves_none_in_force() {
+    fn host_data_is_checked_before_the_rego_is_parsed() {
+        // Text that is not the launch's policy is never parsed: the answer
+        // is the HOST_DATA mismatch, not a parse error.
+        let mut gate = Gate::default();
+        let err = gate.set_policy("package policy\nallow := \n", |_| Ok([1; 32])).unwrap_err();
+        assert_eq!(err.code, ErrorCode::PolicyDenied);
+        assert!(err.message.contains("is not the HOST_DATA"), "{}", err.message);
+        // No provider: no policy, and the agent may try again.
+        let mut gate = Gate::default();
+        let err = gate.set_policy(ALLOW_ALL, |_| Err("no provider".into())).unwrap_err();
+        assert!(err.message.contains("cannot check the policy against HOST_DATA: no provider"), "{}", err.message);
+        assert!(gate.policy_hash().is_none());
+        assert_eq!(gate.check(&Request::SetPolicy { policy: ALLOW_ALL.into() }, &[]), Ok(vec![]));
+    }
+
+    #[test]
+    fn an_attested_policy_that_does_not_compile_locks_the_agent_down() {
         let mut gate = Gate::default();
         let broken = "package policy\nallow := \n";
         let err = gate.set_policy(broken, hash_of(broken)).unwrap_err();
         assert_eq!(err.code, ErrorCode::Failed);
         assert!(err.message.contains("does not compile"), "{}", err.message);
         assert!(gate.policy_hash().is_none());
-        let err = gate.set_policy(ALLOW_ALL, |_| Err("no provider".into())).unwrap_err();
-        assert!(err.message.contains("cannot check the policy against HOST_DATA: no provider"), "{}", err.message);
-        assert!(gate.policy_hash().is_none());
-        assert_eq!(gate.check(&Request::SetPolicy { policy: ALLOW_ALL.into() }, &[]), Ok(vec![]));
+        let err = gate.check(&Request::SetPolicy { policy: ALLOW_ALL.into() }, &[]).unwrap_err();
+        assert!(err.message.contains("cannot be used"), "{}", err.message);
     }
 
     #[test]
@@ -282,7 +337,7 @@ mod tests {
         assert!(err.message.contains("is not the HOST_DATA 0000"), "{}", err.message);
         assert!(gate.policy_hash().is_none());
         for request in [Request::Ping, Request::GuestInfo, attest(), Request::Shutdown] {
-            assert_eq!(gate.check(&request, &[]), Ok(vec![]));
+            assert_eq!(gate.check(&request, &attest_point()), Ok(vec![]));
         }
         let err = gate.check(&Request::SetPolicy { policy: ALLOW_ALL.into() }, &[]).unwrap_err();
         assert!(err.message.contains("refuses every request but"), "{}", err.message);
@@ -330,7 +385,7 @@ mod tests {
             "package policy\nget_attestation := data.framework.get_attestation\nrequired_containers := [\"web\"]\n";
         let mut gate = Gate::default();
         gate.set_policy(policy, hash_of(policy)).unwrap();
-        let err = gate.check(&attest(), &[]).unwrap_err();
-        assert!(err.message.contains("the container group is not complete: \"web\" not started"), "{}", err.message);
+        let err = gate.check(&attest(), &attest_point()).unwrap_err();
+        assert!(err.message.contains("the container group is not complete: \"web\" not running"), "{}", err.message);
     }
 }

@@ -3,8 +3,10 @@
 //! It serves the host's requests over vsock (real hosts) and a virtio-serial
 //! port (emulation and tests) with the same framed protocol. Every request
 //! goes through one dispatcher: decode, then the policy gate, then the
-//! handler. It exits only when the host asks for a shutdown (status 0) or
-//! when it has no transport (status 1); init powers the VM off either way.
+//! handler. It exits only when the host asks for a shutdown (status 0), when
+//! it has no transport (status 1), or when it cannot go on safely (status
+//! 70, and a panic: the guest build aborts); init powers the VM off in every
+//! case.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod attest;
@@ -12,6 +14,7 @@ mod containers;
 mod dispatch;
 mod gate;
 mod guest;
+mod log;
 mod mounts;
 mod scratch;
 mod seccomp;
@@ -28,15 +31,49 @@ use crate::dispatch::Dispatcher;
 
 /// How long the agent looks for its virtio-serial port before giving up on it.
 const SERIAL_DEADLINE: Duration = Duration::from_secs(30);
+/// The exit status when the agent cannot go on safely.
+const EXIT_FAIL_CLOSED: i32 = 70;
+/// Threads that carry out requests (each may block on a disk the host
+/// stalls); one per connection is busy at a time.
+const MAX_BLOCKING_THREADS: usize = 16;
+
+/// Stop the agent because going on could act on records that do not match
+/// the guest: init powers the UVM off.
+pub fn fail_closed(reason: &str) -> ! {
+    tracing::error!("{reason}: stopping");
+    std::process::exit(EXIT_FAIL_CLOSED)
+}
 
 fn main() {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).without_time().with_target(false).init();
+    log::init();
+    std::panic::set_hook(Box::new(|info| {
+        log::panic_hook(info);
+        std::process::abort();
+    }));
     // No container process may ptrace the agent or open its /proc/PID/mem
     // (one granted CAP_SYS_PTRACE included), and it leaves no core dump.
     if let Err(err) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!("cannot make the agent non-dumpable: {err}");
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    // Nothing of the agent (the policy, the scratch key while it is set up,
+    // stdio in flight) is ever swapped to the host's scratch disk; pages
+    // are locked as they are touched, not all at once.
+    let lock = nix::sys::mman::MlockAllFlags::MCL_CURRENT
+        | nix::sys::mman::MlockAllFlags::MCL_FUTURE
+        | nix::sys::mman::MlockAllFlags::from_bits_retain(libc::MCL_ONFAULT);
+    if let Err(err) = nix::sys::mman::mlockall(lock) {
+        tracing::warn!("cannot lock the agent's memory: {err}");
+    }
+    // A container that uses all memory is killed, never the agent.
+    // Container processes start at 0 again (the launch resets it).
+    if let Err(err) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+        tracing::warn!("cannot protect the agent from the OOM killer: {err}");
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             tracing::error!("cannot start the runtime: {err}");
@@ -78,7 +115,8 @@ async fn run() -> i32 {
     drop(shutdown_tx);
 
     tokio::select! {
-        _ = shutdown_rx.recv() => {
+        // Without vsock there is no sender: only the serial transport ends it.
+        Some(()) = shutdown_rx.recv(), if vsock => {
             tracing::info!("shutdown requested by the host");
             0
         }

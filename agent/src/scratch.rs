@@ -7,10 +7,16 @@
 //! only ciphertext: AES-XTS with a random IV per 4 KiB block, and an
 //! HMAC-SHA256 over each block, its IV and its sector, kept by dm-integrity
 //! next to the data (cryptsetup's `aes-xts-random` with `hmac-sha256`). A
-//! block the host changed, moved or replayed from elsewhere fails its HMAC:
+//! block the host changed, or moved from another sector, fails its HMAC:
 //! the swap-in fails with EIO and the process gets SIGBUS; it never reads
-//! forged data. The key is 96 bytes from the guest kernel's CRNG, never
-//! leaves the guest and dies with it.
+//! forged data. What this does not give is freshness: the host can put back
+//! an older version of a block (its data, IV and tag together), which still
+//! verifies, so a process may read what it wrote there before instead of
+//! what it wrote last. That is why the policy must allow swap explicitly
+//! (`allow_scratch_swap`). The key is 96 bytes from the guest kernel's
+//! CRNG, never leaves the guest and dies with it; its only copies in the
+//! agent's memory are wiped once the device exists, and the agent's memory
+//! is locked, never swapped.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -18,6 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use parma_sys::dm::{Control, CreateFlags, Target};
+use zeroize::{Zeroize, Zeroizing};
 
 /// dm-crypt's cipher: composed AEAD, XTS for secrecy, HMAC for integrity.
 const CIPHER: &str = "capi:authenc(hmac(sha256),xts(aes))-random";
@@ -82,20 +89,16 @@ pub fn setup(serial: &str, disk: &Path, disk_size: u64) -> Result<Scratch, Strin
         .create(INTEGRITY_NAME, "", &[integrity(sectors)], CreateFlags::default())
         .map_err(|err| format!("cannot open {device} with dm-integrity: {err}"))?;
 
-    let mut key = [0u8; KEY_SIZE];
+    let mut key = Zeroizing::new([0u8; KEY_SIZE]);
     let crypt = File::open("/dev/urandom")
-        .and_then(|mut random| random.read_exact(&mut key))
+        .and_then(|mut random| random.read_exact(key.as_mut_slice()))
         .map_err(|err| format!("cannot draw the scratch key: {err}"))
         .and_then(|()| {
             let mut target = Target {
                 start: 0,
                 length: sectors,
                 kind: "crypt".into(),
-                params: format!(
-                    "{CIPHER} {} 0 {} 0 2 integrity:{TAG_SIZE}:aead sector_size:4096",
-                    hex::encode(key),
-                    integrity_dev.path()
-                ),
+                params: crypt_params(&key, &integrity_dev.path()),
             };
             let created = control.create(
                 CRYPT_NAME,
@@ -103,11 +106,12 @@ pub fn setup(serial: &str, disk: &Path, disk_size: u64) -> Result<Scratch, Strin
                 std::slice::from_ref(&target),
                 CreateFlags { read_only: false, secret: true },
             );
-            // The key's copies in this process go now.
-            wipe(&mut target.params);
+            // The key's only other copy in this process goes now (the
+            // ioctl buffers are wiped by parma-sys).
+            target.params.zeroize();
             created.map_err(|err| format!("cannot open the dm-crypt layer of the scratch: {err}"))
         });
-    key.fill(0);
+    drop(key);
     let crypt = match crypt {
         Ok(crypt) => crypt,
         Err(err) => {
@@ -130,11 +134,22 @@ pub fn setup(serial: &str, disk: &Path, disk_size: u64) -> Result<Scratch, Strin
     Ok(Scratch { serial: serial.to_string(), device: swap, bytes })
 }
 
-/// Overwrite a string's bytes before it is dropped.
-fn wipe(text: &mut String) {
-    let mut bytes = std::mem::take(text).into_bytes();
-    bytes.fill(0);
-    std::hint::black_box(&bytes);
+/// dm-crypt's table parameters with the key in hex, written into one
+/// allocation of the final size: no intermediate string and no
+/// reallocation leaves a copy of the key behind in freed memory.
+fn crypt_params(key: &[u8; KEY_SIZE], device: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let tail = format!(" 0 {device} 0 2 integrity:{TAG_SIZE}:aead sector_size:4096");
+    let mut params = String::with_capacity(CIPHER.len() + 1 + 2 * KEY_SIZE + tail.len());
+    params.push_str(CIPHER);
+    params.push(' ');
+    for byte in key {
+        for nibble in [byte >> 4, byte & 0xf] {
+            params.push(char::from(HEX.get(usize::from(nibble)).copied().unwrap_or(b'0')));
+        }
+    }
+    params.push_str(&tail);
+    params
 }
 
 /// `provided_data_sectors` from dm-integrity's status line
@@ -202,6 +217,16 @@ mod tests {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let theirs = std::fs::read(&path).unwrap();
         assert_eq!(swap_header(64 << 20).unwrap(), theirs[..4096]);
+    }
+
+    #[test]
+    fn crypt_params_spell_the_key_in_hex() {
+        let key: [u8; KEY_SIZE] = std::array::from_fn(|i| (i * 7) as u8);
+        let params = crypt_params(&key, "/dev/dm-3");
+        let expected =
+            format!("{CIPHER} {} 0 /dev/dm-3 0 2 integrity:{TAG_SIZE}:aead sector_size:4096", hex::encode(key));
+        assert_eq!(params, expected);
+        assert_eq!(params.capacity(), params.len(), "one allocation, never grown");
     }
 
     #[test]

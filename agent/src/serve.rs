@@ -3,14 +3,26 @@
 //! Transport-independent: the same loop serves a vsock connection and the
 //! virtio-serial port. Framing errors are answered and survived; the loop
 //! ends only on end of stream, an I/O error, or a shutdown request.
+//!
+//! Requests that act on the guest run one at a time per connection, in the
+//! order they came, on a blocking thread (a mount on a disk the host stalls
+//! may take as long as the host likes); meanwhile the loop keeps reading and
+//! answers `Ping` and `Shutdown` at once. At most [`MAX_QUEUED`] requests
+//! wait behind the one running; more are answered `busy`, so a connection
+//! holds a bounded amount of memory whatever the host sends.
 
-use parma_protocol::{AgentError, Decoder, Response, encode_response};
+use std::sync::Arc;
+
+use parma_protocol::{AgentError, Decoder, ErrorCode, Request, Response, encode_response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 
-use crate::dispatch::{After, Dispatcher};
+use crate::dispatch::{self, After, Dispatcher};
 
 /// Read size per system call.
 const CHUNK: usize = 64 * 1024;
+/// Requests that may wait behind the one being carried out, per connection.
+pub const MAX_QUEUED: usize = 8;
 
 /// How a connection ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -21,15 +33,64 @@ pub enum Ended {
     Shutdown,
 }
 
+/// Carry out queued requests in order, each on a blocking thread.
+async fn work(
+    dispatcher: Arc<Dispatcher>,
+    mut queue: mpsc::Receiver<(u32, Request)>,
+    done: mpsc::Sender<(u32, Response, After)>,
+) {
+    while let Some((id, request)) = queue.recv().await {
+        let dispatcher = dispatcher.clone();
+        let answer = match tokio::task::spawn_blocking(move || dispatcher.handle(id, request)).await {
+            Ok((response, after)) => (id, response, after),
+            // Only reachable in an unwinding build: the guest aborts on a panic.
+            Err(_) => crate::fail_closed("a request handler panicked"),
+        };
+        if done.send(answer).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Serve one stream until it ends.
-pub async fn serve<S>(stream: &mut S, dispatcher: &Dispatcher) -> std::io::Result<Ended>
+pub async fn serve<S>(stream: &mut S, dispatcher: &Arc<Dispatcher>) -> std::io::Result<Ended>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (queue, work_queue) = mpsc::channel::<(u32, Request)>(MAX_QUEUED);
+    let (done_tx, mut done) = mpsc::channel::<(u32, Response, After)>(1);
+    let worker = tokio::spawn(work(dispatcher.clone(), work_queue, done_tx));
+    let ended = serve_with(stream, &queue, &mut done).await;
+    // Requests not started yet are dropped with the queue. One already
+    // running completes on its own (it holds the guest's lock; a shutdown
+    // does not wait for it) and its answer is lost with the connection.
+    drop(worker);
+    ended
+}
+
+async fn serve_with<S>(
+    stream: &mut S,
+    queue: &mpsc::Sender<(u32, Request)>,
+    done: &mut mpsc::Receiver<(u32, Response, After)>,
+) -> std::io::Result<Ended>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut decoder = Decoder::new();
     let mut buf = vec![0u8; CHUNK];
     loop {
-        let n = stream.read(&mut buf).await?;
+        // Reading is cancel-safe: a finished request's answer goes out first.
+        let n = tokio::select! {
+            biased;
+            Some((id, response, after)) = done.recv() => {
+                write(stream, id, &response).await?;
+                if after == After::Shutdown {
+                    return Ok(Ended::Shutdown);
+                }
+                continue;
+            }
+            read = stream.read(&mut buf) => read?,
+        };
         let Some(bytes) = buf.get(..n).filter(|bytes| !bytes.is_empty()) else {
             if decoder.buffered() > 0 {
                 tracing::warn!("peer left in the middle of a frame ({} bytes dropped)", decoder.buffered());
@@ -38,36 +99,60 @@ where
         };
         decoder.push(bytes);
         while let Some(item) = decoder.next_frame() {
-            let (id, response, after) = match item {
-                Ok(frame) => {
-                    let (response, after) = dispatcher.dispatch(&frame).await;
-                    (frame.id, response, after)
-                }
+            let frame = match item {
+                Ok(frame) => frame,
                 Err(err) => {
                     tracing::warn!("bad frame: {err}");
-                    (err.id(), Response::Error(AgentError::from(&err)), After::Continue)
+                    write(stream, err.id(), &Response::Error(AgentError::from(&err))).await?;
+                    continue;
                 }
             };
-            stream.write_all(&encode_response(id, &response)).await?;
-            stream.flush().await?;
-            if after == After::Shutdown {
-                return Ok(Ended::Shutdown);
+            let request = match dispatch::decode(&frame) {
+                Ok(request) => request,
+                Err(response) => {
+                    write(stream, frame.id, &response).await?;
+                    continue;
+                }
+            };
+            if let Some((response, after)) = dispatch::immediate(&request) {
+                write(stream, frame.id, &response).await?;
+                if after == After::Shutdown {
+                    return Ok(Ended::Shutdown);
+                }
+                continue;
+            }
+            if let Err(err) = queue.try_send((frame.id, request)) {
+                let message = match err {
+                    mpsc::error::TrySendError::Full(_) => {
+                        format!("busy: {MAX_QUEUED} requests already wait on this connection; nothing was done")
+                    }
+                    mpsc::error::TrySendError::Closed(_) => "the agent is stopping; nothing was done".into(),
+                };
+                write(stream, frame.id, &Response::Error(AgentError::new(ErrorCode::Busy, message))).await?;
             }
         }
     }
 }
 
+async fn write<S: AsyncWrite + Unpin>(stream: &mut S, id: u32, response: &Response) -> std::io::Result<()> {
+    stream.write_all(&encode_response(id, response)).await?;
+    stream.flush().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use parma_protocol::{ErrorCode, FrameKind, Request, encode_request};
+    use parma_protocol::{FrameKind, encode_request};
+
+    fn dispatcher() -> Arc<Dispatcher> {
+        Arc::new(Dispatcher::new(crate::attest::Provider::Emulated { host_data: [0; 32] }))
+    }
 
     async fn exchange(input: Vec<u8>) -> (Vec<Response>, Ended) {
         let (mut agent_side, mut host_side) = tokio::io::duplex(1 << 22);
-        let dispatcher = Dispatcher::new(crate::attest::Provider::Emulated { host_data: [0; 32] });
         host_side.write_all(&input).await.unwrap();
         host_side.shutdown().await.unwrap();
-        let ended = serve(&mut agent_side, &dispatcher).await.unwrap();
+        let ended = serve(&mut agent_side, &dispatcher()).await.unwrap();
         drop(agent_side);
         let mut out = Vec::new();
         host_side.read_to_end(&mut out).await.unwrap();
@@ -109,5 +194,90 @@ mod tests {
         let (responses, ended) = exchange(input).await;
         assert_eq!(responses, vec![Response::ShuttingDown]);
         assert_eq!(ended, Ended::Shutdown);
+    }
+
+    /// Read whole response frames from `host` until `count` came.
+    async fn answers(host: &mut tokio::io::DuplexStream, count: usize) -> Vec<(u32, Response)> {
+        let mut decoder = Decoder::new();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        while got.len() < count {
+            let n = host.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the agent closed after {got:?}");
+            decoder.push(&buf[..n]);
+            while let Some(frame) = decoder.next_frame() {
+                let frame = frame.unwrap();
+                got.push((frame.id, Response::decode(&frame.body).unwrap()));
+            }
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn queued_requests_are_answered_in_order() {
+        // GuestInfo goes through the lock and a blocking thread, one after
+        // the other; a ping among them is answered as it comes.
+        let (mut agent_side, mut host_side) = tokio::io::duplex(1 << 22);
+        let server = tokio::spawn(async move { serve(&mut agent_side, &dispatcher()).await });
+        let mut input = Vec::new();
+        for id in 1..=3 {
+            input.extend(encode_request(id, &Request::GuestInfo));
+        }
+        input.extend(encode_request(4, &Request::Ping));
+        host_side.write_all(&input).await.unwrap();
+        let got = answers(&mut host_side, 4).await;
+        let infos: Vec<u32> =
+            got.iter().filter(|(_, r)| matches!(r, Response::GuestInfo(_))).map(|(id, _)| *id).collect();
+        assert_eq!(infos, vec![1, 2, 3], "{got:?}");
+        assert!(got.iter().any(|(id, r)| *id == 4 && matches!(r, Response::Pong(_))));
+        drop(host_side);
+        assert_eq!(server.await.unwrap().unwrap(), Ended::Eof);
+    }
+
+    #[tokio::test]
+    async fn a_stuck_request_does_not_hold_up_ping_or_shutdown() {
+        let dispatcher = dispatcher();
+        // Another handler holds the guest's records (a stalled disk).
+        let held = dispatcher.clone();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || held.hold_lock_until(&locked_tx, &release_rx));
+        locked_rx.recv().unwrap();
+        let (mut agent_side, mut host_side) = tokio::io::duplex(1 << 22);
+        let server = tokio::spawn({
+            let dispatcher = dispatcher.clone();
+            async move { serve(&mut agent_side, &dispatcher).await }
+        });
+        let mut input = encode_request(1, &Request::GuestInfo);
+        input.extend(encode_request(2, &Request::Ping));
+        // More than the queue holds: the rest are answered busy at once.
+        for id in 3..(4 + MAX_QUEUED as u32) {
+            input.extend(encode_request(id, &Request::GuestInfo));
+        }
+        input.extend(encode_request(99, &Request::Shutdown));
+        host_side.write_all(&input).await.unwrap();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
+        assert_eq!(ended, Ended::Shutdown, "the shutdown did not wait for the stuck request");
+        let got = answers(&mut host_side, 3).await;
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        assert!(matches!(got.first(), Some((2, Response::Pong(_)))), "{got:?}");
+        let rest = {
+            let mut out = Vec::new();
+            drop(host_side.shutdown().await);
+            let _ = host_side.read_to_end(&mut out).await;
+            let mut decoder = Decoder::new();
+            decoder.push(&out);
+            std::iter::from_fn(|| decoder.next_frame())
+                .map(|f| {
+                    let f = f.unwrap();
+                    (f.id, Response::decode(&f.body).unwrap())
+                })
+                .collect::<Vec<_>>()
+        };
+        let all: Vec<_> = got.into_iter().chain(rest).collect();
+        assert!(all.iter().any(|(_, r)| matches!(r, Response::Error(e) if e.code == ErrorCode::Busy)), "{all:?}");
+        assert!(matches!(all.last(), Some((99, Response::ShuttingDown))), "{all:?}");
+        assert!(!all.iter().any(|(id, _)| *id == 1), "the stuck request was not answered: {all:?}");
     }
 }

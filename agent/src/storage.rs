@@ -70,15 +70,71 @@ struct Overlay {
     scratch: bool,
 }
 
-/// Every layer and overlay the agent mounted.
+/// Why a teardown did not complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Teardown {
+    /// Nothing changed: the records still say what is mounted.
+    Unchanged(String),
+    /// The mount is gone and so is its record (nothing can stack on it
+    /// again), but something under it lingers, named in the message; the
+    /// agent tries again to remove it at the next teardown.
+    Partly(String),
+}
+
+/// The system calls a teardown makes, behind a trait so the records'
+/// agreement with what is mounted is tested without root.
+pub trait Unmounter: std::fmt::Debug + Send {
+    /// `umount2(target)`, lazily (`MNT_DETACH`) if `detach`.
+    fn unmount(&self, target: &str, detach: bool) -> Result<(), String>;
+    /// `DM_DEV_REMOVE` of a device-mapper device.
+    fn remove_device(&self, name: &str) -> Result<(), String>;
+}
+
+/// The real system calls.
 #[derive(Debug, Default)]
+struct System;
+
+impl Unmounter for System {
+    fn unmount(&self, target: &str, detach: bool) -> Result<(), String> {
+        let flags = if detach { MntFlags::MNT_DETACH } else { MntFlags::empty() };
+        umount2(target, flags).map_err(|err| format!("cannot unmount {target}: {err}"))
+    }
+
+    fn remove_device(&self, name: &str) -> Result<(), String> {
+        let control = Control::open().map_err(|err| err.to_string())?;
+        control.remove(name).map_err(|err| err.to_string())
+    }
+}
+
+/// Every layer and overlay the agent mounted.
+#[derive(Debug)]
 pub struct Storage {
     layers: BTreeMap<String, Layer>,
     overlays: BTreeMap<String, Overlay>,
     scratch: Option<crate::scratch::Scratch>,
+    /// Device-mapper devices whose mount is gone but whose removal failed.
+    lingering: Vec<String>,
+    system: Box<dyn Unmounter>,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self::with_unmounter(Box::new(System))
+    }
 }
 
 impl Storage {
+    /// Storage whose teardowns go through `system`.
+    pub fn with_unmounter(system: Box<dyn Unmounter>) -> Self {
+        Self { layers: BTreeMap::new(), overlays: BTreeMap::new(), scratch: None, lingering: Vec::new(), system }
+    }
+
+    /// Try again to remove devices an earlier teardown left behind.
+    fn retry_lingering(&mut self) {
+        let system = &self.system;
+        self.lingering.retain(|name| system.remove_device(name).is_err());
+    }
+
     /// Whether container `id` has an overlay.
     pub fn has_overlay(&self, id: &str) -> bool {
         self.overlays.contains_key(id)
@@ -146,18 +202,27 @@ impl Storage {
         Ok(self.scratch.insert(crate::scratch::setup(serial, &disk, size)?))
     }
 
-    /// Unmount layer `name` and remove its dm-verity device.
-    pub fn unmount_layer(&mut self, name: &str) -> Result<(), String> {
-        let layer = self.layers.get(name).ok_or_else(|| format!("layer {name:?} is not mounted"))?;
+    /// Unmount layer `name` and remove its dm-verity device. Once the
+    /// unmount succeeded the layer's record goes, whatever happens to the
+    /// device: a record always means a verified layer is mounted there.
+    pub fn unmount_layer(&mut self, name: &str) -> Result<(), Teardown> {
+        self.retry_lingering();
+        let layer =
+            self.layers.get(name).ok_or_else(|| Teardown::Unchanged(format!("layer {name:?} is not mounted")))?;
         if let Some((id, _)) = self.overlays.iter().find(|(_, overlay)| overlay.layers.iter().any(|l| l == name)) {
-            return Err(format!("layer {name:?} is in use by the overlay of container {id:?}"));
+            return Err(Teardown::Unchanged(format!("layer {name:?} is in use by the overlay of container {id:?}")));
         }
-        umount2(layer.target.as_str(), MntFlags::empty())
-            .map_err(|err| format!("cannot unmount {}: {err}", layer.target))?;
-        let control = Control::open().map_err(|err| err.to_string())?;
-        control.remove(&layer.device.name).map_err(|err| err.to_string())?;
+        self.system.unmount(&layer.target, false).map_err(Teardown::Unchanged)?;
         let _ = std::fs::remove_dir(&layer.target);
+        let device = layer.device.name.clone();
         self.layers.remove(name);
+        if let Err(err) = self.system.remove_device(&device) {
+            self.lingering.push(device.clone());
+            return Err(Teardown::Partly(format!(
+                "layer {name:?} is unmounted, but its device {device} could not be removed ({err}); the agent \
+                 tries again at the next unmount"
+            )));
+        }
         Ok(())
     }
 
@@ -197,7 +262,9 @@ impl Storage {
             }
             options.push_str(&format!(",upperdir={scratch}/upper,workdir={scratch}/work"));
         }
-        let flags = if writable { MsFlags::empty() } else { MsFlags::MS_RDONLY };
+        // nodev: a device node in a layer or written by the container opens
+        // nothing (the container's devices are bound in from the guest).
+        let flags = if writable { MsFlags::MS_NODEV } else { MsFlags::MS_RDONLY | MsFlags::MS_NODEV };
         if let Err(err) = mount(Some("overlay"), rootfs.as_str(), Some("overlay"), flags, Some(options.as_str())) {
             if writable {
                 let _ = umount2(scratch.as_str(), MntFlags::MNT_DETACH);
@@ -209,17 +276,19 @@ impl Storage {
         Ok(rootfs)
     }
 
-    /// Unmount container `id`'s overlay and its scratch.
-    pub fn unmount_overlay(&mut self, id: &str) -> Result<(), String> {
-        let overlay = self.overlays.get(id).ok_or_else(|| format!("container {id:?} has no overlay"))?;
-        let rootfs = rootfs_target(id);
-        umount2(rootfs.as_str(), MntFlags::empty()).map_err(|err| format!("cannot unmount {rootfs}: {err}"))?;
-        if overlay.scratch {
-            let scratch = scratch_target(id);
-            umount2(scratch.as_str(), MntFlags::empty()).map_err(|err| format!("cannot unmount {scratch}: {err}"))?;
+    /// Unmount container `id`'s overlay and its scratch. Once the overlay
+    /// is unmounted its record goes (nothing may run on an empty directory
+    /// where the overlay was); its scratch is then detached lazily.
+    pub fn unmount_overlay(&mut self, id: &str) -> Result<(), Teardown> {
+        let overlay =
+            self.overlays.get(id).ok_or_else(|| Teardown::Unchanged(format!("container {id:?} has no overlay")))?;
+        let scratch = overlay.scratch;
+        self.system.unmount(&rootfs_target(id), false).map_err(Teardown::Unchanged)?;
+        self.overlays.remove(id);
+        if scratch && let Err(err) = self.system.unmount(&scratch_target(id), true) {
+            return Err(Teardown::Partly(format!("the overlay of {id:?} is unmounted, but not its scratch: {err}")));
         }
         let _ = std::fs::remove_dir_all(container_dir(id));
-        self.overlays.remove(id);
         Ok(())
     }
 }
@@ -292,6 +361,81 @@ fn block_device_size(disk: &Path) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Records what a teardown did; fails the calls it is told to.
+    #[derive(Debug, Default, Clone)]
+    struct Fake {
+        calls: Arc<Mutex<Vec<String>>>,
+        fail_unmount: bool,
+        fail_remove: Arc<Mutex<bool>>,
+    }
+
+    impl Unmounter for Fake {
+        fn unmount(&self, target: &str, detach: bool) -> Result<(), String> {
+            self.calls.lock().unwrap().push(format!("umount {target} {detach}"));
+            if self.fail_unmount { Err(format!("cannot unmount {target}: EBUSY")) } else { Ok(()) }
+        }
+
+        fn remove_device(&self, name: &str) -> Result<(), String> {
+            self.calls.lock().unwrap().push(format!("remove {name}"));
+            if *self.fail_remove.lock().unwrap() { Err("EBUSY".into()) } else { Ok(()) }
+        }
+    }
+
+    fn with_layer(fake: &Fake) -> Storage {
+        let mut storage = Storage::with_unmounter(Box::new(fake.clone()));
+        let device = Device { name: "parma-layer-l0".into(), major: 253, minor: 0 };
+        storage.layers.insert("l0".into(), Layer { device, target: layer_target("l0"), serial: "parma-l0".into() });
+        storage
+    }
+
+    #[test]
+    fn a_failed_unmount_changes_nothing() {
+        let fake = Fake { fail_unmount: true, ..Fake::default() };
+        let mut storage = with_layer(&fake);
+        let err = storage.unmount_layer("l0").unwrap_err();
+        assert!(matches!(err, Teardown::Unchanged(ref m) if m.contains("EBUSY")), "{err:?}");
+        assert!(storage.layers.contains_key("l0"), "still mounted, still recorded");
+        assert_eq!(*fake.calls.lock().unwrap(), vec![format!("umount {} false", layer_target("l0"))]);
+    }
+
+    #[test]
+    fn a_device_that_lingers_leaves_no_record_of_a_mounted_layer() {
+        let fake = Fake::default();
+        *fake.fail_remove.lock().unwrap() = true;
+        let mut storage = with_layer(&fake);
+        let err = storage.unmount_layer("l0").unwrap_err();
+        assert!(matches!(err, Teardown::Partly(ref m) if m.contains("parma-layer-l0")), "{err:?}");
+        // Nothing may stack the empty directory as a verified layer now.
+        assert!(!storage.layers.contains_key("l0"));
+        let overlay = storage.mount_overlay("c", &["l0".into()], false).unwrap_err();
+        assert!(overlay.contains("layer \"l0\" is not mounted"), "{overlay}");
+        // The next teardown tries the device again, and it goes.
+        *fake.fail_remove.lock().unwrap() = false;
+        assert!(storage.unmount_layer("l0").is_err());
+        assert!(storage.lingering.is_empty());
+        assert_eq!(fake.calls.lock().unwrap().iter().filter(|c| *c == "remove parma-layer-l0").count(), 2);
+    }
+
+    #[test]
+    fn an_unmounted_overlay_is_forgotten_even_if_its_scratch_lingers() {
+        #[derive(Debug)]
+        struct ScratchStuck;
+        impl Unmounter for ScratchStuck {
+            fn unmount(&self, target: &str, detach: bool) -> Result<(), String> {
+                if detach { Err(format!("cannot unmount {target}: EINVAL")) } else { Ok(()) }
+            }
+            fn remove_device(&self, _: &str) -> Result<(), String> {
+                Ok(())
+            }
+        }
+        let mut storage = Storage::with_unmounter(Box::new(ScratchStuck));
+        storage.overlays.insert("c".into(), Overlay { layers: vec!["l0".into()], scratch: true });
+        let err = storage.unmount_overlay("c").unwrap_err();
+        assert!(matches!(err, Teardown::Partly(_)), "{err:?}");
+        assert!(!storage.has_overlay("c"), "no container can be created on the empty root");
+    }
 
     #[test]
     fn names_are_checked() {

@@ -60,7 +60,7 @@ fn named_port(class_dir: &Path, wanted: &str) -> Option<PathBuf> {
 /// reconnecting can be missed by an edge-triggered poller, which left a
 /// request unread until the host gave up (seen under TCG, about one boot in
 /// ten). A blocking read waits on the driver's own condition instead.
-pub async fn serve_serial(path: &Path, dispatcher: &Dispatcher) -> anyhow::Result<()> {
+pub async fn serve_serial(path: &Path, dispatcher: &Arc<Dispatcher>) -> anyhow::Result<()> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -215,9 +215,40 @@ impl tokio::io::AsyncWrite for SerialStream<'_> {
     }
 }
 
-/// Bind the vsock listener (any CID, [`VSOCK_PORT`]).
-pub fn listen_vsock() -> std::io::Result<VsockListener> {
-    VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, VSOCK_PORT))
+/// The CID of the host (the hypervisor's side of a guest-to-host transport).
+pub const HOST_CID: u32 = 2;
+
+/// Why the agent does not listen on vsock.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockUnavailable {
+    /// No guest-to-host transport (no virtio-vsock device): nobody but the
+    /// guest itself could connect, so there is nothing to listen for.
+    #[error("no guest-to-host vsock transport ({0})")]
+    NoTransport(String),
+    /// Binding the port failed.
+    #[error("cannot bind vsock port {VSOCK_PORT}: {0}")]
+    Bind(std::io::Error),
+}
+
+/// Bind the vsock listener ([`VSOCK_PORT`]) if the guest has a
+/// guest-to-host transport; without one (a virtio-serial boot) the agent
+/// does not listen on vsock at all.
+pub fn listen_vsock() -> Result<VsockListener, VsockUnavailable> {
+    // VMADDR_CID_ANY (u32::MAX) is what the kernel answers without a
+    // guest-to-host transport.
+    match vsock::get_local_cid() {
+        Ok(cid) if cid != VMADDR_CID_ANY && cid > HOST_CID => {}
+        Ok(cid) => return Err(VsockUnavailable::NoTransport(format!("local CID {cid}"))),
+        Err(err) => return Err(VsockUnavailable::NoTransport(err.to_string())),
+    }
+    VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, VSOCK_PORT)).map_err(VsockUnavailable::Bind)
+}
+
+/// Whether a vsock peer may talk to the agent: the host only. vsock has no
+/// network namespaces, so without this check any process in the guest (a
+/// container's included) that reaches the port would be served.
+pub fn peer_allowed(peer_cid: u32) -> bool {
+    peer_cid == HOST_CID
 }
 
 /// Accept vsock connections and serve each on its own task, at most
@@ -233,6 +264,10 @@ pub async fn serve_vsock(listener: VsockListener, dispatcher: Arc<Dispatcher>, s
                 continue;
             }
         };
+        if !peer_allowed(peer.cid()) {
+            tracing::warn!("vsock {peer:?}: refused, only the host (CID {HOST_CID}) is served");
+            continue;
+        }
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!("vsock {peer:?}: refused, {MAX_VSOCK_CONNECTIONS} connections already open");
             continue;
@@ -268,5 +303,14 @@ mod tests {
         assert_eq!(named_port(&dir, SERIAL_PORT_NAME), Some(PathBuf::from("/dev/vport1p1")));
         assert_eq!(named_port(&dir, "missing"), None);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_the_host_is_served_over_vsock() {
+        assert!(peer_allowed(HOST_CID));
+        // The guest's own loopback (1), the hypervisor (0), guests and any.
+        for cid in [0, 1, 3, 4, 1000, u32::MAX] {
+            assert!(!peer_allowed(cid), "CID {cid}");
+        }
     }
 }

@@ -414,6 +414,9 @@ impl Client {
             readonly_rootfs: false,
             resources,
             mounts: mounts.to_vec(),
+            // runc's defaults, which the agent applies and the policy sees.
+            masked_paths: None,
+            readonly_paths: None,
         })
     }
 

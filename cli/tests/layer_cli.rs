@@ -127,6 +127,8 @@ fn policy_gen_allows_exactly_what_the_image_says() {
         "user": {"uid": 1000}, "groups": [],
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps, "inheritable": [], "ambient": []},
         "noNewPrivileges": false, "privileged": false, "seccompProfileSHA256": "", "mounts": [],
+        "maskedPaths": parma_policy::DEFAULT_MASKED_PATHS, "readonlyPaths": parma_policy::DEFAULT_READONLY_PATHS,
+        "terminal": false, "rlimits": [],
     });
     let mut extra_env = create.clone();
     extra_env["envList"] = json!(["PATH=/usr/bin", "DEBUG=1"]);
@@ -135,6 +137,16 @@ fn policy_gen_allows_exactly_what_the_image_says() {
     let mut shell = create.clone();
     shell["argList"] = json!(["/bin/sh"]);
     step(Point::CreateContainer, shell, false);
-    step(Point::CreateContainer, create, true);
-    step(Point::DumpStacks, json!({}), false);
+    let mut unmasked = create.clone();
+    unmasked["maskedPaths"] = json!([]);
+    let denied = step(Point::CreateContainer, unmasked, false);
+    assert!(denied.denial.unwrap().line().contains(r#"masked path "/proc/kcore" is required"#));
+    let mut terminal = create.clone();
+    terminal["terminal"] = json!(true);
+    step(Point::CreateContainer, terminal, false);
+    let allowed = step(Point::CreateContainer, create, true);
+    assert!(allowed.allow_stdio_access, "generated policies let the host reach stdio");
+    step(Point::StartContainer, json!({"containerID": "c"}), true);
+    step(Point::UpdateContainer, json!({"containerID": "c", "resources": {"memory_max": 4096}}), false);
+    step(Point::GetProperties, json!({}), false);
 }

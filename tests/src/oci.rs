@@ -3,8 +3,10 @@
 //!
 //! Two gzip-compressed layers: "base" (a static busybox from the host and
 //! its shell tools, `/etc/passwd` and `/etc/group` with `app` 1000:1000, a
-//! file and a directory for the next layer to hide) and "app" (the
-//! `oci-hello` test program as the entrypoint, an OCI whiteout of
+//! file and a directory for the next layer to hide, and device nodes a
+//! hostile image could bring: the guest's disks and `/dev/mem` by number, in
+//! `/layer-dev`) and "app" (the `oci-hello` test program as the entrypoint,
+//! the in-container attack probe `parma-probe`, an OCI whiteout of
 //! `/etc/remove-me` and an opaque `/opt/old`). Every header is fixed (mtime
 //! 0, owner 0:0 except `/srv`) and gzip carries mtime 0, so the same inputs
 //! give the same bytes.
@@ -23,6 +25,17 @@ use zerocopy::{FromBytes, Immutable, KnownLayout};
 pub const REF_NAME: &str = "parma-test:1";
 /// Where the `oci-hello` program is in the image: `config.Entrypoint`.
 pub const ENTRYPOINT: &str = "/usr/bin/oci-hello";
+/// Where the in-container attack probe is in the image.
+pub const PROBE: &str = "/usr/bin/parma-probe";
+/// Device nodes the base layer brings, by name in `/layer-dev`: (block?,
+/// major, minor). A layer's nodes must open nothing in the guest.
+pub const LAYER_DEVICES: [(&str, bool, u32, u32); 5] = [
+    ("blk-254-0", true, 254, 0),
+    ("blk-253-0", true, 253, 0),
+    ("blk-252-0", true, 252, 0),
+    ("chr-1-1", false, 1, 1),
+    ("chr-10-0", false, 10, 0),
+];
 /// `config.Env`.
 pub const ENV: [&str; 2] = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "GREETING=hello"];
 /// `config.WorkingDir`, owned by [`USER`].
@@ -57,11 +70,14 @@ pub struct TestImage {
 
 /// Write the test image as an OCI layout in `out` (created if missing),
 /// with `hello` (the static `oci-hello` built by `scripts/build-guest.sh`)
-/// as its entrypoint and the host's static `/bin/busybox` as its shell.
+/// as its entrypoint, `parma-probe` from the same directory, and the host's
+/// static `/bin/busybox` as its shell.
 pub fn build_test_image(out: &Path, hello: &Path) -> anyhow::Result<TestImage> {
     let busybox = read_static(Path::new(HOST_BUSYBOX), "install busybox-static (scripts/deps.sh)")?;
+    let probe_path = hello.with_file_name("parma-probe");
     let hello = read_static(hello, "build it with scripts/build-guest.sh")?;
-    let tars = [base_layer(&busybox)?, app_layer(&hello)?];
+    let probe = read_static(&probe_path, "build it with scripts/build-guest.sh")?;
+    let tars = [base_layer(&busybox)?, app_layer(&hello, &probe)?];
 
     let blobs = out.join("blobs/sha256");
     fs::create_dir_all(&blobs).with_context(|| format!("cannot create {}", blobs.display()))?;
@@ -110,11 +126,15 @@ fn base_layer(busybox: &[u8]) -> anyhow::Result<Vec<u8>> {
     tar.file("etc/group", 0o644, b"root:x:0:\napp:x:1000:\n")?;
     tar.file("etc/remove-me", 0o644, REMOVED_TEXT.as_bytes())?;
     tar.file("opt/old/old.txt", 0o644, b"hidden by the app layer's opaque /opt/old\n")?;
+    tar.dir("layer-dev", 0o755, 0)?;
+    for (name, block, major, minor) in LAYER_DEVICES {
+        tar.device(&format!("layer-dev/{name}"), block, major, minor)?;
+    }
     tar.finish()
 }
 
-/// Layer 1: the program, a whiteout and an opaque directory.
-fn app_layer(hello: &[u8]) -> anyhow::Result<Vec<u8>> {
+/// Layer 1: the programs, a whiteout and an opaque directory.
+fn app_layer(hello: &[u8], probe: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut tar = Tar::default();
     for dir in ["etc", "opt", "opt/old", "usr", "usr/bin"] {
         tar.dir(dir, 0o755, 0)?;
@@ -123,6 +143,7 @@ fn app_layer(hello: &[u8]) -> anyhow::Result<Vec<u8>> {
     tar.file("opt/old/.wh..wh..opq", 0o644, b"")?;
     tar.file("opt/old/new.txt", 0o644, b"from the app layer\n")?;
     tar.file(ENTRYPOINT.trim_start_matches('/'), 0o755, hello)?;
+    tar.file(PROBE.trim_start_matches('/'), 0o755, probe)?;
     tar.finish()
 }
 
@@ -156,6 +177,15 @@ impl Tar {
     fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> anyhow::Result<()> {
         let mut header = Self::header(tar::EntryType::Regular, mode, 0, data.len() as u64);
         self.0.append_data(&mut header, path, data).with_context(|| format!("tar: {path}"))
+    }
+
+    /// A block or character device node, mode 0666, owned by root.
+    fn device(&mut self, path: &str, block: bool, major: u32, minor: u32) -> anyhow::Result<()> {
+        let kind = if block { tar::EntryType::Block } else { tar::EntryType::Char };
+        let mut header = Self::header(kind, 0o666, 0, 0);
+        header.set_device_major(major).with_context(|| format!("tar: {path}"))?;
+        header.set_device_minor(minor).with_context(|| format!("tar: {path}"))?;
+        self.0.append_data(&mut header, path, &[][..]).with_context(|| format!("tar: {path}"))
     }
 
     fn symlink(&mut self, path: &str, target: &str) -> anyhow::Result<()> {
@@ -352,28 +382,43 @@ impl PolicyFixture {
         seccomp_sha256: Option<&str>,
         mounts: &[serde_json::Value],
     ) -> anyhow::Result<Self> {
+        Self::with_spec(
+            hello,
+            serde_json::json!({
+                "name": name,
+                "command": command,
+                "seccomp_profile_sha256": seccomp_sha256,
+                "mounts": mounts,
+            }),
+        )
+    }
+
+    /// The fixture's policy from its default spec (see [`PolicyFixture::new`];
+    /// also resource updates and scratch swap allowed), with the fields of
+    /// `extra` (a `parma policy gen` spec object) replacing the defaults.
+    pub fn with_spec(hello: &Path, extra: serde_json::Value) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let image = build_test_image(&dir.path().join("oci"), hello)?;
         let layers_dir = dir.path().join("layers");
-        let spec = dir.path().join("spec.json");
-        std::fs::write(
-            &spec,
-            serde_json::to_vec(&serde_json::json!({
-                "name": name,
-                "command": command,
-                "exec_processes": [
-                    {"command": ["/bin/cat", "/etc/passwd"], "signals": []},
-                    {"command": ["/bin/cat", "/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/memory.max"], "signals": []},
-                    {"command": ["/bin/cat", "/proc/self/status"], "signals": []},
-                ],
-                "signals": [9],
-                "no_new_privileges": true,
-                "seccomp_profile_sha256": seccomp_sha256,
-                "mounts": mounts,
-                "fragments": [{"issuer": parma_policy::fragment::issuer_id(&fragment_issuer_key()), "feed": FRAGMENT_FEED, "minimum_svn": 1}],
-            }))?,
-        )?;
-        let text = parma::policy_gen::generate(&image.layout, Some(REF_NAME), Some(&spec), &layers_dir)?;
+        let mut spec = serde_json::json!({
+            "name": "hello",
+            "exec_processes": [
+                {"command": ["/bin/cat", "/etc/passwd"], "signals": []},
+                {"command": ["/bin/cat", "/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/memory.max"], "signals": []},
+                {"command": ["/bin/cat", "/proc/self/status"], "signals": []},
+            ],
+            "signals": [9],
+            "no_new_privileges": true,
+            "allow_resource_updates": true,
+            "allow_scratch_swap": true,
+            "fragments": [{"issuer": parma_policy::fragment::issuer_id(&fragment_issuer_key()), "feed": FRAGMENT_FEED, "minimum_svn": 1}],
+        });
+        if let (serde_json::Value::Object(spec), serde_json::Value::Object(extra)) = (&mut spec, extra) {
+            spec.extend(extra);
+        }
+        let spec_path = dir.path().join("spec.json");
+        std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
+        let text = parma::policy_gen::generate(&image.layout, Some(REF_NAME), Some(&spec_path), &layers_dir)?;
         let policy = dir.path().join("policy.rego");
         std::fs::write(&policy, &text)?;
         let built = parma_layer::build(&image.layout, Some(REF_NAME), &layers_dir, &|_| {})?;

@@ -458,6 +458,8 @@ fn a_read_only_root_cannot_be_written() -> anyhow::Result<()> {
         readonly_rootfs: true,
         resources: None,
         mounts: Vec::new(),
+        masked_paths: None,
+        readonly_paths: None,
     };
     let response = client.call(&create)?;
     ensure!(response == parma_protocol::Response::Done, "{response:?}");

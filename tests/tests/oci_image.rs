@@ -99,6 +99,12 @@ fn test_image_builds_into_layer_images() -> anyhow::Result<()> {
     assert_eq!(tmp[1], "41777", "{tmp:?}");
     let removed = debugfs(&base, "cat /etc/remove-me")?;
     assert_eq!(removed, oci::REMOVED_TEXT);
+    // The device nodes a hostile image could bring, kept as nodes.
+    let devices = debugfs(&base, "ls -l /layer-dev")?;
+    for (name, block, ..) in oci::LAYER_DEVICES {
+        let entry = ls_entry(&devices, name).with_context(|| format!("no /layer-dev/{name}:\n{devices}"))?;
+        assert_eq!(entry[1], if block { "60666" } else { "20666" }, "{entry:?}");
+    }
 
     // The app layer: the whiteout is a 0:0 character device, /opt/old is opaque.
     let etc = debugfs(&app, "ls -l /etc")?;
@@ -111,7 +117,9 @@ fn test_image_builds_into_layer_images() -> anyhow::Result<()> {
     assert!(opaque.contains("trusted.overlay.opaque") && opaque.contains("\"y\""), "{opaque}");
     let old = debugfs(&app, "ls /opt/old")?;
     assert!(old.contains("new.txt") && !old.contains(".wh."), "{old}");
-    let program = ls_entry(&debugfs(&app, "ls -l /usr/bin")?, "oci-hello").context("no /usr/bin/oci-hello")?;
+    let usr_bin = debugfs(&app, "ls -l /usr/bin")?;
+    ls_entry(&usr_bin, "parma-probe").context("no /usr/bin/parma-probe")?;
+    let program = ls_entry(&usr_bin, "oci-hello").context("no /usr/bin/oci-hello")?;
     assert_eq!(program[1..5], ["100755", "(1)", "0", "0"], "{program:?}");
     assert_eq!(program[5].parse::<u64>()?, std::fs::metadata(&hello)?.len());
     Ok(())

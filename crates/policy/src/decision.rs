@@ -17,6 +17,10 @@ pub struct Decision {
     pub allowed: bool,
     /// State changes to apply once the action succeeded (allowed only).
     pub ops: Vec<MetadataOp>,
+    /// Whether the host may read the process's output and write its input
+    /// (`create_container` and `exec_in_container`: the rule's
+    /// `allow_stdio_access`, false when it does not say).
+    pub allow_stdio_access: bool,
     /// Why not (denied only).
     pub denial: Option<Denial>,
 }
@@ -68,6 +72,8 @@ struct RuleResult {
     #[serde(default)]
     metadata: Vec<MetadataOp>,
     #[serde(default)]
+    allow_stdio_access: bool,
+    #[serde(default)]
     reason: Option<RuleReason>,
 }
 
@@ -83,7 +89,7 @@ impl Decision {
     /// A denial with a message and no candidates.
     pub fn deny(point: Point, message: impl Into<String>) -> Self {
         let denial = Denial { point, message: message.into(), candidates: Vec::new() };
-        Self { point, allowed: false, ops: Vec::new(), denial: Some(denial) }
+        Self { point, allowed: false, ops: Vec::new(), allow_stdio_access: false, denial: Some(denial) }
     }
 
     /// Interpret what a policy rule evaluated to. Anything but `true` or
@@ -97,7 +103,7 @@ impl Decision {
             Err(err) => return Self::deny(point, format!("the rule returned a value that is not JSON: {err}")),
         };
         if json == serde_json::Value::Bool(true) {
-            return Self { point, allowed: true, ops: Vec::new(), denial: None };
+            return Self { point, allowed: true, ops: Vec::new(), allow_stdio_access: false, denial: None };
         }
         let result: RuleResult = match serde_json::from_value(json.clone()) {
             Ok(result) => result,
@@ -108,7 +114,8 @@ impl Decision {
             }
         };
         if result.allowed {
-            return Self { point, allowed: true, ops: result.metadata, denial: None };
+            let allow_stdio_access = result.allow_stdio_access;
+            return Self { point, allowed: true, ops: result.metadata, allow_stdio_access, denial: None };
         }
         let reason = result.reason.unwrap_or(RuleReason { message: String::new(), candidates: Vec::new() });
         let message = if reason.message.is_empty() { "the policy denies it".to_string() } else { reason.message };
@@ -116,6 +123,7 @@ impl Decision {
             point,
             allowed: false,
             ops: Vec::new(),
+            allow_stdio_access: false,
             denial: Some(Denial { point, message, candidates: reason.candidates }),
         }
     }
@@ -136,8 +144,11 @@ mod tests {
         assert!(!decide("false").allowed);
         assert!(!decide(r#"{"allowed": "yes"}"#).allowed);
         assert!(!decide(r#"{"allowed": true, "metadata": [{"name": 1}]}"#).allowed);
-        let undefined = Decision::from_rule_result(Point::DumpStacks, &regorus::Value::Undefined);
-        assert_eq!(undefined.denial.unwrap().message, "the policy does not define dump_stacks (deny by default)");
+        let undefined = Decision::from_rule_result(Point::StartContainer, &regorus::Value::Undefined);
+        assert_eq!(undefined.denial.unwrap().message, "the policy does not define start_container (deny by default)");
+        assert!(!decide(r#"{"allowed": true}"#).allow_stdio_access, "stdio is denied unless the rule allows it");
+        assert!(decide(r#"{"allowed": true, "allow_stdio_access": true}"#).allow_stdio_access);
+        assert!(!decide(r#"{"allowed": true, "allow_stdio_access": "yes"}"#).allowed, "a malformed result is a denial");
     }
 
     #[test]

@@ -109,9 +109,16 @@ impl SignedFragment {
 }
 
 impl Fragment {
-    /// The `load_fragment` point's input.
+    /// The `load_fragment` point's input: issuer, feed, SVN and the names of
+    /// the containers it adds (a name that is not a string is given as null,
+    /// which matches no container and is refused when the fragment is added).
     pub fn input(&self) -> serde_json::Value {
-        serde_json::json!({"issuer": self.issuer, "feed": self.feed, "svn": self.svn})
+        let names: Vec<serde_json::Value> = self
+            .containers
+            .iter()
+            .map(|c| c.get("name").filter(|n| n.is_string()).cloned().unwrap_or_default())
+            .collect();
+        serde_json::json!({"issuer": self.issuer, "feed": self.feed, "svn": self.svn, "containers": names})
     }
 }
 

@@ -9,8 +9,8 @@
 #                                                     once the action succeeded
 #   {"allowed": false, "reason": {"message": ...,
 #                                 "candidates": [...]}} when denied
-# The agent passes its state (what is mounted, which containers started) in
-# `input.state`; it never comes from the host.
+# The agent passes its state (what is mounted, which containers exist and
+# which run) in `input.state`; it never comes from the host.
 package framework
 
 import rego.v1
@@ -31,10 +31,6 @@ default allow_properties_access := false
 
 allow_properties_access := data.parma_policy_data.allow_properties_access
 
-default allow_dump_stacks := false
-
-allow_dump_stacks := data.parma_policy_data.allow_dump_stacks
-
 default allow_runtime_logging := false
 
 allow_runtime_logging := data.parma_policy_data.allow_runtime_logging
@@ -43,12 +39,19 @@ default allow_unencrypted_scratch := false
 
 allow_unencrypted_scratch := data.parma_policy_data.allow_unencrypted_scratch
 
+# Swap on a host disk (MountScratch) is encrypted and authenticated block by
+# block, but has no freshness: the host can put back an older version of a
+# block it saw before. Off unless the policy accepts that.
+default allow_scratch_swap := false
+
+allow_scratch_swap := data.parma_policy_data.allow_scratch_swap
+
 default allow_capability_dropping := false
 
-# Ordering and completeness: containers named in `start_order` start only
-# after every container before them started (stopping later does not undo
-# that), and attestation waits until every one of `required_containers`
-# started.
+# Ordering and completeness: containers named in `start_order` start (at
+# `start_container`) only after every container before them started
+# (stopping later does not undo that), and attestation waits until every one
+# of `required_containers` runs.
 default start_order := []
 
 start_order := data.parma_policy_data.start_order
@@ -69,7 +72,18 @@ devices := object.get(state, "devices", {})
 
 overlays := object.get(state, "overlays", {})
 
-started := object.get(state, "started", {})
+# Containers by id: {"name", "status": "created" | "running", ...}; added at
+# create, running from start, removed at delete.
+containers := object.get(state, "containers", {})
+
+# The names of the policy's containers that ever started: {name: true}.
+started_names := object.get(state, "started_names", {})
+
+# What the agent applies when a request names none (runc's defaults), and
+# requires when a container of the policy names none.
+default_masked_paths := data.parma_policy_data.default_masked_paths
+
+default_readonly_paths := data.parma_policy_data.default_readonly_paths
 
 allowed_with(ops) := {"allowed": true, "metadata": ops}
 
@@ -209,7 +223,7 @@ overlay_at(target) := id if {
 
 unmount_overlay := allowed_with([{"name": "overlays", "action": "remove", "key": overlay_at(input.unmountTarget)}]) if {
 	id := overlay_at(input.unmountTarget)
-	not running(id)
+	not containers[id]
 }
 
 unmount_overlay := denied(sprintf("no overlay is mounted at %s", [quote(input.unmountTarget)]), []) if {
@@ -217,14 +231,11 @@ unmount_overlay := denied(sprintf("no overlay is mounted at %s", [quote(input.un
 	not overlay_at(input.unmountTarget)
 }
 
-unmount_overlay := denied(sprintf("container %s still runs on the overlay at %s", [quote(overlay_at(input.unmountTarget)), quote(input.unmountTarget)]), []) if {
-	running(overlay_at(input.unmountTarget))
+unmount_overlay := denied(sprintf("container %s still exists on the overlay at %s", [quote(overlay_at(input.unmountTarget)), quote(input.unmountTarget)]), []) if {
+	containers[overlay_at(input.unmountTarget)]
 }
 
-running(id) if {
-	started[id]
-	not started[id].stopped
-}
+running(id) if containers[id].status == "running"
 
 # ---------------------------------------------------------------- matching
 
@@ -343,13 +354,54 @@ flag_failures(c, req) := array.concat(
 			not object.get(c, "allow_elevated", false)
 			msg := sprintf("container %s may not run privileged", [quote(c.name)])
 		],
-		[msg |
-			want := object.get(c, "seccomp_profile_sha256", "")
-			got := object.get(req, "seccompProfileSHA256", "")
-			want != got
-			msg := sprintf("seccomp profile %s is not %s", [quote(got), quote(want)])
-		],
+		array.concat(
+			[msg |
+				want := object.get(c, "seccomp_profile_sha256", "")
+				got := object.get(req, "seccompProfileSHA256", "")
+				want != got
+				msg := sprintf("seccomp profile %s is not %s", [quote(got), quote(want)])
+			],
+			array.concat(terminal_failures(c, req), rlimit_failures(c, req)),
+		),
 	),
+)
+
+# A process runs on a terminal only if its entry of the policy says
+# `"terminal": true`: on a terminal, whoever writes stdin can send the
+# process SIGINT, SIGQUIT and SIGTSTP (^C, ^\, ^Z), and a resize sends SIGWINCH,
+# whatever the signal rules say.
+terminal_failures(entry, req) := ["the process may not run on a terminal (its policy entry has no \"terminal\": true)"] if {
+	object.get(req, "terminal", false) != false
+	not object.get(entry, "terminal", false) == true
+} else := []
+
+# Each resource limit the request sets must be listed for the container
+# with at least its soft and hard values (the agent sets limits before it
+# drops privileges, so the policy is what bounds a raised hard limit).
+rlimit_failures(c, req) := [msg |
+	some limit in object.get(req, "rlimits", [])
+	not rlimit_allowed(c, limit)
+	msg := sprintf("rlimit %s (soft %v, hard %v) is not allowed for %s", [json.marshal(limit.type), limit.soft, limit.hard, owner(c)])
+]
+
+rlimit_allowed(c, limit) if {
+	some allowed in object.get(c, "rlimits", [])
+	allowed.type == limit.type
+	limit.soft <= allowed.soft
+	limit.hard <= allowed.hard
+}
+
+# The request's masked and read-only paths must include every path the
+# policy's container requires (runc's defaults when it names none).
+path_failures(c, req) := array.concat(
+	[sprintf("masked path %s is required by container %s", [quote(p), quote(c.name)]) |
+		some p in object.get(c, "masked_paths", default_masked_paths)
+		not p in object.get(req, "maskedPaths", [])
+	],
+	[sprintf("read-only path %s is required by container %s", [quote(p), quote(c.name)]) |
+		some p in object.get(c, "readonly_paths", default_readonly_paths)
+		not p in object.get(req, "readonlyPaths", [])
+	],
 )
 
 container_failures(c) := array.concat(
@@ -366,7 +418,7 @@ container_failures(c) := array.concat(
 						capability_failures(c, object.get(input, "capabilities", {})),
 						array.concat(
 							mount_failures(c, object.get(input, "mounts", [])),
-							array.concat(flag_failures(c, input), order_failures(c)),
+							array.concat(flag_failures(c, input), path_failures(c, input)),
 						),
 					),
 				),
@@ -374,10 +426,6 @@ container_failures(c) := array.concat(
 		),
 	),
 )
-
-started_names contains entry.name if {
-	some _, entry in started
-}
 
 order_failures(c) := [sprintf("container %s starts after %s, which has not started", [quote(c.name), quote(before)]) |
 	some i, name in start_order
@@ -387,7 +435,8 @@ order_failures(c) := [sprintf("container %s starts after %s, which has not start
 	not started_names[before]
 ]
 
-# The policy's containers by name (the first of a name), indexed at load.
+# The policy's containers by name, indexed at load (names are unique: a
+# policy or fragment that repeats one is refused).
 policy_container(name) := data.parma_policy_data.containers_by_name[name]
 
 # ---------------------------------------------------------------- containers
@@ -409,7 +458,7 @@ container_ok(c) if {
 	capabilities_ok(c, object.get(input, "capabilities", {}))
 	mounts_ok(c, object.get(input, "mounts", []))
 	flags_ok(c, input)
-	not order_blocked(c)
+	count(path_failures(c, input)) == 0
 }
 
 # The fast path reads the indexes built at load (`index_env` and
@@ -464,33 +513,35 @@ flag_broken(c, req) if {
 	object.get(c, "seccomp_profile_sha256", "") != object.get(req, "seccompProfileSHA256", "")
 }
 
-order_blocked(c) if {
-	some i, name in start_order
-	name == c.name
-	some j, before in start_order
-	j < i
-	not started_names[before]
-}
+flag_broken(c, req) if count(terminal_failures(c, req)) > 0
+
+flag_broken(c, req) if count(rlimit_failures(c, req)) > 0
 
 default create_container := {"allowed": false, "reason": {"message": "create_container: input is missing containerID", "candidates": []}}
 
 create_container := denied(sprintf("container %s already exists", [quote(input.containerID)]), []) if {
-	started[input.containerID]
+	containers[input.containerID]
 }
 
 create_container := denied(sprintf("container %s has no overlay mounted through the policy", [quote(input.containerID)]), []) if {
 	is_string(input.containerID)
-	not started[input.containerID]
+	not containers[input.containerID]
 	not overlays[input.containerID]
 }
 
-create_container := allowed_with([{"name": "started", "action": "add", "key": input.containerID, "value": {
+# Whether the host may read the container's output and write its input (its
+# exec'd processes' too): the container's `allow_stdio_access` (default
+# false: the process's stdio is /dev/null).
+stdio_access(c) := object.get(c, "allow_stdio_access", false) == true
+
+create_container := {"allowed": true, "allow_stdio_access": stdio_access(create_passing[0]), "metadata": [{"name": "containers", "action": "add", "key": input.containerID, "value": {
 	"name": create_passing[0].name,
+	"status": "created",
 	"argList": input.argList,
 	"envList": input.envList,
 	"workingDir": input.workingDir,
-}}]) if {
-	not started[input.containerID]
+}}]} if {
+	not containers[input.containerID]
 	overlays[input.containerID]
 	count(create_passing) > 0
 }
@@ -499,17 +550,51 @@ create_container := denied(
 	sprintf("no container of the policy allows this request (tried %s)", [concat(", ", [quote(c.name) | some c in create_candidates])]),
 	[{"container": c.name, "failures": container_failures(c)} | some c in create_candidates],
 ) if {
-	not started[input.containerID]
+	not containers[input.containerID]
 	overlays[input.containerID]
 	count(create_passing) == 0
 }
 
+# A created container's init process starts: in the order `start_order`
+# gives. Only from here on does it count as started and running.
+default start_container := {"allowed": false, "reason": {"message": "start_container: input is missing containerID", "candidates": []}}
+
+created_container := policy_container(containers[input.containerID].name)
+
+start_container := denied(sprintf("container %s does not exist", [quote(input.containerID)]), []) if {
+	is_string(input.containerID)
+	not containers[input.containerID]
+}
+
+start_container := denied(sprintf("container %s was already started", [quote(input.containerID)]), []) if {
+	containers[input.containerID].status != "created"
+}
+
+start_container := allowed_with(array.concat(
+	[{"name": "containers", "action": "update", "key": input.containerID, "value": object.union(containers[input.containerID], {"status": "running"})}],
+	[{"name": "started_names", "action": "add", "key": created_container.name, "value": true} | not started_names[created_container.name]],
+)) if {
+	containers[input.containerID].status == "created"
+	count(order_failures(created_container)) == 0
+}
+
+start_container := denied(concat("; ", order_failures(created_container)), []) if {
+	containers[input.containerID].status == "created"
+	count(order_failures(created_container)) > 0
+}
+
 exec_failures(c, process) := array.concat(
 	command_failures(process.command, input.argList, "command"),
-	array.concat(env_failures(c, input.envList), working_dir_failures(c, input.workingDir)),
+	array.concat(
+		env_failures(c, input.envList),
+		array.concat(
+			working_dir_failures(c, input.workingDir),
+			array.concat(terminal_failures(process, input), rlimit_failures(c, input)),
+		),
+	),
 )
 
-started_container := policy_container(started[input.containerID].name)
+started_container := policy_container(containers[input.containerID].name)
 
 default exec_in_container := {"allowed": false, "reason": {"message": "exec_in_container: input is missing containerID", "candidates": []}}
 
@@ -518,7 +603,7 @@ exec_in_container := denied(sprintf("container %s is not running", [quote(input.
 	not running(input.containerID)
 }
 
-exec_in_container := {"allowed": true, "metadata": []} if {
+exec_in_container := {"allowed": true, "allow_stdio_access": stdio_access(started_container), "metadata": []} if {
 	running(input.containerID)
 	exec_allowed
 }
@@ -541,6 +626,8 @@ exec_ok(c, process) if {
 	process.command == input.argList
 	env_ok(c, input.envList)
 	object.get(c, "working_dir", "/") == input.workingDir
+	count(terminal_failures(process, input)) == 0
+	count(rlimit_failures(c, input)) == 0
 }
 
 exec_process_failures := [msg |
@@ -552,13 +639,33 @@ exec_process_failures := [msg |
 
 default shutdown_container := {"allowed": false, "reason": {"message": "shutdown_container: input is missing containerID", "candidates": []}}
 
-shutdown_container := allowed_with([{"name": "started", "action": "update", "key": input.containerID, "value": object.union(started[input.containerID], {"stopped": true})}]) if {
-	running(input.containerID)
+# Deleting a container (whose processes all exited) removes its record.
+shutdown_container := allowed_with([{"name": "containers", "action": "remove", "key": input.containerID}]) if {
+	containers[input.containerID]
 }
 
-shutdown_container := denied(sprintf("container %s is not running", [quote(input.containerID)]), []) if {
+shutdown_container := denied(sprintf("container %s does not exist", [quote(input.containerID)]), []) if {
 	is_string(input.containerID)
-	not running(input.containerID)
+	not containers[input.containerID]
+}
+
+# Changing a running or created container's cgroup limits: only for a
+# container whose policy entry has `"allow_resource_updates": true`.
+default update_container := {"allowed": false, "reason": {"message": "update_container: input is missing containerID", "candidates": []}}
+
+update_container := denied(sprintf("container %s does not exist", [quote(input.containerID)]), []) if {
+	is_string(input.containerID)
+	not containers[input.containerID]
+}
+
+update_container := {"allowed": true, "metadata": []} if {
+	containers[input.containerID]
+	object.get(created_container, "allow_resource_updates", false) == true
+}
+
+update_container := denied(sprintf("container %s may not have its resources changed (allow_resource_updates is not true)", [quote(containers[input.containerID].name)]), []) if {
+	containers[input.containerID]
+	not object.get(created_container, "allow_resource_updates", false) == true
 }
 
 default signal_container_process := {"allowed": false, "reason": {"message": "signal_container_process: input is missing containerID or signal", "candidates": []}}
@@ -597,13 +704,21 @@ signal_allowed if {
 
 # ---------------------------------------------------------------- attestation
 
-missing_required := [name | some name in required_containers; not started_names[name]]
+# A required container counts while it runs: its record says it started and
+# the agent, which passes the ids of the containers whose init process is
+# alive in `input.running`, still sees it.
+running_names contains containers[id].name if {
+	some id in object.get(input, "running", [])
+	running(id)
+}
+
+missing_required := [name | some name in required_containers; not running_names[name]]
 
 get_attestation := {"allowed": true, "metadata": []} if {
 	count(missing_required) == 0
 }
 
-get_attestation := denied(sprintf("the container group is not complete: %s not started", [concat(", ", [quote(n) | some n in missing_required])]), []) if {
+get_attestation := denied(sprintf("the container group is not complete: %s not running", [concat(", ", [quote(n) | some n in missing_required])]), []) if {
 	count(missing_required) > 0
 }
 
@@ -636,21 +751,25 @@ external_allowed if {
 
 default scratch_mount := {"allowed": false, "reason": {"message": "scratch_mount: input is missing target or encrypted", "candidates": []}}
 
-scratch_mount := {"allowed": true, "metadata": []} if {
-	is_string(input.target)
-	input.encrypted == true
-}
-
-scratch_mount := {"allowed": true, "metadata": []} if {
-	is_string(input.target)
-	input.encrypted == false
-	allow_unencrypted_scratch == true
-}
-
-scratch_mount := denied("unencrypted scratch is not allowed by the policy", []) if {
-	is_string(input.target)
+scratch_problems contains "unencrypted scratch is not allowed by the policy" if {
 	input.encrypted == false
 	not allow_unencrypted_scratch == true
+}
+
+scratch_problems contains "swap on a host disk (no freshness: the host can replay older blocks) is not allowed by the policy (allow_scratch_swap is false)" if {
+	object.get(input, "swap", false) == true
+	not allow_scratch_swap == true
+}
+
+scratch_mount := {"allowed": true, "metadata": []} if {
+	is_string(input.target)
+	is_boolean(input.encrypted)
+	count(scratch_problems) == 0
+}
+
+scratch_mount := denied(concat("; ", sort(scratch_problems)), []) if {
+	is_string(input.target)
+	count(scratch_problems) > 0
 }
 
 scratch_unmount := {"allowed": true, "metadata": []} if is_string(input.unmountTarget)
@@ -659,10 +778,11 @@ knob_point(value, name, what) := {"allowed": true, "metadata": []} if {
 	value == true
 } else := denied(sprintf("%s is not allowed by the policy (%s is false)", [what, name]), [])
 
+# GuestInfo, once a policy is in force.
 get_properties := knob_point(allow_properties_access, "allow_properties_access", "reading properties")
 
-dump_stacks := knob_point(allow_dump_stacks, "allow_dump_stacks", "dumping stacks")
-
+# Decided once, when the policy is set: whether the agent keeps writing its
+# log (and the kernel its messages) to the console the host reads.
 runtime_logging := knob_point(allow_runtime_logging, "allow_runtime_logging", "runtime logging")
 
 # ---------------------------------------------------------------- fragments
@@ -700,6 +820,21 @@ load_fragment_problems contains sprintf("svn %d of feed %s is below the minimum 
 
 load_fragment_problems contains sprintf("feed %s is already loaded", [quote(input.feed)]) if {
 	loaded_fragments[input.feed]
+}
+
+# A container name is one container: a fragment may not reuse a name of the
+# policy (or of a fragment loaded before), nor repeat one of its own.
+load_fragment_problems contains sprintf("container %s is already in the policy", [quote(name)]) if {
+	some name in object.get(input, "containers", [])
+	data.parma_policy_data.containers_by_name[name]
+}
+
+load_fragment_problems contains sprintf("container %s appears more than once in the fragment", [quote(name)]) if {
+	names := object.get(input, "containers", [])
+	some i, name in names
+	some j, other in names
+	i < j
+	name == other
 }
 
 default load_fragment := {"allowed": false, "reason": {"message": "load_fragment: input is missing issuer, feed or svn", "candidates": []}}

@@ -47,6 +47,28 @@ pub const FRAMEWORK: &str = include_str!("framework.rego");
 /// The largest policy accepted, in bytes.
 pub const MAX_POLICY: usize = 512 * 1024;
 
+/// Paths of `/proc` and `/sys` a container sees empty when its request
+/// names none (runc's and containerd's defaults), and that the framework
+/// requires when a container of the policy names none.
+pub const DEFAULT_MASKED_PATHS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/sys/devices/virtual/powercap",
+    "/sys/firmware",
+];
+
+/// Paths of `/proc` a container sees read-only when its request names none
+/// (runc's defaults): the kernel's global knobs.
+pub const DEFAULT_READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+
 /// Default wall-clock budget of one decision.
 pub const DEFAULT_BUDGET: Duration = Duration::from_millis(500);
 
@@ -65,6 +87,31 @@ pub enum PolicyError {
     /// The module's package is not `policy`.
     #[error("policy must be `package policy`, found {0}")]
     WrongPackage(String),
+    /// Two containers with one name: a name must identify one container.
+    #[error("container name {0} appears more than once (a name identifies one container)")]
+    DuplicateContainer(String),
+    /// A container without a name.
+    #[error("container {0} of the policy has no name (a string)")]
+    UnnamedContainer(usize),
+    /// A pattern (an re2 env rule, a mount source) that is not a valid regular expression.
+    #[error("{what} pattern {pattern:?} is not a valid regular expression: {reason}")]
+    BadPattern {
+        /// Whose pattern.
+        what: String,
+        /// The pattern.
+        pattern: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Check that `pattern` compiles as regorus will compile it (anchored).
+fn check_pattern(what: impl Fn() -> String, pattern: &str) -> Result<(), PolicyError> {
+    regex::Regex::new(&format!("^(?:{pattern})$")).map(drop).map_err(|err| PolicyError::BadPattern {
+        what: what(),
+        pattern: pattern.chars().take(128).collect(),
+        reason: err.to_string().lines().last().unwrap_or_default().trim().to_string(),
+    })
 }
 
 /// A policy's text and identity.
@@ -107,14 +154,19 @@ impl Policy {
 }
 
 /// How regorus evaluates the rules. Both give the same decisions (the golden
-/// tables run on both); they differ in speed and in one reason: a builtin
+/// tables run on both, and a differential test holds them to it on random
+/// policies and requests); they differ in speed and in one reason: a builtin
 /// that fails is an error in the interpreter and an undefined rule in the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// The policy compiled once, at load, to regorus's register VM (RVM)
-    /// bytecode: about 2.5x faster per decision. The default.
+    /// regorus's register VM (RVM) for every enforcement point the policy
+    /// binds to the framework (`create_container := data.framework.create_container`
+    /// and nothing else naming it), compiled once at load: about 3x faster
+    /// per decision. Points whose rules the policy writes itself are decided
+    /// by the interpreter: the VM runs only the framework's code, which the
+    /// differential test covers. The default.
     Vm,
-    /// regorus's tree-walking interpreter.
+    /// regorus's tree-walking interpreter for every point.
     Interpreter,
 }
 
@@ -179,20 +231,22 @@ impl Engine {
             return Err(PolicyError::WrongPackage(package));
         }
         let data = load_policy_data(&mut rego)?;
-        // regorus 0.14.1's VM gets `every` wrong (see `uses_every`): such a
-        // policy is decided by the interpreter.
-        let backend = if uses_every(&policy.text) { Backend::Interpreter } else { backend };
         let (vm, entry_points) = match backend {
             Backend::Interpreter => (None, Vec::new()),
-            Backend::Vm => compile_vm(&mut rego, data.clone(), budget)?,
+            Backend::Vm => {
+                let bound: Vec<Point> =
+                    Point::ALL.into_iter().filter(|point| bound_to_framework(&policy.text, *point)).collect();
+                compile_vm(&mut rego, data.clone(), budget, &bound)?
+            }
         };
         Ok(Self { rego, vm, entry_points, data, state: State::default(), policy_hash: policy.hash_hex() })
     }
 
-    /// The backend that decides: [`Backend::Interpreter`] for a policy that
-    /// uses `every`, whatever was asked for.
-    pub fn backend(&self) -> Backend {
-        if self.vm.is_some() { Backend::Vm } else { Backend::Interpreter }
+    /// The backend that decides `point`: the VM only for a point the policy
+    /// binds to the framework (and only when the VM was asked for).
+    pub fn backend(&self, point: Point) -> Backend {
+        let rule = format!("data.policy.{}", point.rule());
+        if self.vm.is_some() && self.entry_points.contains(&rule) { Backend::Vm } else { Backend::Interpreter }
     }
 
     /// The hash of the loaded policy.
@@ -227,11 +281,9 @@ impl Engine {
             fields.insert(regorus::Value::from("state"), self.state.rego().clone());
         }
         let rule = format!("data.policy.{}", point.rule());
+        let on_vm = self.entry_points.contains(&rule);
         let result = match &mut self.vm {
-            Some(vm) => {
-                if !self.entry_points.contains(&rule) {
-                    return Decision::deny(point, format!("the policy does not define {point} (deny by default)."));
-                }
+            Some(vm) if on_vm => {
                 vm.machine.set_input(input);
                 let result = vm.machine.execute_entry_point_by_name(&rule).map_err(|err| err.to_string());
                 // Drop the input's share of the state, so the next commit
@@ -244,7 +296,7 @@ impl Engine {
                 vm.machine.load_program(vm.program.clone());
                 result
             }
-            None => {
+            _ => {
                 self.rego.set_input(input);
                 let result = self.rego.eval_rule(rule).map_err(|err| err.to_string());
                 self.rego.set_input(regorus::Value::Null);
@@ -252,7 +304,7 @@ impl Engine {
             }
         };
         let result = match result {
-            Ok(regorus::Value::Undefined) if self.vm.is_some() => {
+            Ok(regorus::Value::Undefined) if on_vm => {
                 // The rule is declared (an entry point) but has no value: a
                 // condition failed or a builtin failed on this input.
                 let reason = format!("the policy's {point} rule is undefined for this input (deny by default)");
@@ -339,9 +391,9 @@ pub const DATA_RULES: &[&str] = &[
     "containers",
     "external_processes",
     "allow_properties_access",
-    "allow_dump_stacks",
     "allow_runtime_logging",
     "allow_unencrypted_scratch",
+    "allow_scratch_swap",
     "allow_capability_dropping",
     "start_order",
     "required_containers",
@@ -352,14 +404,16 @@ pub const DATA_RULES: &[&str] = &[
 const POLICY_DATA: &str = "parma_policy_data";
 
 /// Compile the policy and the framework for regorus's register VM, with one
-/// entry point per enforcement point the policy defines.
+/// entry point per enforcement point in `bound` (those the policy binds to
+/// the framework).
 fn compile_vm(
     rego: &mut regorus::Engine,
     data: regorus::Value,
     budget: Duration,
+    bound: &[Point],
 ) -> Result<(Option<Vm>, Vec<String>), PolicyError> {
     let vm_error = |err: &dyn std::fmt::Display| PolicyError::Rego(format!("register VM: {err}"));
-    let entry_points: Vec<String> = Point::ALL
+    let entry_points: Vec<String> = bound
         .iter()
         .filter(|point| rego.has_declared_rule_rooted_at("policy.rego", point.rule()).unwrap_or(false))
         .map(|point| format!("data.policy.{}", point.rule()))
@@ -404,6 +458,9 @@ fn load_policy_data(rego: &mut regorus::Engine) -> Result<regorus::Value, Policy
         }
     }
     index_containers(fields)?;
+    let paths = |list: &[&str]| regorus::Value::from(list.iter().map(|p| regorus::Value::from(*p)).collect::<Vec<_>>());
+    fields.insert(regorus::Value::from("default_masked_paths"), paths(DEFAULT_MASKED_PATHS));
+    fields.insert(regorus::Value::from("default_readonly_paths"), paths(DEFAULT_READONLY_PATHS));
     let mut root = regorus::Value::new_object();
     root.as_object_mut()
         .map_err(|err| PolicyError::Rego(err.to_string()))?
@@ -415,7 +472,8 @@ fn load_policy_data(rego: &mut regorus::Engine) -> Result<regorus::Value, Policy
 /// What the framework looks up instead of scanning every container on every
 /// decision, built once from the policy's `containers`:
 /// - `layer_hashes`: every layer root hash, as `{hash: true}`;
-/// - `containers_by_name`: each container by name (the first of a name);
+/// - `containers_by_name`: each container by its name, which must be a
+///   string and unique (a policy or fragment repeating one is refused);
 /// - `containers_by_layers`: container names by the JSON of their layer list;
 /// - each re2 env rule gets `anchored`, its pattern as `^(?:PATTERN)$`.
 fn index_containers(fields: &mut regorus::value::Object) -> Result<(), PolicyError> {
@@ -428,7 +486,7 @@ fn index_containers(fields: &mut regorus::value::Object) -> Result<(), PolicyErr
         _ => Vec::new(),
     };
     let mut indexed = Vec::with_capacity(containers.len());
-    for mut container in containers {
+    for (position, mut container) in containers.into_iter().enumerate() {
         let layers = container["layers"].clone();
         if let Ok(list) = layers.as_array() {
             let hash_index = hashes.as_object_mut().map_err(|err| error(&err))?;
@@ -444,13 +502,15 @@ fn index_containers(fields: &mut regorus::value::Object) -> Result<(), PolicyErr
                 entry.as_array_mut().map_err(|err| error(&err))?.push(container["name"].clone());
             }
         }
-        index_env(&mut container);
-        index_mounts_and_capabilities(&mut container);
+        index_env(&mut container)?;
+        index_mounts_and_capabilities(&mut container)?;
         let name = container["name"].clone();
+        let Ok(text) = name.as_string() else { return Err(PolicyError::UnnamedContainer(position)) };
         let names = by_name.as_object_mut().map_err(|err| error(&err))?;
-        if name != regorus::Value::Undefined && !names.contains_key(&name) {
-            names.insert(name, container.clone());
+        if names.contains_key(&name) {
+            return Err(PolicyError::DuplicateContainer(format!("{:?}", text.as_ref())));
         }
+        names.insert(name, container.clone());
         indexed.push(container);
     }
     if fields.contains_key(&regorus::Value::from("containers")) {
@@ -459,7 +519,9 @@ fn index_containers(fields: &mut regorus::value::Object) -> Result<(), PolicyErr
     let key = regorus::Value::from("external_processes");
     if let Some(Ok(processes)) = fields.get(&key).map(regorus::Value::as_array) {
         let mut processes: Vec<regorus::Value> = processes.iter().cloned().collect();
-        processes.iter_mut().for_each(index_env);
+        for process in &mut processes {
+            index_env(process)?;
+        }
         fields.insert(key, regorus::Value::from(processes));
     }
     fields.insert(regorus::Value::from("layer_hashes"), hashes);
@@ -483,7 +545,7 @@ fn index_containers(fields: &mut regorus::value::Object) -> Result<(), PolicyErr
 /// process whose `env_rules` is not a list of objects gets no index (and
 /// loses any index fields the policy wrote itself), so the fast path allows
 /// none of its requests, as the failure lists, which fail on it, deny them.
-fn index_env(process: &mut regorus::Value) {
+fn index_env(process: &mut regorus::Value) -> Result<(), PolicyError> {
     const FIELDS: [&str; 5] =
         ["env_strings", "env_patterns", "env_required_strings", "env_required_patterns", "env_required_other"];
     if let Ok(object) = process.as_object_mut() {
@@ -496,9 +558,20 @@ fn index_env(process: &mut regorus::Value) {
         regorus::Value::Undefined => &no_rules,
         rules => rules,
     };
-    let Ok(rules) = rules.as_array() else { return };
+    let Ok(rules) = rules.as_array() else { return Ok(()) };
     if rules.iter().any(|rule| rule.as_object().is_err()) {
-        return;
+        return Ok(());
+    }
+    let owner = || match process["name"].as_string() {
+        Ok(name) => format!("the env rule of container {:?}", name.as_ref()),
+        Err(_) => "an env rule".to_string(),
+    };
+    for rule in rules.iter() {
+        if let (Ok(pattern), Ok(strategy)) = (rule["pattern"].as_string(), rule["strategy"].as_string())
+            && strategy.as_ref() == "re2"
+        {
+            check_pattern(owner, pattern)?;
+        }
     }
     let mut strings = std::collections::BTreeMap::new();
     let (mut patterns, mut required_strings, mut required_patterns) = (Vec::new(), Vec::new(), Vec::new());
@@ -546,6 +619,7 @@ fn index_env(process: &mut regorus::Value) {
             object.insert(regorus::Value::from(name), value);
         }
     }
+    Ok(())
 }
 
 /// Index a container's mount rules and capabilities for the framework:
@@ -554,11 +628,17 @@ fn index_env(process: &mut regorus::Value) {
 /// sorted (a missing set is empty; a set that is not a list is left out,
 /// and `capabilities` that is not an object gives no index, so no request
 /// passes them). Index fields the policy wrote itself are replaced.
-fn index_mounts_and_capabilities(container: &mut regorus::Value) {
+fn index_mounts_and_capabilities(container: &mut regorus::Value) -> Result<(), PolicyError> {
     if let Ok(object) = container.as_object_mut() {
         object.remove(&regorus::Value::from("capabilities_sorted"));
     }
     if let Ok(rules) = container["mounts"].as_array() {
+        for rule in rules.iter() {
+            if let Ok(source) = rule["source"].as_string() {
+                let name = container["name"].as_string().map(|n| n.to_string()).unwrap_or_default();
+                check_pattern(|| format!("the mount source of container {name:?}"), source)?;
+            }
+        }
         let rules: Vec<regorus::Value> = rules
             .iter()
             .map(|rule| {
@@ -589,7 +669,7 @@ fn index_mounts_and_capabilities(container: &mut regorus::Value) {
         }
     }
     if !matches!(container["capabilities"], regorus::Value::Undefined | regorus::Value::Object(_)) {
-        return;
+        return Ok(());
     }
     let mut sorted = std::collections::BTreeMap::new();
     for set in ["bounding", "effective", "inheritable", "permitted", "ambient"] {
@@ -609,58 +689,82 @@ fn index_mounts_and_capabilities(container: &mut regorus::Value) {
     if let Ok(object) = container.as_object_mut() {
         object.insert(regorus::Value::from("capabilities_sorted"), regorus::Value::from(sorted));
     }
+    Ok(())
+}
+
+/// Whether the policy binds `point` to the framework and does nothing else
+/// with its name: a line `POINT := data.framework.POINT`, and the name
+/// nowhere else outside comments and strings (so no other rule, default or
+/// reference can change what the point decides). Only such points run on the
+/// register VM: there it executes the framework's code alone, which the
+/// differential test holds to the interpreter. A false negative only costs
+/// speed.
+pub fn bound_to_framework(text: &str, point: Point) -> bool {
+    let name = point.rule();
+    let binding = format!("{name}:=data.framework.{name}");
+    let lines = text
+        .lines()
+        .filter(|line| {
+            let code = line.split('#').next().unwrap_or_default();
+            code.chars().filter(|c| !c.is_whitespace()).collect::<String>() == binding
+        })
+        .count();
+    lines == 1 && identifiers(text).filter(|ident| *ident == name).count() == 2
+}
+
+/// The identifiers of Rego text, outside comments and string literals.
+fn identifiers(text: &str) -> impl Iterator<Item = &str> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while let Some(&byte) = bytes.get(i) {
+            match byte {
+                b'#' => {
+                    while bytes.get(i).is_some_and(|b| *b != b'\n') {
+                        i += 1;
+                    }
+                }
+                b'"' => {
+                    i += 1;
+                    while let Some(&b) = bytes.get(i) {
+                        i += if b == b'\\' { 2 } else { 1 };
+                        if b == b'"' {
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                b'`' => {
+                    i += 1;
+                    while bytes.get(i).is_some_and(|b| *b != b'`') {
+                        i += 1;
+                    }
+                }
+                b if b.is_ascii_alphabetic() || b == b'_' => {
+                    let start = i;
+                    while bytes.get(i).is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_') {
+                        i += 1;
+                    }
+                    return text.get(start..i);
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        None
+    })
 }
 
 /// Whether the Rego text uses the keyword `every` (outside comments and
-/// string literals; a false positive only costs speed).
+/// string literals).
 ///
 /// regorus 0.14.1's register VM evaluates `every x in xs { m[x] == 1 }` to
 /// true when one element fails (a lookup by the loop variable in the body),
 /// and loops until the time budget on a comprehension in the body; its
-/// interpreter gets both right. A tenant's `every` would fail open under the
-/// VM, so such a policy is decided by the interpreter. The framework itself
+/// interpreter gets both right. The framework, the only code the VM runs,
 /// uses no `every` (a test checks it).
 pub fn uses_every(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while let Some(&byte) = bytes.get(i) {
-        match byte {
-            b'#' => {
-                while bytes.get(i).is_some_and(|b| *b != b'\n') {
-                    i += 1;
-                }
-            }
-            b'"' => {
-                i += 1;
-                while let Some(&b) = bytes.get(i) {
-                    i += if b == b'\\' { 2 } else { 1 };
-                    if b == b'"' {
-                        break;
-                    }
-                }
-                continue;
-            }
-            b'`' => {
-                i += 1;
-                while bytes.get(i).is_some_and(|b| *b != b'`') {
-                    i += 1;
-                }
-            }
-            b if b.is_ascii_alphabetic() || b == b'_' => {
-                let start = i;
-                while bytes.get(i).is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_') {
-                    i += 1;
-                }
-                if bytes.get(start..i) == Some(b"every") {
-                    return true;
-                }
-                continue;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    false
+    identifiers(text).any(|ident| ident == "every")
 }
 
 /// The reason for a rule that failed to evaluate: the error on one line.

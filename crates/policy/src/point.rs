@@ -14,8 +14,12 @@ pub enum Point {
     MountOverlay,
     /// Remove a container's overlay.
     UnmountOverlay,
-    /// Create (and start) a container.
+    /// Create a container (its init process is prepared, not started).
     CreateContainer,
+    /// Start a created container's init process.
+    StartContainer,
+    /// Change a container's cgroup limits.
+    UpdateContainer,
     /// Run a process in a started container.
     ExecInContainer,
     /// Run a process in the UVM itself.
@@ -28,11 +32,9 @@ pub enum Point {
     ScratchMount,
     /// Unmount the scratch space.
     ScratchUnmount,
-    /// Read container properties (statistics).
+    /// Read the guest's properties (`GuestInfo`) once a policy is in force.
     GetProperties,
-    /// Dump the agent's stacks.
-    DumpStacks,
-    /// Turn on runtime logging to the host.
+    /// Keep logging to the console the host reads (decided when the policy is set).
     RuntimeLogging,
     /// Load a policy fragment.
     LoadFragment,
@@ -42,12 +44,14 @@ pub enum Point {
 
 impl Point {
     /// Every enforcement point.
-    pub const ALL: [Point; 16] = [
+    pub const ALL: [Point; 17] = [
         Point::MountDevice,
         Point::UnmountDevice,
         Point::MountOverlay,
         Point::UnmountOverlay,
         Point::CreateContainer,
+        Point::StartContainer,
+        Point::UpdateContainer,
         Point::ExecInContainer,
         Point::ExecExternal,
         Point::ShutdownContainer,
@@ -55,7 +59,6 @@ impl Point {
         Point::ScratchMount,
         Point::ScratchUnmount,
         Point::GetProperties,
-        Point::DumpStacks,
         Point::RuntimeLogging,
         Point::LoadFragment,
         Point::GetAttestation,
@@ -69,6 +72,8 @@ impl Point {
             Point::MountOverlay => "mount_overlay",
             Point::UnmountOverlay => "unmount_overlay",
             Point::CreateContainer => "create_container",
+            Point::StartContainer => "start_container",
+            Point::UpdateContainer => "update_container",
             Point::ExecInContainer => "exec_in_container",
             Point::ExecExternal => "exec_external",
             Point::ShutdownContainer => "shutdown_container",
@@ -76,7 +81,6 @@ impl Point {
             Point::ScratchMount => "scratch_mount",
             Point::ScratchUnmount => "scratch_unmount",
             Point::GetProperties => "get_properties",
-            Point::DumpStacks => "dump_stacks",
             Point::RuntimeLogging => "runtime_logging",
             Point::LoadFragment => "load_fragment",
             Point::GetAttestation => "get_attestation",

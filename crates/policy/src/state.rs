@@ -1,7 +1,7 @@
 //! The state decisions build up, and the operations that change it.
 //!
 //! The state is a JSON object of named maps (`devices`, `overlays`,
-//! `started`), passed to every rule as `input.state`. Rules never change it:
+//! `containers`, `started_names`, `fragments`), passed to every rule as `input.state`. Rules never change it:
 //! an allowed decision lists operations, and the caller applies them once
 //! the action succeeded.
 
@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// The maps the framework keeps.
-pub const MAPS: &[&str] = &["devices", "overlays", "started", "fragments"];
+pub const MAPS: &[&str] = &["devices", "overlays", "containers", "started_names", "fragments"];
 
 /// The engine's state, as JSON and as the interpreter's value.
 ///
@@ -69,7 +69,7 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetadataOp {
-    /// The map (`devices`, `overlays`, `started`).
+    /// The map (one of [`MAPS`]).
     pub name: String,
     /// What to do.
     pub action: Action,

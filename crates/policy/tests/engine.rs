@@ -230,10 +230,11 @@ exec_external := data.framework.exec_external
 }
 
 /// regorus 0.14.1's register VM evaluates this `every` to true although
-/// `m["b"]` is 2; the engine decides such a policy with the interpreter, so
-/// the answer is right on either backend asked for.
+/// `m["b"]` is 2. A point whose rule the policy writes itself is decided by
+/// the interpreter, so the answer is right on either backend asked for; the
+/// VM runs only points bound to the framework.
 #[test]
-fn a_policy_with_every_is_decided_by_the_interpreter() {
+fn a_rule_of_the_policy_is_decided_by_the_interpreter() {
     let text = r#"package policy
 import rego.v1
 m := {"a": 1, "b": 2}
@@ -246,13 +247,39 @@ get_properties := {"allowed": true, "metadata": []} if {
     for backend in [Backend::Vm, Backend::Interpreter] {
         let policy = Policy::from_bytes(text.as_bytes().to_vec()).unwrap();
         let mut engine = Engine::with_backend(&policy, DEFAULT_BUDGET, backend).unwrap();
-        assert_eq!(engine.backend(), Backend::Interpreter);
+        assert_eq!(engine.backend(Point::GetProperties), Backend::Interpreter);
         assert!(engine.decide(Point::GetProperties, &json!({"xs": ["a"]})).allowed);
         assert!(!engine.decide(Point::GetProperties, &json!({"xs": ["a", "b"]})).allowed, "{backend:?}");
     }
-    // Without `every` the VM decides.
-    let plain = engine("package policy\nget_properties := {\"allowed\": true, \"metadata\": []}\n");
-    assert_eq!(plain.backend(), Backend::Vm);
+    // Bound to the framework: the VM decides.
+    let bound =
+        engine("package policy\nget_properties := data.framework.get_properties\nallow_properties_access := true\n");
+    assert_eq!(bound.backend(Point::GetProperties), Backend::Vm);
+}
+
+#[test]
+fn only_a_plain_binding_counts_as_bound_to_the_framework() {
+    use parma_policy::bound_to_framework;
+    let point = Point::CreateContainer;
+    let plain = "package policy\ncreate_container := data.framework.create_container\n";
+    assert!(bound_to_framework(plain, point));
+    assert!(bound_to_framework("create_container:=data.framework.create_container # bound\n", point));
+    // Anything else that names the point keeps it on the interpreter.
+    for other in [
+        "create_container := data.framework.create_container\ndefault create_container := {\"allowed\": true}\n",
+        "create_container := data.framework.create_container\ncreate_container := true if input.x\n",
+        "create_container := data.framework.exec_in_container\n",
+        "create_container := x\nx := data.framework.create_container\n",
+        "create_container := data.framework.create_container\ny := data.policy.create_container\n",
+        "create_container := data.framework.create_container\ncreate_container := data.framework.create_container\n",
+        "",
+    ] {
+        assert!(!bound_to_framework(other, point), "{other}");
+    }
+    // A comment or a string that names it does not count.
+    let commented =
+        "# create_container is bound\ncreate_container := data.framework.create_container\nx := \"create_container\"\n";
+    assert!(bound_to_framework(commented, point));
 }
 
 #[test]

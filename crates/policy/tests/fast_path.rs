@@ -9,7 +9,8 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 /// The containers: exact and re2 env rules (one required), mounts,
-/// capabilities, groups, a start order and a seccomp hash.
+/// capabilities, groups, rlimits, a terminal for one exec process, masked
+/// paths of its own for one container, and a seccomp hash.
 const PROBE: &str = r#"package policy
 
 import rego.v1
@@ -32,7 +33,8 @@ containers := [
 		"no_new_privileges": true,
 		"seccomp_profile_sha256": "abc",
 		"mounts": [{"destination": "/etc/hosts", "type": "bind", "source": "/run/parma/[a-z0-9]+/hosts", "options": ["rbind", "ro"]}],
-		"exec_processes": [{"command": ["/bin/health"]}, {"command": ["/bin/sh", "-c", "true"]}],
+		"exec_processes": [{"command": ["/bin/health"]}, {"command": ["/bin/sh", "-c", "true"], "terminal": true}],
+		"rlimits": [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 4096}],
 	},
 	{
 		"name": "worker",
@@ -41,10 +43,11 @@ containers := [
 		"env_rules": [{"pattern": "PATH=/usr/bin:/bin", "strategy": "string"}],
 		"working_dir": "/",
 		"allow_elevated": true,
+		"masked_paths": ["/proc/kcore"],
+		"readonly_paths": [],
+		"terminal": true,
 	},
 ]
-
-start_order := ["worker", "web"]
 
 allow_capability_dropping := true
 
@@ -71,7 +74,6 @@ exec_in_container := {"allowed": false, "reason": {"message": sprintf("exec_ok %
 fn request() -> Value {
     json!({
         "containerID": "c1",
-        "state": {"started": {"w": {"name": "worker"}}},
         "argList": ["/bin/server", "--port", "8080"],
         "envList": ["PATH=/usr/bin:/bin", "MODE=prod", "ID=42"],
         "workingDir": "/srv",
@@ -82,12 +84,16 @@ fn request() -> Value {
         "privileged": false,
         "seccompProfileSHA256": "abc",
         "mounts": [{"destination": "/etc/hosts", "type": "bind", "source": "/run/parma/c1/hosts", "options": ["ro", "rbind"]}],
+        "maskedPaths": parma_policy::DEFAULT_MASKED_PATHS,
+        "readonlyPaths": parma_policy::DEFAULT_READONLY_PATHS,
+        "terminal": false,
+        "rlimits": [],
     })
 }
 
 /// One change to a field of the request; several are applied at once.
 fn change() -> impl Strategy<Value = (usize, usize)> {
-    (0usize..13, 0usize..6)
+    (0usize..15, 0usize..6)
 }
 
 fn apply(input: &mut Value, (field, pick): (usize, usize)) {
@@ -148,17 +154,32 @@ fn apply(input: &mut Value, (field, pick): (usize, usize)) {
             ];
             input["mounts"] = mounts[pick].clone();
         }
+        12 => {
+            let paths = ["/proc/kcore", "/proc/sys", "/proc/cpuinfo", "/sys/firmware", "/proc/kcore", "/proc/sys"];
+            let list = if pick % 2 == 0 { "maskedPaths" } else { "readonlyPaths" };
+            let entries = input[list].as_array_mut().unwrap();
+            match entries.iter().position(|p| p == paths[pick]) {
+                Some(at) => drop(entries.remove(at)),
+                None => entries.push(json!(paths[pick])),
+            }
+        }
+        13 => input["terminal"] = json!(pick % 2 == 0),
         _ => {
-            // The start order: worker has or has not started.
-            input["state"] = if pick % 2 == 0 { json!({"started": {"w": {"name": "worker"}}}) } else { json!({}) };
+            input["rlimits"] = [
+                json!([]),
+                json!([{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 4096}]),
+                json!([{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 4097}]),
+                json!([{"type": "RLIMIT_NOFILE", "soft": 10, "hard": 20}]),
+                json!([{"type": "RLIMIT_NPROC", "soft": 1, "hard": 1}]),
+                json!([{"type": "RLIMIT_NOFILE", "soft": 1025, "hard": 1025}]),
+            ][pick]
+                .clone()
         }
     }
 }
 
-fn engine_with(state: &Value) -> Engine {
-    let mut engine = Engine::new(&Policy::from_bytes(PROBE.as_bytes().to_vec()).unwrap()).unwrap();
-    engine.set_state(serde_json::from_value(state.clone()).unwrap());
-    engine
+fn engine() -> Engine {
+    Engine::new(&Policy::from_bytes(PROBE.as_bytes().to_vec()).unwrap()).unwrap()
 }
 
 proptest! {
@@ -170,8 +191,7 @@ proptest! {
         for c in &changes {
             apply(&mut input, *c);
         }
-        let state = input["state"].clone();
-        let mut engine = engine_with(&state);
+        let mut engine = engine();
         let decision = engine.decide(Point::CreateContainer, &input);
         prop_assert!(decision.allowed, "{:?} on {}", decision.denial, input);
         // The exec processes' commands too, with the same env and dir.
@@ -184,18 +204,36 @@ proptest! {
 }
 
 /// The probe itself tells passing requests from failing ones: the base
-/// request passes as `web` once `worker` started, and fails before.
+/// request passes as `web`, and fails with `/proc/sys` writable, on a
+/// terminal or with a larger limit.
 #[test]
 fn the_probe_sees_both_outcomes() {
+    let mut engine = engine();
+    assert!(engine.decide(Point::MountDevice, &request()).allowed, "the base request passes");
     let mut input = request();
-    let mut engine = engine_with(&json!({"started": {"w": {"name": "worker"}}}));
-    assert!(engine.decide(Point::MountDevice, &input).allowed, "the base request passes");
-    let mut engine = engine_with(&json!({}));
-    assert!(!engine.decide(Point::MountDevice, &input).allowed, "web waits for worker");
+    apply(&mut input, (12, 1));
+    assert!(!engine.decide(Point::MountDevice, &input).allowed, "/proc/sys must be read-only");
+    let mut input = request();
+    input["terminal"] = json!(true);
+    assert!(!engine.decide(Point::MountDevice, &input).allowed, "web has no terminal");
+    let mut input = request();
+    apply(&mut input, (14, 2));
+    assert!(!engine.decide(Point::MountDevice, &input).allowed, "a hard limit above the policy's");
+    let mut input = request();
     input["argList"] = json!(["/bin/work"]);
     input["envList"] = json!(["PATH=/usr/bin:/bin"]);
     input["workingDir"] = json!("/");
     assert!(!engine.decide(Point::MountDevice, &input).allowed, "worker's defaults: no user given");
+    input["user"] = json!({"uid": 0});
+    input["groups"] = json!([]);
+    input["capabilities"] = json!({});
+    input["noNewPrivileges"] = json!(false);
+    input["seccompProfileSHA256"] = json!("");
+    input["mounts"] = json!([]);
+    input["maskedPaths"] = json!(["/proc/kcore"]);
+    input["readonlyPaths"] = json!([]);
+    input["terminal"] = json!(true);
+    assert!(engine.decide(Point::MountDevice, &input).allowed, "worker's own paths and its terminal");
 }
 
 /// Malformed container data, on which the failure lists fail (a denial),
@@ -208,6 +246,7 @@ fn malformed_container_data_fails_the_fast_path_too() {
         "argList": ["/bin/app"], "envList": ["A=1"], "workingDir": "/", "user": {"uid": 0},
         "groups": [], "capabilities": {}, "noNewPrivileges": false, "privileged": false,
         "seccompProfileSHA256": "", "mounts": [],
+        "maskedPaths": parma_policy::DEFAULT_MASKED_PATHS, "readonlyPaths": parma_policy::DEFAULT_READONLY_PATHS,
     });
     let base = json!({"name": "c", "layers": [], "command": ["/bin/app"], "env_rules": [{"pattern": "A=1", "strategy": "string"}]});
     let variant = |field: &str, value: Value| {

@@ -85,16 +85,26 @@ pub enum Request {
         /// Mounts beyond the defaults (`/proc`, `/dev`, `/sys`, ...), in order.
         #[serde(default)]
         mounts: Vec<Mount>,
+        /// Paths under `/proc` and `/sys` the container sees empty (the OCI
+        /// spec's `linux.maskedPaths`); none: runc's defaults. The policy
+        /// decides on the list the agent applies.
+        #[serde(default)]
+        masked_paths: Option<Vec<String>>,
+        /// Paths under `/proc` and `/sys` the container sees read-only
+        /// (`linux.readonlyPaths`); none: runc's defaults.
+        #[serde(default)]
+        readonly_paths: Option<Vec<String>>,
     },
-    /// Change a container's cgroup limits (lowering `memory_max` below its
-    /// use reclaims at once: to swap, when there is encrypted scratch).
+    /// Change a container's cgroup limits (policy: `update_container`;
+    /// lowering `memory_max` below its use reclaims at once: to swap, when
+    /// there is encrypted scratch).
     UpdateContainer {
         /// The container's id.
         container_id: String,
         /// The new limits; absent fields are left as they are.
         resources: Resources,
     },
-    /// Start a created container's init process.
+    /// Start a created container's init process (policy: `start_container`).
     StartContainer {
         /// The container's id.
         container_id: String,
@@ -592,6 +602,8 @@ pub enum ErrorCode {
     PolicyDenied,
     /// The request was allowed but failed in the guest.
     Failed,
+    /// Too many requests are waiting on this connection; nothing happened.
+    Busy,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -605,6 +617,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::UnknownType => "unknown_type",
             ErrorCode::PolicyDenied => "policy_denied",
             ErrorCode::Failed => "failed",
+            ErrorCode::Busy => "busy",
         };
         f.write_str(name)
     }

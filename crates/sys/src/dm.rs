@@ -173,7 +173,10 @@ impl Control {
     }
 
     fn load_and_resume(&self, name: &str, targets: &[Target], flags: CreateFlags) -> Result<(), DmError> {
-        let mut table = Vec::new();
+        // Sized up front: a table that grew would leave copies of a key in
+        // the memory it moved out of.
+        let size = targets.iter().map(|t| size_of::<DmTargetSpec>() + (t.params.len() + 1).next_multiple_of(8)).sum();
+        let mut table = Vec::with_capacity(size);
         for target in targets {
             push_target(&mut table, target)?;
         }

@@ -70,6 +70,13 @@ pub enum RootOp {
         /// Minor number.
         minor: u32,
     },
+    /// An empty regular file (`open(path, O_CREAT)`), to bind a file onto.
+    File {
+        /// Absolute path in the parent's view (under the rootfs).
+        path: CString,
+        /// Permission bits.
+        mode: u32,
+    },
     /// `symlink(target, path)`.
     Symlink {
         /// What the link points to.
@@ -210,6 +217,8 @@ pub enum Step {
     Seccomp,
     /// Taking the terminal as the controlling terminal.
     Terminal,
+    /// Setting `oom_score_adj` back to 0 (the agent's is -1000).
+    OomScore,
     /// A step number this code does not know.
     Unknown(u32),
 }
@@ -239,6 +248,7 @@ impl Step {
             Step::Rlimits => 20,
             Step::Seccomp => 21,
             Step::Terminal => 22,
+            Step::OomScore => 23,
             Step::RootOp(index) => 0x1000_0000 | index,
             Step::Unknown(code) => code,
         }
@@ -268,6 +278,7 @@ impl Step {
             20 => Step::Rlimits,
             21 => Step::Seccomp,
             22 => Step::Terminal,
+            23 => Step::OomScore,
             code if code & 0x1000_0000 != 0 => Step::RootOp(code & 0x0fff_ffff),
             code => Step::Unknown(code),
         }
@@ -736,6 +747,13 @@ fn setup(plan: &Plan<'_>) -> Result<Never, Step> {
         check(libc::sigprocmask(libc::SIG_SETMASK, &none, ptr::null_mut()).into(), Step::Signals)?;
         // Nothing else crosses the execve, whatever the parent left open.
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        // The agent keeps the OOM killer off itself (-1000); the container's
+        // processes are fair game like any other.
+        let oom = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        check(oom.into(), Step::OomScore)?;
+        let written = libc::write(oom, c"0".as_ptr().cast(), 1);
+        libc::close(oom);
+        check(written as libc::c_long, Step::OomScore)?;
         check(libc::setsid().into(), Step::Setsid)?;
         if plan.process.controlling_terminal {
             check(libc::ioctl(0, libc::TIOCSCTTY, 0).into(), Step::Terminal)?;
@@ -801,6 +819,12 @@ unsafe fn new_root(container: &NewContainer) -> Result<(), Step> {
                     let dev = libc::makedev(*major, *minor);
                     check(libc::mknod(path.as_ptr(), libc::S_IFCHR | *mode, dev).into(), step)?;
                 }
+                RootOp::File { path, mode } => {
+                    let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+                    let fd = libc::open(path.as_ptr(), flags, *mode);
+                    check(fd.into(), step)?;
+                    libc::close(fd);
+                }
                 RootOp::Symlink { target, path } => {
                     check(libc::symlink(target.as_ptr(), path.as_ptr()).into(), step)?;
                 }
@@ -812,7 +836,8 @@ unsafe fn new_root(container: &NewContainer) -> Result<(), Step> {
         check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH).into(), Step::DetachOldRoot)?;
         check(libc::chdir(c"/".as_ptr()).into(), Step::DetachOldRoot)?;
         if container.readonly_rootfs {
-            let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+            // A bind remount sets the mount's flags to exactly these: keep nodev.
+            let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NODEV;
             check(libc::mount(null, c"/".as_ptr(), null, flags, ptr::null()).into(), Step::ReadonlyRoot)?;
         }
         let name = container.hostname.as_bytes();

@@ -51,16 +51,18 @@ containers := [
  }
 ]
 
-# init runs (and exits) before web; attestation waits for both.
+# init runs (and exits) before web starts; attestation waits while web is not running.
 start_order := ["init", "web"]
 
-required_containers := ["init", "web"]
+required_containers := ["web"]
 
 mount_device := data.framework.mount_device
 
 mount_overlay := data.framework.mount_overlay
 
 create_container := data.framework.create_container
+
+start_container := data.framework.start_container
 
 shutdown_container := data.framework.shutdown_container
 

@@ -28,6 +28,7 @@ containers := [
 		"mounts": [{"destination": "/etc/hosts", "type": "bind", "source": "/run/parma/[a-z0-9]+/hosts", "options": ["rbind", "ro"]}],
 		"exec_processes": [{"command": ["/bin/health"], "signals": [15]}],
 		"signals": [15, 2],
+		"rlimits": [{"type": "RLIMIT_NPROC", "soft": 64, "hard": 128}],
 	},
 	{
 		"name": "sidecar",
@@ -47,8 +48,6 @@ external_processes := [{"command": ["/bin/date"], "env_rules": [], "working_dir"
 
 allow_properties_access := true
 
-allow_dump_stacks := false
-
 allow_runtime_logging := false
 
 allow_unencrypted_scratch := false
@@ -63,6 +62,10 @@ unmount_overlay := data.framework.unmount_overlay
 
 create_container := data.framework.create_container
 
+start_container := data.framework.start_container
+
+update_container := data.framework.update_container
+
 exec_in_container := data.framework.exec_in_container
 
 exec_external := data.framework.exec_external
@@ -76,8 +79,6 @@ scratch_mount := data.framework.scratch_mount
 scratch_unmount := data.framework.scratch_unmount
 
 get_properties := data.framework.get_properties
-
-dump_stacks := data.framework.dump_stacks
 
 runtime_logging := data.framework.runtime_logging
 

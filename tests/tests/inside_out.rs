@@ -1,0 +1,339 @@
+//! The guarantee from the other side: a process inside an allowed container
+//! (tenant code an attacker may have compromised, or a layer the host
+//! chose) attacks the guest. The test image carries `parma-probe`, which
+//! tries every known way out (vsock to the agent, device nodes made by
+//! number or brought by a layer, the guest's kernel knobs, masked and
+//! read-only paths, mounts, a user namespace, kernel interfaces, cgroups and
+//! sysfs) and prints one line per attempt; this test runs it as root and as
+//! an unprivileged user in a UVM under QEMU TCG that has everything a real
+//! one has (vsock, dm-verity layers, the encrypted scratch's dm devices) and
+//! asserts that every attempt is blocked. The host-side half of the same
+//! holes (terminals, stdio, updates, properties, logging) is checked on the
+//! way.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use parma::client::{Client, ClientError};
+use parma::run;
+use parma_protocol::{CapabilitySets, ErrorCode, Resources};
+use parma_tests::{Boot, Guest, Paths, oci};
+use serde_json::json;
+
+const READY: Duration = Duration::from_secs(90);
+const CALL: Duration = Duration::from_secs(60);
+const ID: &str = "probe";
+
+/// Attempts that must be in the probe's output, blocked (not absent: each
+/// target exists in this UVM). A probe that stopped early or was changed
+/// to print less fails here.
+const MUST_BE_BLOCKED: &[&str] = &[
+    "vsock_cid1",
+    "vsock_cid2",
+    "vsock_cid3",
+    "blockdev/vda",
+    "layer_node/blk-254-0",
+    "layer_node/blk-253-0",
+    "layer_node/blk-252-0",
+    "layer_node/chr-1-1",
+    "layer_node/chr-10-0",
+    "dev_listing",
+    "sysctl/kernel.randomize_va_space",
+    "sysctl/vm.panic_on_oom",
+    "sysctl/fs.protected_symlinks",
+    "sysctl/kernel.printk",
+    "sysctl/vm.overcommit_memory",
+    "masked/proc/timer_list",
+    "masked/proc/acpi",
+    "masked/sys/firmware",
+    "readonly/proc/fs",
+    "readonly/proc/bus/pci",
+    "readonly/proc/irq/default_smp_affinity",
+    "mount/tmpfs",
+    "mount/proc",
+    "mount/devtmpfs",
+    "mount/sysfs",
+    "mount/remount_root",
+    "umount/proc/sys",
+    "umount/sys/firmware",
+    "userns/blockdev",
+    "userns/devtmpfs",
+    "dmesg",
+    "iopl",
+    "module_load",
+    "kexec",
+    "bpf",
+    "agent_visible",
+    "run_parma",
+    "cgroup/memory.max",
+    "cgroup/mkdir",
+    "sysfs/read_ahead_kb",
+];
+
+/// The probe's lines: attempt name to (status, detail).
+fn parse(stdout: &str) -> anyhow::Result<BTreeMap<String, (String, String)>> {
+    let mut attempts = BTreeMap::new();
+    let mut done = None;
+    for line in stdout.lines() {
+        let Some(rest) = line.strip_prefix("probe ") else { continue };
+        if let Some(summary) = rest.strip_prefix("done: ") {
+            done = Some(summary.to_string());
+            continue;
+        }
+        let (name, rest) = rest.split_once(": ").with_context(|| format!("a malformed line: {line:?}"))?;
+        let (status, detail) = rest.split_once(": ").unwrap_or((rest, ""));
+        attempts.insert(name.to_string(), (status.to_string(), detail.to_string()));
+    }
+    let done = done.with_context(|| format!("the probe did not finish:\n{stdout}"))?;
+    ensure!(done.ends_with(", 0 escaped"), "probe done: {done}\n{stdout}");
+    Ok(attempts)
+}
+
+/// The agent's error for a call that must fail: its code and message.
+fn refused<T: std::fmt::Debug>(result: Result<T, ClientError>) -> anyhow::Result<(ErrorCode, String)> {
+    match result {
+        Err(ClientError::Agent(err)) => Ok((err.code, err.message)),
+        other => bail!("expected the agent to refuse, got {other:?}"),
+    }
+}
+
+fn denied<T: std::fmt::Debug>(result: Result<T, ClientError>, reason: &str) -> anyhow::Result<()> {
+    let (code, message) = refused(result)?;
+    ensure!(code == ErrorCode::PolicyDenied, "expected a policy denial, got {code}: {message}");
+    ensure!(message.contains(reason), "the denial does not say {reason:?}: {message}");
+    Ok(())
+}
+
+/// Run the probe in a container of its own UVM, as root with the default
+/// capabilities or as uid 1000 with none; its stdout.
+fn probe(as_root: bool) -> anyhow::Result<String> {
+    let paths = Paths::get();
+    let hello = paths.guest_binary("oci-hello")?;
+    let caps: Vec<String> = parma::policy_gen::DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+    let (uid, capabilities) = if as_root {
+        (
+            0,
+            CapabilitySets {
+                bounding: caps.clone(),
+                effective: caps.clone(),
+                permitted: caps,
+                ..CapabilitySets::default()
+            },
+        )
+    } else {
+        (1000, CapabilitySets { bounding: caps, ..CapabilitySets::default() })
+    };
+    let fixture = oci::PolicyFixture::with_spec(
+        &hello,
+        json!({
+            "name": ID,
+            "command": [oci::PROBE],
+            "user": {"uid": uid, "gid": uid},
+            "capabilities": capabilities,
+        }),
+    )?;
+    let scratch = fixture.dir().join("scratch.img");
+    std::fs::File::create(&scratch)?.set_len(64 << 20)?;
+    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
+    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    boot.disks.push(parma::Disk { path: scratch, serial: run::SCRATCH_SERIAL.into(), writable: true });
+    // A vsock device, so the agent listens on vsock while the probe runs.
+    boot.vsock = true;
+    let mut guest = Guest::boot(&paths, &boot)?;
+    let mut client = guest.ready_client(READY, CALL)?;
+    client.set_policy(std::fs::read_to_string(&fixture.policy)?)?;
+    // The policy keeps the console quiet: nothing after this line.
+    let quiet = "the policy does not allow runtime logging";
+    ensure!(guest.serial().contains(quiet), "no word that logging stops:\n{}", guest.serial());
+    denied(client.guest_info(), "reading properties is not allowed by the policy")?;
+    client.mount_scratch(run::SCRATCH_SERIAL)?;
+    run::mount_image(&mut client, &fixture.built, ID)?;
+
+    let mut process = run::process_from_config(&fixture.built.config, &[oci::PROBE.to_string()])?;
+    process.uid = uid;
+    process.gid = uid;
+    process.capabilities = capabilities;
+    // What the policy does not say the host may not add: a terminal (whose
+    // ^C, ^\ and ^Z would signal the process), raised limits, /proc/sys
+    // writable.
+    let mut terminal = process.clone();
+    terminal.terminal = true;
+    denied(client.create_container(ID, &terminal), "may not run on a terminal")?;
+    let mut limits = process.clone();
+    limits.rlimits = vec![parma_protocol::Rlimit { kind: "RLIMIT_NOFILE".into(), soft: 1 << 20, hard: 1 << 20 }];
+    denied(client.create_container(ID, &limits), "rlimit \"RLIMIT_NOFILE\"")?;
+    let writable_sys = parma_protocol::Request::CreateContainer {
+        container_id: ID.into(),
+        process: process.clone(),
+        hostname: None,
+        readonly_rootfs: false,
+        resources: None,
+        mounts: Vec::new(),
+        masked_paths: None,
+        readonly_paths: Some(vec!["/proc/bus".into()]),
+    };
+    match client.call(&writable_sys)? {
+        parma_protocol::Response::Error(err) if err.code == ErrorCode::PolicyDenied => {
+            ensure!(err.message.contains("read-only path \"/proc/sys\" is required"), "{}", err.message);
+        }
+        other => bail!("a writable /proc/sys was not denied: {other:?}"),
+    }
+
+    client.create_container(ID, &process)?;
+    client.start_container(ID)?;
+    denied(client.start_container(ID), "was already started")?;
+    client.write_stdin(ID, None, &[], true)?;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let status = run::pump(&mut client, ID, None, &mut stdout, &mut stderr, Duration::from_secs(300))?;
+    let stdout = String::from_utf8(stdout)?;
+    let stderr = String::from_utf8_lossy(&stderr);
+    ensure!(run::exit_code(&status) == 0, "probe exit {status:?}\n{stdout}\n{stderr}");
+    // The policy allows resource updates for this container (the fixture's
+    // spec); the host's update is a decision, then carried out.
+    client.update_container(ID, &Resources { memory_max: None, pids_max: Some(64), cpu_max: None })?;
+    client.delete_container(ID)?;
+    run::unmount_image(&mut client, &fixture.built, ID)?;
+    let serial = guest.serial();
+    let after = serial.split(quiet).nth(1).unwrap_or_default();
+    ensure!(!after.contains("parma-agent") && !after.contains(" INFO ") && !after.contains("container"), "{after}");
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    Ok(stdout)
+}
+
+fn check(stdout: &str, who: &str) -> anyhow::Result<()> {
+    let attempts = parse(stdout).with_context(|| format!("as {who}"))?;
+    let escaped: Vec<String> = attempts
+        .iter()
+        .filter(|(_, (status, _))| status == "ESCAPED")
+        .map(|(name, (_, detail))| format!("{name}: {detail}"))
+        .collect();
+    ensure!(escaped.is_empty(), "as {who}, escaped:\n{}\n\n{stdout}", escaped.join("\n"));
+    for name in MUST_BE_BLOCKED {
+        match attempts.get(*name) {
+            Some((status, _)) if status == "blocked" => {}
+            Some((status, detail)) => bail!("as {who}, {name} is {status} ({detail}), not blocked\n{stdout}"),
+            None => bail!("as {who}, the probe did not try {name}\n{stdout}"),
+        }
+    }
+    // The layers' verity devices, the scratch's plaintext and its integrity
+    // device: blocked by number.
+    for dm in ["parma-layer-l0", "parma-layer-l1", "parma-scratch-crypt", "parma-scratch-integrity"] {
+        let line =
+            attempts.iter().find(|(name, _)| name.starts_with("blockdev/dm-") && name.ends_with(&format!("({dm})")));
+        let (name, (status, detail)) = line.with_context(|| format!("as {who}, no attempt on {dm}\n{stdout}"))?;
+        ensure!(status == "blocked", "as {who}, {name} is {status}: {detail}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_root_container_cannot_reach_the_agent_devices_keys_or_kernel_knobs() -> anyhow::Result<()> {
+    let stdout = probe(true)?;
+    check(&stdout, "root")
+}
+
+#[test]
+fn a_user_container_cannot_reach_the_agent_devices_keys_or_kernel_knobs() -> anyhow::Result<()> {
+    let stdout = probe(false)?;
+    check(&stdout, "uid 1000")
+}
+
+/// A disk whose every read takes `latency`: the host stalling I/O.
+fn stalled_disk(serial: &str, latency: Duration) -> parma::Disk {
+    // QEMU's null-co driver under the raw format, named by a json: path.
+    let spec = json!({"file": {
+        "driver": "null-co",
+        "size": 64 << 20,
+        "latency-ns": latency.as_nanos() as u64,
+        "read-zeroes": true,
+    }});
+    parma::Disk { path: format!("json:{spec}").into(), serial: serial.into(), writable: false }
+}
+
+#[test]
+fn a_request_stuck_on_a_stalled_disk_does_not_wedge_the_agent() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let policy = paths.repo.join("policies/allow_all.rego");
+    let mut boot = Boot::emulated_for_policy(&policy)?;
+    // The kernel's partition scan at boot waits for the disk too.
+    let latency = Duration::from_secs(8);
+    boot.disks.push(stalled_disk("parma-l0", latency));
+    let mut guest = Guest::boot(&paths, &boot)?;
+    let mut client = guest.ready_client(READY + Duration::from_secs(60), CALL)?;
+    client.set_policy(std::fs::read_to_string(&policy)?)?;
+    // The mount reads the disk's verity superblock: `latency`.
+    let mount = parma_protocol::Request::MountLayer {
+        name: "l0".into(),
+        serial: "parma-l0".into(),
+        root_hash: "0".repeat(64),
+        hash_offset: 4096,
+    };
+    let started = std::time::Instant::now();
+    let mount_id = client.send(&mount)?;
+    // Meanwhile the agent answers, and powers off when asked.
+    client.ping()?;
+    let (id, response) = {
+        client.send(&parma_protocol::Request::Shutdown)?;
+        client.recv()?
+    };
+    ensure!(id != mount_id && response == parma_protocol::Response::ShuttingDown, "{id}: {response:?}");
+    // Answered first, before the mount: no waiting for the disk.
+    ensure!(started.elapsed() < latency, "the answers waited for the disk: {:?}", started.elapsed());
+    let status = guest.wait_exit(Duration::from_secs(60))?;
+    ensure!(status.success(), "QEMU exited with {status}");
+    Ok(())
+}
+
+/// A pod probed every few seconds for weeks: far more execs than the agent
+/// keeps records for, each collected (waited for, output read), and the
+/// agent still takes more; a process whose output is not collected is kept
+/// until the bound, then further execs are refused by name.
+#[test]
+fn many_execs_on_one_uvm_keep_the_agent_bounded() -> anyhow::Result<()> {
+    const EXECS: usize = 1000;
+    let hello = Paths::get().guest_binary("oci-hello")?;
+    let fixture = oci::PolicyFixture::with_spec(&hello, json!({"command": [oci::ENTRYPOINT, "sleep", "600000"]}))?;
+    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
+    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    let mut guest = Guest::boot(&Paths::get(), &boot)?;
+    let mut client: Client = guest.ready_client(READY, CALL)?;
+    client.set_policy(std::fs::read_to_string(&fixture.policy)?)?;
+    run::mount_image(&mut client, &fixture.built, "hello")?;
+    let process = run::process_from_config(
+        &fixture.built.config,
+        &[oci::ENTRYPOINT.to_string(), "sleep".into(), "600000".into()],
+    )?;
+    client.create_container("hello", &process)?;
+    client.start_container("hello")?;
+    let exec = run::process_from_config(&fixture.built.config, &["/bin/cat".into(), "/etc/passwd".into()])?;
+    let started = std::time::Instant::now();
+    for round in 0..EXECS {
+        let exec_id = format!("probe-{}", round % 3);
+        client.exec_process("hello", &exec_id, &exec).with_context(|| format!("exec {round}"))?;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let status = run::pump(&mut client, "hello", Some(&exec_id), &mut out, &mut err, Duration::from_secs(60))?;
+        ensure!(run::exit_code(&status) == 0 && out.starts_with(b"root:"), "exec {round}: {status:?}");
+    }
+    let per_exec = started.elapsed() / EXECS as u32;
+    // Uncollected processes are bounded.
+    for n in 0..parma_agent_max_execs() {
+        client.exec_process("hello", &format!("left-{n}"), &exec)?;
+    }
+    let (code, message) = refused(client.exec_process("hello", "one-more", &exec))?;
+    ensure!(code == ErrorCode::Failed && message.contains("has not collected"), "{code}: {message}");
+    eprintln!("{EXECS} execs collected, {per_exec:?} each under TCG");
+    client.signal_process("hello", None, 9)?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
+}
+
+/// The agent's bound on uncollected exec'd processes per container
+/// (`MAX_EXECS` in agent/src/containers.rs).
+fn parma_agent_max_execs() -> usize {
+    64
+}
