@@ -7,7 +7,8 @@
 //! firmware API). Under emulation (TCG) there is no SNP: when, and
 //! only when, the kernel command line carries
 //! `parma.insecure_emulated_snp=1`, reports in the real format are signed
-//! with a fixed test key, with HOST_DATA taken from QEMU's fw_cfg. The flag
+//! with a fixed test key, with HOST_DATA taken from the command line too
+//! (`parma.insecure_host_data=HEX`). The flag
 //! is part of the measured command line, so an emulated launch can never
 //! have the launch digest of a real one, and `parma verify` refuses such
 //! reports unless told `--allow-insecure-emulation`.
@@ -18,8 +19,8 @@ use parma_snp::AttestationReport;
 
 /// The kernel command-line flag that turns the insecure emulation on.
 pub const EMULATION_FLAG: &str = "parma.insecure_emulated_snp=1";
-/// Where QEMU's fw_cfg puts HOST_DATA under emulation (64 hex digits).
-const FW_CFG_HOST_DATA: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.parma/host_data/raw";
+/// The command-line parameter with HOST_DATA under emulation (64 hex digits).
+const EMULATED_HOST_DATA: &str = "parma.insecure_host_data=";
 /// The configfs TSM report directory.
 const TSM_REPORT: &str = "/sys/kernel/config/tsm/report";
 /// The SEV guest device.
@@ -38,7 +39,7 @@ pub enum Provider {
     },
     /// INSECURE: a test key, for emulation only.
     Emulated {
-        /// HOST_DATA as QEMU's fw_cfg gave it (zero when absent).
+        /// HOST_DATA as the command line gave it (zero when absent).
         host_data: [u8; 32],
     },
 }
@@ -49,7 +50,7 @@ impl Provider {
     pub fn detect() -> Self {
         let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
         if cmdline.split_whitespace().any(|arg| arg == EMULATION_FLAG) {
-            let host_data = read_fw_cfg_host_data(Path::new(FW_CFG_HOST_DATA)).unwrap_or([0; 32]);
+            let host_data = emulated_host_data(&cmdline).unwrap_or([0; 32]);
             tracing::warn!("INSECURE: attestation reports are emulated ({EMULATION_FLAG})");
             Provider::Emulated { host_data }
         } else {
@@ -88,11 +89,10 @@ impl Provider {
     }
 }
 
-/// HOST_DATA from fw_cfg: 64 hex digits, surrounding whitespace allowed.
-fn read_fw_cfg_host_data(path: &Path) -> Option<[u8; 32]> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let bytes = hex::decode(text.trim()).ok()?;
-    bytes.try_into().ok()
+/// HOST_DATA from the command line under emulation: 64 hex digits.
+fn emulated_host_data(cmdline: &str) -> Option<[u8; 32]> {
+    let text = cmdline.split_whitespace().find_map(|arg| arg.strip_prefix(EMULATED_HOST_DATA))?;
+    hex::decode(text).ok()?.try_into().ok()
 }
 
 /// Why the TSM interface gave no report.
@@ -173,15 +173,12 @@ mod tests {
     }
 
     #[test]
-    fn fw_cfg_host_data() {
-        let dir = std::env::temp_dir().join(format!("parma-fwcfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("raw");
-        std::fs::write(&path, format!("{}\n", "ab".repeat(32))).unwrap();
-        assert_eq!(read_fw_cfg_host_data(&path), Some([0xab; 32]));
-        std::fs::write(&path, "ab").unwrap();
-        assert_eq!(read_fw_cfg_host_data(&path), None);
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn emulated_host_data_comes_from_the_command_line() {
+        let hex = "ab".repeat(32);
+        let cmdline = format!("console=ttyS0 {EMULATION_FLAG} {EMULATED_HOST_DATA}{hex}\n");
+        assert_eq!(emulated_host_data(&cmdline), Some([0xab; 32]));
+        assert_eq!(emulated_host_data(&format!("{EMULATED_HOST_DATA}ab")), None);
+        assert_eq!(emulated_host_data("console=ttyS0"), None);
     }
 
     #[test]

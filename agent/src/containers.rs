@@ -16,9 +16,10 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::fcntl::{FcntlArg, OFlag, OpenHow, ResolveFlag, fcntl, openat2};
+use nix::sys::stat::Mode;
 use parma_protocol::{OutputStream, ProcessSpec, Resources};
-use parma_sys::launch::{self, Capabilities, Child, Exit, Namespaces, NewContainer, Process, RootOp};
+use parma_sys::launch::{self, Capabilities, Child, Exit, MountCheck, Namespaces, NewContainer, Process, RootOp};
 
 use crate::storage;
 
@@ -120,6 +121,8 @@ pub struct Status {
 #[derive(Debug, Default)]
 pub struct Containers {
     containers: BTreeMap<String, Container>,
+    /// The containers' parent cgroup has its guest-wide limits.
+    guest_limits: bool,
 }
 
 impl Containers {
@@ -181,16 +184,24 @@ impl Containers {
             return Err(format!("host name {hostname:?} is not 1 to 64 bytes"));
         }
         let process = prepare_process(&rootfs, spec)?;
+        check_mount_points(&rootfs)?;
         let mut ops = root_ops(&rootfs)?;
-        ops.extend(path_ops(&rootfs, options.masked_paths, options.readonly_paths)?);
+        let (path_ops, mut checks) = path_ops(&rootfs, options.masked_paths, options.readonly_paths)?;
+        ops.extend(path_ops);
         ops.extend(crate::mounts::prepare(&rootfs, options.mounts)?);
+        checks.splice(0..0, standard_checks()?);
         let new = NewContainer {
             rootfs: cstring(&rootfs)?,
             ops,
+            checks,
             readonly_rootfs: options.readonly_rootfs,
             hostname: cstring(hostname)?,
         };
         let cgroup = format!("{CGROUP_PARENT}/{id}");
+        if !self.guest_limits {
+            guest_limits()?;
+            self.guest_limits = true;
+        }
         make_cgroup(&cgroup)?;
         if let Err(err) = limit(&cgroup, &options.resources) {
             let _ = std::fs::remove_dir(&cgroup);
@@ -221,10 +232,21 @@ impl Containers {
         let container = self.containers.get_mut(id).ok_or_else(|| format!("container {id:?} does not exist"))?;
         let (new, process) =
             container.prepared.take().ok_or_else(|| format!("container {id:?} was already started"))?;
-        let (stdio, pipes) = pipes(container.spec.terminal, container.stdio)?;
-        let cgroup = File::open(&container.cgroup).map_err(|err| format!("cannot open {}: {err}", container.cgroup))?;
-        let child = launch::spawn(&Namespaces::New(&new), &process, stdio, Some(cgroup.as_fd()))
-            .map_err(|err| format!("cannot start container {id:?}: {err}"))?;
+        let launched = pipes(container.spec.terminal, container.stdio).and_then(|(stdio, pipes)| {
+            let cgroup =
+                File::open(&container.cgroup).map_err(|err| format!("cannot open {}: {err}", container.cgroup))?;
+            launch::spawn(&Namespaces::New(&new), &process, stdio, Some(cgroup.as_fd()))
+                .map(|child| (child, pipes))
+                .map_err(|err| format!("cannot start container {id:?}: {err}"))
+        });
+        // A start that failed may be tried again: the policy still says created.
+        let (child, pipes) = match launched {
+            Ok(launched) => launched,
+            Err(err) => {
+                container.prepared = Some((new, process));
+                return Err(err);
+            }
+        };
         let pid = child.pid;
         container.init = Some(pipes.into_proc(child, container.spec.args.clone(), container.stdio));
         tracing::info!("container {id} started as pid {pid}");
@@ -546,10 +568,18 @@ fn resolve(rootfs: &str, arg0: &str, env: &[String]) -> Result<String, String> {
         return Ok(arg0.to_string());
     }
     let path = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+    let root = nix::fcntl::open(rootfs, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|err| format!("cannot open the container's root {rootfs}: {err}"))?;
     for dir in path.split(':').filter(|d| d.starts_with('/')) {
         let candidate = format!("{}/{arg0}", dir.trim_end_matches('/'));
-        // The entry's own metadata: a symlink is resolved by execve inside the container.
-        if std::fs::symlink_metadata(format!("{rootfs}{candidate}")).is_ok() {
+        // Looked up as the container would (its links resolved inside its
+        // root, never in the agent's view, which would tell a process of the
+        // container whether a path exists elsewhere); the entry's own
+        // metadata: a link is followed by execve inside the container.
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        if openat2(&root, candidate.as_str(), how).is_ok() {
             return Ok(candidate);
         }
     }
@@ -664,6 +694,23 @@ fn root_ops(rootfs: &str) -> Result<Vec<RootOp>, String> {
     Ok(ops)
 }
 
+/// The image decides what is at `/proc`, `/dev` and `/sys` until the agent
+/// mounts there: a symbolic link would lead those mounts (and the masks
+/// under them) elsewhere. Only directories, or nothing, will do. (The
+/// container has not run yet, so nothing changes them before its start;
+/// the checks after the pivot confirm it.)
+fn check_mount_points(rootfs: &str) -> Result<(), String> {
+    for top in ["proc", "dev", "sys"] {
+        match std::fs::symlink_metadata(format!("{rootfs}/{top}")) {
+            Ok(meta) if !meta.is_dir() => {
+                return Err(format!("the image's /{top} is not a directory (a link or a file): refused"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// A masked or read-only path: absolute, under `/proc` or `/sys` (fresh
 /// mounts of the container's own, with nothing of the image's in them),
 /// normal components only.
@@ -686,17 +733,19 @@ fn kernel_path(what: &str, path: &str) -> Result<(), String> {
 /// file `/dev/null`; a read-only path is bound onto itself read-only. Paths
 /// the guest's kernel does not have are skipped (as runc does); whether a
 /// path is a directory is the guest's own `/proc` and `/sys`'s answer.
-fn path_ops(rootfs: &str, masked: &[String], readonly: &[String]) -> Result<Vec<RootOp>, String> {
+fn path_ops(rootfs: &str, masked: &[String], readonly: &[String]) -> Result<(Vec<RootOp>, Vec<MountCheck>), String> {
     if masked.len() > MAX_PATHS || readonly.len() > MAX_PATHS {
         return Err(format!("at most {MAX_PATHS} masked and {MAX_PATHS} read-only paths"));
     }
     let c = cstring;
     let mut ops = Vec::new();
+    let mut checks = Vec::new();
     for path in readonly {
         kernel_path("read-only path", path)?;
         if std::fs::symlink_metadata(path).is_err() {
             continue;
         }
+        checks.push(MountCheck { path: c(path)?, fs_type: None, read_only: true });
         let target = c(&format!("{rootfs}{path}"))?;
         ops.push(RootOp::Mount {
             source: target.clone(),
@@ -734,7 +783,16 @@ fn path_ops(rootfs: &str, masked: &[String], readonly: &[String]) -> Result<Vec<
             RootOp::Mount { source: c("/dev/null")?, target, fstype: c("")?, flags: libc::MS_BIND, data: c("")? }
         });
     }
-    Ok(ops)
+    Ok((ops, checks))
+}
+
+/// What the container's `/proc`, `/sys` and `/dev` must be after the pivot:
+/// the agent's own mounts, whatever the image held there.
+fn standard_checks() -> Result<Vec<MountCheck>, String> {
+    [("/proc", libc::PROC_SUPER_MAGIC), ("/sys", libc::SYSFS_MAGIC), ("/dev", libc::TMPFS_MAGIC)]
+        .into_iter()
+        .map(|(path, magic)| Ok(MountCheck { path: cstring(path)?, fs_type: Some(magic), read_only: false }))
+        .collect()
 }
 
 /// Write the container's limits into its cgroup.
@@ -754,30 +812,40 @@ fn limit(cgroup: &str, resources: &Resources) -> Result<(), String> {
     Ok(())
 }
 
-/// The container's cgroup, with the memory and pids controllers enabled
-/// above it. The parent of every container's holds them all to what the
-/// guest can give without starving the agent: a container without limits of
-/// its own cannot take the memory or the tasks the agent needs.
+/// The container's cgroup, under the parent that holds all of them to what
+/// the guest can give without starving the agent (see [`guest_limits`]): a
+/// container without limits of its own cannot take the memory or the tasks
+/// the agent needs.
 fn make_cgroup(path: &str) -> Result<(), String> {
-    if !std::path::Path::new(CGROUP_PARENT).exists() {
-        std::fs::create_dir(CGROUP_PARENT).map_err(|err| format!("cannot create {CGROUP_PARENT}: {err}"))?;
-        for dir in ["/sys/fs/cgroup", CGROUP_PARENT] {
-            let control = format!("{dir}/cgroup.subtree_control");
-            // Controllers the kernel lacks are left out; placement works without them.
-            for controller in ["+memory", "+pids", "+cpu"] {
-                let _ = std::fs::write(&control, controller);
-            }
-        }
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let threads = std::fs::read_to_string("/proc/sys/kernel/threads-max").unwrap_or_default();
-        let (memory, tasks) = guest_wide_limits(&meminfo, &threads)
-            .ok_or_else(|| "cannot read the guest's memory and task limits".to_string())?;
-        for (file, value) in [("memory.max", memory), ("pids.max", tasks)] {
-            std::fs::write(format!("{CGROUP_PARENT}/{file}"), value.to_string())
-                .map_err(|err| format!("cannot set {CGROUP_PARENT}/{file} to {value}: {err}"))?;
+    std::fs::create_dir(path).map_err(|err| format!("cannot create cgroup {path}: {err}"))
+}
+
+/// The parent of every container's cgroup, with the memory, pids and cpu
+/// controllers enabled and its guest-wide limits written; done before the
+/// first container, and again until it succeeded (no container runs
+/// without them).
+fn guest_limits() -> Result<(), String> {
+    if let Err(err) = std::fs::create_dir(CGROUP_PARENT)
+        && err.kind() != ErrorKind::AlreadyExists
+    {
+        return Err(format!("cannot create {CGROUP_PARENT}: {err}"));
+    }
+    for dir in ["/sys/fs/cgroup", CGROUP_PARENT] {
+        let control = format!("{dir}/cgroup.subtree_control");
+        // Controllers the kernel lacks are left out; placement works without them.
+        for controller in ["+memory", "+pids", "+cpu"] {
+            let _ = std::fs::write(&control, controller);
         }
     }
-    std::fs::create_dir(path).map_err(|err| format!("cannot create cgroup {path}: {err}"))
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let threads = std::fs::read_to_string("/proc/sys/kernel/threads-max").unwrap_or_default();
+    let (memory, tasks) = guest_wide_limits(&meminfo, &threads)
+        .ok_or_else(|| "cannot read the guest's memory and task limits".to_string())?;
+    for (file, value) in [("memory.max", memory), ("pids.max", tasks)] {
+        std::fs::write(format!("{CGROUP_PARENT}/{file}"), value.to_string())
+            .map_err(|err| format!("cannot set {CGROUP_PARENT}/{file} to {value}: {err}"))?;
+    }
+    Ok(())
 }
 
 /// The containers' `memory.max` and `pids.max` together, from
@@ -830,6 +898,26 @@ mod tests {
     }
 
     #[test]
+    fn an_image_cannot_lead_the_standard_mounts_elsewhere() {
+        let root = tempfile::tempdir().unwrap();
+        let rootfs = root.path().to_str().unwrap();
+        assert!(check_mount_points(rootfs).is_ok(), "absent: the agent makes them");
+        std::fs::create_dir_all(root.path().join("dev/fd-target")).unwrap();
+        std::fs::create_dir(root.path().join("sys")).unwrap();
+        // The layer of the review: proc -> dev/fd/../.. (through the agent's own /dev/fd link).
+        std::os::unix::fs::symlink("dev/fd/../..", root.path().join("proc")).unwrap();
+        let err = check_mount_points(rootfs).unwrap_err();
+        assert!(err.contains("the image's /proc is not a directory"), "{err}");
+        std::fs::remove_file(root.path().join("proc")).unwrap();
+        std::fs::write(root.path().join("proc"), b"").unwrap();
+        assert!(check_mount_points(rootfs).is_err(), "a file");
+        std::fs::remove_file(root.path().join("proc")).unwrap();
+        std::fs::remove_dir(root.path().join("sys")).unwrap();
+        std::os::unix::fs::symlink("/", root.path().join("sys")).unwrap();
+        assert!(check_mount_points(rootfs).unwrap_err().contains("/sys"));
+    }
+
+    #[test]
     fn masked_and_read_only_paths_stay_in_proc_and_sys() {
         for good in ["/proc/sys", "/proc/acpi", "/sys/firmware", "/sys/devices/virtual/powercap"] {
             assert!(kernel_path("p", good).is_ok(), "{good}");
@@ -839,8 +927,9 @@ mod tests {
             assert!(err.contains("is not a normal path under /proc or /sys"), "{bad}: {err}");
         }
         let root = "/run/parma/containers/c/rootfs";
-        let ops =
+        let (ops, checks) =
             path_ops(root, &["/proc/kcore".into(), "/proc/nonexistent-entry".into()], &["/proc/sys".into()]).unwrap();
+        assert_eq!(checks, vec![MountCheck { path: cstring("/proc/sys").unwrap(), fs_type: None, read_only: true }]);
         // /proc/sys: bound onto itself, then remounted read-only (and nodev).
         assert!(matches!(&ops[0], RootOp::Mount { flags, .. } if *flags == libc::MS_BIND | libc::MS_REC));
         assert!(
@@ -895,6 +984,14 @@ mod tests {
         assert_eq!(resolve(rootfs, "tool", &env).unwrap(), "/usr/bin/tool");
         assert_eq!(resolve(rootfs, "link", &env).unwrap(), "/usr/bin/link");
         assert_eq!(resolve(rootfs, "/x/y", &env).unwrap(), "/x/y");
+        // A link in the container's PATH that points out of its root is
+        // resolved inside it: it finds nothing of the agent's view.
+        std::fs::create_dir_all(root.path().join("usr/local")).unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret-tool"), b"").unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("usr/local/bin")).unwrap();
+        let env_local = vec!["PATH=/usr/local/bin".to_string()];
+        assert!(resolve(rootfs, "secret-tool", &env_local).is_err(), "resolved through the agent's view");
         let err = resolve(rootfs, "nope", &env).unwrap_err();
         assert!(err.contains("not found in PATH"), "{err}");
     }

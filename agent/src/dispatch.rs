@@ -399,7 +399,15 @@ fn points(request: &Request, containers: &mut Containers) -> Result<Vec<(Point, 
             name("container id", container_id)?;
             vec![(Point::UnmountOverlay, json!({"unmountTarget": storage::rootfs_target(container_id)}))]
         }
-        Request::CreateContainer { container_id, process, mounts, masked_paths, readonly_paths, .. } => {
+        Request::CreateContainer {
+            container_id,
+            process,
+            mounts,
+            masked_paths,
+            readonly_paths,
+            readonly_rootfs,
+            ..
+        } => {
             name("container id", container_id)?;
             let mut input = process_input(container_id, process);
             if let Value::Object(fields) = &mut input {
@@ -416,6 +424,7 @@ fn points(request: &Request, containers: &mut Containers) -> Result<Vec<(Point, 
                 let readonly = readonly_paths.clone().unwrap_or_else(default_readonly_paths);
                 fields.insert("maskedPaths".into(), json!(masked));
                 fields.insert("readonlyPaths".into(), json!(readonly));
+                fields.insert("readonlyRootfs".into(), json!(readonly_rootfs));
             }
             vec![(Point::CreateContainer, input)]
         }

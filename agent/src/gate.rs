@@ -14,12 +14,13 @@
 //!   the HOST_DATA of this launch (from a fresh attestation report, fetched
 //!   before the host's Rego is parsed); a second one is denied. A policy
 //!   whose hash differs, or that is HOST_DATA but does not compile, puts the
-//!   agent in lockdown: it refuses everything but `Ping`, `GuestInfo`,
-//!   `GetAttestation` and `Shutdown`, saying why. Once it is in force, its
+//!   agent in lockdown: it refuses everything but `Ping`, `GuestInfo` and
+//!   `Shutdown`, saying why. Once it is in force, its
 //!   `runtime_logging` rule decides whether the agent keeps logging to the
 //!   console the host reads.
-//! - `GetAttestation` is denied before a policy is set, passes in lockdown
-//!   (so the host can show why), and otherwise is decided by the policy's
+//! - `GetAttestation` is denied before a policy is set and in lockdown (the
+//!   host chooses REPORT_DATA; with no policy deciding, a report would vouch
+//!   for nothing), and otherwise is decided by the policy's
 //!   `get_attestation` rule (a group can be attested only while complete).
 //! - Requests that act on the guest (mounts, containers, start, updates,
 //!   exec, signals, delete) are decided by the policy engine at their
@@ -66,10 +67,13 @@ impl Gate {
     ) -> Result<Vec<Decision>, AgentError> {
         if let Some(reason) = &self.lockdown {
             return match request {
-                Request::Ping | Request::GuestInfo | Request::GetAttestation { .. } | Request::Shutdown => {
-                    Ok(Vec::new())
-                }
-                Request::SetPolicy { .. }
+                Request::Ping | Request::GuestInfo | Request::Shutdown => Ok(Vec::new()),
+                // A report now would carry the launch's measurement and
+                // HOST_DATA with the host's REPORT_DATA, while no policy
+                // decides anything: a relying party could not tell it from
+                // one a complete group asked for.
+                Request::GetAttestation { .. }
+                | Request::SetPolicy { .. }
                 | Request::MountLayer { .. }
                 | Request::UnmountLayer { .. }
                 | Request::MountOverlay { .. }
@@ -205,7 +209,7 @@ impl Gate {
         if policy.hash() != host_data {
             let reason = format!(
                 "policy {} is not the HOST_DATA {} of this launch; the agent refuses every request but Ping, \
-                 GuestInfo, GetAttestation and Shutdown",
+                 GuestInfo and Shutdown",
                 policy.hash_hex(),
                 hex::encode(host_data)
             );
@@ -218,7 +222,7 @@ impl Gate {
                 // The attested policy itself is broken: nothing can ever be allowed.
                 let reason = format!(
                     "policy {} is the HOST_DATA of this launch but cannot be used ({err}); the agent refuses \
-                     every request but Ping, GuestInfo, GetAttestation and Shutdown",
+                     every request but Ping, GuestInfo and Shutdown",
                     policy.hash_hex()
                 );
                 self.lockdown = Some(reason.clone());
@@ -336,9 +340,12 @@ mod tests {
         assert_eq!(err.code, ErrorCode::PolicyDenied);
         assert!(err.message.contains("is not the HOST_DATA 0000"), "{}", err.message);
         assert!(gate.policy_hash().is_none());
-        for request in [Request::Ping, Request::GuestInfo, attest(), Request::Shutdown] {
-            assert_eq!(gate.check(&request, &attest_point()), Ok(vec![]));
+        for request in [Request::Ping, Request::GuestInfo, Request::Shutdown] {
+            assert_eq!(gate.check(&request, &[]), Ok(vec![]));
         }
+        // No report with the host's REPORT_DATA while no policy decides.
+        let err = gate.check(&attest(), &attest_point()).unwrap_err();
+        assert!(err.message.contains("GetAttestation is denied: policy"), "{}", err.message);
         let err = gate.check(&Request::SetPolicy { policy: ALLOW_ALL.into() }, &[]).unwrap_err();
         assert!(err.message.contains("refuses every request but"), "{}", err.message);
         assert!(gate.set_policy(ALLOW_ALL, hash_of(ALLOW_ALL)).is_err(), "lockdown is final");

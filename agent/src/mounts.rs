@@ -21,8 +21,13 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use parma_protocol::Mount;
 use parma_sys::launch::RootOp;
 
-/// Where the volumes that bind mounts come from.
+/// Where the volumes that bind mounts come from: a tmpfs of their own, so
+/// that what containers write there (files, inodes) cannot use up `/run`,
+/// where the agent makes its mount points.
 pub const VOLUMES: &str = "/run/parma/volumes";
+/// The volumes' tmpfs: a quarter of the guest's memory at most, and a bound
+/// on files (what containers write is charged to their cgroups as well).
+const VOLUMES_TMPFS: &str = "mode=0755,size=25%,nr_inodes=32768";
 /// Most mounts one container may ask for.
 const MAX_MOUNTS: usize = 32;
 /// Longest destination accepted.
@@ -167,6 +172,7 @@ fn volume(source: &str) -> Result<String, String> {
         .mode(0o755)
         .create(VOLUMES)
         .map_err(|err| format!("cannot make {VOLUMES}: {err}"))?;
+    volumes_filesystem()?;
     match std::fs::DirBuilder::new().mode(0o1777).create(&path) {
         Ok(()) => std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o1777))
             .map_err(|err| format!("cannot open up volume {name:?}: {err}")),
@@ -174,6 +180,20 @@ fn volume(source: &str) -> Result<String, String> {
         Err(err) => Err(format!("cannot make volume {name:?}: {err}")),
     }?;
     Ok(path)
+}
+
+/// Mount the volumes' own tmpfs on [`VOLUMES`] unless it is there already
+/// (the directory is then a mount point: another device than its parent).
+fn volumes_filesystem() -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |path: &str| std::fs::metadata(path).map(|m| m.dev()).map_err(|err| format!("cannot stat {path}: {err}"));
+    let parent = VOLUMES.rsplit_once('/').map_or("/", |(parent, _)| parent);
+    if dev(VOLUMES)? != dev(parent)? {
+        return Ok(());
+    }
+    let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
+    nix::mount::mount(Some("volumes"), VOLUMES, Some("tmpfs"), flags, Some(VOLUMES_TMPFS))
+        .map_err(|err| format!("cannot mount the volumes' tmpfs on {VOLUMES}: {err}"))
 }
 
 fn volume_name_ok(name: &str) -> bool {

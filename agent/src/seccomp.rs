@@ -14,8 +14,15 @@
 //! A syscall no entry names gets the default; one named by an allow entry is
 //! allowed; one named by an entry of another action gets that action.
 //! Anything else (notify listeners, flags, other architectures) is refused
-//! with a clear error rather than approximated. Syscall names that do not
-//! exist on x86_64 are skipped, as libseccomp does.
+//! with a clear error rather than approximated.
+//!
+//! Syscall names that do not exist on x86_64 are skipped, as libseccomp
+//! does, only where skipping cannot allow more: in an allow rule (the
+//! profile then allows less), and in an `SCMP_ACT_ERRNO` rule returning
+//! `ENOSYS` (what the kernel answers for a syscall that does not exist). In
+//! any other rule (kill, trap, another errno) an unknown name is refused: it
+//! may be a misspelling of a syscall the profile meant to deny, and
+//! dropping it silently would allow that syscall.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -142,8 +149,15 @@ pub fn compile(text: &str) -> Result<Vec<Vec<libc::sock_filter>>, String> {
     Ok(filters)
 }
 
+/// Whether a rule with this action may lose a name unknown on x86_64
+/// without allowing anything the profile denies (see the module docs).
+fn may_skip_unknown(matched: &Value) -> bool {
+    *matched == json!("allow") || *matched == json!({"errno": libc::ENOSYS as u32})
+}
+
 /// One filter: `matched` for the rules, `mismatch` for everything else.
-/// Names unknown on x86_64 are dropped one by one, as libseccomp ignores them.
+/// Names unknown on x86_64 are dropped one by one where that is safe
+/// ([`may_skip_unknown`]), as libseccomp ignores them; elsewhere refused.
 fn compile_one(mismatch: &Value, matched: &Value, mut rules: Vec<Value>) -> Result<Vec<libc::sock_filter>, String> {
     loop {
         let filter = json!({"main": {"mismatch_action": mismatch, "match_action": matched, "filter": rules}});
@@ -163,6 +177,12 @@ fn compile_one(mismatch: &Value, matched: &Value, mut rules: Vec<Value>) -> Resu
                 let Some(name) = unknown_syscall(&message) else {
                     return Err(format!("seccomp profile: {message}"));
                 };
+                if !may_skip_unknown(matched) {
+                    return Err(format!(
+                        "seccomp profile: syscall {name:?} does not exist on x86_64, in a rule that denies it \
+                         ({matched}): a misspelt name would leave that syscall allowed"
+                    ));
+                }
                 let before = rules.len();
                 rules.retain(|rule| rule.get("syscall").and_then(Value::as_str) != Some(name));
                 if rules.len() == before || rules.is_empty() {
@@ -198,6 +218,19 @@ mod tests {
     }
 
     #[test]
+    fn unknown_names_are_skipped_only_where_that_allows_nothing_more() {
+        // Docker's profile: syscalls other architectures have, answered ENOSYS.
+        let profile = r#"{"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1, "syscalls": [
+            {"names": ["read", "write", "exit_group"], "action": "SCMP_ACT_ALLOW"},
+            {"names": ["bdflush", "clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]}"#;
+        assert_eq!(compile(profile).unwrap().len(), 2);
+        assert!(may_skip_unknown(&json!("allow")));
+        assert!(may_skip_unknown(&json!({"errno": 38})));
+        assert!(!may_skip_unknown(&json!({"errno": 1})));
+        assert!(!may_skip_unknown(&json!("kill_process")));
+    }
+
+    #[test]
     fn several_actions_become_a_chain_of_filters() {
         // Allow-list with an exception that fails differently: the default
         // filter allows every named syscall, then one filter per other action.
@@ -229,7 +262,17 @@ mod tests {
             (r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}"#, "no entry"),
             (
                 r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["nope_nope"], "action": "SCMP_ACT_ERRNO"}]}"#,
-                "cannot be resolved",
+                "does not exist on x86_64",
+            ),
+            // A deny-list with a misspelt name: refused, never dropped.
+            (
+                r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["ptrace", "mount2"], "action": "SCMP_ACT_KILL"}]}"#,
+                "\"mount2\" does not exist on x86_64",
+            ),
+            (
+                r#"{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"},
+                    {"names": ["unshare", "unshare2"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]}"#,
+                "a misspelt name",
             ),
         ] {
             let err = compile(profile).unwrap_err();

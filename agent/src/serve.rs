@@ -7,11 +7,13 @@
 //! Requests that act on the guest run one at a time per connection, in the
 //! order they came, on a blocking thread (a mount on a disk the host stalls
 //! may take as long as the host likes); meanwhile the loop keeps reading and
-//! answers `Ping` and `Shutdown` at once. At most [`MAX_QUEUED`] requests
-//! wait behind the one running; more are answered `busy`, so a connection
-//! holds a bounded amount of memory whatever the host sends.
+//! answers `Ping` and `Shutdown` at once. At most [`MAX_QUEUED`] requests,
+//! of at most [`MAX_QUEUED_BYTES`] of frame bodies together, wait behind the
+//! one running; more are answered `busy`, so a connection holds a bounded
+//! amount of memory whatever the host sends.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parma_protocol::{AgentError, Decoder, ErrorCode, Request, Response, encode_response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -23,6 +25,9 @@ use crate::dispatch::{self, After, Dispatcher};
 const CHUNK: usize = 64 * 1024;
 /// Requests that may wait behind the one being carried out, per connection.
 pub const MAX_QUEUED: usize = 8;
+/// Bytes of frame bodies those may hold together (a decoded request takes
+/// several times its body's size).
+pub const MAX_QUEUED_BYTES: usize = 1 << 20;
 
 /// How a connection ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,15 +38,21 @@ pub enum Ended {
     Shutdown,
 }
 
+/// A queued request and the size of its frame's body.
+type Queued = (u32, Request, usize);
+
 /// Carry out queued requests in order, each on a blocking thread.
 async fn work(
     dispatcher: Arc<Dispatcher>,
-    mut queue: mpsc::Receiver<(u32, Request)>,
+    mut queue: mpsc::Receiver<Queued>,
     done: mpsc::Sender<(u32, Response, After)>,
+    queued_bytes: Arc<AtomicUsize>,
 ) {
-    while let Some((id, request)) = queue.recv().await {
+    while let Some((id, request, bytes)) = queue.recv().await {
         let dispatcher = dispatcher.clone();
-        let answer = match tokio::task::spawn_blocking(move || dispatcher.handle(id, request)).await {
+        let handled = tokio::task::spawn_blocking(move || dispatcher.handle(id, request)).await;
+        queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let answer = match handled {
             Ok((response, after)) => (id, response, after),
             // Only reachable in an unwinding build: the guest aborts on a panic.
             Err(_) => crate::fail_closed("a request handler panicked"),
@@ -57,10 +68,11 @@ pub async fn serve<S>(stream: &mut S, dispatcher: &Arc<Dispatcher>) -> std::io::
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (queue, work_queue) = mpsc::channel::<(u32, Request)>(MAX_QUEUED);
+    let (queue, work_queue) = mpsc::channel::<Queued>(MAX_QUEUED);
     let (done_tx, mut done) = mpsc::channel::<(u32, Response, After)>(1);
-    let worker = tokio::spawn(work(dispatcher.clone(), work_queue, done_tx));
-    let ended = serve_with(stream, &queue, &mut done).await;
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let worker = tokio::spawn(work(dispatcher.clone(), work_queue, done_tx, queued_bytes.clone()));
+    let ended = serve_with(stream, &queue, &mut done, &queued_bytes).await;
     // Requests not started yet are dropped with the queue. One already
     // running completes on its own (it holds the guest's lock; a shutdown
     // does not wait for it) and its answer is lost with the connection.
@@ -70,8 +82,9 @@ where
 
 async fn serve_with<S>(
     stream: &mut S,
-    queue: &mpsc::Sender<(u32, Request)>,
+    queue: &mpsc::Sender<Queued>,
     done: &mut mpsc::Receiver<(u32, Response, After)>,
+    queued_bytes: &AtomicUsize,
 ) -> std::io::Result<Ended>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -121,14 +134,24 @@ where
                 }
                 continue;
             }
-            if let Err(err) = queue.try_send((frame.id, request)) {
+            let bytes = frame.body.len();
+            let busy = |message: String| Response::Error(AgentError::new(ErrorCode::Busy, message));
+            if queued_bytes.load(Ordering::Relaxed).saturating_add(bytes) > MAX_QUEUED_BYTES {
+                let message =
+                    format!("busy: requests of {MAX_QUEUED_BYTES} bytes wait on this connection; nothing was done");
+                write(stream, frame.id, &busy(message)).await?;
+                continue;
+            }
+            queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+            if let Err(err) = queue.try_send((frame.id, request, bytes)) {
+                queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 let message = match err {
                     mpsc::error::TrySendError::Full(_) => {
                         format!("busy: {MAX_QUEUED} requests already wait on this connection; nothing was done")
                     }
                     mpsc::error::TrySendError::Closed(_) => "the agent is stopping; nothing was done".into(),
                 };
-                write(stream, frame.id, &Response::Error(AgentError::new(ErrorCode::Busy, message))).await?;
+                write(stream, frame.id, &busy(message)).await?;
             }
         }
     }

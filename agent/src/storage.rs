@@ -232,6 +232,9 @@ impl Storage {
         if self.overlays.contains_key(id) {
             return Err(format!("container {id:?} already has an overlay"));
         }
+        if self.overlays.len() >= crate::containers::MAX_CONTAINERS {
+            return Err(format!("{} overlays are mounted: unmount one first", self.overlays.len()));
+        }
         if layers.is_empty() {
             return Err("an overlay needs at least one layer".into());
         }

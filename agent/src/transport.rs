@@ -21,6 +21,9 @@ const VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
 const MAX_VSOCK_CONNECTIONS: usize = 8;
 /// How often the agent looks again for its port, and for a host on it.
 const POLL: Duration = Duration::from_millis(20);
+/// Responses waiting for the port's writer: when the host does not read,
+/// the agent stops reading it too, rather than keep answers in memory.
+const SERIAL_OUT_QUEUE: usize = 16;
 
 /// Wait until the virtio-serial port named [`SERIAL_PORT_NAME`] appears.
 ///
@@ -69,7 +72,7 @@ pub async fn serve_serial(path: &Path, dispatcher: &Arc<Dispatcher>) -> anyhow::
         .with_context(|| format!("cannot open {}", path.display()))?;
     let writer = file.try_clone().context("cannot duplicate the serial port descriptor")?;
     let (events_tx, mut events) = mpsc::channel::<SerialEvent>(16);
-    let (out_tx, out_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(SERIAL_OUT_QUEUE);
     std::thread::Builder::new()
         .name("serial-read".into())
         .spawn(move || read_port(file, &events_tx))
@@ -78,12 +81,13 @@ pub async fn serve_serial(path: &Path, dispatcher: &Arc<Dispatcher>) -> anyhow::
     std::thread::Builder::new()
         .name("serial-write".into())
         .spawn(move || {
-            write_port(writer, &out_rx);
+            write_port(writer, out_rx);
             let _ = finished_tx.send(());
         })
         .context("cannot start the serial writer")?;
     loop {
-        let mut stream = SerialStream { events: &mut events, pending: Vec::new(), out: out_tx.clone() };
+        let mut stream =
+            SerialStream { events: &mut events, pending: Vec::new(), out: out_tx.clone(), reserving: None };
         match serve(&mut stream, dispatcher).await {
             Ok(Ended::Shutdown) => {
                 // The writer ends once every sender is gone, after writing
@@ -144,20 +148,26 @@ fn read_port(mut file: std::fs::File, events: &mpsc::Sender<SerialEvent>) {
 }
 
 /// Blocking writes of whole responses, in order.
-fn write_port(mut file: std::fs::File, out: &std::sync::mpsc::Receiver<Vec<u8>>) {
+fn write_port(mut file: std::fs::File, mut out: mpsc::Receiver<Vec<u8>>) {
     use std::io::Write;
-    while let Ok(bytes) = out.recv() {
+    while let Some(bytes) = out.blocking_recv() {
         if let Err(err) = file.write_all(&bytes) {
             tracing::warn!("serial port: a response was lost: {err}");
         }
     }
 }
 
+/// A slot in the writer's queue, being waited for.
+type Reserving = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<mpsc::OwnedPermit<Vec<u8>>, mpsc::error::SendError<()>>> + Send>,
+>;
+
 /// One host's stretch of the serial port, as a stream for `serve`.
 struct SerialStream<'a> {
     events: &'a mut mpsc::Receiver<SerialEvent>,
     pending: Vec<u8>,
-    out: std::sync::mpsc::Sender<Vec<u8>>,
+    out: mpsc::Sender<Vec<u8>>,
+    reserving: Option<Reserving>,
 }
 
 impl tokio::io::AsyncRead for SerialStream<'_> {
@@ -190,13 +200,25 @@ impl tokio::io::AsyncRead for SerialStream<'_> {
 
 impl tokio::io::AsyncWrite for SerialStream<'_> {
     fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.out.send(buf.to_vec()) {
-            Ok(()) => std::task::Poll::Ready(Ok(buf.len())),
-            Err(_) => std::task::Poll::Ready(Err(std::io::Error::other("the serial writer stopped"))),
+        use std::task::Poll;
+        let out = self.out.clone();
+        let reserving = self.reserving.get_or_insert_with(|| Box::pin(out.reserve_owned()));
+        match reserving.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(result) => {
+                self.reserving = None;
+                match result {
+                    Ok(permit) => {
+                        permit.send(buf.to_vec());
+                        Poll::Ready(Ok(buf.len()))
+                    }
+                    Err(_) => Poll::Ready(Err(std::io::Error::other("the serial writer stopped"))),
+                }
+            }
         }
     }
 

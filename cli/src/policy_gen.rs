@@ -110,6 +110,12 @@ pub struct Spec {
     /// May the host change the container's cgroup limits once it exists?
     #[serde(default)]
     pub allow_resource_updates: bool,
+    /// Must the container's root be read-only?
+    #[serde(default)]
+    pub readonly_rootfs: bool,
+    /// Supplementary groups (default: none).
+    #[serde(default)]
+    pub groups: Option<Vec<u32>>,
     /// Paths the container must see empty (default: runc's).
     #[serde(default)]
     pub masked_paths: Option<Vec<String>>,
@@ -140,16 +146,20 @@ pub struct FragmentSpec {
 }
 
 /// The image's `User` as a policy user: `uid[:gid]` numbers, or a name.
+/// A numeric user without a group runs with gid 0 (as `parma run` starts
+/// it), and the policy says so: an unpinned gid would let the host pick any.
 fn user_of(user: &str) -> Value {
     let (u, g) = user.split_once(':').unwrap_or((user, ""));
     let mut out = serde_json::Map::new();
-    match u.parse::<u64>() {
-        Ok(uid) => drop(out.insert("uid".into(), json!(uid))),
-        Err(_) if u.is_empty() => drop(out.insert("uid".into(), json!(0))),
-        Err(_) => drop(out.insert("name".into(), json!(u))),
-    }
-    if let Ok(gid) = g.parse::<u64>() {
-        out.insert("gid".into(), json!(gid));
+    let numeric = match u.parse::<u64>() {
+        Ok(uid) => out.insert("uid".into(), json!(uid)).is_none(),
+        Err(_) if u.is_empty() => out.insert("uid".into(), json!(0)).is_none(),
+        Err(_) => out.insert("name".into(), json!(u)).is_some(),
+    };
+    match g.parse::<u64>() {
+        Ok(gid) => drop(out.insert("gid".into(), json!(gid))),
+        Err(_) if g.is_empty() && numeric => drop(out.insert("gid".into(), json!(0))),
+        Err(_) => {}
     }
     Value::Object(out)
 }
@@ -193,6 +203,8 @@ pub fn container(built: &parma_layer::Built, spec: &Spec) -> Value {
         "terminal": spec.terminal,
         "rlimits": spec.rlimits,
         "allow_resource_updates": spec.allow_resource_updates,
+        "readonly_rootfs": spec.readonly_rootfs,
+        "groups": spec.groups.clone().unwrap_or_default(),
     });
     // Absent: the framework requires runc's defaults.
     for (field, paths) in [("masked_paths", &spec.masked_paths), ("readonly_paths", &spec.readonly_paths)] {
@@ -291,8 +303,8 @@ mod tests {
 
     #[test]
     fn users() {
-        assert_eq!(user_of(""), json!({"uid": 0}));
-        assert_eq!(user_of("1000"), json!({"uid": 1000}));
+        assert_eq!(user_of(""), json!({"uid": 0, "gid": 0}));
+        assert_eq!(user_of("1000"), json!({"uid": 1000, "gid": 0}));
         assert_eq!(user_of("1000:1001"), json!({"uid": 1000, "gid": 1001}));
         assert_eq!(user_of("nginx"), json!({"name": "nginx"}));
     }

@@ -56,7 +56,7 @@ pub struct VmConfig {
     /// Launch as an SEV-SNP guest (real hosts only).
     pub snp: Option<Snp>,
     /// INSECURE, emulation only: turn on the guest's emulated attestation
-    /// reports (a kernel command-line flag) with this HOST_DATA (fw_cfg).
+    /// reports (a kernel command-line flag) with this HOST_DATA (another).
     pub insecure_emulated_host_data: Option<[u8; 32]>,
     /// Read-only virtio-blk disks (container layers), in order.
     pub disks: Vec<Disk>,
@@ -75,6 +75,12 @@ pub struct Disk {
 
 /// The kernel command-line flag of the insecure report emulation.
 pub const EMULATION_FLAG: &str = "parma.insecure_emulated_snp=1";
+/// The kernel command-line parameter that carries the emulation's HOST_DATA
+/// (64 hex digits). Under SEV-SNP HOST_DATA is in the report, from the
+/// launch; under emulation it has to come some other way, and QEMU's fw_cfg
+/// needs ACPI, which the UVM does not use. An emulated launch protects
+/// nothing, so its command line may carry it.
+pub const EMULATION_HOST_DATA: &str = "parma.insecure_host_data=";
 
 /// What an SEV-SNP launch needs besides the UVM.
 #[derive(Debug, Clone)]
@@ -169,10 +175,10 @@ impl VmConfig {
             None => self.existing(files::INITRD)?,
         };
         let mut cmdline = self.cmdline()?;
-        if self.insecure_emulated_host_data.is_some() {
+        if let Some(host_data) = self.insecure_emulated_host_data {
             // Part of the measured command line: an emulated launch can never
             // have the digest of a real one.
-            cmdline = format!("{cmdline} {EMULATION_FLAG}");
+            cmdline = format!("{cmdline} {EMULATION_FLAG} {EMULATION_HOST_DATA}{}", hex::encode(host_data));
         }
         if self.vhost_user_vsock.is_some() && (self.snp.is_some() || self.vsock_cid.is_some()) {
             return Err(VmError::VhostUserVsock);
@@ -230,10 +236,6 @@ impl VmConfig {
         if self.vhost_user_vsock.is_some() {
             args.push("-object".into());
             args.push(format!("memory-backend-memfd,id=ram0,size={}M,share=on", self.memory_mib).into());
-        }
-        if let Some(host_data) = self.insecure_emulated_host_data {
-            args.push("-fw_cfg".into());
-            args.push(format!("name=opt/org.parma/host_data,string={}", hex::encode(host_data)).into());
         }
         args.extend([OsString::from("-serial"), serial]);
         args.push("-device".into());
@@ -429,8 +431,11 @@ mod tests {
         config.insecure_emulated_host_data = Some([0x11; 32]);
         let args = strings(&config);
         let find = |flag: &str| args[args.iter().position(|a| a == flag).unwrap() + 1].clone();
-        assert_eq!(find("-append"), "console=ttyS0 quiet parma.insecure_emulated_snp=1");
-        assert_eq!(find("-fw_cfg"), format!("name=opt/org.parma/host_data,string={}", "11".repeat(32)));
+        assert_eq!(
+            find("-append"),
+            format!("console=ttyS0 quiet parma.insecure_emulated_snp=1 parma.insecure_host_data={}", "11".repeat(32))
+        );
+        assert!(!args.iter().any(|a| a == "-fw_cfg"));
     }
 
     #[test]

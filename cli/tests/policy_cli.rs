@@ -64,7 +64,7 @@ fn eval_exit_codes_and_reasons() {
 fn simulate_passes_the_golden_scenario_and_catches_a_wrong_expectation() {
     let out = parma(&["policy", "simulate", "--policy", POLICY, "--scenario", SCENARIO]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("67 steps, 67 passed, 0 failed"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("82 steps, 82 passed, 0 failed"));
 
     let mut scenario: serde_json::Value =
         serde_json::from_slice(&std::fs::read(repo().join(SCENARIO)).unwrap()).unwrap();

@@ -13,8 +13,14 @@ pub mod manifest;
 ///
 /// `quiet` keeps the serial console (slow under emulation) to errors;
 /// `panic=-1` turns a kernel panic into a reset, which QEMU's `-no-reboot`
-/// turns into an exit, so a broken guest never hangs its host.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+/// turns into an exit, so a broken guest never hangs its host. `acpi=off`:
+/// the ACPI tables the host's firmware hands over are not measured, and
+/// their AML, run by the kernel, could read guest memory (on x86 the
+/// interpreter maps RAM for `SystemMemory` regions) and write it to I/O
+/// ports; without ACPI the UVM ends by a reset (init), and SMP needs an MP
+/// table (SeaBIOS has one, OVMF none: one vCPU there). See
+/// docs/threat-model.md.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1 acpi=off";
 
 /// Guest memory of the IGVM file, MiB: its e820 map and zero pages are
 /// measured, so the memory size is part of the file and of its digest. The

@@ -59,12 +59,14 @@ const MOUNTS: &[MountSpec] = &[
         data: "newinstance,ptmxmode=0666,mode=0620",
     },
     MountSpec { source: "shm", target: "/dev/shm", fstype: "tmpfs", flags: NOSUID_NODEV_NOEXEC, data: "mode=1777" },
+    // The agent's mounts, the containers' roots and their shared volumes:
+    // bounded (what containers write is also charged to their cgroups).
     MountSpec {
         source: "tmpfs",
         target: "/run",
         fstype: "tmpfs",
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
-        data: "mode=0755",
+        data: "mode=0755,size=50%,nr_inodes=65536",
     },
     MountSpec {
         source: "cgroup2",
@@ -226,12 +228,28 @@ fn exit_reason(status: WaitStatus) -> String {
     }
 }
 
+/// Where the kernel shows ACPI when it uses it.
+const ACPI: &str = "/sys/firmware/acpi";
+
 /// Stop everything, flush, power off. Never returns.
+///
+/// Power-off goes through ACPI. Without ACPI (an IGVM launch has no
+/// firmware and so no ACPI tables) the kernel would turn it into a halt
+/// and end init, so the UVM resets instead: QEMU's `-no-reboot` ends the VM
+/// on a reset, and an SEV-SNP guest's reset ends it anyway.
 fn power_off() -> ! {
     log("powering off");
     // PID 1 is not hit by kill(-1): every other process is.
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     sync();
+    if !Path::new(ACPI).exists() {
+        log("no ACPI: resetting, which ends the VM");
+        let Err(err) = reboot(RebootMode::RB_AUTOBOOT);
+        log(&format!("reset failed: {err}; halting"));
+        loop {
+            nix::unistd::pause();
+        }
+    }
     let Err(err) = reboot(RebootMode::RB_POWER_OFF);
     log(&format!("power off failed: {err}; resetting instead"));
     let Err(err) = reboot(RebootMode::RB_AUTOBOOT);

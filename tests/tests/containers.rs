@@ -45,6 +45,12 @@ impl Fixture {
         Ok(Self(oci::PolicyFixture::new(&hello, "hello", command, seccomp_sha256)?))
     }
 
+    /// The fixture's policy with `extra` spec fields (see `PolicyFixture::with_spec`).
+    fn with_spec(extra: serde_json::Value) -> anyhow::Result<Self> {
+        let hello = Paths::get().guest_binary("oci-hello")?;
+        Ok(Self(oci::PolicyFixture::with_spec(&hello, extra)?))
+    }
+
     fn boot(&self, disks: Vec<parma::Disk>) -> anyhow::Result<(Guest, Client)> {
         let mut boot = Boot::emulated_for_policy(&self.policy)?;
         boot.disks = disks;
@@ -422,7 +428,11 @@ fn seccomp_profiles_and_rlimits_apply_to_the_container() -> anyhow::Result<()> {
                      {"names": ["rmdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]}"#;
     let digest = parma_policy::policy_hash(profile.as_bytes());
     let command = ["/bin/sh", "-c", "mkdir /srv/x; echo mkdir=$?; rmdir /srv; echo rmdir=$?; ulimit -n"];
-    let fixture = Fixture::with(Some(&command), Some(&digest))?;
+    let fixture = Fixture::with_spec(json!({
+        "command": command,
+        "seccomp_profile_sha256": digest,
+        "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 64, "hard": 64}],
+    }))?;
     let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
     run::mount_image(&mut client, &fixture.built, ID)?;
     let mut process = fixture.process_with(&command)?;
@@ -431,6 +441,9 @@ fn seccomp_profiles_and_rlimits_apply_to_the_container() -> anyhow::Result<()> {
     process.seccomp = Some(profile.replace("mkdirat", "chmod"));
     denied(client.create_container(ID, &process), "seccomp profile")?;
     process.seccomp = Some(profile.to_string());
+    // A limit above the policy's is refused; at the policy's it is set.
+    process.rlimits = vec![parma_protocol::Rlimit { kind: "RLIMIT_NOFILE".into(), soft: 64, hard: 65 }];
+    denied(client.create_container(ID, &process), "rlimit \"RLIMIT_NOFILE\" (soft 64, hard 65)")?;
     process.rlimits = vec![parma_protocol::Rlimit { kind: "RLIMIT_NOFILE".into(), soft: 64, hard: 64 }];
     client.create_container(ID, &process)?;
     client.start_container(ID)?;
@@ -589,7 +602,12 @@ fn a_terminal_gives_the_process_a_tty_and_its_window_size() -> anyhow::Result<()
         "-c",
         "test -t 0 && echo in=tty; test -t 1 && echo out=tty; read line; /bin/busybox stty size; echo err >&2",
     ];
-    let fixture = Fixture::with_command(Some(&command))?;
+    // The policy must allow each terminal: on one, stdin can signal.
+    let fixture = Fixture::with_spec(json!({
+        "command": command,
+        "terminal": true,
+        "exec_processes": [{"command": ["/bin/cat", "/proc/self/status"], "signals": [], "terminal": true}],
+    }))?;
     let (guest, mut client) = fixture.boot(run::layer_disks(&fixture.built, &fixture.layers_dir))?;
     run::mount_image(&mut client, &fixture.built, ID)?;
     let mut process = fixture.process_with(&command)?;

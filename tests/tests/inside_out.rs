@@ -45,7 +45,6 @@ const MUST_BE_BLOCKED: &[&str] = &[
     "sysctl/kernel.printk",
     "sysctl/vm.overcommit_memory",
     "masked/proc/timer_list",
-    "masked/proc/acpi",
     "masked/sys/firmware",
     "readonly/proc/fs",
     "readonly/proc/bus/pci",
@@ -336,4 +335,37 @@ fn many_execs_on_one_uvm_keep_the_agent_bounded() -> anyhow::Result<()> {
 /// (`MAX_EXECS` in agent/src/containers.rs).
 fn parma_agent_max_execs() -> usize {
     64
+}
+
+/// A container whose init stops every other process in it, over and over:
+/// an exec's process appears in the container only once it is unprivileged,
+/// and the agent waits for its `execve` at most `JOIN_DEADLINE`; it answers
+/// the exec (one way or the other) and keeps serving.
+#[test]
+fn a_container_that_stops_every_process_cannot_wedge_an_exec() -> anyhow::Result<()> {
+    let command = ["/bin/sh", "-c", "while :; do kill -STOP -1 2>/dev/null; done"];
+    let hello = Paths::get().guest_binary("oci-hello")?;
+    let fixture = oci::PolicyFixture::with_spec(&hello, json!({"command": command}))?;
+    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
+    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    let mut guest = Guest::boot(&Paths::get(), &boot)?;
+    let mut client: Client = guest.ready_client(READY, CALL)?;
+    client.set_policy(std::fs::read_to_string(&fixture.policy)?)?;
+    run::mount_image(&mut client, &fixture.built, "hello")?;
+    let args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
+    client.create_container("hello", &run::process_from_config(&fixture.built.config, &args)?)?;
+    client.start_container("hello")?;
+    let exec = run::process_from_config(&fixture.built.config, &["/bin/cat".into(), "/etc/passwd".into()])?;
+    for round in 0..3 {
+        let started = std::time::Instant::now();
+        let outcome = client.exec_process("hello", &format!("stopped-{round}"), &exec);
+        ensure!(started.elapsed() < Duration::from_secs(30), "exec {round} took {:?}", started.elapsed());
+        eprintln!("exec {round}: {outcome:?} after {:?}", started.elapsed());
+        client.ping()?;
+    }
+    client.signal_process("hello", None, 9)?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
 }

@@ -361,7 +361,14 @@ flag_failures(c, req) := array.concat(
 				want != got
 				msg := sprintf("seccomp profile %s is not %s", [quote(got), quote(want)])
 			],
-			array.concat(terminal_failures(c, req), rlimit_failures(c, req)),
+			array.concat(
+				array.concat(terminal_failures(c, req), rlimit_failures(c, req)),
+				[msg |
+					object.get(c, "readonly_rootfs", false) == true
+					not object.get(req, "readonlyRootfs", false) == true
+					msg := sprintf("container %s requires a read-only root", [quote(c.name)])
+				],
+			),
 		),
 	),
 )
@@ -516,6 +523,11 @@ flag_broken(c, req) if {
 flag_broken(c, req) if count(terminal_failures(c, req)) > 0
 
 flag_broken(c, req) if count(rlimit_failures(c, req)) > 0
+
+flag_broken(c, req) if {
+	object.get(c, "readonly_rootfs", false) == true
+	not object.get(req, "readonlyRootfs", false) == true
+}
 
 default create_container := {"allowed": false, "reason": {"message": "create_container: input is missing containerID", "candidates": []}}
 

@@ -693,27 +693,55 @@ fn index_mounts_and_capabilities(container: &mut regorus::Value) -> Result<(), P
 }
 
 /// Whether the policy binds `point` to the framework and does nothing else
-/// with its name: a line `POINT := data.framework.POINT`, and the name
-/// nowhere else outside comments and strings (so no other rule, default or
-/// reference can change what the point decides). Only such points run on the
-/// register VM: there it executes the framework's code alone, which the
-/// differential test holds to the interpreter. A false negative only costs
-/// speed.
+/// with its name: one statement `POINT := data.framework.POINT` on a line of
+/// its own (nothing continues it: no body, no `else`, no `with`), and the
+/// name nowhere else outside comments and strings (so no other rule,
+/// default or reference can change what the point decides). Only such
+/// points run on the register VM: there it executes the framework's code
+/// alone, which the differential test holds to the interpreter. A false
+/// negative only costs speed.
 pub fn bound_to_framework(text: &str, point: Point) -> bool {
     let name = point.rule();
-    let binding = format!("{name}:=data.framework.{name}");
-    let lines = text
-        .lines()
-        .filter(|line| {
-            let code = line.split('#').next().unwrap_or_default();
-            code.chars().filter(|c| !c.is_whitespace()).collect::<String>() == binding
+    let tokens: Vec<Token<'_>> = tokens(text).collect();
+    let binding = [
+        Token::Ident(name),
+        Token::Punct(":="),
+        Token::Ident("data"),
+        Token::Punct("."),
+        Token::Ident("framework"),
+        Token::Punct("."),
+        Token::Ident(name),
+    ];
+    let bindings = (0..tokens.len())
+        .filter(|&at| {
+            let starts_line = at == 0 || tokens.get(at - 1) == Some(&Token::Newline);
+            let next = tokens.get(at + binding.len());
+            let ends_line = matches!(next, None | Some(Token::Newline));
+            let continued = tokens.iter().skip(at + binding.len()).find(|t| **t != Token::Newline).is_some_and(
+                |t| !matches!(t, Token::Ident(word) if !["if", "else", "with", "as", "contains", "in"].contains(word)),
+            );
+            tokens.get(at..at + binding.len()) == Some(&binding[..]) && starts_line && ends_line && !continued
         })
         .count();
-    lines == 1 && identifiers(text).filter(|ident| *ident == name).count() == 2
+    let mentions = tokens.iter().filter(|t| **t == Token::Ident(name)).count();
+    bindings == 1 && mentions == 2
 }
 
-/// The identifiers of Rego text, outside comments and string literals.
-fn identifiers(text: &str) -> impl Iterator<Item = &str> {
+/// A token of Rego text, outside comments and string literals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token<'a> {
+    /// A name or keyword.
+    Ident(&'a str),
+    /// Punctuation (`:=` as one), a number's characters, or a string
+    /// literal (as `"`).
+    Punct(&'a str),
+    /// The end of a line.
+    Newline,
+}
+
+/// The tokens of Rego text; comments are skipped, string literals (raw or
+/// not) become one `"` token each.
+fn tokens(text: &str) -> impl Iterator<Item = Token<'_>> {
     let bytes = text.as_bytes();
     let mut i = 0;
     std::iter::from_fn(move || {
@@ -724,6 +752,10 @@ fn identifiers(text: &str) -> impl Iterator<Item = &str> {
                         i += 1;
                     }
                 }
+                b'\n' => {
+                    i += 1;
+                    return Some(Token::Newline);
+                }
                 b'"' => {
                     i += 1;
                     while let Some(&b) = bytes.get(i) {
@@ -732,26 +764,47 @@ fn identifiers(text: &str) -> impl Iterator<Item = &str> {
                             break;
                         }
                     }
-                    continue;
+                    return Some(Token::Punct("\""));
                 }
                 b'`' => {
                     i += 1;
                     while bytes.get(i).is_some_and(|b| *b != b'`') {
                         i += 1;
                     }
+                    i += 1;
+                    return Some(Token::Punct("\""));
                 }
                 b if b.is_ascii_alphabetic() || b == b'_' => {
                     let start = i;
                     while bytes.get(i).is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_') {
                         i += 1;
                     }
-                    return text.get(start..i);
+                    return text.get(start..i).map(Token::Ident);
                 }
-                _ => {}
+                b if b.is_ascii_whitespace() => i += 1,
+                b':' if bytes.get(i + 1) == Some(&b'=') => {
+                    i += 2;
+                    return Some(Token::Punct(":="));
+                }
+                _ => {
+                    let start = i;
+                    i += 1;
+                    while !text.is_char_boundary(i) {
+                        i += 1;
+                    }
+                    return text.get(start..i).map(Token::Punct);
+                }
             }
-            i += 1;
         }
         None
+    })
+}
+
+/// The identifiers of Rego text, outside comments and string literals.
+fn identifiers(text: &str) -> impl Iterator<Item = &str> {
+    tokens(text).filter_map(|token| match token {
+        Token::Ident(name) => Some(name),
+        _ => None,
     })
 }
 

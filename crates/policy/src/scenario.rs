@@ -51,6 +51,9 @@ pub struct Step {
     /// The action fails after an allowed decision: nothing is committed.
     #[serde(default)]
     pub action_fails: bool,
+    /// For allowed steps: whether the decision grants stdio access.
+    #[serde(default)]
+    pub stdio: Option<bool>,
 }
 
 /// What one step got.
@@ -116,6 +119,11 @@ fn check(step: &Step, decision: &Decision) -> Option<String> {
     if decision.allowed != step.allowed {
         let got = if decision.allowed { "allowed".to_string() } else { line };
         return Some(format!("expected {}, got {got}", if step.allowed { "allowed" } else { "denied" }));
+    }
+    if let Some(stdio) = step.stdio
+        && decision.allow_stdio_access != stdio
+    {
+        return Some(format!("expected allow_stdio_access {stdio}, got {}", decision.allow_stdio_access));
     }
     match &step.reason {
         Some(fragment) if !line.contains(fragment.as_str()) => {

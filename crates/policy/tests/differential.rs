@@ -145,7 +145,7 @@ fn container(rng: &mut Rng, name: &str) -> Value {
         "mounts": (0..rng.below(2)).map(|_| mount(rng)).collect::<Vec<_>>(),
     });
     let fields = c.as_object_mut().unwrap();
-    let optional: [(&str, Make); 12] = [
+    let optional: [(&str, Make); 13] = [
         ("user", |rng| json!({"uid": rng.pick(&[0, 1000]), "gid": rng.pick(&[0, 1000])})),
         ("groups", |rng| json!(rng.subset(&[5, 1000]))),
         ("capabilities", caps),
@@ -158,6 +158,7 @@ fn container(rng: &mut Rng, name: &str) -> Value {
         ("allow_resource_updates", |rng| json!(rng.chance(50))),
         ("masked_paths", paths),
         ("readonly_paths", paths),
+        ("readonly_rootfs", |rng| json!(rng.chance(50))),
     ];
     for (field, make) in optional {
         if rng.chance(60) {
@@ -237,6 +238,7 @@ fn create_input(rng: &mut Rng, containers: &[Value]) -> Value {
         "maskedPaths": if rng.chance(80) { masked } else { paths(rng) },
         "readonlyPaths": if rng.chance(80) { readonly } else { paths(rng) },
         "terminal": rng.chance(10),
+        "readonlyRootfs": rng.chance(50),
         "rlimits": if rng.chance(60) { c.get("rlimits").cloned().unwrap_or_else(|| json!([])) } else { rlimits(rng) },
     });
     if rng.chance(15) {

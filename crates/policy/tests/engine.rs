@@ -107,6 +107,26 @@ mount_device := {"allowed": count([1 | some i in numbers.range(1, 3000); some j 
 #[test]
 fn bad_policies_are_refused_at_load() {
     let load = |bytes: &[u8]| Engine::new(&Policy::from_bytes(bytes.to_vec())?);
+    // A name is one container: repeated or missing names are refused.
+    let twice = br#"package policy
+containers := [{"name": "web", "layers": ["11"], "command": ["/a"]}, {"name": "web", "layers": ["22"], "command": ["/b"]}]
+"#;
+    assert!(matches!(load(twice), Err(PolicyError::DuplicateContainer(n)) if n == "\"web\""));
+    let unnamed = b"package policy\ncontainers := [{\"layers\": [], \"command\": []}]\n";
+    assert!(matches!(load(unnamed), Err(PolicyError::UnnamedContainer(0))));
+    // A pattern that is not a regular expression, in an env rule or a mount source.
+    let env = br#"package policy
+containers := [{"name": "web", "env_rules": [{"pattern": "A=(", "strategy": "re2"}]}]
+"#;
+    assert!(matches!(load(env), Err(PolicyError::BadPattern { .. })));
+    let mount = br#"package policy
+containers := [{"name": "web", "mounts": [{"destination": "/d", "type": "bind", "source": "[", "options": []}]}]
+"#;
+    let err = load(mount).unwrap_err().to_string();
+    assert!(
+        err.contains("the mount source of container \"web\"") && err.contains("not a valid regular expression"),
+        "{err}"
+    );
     assert!(matches!(load(b"package other\n"), Err(PolicyError::WrongPackage(p)) if p == "data.other"));
     assert!(matches!(load(b"package policy\nx := \n"), Err(PolicyError::Rego(_))));
     assert!(matches!(Policy::from_bytes(vec![0xff, 0xfe]), Err(PolicyError::NotUtf8)));
@@ -273,6 +293,14 @@ fn only_a_plain_binding_counts_as_bound_to_the_framework() {
         "create_container := data.framework.create_container\ny := data.policy.create_container\n",
         "create_container := data.framework.create_container\ncreate_container := data.framework.create_container\n",
         "",
+        // The review's: a binding inside a raw string, the rule itself elsewhere.
+        "x := `\ncreate_container := data.framework.create_container\n`\ndefault create_container := {\"allowed\": true}\ncreate_container := {\"allowed\": false} if { false }\n",
+        // A body or else on the next line.
+        "create_container := data.framework.create_container\n{ false }\n",
+        "create_container := data.framework.create_container\n  if { input.x }\n",
+        "create_container := data.framework.create_container\nelse := true\n",
+        "create_container := data.framework.create_container with input as {}\n",
+        "x := 1 create_container := data.framework.create_container\n",
     ] {
         assert!(!bound_to_framework(other, point), "{other}");
     }

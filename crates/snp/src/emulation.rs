@@ -103,7 +103,7 @@ pub struct EmulatedFields {
     /// MEASUREMENT: the launch digest the guest claims (for Parma, the
     /// expected digest of the image, computed ahead of time).
     pub measurement: [u8; 48],
-    /// HOST_DATA: what the host gave at launch (QEMU fw_cfg under TCG).
+    /// HOST_DATA: what the host gave at launch (the command line under emulation).
     pub host_data: [u8; 32],
     /// REPORT_DATA: chosen by the requester.
     pub report_data: [u8; 64],

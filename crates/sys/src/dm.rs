@@ -176,7 +176,8 @@ impl Control {
         // Sized up front: a table that grew would leave copies of a key in
         // the memory it moved out of.
         let size = targets.iter().map(|t| size_of::<DmTargetSpec>() + (t.params.len() + 1).next_multiple_of(8)).sum();
-        let mut table = Vec::with_capacity(size);
+        // Wiped when dropped, on an early error too.
+        let mut table = zeroize::Zeroizing::new(Vec::with_capacity(size));
         for target in targets {
             push_target(&mut table, target)?;
         }
@@ -193,7 +194,6 @@ impl Control {
         let loaded = self.ioctl(DM_TABLE_LOAD_CMD, "table load", name, &mut buf);
         if flags.secret {
             buf.wipe();
-            table.fill(0);
         }
         loaded?;
         let mut buf = Buffer::new(name, "", 0)?;
@@ -296,9 +296,16 @@ fn push_target(table: &mut Vec<u8>, target: &Target) -> Result<(), DmError> {
     Ok(())
 }
 
-/// An ioctl buffer: the header, then `payload` bytes, 8-byte aligned.
+/// An ioctl buffer: the header, then `payload` bytes, 8-byte aligned;
+/// wiped when dropped (a table load's holds a key), whatever path drops it.
 struct Buffer {
     words: Vec<u64>,
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        self.wipe();
+    }
 }
 
 impl Buffer {
@@ -364,7 +371,7 @@ impl Buffer {
     }
 
     fn wipe(&mut self) {
-        self.words.fill(0);
+        zeroize::Zeroize::zeroize(self.words.as_mut_slice());
     }
 
     fn as_mut_ptr(&mut self) -> *mut u64 {

@@ -15,9 +15,15 @@
 //! `execve` or exits. So starting a container costs the same whatever the
 //! agent's size (no page tables to copy, no copy-on-write faults
 //! afterwards), which matters most under emulation. Until `execve` the child
-//! is PID 1 of a PID namespace no one else sees. An exec's child joins a
-//! running container, whose processes could reach a shared memory through
-//! `/proc/PID/mem`: it is a fork-like copy. Because the memory may be shared,
+//! is PID 1 of a PID namespace no one else sees. An exec joins a running
+//! container, whose processes must not see anything of the agent: a
+//! fork-like copy of the agent, still in the agent's PID namespace (no
+//! process of the container can see, signal or trace it), joins the
+//! container's namespaces, takes the process's identity and seccomp filter,
+//! closes every other descriptor, and only then forks the process itself
+//! into the container's PID namespace (`CLONE_PARENT`: the agent's child),
+//! which calls `execve` at once. The agent waits for that at most
+//! [`JOIN_DEADLINE`]. Because the memory may be shared,
 //! the child keeps to calls that change only itself: the ids are set with
 //! the raw system calls (glibc's wrappers would signal the agent's threads
 //! to change theirs too), and every signal is blocked across the clone so
@@ -35,6 +41,16 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// The child's stack: its frames are small and it allocates nothing.
 const CHILD_STACK: usize = 256 * 1024;
+
+/// How long an exec's setup may take before it is killed: the process is
+/// already in the container's PID namespace for the last steps, where a
+/// process of the container could stop it (SIGSTOP); the agent does not
+/// wait for that.
+pub const JOIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The code of the setup pipe's message that carries the exec'd process's
+/// PID (not a [`Step`]).
+const PID_MESSAGE: u32 = 0xffff_fffe;
 
 /// One step of preparing the container's root, run in order in the child.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +102,19 @@ pub enum RootOp {
     },
 }
 
+/// What a path must be once the container's root is in place, checked in
+/// the child after `pivot_root`: a mount of the kind the root operations
+/// meant to put there, whatever the image's files were.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountCheck {
+    /// The path inside the container.
+    pub path: CString,
+    /// The filesystem's magic number (`statfs`'s `f_type`), if it must be one.
+    pub fs_type: Option<i64>,
+    /// It must be mounted read-only.
+    pub read_only: bool,
+}
+
 /// A new container: its root, prepared by [`RootOp`]s, then pivoted into.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewContainer {
@@ -93,6 +122,8 @@ pub struct NewContainer {
     pub rootfs: CString,
     /// Mounts, device nodes and links made under it before the pivot.
     pub ops: Vec<RootOp>,
+    /// Checked after the pivot, in order; a failure stops the launch.
+    pub checks: Vec<MountCheck>,
     /// Remount the root read-only after the pivot.
     pub readonly_rootfs: bool,
     /// The UTS namespace's host name.
@@ -219,6 +250,12 @@ pub enum Step {
     Terminal,
     /// Setting `oom_score_adj` back to 0 (the agent's is -1000).
     OomScore,
+    /// Forking the exec'd process into the container's PID namespace.
+    Fork,
+    /// A mount check after the pivot, by index.
+    Check(u32),
+    /// The exec's setup did not finish within [`JOIN_DEADLINE`].
+    Deadline,
     /// A step number this code does not know.
     Unknown(u32),
 }
@@ -249,7 +286,10 @@ impl Step {
             Step::Seccomp => 21,
             Step::Terminal => 22,
             Step::OomScore => 23,
+            Step::Fork => 24,
+            Step::Deadline => 25,
             Step::RootOp(index) => 0x1000_0000 | index,
+            Step::Check(index) => 0x2000_0000 | index,
             Step::Unknown(code) => code,
         }
     }
@@ -279,7 +319,10 @@ impl Step {
             21 => Step::Seccomp,
             22 => Step::Terminal,
             23 => Step::OomScore,
-            code if code & 0x1000_0000 != 0 => Step::RootOp(code & 0x0fff_ffff),
+            24 => Step::Fork,
+            25 => Step::Deadline,
+            code if code & 0xf000_0000 == 0x1000_0000 => Step::RootOp(code & 0x0fff_ffff),
+            code if code & 0xf000_0000 == 0x2000_0000 => Step::Check(code & 0x0fff_ffff),
             code => Step::Unknown(code),
         }
     }
@@ -337,6 +380,27 @@ impl Child {
         let rc =
             unsafe { libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), signal, ptr::null::<u8>(), 0) };
         if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    /// Wait until the process exits and reap it.
+    pub fn wait_blocking(&self) -> io::Result<Exit> {
+        loop {
+            // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid on our pidfd with a valid siginfo_t out pointer.
+            let rc =
+                unsafe { libc::waitid(libc::P_PIDFD, self.pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED) };
+            if rc < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            // SAFETY: waitid filled `info`.
+            let status = unsafe { info.si_status() };
+            return Ok(if info.si_code == libc::CLD_EXITED { Exit::Code(status) } else { Exit::Signal(status) });
+        }
     }
 
     /// Reap the process if it has exited; `None` while it runs.
@@ -451,91 +515,184 @@ pub fn spawn(
         error_pipe: write_end.as_raw_fd(),
     };
 
-    let mut flags = libc::CLONE_PIDFD as u64;
-    let mut restore_pid_ns = None;
     match namespaces {
-        Namespaces::New(_) => {
-            flags |= (libc::CLONE_NEWNS
-                | libc::CLONE_NEWPID
-                | libc::CLONE_NEWUTS
-                | libc::CLONE_NEWIPC
-                | libc::CLONE_NEWNET
-                | libc::CLONE_NEWCGROUP) as u64;
-        }
-        Namespaces::Join(pidfd) => {
-            // A PID namespace is entered by children only: point this thread's
-            // children at the container's, and back right after the clone.
-            let own = std::fs::File::open("/proc/thread-self/ns/pid")
-                .map_err(|source| LaunchError::Parent { what: "cannot open the agent's PID namespace", source })?;
-            // SAFETY: setns with a valid pidfd and one namespace flag.
-            if unsafe { libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-                return Err(parent("cannot enter the container's PID namespace"));
-            }
-            restore_pid_ns = Some(own);
-        }
+        Namespaces::New(_) => spawn_new(plan, read_end, write_end, stdio, cgroup),
+        Namespaces::Join(_) => spawn_join(plan, read_end, write_end, stdio, cgroup),
     }
+}
+
+/// A new container's init: `clone3` into new namespaces, sharing the
+/// agent's memory until `execve` (see the module docs).
+fn spawn_new(
+    plan: Plan<'_>,
+    read_end: OwnedFd,
+    write_end: OwnedFd,
+    stdio: Stdio,
+    cgroup: Option<BorrowedFd<'_>>,
+) -> Result<Child, LaunchError> {
+    let mut flags = (libc::CLONE_PIDFD
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWCGROUP
+        | libc::CLONE_VM
+        | libc::CLONE_VFORK) as u64;
     if cgroup.is_some() {
         flags |= CLONE_INTO_CGROUP;
     }
-    // A new container's child is PID 1 of a PID namespace nobody else sees
-    // until it calls `execve`: it may share the agent's memory. An exec's
-    // child is visible in the running container at once, where a process
-    // with CAP_SYS_PTRACE could open its /proc/PID/mem: it gets a copy.
-    let share_memory = matches!(namespaces, Namespaces::New(_));
-    let stack = if share_memory {
-        match Stack::new(CHILD_STACK) {
-            Ok(stack) => Some(stack),
-            Err(source) => {
-                restore_pid_namespace(restore_pid_ns.as_ref());
-                return Err(LaunchError::Parent { what: "cannot map the child's stack", source });
-            }
-        }
-    } else {
-        None
+    let stack = Stack::new(CHILD_STACK)
+        .map_err(|source| LaunchError::Parent { what: "cannot map the child's stack", source })?;
+    let mut pidfd: RawFd = -1;
+    let args = CloneArgs {
+        flags,
+        pidfd: &raw mut pidfd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: stack.base as u64,
+        stack_size: stack.len as u64,
+        cgroup: cgroup.map_or(0, |fd| fd.as_raw_fd() as u64),
+        ..CloneArgs::default()
     };
-    if share_memory {
-        flags |= (libc::CLONE_VM | libc::CLONE_VFORK) as u64;
+    let pid = {
+        let _blocked = BlockedSignals::all();
+        // SAFETY: the child runs `child_entry(&plan)` on its own stack and
+        // never returns; this thread waits (CLONE_VFORK) until the child
+        // called `execve` or exited, so `plan` and the stack outlive its use.
+        unsafe { clone3_vm(&args, child_entry, (&raw const plan).cast()) }
+    };
+    drop(stack);
+    if pid < 0 {
+        let source = io::Error::from_raw_os_error(i32::try_from(-pid).unwrap_or(libc::EINVAL));
+        return Err(LaunchError::Parent { what: "clone3 failed", source });
+    }
+    drop(plan);
+    drop(write_end);
+    drop(stdio);
+    // SAFETY: clone3 stored a new pidfd owned by nobody else.
+    let child = Child { pid: pid as i32, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } };
+    // The child has called execve or exited (CLONE_VFORK): the pipe holds
+    // its report, if any, already.
+    match read_report(&read_end, None)? {
+        Report::End => Ok(child),
+        Report::Failed(step, source) => {
+            // The child failed and exits with 127: reap it so no zombie stays.
+            let _ = child.wait_blocking();
+            Err(LaunchError::Setup { step, source })
+        }
+        Report::Pid(_) => Err(LaunchError::Setup { step: Step::Unknown(PID_MESSAGE), source: io::Error::other("") }),
+    }
+}
+
+/// An exec: a setup child in the agent's PID namespace, which forks the
+/// process into the container's once it is unprivileged (see the module
+/// docs); at most [`JOIN_DEADLINE`].
+fn spawn_join(
+    plan: Plan<'_>,
+    read_end: OwnedFd,
+    write_end: OwnedFd,
+    stdio: Stdio,
+    cgroup: Option<BorrowedFd<'_>>,
+) -> Result<Child, LaunchError> {
+    let mut flags = libc::CLONE_PIDFD as u64;
+    if cgroup.is_some() {
+        flags |= CLONE_INTO_CGROUP;
     }
     let mut pidfd: RawFd = -1;
     let args = CloneArgs {
         flags,
         pidfd: &raw mut pidfd as u64,
         exit_signal: libc::SIGCHLD as u64,
-        stack: stack.as_ref().map_or(0, |stack| stack.base as u64),
-        stack_size: stack.as_ref().map_or(0, |stack| stack.len as u64),
         cgroup: cgroup.map_or(0, |fd| fd.as_raw_fd() as u64),
         ..CloneArgs::default()
     };
-    let clone_result = {
+    let pid = {
         let _blocked = BlockedSignals::all();
-        let pid = if stack.is_some() {
-            // SAFETY: the child runs `child_entry(&plan)` on its own stack and
-            // never returns; this thread waits (CLONE_VFORK) until the child
-            // called `execve` or exited, so `plan` and the stack outlive its use.
-            unsafe { clone3_vm(&args, child_entry, (&raw const plan).cast()) }
-        } else {
-            // SAFETY: clone3 without CLONE_VM and with no stack behaves like
-            // fork: the child gets a copy of this address space and
-            // continues here, where it only runs `child`, which never returns.
-            let pid = unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
-            if pid == 0 {
-                child(&plan);
-            }
-            if pid < 0 { -i64::from(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL)) } else { pid }
-        };
-        restore_pid_namespace(restore_pid_ns.as_ref());
-        if pid < 0 { Err(io::Error::from_raw_os_error(-pid as i32)) } else { Ok(pid) }
+        // SAFETY: clone3 without CLONE_VM and with no stack behaves like
+        // fork: the child gets a copy of this address space and continues
+        // here, where it only runs `join_child`, which never returns.
+        let pid = unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
+        if pid == 0 {
+            join_child(&plan);
+        }
+        pid
     };
-    drop(stack);
-    let pid = clone_result.map_err(|source| LaunchError::Parent { what: "clone3 failed", source })?;
+    if pid < 0 {
+        return Err(parent("clone3 failed"));
+    }
     drop(plan);
     drop(write_end);
     drop(stdio);
     // SAFETY: clone3 stored a new pidfd owned by nobody else.
-    let child = Child { pid: pid as i32, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } };
+    let setup = Child { pid: pid as i32, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } };
+    let deadline = std::time::Instant::now() + JOIN_DEADLINE;
+    let mut process: Option<Child> = None;
+    let result = loop {
+        match read_report(&read_end, Some(deadline)) {
+            Ok(Report::Pid(pid)) if process.is_none() => match pidfd_open(pid) {
+                Ok(pidfd) => process = Some(Child { pid, pidfd }),
+                Err(source) => break Err(LaunchError::Parent { what: "cannot open the process's pidfd", source }),
+            },
+            Ok(Report::Pid(_)) => {
+                break Err(LaunchError::Setup { step: Step::Unknown(PID_MESSAGE), source: io::Error::other("") });
+            }
+            Ok(Report::End) => match process.take() {
+                Some(child) => break Ok(child),
+                None => {
+                    break Err(LaunchError::Setup { step: Step::Fork, source: io::Error::other("no process") });
+                }
+            },
+            Ok(Report::Failed(step, source)) => break Err(LaunchError::Setup { step, source }),
+            Err(err) => break Err(err),
+        }
+    };
+    // The setup child exits right after the fork (or on a failure); kill it
+    // and a process that did not get to execve when the deadline passed.
+    if result.is_err() {
+        let _ = setup.signal(libc::SIGKILL);
+        if let Some(process) = &process {
+            let _ = process.signal(libc::SIGKILL);
+            let _ = process.wait_blocking();
+        }
+    }
+    let _ = setup.wait_blocking();
+    result
+}
+
+/// What the setup pipe said.
+enum Report {
+    /// End of file: every child holding it called `execve` (or exited).
+    End,
+    /// A step failed with this errno.
+    Failed(Step, io::Error),
+    /// The exec'd process's PID in the agent's PID namespace.
+    Pid(i32),
+}
+
+/// The next report on the setup pipe, waiting until `deadline` at most.
+fn read_report(read_end: &OwnedFd, deadline: Option<std::time::Instant>) -> Result<Report, LaunchError> {
     let mut report = [0u8; 8];
     let mut got = 0;
     while got < report.len() {
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut poll = libc::pollfd { fd: read_end.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+            // SAFETY: poll one pollfd owned here.
+            let ready = unsafe { libc::poll(&raw mut poll, 1, ms) };
+            if ready < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if ready < 0 {
+                return Err(parent("cannot poll the setup pipe"));
+            }
+            if ready == 0 {
+                return Err(LaunchError::Setup {
+                    step: Step::Deadline,
+                    source: io::Error::from_raw_os_error(libc::ETIMEDOUT),
+                });
+            }
+        }
         let rest = report.get_mut(got..).unwrap_or_default();
         // SAFETY: read into the remaining part of `report`.
         let n = unsafe { libc::read(read_end.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
@@ -551,26 +708,30 @@ pub fn spawn(
         got += n as usize;
     }
     if got == 0 {
-        return Ok(child);
+        return Ok(Report::End);
     }
-    // The child failed and exits with 127: reap it so no zombie stays.
-    let mut status = 0;
-    // SAFETY: waitpid on our own child.
-    unsafe { libc::waitpid(child.pid, &mut status, 0) };
-    let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
-    let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
-    Err(LaunchError::Setup { step: Step::from_code(step), source: io::Error::from_raw_os_error(errno) })
+    let code = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
+    let value = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+    if got < report.len() {
+        return Err(LaunchError::Setup { step: Step::Unknown(code), source: io::Error::other("a short report") });
+    }
+    Ok(if code == PID_MESSAGE {
+        Report::Pid(value)
+    } else {
+        Report::Failed(Step::from_code(code), io::Error::from_raw_os_error(value))
+    })
 }
 
-/// Point this thread's children back at the agent's own PID namespace.
-fn restore_pid_namespace(own: Option<&std::fs::File>) {
-    if let Some(own) = own {
-        // SAFETY: setns back into the agent's own PID namespace.
-        if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-            // Later children would land in the container: nothing is safe after this.
-            std::process::abort();
-        }
+/// `pidfd_open(pid)`: the process is the agent's own child, not reaped yet,
+/// so its PID cannot have been reused.
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: the fd was just opened and is owned here only.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// An anonymous mapping for the child's stack, with a guard page below it.
@@ -701,17 +862,54 @@ fn child(plan: &Plan<'_>) -> ! {
         Ok(never) => match never {},
         Err(step) => step,
     };
+    fail(plan, failed)
+}
+
+/// Report `step` with the current errno on the setup pipe and exit 127.
+fn fail(plan: &Plan<'_>, step: Step) -> ! {
     let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    report(plan, step.code(), errno);
+    // SAFETY: exit without running any of the parent's atexit handlers or destructors.
+    unsafe { libc::_exit(127) }
+}
+
+/// Write one 8-byte report (atomic: less than PIPE_BUF) to the setup pipe.
+fn report(plan: &Plan<'_>, code: u32, value: i32) {
     let mut report = [0u8; 8];
-    let (code, err) = report.split_at_mut(4);
-    code.copy_from_slice(&failed.code().to_ne_bytes());
-    err.copy_from_slice(&errno.to_ne_bytes());
-    // SAFETY: write a stack buffer to the setup pipe, then exit without
-    // running any of the parent's atexit handlers or destructors.
-    unsafe {
-        libc::write(plan.error_pipe, report.as_ptr().cast(), report.len());
-        libc::_exit(127)
+    let (head, tail) = report.split_at_mut(4);
+    head.copy_from_slice(&code.to_ne_bytes());
+    tail.copy_from_slice(&value.to_ne_bytes());
+    // SAFETY: write a stack buffer to the setup pipe.
+    unsafe { libc::write(plan.error_pipe, report.as_ptr().cast(), report.len()) };
+}
+
+/// An exec's setup child (in the agent's PID namespace): never returns.
+fn join_child(plan: &Plan<'_>) -> ! {
+    match join_setup(plan) {
+        Ok(pid) => {
+            report(plan, PID_MESSAGE, pid);
+            // SAFETY: exit at once, as above.
+            unsafe { libc::_exit(0) }
+        }
+        Err(step) => fail(plan, step),
     }
+}
+
+/// What an exec's process does in the container's PID namespace, already
+/// with its identity: never returns.
+fn join_process(plan: &Plan<'_>) -> ! {
+    // SAFETY: see `setup`.
+    let failed = unsafe {
+        if libc::setsid() < 0 {
+            Step::Setsid
+        } else if plan.process.controlling_terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            Step::Terminal
+        } else {
+            libc::execve(plan.process.exe.as_ptr(), plan.argv.ptrs.as_ptr(), plan.envp.ptrs.as_ptr());
+            Step::Exec
+        }
+    };
+    fail(plan, failed)
 }
 
 enum Never {}
@@ -721,9 +919,13 @@ fn check(rc: libc::c_long, step: Step) -> Result<(), Step> {
     if rc < 0 { Err(step) } else { Ok(()) }
 }
 
-fn setup(plan: &Plan<'_>) -> Result<Never, Step> {
-    // SAFETY: raw system calls on C strings and pointer arrays that `plan`
-    // keeps alive; nothing allocates.
+/// What every child does first: stdio, default signals, descriptors marked
+/// close-on-exec, the OOM score back to normal.
+///
+/// # Safety
+/// Raw system calls on what `plan` keeps alive; in the child only.
+unsafe fn prelude(plan: &Plan<'_>) -> Result<(), Step> {
+    // SAFETY: see `setup`.
     unsafe {
         for (fd, target) in plan.stdio.iter().zip(0..) {
             if *fd == target {
@@ -754,34 +956,85 @@ fn setup(plan: &Plan<'_>) -> Result<Never, Step> {
         let written = libc::write(oom, c"0".as_ptr().cast(), 1);
         libc::close(oom);
         check(written as libc::c_long, Step::OomScore)?;
+    }
+    Ok(())
+}
+
+/// Install the process's seccomp filters (the last thing before the
+/// process runs its own code).
+///
+/// # Safety
+/// Raw system calls; in the child only.
+unsafe fn seccomp(process: &Process) -> Result<(), Step> {
+    for filter in process.seccomp.iter().filter(|filter| !filter.is_empty()) {
+        let len = u16::try_from(filter.len()).map_err(|_| Step::Seccomp)?;
+        let program = libc::sock_fprog { len, filter: filter.as_ptr().cast_mut() };
+        // SAFETY: the filter outlives the call; the kernel copies it.
+        let rc = unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &raw const program, 0, 0) };
+        check(rc.into(), Step::Seccomp)?;
+    }
+    Ok(())
+}
+
+/// A new container's init (`Namespaces::New`).
+fn setup(plan: &Plan<'_>) -> Result<Never, Step> {
+    let Namespaces::New(container) = plan.namespaces else { return Err(Step::JoinNamespaces) };
+    // SAFETY: raw system calls on C strings and pointer arrays that `plan`
+    // keeps alive; nothing allocates.
+    unsafe {
+        prelude(plan)?;
         check(libc::setsid().into(), Step::Setsid)?;
         if plan.process.controlling_terminal {
             check(libc::ioctl(0, libc::TIOCSCTTY, 0).into(), Step::Terminal)?;
         }
-        match plan.namespaces {
-            Namespaces::New(container) => new_root(container)?,
-            Namespaces::Join(pidfd) => {
-                let flags = libc::CLONE_NEWNS
-                    | libc::CLONE_NEWUTS
-                    | libc::CLONE_NEWIPC
-                    | libc::CLONE_NEWNET
-                    | libc::CLONE_NEWCGROUP;
-                check(libc::setns(pidfd.as_raw_fd(), flags).into(), Step::JoinNamespaces)?;
-            }
-        }
+        new_root(container)?;
         identity(plan.process)?;
         check(libc::chdir(plan.process.cwd.as_ptr()).into(), Step::Cwd)?;
         // Last before execve, so the filter constrains the container only.
-        for filter in plan.process.seccomp.iter().filter(|filter| !filter.is_empty()) {
-            let len = u16::try_from(filter.len()).map_err(|_| Step::Seccomp)?;
-            let program = libc::sock_fprog { len, filter: filter.as_ptr().cast_mut() };
-            check(
-                libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &raw const program, 0, 0).into(),
-                Step::Seccomp,
-            )?;
-        }
+        seccomp(plan.process)?;
         libc::execve(plan.process.exe.as_ptr(), plan.argv.ptrs.as_ptr(), plan.envp.ptrs.as_ptr());
         Err(Step::Exec)
+    }
+}
+
+/// An exec's setup child, in the agent's PID namespace where no process of
+/// the container sees it: join the container's namespaces (its PID
+/// namespace for the next child only), close every descriptor but the
+/// setup pipe and stdio, take the process's identity, working directory and
+/// seccomp filters, then fork the process as the agent's child; returns its
+/// PID.
+fn join_setup(plan: &Plan<'_>) -> Result<i32, Step> {
+    let Namespaces::Join(pidfd) = plan.namespaces else { return Err(Step::JoinNamespaces) };
+    // SAFETY: see `setup`.
+    unsafe {
+        prelude(plan)?;
+        let flags = libc::CLONE_NEWNS
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWNET
+            | libc::CLONE_NEWCGROUP
+            | libc::CLONE_NEWPID;
+        check(libc::setns(pidfd.as_raw_fd(), flags).into(), Step::JoinNamespaces)?;
+        // Nothing of the agent's reaches the process, not even until execve.
+        let pipe = u32::try_from(plan.error_pipe).map_err(|_| Step::Stdio)?;
+        if pipe > 3 {
+            libc::syscall(libc::SYS_close_range, 3u32, pipe - 1, 0u32);
+        }
+        libc::syscall(libc::SYS_close_range, pipe + 1, u32::MAX, 0u32);
+        identity(plan.process)?;
+        check(libc::chdir(plan.process.cwd.as_ptr()).into(), Step::Cwd)?;
+        seccomp(plan.process)?;
+        // The process: the agent's child (CLONE_PARENT), in the container's
+        // PID namespace, unprivileged from its first instruction.
+        let args = CloneArgs { flags: libc::CLONE_PARENT as u64, ..CloneArgs::default() };
+        let pid = libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>());
+        if pid == 0 {
+            join_process(plan);
+        }
+        if pid < 0 {
+            return Err(Step::Fork);
+        }
+        i32::try_from(pid).map_err(|_| Step::Fork)
     }
 }
 
@@ -842,6 +1095,25 @@ unsafe fn new_root(container: &NewContainer) -> Result<(), Step> {
         }
         let name = container.hostname.as_bytes();
         check(libc::sethostname(name.as_ptr().cast(), name.len()).into(), Step::Hostname)?;
+        // Whatever the image held at those paths (a symbolic link leading a
+        // mount elsewhere included), each must now be what was meant.
+        for (check, index) in container.checks.iter().zip(0u32..) {
+            let step = Step::Check(index);
+            let mut fs: libc::statfs = std::mem::zeroed();
+            if libc::statfs(check.path.as_ptr(), &mut fs) < 0 {
+                return Err(step);
+            }
+            let mut vfs: libc::statvfs = std::mem::zeroed();
+            if libc::statvfs(check.path.as_ptr(), &mut vfs) < 0 {
+                return Err(step);
+            }
+            let wrong_type = check.fs_type.is_some_and(|want| fs.f_type != want);
+            let writable = check.read_only && (vfs.f_flag & libc::ST_RDONLY) == 0;
+            if wrong_type || writable {
+                *libc::__errno_location() = libc::EXDEV;
+                return Err(step);
+            }
+        }
     }
     Ok(())
 }

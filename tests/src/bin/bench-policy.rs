@@ -99,11 +99,17 @@ fn lifecycle(c: usize, round: usize) -> Vec<(Point, Value)> {
                 {"destination": "/etc/hosts", "type": "bind", "source": format!("/run/parma/{id}/hosts"), "options": ["ro", "rbind"]},
                 {"destination": "/data", "type": "bind", "source": format!("/run/parma/{id}/data"), "options": ["rw", "rbind"]},
             ],
+            "maskedPaths": parma_policy::DEFAULT_MASKED_PATHS,
+            "readonlyPaths": parma_policy::DEFAULT_READONLY_PATHS,
+            "terminal": false,
+            "rlimits": [],
         }),
     ));
+    steps.push((Point::StartContainer, json!({"containerID": id})));
     steps.push((
         Point::ExecInContainer,
-        json!({"containerID": id, "argList": ["/bin/health"], "envList": env_list(c), "workingDir": "/app"}),
+        json!({"containerID": id, "argList": ["/bin/health"], "envList": env_list(c), "workingDir": "/app",
+               "terminal": false, "rlimits": []}),
     ));
     steps.push((
         Point::SignalContainerProcess,
@@ -162,7 +168,10 @@ fn run_rounds(engine: &mut Engine, containers: usize, rounds: usize) -> anyhow::
             engine.commit(&decision)?;
             let elapsed = t.elapsed();
             anyhow::ensure!(decision.allowed, "{point} denied in round {round}: {:?}", decision.denial);
-            if matches!(point, Point::MountDevice | Point::MountOverlay | Point::CreateContainer) {
+            if matches!(
+                point,
+                Point::MountDevice | Point::MountOverlay | Point::CreateContainer | Point::StartContainer
+            ) {
                 start += elapsed;
             }
             samples.push((point, elapsed));

@@ -29,6 +29,7 @@ containers := [
 		"exec_processes": [{"command": ["/bin/health"], "signals": [15]}],
 		"signals": [15, 2],
 		"rlimits": [{"type": "RLIMIT_NPROC", "soft": 64, "hard": 128}],
+		"allow_stdio_access": true,
 	},
 	{
 		"name": "sidecar",
