@@ -518,6 +518,19 @@ fn prepare_process(rootfs: &str, spec: &ProcessSpec) -> Result<Process, String> 
         inheritable: mask(&caps.inheritable, "inheritable")?,
         ambient: mask(&caps.ambient, "ambient")?,
     };
+    // A tracer in the container could take an exec'd process between its
+    // fork and its execve, while its memory is still a copy of the agent's
+    // (and hold it, so the agent could not reap it). Not supported until an
+    // exec no longer starts as such a copy.
+    let ptrace = launch::capability_mask(&["CAP_SYS_PTRACE"]).unwrap_or(0);
+    let all = capabilities.bounding
+        | capabilities.effective
+        | capabilities.permitted
+        | capabilities.inheritable
+        | capabilities.ambient;
+    if all & ptrace != 0 {
+        return Err("CAP_SYS_PTRACE is not supported in a container of the UVM (see docs/threat-model.md)".into());
+    }
     let seccomp = match &spec.seccomp {
         None => Vec::new(),
         Some(_) if !spec.no_new_privileges => {
@@ -1004,6 +1017,9 @@ mod tests {
         let mut bad = spec(&["/bin/x"]);
         bad.cwd = "srv".into();
         assert!(prepare_process(rootfs, &bad).unwrap_err().contains("not absolute"));
+        let mut bad = spec(&["/bin/x"]);
+        bad.capabilities.bounding = vec!["CAP_SYS_PTRACE".into()];
+        assert!(prepare_process(rootfs, &bad).unwrap_err().contains("CAP_SYS_PTRACE is not supported"));
         let mut bad = spec(&["/bin/x"]);
         bad.capabilities.effective = vec!["CAP_EVERYTHING".into()];
         assert!(prepare_process(rootfs, &bad).unwrap_err().contains("unknown capability \"CAP_EVERYTHING\""));

@@ -51,7 +51,7 @@ fn main() {
         std::process::abort();
     }));
     // No container process may ptrace the agent or open its /proc/PID/mem
-    // (one granted CAP_SYS_PTRACE included), and it leaves no core dump.
+    // (containers get no CAP_SYS_PTRACE), and it leaves no core dump.
     if let Err(err) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!("cannot make the agent non-dumpable: {err}");
     }

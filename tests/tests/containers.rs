@@ -425,9 +425,9 @@ fn seccomp_profiles_and_rlimits_apply_to_the_container() -> anyhow::Result<()> {
     // ENOSYS, everything else is allowed.
     let profile = r#"{"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
         "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
-                     {"names": ["rmdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]}"#;
+                     {"names": ["rmdir", "clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]}"#;
     let digest = parma_policy::policy_hash(profile.as_bytes());
-    let command = ["/bin/sh", "-c", "mkdir /srv/x; echo mkdir=$?; rmdir /srv; echo rmdir=$?; ulimit -n"];
+    let command = ["/bin/sh", "-c", "mkdir /srv/x; echo mkdir=$?; rmdir /srv; echo rmdir=$?; ulimit -n; read go"];
     let fixture = Fixture::with_spec(json!({
         "command": command,
         "seccomp_profile_sha256": digest,
@@ -447,7 +447,15 @@ fn seccomp_profiles_and_rlimits_apply_to_the_container() -> anyhow::Result<()> {
     process.rlimits = vec![parma_protocol::Rlimit { kind: "RLIMIT_NOFILE".into(), soft: 64, hard: 64 }];
     client.create_container(ID, &process)?;
     client.start_container(ID)?;
-    client.write_stdin(ID, None, &[], true)?;
+    // An exec under the same profile (which answers clone3 with ENOSYS, as
+    // containerd's default does): the agent forks it before the filter.
+    let mut cat = fixture.process_with(&["/bin/cat", "/etc/passwd"])?;
+    cat.seccomp = process.seccomp.clone();
+    cat.rlimits = process.rlimits.clone();
+    client.exec_process(ID, "cat", &cat)?;
+    let (passwd, _, code) = output(&mut client, ID, Some("cat"))?;
+    ensure!(code == 0 && passwd.starts_with("root:"), "exec under the profile: {code} {passwd}");
+    client.write_stdin(ID, None, b"go\n", true)?;
     let (stdout, stderr, code) = output(&mut client, ID, None)?;
     ensure!(code == 0, "exit {code}: {stdout}{stderr}");
     ensure!(stdout == "mkdir=1\nrmdir=1\n64\n", "{stdout}\n{stderr}");

@@ -713,6 +713,7 @@ pub fn bound_to_framework(text: &str, point: Point) -> bool {
         Token::Ident(name),
     ];
     let bindings = (0..tokens.len())
+        .filter(|&at| tokens.get(at..at + binding.len()) == Some(&binding[..]))
         .filter(|&at| {
             let starts_line = at == 0 || tokens.get(at - 1) == Some(&Token::Newline);
             let next = tokens.get(at + binding.len());
@@ -720,7 +721,7 @@ pub fn bound_to_framework(text: &str, point: Point) -> bool {
             let continued = tokens.iter().skip(at + binding.len()).find(|t| **t != Token::Newline).is_some_and(
                 |t| !matches!(t, Token::Ident(word) if !["if", "else", "with", "as", "contains", "in"].contains(word)),
             );
-            tokens.get(at..at + binding.len()) == Some(&binding[..]) && starts_line && ends_line && !continued
+            starts_line && ends_line && !continued
         })
         .count();
     let mentions = tokens.iter().filter(|t| **t == Token::Ident(name)).count();

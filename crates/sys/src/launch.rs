@@ -18,12 +18,17 @@
 //! is PID 1 of a PID namespace no one else sees. An exec joins a running
 //! container, whose processes must not see anything of the agent: a
 //! fork-like copy of the agent, still in the agent's PID namespace (no
-//! process of the container can see, signal or trace it), joins the
-//! container's namespaces, takes the process's identity and seccomp filter,
-//! closes every other descriptor, and only then forks the process itself
-//! into the container's PID namespace (`CLONE_PARENT`: the agent's child),
-//! which calls `execve` at once. The agent waits for that at most
-//! [`JOIN_DEADLINE`]. Because the memory may be shared,
+//! process of the container can see, signal or trace it) and keeping the
+//! agent's OOM score (the container's memory limit cannot get it killed),
+//! starts in the container's cgroup, joins the container's namespaces,
+//! closes every other descriptor and takes the process's identity, and only
+//! then forks the process itself into the container's PID namespace
+//! (`CLONE_PARENT`: the agent's child), which installs its seccomp filters
+//! and calls `execve` at once. The agent waits
+//! for that at most [`JOIN_DEADLINE`], reading the setup pipe to its end so
+//! that whatever was forked is known, killed on a failure and reaped, and
+//! then sets the process's `oom_score_adj` back to 0 (the copy keeps the
+//! agent's -1000). Because the memory may be shared,
 //! the child keeps to calls that change only itself: the ids are set with
 //! the raw system calls (glibc's wrappers would signal the agent's threads
 //! to change theirs too), and every signal is blocked across the clone so
@@ -46,7 +51,7 @@ const CHILD_STACK: usize = 256 * 1024;
 /// already in the container's PID namespace for the last steps, where a
 /// process of the container could stop it (SIGSTOP); the agent does not
 /// wait for that.
-pub const JOIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+pub const JOIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The code of the setup pipe's message that carries the exec'd process's
 /// PID (not a [`Step`]).
@@ -514,6 +519,11 @@ pub fn spawn(
         envp: CArray::new(&process.env),
         error_pipe: write_end.as_raw_fd(),
     };
+    // The children rearrange fds 0 to 2 and close the others but these: none
+    // of them may be one of 0 to 2 (the agent's stdio, from init, always is).
+    if plan.stdio.iter().chain([&plan.error_pipe]).any(|fd| *fd < 3) {
+        return Err(LaunchError::Parent { what: "a launch fd is one of 0 to 2", source: io::Error::other("") });
+    }
 
     match namespaces {
         Namespaces::New(_) => spawn_new(plan, read_end, write_end, stdio, cgroup),
@@ -594,11 +604,13 @@ fn spawn_join(
     stdio: Stdio,
     cgroup: Option<BorrowedFd<'_>>,
 ) -> Result<Child, LaunchError> {
+    let mut pidfd: RawFd = -1;
+    // Into the container's cgroup already: once in the container's cgroup
+    // namespace, no task may move in from outside it.
     let mut flags = libc::CLONE_PIDFD as u64;
     if cgroup.is_some() {
         flags |= CLONE_INTO_CGROUP;
     }
-    let mut pidfd: RawFd = -1;
     let args = CloneArgs {
         flags,
         pidfd: &raw mut pidfd as u64,
@@ -625,38 +637,64 @@ fn spawn_join(
     drop(stdio);
     // SAFETY: clone3 stored a new pidfd owned by nobody else.
     let setup = Child { pid: pid as i32, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } };
+    // Read to the end: the setup child's report (a failure, or the PID) and
+    // the process's (a failure before execve) may come in either order.
     let deadline = std::time::Instant::now() + JOIN_DEADLINE;
-    let mut process: Option<Child> = None;
-    let result = loop {
+    let mut forked: Option<i32> = None;
+    let mut failure: Option<LaunchError> = None;
+    loop {
         match read_report(&read_end, Some(deadline)) {
-            Ok(Report::Pid(pid)) if process.is_none() => match pidfd_open(pid) {
-                Ok(pidfd) => process = Some(Child { pid, pidfd }),
-                Err(source) => break Err(LaunchError::Parent { what: "cannot open the process's pidfd", source }),
-            },
+            Ok(Report::End) => break,
+            Ok(Report::Pid(pid)) if forked.is_none() => forked = Some(pid),
             Ok(Report::Pid(_)) => {
-                break Err(LaunchError::Setup { step: Step::Unknown(PID_MESSAGE), source: io::Error::other("") });
+                let source = io::Error::other("a second PID");
+                failure.get_or_insert(LaunchError::Setup { step: Step::Unknown(PID_MESSAGE), source });
             }
-            Ok(Report::End) => match process.take() {
-                Some(child) => break Ok(child),
-                None => {
-                    break Err(LaunchError::Setup { step: Step::Fork, source: io::Error::other("no process") });
-                }
-            },
-            Ok(Report::Failed(step, source)) => break Err(LaunchError::Setup { step, source }),
-            Err(err) => break Err(err),
-        }
-    };
-    // The setup child exits right after the fork (or on a failure); kill it
-    // and a process that did not get to execve when the deadline passed.
-    if result.is_err() {
-        let _ = setup.signal(libc::SIGKILL);
-        if let Some(process) = &process {
-            let _ = process.signal(libc::SIGKILL);
-            let _ = process.wait_blocking();
+            Ok(Report::Failed(step, source)) => drop(failure.get_or_insert(LaunchError::Setup { step, source })),
+            Err(err) => {
+                failure.get_or_insert(err);
+                break;
+            }
         }
     }
+    let process = match forked.map(|pid| (pid, pidfd_open(pid))) {
+        None => None,
+        Some((pid, Ok(pidfd))) => Some(Child { pid, pidfd }),
+        Some((pid, Err(source))) => {
+            // The agent's own unreaped child: its PID is still its own.
+            // SAFETY: kill and reap that child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, ptr::null_mut(), 0);
+            }
+            failure.get_or_insert(LaunchError::Parent { what: "cannot open the process's pidfd", source });
+            None
+        }
+    };
+    if failure.is_none() && process.is_none() {
+        failure = Some(LaunchError::Setup { step: Step::Fork, source: io::Error::other("no process was forked") });
+    }
+    // The setup child has exited, or is killed now (a deadline passed).
+    if failure.is_some() {
+        let _ = setup.signal(libc::SIGKILL);
+    }
     let _ = setup.wait_blocking();
-    result
+    match (failure, process) {
+        (Some(err), process) => {
+            if let Some(process) = process {
+                let _ = process.signal(libc::SIGKILL);
+                let _ = process.wait_blocking();
+            }
+            Err(err)
+        }
+        (None, Some(process)) => {
+            // The process carries the agent's -1000 from its copy; set it
+            // back (it may have exited already: nothing to do then).
+            let _ = std::fs::write(format!("/proc/{}/oom_score_adj", process.pid), "0");
+            Ok(process)
+        }
+        (None, None) => Err(LaunchError::Setup { step: Step::Fork, source: io::Error::other("no process") }),
+    }
 }
 
 /// What the setup pipe said.
@@ -904,6 +942,9 @@ fn join_process(plan: &Plan<'_>) -> ! {
             Step::Setsid
         } else if plan.process.controlling_terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
             Step::Terminal
+        } else if let Err(step) = seccomp(plan.process) {
+            // Last before execve: a profile may deny what the steps above need.
+            step
         } else {
             libc::execve(plan.process.exe.as_ptr(), plan.argv.ptrs.as_ptr(), plan.envp.ptrs.as_ptr());
             Step::Exec
@@ -920,11 +961,11 @@ fn check(rc: libc::c_long, step: Step) -> Result<(), Step> {
 }
 
 /// What every child does first: stdio, default signals, descriptors marked
-/// close-on-exec, the OOM score back to normal.
+/// close-on-exec, and with `reset_oom` the OOM score back to normal.
 ///
 /// # Safety
 /// Raw system calls on what `plan` keeps alive; in the child only.
-unsafe fn prelude(plan: &Plan<'_>) -> Result<(), Step> {
+unsafe fn prelude(plan: &Plan<'_>, reset_oom: bool) -> Result<(), Step> {
     // SAFETY: see `setup`.
     unsafe {
         for (fd, target) in plan.stdio.iter().zip(0..) {
@@ -949,6 +990,9 @@ unsafe fn prelude(plan: &Plan<'_>) -> Result<(), Step> {
         check(libc::sigprocmask(libc::SIG_SETMASK, &none, ptr::null_mut()).into(), Step::Signals)?;
         // Nothing else crosses the execve, whatever the parent left open.
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        if !reset_oom {
+            return Ok(());
+        }
         // The agent keeps the OOM killer off itself (-1000); the container's
         // processes are fair game like any other.
         let oom = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -982,7 +1026,7 @@ fn setup(plan: &Plan<'_>) -> Result<Never, Step> {
     // SAFETY: raw system calls on C strings and pointer arrays that `plan`
     // keeps alive; nothing allocates.
     unsafe {
-        prelude(plan)?;
+        prelude(plan, true)?;
         check(libc::setsid().into(), Step::Setsid)?;
         if plan.process.controlling_terminal {
             check(libc::ioctl(0, libc::TIOCSCTTY, 0).into(), Step::Terminal)?;
@@ -998,16 +1042,16 @@ fn setup(plan: &Plan<'_>) -> Result<Never, Step> {
 }
 
 /// An exec's setup child, in the agent's PID namespace where no process of
-/// the container sees it: join the container's namespaces (its PID
-/// namespace for the next child only), close every descriptor but the
-/// setup pipe and stdio, take the process's identity, working directory and
-/// seccomp filters, then fork the process as the agent's child; returns its
-/// PID.
+/// the container sees it, keeping the agent's OOM score: join the
+/// container's namespaces (its PID namespace for the next child only),
+/// close every descriptor but stdio and the setup pipe, take the process's
+/// identity and working directory, then fork the process as the agent's
+/// child; returns its PID.
 fn join_setup(plan: &Plan<'_>) -> Result<i32, Step> {
     let Namespaces::Join(pidfd) = plan.namespaces else { return Err(Step::JoinNamespaces) };
     // SAFETY: see `setup`.
     unsafe {
-        prelude(plan)?;
+        prelude(plan, false)?;
         let flags = libc::CLONE_NEWNS
             | libc::CLONE_NEWUTS
             | libc::CLONE_NEWIPC
@@ -1018,12 +1062,11 @@ fn join_setup(plan: &Plan<'_>) -> Result<i32, Step> {
         // Nothing of the agent's reaches the process, not even until execve.
         let pipe = u32::try_from(plan.error_pipe).map_err(|_| Step::Stdio)?;
         if pipe > 3 {
-            libc::syscall(libc::SYS_close_range, 3u32, pipe - 1, 0u32);
+            check(libc::syscall(libc::SYS_close_range, 3u32, pipe - 1, 0u32), Step::Stdio)?;
         }
-        libc::syscall(libc::SYS_close_range, pipe + 1, u32::MAX, 0u32);
+        check(libc::syscall(libc::SYS_close_range, pipe + 1, u32::MAX, 0u32), Step::Stdio)?;
         identity(plan.process)?;
         check(libc::chdir(plan.process.cwd.as_ptr()).into(), Step::Cwd)?;
-        seccomp(plan.process)?;
         // The process: the agent's child (CLONE_PARENT), in the container's
         // PID namespace, unprivileged from its first instruction.
         let args = CloneArgs { flags: libc::CLONE_PARENT as u64, ..CloneArgs::default() };
