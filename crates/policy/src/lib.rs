@@ -105,9 +105,9 @@ pub enum PolicyError {
     },
 }
 
-/// Check that `pattern` compiles as regorus will compile it (anchored).
+/// Check that `pattern` parses as regorus will compile it (anchored).
 fn check_pattern(what: impl Fn() -> String, pattern: &str) -> Result<(), PolicyError> {
-    regex::Regex::new(&format!("^(?:{pattern})$")).map(drop).map_err(|err| PolicyError::BadPattern {
+    regex_syntax::Parser::new().parse(&format!("^(?:{pattern})$")).map(drop).map_err(|err| PolicyError::BadPattern {
         what: what(),
         pattern: pattern.chars().take(128).collect(),
         reason: err.to_string().lines().last().unwrap_or_default().trim().to_string(),
@@ -233,11 +233,7 @@ impl Engine {
         let data = load_policy_data(&mut rego)?;
         let (vm, entry_points) = match backend {
             Backend::Interpreter => (None, Vec::new()),
-            Backend::Vm => {
-                let bound: Vec<Point> =
-                    Point::ALL.into_iter().filter(|point| bound_to_framework(&policy.text, *point)).collect();
-                compile_vm(&mut rego, data.clone(), budget, &bound)?
-            }
+            Backend::Vm => compile_vm(&mut rego, data.clone(), budget, &bound_points(&policy.text))?,
         };
         Ok(Self { rego, vm, entry_points, data, state: State::default(), policy_hash: policy.hash_hex() })
     }
@@ -701,8 +697,18 @@ fn index_mounts_and_capabilities(container: &mut regorus::Value) -> Result<(), P
 /// alone, which the differential test holds to the interpreter. A false
 /// negative only costs speed.
 pub fn bound_to_framework(text: &str, point: Point) -> bool {
-    let name = point.rule();
+    bound_in(&tokens(text).collect::<Vec<_>>(), point)
+}
+
+/// The points of [`Point::ALL`] the policy binds to the framework
+/// ([`bound_to_framework`]), tokenizing the text once.
+pub fn bound_points(text: &str) -> Vec<Point> {
     let tokens: Vec<Token<'_>> = tokens(text).collect();
+    Point::ALL.into_iter().filter(|point| bound_in(&tokens, *point)).collect()
+}
+
+fn bound_in(tokens: &[Token<'_>], point: Point) -> bool {
+    let name = point.rule();
     let binding = [
         Token::Ident(name),
         Token::Punct(":="),
