@@ -369,3 +369,76 @@ fn a_container_that_stops_every_process_cannot_wedge_an_exec() -> anyhow::Result
     guest.wait_exit(Duration::from_secs(60))?;
     Ok(())
 }
+
+/// Boot a UVM of `memory_mib` for a fixture with `extra` spec fields, mount
+/// its image as container `hello` and create and start it with `command`.
+fn started(memory_mib: u32, extra: serde_json::Value, command: &[&str]) -> anyhow::Result<(Guest, Client)> {
+    let hello = Paths::get().guest_binary("oci-hello")?;
+    let mut spec = json!({"command": command});
+    if let (Some(spec), serde_json::Value::Object(extra)) = (spec.as_object_mut(), extra) {
+        spec.extend(extra);
+    }
+    let fixture = oci::PolicyFixture::with_spec(&hello, spec)?;
+    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
+    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    boot.memory_mib = memory_mib;
+    let mut guest = Guest::boot(&Paths::get(), &boot)?;
+    let mut client: Client = guest.ready_client(READY, CALL)?;
+    client.set_policy(std::fs::read_to_string(&fixture.policy)?)?;
+    run::mount_image(&mut client, &fixture.built, "hello")?;
+    let args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
+    client.create_container("hello", &run::process_from_config(&fixture.built.config, &args)?)?;
+    client.start_container("hello")?;
+    Ok((guest, client))
+}
+
+/// Wait until container `hello`'s init process exited; how.
+fn exited(client: &mut Client) -> anyhow::Result<parma::client::ProcessStatus> {
+    let give_up = std::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        let status = client.wait_process("hello", None)?;
+        if !status.running {
+            return Ok(status);
+        }
+        ensure!(std::time::Instant::now() < give_up, "still running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Without `allow_stdio_access` the process's stdio is /dev/null and the
+/// host can neither read its output nor write its input nor resize.
+#[test]
+fn without_stdio_access_the_host_reads_and_writes_nothing() -> anyhow::Result<()> {
+    let (mut guest, mut client) =
+        started(512, json!({"allow_stdio_access": false}), &[oci::ENTRYPOINT, "stderr", "secret", "sleep", "2000"])?;
+    let stream = parma_protocol::OutputStream::Stdout;
+    denied(client.read_output("hello", None, stream), "does not allow stdio access")?;
+    denied(client.write_stdin("hello", None, b"x", false), "does not allow stdio access")?;
+    denied(client.resize_terminal("hello", None, 10, 10), "does not allow stdio access")?;
+    // It ran to its end all the same, writing to /dev/null.
+    let status = exited(&mut client)?;
+    ensure!(status.exit_code == Some(0), "{status:?}");
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
+}
+
+/// A container with no memory limit of its own is held by the containers'
+/// guest-wide limit (memory less an eighth, here 896 MiB of 1 GiB): one
+/// that takes 920 MiB, which the guest could give it, is killed by that
+/// limit (without it, it would get them and leave the agent next to
+/// nothing); the agent keeps serving.
+#[test]
+fn a_container_without_limits_cannot_take_the_agents_memory() -> anyhow::Result<()> {
+    let hog = "exec /bin/busybox dd if=/dev/zero of=/dev/null bs=920M count=1";
+    let (mut guest, mut client) = started(1024, json!({}), &["/bin/sh", "-c", hog])?;
+    let status = exited(&mut client)?;
+    ensure!(status.signal == Some(9), "the hog was not OOM-killed: {status:?}");
+    client.ping()?;
+    client.delete_container("hello")?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
+}
