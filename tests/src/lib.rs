@@ -349,6 +349,24 @@ pub fn write_initrd(dir: &Path, name: &str, initrd: &parma_image::initrd::Initrd
     Ok(path)
 }
 
+/// The agent's error for a call that must fail: its code and message.
+pub fn refused<T: std::fmt::Debug>(
+    result: Result<T, parma::client::ClientError>,
+) -> anyhow::Result<(parma_protocol::ErrorCode, String)> {
+    match result {
+        Err(parma::client::ClientError::Agent(err)) => Ok((err.code, err.message)),
+        other => bail!("expected the agent to refuse, got {other:?}"),
+    }
+}
+
+/// A call the policy must deny, saying `reason`.
+pub fn denied<T: std::fmt::Debug>(result: Result<T, parma::client::ClientError>, reason: &str) -> anyhow::Result<()> {
+    let (code, message) = refused(result)?;
+    anyhow::ensure!(code == parma_protocol::ErrorCode::PolicyDenied, "expected a policy denial, got {code}: {message}");
+    anyhow::ensure!(message.contains(reason), "the denial does not say {reason:?}: {message}");
+    Ok(())
+}
+
 /// The median of some durations, in seconds.
 pub fn median_secs(samples: &[Duration]) -> f64 {
     let mut secs: Vec<f64> = samples.iter().map(Duration::as_secs_f64).collect();

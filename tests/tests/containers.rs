@@ -9,10 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use parma::client::{Client, ClientError};
+use parma::client::Client;
 use parma::run;
 use parma_protocol::{ErrorCode, ProcessSpec};
-use parma_tests::{Boot, Guest, Paths, oci};
+use parma_tests::{Boot, Guest, Paths, denied, oci, refused};
 use serde_json::json;
 
 const READY: Duration = Duration::from_secs(90);
@@ -78,21 +78,6 @@ fn still_serving_then_shutdown(mut guest: Guest, mut client: Client) -> anyhow::
     guest.check_serial()?;
     client.shutdown()?;
     guest.wait_exit(Duration::from_secs(60))?;
-    Ok(())
-}
-
-/// The agent's error for a call that must fail: its code and message.
-fn refused<T: std::fmt::Debug>(result: Result<T, ClientError>) -> anyhow::Result<(ErrorCode, String)> {
-    match result {
-        Err(ClientError::Agent(err)) => Ok((err.code, err.message)),
-        other => bail!("expected the agent to refuse, got {other:?}"),
-    }
-}
-
-fn denied<T: std::fmt::Debug>(result: Result<T, ClientError>, reason: &str) -> anyhow::Result<()> {
-    let (code, message) = refused(result)?;
-    ensure!(code == ErrorCode::PolicyDenied, "expected a policy denial, got {code}: {message}");
-    ensure!(message.contains(reason), "the denial does not say {reason:?}: {message}");
     Ok(())
 }
 

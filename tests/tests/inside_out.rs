@@ -15,10 +15,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use parma::client::{Client, ClientError};
+use parma::client::Client;
 use parma::run;
 use parma_protocol::{CapabilitySets, ErrorCode, Resources};
-use parma_tests::{Boot, Guest, Paths, oci};
+use parma_tests::{Boot, Guest, Paths, denied, oci, refused};
 use serde_json::json;
 
 const READY: Duration = Duration::from_secs(90);
@@ -87,21 +87,6 @@ fn parse(stdout: &str) -> anyhow::Result<BTreeMap<String, (String, String)>> {
     let done = done.with_context(|| format!("the probe did not finish:\n{stdout}"))?;
     ensure!(done.ends_with(", 0 escaped"), "probe done: {done}\n{stdout}");
     Ok(attempts)
-}
-
-/// The agent's error for a call that must fail: its code and message.
-fn refused<T: std::fmt::Debug>(result: Result<T, ClientError>) -> anyhow::Result<(ErrorCode, String)> {
-    match result {
-        Err(ClientError::Agent(err)) => Ok((err.code, err.message)),
-        other => bail!("expected the agent to refuse, got {other:?}"),
-    }
-}
-
-fn denied<T: std::fmt::Debug>(result: Result<T, ClientError>, reason: &str) -> anyhow::Result<()> {
-    let (code, message) = refused(result)?;
-    ensure!(code == ErrorCode::PolicyDenied, "expected a policy denial, got {code}: {message}");
-    ensure!(message.contains(reason), "the denial does not say {reason:?}: {message}");
-    Ok(())
 }
 
 /// Run the probe in a container of its own UVM, as root with the default
@@ -293,20 +278,7 @@ fn a_request_stuck_on_a_stalled_disk_does_not_wedge_the_agent() -> anyhow::Resul
 #[test]
 fn many_execs_on_one_uvm_keep_the_agent_bounded() -> anyhow::Result<()> {
     const EXECS: usize = 1000;
-    let hello = Paths::get().guest_binary("oci-hello")?;
-    let fixture = oci::PolicyFixture::with_spec(&hello, json!({"command": [oci::ENTRYPOINT, "sleep", "600000"]}))?;
-    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
-    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
-    let mut guest = Guest::boot(&Paths::get(), &boot)?;
-    let mut client: Client = guest.ready_client(READY, CALL)?;
-    client.set_policy(std::fs::read_to_string(&fixture.policy)?)?;
-    run::mount_image(&mut client, &fixture.built, "hello")?;
-    let process = run::process_from_config(
-        &fixture.built.config,
-        &[oci::ENTRYPOINT.to_string(), "sleep".into(), "600000".into()],
-    )?;
-    client.create_container("hello", &process)?;
-    client.start_container("hello")?;
+    let (fixture, mut guest, mut client) = started(512, json!({}), &[oci::ENTRYPOINT, "sleep", "600000"])?;
     let exec = run::process_from_config(&fixture.built.config, &["/bin/cat".into(), "/etc/passwd".into()])?;
     let started = std::time::Instant::now();
     for round in 0..EXECS {
@@ -344,17 +316,7 @@ fn parma_agent_max_execs() -> usize {
 #[test]
 fn a_container_that_stops_every_process_cannot_wedge_an_exec() -> anyhow::Result<()> {
     let command = ["/bin/sh", "-c", "while :; do kill -STOP -1 2>/dev/null; done"];
-    let hello = Paths::get().guest_binary("oci-hello")?;
-    let fixture = oci::PolicyFixture::with_spec(&hello, json!({"command": command}))?;
-    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
-    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
-    let mut guest = Guest::boot(&Paths::get(), &boot)?;
-    let mut client: Client = guest.ready_client(READY, CALL)?;
-    client.set_policy(std::fs::read_to_string(&fixture.policy)?)?;
-    run::mount_image(&mut client, &fixture.built, "hello")?;
-    let args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
-    client.create_container("hello", &run::process_from_config(&fixture.built.config, &args)?)?;
-    client.start_container("hello")?;
+    let (fixture, mut guest, mut client) = started(512, json!({}), &command)?;
     let exec = run::process_from_config(&fixture.built.config, &["/bin/cat".into(), "/etc/passwd".into()])?;
     for round in 0..3 {
         let started = std::time::Instant::now();
@@ -372,7 +334,11 @@ fn a_container_that_stops_every_process_cannot_wedge_an_exec() -> anyhow::Result
 
 /// Boot a UVM of `memory_mib` for a fixture with `extra` spec fields, mount
 /// its image as container `hello` and create and start it with `command`.
-fn started(memory_mib: u32, extra: serde_json::Value, command: &[&str]) -> anyhow::Result<(Guest, Client)> {
+fn started(
+    memory_mib: u32,
+    extra: serde_json::Value,
+    command: &[&str],
+) -> anyhow::Result<(oci::PolicyFixture, Guest, Client)> {
     let hello = Paths::get().guest_binary("oci-hello")?;
     let mut spec = json!({"command": command});
     if let (Some(spec), serde_json::Value::Object(extra)) = (spec.as_object_mut(), extra) {
@@ -389,7 +355,7 @@ fn started(memory_mib: u32, extra: serde_json::Value, command: &[&str]) -> anyho
     let args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
     client.create_container("hello", &run::process_from_config(&fixture.built.config, &args)?)?;
     client.start_container("hello")?;
-    Ok((guest, client))
+    Ok((fixture, guest, client))
 }
 
 /// Wait until container `hello`'s init process exited; how.
@@ -409,7 +375,7 @@ fn exited(client: &mut Client) -> anyhow::Result<parma::client::ProcessStatus> {
 /// host can neither read its output nor write its input nor resize.
 #[test]
 fn without_stdio_access_the_host_reads_and_writes_nothing() -> anyhow::Result<()> {
-    let (mut guest, mut client) =
+    let (_fixture, mut guest, mut client) =
         started(512, json!({"allow_stdio_access": false}), &[oci::ENTRYPOINT, "stderr", "secret", "sleep", "2000"])?;
     let stream = parma_protocol::OutputStream::Stdout;
     denied(client.read_output("hello", None, stream), "does not allow stdio access")?;
@@ -432,7 +398,7 @@ fn without_stdio_access_the_host_reads_and_writes_nothing() -> anyhow::Result<()
 #[test]
 fn a_container_without_limits_cannot_take_the_agents_memory() -> anyhow::Result<()> {
     let hog = "exec /bin/busybox dd if=/dev/zero of=/dev/null bs=920M count=1";
-    let (mut guest, mut client) = started(1024, json!({}), &["/bin/sh", "-c", hog])?;
+    let (_fixture, mut guest, mut client) = started(1024, json!({}), &["/bin/sh", "-c", hog])?;
     let status = exited(&mut client)?;
     ensure!(status.signal == Some(9), "the hog was not OOM-killed: {status:?}");
     client.ping()?;
