@@ -17,10 +17,7 @@ use std::path::{Path, PathBuf};
 
 use parma_snp::AttestationReport;
 
-/// The kernel command-line flag that turns the insecure emulation on.
-pub const EMULATION_FLAG: &str = "parma.insecure_emulated_snp=1";
-/// The command-line parameter with HOST_DATA under emulation (64 hex digits).
-const EMULATED_HOST_DATA: &str = "parma.insecure_host_data=";
+pub use parma_protocol::boot::{EMULATION_FLAG, EMULATION_HOST_DATA as EMULATED_HOST_DATA};
 /// The configfs TSM report directory.
 const TSM_REPORT: &str = "/sys/kernel/config/tsm/report";
 /// The SEV guest device.

@@ -18,9 +18,10 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use nix::fcntl::{FcntlArg, OFlag, OpenHow, ResolveFlag, fcntl, openat2};
 use nix::sys::stat::Mode;
-use parma_protocol::{OutputStream, ProcessSpec, Resources};
+use parma_protocol::{ErrorCode, OutputStream, ProcessSpec, Resources};
 use parma_sys::launch::{self, Capabilities, Child, Exit, MountCheck, Namespaces, NewContainer, Process, RootOp};
 
+use crate::fault::Fault;
 use crate::storage;
 
 /// The cgroup under which every container gets its own.
@@ -168,20 +169,26 @@ impl Containers {
     }
 
     /// Prepare container `id` on its mounted overlay.
-    pub fn create(&mut self, id: &str, spec: &ProcessSpec, options: &Options<'_>) -> Result<(), String> {
+    pub fn create(&mut self, id: &str, spec: &ProcessSpec, options: &Options<'_>) -> Result<(), Fault> {
         if self.containers.contains_key(id) {
-            return Err(format!("container {id:?} already exists"));
+            return Err(Fault::new(ErrorCode::AlreadyExists, format!("container {id:?} already exists")));
         }
         if self.containers.len() >= MAX_CONTAINERS {
-            return Err(format!("{MAX_CONTAINERS} containers exist: delete one first"));
+            return Err(Fault::new(
+                ErrorCode::LimitReached,
+                format!("{MAX_CONTAINERS} containers exist: delete one first"),
+            ));
         }
         if spec.terminal && !options.stdio {
-            return Err("a terminal needs stdio access, which the policy does not allow".into());
+            return Err(Fault::new(
+                ErrorCode::PolicyDenied,
+                "a terminal needs stdio access, which the policy does not allow",
+            ));
         }
         let rootfs = storage::rootfs_target(id);
         let hostname = options.hostname.unwrap_or(id);
         if hostname.is_empty() || hostname.len() > 64 || hostname.contains('\0') {
-            return Err(format!("host name {hostname:?} is not 1 to 64 bytes"));
+            return Err(Fault::invalid(format!("host name {hostname:?} is not 1 to 64 bytes")));
         }
         let process = prepare_process(&rootfs, spec)?;
         check_mount_points(&rootfs)?;
@@ -205,7 +212,7 @@ impl Containers {
         make_cgroup(&cgroup)?;
         if let Err(err) = limit(&cgroup, &options.resources) {
             let _ = std::fs::remove_dir(&cgroup);
-            return Err(err);
+            return Err(err.into());
         }
         self.containers.insert(
             id.to_string(),
@@ -222,23 +229,26 @@ impl Containers {
     }
 
     /// Write new limits into container `id`'s cgroup.
-    pub fn update(&mut self, id: &str, resources: &Resources) -> Result<(), String> {
-        let container = self.containers.get(id).ok_or_else(|| format!("container {id:?} does not exist"))?;
-        limit(&container.cgroup, resources)
+    pub fn update(&mut self, id: &str, resources: &Resources) -> Result<(), Fault> {
+        let container = self.containers.get(id).ok_or_else(|| no_container(id))?;
+        Ok(limit(&container.cgroup, resources)?)
     }
 
     /// Start a created container's init process; returns its PID.
-    pub fn start(&mut self, id: &str) -> Result<i32, String> {
-        let container = self.containers.get_mut(id).ok_or_else(|| format!("container {id:?} does not exist"))?;
-        let (new, process) =
-            container.prepared.take().ok_or_else(|| format!("container {id:?} was already started"))?;
-        let launched = pipes(container.spec.terminal, container.stdio).and_then(|(stdio, pipes)| {
-            let cgroup =
-                File::open(&container.cgroup).map_err(|err| format!("cannot open {}: {err}", container.cgroup))?;
-            launch::spawn(&Namespaces::New(&new), &process, stdio, Some(cgroup.as_fd()))
-                .map(|child| (child, pipes))
-                .map_err(|err| format!("cannot start container {id:?}: {err}"))
-        });
+    pub fn start(&mut self, id: &str) -> Result<i32, Fault> {
+        let container = self.containers.get_mut(id).ok_or_else(|| no_container(id))?;
+        let (new, process) = container
+            .prepared
+            .take()
+            .ok_or_else(|| Fault::wrong_state(format!("container {id:?} was already started")))?;
+        let launched =
+            pipes(container.spec.terminal, container.stdio).map_err(Fault::from).and_then(|(stdio, pipes)| {
+                let cgroup =
+                    File::open(&container.cgroup).map_err(|err| format!("cannot open {}: {err}", container.cgroup))?;
+                launch::spawn(&Namespaces::New(&new), &process, stdio, Some(cgroup.as_fd()))
+                    .map(|child| (child, pipes))
+                    .map_err(|err| launch_fault(&format!("cannot start container {id:?}"), &err))
+            });
         // A start that failed may be tried again: the policy still says created.
         let (child, pipes) = match launched {
             Ok(launched) => launched,
@@ -255,19 +265,28 @@ impl Containers {
 
     /// Start `spec` in running container `id` as `exec_id`; `stdio`: the
     /// policy lets the host reach its stdio.
-    pub fn exec(&mut self, id: &str, exec_id: &str, spec: &ProcessSpec, stdio: bool) -> Result<i32, String> {
-        let container = self.containers.get_mut(id).ok_or_else(|| format!("container {id:?} does not exist"))?;
+    pub fn exec(&mut self, id: &str, exec_id: &str, spec: &ProcessSpec, stdio: bool) -> Result<i32, Fault> {
+        let container = self.containers.get_mut(id).ok_or_else(|| no_container(id))?;
         if container.execs.contains_key(exec_id) {
-            return Err(format!("process {exec_id:?} already exists in container {id:?}"));
+            return Err(Fault::new(
+                ErrorCode::AlreadyExists,
+                format!("process {exec_id:?} already exists in container {id:?}"),
+            ));
         }
         if container.execs.len() >= MAX_EXECS {
-            return Err(format!(
-                "container {id:?} has {MAX_EXECS} exec'd processes the host has not collected (wait for them and \
+            return Err(Fault::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "container {id:?} has {MAX_EXECS} exec'd processes the host has not collected (wait for them and \
                  read their output to the end)"
+                ),
             ));
         }
         if spec.terminal && !stdio {
-            return Err("a terminal needs stdio access, which the policy does not allow".into());
+            return Err(Fault::new(
+                ErrorCode::PolicyDenied,
+                "a terminal needs stdio access, which the policy does not allow",
+            ));
         }
         // The policy decides an exec by its command, env and working dir; its
         // identity must be the container's, so an exec cannot gain privileges.
@@ -278,21 +297,22 @@ impl Containers {
             && spec.seccomp == container.spec.seccomp
             && (spec.no_new_privileges || !container.spec.no_new_privileges);
         if !same_identity {
-            return Err(format!(
+            return Err(Fault::invalid(format!(
                 "an exec in container {id:?} must run with the container's uid, gid, groups, capabilities, \
                  seccomp profile and no_new_privileges"
-            ));
+            )));
         }
-        let init = container.init.as_mut().ok_or_else(|| format!("container {id:?} has not started"))?;
+        let init =
+            container.init.as_mut().ok_or_else(|| Fault::wrong_state(format!("container {id:?} has not started")))?;
         if init.poll_exit()?.is_some() {
-            return Err(format!("container {id:?} has exited"));
+            return Err(Fault::wrong_state(format!("container {id:?} has exited")));
         }
         let process = prepare_process(&storage::rootfs_target(id), spec)?;
         let (child_stdio, pipes) = pipes(spec.terminal, stdio)?;
         let cgroup = File::open(&container.cgroup).map_err(|err| format!("cannot open {}: {err}", container.cgroup))?;
         let child =
             launch::spawn(&Namespaces::Join(init.child.pidfd.as_fd()), &process, child_stdio, Some(cgroup.as_fd()))
-                .map_err(|err| format!("cannot exec in container {id:?}: {err}"))?;
+                .map_err(|err| launch_fault(&format!("cannot exec in container {id:?}"), &err))?;
         let pid = child.pid;
         container.execs.insert(exec_id.to_string(), pipes.into_proc(child, spec.args.clone(), stdio));
         Ok(pid)
@@ -310,28 +330,31 @@ impl Containers {
         }
     }
 
-    fn proc_mut(&mut self, id: &str, exec_id: Option<&str>) -> Result<&mut Proc, String> {
-        let container = self.containers.get_mut(id).ok_or_else(|| format!("container {id:?} does not exist"))?;
+    fn proc_mut(&mut self, id: &str, exec_id: Option<&str>) -> Result<&mut Proc, Fault> {
+        let container = self.containers.get_mut(id).ok_or_else(|| no_container(id))?;
         match exec_id {
-            None => container.init.as_mut().ok_or_else(|| format!("container {id:?} has not started")),
-            Some(exec_id) => {
-                container.execs.get_mut(exec_id).ok_or_else(|| format!("container {id:?} has no process {exec_id:?}"))
+            None => {
+                container.init.as_mut().ok_or_else(|| Fault::wrong_state(format!("container {id:?} has not started")))
             }
+            Some(exec_id) => container
+                .execs
+                .get_mut(exec_id)
+                .ok_or_else(|| Fault::not_found(format!("container {id:?} has no process {exec_id:?}"))),
         }
     }
 
     /// Send `signal` to a process.
-    pub fn signal(&mut self, id: &str, exec_id: Option<&str>, signal: i32) -> Result<(), String> {
+    pub fn signal(&mut self, id: &str, exec_id: Option<&str>, signal: i32) -> Result<(), Fault> {
         let proc = self.proc_mut(id, exec_id)?;
         if proc.poll_exit()?.is_some() {
-            return Err(format!("the process of container {id:?} has exited"));
+            return Err(Fault::wrong_state(format!("the process of container {id:?} has exited")));
         }
-        proc.child.signal(signal).map_err(|err| format!("cannot send signal {signal}: {err}"))
+        Ok(proc.child.signal(signal).map_err(|err| format!("cannot send signal {signal}: {err}"))?)
     }
 
     /// Whether a process runs, or how it exited. An exec'd process whose
     /// status and output the host now has is forgotten.
-    pub fn wait(&mut self, id: &str, exec_id: Option<&str>) -> Result<Status, String> {
+    pub fn wait(&mut self, id: &str, exec_id: Option<&str>) -> Result<Status, Fault> {
         let proc = self.proc_mut(id, exec_id)?;
         let status = match proc.poll_exit()? {
             None => Status { running: true, exit_code: None, signal: None },
@@ -346,7 +369,7 @@ impl Containers {
     }
 
     /// Read what a process wrote so far (at most [`MAX_READ`] bytes); `true` at end of stream.
-    pub fn read(&mut self, id: &str, exec_id: Option<&str>, stream: OutputStream) -> Result<(Vec<u8>, bool), String> {
+    pub fn read(&mut self, id: &str, exec_id: Option<&str>, stream: OutputStream) -> Result<(Vec<u8>, bool), Fault> {
         let proc = self.proc_mut(id, exec_id)?;
         let slot = match stream {
             OutputStream::Stdout => &mut proc.stdout,
@@ -365,7 +388,7 @@ impl Containers {
                 Err(err) if err.kind() == ErrorKind::Interrupted => {}
                 // A terminal whose every other end closed reads as EIO: the end.
                 Err(err) if terminal && err.raw_os_error() == Some(libc::EIO) => break true,
-                Err(err) => return Err(format!("cannot read the process's output: {err}")),
+                Err(err) => return Err(format!("cannot read the process's output: {err}").into()),
             }
         };
         if eof {
@@ -376,16 +399,22 @@ impl Containers {
     }
 
     /// Write to a process's stdin (as much as the pipe takes now); returns the bytes written.
-    pub fn write_stdin(&mut self, id: &str, exec_id: Option<&str>, data: &[u8], close: bool) -> Result<usize, String> {
+    pub fn write_stdin(&mut self, id: &str, exec_id: Option<&str>, data: &[u8], close: bool) -> Result<usize, Fault> {
         let proc = self.proc_mut(id, exec_id)?;
-        let file = proc.stdin.as_mut().ok_or_else(|| format!("stdin of container {id:?} is closed"))?;
+        let file = proc
+            .stdin
+            .as_mut()
+            .ok_or_else(|| Fault::new(ErrorCode::StdinClosed, format!("stdin of container {id:?} is closed")))?;
         let mut written = 0;
         while written < data.len() {
             match file.write(data.get(written..).unwrap_or_default()) {
                 Ok(n) => written += n,
                 Err(err) if err.kind() == ErrorKind::WouldBlock => break,
                 Err(err) if err.kind() == ErrorKind::Interrupted => {}
-                Err(err) => return Err(format!("cannot write to stdin: {err}")),
+                Err(err) if err.kind() == ErrorKind::BrokenPipe => {
+                    return Err(Fault::new(ErrorCode::StdinClosed, format!("the process closed its stdin: {err}")));
+                }
+                Err(err) => return Err(format!("cannot write to stdin: {err}").into()),
             }
         }
         if close && written == data.len() {
@@ -395,23 +424,26 @@ impl Containers {
     }
 
     /// Set the window size of a process's terminal.
-    pub fn resize_terminal(&mut self, id: &str, exec_id: Option<&str>, rows: u16, cols: u16) -> Result<(), String> {
+    pub fn resize_terminal(&mut self, id: &str, exec_id: Option<&str>, rows: u16, cols: u16) -> Result<(), Fault> {
         let proc = self.proc_mut(id, exec_id)?;
-        let master =
-            proc.terminal.as_ref().ok_or_else(|| format!("the process of container {id:?} has no terminal"))?;
-        launch::set_window_size(master.as_fd(), rows, cols).map_err(|err| format!("cannot resize the terminal: {err}"))
+        let master = proc
+            .terminal
+            .as_ref()
+            .ok_or_else(|| Fault::wrong_state(format!("the process of container {id:?} has no terminal")))?;
+        Ok(launch::set_window_size(master.as_fd(), rows, cols)
+            .map_err(|err| format!("cannot resize the terminal: {err}"))?)
     }
 
     /// Remove container `id`, whose processes must all have exited, and its cgroup.
-    pub fn delete(&mut self, id: &str) -> Result<(), String> {
+    pub fn delete(&mut self, id: &str) -> Result<(), Fault> {
         if self.running(id) {
-            return Err(format!("container {id:?} still runs"));
+            return Err(Fault::wrong_state(format!("container {id:?} still runs")));
         }
-        let container = self.containers.get(id).ok_or_else(|| format!("container {id:?} does not exist"))?;
+        let container = self.containers.get(id).ok_or_else(|| no_container(id))?;
         if let Err(err) = std::fs::remove_dir(&container.cgroup)
             && err.kind() != ErrorKind::NotFound
         {
-            return Err(format!("cannot remove {}: {err}", container.cgroup));
+            return Err(format!("cannot remove {}: {err}", container.cgroup).into());
         }
         self.containers.remove(id);
         Ok(())
@@ -501,12 +533,17 @@ fn cstring(text: &str) -> Result<CString, String> {
 }
 
 /// The launch's view of a process spec, with the executable resolved in the rootfs.
-fn prepare_process(rootfs: &str, spec: &ProcessSpec) -> Result<Process, String> {
-    let arg0 = spec.args.first().ok_or("the process has no args")?;
+fn prepare_process(rootfs: &str, spec: &ProcessSpec) -> Result<Process, Fault> {
+    let arg0 = spec.args.first().ok_or_else(|| Fault::invalid("the process has no args"))?;
     if !spec.cwd.starts_with('/') {
-        return Err(format!("working dir {:?} is not absolute", spec.cwd));
+        return Err(Fault::invalid(format!("working dir {:?} is not absolute", spec.cwd)));
     }
     let exe = resolve(rootfs, arg0, &spec.env)?;
+    process_of(spec, &exe).map_err(Fault::invalid)
+}
+
+/// The rest of [`prepare_process`]: the checks of a spec's values.
+fn process_of(spec: &ProcessSpec, exe: &str) -> Result<Process, String> {
     let caps = &spec.capabilities;
     let mask = |set: &[String], name: &str| {
         launch::capability_mask(set).map_err(|unknown| format!("capabilities.{name}: unknown capability {unknown:?}"))
@@ -558,7 +595,7 @@ fn prepare_process(rootfs: &str, spec: &ProcessSpec) -> Result<Process, String> 
         }
     }
     Ok(Process {
-        exe: cstring(&exe)?,
+        exe: cstring(exe)?,
         argv: spec.args.iter().map(|a| cstring(a)).collect::<Result<_, _>>()?,
         env: spec.env.iter().map(|e| cstring(e)).collect::<Result<_, _>>()?,
         cwd: cstring(&spec.cwd)?,
@@ -574,9 +611,27 @@ fn prepare_process(rootfs: &str, spec: &ProcessSpec) -> Result<Process, String> 
     })
 }
 
+fn no_container(id: &str) -> Fault {
+    Fault::not_found(format!("container {id:?} does not exist"))
+}
+
+/// A failed launch's code: `execve` finding no file is a missing
+/// executable, one it cannot run (permissions, format) cannot execute.
+fn launch_fault(doing: &str, err: &launch::LaunchError) -> Fault {
+    let code = match err {
+        launch::LaunchError::Setup { step: launch::Step::Exec, source } => match source.raw_os_error() {
+            Some(libc::ENOENT | libc::ENOTDIR) => ErrorCode::ExecutableNotFound,
+            Some(libc::EACCES | libc::ENOEXEC | libc::EISDIR | libc::EPERM | libc::ELOOP) => ErrorCode::CannotExecute,
+            _ => ErrorCode::Failed,
+        },
+        _ => ErrorCode::Failed,
+    };
+    Fault::new(code, format!("{doing}: {err}"))
+}
+
 /// `args[0]` as an absolute path inside the container: as given when it has
 /// a `/`, else the first `PATH` entry (of the process's env) that has it.
-fn resolve(rootfs: &str, arg0: &str, env: &[String]) -> Result<String, String> {
+fn resolve(rootfs: &str, arg0: &str, env: &[String]) -> Result<String, Fault> {
     if arg0.contains('/') {
         return Ok(arg0.to_string());
     }
@@ -596,7 +651,10 @@ fn resolve(rootfs: &str, arg0: &str, env: &[String]) -> Result<String, String> {
             return Ok(candidate);
         }
     }
-    Err(format!("executable {arg0:?} not found in PATH {path:?} of the container"))
+    Err(Fault::new(
+        ErrorCode::ExecutableNotFound,
+        format!("executable {arg0:?} not found in PATH {path:?} of the container"),
+    ))
 }
 
 /// The `RLIMIT_*` number of an OCI rlimit type.
@@ -1006,39 +1064,47 @@ mod tests {
         let env_local = vec!["PATH=/usr/local/bin".to_string()];
         assert!(resolve(rootfs, "secret-tool", &env_local).is_err(), "resolved through the agent's view");
         let err = resolve(rootfs, "nope", &env).unwrap_err();
-        assert!(err.contains("not found in PATH"), "{err}");
+        assert_eq!(err.code, ErrorCode::ExecutableNotFound);
+        assert!(err.message.contains("not found in PATH"), "{err:?}");
+    }
+
+    /// The message of a spec refused as an invalid argument.
+    fn invalid(result: Result<Process, Fault>) -> String {
+        let fault = result.err().unwrap();
+        assert_eq!(fault.code, ErrorCode::InvalidArgument, "{fault:?}");
+        fault.message
     }
 
     #[test]
     fn bad_specs_are_refused() {
         let root = tempfile::tempdir().unwrap();
         let rootfs = root.path().to_str().unwrap();
-        assert!(prepare_process(rootfs, &spec(&[])).unwrap_err().contains("no args"));
+        assert!(invalid(prepare_process(rootfs, &spec(&[]))).contains("no args"));
         let mut bad = spec(&["/bin/x"]);
         bad.cwd = "srv".into();
-        assert!(prepare_process(rootfs, &bad).unwrap_err().contains("not absolute"));
+        assert!(invalid(prepare_process(rootfs, &bad)).contains("not absolute"));
         let mut bad = spec(&["/bin/x"]);
         bad.capabilities.bounding = vec!["CAP_SYS_PTRACE".into()];
-        assert!(prepare_process(rootfs, &bad).unwrap_err().contains("CAP_SYS_PTRACE is not supported"));
+        assert!(invalid(prepare_process(rootfs, &bad)).contains("CAP_SYS_PTRACE is not supported"));
         let mut bad = spec(&["/bin/x"]);
         bad.capabilities.effective = vec!["CAP_EVERYTHING".into()];
-        assert!(prepare_process(rootfs, &bad).unwrap_err().contains("unknown capability \"CAP_EVERYTHING\""));
+        assert!(invalid(prepare_process(rootfs, &bad)).contains("unknown capability \"CAP_EVERYTHING\""));
         let mut bad = spec(&["/bin/x"]);
         bad.env.push("NOEQUALS".into());
-        assert!(prepare_process(rootfs, &bad).unwrap_err().contains("is not NAME=value"));
+        assert!(invalid(prepare_process(rootfs, &bad)).contains("is not NAME=value"));
         let mut bad = spec(&["/bin/x\0y"]);
         bad.args.push("z".into());
-        assert!(prepare_process(rootfs, &bad).unwrap_err().contains("NUL"));
+        assert!(invalid(prepare_process(rootfs, &bad)).contains("NUL"));
         let mut bad = spec(&["/bin/x"]);
         bad.rlimits.push(parma_protocol::Rlimit { kind: "RLIMIT_WISHES".into(), soft: 1, hard: 1 });
-        assert!(prepare_process(rootfs, &bad).unwrap_err().contains("unknown rlimit"));
+        assert!(invalid(prepare_process(rootfs, &bad)).contains("unknown rlimit"));
         let mut bad = spec(&["/bin/x"]);
         bad.rlimits.push(parma_protocol::Rlimit { kind: "RLIMIT_NOFILE".into(), soft: 2, hard: 1 });
-        assert!(prepare_process(rootfs, &bad).unwrap_err().contains("exceeds hard"));
+        assert!(invalid(prepare_process(rootfs, &bad)).contains("exceeds hard"));
         let mut bad = spec(&["/bin/x"]);
         bad.no_new_privileges = false;
         bad.seccomp = Some("{}".into());
-        assert!(prepare_process(rootfs, &bad).unwrap_err().contains("needs no_new_privileges"));
+        assert!(invalid(prepare_process(rootfs, &bad)).contains("needs no_new_privileges"));
         let good = prepare_process(rootfs, &spec(&["/bin/x", "a"])).unwrap();
         assert_eq!(good.capabilities.bounding, 1 << 5);
         assert_eq!(good.argv.len(), 2);

@@ -10,14 +10,15 @@ use std::sync::{Mutex, MutexGuard};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use serde_json::{Value, json};
 use zerocopy::IntoBytes;
 
-use parma_policy::{Decision, Point};
+use parma_policy::Decision;
+use parma_policy::input::{self, Input};
 use parma_protocol::{AgentError, ErrorCode, Frame, FrameKind, PingInfo, ProcessSpec, Request, Response, VERSION};
 
 use crate::attest::{Provider, report_data_from_hex};
 use crate::containers::{self, Containers};
+use crate::fault::Fault;
 use crate::gate::Gate;
 use crate::guest;
 use crate::storage::{self, Storage, check_name};
@@ -180,9 +181,9 @@ impl Dispatcher {
                     tracing::warn!(id, "denied: {message}");
                     Response::Error(AgentError::new(ErrorCode::PolicyDenied, message))
                 }
-                Err(Failure::Failed(message)) => {
-                    tracing::warn!(id, "failed: {message}");
-                    Response::Error(AgentError::new(ErrorCode::Failed, message))
+                Err(Failure::Failed(fault)) => {
+                    tracing::warn!(id, "failed ({}): {}", fault.code, fault.message);
+                    Response::Error(fault.into())
                 }
                 Err(Failure::Partly(message)) => {
                     // The guest changed (a layer is unmounted, its device
@@ -214,7 +215,7 @@ enum Failure {
     /// not grant).
     Denied(String),
     /// Failed in the guest; nothing changed.
-    Failed(String),
+    Failed(Fault),
     /// Failed after changing the guest: the decision is committed so the
     /// policy's records match what is mounted.
     Partly(String),
@@ -222,7 +223,13 @@ enum Failure {
 
 impl From<String> for Failure {
     fn from(message: String) -> Self {
-        Failure::Failed(message)
+        Failure::Failed(message.into())
+    }
+}
+
+impl From<Fault> for Failure {
+    fn from(fault: Fault) -> Self {
+        Failure::Failed(fault)
     }
 }
 
@@ -248,7 +255,7 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
         }
         Request::UnmountLayer { name } => match storage.unmount_layer(&name) {
             Ok(()) => Ok(Response::Done),
-            Err(storage::Teardown::Unchanged(message)) => Err(Failure::Failed(message)),
+            Err(storage::Teardown::Unchanged(message)) => Err(Failure::Failed(message.into())),
             Err(storage::Teardown::Partly(message)) => Err(Failure::Partly(message)),
         },
         Request::MountOverlay { container_id, layers, writable } => {
@@ -261,11 +268,13 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
         }
         Request::UnmountOverlay { container_id } => {
             if containers.exists(&container_id) {
-                return Err(Failure::Failed(format!("container {container_id:?} still exists: delete it first")));
+                return Err(Failure::Failed(Fault::wrong_state(format!(
+                    "container {container_id:?} still exists: delete it first"
+                ))));
             }
             match storage.unmount_overlay(&container_id) {
                 Ok(()) => Ok(Response::Done),
-                Err(storage::Teardown::Unchanged(message)) => Err(Failure::Failed(message)),
+                Err(storage::Teardown::Unchanged(message)) => Err(Failure::Failed(message.into())),
                 Err(storage::Teardown::Partly(message)) => Err(Failure::Partly(message)),
             }
         }
@@ -280,7 +289,7 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
             readonly_paths,
         } => {
             if !storage.has_overlay(&container_id) {
-                return Err(Failure::Failed(format!("container {container_id:?} has no overlay")));
+                return Err(Failure::Failed(Fault::wrong_state(format!("container {container_id:?} has no overlay"))));
             }
             let options = containers::Options {
                 hostname: hostname.as_deref(),
@@ -333,7 +342,7 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
         | Request::SetPolicy { .. }
         | Request::GetAttestation { .. }
         | Request::LoadFragment { .. } => {
-            Err(Failure::Failed("internal error: request routed to the wrong handler".into()))
+            Err(Failure::Failed(Fault::from(String::from("internal error: request routed to the wrong handler"))))
         }
     }
 }
@@ -354,50 +363,58 @@ fn default_readonly_paths() -> Vec<String> {
 /// as hcsshim's). Names are checked here, before any decision; what the
 /// policy sees is what the agent acts on (defaults filled in, report data
 /// decoded), never the host's spelling of it.
-fn points(request: &Request, containers: &mut Containers) -> Result<Vec<(Point, Value)>, AgentError> {
+fn points(request: &Request, containers: &mut Containers) -> Result<Vec<Input>, AgentError> {
     let name = |what: &str, name: &str| check_name(what, name).map_err(malformed);
+    let container = |id: &str| input::Container { container_id: id.to_string() };
     Ok(match request {
         Request::Ping | Request::Shutdown | Request::SetPolicy { .. } | Request::LoadFragment { .. } => Vec::new(),
-        Request::GuestInfo => vec![(Point::GetProperties, json!({}))],
+        Request::GuestInfo => vec![Input::GetProperties(input::Empty {})],
         Request::GetAttestation { report_data } => {
             let data = report_data_from_hex(report_data).map_err(malformed)?;
-            vec![(Point::GetAttestation, json!({"reportData": hex::encode(data), "running": containers.running_ids()}))]
+            vec![Input::GetAttestation(input::GetAttestation {
+                report_data: hex::encode(data),
+                running: containers.running_ids(),
+            })]
         }
         Request::MountLayer { name: layer, root_hash, .. } => {
             name("layer", layer)?;
-            vec![(Point::MountDevice, json!({"target": storage::layer_target(layer), "deviceHash": root_hash}))]
+            vec![Input::MountDevice(input::MountDevice {
+                target: storage::layer_target(layer),
+                device_hash: root_hash.clone(),
+            })]
         }
         Request::UnmountLayer { name: layer } => {
             name("layer", layer)?;
-            vec![(Point::UnmountDevice, json!({"unmountTarget": storage::layer_target(layer)}))]
+            vec![Input::UnmountDevice(input::Unmount { unmount_target: storage::layer_target(layer) })]
         }
         Request::MountOverlay { container_id, layers, writable } => {
             name("container id", container_id)?;
             for layer in layers {
                 name("layer", layer)?;
             }
-            let paths: Vec<String> = layers.iter().map(|l| storage::layer_target(l)).collect();
-            let mut points = vec![(
-                Point::MountOverlay,
-                json!({"containerID": container_id, "layerPaths": paths, "target": storage::rootfs_target(container_id)}),
-            )];
+            let mut points = vec![Input::MountOverlay(input::MountOverlay {
+                container_id: container_id.clone(),
+                layer_paths: layers.iter().map(|l| storage::layer_target(l)).collect(),
+                target: storage::rootfs_target(container_id),
+            })];
             if *writable {
                 // Guest memory: encrypted and integrity-protected by SEV-SNP.
-                points.push((
-                    Point::ScratchMount,
-                    json!({"target": storage::scratch_target(container_id), "encrypted": true, "swap": false}),
-                ));
+                points.push(Input::ScratchMount(input::ScratchMount {
+                    target: storage::scratch_target(container_id),
+                    encrypted: true,
+                    swap: false,
+                }));
             }
             points
         }
         Request::MountScratch { .. } => {
             // Authenticated dm-crypt over dm-integrity: encrypted, but swap
             // on a host disk, without freshness.
-            vec![(Point::ScratchMount, json!({"target": "swap", "encrypted": true, "swap": true}))]
+            vec![Input::ScratchMount(input::ScratchMount { target: "swap".into(), encrypted: true, swap: true })]
         }
         Request::UnmountOverlay { container_id } => {
             name("container id", container_id)?;
-            vec![(Point::UnmountOverlay, json!({"unmountTarget": storage::rootfs_target(container_id)}))]
+            vec![Input::UnmountOverlay(input::Unmount { unmount_target: storage::rootfs_target(container_id) })]
         }
         Request::CreateContainer {
             container_id,
@@ -409,37 +426,37 @@ fn points(request: &Request, containers: &mut Containers) -> Result<Vec<(Point, 
             ..
         } => {
             name("container id", container_id)?;
-            let mut input = process_input(container_id, process);
-            if let Value::Object(fields) = &mut input {
-                fields.insert("user".into(), json!({"uid": process.uid, "gid": process.gid}));
-                fields.insert("groups".into(), json!(process.groups));
-                fields.insert("capabilities".into(), json!(process.capabilities));
-                fields.insert("noNewPrivileges".into(), json!(process.no_new_privileges));
-                fields.insert("privileged".into(), json!(false));
-                let seccomp =
-                    process.seccomp.as_deref().map_or_else(String::new, |p| parma_policy::policy_hash(p.as_bytes()));
-                fields.insert("seccompProfileSHA256".into(), json!(seccomp));
-                fields.insert("mounts".into(), json!(mounts));
-                let masked = masked_paths.clone().unwrap_or_else(default_masked_paths);
-                let readonly = readonly_paths.clone().unwrap_or_else(default_readonly_paths);
-                fields.insert("maskedPaths".into(), json!(masked));
-                fields.insert("readonlyPaths".into(), json!(readonly));
-                fields.insert("readonlyRootfs".into(), json!(readonly_rootfs));
-            }
-            vec![(Point::CreateContainer, input)]
+            let seccomp =
+                process.seccomp.as_deref().map_or_else(String::new, |p| parma_policy::policy_hash(p.as_bytes()));
+            vec![Input::CreateContainer(Box::new(input::CreateContainer {
+                process: process_input(container_id, process),
+                user: input::User { uid: process.uid, gid: process.gid },
+                groups: process.groups.clone(),
+                capabilities: process.capabilities.clone(),
+                no_new_privileges: process.no_new_privileges,
+                privileged: false,
+                seccomp_profile_sha256: seccomp,
+                mounts: mounts.clone(),
+                masked_paths: masked_paths.clone().unwrap_or_else(default_masked_paths),
+                readonly_paths: readonly_paths.clone().unwrap_or_else(default_readonly_paths),
+                readonly_rootfs: *readonly_rootfs,
+            }))]
         }
         Request::StartContainer { container_id } => {
             name("container id", container_id)?;
-            vec![(Point::StartContainer, json!({"containerID": container_id}))]
+            vec![Input::StartContainer(container(container_id))]
         }
         Request::UpdateContainer { container_id, resources } => {
             name("container id", container_id)?;
-            vec![(Point::UpdateContainer, json!({"containerID": container_id, "resources": resources}))]
+            vec![Input::UpdateContainer(input::UpdateContainer {
+                container_id: container_id.clone(),
+                resources: resources.clone(),
+            })]
         }
         Request::ExecProcess { container_id, exec_id, process } => {
             name("container id", container_id)?;
             name("exec id", exec_id)?;
-            vec![(Point::ExecInContainer, process_input(container_id, process))]
+            vec![Input::ExecInContainer(process_input(container_id, process))]
         }
         Request::SignalProcess { container_id, exec_id, signal } => {
             name("container id", container_id)?;
@@ -447,14 +464,16 @@ fn points(request: &Request, containers: &mut Containers) -> Result<Vec<(Point, 
                 name("exec id", exec_id)?;
             }
             let command = containers.command(container_id, exec_id.as_deref()).unwrap_or_default();
-            vec![(
-                Point::SignalContainerProcess,
-                json!({"containerID": container_id, "signal": signal, "isInitProcess": exec_id.is_none(), "argList": command}),
-            )]
+            vec![Input::SignalContainerProcess(input::Signal {
+                container_id: container_id.clone(),
+                signal: *signal,
+                is_init_process: exec_id.is_none(),
+                arg_list: command,
+            })]
         }
         Request::DeleteContainer { container_id } => {
             name("container id", container_id)?;
-            vec![(Point::ShutdownContainer, json!({"containerID": container_id}))]
+            vec![Input::ShutdownContainer(container(container_id))]
         }
         Request::WaitProcess { container_id, .. }
         | Request::ReadOutput { container_id, .. }
@@ -467,15 +486,15 @@ fn points(request: &Request, containers: &mut Containers) -> Result<Vec<(Point, 
 }
 
 /// What the create and exec points see of a process.
-fn process_input(container_id: &str, process: &ProcessSpec) -> Value {
-    json!({
-        "containerID": container_id,
-        "argList": process.args,
-        "envList": process.env,
-        "workingDir": process.cwd,
-        "terminal": process.terminal,
-        "rlimits": process.rlimits,
-    })
+fn process_input(container_id: &str, process: &ProcessSpec) -> input::Process {
+    input::Process {
+        container_id: container_id.to_string(),
+        arg_list: process.args.clone(),
+        env_list: process.env.clone(),
+        working_dir: process.cwd.clone(),
+        terminal: process.terminal,
+        rlimits: process.rlimits.clone(),
+    }
 }
 
 fn ping() -> PingInfo {
@@ -491,6 +510,7 @@ fn ping() -> PingInfo {
 mod tests {
     use super::*;
     use parma_protocol::frame::FrameKind;
+    use serde_json::json;
 
     fn frame(body: &[u8]) -> Frame {
         Frame { kind: FrameKind::Request, id: 1, body: body.to_vec() }
@@ -558,8 +578,9 @@ mod tests {
         for spelling in ["ABCD", "abcd", "abcd00"] {
             let points = points(&Request::GetAttestation { report_data: spelling.into() }, &mut containers).unwrap();
             let expected = format!("abcd{}", "0".repeat(124));
-            assert_eq!(points[0].1["reportData"], json!(expected), "{spelling}");
-            assert_eq!(points[0].1["running"], json!([]));
+            let input = points[0].to_value();
+            assert_eq!(input["reportData"], json!(expected), "{spelling}");
+            assert_eq!(input["running"], json!([]));
         }
         let err = points(&Request::GetAttestation { report_data: "xyz".into() }, &mut containers).unwrap_err();
         assert_eq!(err.code, ErrorCode::Malformed);
@@ -592,7 +613,7 @@ mod tests {
             readonly_paths: None,
         };
         let points = points(&request, &mut containers).unwrap();
-        let input = &points[0].1;
+        let input = &points[0].to_value();
         assert_eq!(input["maskedPaths"], json!(parma_policy::DEFAULT_MASKED_PATHS));
         assert_eq!(input["readonlyPaths"], json!(parma_policy::DEFAULT_READONLY_PATHS));
         assert_eq!(input["terminal"], json!(true));

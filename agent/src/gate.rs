@@ -37,7 +37,8 @@
 //!   `exec_in_container`), the last three only if that decision granted
 //!   stdio access; they need a policy in force.
 
-use parma_policy::{Decision, Engine, Point, Policy};
+use parma_policy::input::{Empty, Input};
+use parma_policy::{Decision, Engine, Policy};
 use parma_protocol::{AgentError, ErrorCode, Request, Response};
 
 /// The gate and the policy in force.
@@ -60,11 +61,7 @@ impl Gate {
     /// Allow the request, or say why not. `points` are the enforcement
     /// points the request meets, with their inputs; the allowed decisions
     /// are returned for [`Gate::commit`] once the action succeeded.
-    pub fn check(
-        &mut self,
-        request: &Request,
-        points: &[(Point, serde_json::Value)],
-    ) -> Result<Vec<Decision>, AgentError> {
+    pub fn check(&mut self, request: &Request, points: &[Input]) -> Result<Vec<Decision>, AgentError> {
         if let Some(reason) = &self.lockdown {
             return match request {
                 Request::Ping | Request::GuestInfo | Request::Shutdown => Ok(Vec::new()),
@@ -127,8 +124,8 @@ impl Gate {
             | Request::DeleteContainer { .. } => {
                 let engine = self.engine_for(request)?;
                 let mut decisions = Vec::with_capacity(points.len());
-                for (point, input) in points {
-                    let decision = engine.decide(*point, input);
+                for input in points {
+                    let decision = engine.decide(input.point(), &input.to_value());
                     if let Some(denial) = &decision.denial {
                         return Err(denied(denial.line()));
                     }
@@ -145,7 +142,7 @@ impl Gate {
     /// Whether the policy in force lets the agent keep logging to the
     /// console (its `runtime_logging` rule); false without a policy.
     pub fn runtime_logging_allowed(&mut self) -> bool {
-        self.engine.as_mut().is_some_and(|engine| engine.decide(Point::RuntimeLogging, &serde_json::json!({})).allowed)
+        self.engine.as_mut().is_some_and(|engine| engine.decide_input(&Input::RuntimeLogging(Empty {})).allowed)
     }
 
     fn engine_for(&mut self, request: &Request) -> Result<&mut Engine, AgentError> {
@@ -251,12 +248,12 @@ mod tests {
         Request::GetAttestation { report_data: "00".into() }
     }
 
-    fn attest_point() -> Vec<(Point, serde_json::Value)> {
-        vec![(Point::GetAttestation, serde_json::json!({"reportData": "00", "running": []}))]
+    fn attest_point() -> Vec<Input> {
+        vec![Input::GetAttestation(parma_policy::input::GetAttestation { report_data: "00".into(), running: vec![] })]
     }
 
-    fn info_point() -> Vec<(Point, serde_json::Value)> {
-        vec![(Point::GetProperties, serde_json::json!({}))]
+    fn info_point() -> Vec<Input> {
+        vec![Input::GetProperties(parma_policy::input::Empty {})]
     }
 
     #[test]

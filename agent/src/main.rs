@@ -12,6 +12,7 @@
 mod attest;
 mod containers;
 mod dispatch;
+mod fault;
 mod gate;
 mod guest;
 mod log;

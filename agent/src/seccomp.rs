@@ -24,8 +24,13 @@
 //! may be a misspelling of a syscall the profile meant to deny, and
 //! dropping it silently would allow that syscall.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 /// Most distinct names a profile may list.
 const MAX_NAMES: usize = 4096;
@@ -65,32 +70,41 @@ struct Arg {
     op: String,
 }
 
+/// One syscall rule of a profile: the name and its argument conditions
+/// (none: the syscall matches whatever its arguments).
+#[derive(Debug, Clone)]
+struct Rule {
+    name: String,
+    conditions: Vec<SeccompCondition>,
+}
+
 /// `seccompiler`'s action for an OCI action.
-fn action(name: &str, errno: Option<u32>) -> Result<Value, String> {
+fn action(name: &str, errno: Option<u32>) -> Result<SeccompAction, String> {
     Ok(match name {
-        "SCMP_ACT_ALLOW" => json!("allow"),
-        "SCMP_ACT_ERRNO" => json!({"errno": errno.unwrap_or(libc::EPERM as u32)}),
-        "SCMP_ACT_KILL" | "SCMP_ACT_KILL_THREAD" => json!("kill_thread"),
-        "SCMP_ACT_KILL_PROCESS" => json!("kill_process"),
-        "SCMP_ACT_TRAP" => json!("trap"),
-        "SCMP_ACT_LOG" => json!("log"),
+        "SCMP_ACT_ALLOW" => SeccompAction::Allow,
+        "SCMP_ACT_ERRNO" => SeccompAction::Errno(errno.unwrap_or(libc::EPERM as u32)),
+        "SCMP_ACT_KILL" | "SCMP_ACT_KILL_THREAD" => SeccompAction::KillThread,
+        "SCMP_ACT_KILL_PROCESS" => SeccompAction::KillProcess,
+        "SCMP_ACT_TRAP" => SeccompAction::Trap,
+        "SCMP_ACT_LOG" => SeccompAction::Log,
         other => return Err(format!("seccomp action {other:?} is not supported")),
     })
 }
 
-fn condition(arg: &Arg) -> Result<Value, String> {
+fn condition(arg: &Arg) -> Result<SeccompCondition, String> {
     let (op, value) = match arg.op.as_str() {
-        "SCMP_CMP_EQ" => (json!("eq"), arg.value),
-        "SCMP_CMP_NE" => (json!("ne"), arg.value),
-        "SCMP_CMP_LT" => (json!("lt"), arg.value),
-        "SCMP_CMP_LE" => (json!("le"), arg.value),
-        "SCMP_CMP_GT" => (json!("gt"), arg.value),
-        "SCMP_CMP_GE" => (json!("ge"), arg.value),
+        "SCMP_CMP_EQ" => (SeccompCmpOp::Eq, arg.value),
+        "SCMP_CMP_NE" => (SeccompCmpOp::Ne, arg.value),
+        "SCMP_CMP_LT" => (SeccompCmpOp::Lt, arg.value),
+        "SCMP_CMP_LE" => (SeccompCmpOp::Le, arg.value),
+        "SCMP_CMP_GT" => (SeccompCmpOp::Gt, arg.value),
+        "SCMP_CMP_GE" => (SeccompCmpOp::Ge, arg.value),
         // OCI: value is the mask, valueTwo what the masked argument must equal.
-        "SCMP_CMP_MASKED_EQ" => (json!({"masked_eq": arg.value}), arg.value_two),
+        "SCMP_CMP_MASKED_EQ" => (SeccompCmpOp::MaskedEq(arg.value), arg.value_two),
         other => return Err(format!("seccomp operator {other:?} is not supported")),
     };
-    Ok(json!({"index": arg.index, "type": "qword", "op": op, "val": value}))
+    SeccompCondition::new(arg.index, SeccompCmpArgLen::Qword, op, value)
+        .map_err(|err| format!("seccomp argument condition {arg:?}: {err}"))
 }
 
 /// Compile an OCI seccomp profile for x86_64 into the filters to install, in order.
@@ -102,31 +116,21 @@ pub fn compile(text: &str) -> Result<Vec<Vec<libc::sock_filter>>, String> {
     if !profile.architectures.is_empty() && !profile.architectures.iter().any(|a| a == "SCMP_ARCH_X86_64") {
         return Err("the seccomp profile does not cover SCMP_ARCH_X86_64".into());
     }
-    let allow = json!("allow");
     let default = action(&profile.default_action, profile.default_errno_ret)?;
     // Every named syscall (for the default filter), and the rules of each
     // action other than allow, in the profile's order.
     let mut named = Vec::new();
-    let mut groups: Vec<(Value, Vec<Value>)> = Vec::new();
+    let mut groups: Vec<(SeccompAction, Vec<Rule>)> = Vec::new();
     for entry in &profile.syscalls {
         let this = action(&entry.action, entry.errno_ret.or(profile.default_errno_ret))?;
         if this == default {
             continue; // Same as the default: nothing to add.
         }
         let conditions = entry.args.iter().map(condition).collect::<Result<Vec<_>, _>>()?;
-        let rules: Vec<Value> = entry
-            .names
-            .iter()
-            .map(|name| {
-                if conditions.is_empty() {
-                    json!({"syscall": name})
-                } else {
-                    json!({"syscall": name, "args": conditions})
-                }
-            })
-            .collect();
+        let rules: Vec<Rule> =
+            entry.names.iter().map(|name| Rule { name: name.clone(), conditions: conditions.clone() }).collect();
         named.extend(rules.iter().cloned());
-        if this != allow {
+        if this != SeccompAction::Allow {
             match groups.iter_mut().find(|(action, _)| *action == this) {
                 Some((_, group)) => group.extend(rules),
                 None => groups.push((this, rules)),
@@ -140,68 +144,149 @@ pub fn compile(text: &str) -> Result<Vec<Vec<libc::sock_filter>>, String> {
         return Err("the seccomp profile has no entry with an action other than its default".into());
     }
     let mut filters = Vec::new();
-    if default != allow {
-        filters.push(compile_one(&default, &allow, named)?);
+    if default != SeccompAction::Allow {
+        filters.push(compile_one(&default, &SeccompAction::Allow, &named)?);
     }
     for (action, rules) in groups {
-        filters.push(compile_one(&allow, &action, rules)?);
+        filters.push(compile_one(&SeccompAction::Allow, &action, &rules)?);
     }
     Ok(filters)
 }
 
 /// Whether a rule with this action may lose a name unknown on x86_64
 /// without allowing anything the profile denies (see the module docs).
-fn may_skip_unknown(matched: &Value) -> bool {
-    *matched == json!("allow") || *matched == json!({"errno": libc::ENOSYS as u32})
+fn may_skip_unknown(matched: &SeccompAction) -> bool {
+    matches!(matched, SeccompAction::Allow) || *matched == SeccompAction::Errno(libc::ENOSYS as u32)
+}
+
+/// The x86_64 number of a syscall name.
+fn syscall_number(name: &str) -> Option<i64> {
+    syscalls::Sysno::from_str(name).ok().map(|sysno| i64::from(sysno.id()))
 }
 
 /// One filter: `matched` for the rules, `mismatch` for everything else.
-/// Names unknown on x86_64 are dropped one by one where that is safe
-/// ([`may_skip_unknown`]), as libseccomp ignores them; elsewhere refused.
-fn compile_one(mismatch: &Value, matched: &Value, mut rules: Vec<Value>) -> Result<Vec<libc::sock_filter>, String> {
-    loop {
-        let filter = json!({"main": {"mismatch_action": mismatch, "match_action": matched, "filter": rules}});
-        let bytes = serde_json::to_vec(&filter).map_err(|err| err.to_string())?;
-        match seccompiler::compile_from_json(bytes.as_slice(), seccompiler::TargetArch::x86_64) {
-            Ok(mut map) => {
-                let program = map.remove("main").ok_or("seccompiler returned no filter")?;
-                return Ok(program
-                    .into_iter()
-                    .map(|i| libc::sock_filter { code: i.code, jt: i.jt, jf: i.jf, k: i.k })
-                    .collect());
+/// Names unknown on x86_64 are dropped where that is safe
+/// ([`may_skip_unknown`]), as libseccomp ignores them; elsewhere refused. A
+/// syscall that one rule names without conditions matches whatever other
+/// rules say of its arguments.
+fn compile_one(
+    mismatch: &SeccompAction,
+    matched: &SeccompAction,
+    rules: &[Rule],
+) -> Result<Vec<libc::sock_filter>, String> {
+    let mut by_number: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let mut unconditional = BTreeSet::new();
+    for rule in rules {
+        let Some(number) = syscall_number(&rule.name) else {
+            if may_skip_unknown(matched) {
+                continue;
             }
-            Err(err) => {
-                // seccompiler keeps its syscall table and the error naming
-                // the unknown syscall private; its message names it.
-                let message = err.to_string();
-                let Some(name) = unknown_syscall(&message) else {
-                    return Err(format!("seccomp profile: {message}"));
-                };
-                if !may_skip_unknown(matched) {
-                    return Err(format!(
-                        "seccomp profile: syscall {name:?} does not exist on x86_64, in a rule that denies it \
-                         ({matched}): a misspelt name would leave that syscall allowed"
-                    ));
-                }
-                let before = rules.len();
-                rules.retain(|rule| rule.get("syscall").and_then(Value::as_str) != Some(name));
-                if rules.len() == before || rules.is_empty() {
-                    return Err(format!("seccomp profile: syscall {name:?} cannot be resolved"));
-                }
-            }
+            return Err(format!(
+                "seccomp profile: syscall {:?} does not exist on x86_64, in a rule that denies it ({matched:?}): a \
+                 misspelt name would leave that syscall allowed",
+                rule.name
+            ));
+        };
+        let conditions = by_number.entry(number).or_default();
+        if rule.conditions.is_empty() {
+            unconditional.insert(number);
+        } else {
+            let rule = SeccompRule::new(rule.conditions.clone()).map_err(|err| format!("seccomp rule: {err}"))?;
+            conditions.push(rule);
         }
     }
-}
-
-/// The name in seccompiler's "Invalid syscall name: NAME for given arch" message.
-fn unknown_syscall(message: &str) -> Option<&str> {
-    let rest = message.split("Invalid syscall name: ").nth(1)?;
-    rest.split(" for given arch").next()
+    // No rule list: the syscall matches unconditionally.
+    for number in unconditional {
+        by_number.insert(number, Vec::new());
+    }
+    if by_number.is_empty() {
+        return Err("seccomp profile: no syscall of a rule exists on x86_64".into());
+    }
+    let filter = SeccompFilter::new(by_number, mismatch.clone(), matched.clone(), TargetArch::x86_64)
+        .map_err(|err| format!("seccomp profile: {err}"))?;
+    let program = BpfProgram::try_from(filter).map_err(|err| format!("seccomp profile: {err}"))?;
+    Ok(program.into_iter().map(|i| libc::sock_filter { code: i.code, jt: i.jt, jf: i.jf, k: i.k }).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same filter through seccompiler's own JSON frontend and its
+    /// syscall table: an independent compiler of the same rules.
+    fn through_json(mismatch: &str, matched: &str, rules: &[(&str, &str)]) -> Vec<libc::sock_filter> {
+        let rules: Vec<serde_json::Value> = rules
+            .iter()
+            .map(|(name, args)| match *args {
+                "" => serde_json::json!({"syscall": name}),
+                args => serde_json::json!({"syscall": name, "args": serde_json::from_str::<serde_json::Value>(args).unwrap()}),
+            })
+            .collect();
+        let filter = serde_json::json!({"main": {
+            "mismatch_action": serde_json::from_str::<serde_json::Value>(mismatch).unwrap(),
+            "match_action": serde_json::from_str::<serde_json::Value>(matched).unwrap(),
+            "filter": rules,
+        }});
+        let mut map =
+            seccompiler::compile_from_json(serde_json::to_vec(&filter).unwrap().as_slice(), TargetArch::x86_64)
+                .unwrap();
+        map.remove("main")
+            .unwrap()
+            .into_iter()
+            .map(|i| libc::sock_filter { code: i.code, jt: i.jt, jf: i.jf, k: i.k })
+            .collect()
+    }
+
+    fn same(a: &[libc::sock_filter], b: &[libc::sock_filter]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x.code, x.jt, x.jf, x.k) == (y.code, y.jt, y.jf, y.k))
+    }
+
+    /// The typed rules compile to the very program seccompiler's JSON
+    /// frontend makes of the same profile, names resolved by another table.
+    #[test]
+    fn typed_rules_match_seccompilers_json_frontend() {
+        let profile = r#"{"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1, "syscalls": [
+            {"names": ["read", "write", "exit_group", "openat", "mmap", "clone3", "pidfd_open", "cachestat"], "action": "SCMP_ACT_ALLOW"},
+            {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+             "args": [{"index": 0, "value": 8, "op": "SCMP_CMP_EQ"}, {"index": 1, "value": 255, "valueTwo": 3, "op": "SCMP_CMP_MASKED_EQ"}]},
+            {"names": ["ptrace"], "action": "SCMP_ACT_KILL_PROCESS"},
+            {"names": ["mount", "umount2"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]}"#;
+        let filters = compile(profile).unwrap();
+        assert_eq!(filters.len(), 3);
+        let allowed = [
+            ("read", ""),
+            ("write", ""),
+            ("exit_group", ""),
+            ("openat", ""),
+            ("mmap", ""),
+            ("clone3", ""),
+            ("pidfd_open", ""),
+            ("cachestat", ""),
+            (
+                "personality",
+                r#"[{"index": 0, "type": "qword", "op": "eq", "val": 8}, {"index": 1, "type": "qword", "op": {"masked_eq": 255}, "val": 3}]"#,
+            ),
+            ("ptrace", ""),
+            ("mount", ""),
+            ("umount2", ""),
+        ];
+        assert!(same(&filters[0], &through_json(r#"{"errno": 1}"#, r#""allow""#, &allowed)));
+        assert!(same(&filters[1], &through_json(r#""allow""#, r#""kill_process""#, &[("ptrace", "")])));
+        assert!(same(&filters[2], &through_json(r#""allow""#, r#"{"errno": 13}"#, &[("mount", ""), ("umount2", "")])));
+    }
+
+    /// A syscall denied outright by one entry stays denied whatever another
+    /// entry says of its arguments (seccompiler's JSON frontend would keep
+    /// only the conditional rule, and let the syscall through otherwise).
+    #[test]
+    fn an_unconditional_rule_wins_over_a_conditional_one() {
+        let profile = r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["ptrace"], "action": "SCMP_ACT_KILL_PROCESS"},
+            {"names": ["ptrace"], "action": "SCMP_ACT_KILL_PROCESS", "args": [{"index": 0, "value": 16, "op": "SCMP_CMP_EQ"}]}]}"#;
+        let filters = compile(profile).unwrap();
+        assert_eq!(filters.len(), 1);
+        assert!(same(&filters[0], &through_json(r#""allow""#, r#""kill_process""#, &[("ptrace", "")])));
+    }
 
     #[test]
     fn allow_lists_compile_and_unknown_names_are_skipped() {
@@ -224,10 +309,10 @@ mod tests {
             {"names": ["read", "write", "exit_group"], "action": "SCMP_ACT_ALLOW"},
             {"names": ["bdflush", "clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]}"#;
         assert_eq!(compile(profile).unwrap().len(), 2);
-        assert!(may_skip_unknown(&json!("allow")));
-        assert!(may_skip_unknown(&json!({"errno": 38})));
-        assert!(!may_skip_unknown(&json!({"errno": 1})));
-        assert!(!may_skip_unknown(&json!("kill_process")));
+        assert!(may_skip_unknown(&SeccompAction::Allow));
+        assert!(may_skip_unknown(&SeccompAction::Errno(38)));
+        assert!(!may_skip_unknown(&SeccompAction::Errno(1)));
+        assert!(!may_skip_unknown(&SeccompAction::KillProcess));
     }
 
     #[test]
@@ -263,6 +348,10 @@ mod tests {
             (
                 r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["nope_nope"], "action": "SCMP_ACT_ERRNO"}]}"#,
                 "does not exist on x86_64",
+            ),
+            (
+                r#"{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["nope_nope"], "action": "SCMP_ACT_ALLOW"}]}"#,
+                "no syscall of a rule exists",
             ),
             // A deny-list with a misspelt name: refused, never dropped.
             (

@@ -298,7 +298,7 @@ impl Storage {
 
 /// The virtio-blk disk whose serial is `serial`.
 fn find_disk(serial: &str) -> Result<PathBuf, String> {
-    if serial.is_empty() || serial.len() > 20 || !serial.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    if !parma_protocol::boot::valid_disk_serial(serial) {
         return Err(format!("disk serial {:?} is not 1 to 20 of [A-Za-z0-9-]", bounded(serial)));
     }
     let entries = std::fs::read_dir("/sys/block").map_err(|err| format!("cannot list /sys/block: {err}"))?;

@@ -153,8 +153,8 @@ fn run_snp_script_and_parma_agree_on_the_command_line() {
     let uvm = repo().join("out/uvm");
     let ovmf = repo().join("qemu/ovmf/ovmf_AmdSev_suffix.bin");
     for (first, boot) in [
-        (ovmf.to_str().unwrap(), parma::SnpBoot::KernelHashes { ovmf: ovmf.clone() }),
-        ("--igvm", parma::SnpBoot::Igvm(uvm.join("uvm.igvm"))),
+        (ovmf.to_str().unwrap(), parma_host::SnpBoot::KernelHashes { ovmf: ovmf.clone() }),
+        ("--igvm", parma_host::SnpBoot::Igvm(uvm.join("uvm.igvm"))),
     ] {
         let out = Command::new("bash")
             .arg("qemu/run-snp.sh")
@@ -165,9 +165,9 @@ fn run_snp_script_and_parma_agree_on_the_command_line() {
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let script: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect();
-        let mut config = parma::VmConfig::new(&uvm, "/tmp/c.sock");
-        config.accel = parma::Accel::Kvm;
-        config.snp = Some(parma::Snp { boot, host_data, vcpu_type: "EPYC-v4".into() });
+        let mut config = parma_host::VmConfig::new(&uvm, "/tmp/c.sock");
+        config.accel = parma_host::Accel::Kvm;
+        config.snp = Some(parma_host::Snp { boot, host_data, vcpu_type: "EPYC-v4".into() });
         let ours: Vec<String> = config.args().unwrap().iter().map(|a| a.to_string_lossy().into_owned()).collect();
         assert_eq!(script, ours, "qemu/run-snp.sh {first}");
     }

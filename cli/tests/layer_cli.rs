@@ -18,21 +18,27 @@ fn blob(dir: &Path, bytes: &[u8]) -> String {
 
 /// A one-layer OCI layout at `oci`; returns the layer's diff-id hex.
 fn make_oci(oci: &Path) -> String {
+    make_oci_with(oci, &[("hello.txt", b"hello from a confidential container\n")], "1000")
+}
+
+/// A one-layer OCI layout with these files and this `User`.
+fn make_oci_with(oci: &Path, files: &[(&str, &[u8])], user: &str) -> String {
     std::fs::create_dir_all(oci.join("blobs/sha256")).unwrap();
     let mut layer = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    let contents = b"hello from a confidential container\n";
-    header.set_size(contents.len() as u64);
-    header.set_mode(0o644);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(1_700_000_000);
-    header.set_cksum();
-    layer.append_data(&mut header, "hello.txt", &contents[..]).unwrap();
+    for (name, contents) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(contents.len() as u64);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(1_700_000_000);
+        header.set_cksum();
+        layer.append_data(&mut header, name, *contents).unwrap();
+    }
     let layer = layer.into_inner().unwrap();
     let layer_digest = blob(oci, &layer);
     let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["/hello"],"Env":["PATH=/usr/bin"],"WorkingDir":"/srv","User":"1000"}},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_digest}"]}}}}"#
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["/hello"],"Env":["PATH=/usr/bin"],"WorkingDir":"/srv","User":"{user}"}},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_digest}"]}}}}"#
     );
     let config_digest = blob(oci, config.as_bytes());
     let manifest = format!(
@@ -85,6 +91,47 @@ fn layer_build_writes_verity_images_and_layers_json() {
     assert!(String::from_utf8_lossy(&run.stdout).contains(root));
 }
 
+/// An image whose `User` is a name: `parma policy gen` pins the numbers the
+/// image's own /etc/passwd and /etc/group give it, with its groups.
+#[test]
+fn policy_gen_resolves_a_user_name_from_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let oci = dir.path().join("oci");
+    let passwd = b"root:x:0:0::/root:/bin/sh\napp:x:1234:2345::/srv:/sbin/nologin\n";
+    let group = b"root:x:0:\napp:x:2345:\naudio:x:29:app\n";
+    make_oci_with(&oci, &[("etc/passwd", passwd), ("etc/group", group), ("hello", b"x")], "app");
+    let generate = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_parma"))
+            .args(["policy", "gen", "--oci"])
+            .arg(&oci)
+            .arg("--layers-dir")
+            .arg(dir.path().join("layers"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = generate(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let compact: String = text.split_whitespace().collect();
+    assert!(compact.contains(r#""user":{"gid":2345,"uid":1234}"#), "{text}");
+    assert!(compact.contains(r#""groups":[29]"#), "{text}");
+
+    // A name the image does not have is an error that says so.
+    let dir2 = tempfile::tempdir().unwrap();
+    let oci = dir2.path().join("oci");
+    make_oci_with(&oci, &[("etc/passwd", passwd)], "ghost");
+    let out = Command::new(env!("CARGO_BIN_EXE_parma"))
+        .args(["policy", "gen", "--oci"])
+        .arg(&oci)
+        .arg("--layers-dir")
+        .arg(dir2.path().join("layers"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains(r#"user "ghost" is not in the image's /etc/passwd"#), "{stderr}");
+}
+
 #[test]
 fn policy_gen_allows_exactly_what_the_image_says() {
     use parma_policy::{Engine, Point, Policy};
@@ -121,7 +168,7 @@ fn policy_gen_allows_exactly_what_the_image_says() {
     step(Point::MountDevice, json!({"target": "/l0", "deviceHash": root}), true);
     step(Point::MountDevice, json!({"target": "/l1", "deviceHash": "0".repeat(64)}), false);
     step(Point::MountOverlay, json!({"containerID": "c", "layerPaths": ["/l0"], "target": "/r"}), true);
-    let caps = parma::policy_gen::DEFAULT_CAPABILITIES;
+    let caps = parma_host::policy_gen::DEFAULT_CAPABILITIES;
     let create = json!({
         "containerID": "c", "argList": ["/hello"], "envList": ["PATH=/usr/bin"], "workingDir": "/srv",
         "user": {"uid": 1000}, "groups": [],

@@ -1,34 +1,22 @@
 //! The VM test harness.
 //!
-//! It boots the image `make image` built, with the same QEMU arguments users
-//! get from `parma vm run` (the `parma` library builds them), waits for the
-//! agent by pinging it until a deadline, kills QEMU's whole process group
-//! when dropped, and fails a test on any kernel panic, Rust panic or
+//! It boots the image `make image` built through the host library's [`Vm`]
+//! (the lifecycle `parma run` and the shim use): the same QEMU arguments,
+//! the wait for the agent that stops when QEMU exits, the kill of QEMU's
+//! process group on drop, and a failure on any kernel panic, Rust panic or
 //! "Attempted to kill init" on the serial console.
 //!
 //! A missing image is a failure, never a skip: `make test` builds it first.
 
 pub mod oci;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
-use parma::{Client, Control, Serial, VmConfig};
+use parma_host::{Client, StartOptions, Vm, VmConfig};
 use parma_protocol::PingInfo;
 
-/// Lines on the serial console that fail any test.
-pub const FATAL_PATTERNS: &[&str] = &[
-    "Kernel panic",
-    "Attempted to kill init",
-    "panicked at",
-    "BUG:",
-    "Oops:",
-    "general protection fault",
-    "internal error:",
-];
+pub use parma_host::vm::FATAL_PATTERNS;
 
 /// Where the build put things.
 #[derive(Debug, Clone)]
@@ -85,10 +73,10 @@ pub struct Boot {
     /// INSECURE: emulated SEV-SNP reports with this HOST_DATA.
     pub emulated_host_data: Option<[u8; 32]>,
     /// Read-only disks (container layers).
-    pub disks: Vec<parma::Disk>,
+    pub disks: Vec<parma_host::Disk>,
     /// Give the guest vsock through rust-vmm's `vhost-device-vsock` (a
     /// vhost-user backend; this host has no vhost-vsock), reached with
-    /// [`Guest::vsock_control`].
+    /// [`Vm::vsock_control`].
     pub vsock: bool,
 }
 
@@ -96,50 +84,6 @@ impl Default for Boot {
     fn default() -> Self {
         Self { initrd: None, memory_mib: 512, cpus: 1, emulated_host_data: None, disks: Vec::new(), vsock: false }
     }
-}
-
-/// The vhost-user vsock backend `scripts/deps.sh` installs.
-pub const VSOCK_BACKEND: &str = "vhost-device-vsock";
-
-/// Start the vsock backend in `dir`; returns it once its vhost-user socket
-/// is there for QEMU.
-fn start_vsock_backend(dir: &Path) -> anyhow::Result<Child> {
-    let socket = dir.join("vhost-vsock.sock");
-    // On PATH, or where `cargo install` put it.
-    let cargo_bin = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
-        .map(|home| home.join("bin").join(VSOCK_BACKEND));
-    let program = match cargo_bin {
-        Some(path) if path.is_file() => path,
-        _ => PathBuf::from(VSOCK_BACKEND),
-    };
-    let mut command = std::process::Command::new(program);
-    command
-        .args(["--guest-cid", "3", "--socket"])
-        .arg(&socket)
-        .arg("--uds-path")
-        .arg(dir.join("vsock.sock"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("cannot start {VSOCK_BACKEND} (scripts/deps.sh installs it with cargo)"))?;
-    let give_up = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if let Some(status) = child.try_wait()? {
-            bail!("{VSOCK_BACKEND} exited at start: {status}");
-        }
-        if Instant::now() >= give_up {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{VSOCK_BACKEND} made no socket within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(child)
 }
 
 impl Boot {
@@ -151,193 +95,126 @@ impl Boot {
     }
 }
 
-/// A running UVM. Dropping it kills QEMU's process group.
+/// A running UVM: a [`Vm`] of the host library (every method of which it
+/// has), booted from [`Boot`], holding a boot slot until the agent first
+/// answers. Dropping it kills QEMU's process group.
 #[derive(Debug)]
 pub struct Guest {
-    child: Child,
-    dir: tempfile::TempDir,
-    control: PathBuf,
-    serial_log: PathBuf,
-    started: Instant,
-    exited: Option<ExitStatus>,
-    vsock_backend: Option<Child>,
+    vm: Vm,
+    slot: Option<BootSlot>,
 }
 
 impl Guest {
-    /// Boot the image with these options.
+    /// Boot the image with these options, once a boot slot is free.
     pub fn boot(paths: &Paths, boot: &Boot) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("parma-vm-").tempdir()?;
-        let control = dir.path().join("control.sock");
-        let serial_log = dir.path().join("serial.log");
-        let mut config = VmConfig::new(&paths.uvm, &control);
+        let slot = BootSlot::acquire()?;
+        let mut config = VmConfig::new(&paths.uvm, "unused");
         config.initrd = boot.initrd.clone();
         config.memory_mib = boot.memory_mib;
         config.cpus = boot.cpus;
         config.insecure_emulated_host_data = boot.emulated_host_data;
         config.disks = boot.disks.clone();
-        config.serial = Serial::File(serial_log.clone());
-        let vsock_backend = if boot.vsock {
-            config.vhost_user_vsock = Some(dir.path().join("vhost-vsock.sock"));
-            Some(start_vsock_backend(dir.path())?)
-        } else {
-            None
-        };
-        let mut command = config.command()?;
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let child = command.spawn().context("cannot start qemu-system-x86_64 (is qemu-system-x86 installed?)")?;
-        Ok(Self { child, dir, control, serial_log, started: Instant::now(), exited: None, vsock_backend })
-    }
-
-    /// The agent over vsock, through the backend's unix socket (booted with
-    /// [`Boot::vsock`]).
-    pub fn vsock_control(&self) -> Option<Control> {
-        self.vsock_backend
-            .as_ref()
-            .map(|_| Control::VsockUds { path: self.dir.path().join("vsock.sock"), port: parma_protocol::VSOCK_PORT })
-    }
-
-    /// The agent's control socket.
-    pub fn control(&self) -> Control {
-        Control::Unix(self.control.clone())
-    }
-
-    /// A scratch directory that lives as long as the guest.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Time since QEMU started.
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
-    }
-
-    /// Everything the guest printed on its serial console so far.
-    pub fn serial(&self) -> String {
-        std::fs::read(&self.serial_log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
-    }
-
-    /// Fail if the serial console shows a panic.
-    pub fn check_serial(&self) -> anyhow::Result<()> {
-        let serial = self.serial();
-        if let Some(pattern) = FATAL_PATTERNS.iter().find(|p| serial.contains(*p)) {
-            bail!("the serial console shows {pattern:?}:\n{serial}");
-        }
-        Ok(())
-    }
-
-    /// Whether QEMU has exited, and how.
-    pub fn try_exit(&mut self) -> anyhow::Result<Option<ExitStatus>> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait()?;
-        }
-        Ok(self.exited)
-    }
-
-    fn fail_if_exited(&mut self, doing: &str) -> anyhow::Result<()> {
-        if let Some(status) = self.try_exit()? {
-            let mut stderr = String::new();
-            if let Some(mut pipe) = self.child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
-            }
-            bail!("QEMU exited ({status}) while {doing}\nqemu: {stderr}\nserial:\n{}", self.serial());
-        }
-        Ok(())
+        let vm = Vm::start(config, &StartOptions { vhost_device_vsock: boot.vsock })?;
+        Ok(Self { vm, slot: Some(slot) })
     }
 
     /// Ping the agent until it answers, at most `deadline` after QEMU started.
     pub fn wait_ready(&mut self, deadline: Duration) -> anyhow::Result<PingInfo> {
-        self.ping_until(self.started + deadline)
+        let info = self.vm.wait_ready(deadline)?;
+        self.slot = None;
+        Ok(info)
     }
 
     /// Ping the agent, each try on a new connection, until it answers or `give_up` passes.
-    ///
-    /// A virtio-serial port has no connection boundaries: when a client
-    /// leaves half a frame and the next one connects before the agent saw
-    /// the port close, the first ping can be swallowed while the agent
-    /// resynchronises. The next try is answered.
     pub fn ping_until(&mut self, give_up: Instant) -> anyhow::Result<PingInfo> {
-        let deadline = give_up.saturating_duration_since(Instant::now());
-        let mut last_error = String::from("no attempt");
-        while Instant::now() < give_up {
-            self.fail_if_exited("waiting for the agent")?;
-            if !self.control.exists() {
-                // QEMU creates the socket while it starts; look again very soon.
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-            let attempt = Client::connect(&self.control(), Duration::from_secs(1)).and_then(|mut c| c.ping());
-            match attempt {
-                Ok(info) => {
-                    self.check_serial()?;
-                    return Ok(info);
-                }
-                Err(err) => last_error = format!("{err:#}"),
-            }
-        }
-        bail!("the agent did not answer within {deadline:?} ({last_error})\nserial:\n{}", self.serial())
+        let info = self.vm.ping_until(give_up)?;
+        self.slot = None;
+        Ok(info)
     }
 
     /// A connection on which the agent answered a ping, waiting at most
     /// `deadline` after QEMU started; each call on it then waits up to `timeout`.
-    /// (A request sent right after a reconnect can be swallowed while the
-    /// agent resynchronises: this pings until one is answered on the
-    /// connection it returns.)
     pub fn ready_client(&mut self, deadline: Duration, timeout: Duration) -> anyhow::Result<Client> {
-        let give_up = self.started + deadline;
-        let mut last_error = String::from("no attempt");
-        while Instant::now() < give_up {
-            self.fail_if_exited("waiting for the agent")?;
-            if !self.control.exists() {
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-            match Client::connect(&self.control(), Duration::from_secs(1)) {
-                Ok(mut client) => match client.ping() {
-                    Ok(_) => {
-                        self.check_serial()?;
-                        client.set_timeout(timeout);
-                        return Ok(client);
-                    }
-                    Err(err) => last_error = format!("{err:#}"),
-                },
-                Err(err) => last_error = format!("{err:#}"),
-            }
-        }
-        bail!("the agent did not answer within {deadline:?} ({last_error})\nserial:\n{}", self.serial())
+        let client = self.vm.ready_client(deadline, timeout)?;
+        self.slot = None;
+        Ok(client)
+    }
+}
+
+/// The [`Vm`] calls tests make, with errors as `anyhow`'s.
+impl Guest {
+    /// Fail if the serial console shows a fault.
+    pub fn check_serial(&self) -> anyhow::Result<()> {
+        Ok(self.vm.check_serial()?)
+    }
+
+    /// Wait for QEMU to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(self.vm.wait_exit(timeout)?)
+    }
+
+    /// Whether QEMU has exited, and how.
+    pub fn try_exit(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        Ok(self.vm.try_exit()?)
     }
 
     /// A new connection to the agent.
     pub fn client(&self, timeout: Duration) -> anyhow::Result<Client> {
-        Ok(Client::connect(&self.control(), timeout)?)
-    }
-
-    /// Wait for QEMU to exit by itself.
-    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
-        let give_up = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_exit()? {
-                return Ok(status);
-            }
-            if Instant::now() >= give_up {
-                bail!("QEMU still runs {timeout:?} later\nserial:\n{}", self.serial());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Ok(self.vm.client(timeout)?)
     }
 }
 
-impl Drop for Guest {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            if let Ok(pid) = i32::try_from(self.child.id()) {
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+impl std::ops::Deref for Guest {
+    type Target = Vm;
+
+    fn deref(&self) -> &Vm {
+        &self.vm
+    }
+}
+
+impl std::ops::DerefMut for Guest {
+    fn deref_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+}
+
+/// One of a few slots for booting guests, held from QEMU's start to the
+/// agent's first answer: on a loaded runner, guests booting all at once
+/// would turn boot deadlines into flakes. The slots are lock files, so
+/// test binaries running side by side share them. `PARMA_BOOT_SLOTS` sets
+/// how many (default: the CPUs).
+#[derive(Debug)]
+struct BootSlot {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl BootSlot {
+    fn acquire() -> anyhow::Result<Self> {
+        let slots = std::env::var("PARMA_BOOT_SLOTS")
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+            .max(1);
+        let dir = std::env::temp_dir().join("parma-boot-slots");
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let give_up = Instant::now() + Duration::from_secs(600);
+        loop {
+            for index in 0..slots {
+                let path = dir.join(format!("slot-{index}"));
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                if let Ok(lock) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                    return Ok(Self { _lock: lock });
+                }
             }
-            let _ = self.child.wait();
-        }
-        if let Some(backend) = &mut self.vsock_backend {
-            let _ = backend.kill();
-            let _ = backend.wait();
+            if Instant::now() >= give_up {
+                bail!("no boot slot of {slots} came free within 10 minutes");
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
@@ -351,16 +228,16 @@ pub fn write_initrd(dir: &Path, name: &str, initrd: &parma_image::initrd::Initrd
 
 /// The agent's error for a call that must fail: its code and message.
 pub fn refused<T: std::fmt::Debug>(
-    result: Result<T, parma::client::ClientError>,
+    result: Result<T, parma_host::ClientError>,
 ) -> anyhow::Result<(parma_protocol::ErrorCode, String)> {
     match result {
-        Err(parma::client::ClientError::Agent(err)) => Ok((err.code, err.message)),
+        Err(parma_host::ClientError::Agent(err)) => Ok((err.code, err.message)),
         other => bail!("expected the agent to refuse, got {other:?}"),
     }
 }
 
 /// A call the policy must deny, saying `reason`.
-pub fn denied<T: std::fmt::Debug>(result: Result<T, parma::client::ClientError>, reason: &str) -> anyhow::Result<()> {
+pub fn denied<T: std::fmt::Debug>(result: Result<T, parma_host::ClientError>, reason: &str) -> anyhow::Result<()> {
     let (code, message) = refused(result)?;
     anyhow::ensure!(code == parma_protocol::ErrorCode::PolicyDenied, "expected a policy denial, got {code}: {message}");
     anyhow::ensure!(message.contains(reason), "the denial does not say {reason:?}: {message}");

@@ -418,7 +418,7 @@ impl PolicyFixture {
         }
         let spec_path = dir.path().join("spec.json");
         std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
-        let text = parma::policy_gen::generate(&image.layout, Some(REF_NAME), Some(&spec_path), &layers_dir)?;
+        let text = parma_host::policy_gen::generate(&image.layout, Some(REF_NAME), Some(&spec_path), &layers_dir)?;
         let policy = dir.path().join("policy.rego");
         std::fs::write(&policy, &text)?;
         let built = parma_layer::build(&image.layout, Some(REF_NAME), &layers_dir, &|_| {})?;

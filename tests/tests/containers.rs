@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use parma::client::Client;
-use parma::run;
+use parma_host::client::Client;
+use parma_host::run;
 use parma_protocol::{ErrorCode, ProcessSpec};
 use parma_tests::{Boot, Guest, Paths, denied, oci, refused};
 use serde_json::json;
@@ -51,7 +51,7 @@ impl Fixture {
         Ok(Self(oci::PolicyFixture::with_spec(&hello, extra)?))
     }
 
-    fn boot(&self, disks: Vec<parma::Disk>) -> anyhow::Result<(Guest, Client)> {
+    fn boot(&self, disks: Vec<parma_host::Disk>) -> anyhow::Result<(Guest, Client)> {
         let mut boot = Boot::emulated_for_policy(&self.policy)?;
         boot.disks = disks;
         let mut guest = Guest::boot(&Paths::get(), &boot)?;
@@ -159,7 +159,7 @@ fn a_container_runs_as_its_policy_says_and_every_attack_is_refused() -> anyhow::
     // After it exited: exec and signals find no running container.
     denied(client.signal_process("nobody", None, 9), "")?;
     let (code, message) = refused(client.exec_process(ID, "cat", &good))?;
-    ensure!(code == ErrorCode::PolicyDenied || code == ErrorCode::Failed, "{code}: {message}");
+    ensure!(code == ErrorCode::PolicyDenied || code == ErrorCode::WrongState, "{code}: {message}");
 
     client.delete_container(ID)?;
     run::unmount_image(&mut client, &fixture.built, ID)?;
@@ -242,7 +242,7 @@ fn exec_and_signals_reach_only_what_the_policy_lists() -> anyhow::Result<()> {
     let mut as_root = cat.clone();
     as_root.uid = 0;
     let (code, message) = refused(client.exec_process(ID, "root", &as_root))?;
-    ensure!(code == ErrorCode::Failed && message.contains("must run with the container's uid"), "{message}");
+    ensure!(code == ErrorCode::InvalidArgument && message.contains("must run with the container's uid"), "{message}");
     // Signal 15 is not in the policy's list; 9 is.
     denied(client.signal_process(ID, None, 15), "signal")?;
     denied(client.signal_process("nobody", None, 9), "is not running")?;
@@ -282,8 +282,42 @@ fn parma_run_runs_the_image_and_returns_its_exit_code() -> anyhow::Result<()> {
     let out = run(&["--", "/bin/sh", "-c", "echo pwned"])?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(!out.status.success() && !stdout.contains("pwned"), "{stdout}\n{stderr}");
-    ensure!(stderr.contains("policy_denied") && stderr.contains("command"), "{stderr}");
+    ensure!(out.status.code() == Some(126) && !stdout.contains("pwned"), "{}: {stdout}\n{stderr}", out.status);
+    ensure!(stderr.contains("denied by the policy") && stderr.contains("command"), "{stderr}");
+
+    // Checked before any work: an SEV-SNP launch under TCG converts no layer.
+    let fresh = fixture.dir().join("fresh-layers");
+    let out = std::process::Command::new(&parma)
+        .args(["run", "--snp", "--ovmf", "/nonexistent/OVMF.fd", "--uvm"])
+        .arg(&paths.uvm)
+        .arg("--policy")
+        .arg(&fixture.policy)
+        .arg("--oci")
+        .arg(&fixture.layout)
+        .arg("--layers-dir")
+        .arg(&fresh)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(125) && stderr.contains("needs --accel kvm"), "{}: {stderr}", out.status);
+    ensure!(!fresh.exists(), "layers were built for a launch that cannot happen");
+    Ok(())
+}
+
+/// `parma run` exits as `docker run` when the command cannot run: 127 for
+/// an executable the image lacks, 126 for a file that is not one; each
+/// says why, and the agent told it by an error code, not a message.
+#[test]
+fn parma_run_exits_127_for_a_missing_executable_and_126_for_one_that_cannot_run() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let parma = paths.repo.join("target/release/parma");
+    ensure!(parma.is_file(), "{} is missing: make test builds it (cargo build --release -p parma)", parma.display());
+    for (command, code, says) in [("/bin/nope", 127, "is not in the image"), ("/etc/passwd", 126, "cannot run")] {
+        let fixture = Fixture::with_command(Some(&[command]))?;
+        let out = fixture.parma_run(&parma, &paths.uvm).args(["--", command]).output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.code() == Some(code), "{command}: {} (expected {code})\n{stderr}", out.status);
+        ensure!(stderr.contains(says), "{command}: {stderr}");
+    }
     Ok(())
 }
 
@@ -299,7 +333,7 @@ fn container_writes_reach_the_scratch_disk_only_encrypted_and_authenticated() ->
     let scratch = fixture.dir().join("scratch.img");
     std::fs::File::create(&scratch)?.set_len(128 << 20)?;
     let mut disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
-    disks.push(parma::Disk { path: scratch.clone(), serial: run::SCRATCH_SERIAL.into(), writable: true });
+    disks.push(parma_host::Disk { path: scratch.clone(), serial: run::SCRATCH_SERIAL.into(), writable: true });
     let (guest, mut client) = fixture.boot(disks)?;
 
     let (device, bytes) = client.mount_scratch(run::SCRATCH_SERIAL)?;
@@ -380,19 +414,16 @@ fn a_fragment_from_the_listed_issuer_adds_a_container_the_base_policy_lacks() ->
     client.unmount_overlay("side")?;
 
     // The listed issuer adds "sidecar", same layers, that command.
-    let spec: parma::policy_gen::Spec = serde_json::from_value(json!({
+    let spec: parma_host::policy_gen::Spec = serde_json::from_value(json!({
         "name": "sidecar", "command": ["/bin/busybox", "echo", "sidecar"], "no_new_privileges": true,
     }))?;
-    let container = parma::policy_gen::container(&fixture.built, &spec);
+    let container = serde_json::to_value(parma_host::policy_gen::container(&fixture.built, &spec))?;
     let old = oci::signed_fragment(7, oci::FRAGMENT_FEED, 0, std::slice::from_ref(&container))?;
     denied(client.load_fragment(&old.0, &old.1, &old.2), "svn 0 of feed")?;
     let (fragment, signature, key) = oci::signed_fragment(7, oci::FRAGMENT_FEED, 2, &[container])?;
-    match client.load_fragment(&fragment, &signature, &key)? {
-        parma_protocol::Response::FragmentLoaded { feed, svn, containers, .. } => {
-            ensure!(feed == oci::FRAGMENT_FEED && svn == 2 && containers == 1, "{feed} {svn} {containers}");
-        }
-        other => bail!("unexpected answer {other:?}"),
-    }
+    let loaded = client.load_fragment(&fragment, &signature, &key)?;
+    ensure!(loaded.feed == oci::FRAGMENT_FEED && loaded.svn == 2 && loaded.containers == 1, "{loaded:?}");
+    ensure!(loaded.issuer == parma_policy::fragment::issuer_id(&oci::fragment_issuer_key()), "{loaded:?}");
     denied(client.load_fragment(&fragment, &signature, &key), "is already loaded")?;
 
     // Now the same request is allowed, and runs.
@@ -618,7 +649,10 @@ fn a_terminal_gives_the_process_a_tty_and_its_window_size() -> anyhow::Result<()
     status.terminal = false;
     client.exec_process(ID, "plain", &status)?;
     let (code, message) = refused(client.resize_terminal(ID, Some("plain"), 10, 10))?;
-    ensure!(code == ErrorCode::Failed && message.contains("has no terminal"), "{code:?}: {message}");
+    ensure!(code == ErrorCode::WrongState && message.contains("has no terminal"), "{code:?}: {message}");
+    // A process the container never had is not found, by its code.
+    let (code, message) = refused(client.wait_process(ID, Some("ghost")))?;
+    ensure!(code == ErrorCode::NotFound && message.contains("no process \"ghost\""), "{code:?}: {message}");
     let (stdout, _, _) = output(&mut client, ID, Some("plain"))?;
     ensure!(stdout.contains("Name:\tcat\n"), "without a terminal, no \\r: {stdout:?}");
 

@@ -15,8 +15,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use parma::client::Client;
-use parma::run;
+use parma_host::client::Client;
+use parma_host::run;
 use parma_protocol::{CapabilitySets, ErrorCode, Resources};
 use parma_tests::{Boot, Guest, Paths, denied, oci, refused};
 use serde_json::json;
@@ -94,7 +94,7 @@ fn parse(stdout: &str) -> anyhow::Result<BTreeMap<String, (String, String)>> {
 fn probe(as_root: bool) -> anyhow::Result<String> {
     let paths = Paths::get();
     let hello = paths.guest_binary("oci-hello")?;
-    let caps: Vec<String> = parma::policy_gen::DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+    let caps: Vec<String> = parma_host::policy_gen::DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
     let (uid, capabilities) = if as_root {
         (
             0,
@@ -121,7 +121,7 @@ fn probe(as_root: bool) -> anyhow::Result<String> {
     std::fs::File::create(&scratch)?.set_len(64 << 20)?;
     let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
     boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
-    boot.disks.push(parma::Disk { path: scratch, serial: run::SCRATCH_SERIAL.into(), writable: true });
+    boot.disks.push(parma_host::Disk { path: scratch, serial: run::SCRATCH_SERIAL.into(), writable: true });
     // A vsock device, so the agent listens on vsock while the probe runs.
     boot.vsock = true;
     let mut guest = Guest::boot(&paths, &boot)?;
@@ -226,7 +226,7 @@ fn a_user_container_cannot_reach_the_agent_devices_keys_or_kernel_knobs() -> any
 }
 
 /// A disk whose every read takes `latency`: the host stalling I/O.
-fn stalled_disk(serial: &str, latency: Duration) -> parma::Disk {
+fn stalled_disk(serial: &str, latency: Duration) -> parma_host::Disk {
     // QEMU's null-co driver under the raw format, named by a json: path.
     let spec = json!({"file": {
         "driver": "null-co",
@@ -234,7 +234,7 @@ fn stalled_disk(serial: &str, latency: Duration) -> parma::Disk {
         "latency-ns": latency.as_nanos() as u64,
         "read-zeroes": true,
     }});
-    parma::Disk { path: format!("json:{spec}").into(), serial: serial.into(), writable: false }
+    parma_host::Disk { path: format!("json:{spec}").into(), serial: serial.into(), writable: false }
 }
 
 #[test]
@@ -294,7 +294,7 @@ fn many_execs_on_one_uvm_keep_the_agent_bounded() -> anyhow::Result<()> {
         client.exec_process("hello", &format!("left-{n}"), &exec)?;
     }
     let (code, message) = refused(client.exec_process("hello", "one-more", &exec))?;
-    ensure!(code == ErrorCode::Failed && message.contains("has not collected"), "{code}: {message}");
+    ensure!(code == ErrorCode::LimitReached && message.contains("has not collected"), "{code}: {message}");
     eprintln!("{EXECS} execs collected, {per_exec:?} each under TCG");
     client.signal_process("hello", None, 9)?;
     guest.check_serial()?;
@@ -359,7 +359,7 @@ fn started(
 }
 
 /// Wait until container `hello`'s init process exited; how.
-fn exited(client: &mut Client) -> anyhow::Result<parma::client::ProcessStatus> {
+fn exited(client: &mut Client) -> anyhow::Result<parma_host::client::ProcessStatus> {
     let give_up = std::time::Instant::now() + Duration::from_secs(240);
     loop {
         let status = client.wait_process("hello", None)?;

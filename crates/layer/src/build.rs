@@ -40,7 +40,8 @@ pub enum Progress {
 }
 
 /// One line of `layers.json`: where a layer's image is and how to open it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LayerRecord {
     /// sha256 of the uncompressed tar, `sha256:<hex>`.
     pub diff_id: Digest,
@@ -64,10 +65,11 @@ pub struct LayerRecord {
 }
 
 /// `layers.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LayersFile {
     /// The chosen manifest's digest (absent for legacy docker save archives).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_digest: Option<Digest>,
     /// sha256 of the image config.
     pub config_digest: Digest,
@@ -89,6 +91,26 @@ pub struct ImageConfig {
     pub exposed_ports: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_signal: Option<String>,
+}
+
+impl LayersFile {
+    /// Read `DIR/layers.json` as [`build`] wrote it. Each layer's `file`
+    /// must be a plain name in `DIR`.
+    pub fn read(dir: &Path) -> Result<Self, LayerError> {
+        let path = dir.join("layers.json");
+        let name = path.display().to_string();
+        let bytes = fs::read(&path).map_err(|source| LayerError::Input { path: path.clone(), source })?;
+        let layers: LayersFile =
+            serde_json::from_slice(&bytes).map_err(|source| LayerError::Json { name: name.clone(), source })?;
+        if let Some(layer) = layers.layers.iter().find(|l| l.file.is_empty() || l.file.contains('/') || l.file == "..")
+        {
+            return Err(LayerError::MemberName {
+                name: layer.file.clone(),
+                reason: "not a plain file name in layers.json",
+            });
+        }
+        Ok(layers)
+    }
 }
 
 /// What [`build`] produced.
@@ -183,13 +205,13 @@ fn publish(tmp: tempfile::NamedTempFile, path: &Path) -> Result<(), LayerError> 
 
 /// Compression, told by the stream's first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Compression {
+pub(crate) enum Compression {
     None,
     Gzip,
     Zstd,
 }
 
-fn sniff(start: &[u8]) -> Compression {
+pub(crate) fn sniff(start: &[u8]) -> Compression {
     match start {
         [0x1f, 0x8b, ..] => Compression::Gzip,
         [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,

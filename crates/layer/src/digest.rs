@@ -64,6 +64,13 @@ impl serde::Serialize for Digest {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Digest::parse(&text).ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not sha256:<64 hex digits>")))
+    }
+}
+
 /// The identifiers and salt of one layer's image, derived from its diff-id
 /// (see the crate documentation for the formulas).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -215,13 +215,25 @@ mod tests {
         assert!(leaves == expected, "a digest differs from the file's final contents");
     }
 
+    /// Dropping an unfinished one (an error on the way) stops and joins
+    /// its worker: the drop returns within a deadline.
     #[test]
     fn dropping_an_unfinished_one_stops_the_thread() {
-        let params = parma_verity::Params::new(vec![7; 32], [3; 16]);
         let dir = tempfile::tempdir().unwrap();
-        let file = File::create(dir.path().join("img")).unwrap();
-        let mut hashing = HashingFile::new(&file, &params).unwrap();
-        hashing.write_all(&[1; 8192]).unwrap();
-        drop(hashing);
+        let path = dir.path().join("img");
+        let (done, dropped) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            let params = parma_verity::Params::new(vec![7; 32], [3; 16]);
+            let file = File::create(&path).unwrap();
+            let mut hashing = HashingFile::new(&file, &params).unwrap();
+            hashing.write_all(&[1; 8192]).unwrap();
+            let worker = hashing.worker.as_ref().map(|w| w.thread().id());
+            drop(hashing);
+            done.send(worker).unwrap();
+        });
+        let worker = dropped.recv_timeout(std::time::Duration::from_secs(30));
+        assert!(worker.is_ok(), "dropping an unfinished HashingFile did not return within 30 s");
+        assert!(worker.unwrap().is_some(), "no worker thread was started");
+        writer.join().unwrap();
     }
 }

@@ -67,6 +67,7 @@
 mod build;
 mod convert;
 mod digest;
+mod files;
 mod hasher;
 mod image;
 mod source;
@@ -76,6 +77,7 @@ use std::path::PathBuf;
 pub use build::{Built, ImageConfig, LayerRecord, LayersFile, Progress, build};
 pub use convert::{TarError, tar_to_ext4};
 pub use digest::{Derived, Digest};
+pub use files::{MAX_FILE, read_files};
 
 /// Why an image could not be turned into layer images.
 #[derive(Debug, thiserror::Error)]

@@ -292,3 +292,40 @@ fn image_index_picks_linux_amd64_and_refs_choose_images() {
     let err = build(&oci, Some("nope"), &tmp.path().join("out3"), &|_| {}).unwrap_err();
     assert!(matches!(&err, parma_layer::LayerError::RefNotFound { available, .. } if available.len() == 2), "{err}");
 }
+
+/// The image's final files through its layers: an upper layer replaces a
+/// lower one's file, a whiteout or an opaque directory removes it, a file
+/// that replaces its parent directory hides it, and links are not files.
+#[test]
+fn read_files_applies_whiteouts_and_opaque_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let oci = tmp.path().join("oci");
+    let base = vec![
+        E::file("etc/passwd", "base passwd"),
+        E::file("etc/group", "base group"),
+        E::file("etc/hostname", "base"),
+        E::file("opt/a/x", "old"),
+        E::file("srv/y", "gone with srv"),
+        E::file("usr/z", "under a link later"),
+    ];
+    let top = vec![
+        E::file("etc/.wh.group", ""),
+        E::file("./etc/passwd", "top passwd"),
+        E::file("opt/a/.wh..wh..opq", ""),
+        E::file("opt/a/new", "new"),
+        E::file("srv", "a file where a directory was"),
+        E::symlink("usr/link", "z"),
+    ];
+    let tars = [tar_of(&base), tar_of(&top)];
+    oci_layout(&oci, &[Layer::new(&tars[0], Comp::Gzip), Layer::new(&tars[1], Comp::Zstd)], None);
+    let wanted =
+        ["/etc/passwd", "/etc/group", "/etc/hostname", "/opt/a/x", "/opt/a/new", "/srv/y", "/usr/link", "/none"];
+    let files = parma_layer::read_files(&oci, None, &wanted).unwrap();
+    let text = |path: &str| files.get(path).map(|data| String::from_utf8_lossy(data).into_owned());
+    assert_eq!(text("/etc/passwd").as_deref(), Some("top passwd"));
+    assert_eq!(text("/etc/hostname").as_deref(), Some("base"));
+    assert_eq!(text("/opt/a/new").as_deref(), Some("new"));
+    for gone in ["/etc/group", "/opt/a/x", "/srv/y", "/usr/link", "/none"] {
+        assert_eq!(text(gone), None, "{gone}");
+    }
+}

@@ -95,6 +95,7 @@ mount_device := {"allowed": count([1 | some i in numbers.range(1, 3000); some j 
         .to_vec(),
     )
     .unwrap();
+    // A rule of the policy's own runs on the interpreter: the wall clock bounds it.
     let mut engine = Engine::with_budget(&policy, Duration::from_millis(20)).unwrap();
     let started = std::time::Instant::now();
     let decision = engine.decide(Point::MountDevice, &json!({}));
@@ -102,6 +103,25 @@ mount_device := {"allowed": count([1 | some i in numbers.range(1, 3000); some j 
     assert!(started.elapsed() < Duration::from_secs(5), "the budget did not stop evaluation");
     let line = decision.denial.unwrap().line();
     assert!(line.contains("policy error") && line.contains("time limit"), "{line}");
+}
+
+/// The framework's rules run on the register VM, whose budget is a count of
+/// instructions: the same decision on every machine, fast or emulated.
+#[test]
+fn framework_decisions_have_an_instruction_budget() {
+    let policy = Policy::from_bytes(
+        b"package policy\nget_properties := data.framework.get_properties\nallow_properties_access := true\n".to_vec(),
+    )
+    .unwrap();
+    let mut engine = Engine::new(&policy).unwrap();
+    assert!(engine.decide(Point::GetProperties, &json!({})).allowed, "the default budget denies a plain decision");
+    engine.set_instruction_limit(3);
+    for _ in 0..3 {
+        let line = engine.decide(Point::GetProperties, &json!({})).denial.unwrap().line();
+        assert!(line.contains("policy error") && line.contains("nstruction limit"), "{line}");
+    }
+    engine.set_instruction_limit(parma_policy::DEFAULT_INSTRUCTIONS);
+    assert!(engine.decide(Point::GetProperties, &json!({})).allowed);
 }
 
 #[test]

@@ -9,6 +9,7 @@
 //! (emulation and tests): see [`frame`] for the layout.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
+pub mod boot;
 pub mod frame;
 pub mod message;
 

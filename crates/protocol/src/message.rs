@@ -604,6 +604,25 @@ pub enum ErrorCode {
     Failed,
     /// Too many requests are waiting on this connection; nothing happened.
     Busy,
+    /// The container, process, layer or overlay the request names does not exist.
+    NotFound,
+    /// What the request would create (a container, a process) already exists.
+    AlreadyExists,
+    /// The object is not in a state that allows the request (a container
+    /// not started yet, or still running; a process that exited).
+    WrongState,
+    /// The process's executable is not in the container (`docker run` exits 127).
+    ExecutableNotFound,
+    /// The executable is there but cannot be run: not executable, not a
+    /// program (`docker run` exits 126).
+    CannotExecute,
+    /// A value in the request is out of range or ill-formed (a relative
+    /// working directory, an rlimit whose soft exceeds its hard).
+    InvalidArgument,
+    /// A bound of the guest is reached (containers, processes); delete some first.
+    LimitReached,
+    /// The process's stdin is closed (it closed it, or exited).
+    StdinClosed,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -618,6 +637,14 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::PolicyDenied => "policy_denied",
             ErrorCode::Failed => "failed",
             ErrorCode::Busy => "busy",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::WrongState => "wrong_state",
+            ErrorCode::ExecutableNotFound => "executable_not_found",
+            ErrorCode::CannotExecute => "cannot_execute",
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::LimitReached => "limit_reached",
+            ErrorCode::StdinClosed => "stdin_closed",
         };
         f.write_str(name)
     }

@@ -14,6 +14,7 @@
 //!   format signed by an INSECURE test key, with P-384 only (what the guest
 //!   agent links). With `verifier` too, [`emulation::test_chain`] builds the
 //!   matching test certificates.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 #[cfg(feature = "verifier")]
 pub mod certs;

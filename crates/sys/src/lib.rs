@@ -13,7 +13,7 @@
 //! - [`swap`]: `swapon`/`swapoff` for the encrypted scratch device.
 //!
 //! Linux only, x86_64 is what is tested.
-#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 pub mod dm;
 pub mod launch;

@@ -66,7 +66,7 @@ fn container(c: usize) -> Value {
 fn generated_policy(n: usize) -> String {
     let containers: Vec<Value> = (0..n).map(container).collect();
     // The policy `parma policy gen` writes for these containers.
-    parma::policy_gen::rego(&containers, "bench-policy").unwrap_or_default()
+    parma_host::policy_gen::rego(&containers, "bench-policy").unwrap_or_default()
 }
 
 /// The requests of one container's life, in order.

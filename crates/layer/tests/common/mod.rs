@@ -531,6 +531,9 @@ pub fn names(image: &Path, dir: &str) -> Vec<String> {
 /// Read layers.json and check every image with e2fsck and veritysetup.
 pub fn check_output(out: &Path) -> serde_json::Value {
     let layers: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("layers.json")).unwrap()).unwrap();
+    // The typed reader every consumer uses reads back exactly what was written.
+    let typed = parma_layer::LayersFile::read(out).unwrap();
+    assert_eq!(serde_json::to_value(&typed).unwrap(), layers);
     for l in layers["layers"].as_array().unwrap() {
         let image = out.join(l["file"].as_str().unwrap());
         let hash_offset = l["hash_offset"].as_u64().unwrap();

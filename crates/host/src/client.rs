@@ -8,8 +8,8 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use parma_protocol::{
-    AgentError, DecodeError, Decoder, FrameError, FrameKind, GuestInfo, Mount, OutputStream, PingInfo, ProcessSpec,
-    Request, Resources, Response, encode_request,
+    AgentError, DecodeError, Decoder, ErrorCode, FrameError, FrameKind, GuestInfo, Mount, OutputStream, PingInfo,
+    ProcessSpec, Request, Resources, Response, encode_request,
 };
 
 /// Where the agent is reached.
@@ -108,6 +108,16 @@ pub enum ClientError {
     /// The agent answered with the wrong kind of response.
     #[error("unexpected response from the agent: {0:?}")]
     Unexpected(Box<Response>),
+}
+
+impl ClientError {
+    /// The agent's error code, when the agent answered with an error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Agent(err) => Some(err.code),
+            _ => None,
+        }
+    }
 }
 
 trait Stream: Read + Write + Send {
@@ -316,6 +326,19 @@ impl Client {
             other => Err(unexpected(other)),
         }
     }
+}
+
+/// A policy fragment the agent took (`LoadFragment`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FragmentLoaded {
+    /// sha256 of the issuer's key, lowercase hex.
+    pub issuer: String,
+    /// The fragment's feed.
+    pub feed: String,
+    /// Its SVN.
+    pub svn: u64,
+    /// How many containers it added.
+    pub containers: u64,
 }
 
 /// How a process ended, or that it runs.
@@ -537,13 +560,15 @@ impl Client {
         fragment: &[u8],
         signature: &[u8],
         public_key: &[u8],
-    ) -> Result<Response, ClientError> {
+    ) -> Result<FragmentLoaded, ClientError> {
         use base64::Engine as _;
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
         let request =
             Request::LoadFragment { fragment: b64(fragment), signature: b64(signature), public_key: b64(public_key) };
         match self.call(&request)? {
-            loaded @ Response::FragmentLoaded { .. } => Ok(loaded),
+            Response::FragmentLoaded { issuer, feed, svn, containers } => {
+                Ok(FragmentLoaded { issuer, feed, svn, containers })
+            }
             other => Err(unexpected(other)),
         }
     }

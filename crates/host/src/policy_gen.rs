@@ -8,8 +8,12 @@ use std::path::Path;
 
 use anyhow::Context;
 use parma_policy::Point;
+use parma_policy::data::{Container, EnvRule, ExecProcess, MountRule, Strategy, User};
+use parma_protocol::{CapabilitySets, Rlimit};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
+
+use crate::user::ResolvedUser;
 
 /// The capabilities an unprivileged container gets by default: the OCI
 /// runtime defaults of containerd and Docker without `CAP_MKNOD` (a device
@@ -31,27 +35,27 @@ pub const DEFAULT_CAPABILITIES: &[&str] = &[
     "CAP_SYS_CHROOT",
 ];
 
-/// An env rule in a spec: `NAME=value` exactly, or a pattern.
+/// An env rule in a spec: `NAME=value` exactly, or a rule as the policy has it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum EnvSpec {
     /// Exactly this `NAME=value`.
     Exact(String),
-    /// A rule as the framework takes it.
-    Rule {
-        /// `NAME=value` or an RE2 pattern over it.
-        pattern: String,
-        /// `string` or `re2`.
-        #[serde(default = "string_strategy")]
-        strategy: String,
-        /// Must some variable match it?
-        #[serde(default)]
-        required: bool,
-    },
+    /// A rule as the framework takes it (`pattern`, `strategy` string or re2, `required`).
+    Rule(EnvRule),
 }
 
-fn string_strategy() -> String {
-    "string".into()
+impl EnvSpec {
+    fn rule(&self) -> EnvRule {
+        match self {
+            EnvSpec::Exact(var) => exact(var),
+            EnvSpec::Rule(rule) => rule.clone(),
+        }
+    }
+}
+
+fn exact(var: &str) -> EnvRule {
+    EnvRule { pattern: var.to_string(), strategy: Strategy::String, required: false }
 }
 
 /// The optional container spec: everything the image config does not say,
@@ -73,16 +77,16 @@ pub struct Spec {
     pub working_dir: Option<String>,
     /// The user (default: from the image's `User`).
     #[serde(default)]
-    pub user: Option<Value>,
+    pub user: Option<User>,
     /// Capability sets (default: the OCI defaults).
     #[serde(default)]
-    pub capabilities: Option<Value>,
+    pub capabilities: Option<CapabilitySets>,
     /// Mount rules.
     #[serde(default)]
-    pub mounts: Vec<Value>,
+    pub mounts: Vec<MountRule>,
     /// Processes that may be exec'd in the container.
     #[serde(default)]
-    pub exec_processes: Vec<Value>,
+    pub exec_processes: Vec<ExecProcess>,
     /// Signals the container's init process may get.
     #[serde(default)]
     pub signals: Vec<u32>,
@@ -106,14 +110,15 @@ pub struct Spec {
     /// Resource limits the host may set, `{"type": "RLIMIT_NOFILE", "soft", "hard"}`:
     /// at most these values.
     #[serde(default)]
-    pub rlimits: Vec<Value>,
+    pub rlimits: Vec<Rlimit>,
     /// May the host change the container's cgroup limits once it exists?
     #[serde(default)]
     pub allow_resource_updates: bool,
     /// Must the container's root be read-only?
     #[serde(default)]
     pub readonly_rootfs: bool,
-    /// Supplementary groups (default: none).
+    /// Supplementary groups (default: the image user's, as resolved from
+    /// its /etc/group; none for a numeric user).
     #[serde(default)]
     pub groups: Option<Vec<u32>>,
     /// Paths the container must see empty (default: runc's).
@@ -148,71 +153,75 @@ pub struct FragmentSpec {
 /// The image's `User` as a policy user: `uid[:gid]` numbers, or a name.
 /// A numeric user without a group runs with gid 0 (as `parma run` starts
 /// it), and the policy says so: an unpinned gid would let the host pick any.
-fn user_of(user: &str) -> Value {
+fn user_of(user: &str) -> User {
     let (u, g) = user.split_once(':').unwrap_or((user, ""));
-    let mut out = serde_json::Map::new();
-    let numeric = match u.parse::<u64>() {
-        Ok(uid) => out.insert("uid".into(), json!(uid)).is_none(),
-        Err(_) if u.is_empty() => out.insert("uid".into(), json!(0)).is_none(),
-        Err(_) => out.insert("name".into(), json!(u)).is_some(),
+    let uid = if u.is_empty() { Some(0) } else { u.parse().ok() };
+    let name = if uid.is_none() { Some(u.to_string()) } else { None };
+    let gid = match g.parse() {
+        Ok(gid) => Some(gid),
+        Err(_) if g.is_empty() && uid.is_some() => Some(0),
+        Err(_) => None,
     };
-    match g.parse::<u64>() {
-        Ok(gid) => drop(out.insert("gid".into(), json!(gid))),
-        Err(_) if g.is_empty() && numeric => drop(out.insert("gid".into(), json!(0))),
-        Err(_) => {}
-    }
-    Value::Object(out)
+    User { uid, gid, name }
 }
 
-/// The container entry of the policy, from the built layers and the spec.
-pub fn container(built: &parma_layer::Built, spec: &Spec) -> Value {
-    let config = &built.config;
-    let command = spec.command.clone().unwrap_or_else(|| [config.entrypoint.clone(), config.cmd.clone()].concat());
-    let mut env_rules: Vec<Value> =
-        config.env.iter().map(|var| json!({"pattern": var, "strategy": "string", "required": false})).collect();
-    for rule in &spec.env {
-        env_rules.push(match rule {
-            EnvSpec::Exact(var) => json!({"pattern": var, "strategy": "string", "required": false}),
-            EnvSpec::Rule { pattern, strategy, required } => {
-                json!({"pattern": pattern, "strategy": strategy, "required": required})
-            }
-        });
+/// The default capability sets: [`DEFAULT_CAPABILITIES`] bounding,
+/// effective and permitted.
+pub fn default_capabilities() -> CapabilitySets {
+    let caps: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+    CapabilitySets {
+        bounding: caps.clone(),
+        effective: caps.clone(),
+        permitted: caps,
+        inheritable: Vec::new(),
+        ambient: Vec::new(),
     }
+}
+
+/// The container entry of the policy, from the built layers and the spec
+/// (the image's `User` numeric, or a name left for the policy to match).
+pub fn container(built: &parma_layer::Built, spec: &Spec) -> Container {
+    container_for(built, spec, None)
+}
+
+/// [`container`], with the image's `User` resolved from its files
+/// ([`crate::user::image_user`]): the policy pins its uid, gid and groups.
+pub fn container_for(built: &parma_layer::Built, spec: &Spec, resolved: Option<&ResolvedUser>) -> Container {
+    let config = &built.config;
+    let image_user = match resolved {
+        Some(user) => User { uid: Some(user.uid), gid: Some(user.gid), name: None },
+        None => user_of(&config.user),
+    };
+    let image_groups = resolved.map(|user| user.groups.clone()).unwrap_or_default();
+    let env_rules = config.env.iter().map(|var| exact(var)).chain(spec.env.iter().map(EnvSpec::rule)).collect();
     let working_dir = spec
         .working_dir
         .clone()
         .unwrap_or_else(|| if config.working_dir.is_empty() { "/".to_string() } else { config.working_dir.clone() });
-    let caps = json!(DEFAULT_CAPABILITIES);
-    let mut entry = json!({
-        "name": spec.name.clone().unwrap_or_else(|| "container".into()),
-        "layers": built.layers.layers.iter().map(|l| l.root_hash.clone()).collect::<Vec<_>>(),
-        "command": command,
-        "env_rules": env_rules,
-        "working_dir": working_dir,
-        "user": spec.user.clone().unwrap_or_else(|| user_of(&config.user)),
-        "capabilities": spec.capabilities.clone().unwrap_or_else(|| json!({
-            "bounding": caps, "effective": caps, "permitted": caps, "inheritable": [], "ambient": [],
-        })),
-        "no_new_privileges": spec.no_new_privileges,
-        "seccomp_profile_sha256": spec.seccomp_profile_sha256.clone().unwrap_or_default(),
-        "allow_elevated": spec.allow_elevated,
-        "mounts": spec.mounts,
-        "exec_processes": spec.exec_processes,
-        "signals": spec.signals,
-        "allow_stdio_access": spec.allow_stdio_access.unwrap_or(true),
-        "terminal": spec.terminal,
-        "rlimits": spec.rlimits,
-        "allow_resource_updates": spec.allow_resource_updates,
-        "readonly_rootfs": spec.readonly_rootfs,
-        "groups": spec.groups.clone().unwrap_or_default(),
-    });
-    // Absent: the framework requires runc's defaults.
-    for (field, paths) in [("masked_paths", &spec.masked_paths), ("readonly_paths", &spec.readonly_paths)] {
-        if let (Some(paths), Value::Object(fields)) = (paths, &mut entry) {
-            fields.insert(field.into(), json!(paths));
-        }
+    Container {
+        name: spec.name.clone().unwrap_or_else(|| "container".into()),
+        layers: built.layers.layers.iter().map(|l| l.root_hash.clone()).collect(),
+        command: spec.command.clone().unwrap_or_else(|| [config.entrypoint.clone(), config.cmd.clone()].concat()),
+        env_rules,
+        working_dir,
+        user: spec.user.clone().unwrap_or(image_user),
+        capabilities: spec.capabilities.clone().unwrap_or_else(default_capabilities),
+        no_new_privileges: spec.no_new_privileges,
+        seccomp_profile_sha256: spec.seccomp_profile_sha256.clone().unwrap_or_default(),
+        allow_elevated: spec.allow_elevated,
+        mounts: spec.mounts.clone(),
+        exec_processes: spec.exec_processes.clone(),
+        signals: spec.signals.clone(),
+        allow_stdio_access: spec.allow_stdio_access.unwrap_or(true),
+        terminal: spec.terminal,
+        rlimits: spec.rlimits.clone(),
+        allow_resource_updates: spec.allow_resource_updates,
+        readonly_rootfs: spec.readonly_rootfs,
+        groups: Some(spec.groups.clone().unwrap_or(image_groups)),
+        // Absent: the framework requires runc's defaults.
+        masked_paths: spec.masked_paths.clone(),
+        readonly_paths: spec.readonly_paths.clone(),
     }
-    entry
 }
 
 /// The policy's Rego text for these containers: data, knobs all off, every
@@ -290,7 +299,14 @@ pub fn generate(oci: &Path, reference: Option<&str>, spec: Option<&Path>, layers
         }
     }
     let knobs = Knobs { scratch_swap: spec.allow_scratch_swap };
-    let text = rego_with_fragments(&[container(&built, &spec)], &spec.fragments, &knobs, &oci.display().to_string())?;
+    // A user by name: its numbers from the image's own /etc/passwd and /etc/group.
+    let resolved = if spec.user.is_none() && crate::user::needs_files(&built.config.user) {
+        Some(crate::user::image_user(oci, reference, &built.config.user)?)
+    } else {
+        None
+    };
+    let entry = serde_json::to_value(container_for(&built, &spec, resolved.as_ref()))?;
+    let text = rego_with_fragments(&[entry], &spec.fragments, &knobs, &oci.display().to_string())?;
     // The policy must load: a generator that writes a broken policy is a bug.
     parma_policy::Engine::new(&parma_policy::Policy::from_bytes(text.clone().into_bytes())?)
         .context("the generated policy does not load")?;
@@ -303,10 +319,11 @@ mod tests {
 
     #[test]
     fn users() {
-        assert_eq!(user_of(""), json!({"uid": 0, "gid": 0}));
-        assert_eq!(user_of("1000"), json!({"uid": 1000, "gid": 0}));
-        assert_eq!(user_of("1000:1001"), json!({"uid": 1000, "gid": 1001}));
-        assert_eq!(user_of("nginx"), json!({"name": "nginx"}));
+        let user = |uid, gid, name: Option<&str>| User { uid, gid, name: name.map(str::to_string) };
+        assert_eq!(user_of(""), user(Some(0), Some(0), None));
+        assert_eq!(user_of("1000"), user(Some(1000), Some(0), None));
+        assert_eq!(user_of("1000:1001"), user(Some(1000), Some(1001), None));
+        assert_eq!(user_of("nginx"), user(None, None, Some("nginx")));
     }
 
     #[test]
@@ -316,6 +333,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spec.env.len(), 2);
+        assert_eq!(spec.env[1].rule(), EnvRule { pattern: "B=[0-9]+".into(), strategy: Strategy::Re2, required: true });
         assert!(serde_json::from_str::<Spec>(r#"{"comand": ["x"]}"#).is_err(), "typos are refused");
     }
 }

@@ -11,12 +11,33 @@ use parma_image::files;
 use parma_protocol::SERIAL_PORT_NAME;
 
 /// Which accelerator runs the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
     /// Software emulation: works anywhere, no SEV-SNP; the default for development and CI.
     Tcg,
     /// Hardware virtualisation: real hosts with /dev/kvm.
     Kvm,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "tcg" => Ok(Accel::Tcg),
+            "kvm" => Ok(Accel::Kvm),
+            other => Err(format!("accelerator {other:?} is not tcg or kvm")),
+        }
+    }
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        })
+    }
 }
 
 /// Where the serial console goes.
@@ -73,14 +94,7 @@ pub struct Disk {
     pub writable: bool,
 }
 
-/// The kernel command-line flag of the insecure report emulation.
-pub const EMULATION_FLAG: &str = "parma.insecure_emulated_snp=1";
-/// The kernel command-line parameter that carries the emulation's HOST_DATA
-/// (64 hex digits). Under SEV-SNP HOST_DATA is in the report, from the
-/// launch; under emulation it has to come some other way, and QEMU's fw_cfg
-/// needs ACPI, which the UVM does not use. An emulated launch protects
-/// nothing, so its command line may carry it.
-pub const EMULATION_HOST_DATA: &str = "parma.insecure_host_data=";
+pub use parma_protocol::boot::{EMULATION_FLAG, EMULATION_HOST_DATA};
 
 /// What an SEV-SNP launch needs besides the UVM.
 #[derive(Debug, Clone)]
@@ -110,6 +124,22 @@ pub enum SnpBoot {
     Igvm(PathBuf),
 }
 
+/// An SNP launch's boot and its guest memory: an IGVM file fixes the
+/// memory (its own layout), a kernel-hashes launch takes `memory_mib`.
+pub fn snp_boot(boot: SnpBoot, memory_mib: u32) -> Result<(SnpBoot, u32), VmError> {
+    match boot {
+        SnpBoot::Igvm(file) => {
+            let bad = |reason: String| VmError::Igvm { path: file.clone(), reason };
+            let bytes = std::fs::read(&file).map_err(|err| bad(err.to_string()))?;
+            let measured =
+                parma_igvm::measure(&bytes, 1, None).map_err(|err| bad(format!("not a UVM IGVM file: {err}")))?;
+            let memory = u32::try_from(measured.memory_mib).map_err(|_| bad("its memory is too large".into()))?;
+            Ok((SnpBoot::Igvm(file), memory))
+        }
+        boot @ SnpBoot::KernelHashes { .. } => Ok((boot, memory_mib)),
+    }
+}
+
 /// The VM cannot be started as asked.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -132,6 +162,69 @@ pub enum VmError {
     /// an SNP guest's, and one vsock device only.
     #[error("a vhost-user vsock device is for non-SNP guests, and replaces --vsock-cid")]
     VhostUserVsock,
+    /// The IGVM file of an SNP launch is unusable.
+    #[error("{}: {reason}", path.display())]
+    Igvm {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A program (QEMU, the vsock backend) could not be started.
+    #[error("cannot start {program}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The vsock backend did not come up.
+    #[error("{0}")]
+    VsockBackend(String),
+    /// QEMU exited while it should have run.
+    #[error("{qemu} exited ({status}) while {doing}\nqemu: {stderr}\nserial console:\n{serial}")]
+    Exited {
+        /// How it exited.
+        status: std::process::ExitStatus,
+        /// What the VM was waiting for.
+        doing: &'static str,
+        /// The QEMU binary.
+        qemu: String,
+        /// What QEMU printed on stderr.
+        stderr: String,
+        /// The guest's serial console.
+        serial: String,
+    },
+    /// The agent did not answer in time.
+    #[error("the agent did not answer within {waited:?} ({last_error})\nserial console:\n{serial}")]
+    NotReady {
+        /// How long after QEMU started.
+        waited: std::time::Duration,
+        /// The last connection or ping error.
+        last_error: String,
+        /// The guest's serial console.
+        serial: String,
+    },
+    /// The serial console shows a kernel fault or a panic.
+    #[error("the serial console shows {pattern:?}:\n{serial}")]
+    GuestFault {
+        /// The fatal pattern found.
+        pattern: &'static str,
+        /// The guest's serial console.
+        serial: String,
+    },
+    /// QEMU did not exit when it should have.
+    #[error("QEMU still runs {waited:?} later\nserial console:\n{serial}")]
+    StillRunning {
+        /// How long it was given.
+        waited: std::time::Duration,
+        /// The guest's serial console.
+        serial: String,
+    },
+    /// The host failed (a temporary directory, waiting on a child).
+    #[error(transparent)]
+    Io(std::io::Error),
 }
 
 impl VmConfig {
@@ -247,10 +340,7 @@ impl VmConfig {
         args.push("-device".into());
         args.push(format!("virtserialport,bus=virtio-serial0.0,chardev=agent,name={SERIAL_PORT_NAME}").into());
         for (index, disk) in self.disks.iter().enumerate() {
-            if disk.serial.is_empty()
-                || disk.serial.len() > 20
-                || !disk.serial.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            {
+            if !parma_protocol::boot::valid_disk_serial(&disk.serial) {
                 return Err(VmError::BadSerial(disk.serial.clone()));
             }
             let path = disk.path.to_string_lossy().replace(',', ",,");

@@ -1,0 +1,56 @@
+//! The commands of `parma`, one module each (as cargo and youki lay theirs
+//! out): each has its arguments and a function that runs it and returns
+//! the exit code.
+
+mod agent;
+mod layer;
+mod measure;
+mod policy;
+mod run;
+mod verify;
+mod vm;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Boot and manage the utility VM.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Talk to the guest agent.
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
+    /// Generate, hash and dry-run execution policies on the host.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// Turn container images into dm-verity protected ext4 layers.
+    #[command(subcommand)]
+    Layer(layer::LayerCommand),
+    /// Compute the expected SEV-SNP launch digest of a UVM.
+    #[command(after_help = "Example:\n  parma measure --uvm out/uvm --ovmf qemu/ovmf/ovmf_AmdSev_suffix.bin \
+                            --ovmf-hash $(cat qemu/ovmf/ovmf_AmdSev.hash)")]
+    Measure(measure::MeasureArgs),
+    /// Verify an SEV-SNP attestation report: AMD's chain, the signature, the
+    /// TCB, the policy, and what you expect; exit 0 only if every check passes.
+    #[command(after_help = "Example:\n  parma verify --report report.bin --vcek vcek.der \
+                            --expect-host-data $(parma policy hash policy.rego)")]
+    Verify(verify::VerifyArgs),
+    /// Run a container image in a fresh UVM under an execution policy:
+    /// boot, set the policy, mount the verity layers, create, start, stream
+    /// output, exit with the container's code.
+    #[command(after_help = run::AFTER_HELP)]
+    Run(run::RunArgs),
+}
+
+/// Run `command`; its exit code.
+pub fn execute(command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Vm(command) => vm::execute(command),
+        Command::Agent(command) => agent::execute(command),
+        Command::Policy(command) => policy::execute(command),
+        Command::Layer(command) => layer::execute(command),
+        Command::Measure(args) => measure::execute(args),
+        Command::Verify(args) => verify::execute(args),
+        Command::Run(args) => Ok(run::execute(args)),
+    }
+}

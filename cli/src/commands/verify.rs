@@ -1,0 +1,98 @@
+//! `parma verify`: check an SEV-SNP report against AMD's chain and what you expect.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("certificates").required(true).args(["certs", "vcek"])))]
+pub struct VerifyArgs {
+    /// The report: 1184 bytes, or hex text.
+    #[arg(long)]
+    report: PathBuf,
+    /// A directory with vcek.der (or .pem) and optionally ark.pem, ask.pem or cert_chain.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// The VCEK alone (DER or PEM); ASK and ARK are AMD's, built in.
+    #[arg(long)]
+    vcek: Option<PathBuf>,
+    /// milan, genoa or turin (default: from the report or the VCEK).
+    #[arg(long)]
+    product: Option<parma_snp::Product>,
+    /// The launch digest you expect (96 hex digits; see `parma measure`).
+    #[arg(long)]
+    expect_measurement: Option<String>,
+    /// The HOST_DATA you expect (64 hex digits; for Parma, `parma policy hash`).
+    #[arg(long)]
+    expect_host_data: Option<String>,
+    /// The REPORT_DATA you expect (hex, up to 64 bytes; shorter is zero padded).
+    #[arg(long)]
+    expect_report_data: Option<String>,
+    /// The least TCB you accept, e.g. bl=3,tee=0,snp=8,ucode=115.
+    #[arg(long)]
+    min_tcb: Option<parma_snp::TcbVersion>,
+    /// INSECURE: accept a chain rooted elsewhere than AMD (the emulation provider's).
+    #[arg(long)]
+    allow_insecure_emulation: bool,
+    /// Print JSON: every check with its values.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn execute(args: VerifyArgs) -> anyhow::Result<i32> {
+    let bytes = std::fs::read(&args.report).with_context(|| format!("cannot read {}", args.report.display()))?;
+    let report = parma_snp::AttestationReport::parse(&bytes)
+        .with_context(|| format!("{} is not an SEV-SNP report", args.report.display()))?;
+    let certs = match (args.certs, args.vcek) {
+        (Some(dir), _) => parma_snp::CertSource::Dir(dir),
+        (None, Some(vcek)) => parma_snp::CertSource::Vcek(vcek),
+        (None, None) => anyhow::bail!("give --certs DIR or --vcek FILE"),
+    };
+    let mut expect = parma_snp::Expectations {
+        product: args.product,
+        min_tcb: args.min_tcb,
+        allow_insecure_emulation: args.allow_insecure_emulation,
+        ..Default::default()
+    };
+    if let Some(hex) = &args.expect_measurement {
+        expect = expect.measurement_hex(hex)?;
+    }
+    if let Some(hex) = &args.expect_host_data {
+        expect = expect.host_data_hex(hex)?;
+    }
+    if let Some(hex) = &args.expect_report_data {
+        expect = expect.report_data_hex(hex)?;
+    }
+    let verification = parma_snp::verify(&report, &certs, &expect)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&verification)?);
+    } else {
+        for check in verification.checks() {
+            let mut line = format!("{}  {}", if check.passed { "pass" } else { "FAIL" }, check.name);
+            if let Some(actual) = &check.actual {
+                line.push_str(&format!(": {actual}"));
+            }
+            if !check.passed {
+                if let Some(expected) = &check.expected {
+                    line.push_str(&format!(" (expected {expected})"));
+                }
+                if let Some(detail) = &check.detail {
+                    line.push_str(&format!(" ({detail})"));
+                }
+            }
+            println!("{line}");
+        }
+        if verification.insecure_emulation() {
+            println!("WARNING: the chain is not AMD's (insecure emulation): this report proves nothing about hardware");
+        }
+        let failed = verification.failed().count();
+        println!(
+            "{} checks, {} passed, {failed} failed",
+            verification.checks().len(),
+            verification.checks().len() - failed
+        );
+    }
+    // 2: the report failed a check (1: parma could not check it).
+    Ok(if verification.all_passed() { 0 } else { 2 })
+}
