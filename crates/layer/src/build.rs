@@ -166,20 +166,23 @@ pub fn build(
 }
 
 fn image_config(plan: &Plan) -> ImageConfig {
-    let run = plan.config.config.as_ref();
+    let run = plan.config.config().as_ref();
     let list = |v: Option<&Vec<String>>| v.cloned().unwrap_or_default();
+    let mut exposed_ports = list(run.and_then(|r| r.exposed_ports().as_ref()));
+    exposed_ports.sort();
+    exposed_ports.dedup();
     ImageConfig {
-        entrypoint: list(run.and_then(|r| r.entrypoint.as_ref())),
-        cmd: list(run.and_then(|r| r.cmd.as_ref())),
-        env: list(run.and_then(|r| r.env.as_ref())),
-        working_dir: run.and_then(|r| r.working_dir.clone()).unwrap_or_default(),
-        user: run.and_then(|r| r.user.clone()).unwrap_or_default(),
-        labels: run.and_then(|r| r.labels.clone()).unwrap_or_default(),
-        exposed_ports: run
-            .and_then(|r| r.exposed_ports.as_ref())
-            .map(|p| p.keys().cloned().collect())
+        entrypoint: list(run.and_then(|r| r.entrypoint().as_ref())),
+        cmd: list(run.and_then(|r| r.cmd().as_ref())),
+        env: list(run.and_then(|r| r.env().as_ref())),
+        working_dir: run.and_then(|r| r.working_dir().clone()).unwrap_or_default(),
+        user: run.and_then(|r| r.user().clone()).unwrap_or_default(),
+        labels: run
+            .and_then(|r| r.labels().as_ref())
+            .map(|labels| labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default(),
-        stop_signal: run.and_then(|r| r.stop_signal.clone()),
+        exposed_ports,
+        stop_signal: run.and_then(|r| r.stop_signal().clone()),
     }
 }
 

@@ -2,8 +2,7 @@
 //! legacy `docker save` archives. Every JSON blob is checked against its
 //! descriptor before it is parsed.
 
-use std::collections::BTreeMap;
-
+use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest, OciLayout};
 use serde::Deserialize;
 
 use crate::LayerError;
@@ -34,40 +33,6 @@ const LAYER_TYPES: &[&str] = &[
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 ];
 
-#[derive(Debug, Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-    platform: Option<Platform>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Platform {
-    architecture: String,
-    os: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct Index {
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Manifest {
-    config: Descriptor,
-    layers: Vec<Descriptor>,
-}
-
-#[derive(Debug, Deserialize)]
-struct OciLayout {
-    #[serde(rename = "imageLayoutVersion")]
-    version: String,
-}
-
 /// One image of a legacy `docker save` manifest.json.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -78,33 +43,8 @@ struct DockerImage {
     layers: Vec<String>,
 }
 
-/// The parts of the image config this tool reads.
-#[derive(Debug, Deserialize)]
-pub(crate) struct Config {
-    pub architecture: Option<String>,
-    pub os: Option<String>,
-    #[serde(default)]
-    pub config: Option<RunConfig>,
-    pub rootfs: RootFs,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub(crate) struct RunConfig {
-    pub entrypoint: Option<Vec<String>>,
-    pub cmd: Option<Vec<String>>,
-    pub env: Option<Vec<String>>,
-    pub working_dir: Option<String>,
-    pub user: Option<String>,
-    pub labels: Option<BTreeMap<String, String>>,
-    pub exposed_ports: Option<BTreeMap<String, serde::de::IgnoredAny>>,
-    pub stop_signal: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct RootFs {
-    pub diff_ids: Vec<String>,
-}
+/// The image config (the OCI image spec's, as oci-spec reads it).
+pub(crate) type Config = ImageConfiguration;
 
 /// A layer to convert.
 #[derive(Debug)]
@@ -137,7 +77,7 @@ fn digest(text: &str) -> Result<Digest, LayerError> {
 pub(crate) fn plan(source: &Source, reference: Option<&str>) -> Result<Plan, LayerError> {
     if source.has("oci-layout") && source.has("index.json") {
         let layout: OciLayout = json("oci-layout", &source.read_small("oci-layout", MAX_JSON)?)?;
-        if layout.version != "1.0.0" {
+        if layout.image_layout_version() != "1.0.0" {
             return Err(LayerError::NotAnImage {
                 path: source.describe().to_owned(),
                 reason: "oci-layout's imageLayoutVersion is not 1.0.0",
@@ -154,19 +94,23 @@ pub(crate) fn plan(source: &Source, reference: Option<&str>) -> Result<Plan, Lay
 }
 
 fn names(descriptor: &Descriptor) -> impl Iterator<Item = &str> {
-    [REF_NAME, CONTAINERD_NAME].into_iter().filter_map(|key| descriptor.annotations.get(key).map(String::as_str))
+    let annotations = descriptor.annotations().as_ref();
+    [REF_NAME, CONTAINERD_NAME].into_iter().filter_map(move |key| annotations?.get(key).map(String::as_str))
 }
 
 fn is_amd64(descriptor: &Descriptor) -> bool {
-    descriptor.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+    descriptor
+        .platform()
+        .as_ref()
+        .is_some_and(|p| p.os().to_string() == "linux" && p.architecture().to_string() == "amd64")
 }
 
 fn plan_oci(source: &Source, reference: Option<&str>) -> Result<Plan, LayerError> {
-    let index: Index = json("index.json", &source.read_small("index.json", MAX_JSON)?)?;
-    let available: Vec<String> = index.manifests.iter().flat_map(names).map(str::to_owned).collect();
+    let index: ImageIndex = json("index.json", &source.read_small("index.json", MAX_JSON)?)?;
+    let available: Vec<String> = index.manifests().iter().flat_map(names).map(str::to_owned).collect();
     let candidates: Vec<&Descriptor> = match reference {
-        Some(reference) => index.manifests.iter().filter(|d| names(d).any(|n| n == reference)).collect(),
-        None => index.manifests.iter().collect(),
+        Some(reference) => index.manifests().iter().filter(|d| names(d).any(|n| n == reference)).collect(),
+        None => index.manifests().iter().collect(),
     };
     let chosen = match candidates.as_slice() {
         [] => match reference {
@@ -186,53 +130,54 @@ fn plan_oci(source: &Source, reference: Option<&str>) -> Result<Plan, LayerError
 }
 
 fn resolve(source: &Source, descriptor: &Descriptor, depth: usize) -> Result<Plan, LayerError> {
-    let d = digest(&descriptor.digest)?;
+    let d = digest(descriptor.digest().as_ref())?;
     let name = blob_name(&d);
-    let media_type = descriptor.media_type.as_str();
-    if INDEX_TYPES.contains(&media_type) {
+    let media_type = descriptor.media_type().to_string();
+    if INDEX_TYPES.contains(&media_type.as_str()) {
         if depth >= MAX_INDEX_DEPTH {
             return Err(LayerError::IndexDepth(MAX_INDEX_DEPTH));
         }
-        let index: Index = json(&name, &source.read_blob(&d, descriptor.size, MAX_JSON)?)?;
-        let amd64: Vec<&Descriptor> = index.manifests.iter().filter(|m| is_amd64(m)).collect();
-        let chosen = match (amd64.as_slice(), index.manifests.as_slice()) {
+        let index: ImageIndex = json(&name, &source.read_blob(&d, descriptor.size(), MAX_JSON)?)?;
+        let amd64: Vec<&Descriptor> = index.manifests().iter().filter(|m| is_amd64(m)).collect();
+        let chosen = match (amd64.as_slice(), index.manifests().as_slice()) {
             ([one], _) => *one,
-            ([], [only]) if only.platform.is_none() => only,
+            ([], [only]) if only.platform().is_none() => only,
             _ => return Err(LayerError::NoPlatform { name }),
         };
         return resolve(source, chosen, depth + 1);
     }
-    if !MANIFEST_TYPES.contains(&media_type) {
-        return Err(LayerError::MediaType { name, media_type: media_type.to_owned() });
+    if !MANIFEST_TYPES.contains(&media_type.as_str()) {
+        return Err(LayerError::MediaType { name, media_type });
     }
-    let manifest: Manifest = json(&name, &source.read_blob(&d, descriptor.size, MAX_JSON)?)?;
-    let config_digest = digest(&manifest.config.digest)?;
+    let manifest: ImageManifest = json(&name, &source.read_blob(&d, descriptor.size(), MAX_JSON)?)?;
+    let config_digest = digest(manifest.config().digest().as_ref())?;
     let config_name = blob_name(&config_digest);
-    let config: Config = json(&config_name, &source.read_blob(&config_digest, manifest.config.size, MAX_JSON)?)?;
-    check_config(&config, manifest.layers.len())?;
+    let config: Config = json(&config_name, &source.read_blob(&config_digest, manifest.config().size(), MAX_JSON)?)?;
+    check_config(&config, manifest.layers().len())?;
     let layers = manifest
-        .layers
+        .layers()
         .iter()
-        .zip(&config.rootfs.diff_ids)
+        .zip(config.rootfs().diff_ids())
         .map(|(layer, diff_id)| {
-            let blob = digest(&layer.digest)?;
-            if !LAYER_TYPES.contains(&layer.media_type.as_str()) {
-                return Err(LayerError::MediaType { name: blob_name(&blob), media_type: layer.media_type.clone() });
+            let blob = digest(layer.digest().as_ref())?;
+            let media_type = layer.media_type().to_string();
+            if !LAYER_TYPES.contains(&media_type.as_str()) {
+                return Err(LayerError::MediaType { name: blob_name(&blob), media_type });
             }
-            Ok(PlannedLayer { member: blob_name(&blob), blob: Some((blob, layer.size)), diff_id: digest(diff_id)? })
+            Ok(PlannedLayer { member: blob_name(&blob), blob: Some((blob, layer.size())), diff_id: digest(diff_id)? })
         })
         .collect::<Result<_, _>>()?;
     Ok(Plan { manifest_digest: Some(d), config_digest, config, layers })
 }
 
 fn check_config(config: &Config, layers: usize) -> Result<(), LayerError> {
-    let os = config.os.as_deref().unwrap_or("linux");
-    let architecture = config.architecture.as_deref().unwrap_or("amd64");
+    let (os, architecture) = (config.os().to_string(), config.architecture().to_string());
     if os != "linux" || architecture != "amd64" {
-        return Err(LayerError::Platform { os: os.to_owned(), architecture: architecture.to_owned() });
+        return Err(LayerError::Platform { os, architecture });
     }
-    if config.rootfs.diff_ids.len() != layers {
-        return Err(LayerError::LayerCount { layers, diff_ids: config.rootfs.diff_ids.len() });
+    let diff_ids = config.rootfs().diff_ids().len();
+    if diff_ids != layers {
+        return Err(LayerError::LayerCount { layers, diff_ids });
     }
     Ok(())
 }
@@ -271,7 +216,7 @@ fn plan_docker(source: &Source, reference: Option<&str>) -> Result<Plan, LayerEr
     let layers = image
         .layers
         .iter()
-        .zip(&config.rootfs.diff_ids)
+        .zip(config.rootfs().diff_ids())
         .map(|(member, diff_id)| {
             let blob = match digest_in_name(member) {
                 Some(stated) => Some((stated, source.open_member(member)?.1)),
