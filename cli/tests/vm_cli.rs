@@ -89,4 +89,14 @@ fn errors_are_clear() {
     let out = parma(&["agent", "ping", "--control", "/nonexistent/c.sock", "--timeout", "0.2"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to the agent at /nonexistent/c.sock"));
+    // The control socket from PARMA_CONTROL, a timeout as a duration.
+    let out = Command::new(env!("CARGO_BIN_EXE_parma"))
+        .args(["agent", "ping", "--timeout", "200ms"])
+        .env("PARMA_CONTROL", "/nonexistent/env.sock")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to the agent at /nonexistent/env.sock"));
+    let out = parma(&["agent", "ping", "--control", "/x.sock", "--timeout", "soon"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a duration like 30s"));
 }

@@ -15,16 +15,16 @@ use clap::Subcommand;
 #[derive(Subcommand)]
 pub enum Command {
     /// Boot and manage the utility VM.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example:\n  parma vm run --uvm out/uvm --control /tmp/agent.sock")]
     Vm(vm::VmCommand),
     /// Talk to the guest agent.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example:\n  PARMA_CONTROL=/tmp/agent.sock parma agent ping")]
     Agent(agent::AgentCommand),
     /// Generate, hash and dry-run execution policies on the host.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example:\n  parma policy gen --oci image.tar --out policy.rego")]
     Policy(policy::PolicyCommand),
     /// Turn container images into dm-verity protected ext4 layers.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example:\n  parma layer build --oci image.tar")]
     Layer(layer::LayerCommand),
     /// Compute the expected SEV-SNP launch digest of a UVM.
     #[command(after_help = "Example:\n  parma measure --uvm out/uvm --ovmf qemu/ovmf/ovmf_AmdSev_suffix.bin \

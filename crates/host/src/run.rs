@@ -664,6 +664,114 @@ mod tests {
         assert!(process_from_config(&empty, &[]).is_err());
     }
 
+    /// A stand-in agent on a unix socket for the pump: the process runs
+    /// until it gets a signal; it records the signals and terminal sizes
+    /// it was sent. `deny` lists signals the "policy" refuses.
+    fn fake_agent(socket: &Path, deny: Vec<i32>) -> std::thread::JoinHandle<Vec<parma_protocol::Request>> {
+        use parma_protocol::{AgentError, Decoder, Request, Response, encode_response};
+        let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut decoder = Decoder::new();
+            let mut seen = Vec::new();
+            let mut killed = None;
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = stream.read(&mut buf).unwrap();
+                if n == 0 {
+                    return seen;
+                }
+                decoder.push(&buf[..n]);
+                while let Some(Ok(frame)) = decoder.next_frame() {
+                    let request = Request::decode(&frame.body).unwrap();
+                    let response = match &request {
+                        Request::SignalProcess { signal, .. } if deny.contains(signal) => {
+                            Response::Error(AgentError::new(ErrorCode::PolicyDenied, "signal_container_process"))
+                        }
+                        Request::SignalProcess { signal, .. } => {
+                            killed = Some(*signal);
+                            Response::Done
+                        }
+                        Request::ResizeTerminal { .. } => Response::Done,
+                        Request::ReadOutput { .. } => Response::Output { data: String::new(), eof: killed.is_some() },
+                        Request::WaitProcess { .. } => {
+                            Response::ProcessStatus { running: killed.is_none(), exit_code: None, signal: killed }
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    };
+                    if !matches!(request, Request::ReadOutput { .. } | Request::WaitProcess { .. }) {
+                        seen.push(request);
+                    }
+                    stream.write_all(&encode_response(frame.id, &response)).unwrap();
+                }
+            }
+        })
+    }
+
+    /// The host's terminal size and signals, scripted: the size changes
+    /// once, then SIGTERM (denied by the policy) and SIGINT arrive.
+    struct Script {
+        polls: usize,
+    }
+
+    impl Forward for Script {
+        fn window_size(&mut self) -> Option<(u16, u16)> {
+            self.polls += 1;
+            Some(if self.polls < 5 { (24, 80) } else { (50, 132) })
+        }
+
+        fn take_signal(&mut self) -> Option<i32> {
+            match self.polls {
+                10 => Some(15),
+                20 => Some(2),
+                _ => None,
+            }
+        }
+    }
+
+    /// `parma run -t` passes the terminal's size on when it changes (once
+    /// per change), and Ctrl-C as SIGINT; a signal the policy refuses is
+    /// reported and the process keeps running.
+    #[test]
+    fn the_pump_passes_on_window_sizes_and_signals() {
+        use parma_protocol::Request;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let agent = fake_agent(&socket, vec![15]);
+        let mut client = Client::connect(&crate::Control::Unix(socket), Duration::from_secs(5)).unwrap();
+        let status = pump_with(
+            &mut client,
+            "c0",
+            None,
+            None,
+            &mut std::io::sink(),
+            &mut std::io::sink(),
+            &mut Script { polls: 0 },
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(exit_code(&status), 130);
+        drop(client);
+        let seen = agent.join().unwrap();
+        let sizes: Vec<(u16, u16)> = seen
+            .clone()
+            .into_iter()
+            .filter_map(|r| match r {
+                Request::ResizeTerminal { rows, cols, .. } => Some((rows, cols)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sizes, [(24, 80), (50, 132)], "one resize per change");
+        let signals: Vec<i32> = seen
+            .into_iter()
+            .filter_map(|r| match r {
+                Request::SignalProcess { signal, .. } => Some(signal),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(signals, [15, 2], "SIGTERM was refused and the pump went on to pass SIGINT");
+    }
+
     #[test]
     fn exit_codes() {
         let status = |exit_code, signal| ProcessStatus { running: false, exit_code, signal };
