@@ -82,7 +82,11 @@ struct Rule {
 fn action(name: &str, errno: Option<u32>) -> Result<SeccompAction, String> {
     Ok(match name {
         "SCMP_ACT_ALLOW" => SeccompAction::Allow,
-        "SCMP_ACT_ERRNO" => SeccompAction::Errno(errno.unwrap_or(libc::EPERM as u32)),
+        "SCMP_ACT_ERRNO" => match errno.unwrap_or(libc::EPERM as u32) {
+            // The filter returns 16 bits of data; errno values end at 4095.
+            errno @ 1..=4095 => SeccompAction::Errno(errno),
+            other => return Err(format!("seccomp errnoRet {other} is not an errno (1 to 4095)")),
+        },
         "SCMP_ACT_KILL" | "SCMP_ACT_KILL_THREAD" => SeccompAction::KillThread,
         "SCMP_ACT_KILL_PROCESS" => SeccompAction::KillProcess,
         "SCMP_ACT_TRAP" => SeccompAction::Trap,
@@ -127,8 +131,22 @@ pub fn compile(text: &str) -> Result<Vec<Vec<libc::sock_filter>>, String> {
             continue; // Same as the default: nothing to add.
         }
         let conditions = entry.args.iter().map(condition).collect::<Result<Vec<_>, _>>()?;
-        let rules: Vec<Rule> =
-            entry.names.iter().map(|name| Rule { name: name.clone(), conditions: conditions.clone() }).collect();
+        // As runc: conditions on distinct arguments must all hold (one
+        // rule); when an argument index repeats, each condition is a rule
+        // of its own (any may hold), or a deny entry listing two values of
+        // one argument would match neither.
+        let mut indexes: Vec<u8> = entry.args.iter().map(|arg| arg.index).collect();
+        indexes.sort_unstable();
+        let repeated = indexes.windows(2).any(|pair| pair.first() == pair.get(1));
+        let alternatives: Vec<Vec<SeccompCondition>> =
+            if repeated { conditions.into_iter().map(|c| vec![c]).collect() } else { vec![conditions] };
+        let rules: Vec<Rule> = entry
+            .names
+            .iter()
+            .flat_map(|name| {
+                alternatives.iter().map(|conditions| Rule { name: name.clone(), conditions: conditions.clone() })
+            })
+            .collect();
         named.extend(rules.iter().cloned());
         if this != SeccompAction::Allow {
             match groups.iter_mut().find(|(action, _)| *action == this) {
@@ -159,9 +177,10 @@ fn may_skip_unknown(matched: &SeccompAction) -> bool {
     matches!(matched, SeccompAction::Allow) || *matched == SeccompAction::Errno(libc::ENOSYS as u32)
 }
 
-/// The x86_64 number of a syscall name.
+/// The x86_64 number of a syscall name (the `syscalls` crate's x86_64
+/// table, which must cover the guest kernel's syscalls: see the tests).
 fn syscall_number(name: &str) -> Option<i64> {
-    syscalls::Sysno::from_str(name).ok().map(|sysno| i64::from(sysno.id()))
+    syscalls::x86_64::Sysno::from_str(name).ok().map(|sysno| i64::from(sysno.id()))
 }
 
 /// One filter: `matched` for the rules, `mismatch` for everything else.
@@ -337,6 +356,38 @@ mod tests {
         assert_eq!(compile(profile).unwrap().len(), 1);
     }
 
+    /// The table knows every syscall of the pinned guest kernel (6.12):
+    /// a name it lacked would be skipped in an allow or ENOSYS rule, and a
+    /// deny-list entry for it lost.
+    #[test]
+    fn the_syscall_table_covers_the_guest_kernel() {
+        assert_eq!(syscall_number("mseal"), Some(462), "the newest syscall of Linux 6.12");
+        assert_eq!(syscall_number("uretprobe"), Some(335));
+        assert_eq!(syscall_number("read"), Some(0));
+        assert_eq!(syscall_number("arm_fadvise64_64"), None, "another architecture's");
+        let profile = r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["mseal"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]}"#;
+        let filters = compile(profile).unwrap();
+        assert!(same(&filters[0], &through_json(r#""allow""#, r#"{"errno": 38}"#, &[("mseal", "")])));
+    }
+
+    /// Two conditions on one argument are alternatives (as runc adds them),
+    /// conditions on distinct arguments all hold.
+    #[test]
+    fn repeated_argument_conditions_are_alternatives() {
+        let profile = r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": 97,
+             "args": [{"index": 0, "value": 16, "op": "SCMP_CMP_EQ"}, {"index": 0, "value": 17, "op": "SCMP_CMP_EQ"}]}]}"#;
+        let filters = compile(profile).unwrap();
+        let eq = |value: u64| format!(r#"[{{"index": 0, "type": "qword", "op": "eq", "val": {value}}}]"#);
+        let (sixteen, seventeen) = (eq(16), eq(17));
+        let alternatives =
+            through_json(r#""allow""#, r#"{"errno": 97}"#, &[("socket", &sixteen), ("socket", &seventeen)]);
+        assert!(same(&filters[0], &alternatives));
+        let both = r#"[{"index": 0, "type": "qword", "op": "eq", "val": 16}, {"index": 0, "type": "qword", "op": "eq", "val": 17}]"#;
+        assert!(!same(&filters[0], &through_json(r#""allow""#, r#"{"errno": 97}"#, &[("socket", both)])));
+    }
+
     #[test]
     fn unsupported_profiles_are_refused() {
         for (profile, want) in [
@@ -352,6 +403,10 @@ mod tests {
             (
                 r#"{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["nope_nope"], "action": "SCMP_ACT_ALLOW"}]}"#,
                 "no syscall of a rule exists",
+            ),
+            (
+                r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ERRNO", "errnoRet": 65536}]}"#,
+                "is not an errno",
             ),
             // A deny-list with a misspelt name: refused, never dropped.
             (

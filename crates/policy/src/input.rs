@@ -210,10 +210,12 @@ impl Input {
         }
     }
 
-    /// The JSON object the policy sees as `input` (before the engine adds `state`).
+    /// The JSON object the policy sees as `input` (before the engine adds
+    /// `state`). Plain data with string keys cannot fail to serialise; if
+    /// it did, the input is `null`, which the engine denies (never `{}`,
+    /// which would leave every field to the framework's defaults).
     pub fn to_value(&self) -> serde_json::Value {
-        // Plain data with string keys: serialising it cannot fail.
-        serde_json::to_value(self).unwrap_or_else(|_| serde_json::Value::Object(serde_json::Map::new()))
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 }
 
