@@ -138,6 +138,8 @@ fn run(args: RunArgs) -> Result<i32, RunError> {
         Step::Booting => progress.line("booting the UVM"),
         Step::Ready(after) => progress.line(&format!("agent ready {:.2} s after QEMU started", after.as_secs_f64())),
         Step::PolicySet(sha256) => progress.line(&format!("policy {sha256} in force")),
+        Step::LayersMounted => progress.line("layers mounted through dm-verity"),
+        Step::OverlayMounted | Step::Created => {}
         Step::Started(pid) => {
             progress.line(&format!("container started (pid {pid} in the guest)"));
             if args.tty {

@@ -150,6 +150,12 @@ pub enum Step<'a> {
     Ready(Duration),
     /// The policy is in force.
     PolicySet(&'a str),
+    /// Every layer is open through dm-verity and mounted.
+    LayersMounted,
+    /// The container's overlay is mounted.
+    OverlayMounted,
+    /// The container is created.
+    Created,
     /// The container started.
     Started(i32),
     /// The container's process ended.
@@ -332,11 +338,14 @@ fn drive(
             .mount_layer(&layer_name(index), &layer_serial(index), &layer.root_hash, layer.hash_offset)
             .map_err(|err| RunError::of("cannot mount a layer", err))?;
     }
+    progress(Step::LayersMounted);
     let names: Vec<String> = (0..built.layers.layers.len()).map(layer_name).collect();
     client.mount_overlay(id, &names, true).map_err(|err| RunError::of("cannot mount the container's overlay", err))?;
+    progress(Step::OverlayMounted);
     client
         .create_container_with(id, process, None, &options.mounts)
         .map_err(|err| RunError::of("cannot create the container", err))?;
+    progress(Step::Created);
     let pid = client.start_container(id).map_err(|err| RunError::of("cannot start the container", err))?;
     progress(Step::Started(pid));
     let RunIo { stdin, stdout, stderr, forward } = io;

@@ -9,6 +9,10 @@
 //! 2. The time from starting `parma run` (the release CLI) to the
 //!    container's first stdout byte and to its exit, against plain boots to
 //!    agent-ready, interleaved, median of `RUNS` each.
+//! 3. Where `parma run`'s time goes: the same run through the library
+//!    (`parma_host::run::run`), each step timed from its progress events and
+//!    the first stdout byte, median of `RUNS`; each step's share of the gap
+//!    between first output and agent-ready (everything but the boot).
 //!
 //! Writes `out/bench/e2e.json`.
 
@@ -92,6 +96,8 @@ struct Report {
     run_first_output_samples_s: Vec<f64>,
     run_exit_samples_s: Vec<f64>,
     agent_ready_samples_s: Vec<f64>,
+    /// Where `parma run`'s time goes (the library, median of `runs`).
+    breakdown: Vec<StepShare>,
 }
 
 fn median_f64(mut values: Vec<f64>) -> f64 {
@@ -218,6 +224,81 @@ fn parma_run(paths: &Paths, cli: &Path, image: &Image) -> anyhow::Result<(Durati
     Ok((first, exit))
 }
 
+/// A sink that notes when the first byte came.
+struct FirstByte<'a> {
+    at: &'a std::cell::Cell<Option<Instant>>,
+}
+
+impl std::io::Write for FirstByte<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !buf.is_empty() && self.at.get().is_none() {
+            self.at.set(Some(Instant::now()));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The steps of one `run::run`, in order, as (name, time since the previous).
+const STEPS: [&str; 8] = [
+    "prepare",
+    "boot to agent-ready",
+    "set policy",
+    "mount layers",
+    "mount overlay",
+    "create",
+    "start",
+    "first output",
+];
+
+/// One `parma run` through the library: each step's duration.
+fn timed_run(paths: &Paths, image: &Image) -> anyhow::Result<[Duration; 8]> {
+    let mut options = run::RunOptions::new(&paths.uvm, &image.policy, &image.layout);
+    options.reference = Some(oci::REF_NAME.into());
+    options.layers_dir = image.layers_dir.clone();
+    options.boot_deadline = READY;
+    let marks = std::cell::RefCell::new(vec![Instant::now()]);
+    let first = std::cell::Cell::new(None);
+    let io = run::RunIo {
+        stdin: None,
+        stdout: &mut FirstByte { at: &first },
+        stderr: &mut std::io::sink(),
+        forward: &mut run::NoForward,
+    };
+    let outcome = run::run(&options, io, &|step| match step {
+        run::Step::Booting
+        | run::Step::Ready(_)
+        | run::Step::PolicySet(_)
+        | run::Step::LayersMounted
+        | run::Step::OverlayMounted
+        | run::Step::Created
+        | run::Step::Started(_) => marks.borrow_mut().push(Instant::now()),
+        _ => {}
+    })?;
+    ensure!(outcome.exit_code == 0, "the container exited {}", outcome.exit_code);
+    let mut marks = marks.into_inner();
+    marks.push(first.get().context("the container printed nothing")?);
+    ensure!(marks.len() == STEPS.len() + 1, "{} progress marks", marks.len());
+    let mut steps = [Duration::ZERO; 8];
+    for (step, pair) in steps.iter_mut().zip(marks.windows(2)) {
+        if let [before, after] = pair {
+            *step = after.saturating_duration_since(*before);
+        }
+    }
+    Ok(steps)
+}
+
+#[derive(Serialize)]
+struct StepShare {
+    step: &'static str,
+    median_s: f64,
+    /// Share of the gap: everything but the boot to agent-ready.
+    share_of_gap: f64,
+}
+
 /// Boot the image as it is and wait for the agent; time from spawning QEMU.
 fn plain_boot(paths: &Paths) -> anyhow::Result<Duration> {
     let started = Instant::now();
@@ -297,6 +378,33 @@ fn main() -> anyhow::Result<()> {
         readies.push(ready);
     }
 
+    // 3. The steps of the same run, through the library.
+    let mut samples: Vec<[Duration; 8]> = Vec::new();
+    for i in 0..RUNS {
+        let steps = timed_run(&paths, &image)?;
+        eprintln!(
+            "steps {}/{RUNS}: {}",
+            i + 1,
+            STEPS.iter().zip(&steps).map(|(n, d)| format!("{n} {:.3}", d.as_secs_f64())).collect::<Vec<_>>().join(", ")
+        );
+        samples.push(steps);
+    }
+    let medians: Vec<f64> = (0..STEPS.len())
+        .map(|i| median_secs(&samples.iter().filter_map(|s| s.get(i).copied()).collect::<Vec<_>>()))
+        .collect();
+    let boot_index = 1;
+    let gap: f64 = medians.iter().enumerate().filter(|(i, _)| *i != boot_index).map(|(_, m)| m).sum();
+    let breakdown: Vec<StepShare> = STEPS
+        .iter()
+        .zip(&medians)
+        .enumerate()
+        .map(|(i, (step, median))| StepShare {
+            step,
+            median_s: *median,
+            share_of_gap: if i == boot_index || gap <= 0.0 { 0.0 } else { median / gap },
+        })
+        .collect();
+
     let run_first_output_s = median_secs(&firsts);
     let agent_ready_s = median_secs(&readies);
     let policy_extra_s = generated_lifecycle.create_start.median_s - allow_all_lifecycle.create_start.median_s;
@@ -318,6 +426,7 @@ fn main() -> anyhow::Result<()> {
         run_first_output_samples_s: firsts.iter().map(Duration::as_secs_f64).collect(),
         run_exit_samples_s: exits.iter().map(Duration::as_secs_f64).collect(),
         agent_ready_samples_s: readies.iter().map(Duration::as_secs_f64).collect(),
+        breakdown,
     };
 
     let out = paths.repo.join("out/bench");
@@ -346,6 +455,10 @@ fn main() -> anyhow::Result<()> {
     println!("{:<34} {:>10.3} s", "plain boot to agent ready", report.agent_ready_s);
     println!("{:<34} {:>12.3}", "ratio first output/ready", report.first_output_ratio);
     println!("{:<34} {:>11.3}%", "policy overhead / first output", report.overhead_of_run * 100.0);
+    println!("{:<34} {:>12} {:>10}", format!("parma run's steps (median of {RUNS})"), "time", "of gap");
+    for step in &report.breakdown {
+        println!("{:<34} {:>10.3} s {:>9.1}%", step.step, step.median_s, step.share_of_gap * 100.0);
+    }
     println!("wrote {}", out.join("e2e.json").display());
     Ok(())
 }
