@@ -7,10 +7,20 @@
 //! The layer is generated from a fixed seed (no clock): about 20,000 files
 //! of 1-16 KiB in nested directories, 100 of 256 KiB, 3 of 40 MiB, symlinks
 //! (short and long targets) and hard links, over 300 MB of uncompressed
-//! tar, wrapped as an OCI layout with one uncompressed layer. Both sides run
+//! tar, wrapped as an OCI layout with one uncompressed layer. The small and
+//! medium files and one large one are text-like (words and numbers, as
+//! scripts, configs and documentation), the other large ones random (as
+//! binaries and compressed data), so the layer compresses about as a
+//! distribution's does (Debian's minbase: 2.1 to 1 with gzip). Both sides run
 //! `RUNS` times, interleaved so a noisy machine hurts both alike; figures
 //! are medians. Each build runs in a child process (this binary, re-executed
 //! with `--child-build`) that reports its wall time and `VmHWM`.
+//!
+//! The compressed case: the same layer gzip'd (flate2, level 6) and zstd'd
+//! (level 3), each built `RUNS` times interleaved with its decompression
+//! alone (the same decoder the build links, into a sink): the floor, and
+//! the build's ratio to it. The root hashes must equal the uncompressed
+//! build's.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -61,6 +71,59 @@ impl Rng {
         for chunk in buf.chunks_mut(8) {
             let v = self.next().to_le_bytes();
             chunk.copy_from_slice(v.get(..chunk.len()).unwrap_or(&[]));
+        }
+    }
+
+    /// Text-like bytes: words of a small vocabulary, numbers, punctuation
+    /// and line breaks.
+    fn fill_text(&mut self, buf: &mut [u8]) {
+        const WORDS: [&[u8]; 32] = [
+            b"the",
+            b"container",
+            b"policy",
+            b"layer",
+            b"verity",
+            b"root",
+            b"hash",
+            b"config",
+            b"path",
+            b"usr",
+            b"lib",
+            b"share",
+            b"doc",
+            b"license",
+            b"function",
+            b"return",
+            b"if",
+            b"else",
+            b"for",
+            b"while",
+            b"static",
+            b"const",
+            b"int",
+            b"char",
+            b"void",
+            b"include",
+            b"define",
+            b"error",
+            b"value",
+            b"name",
+            b"version",
+            b"debian",
+        ];
+        let mut at = 0;
+        while at < buf.len() {
+            let r = self.next();
+            let piece: Vec<u8> = match r % 16 {
+                0 => format!("{} ", (r >> 8) % 100_000).into_bytes(),
+                1 => b"\n".to_vec(),
+                2 => b"    ".to_vec(),
+                _ => [WORDS.get((r >> 8) as usize % WORDS.len()).copied().unwrap_or(b"x"), b" "].concat(),
+            };
+            for (dst, src) in buf.iter_mut().skip(at).zip(&piece) {
+                *dst = *src;
+            }
+            at += piece.len();
         }
     }
 }
@@ -139,7 +202,7 @@ fn generate(path: &Path) -> anyhow::Result<LayerStats> {
         for index in (leaf..SMALL_FILES).step_by(leaves) {
             let size = 1024 + rng.below(15 * 1024 + 1);
             let data = buf.get_mut(..size).context("buffer")?;
-            rng.fill(data);
+            rng.fill_text(data);
             let name = format!("{parent}/f{index:05}.dat");
             let mode = if rng.below(8) == 0 { 0o755 } else { 0o644 };
             tar.append_data(&mut header(tar::EntryType::Regular, mode, size as u64), &name, &*data)?;
@@ -152,7 +215,11 @@ fn generate(path: &Path) -> anyhow::Result<LayerStats> {
         dir(&mut tar, &mut stats, top)?;
         for i in 0..count {
             let data = buf.get_mut(..size).context("buffer")?;
-            rng.fill(data);
+            if top == "medium" || i == 0 {
+                rng.fill_text(data);
+            } else {
+                rng.fill(data);
+            }
             tar.append_data(
                 &mut header(tar::EntryType::Regular, 0o644, size as u64),
                 format!("{top}/b{i:03}.bin"),
@@ -222,6 +289,146 @@ fn oci_layout(dir: &Path, tar: &Path, stats: &LayerStats) -> anyhow::Result<Path
     fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     fs::write(dir.join("index.json"), serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [manifest_desc]}))?)?;
     Ok(layer_path)
+}
+
+/// How the compressed case compresses the layer.
+#[derive(Debug, Clone, Copy)]
+enum Compression {
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    fn name(self) -> &'static str {
+        match self {
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    fn media_type(self) -> &'static str {
+        match self {
+            Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
+
+    /// Compress `tar` into `out`.
+    fn compress(self, tar: &Path, out: &Path) -> anyhow::Result<()> {
+        let mut input = std::io::BufReader::with_capacity(1 << 20, File::open(tar)?);
+        let output = BufWriter::with_capacity(1 << 20, File::create(out)?);
+        match self {
+            Compression::Gzip => {
+                let mut encoder = flate2::write::GzEncoder::new(output, flate2::Compression::new(6));
+                std::io::copy(&mut input, &mut encoder)?;
+                encoder.finish()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            }
+            Compression::Zstd => {
+                let mut encoder = zstd::stream::write::Encoder::new(output, 3)?;
+                std::io::copy(&mut input, &mut encoder)?;
+                encoder.finish()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decompress `blob` into a sink, as the build's decoder does; the tar's length.
+    fn decompress(self, blob: &Path) -> anyhow::Result<u64> {
+        let input = std::io::BufReader::with_capacity(1 << 20, File::open(blob)?);
+        Ok(match self {
+            Compression::Gzip => std::io::copy(&mut flate2::bufread::MultiGzDecoder::new(input), &mut std::io::sink())?,
+            Compression::Zstd => {
+                std::io::copy(&mut zstd::stream::read::Decoder::with_buffer(input)?, &mut std::io::sink())?
+            }
+        })
+    }
+}
+
+/// The layout of `tar` compressed as `kind`, at `dir`; returns the blob.
+fn compressed_layout(dir: &Path, tar: &Path, stats: &LayerStats, kind: Compression) -> anyhow::Result<PathBuf> {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs)?;
+    let staged = dir.join("layer.blob");
+    kind.compress(tar, &staged)?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut File::open(&staged)?, &mut hasher)?;
+    let blob_hex = hex::encode(hasher.finalize());
+    let blob = blobs.join(&blob_hex);
+    fs::rename(&staged, &blob)?;
+    let put = |bytes: &[u8]| -> anyhow::Result<serde_json::Value> {
+        let hex = hex::encode(sha2::Sha256::digest(bytes));
+        fs::write(blobs.join(&hex), bytes)?;
+        Ok(json!({"digest": format!("sha256:{hex}"), "size": bytes.len()}))
+    };
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [stats.diff_id]},
+    }))?;
+    let mut config_desc = put(&config)?;
+    config_desc["mediaType"] = json!("application/vnd.oci.image.config.v1+json");
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config_desc,
+        "layers": [{"mediaType": kind.media_type(), "digest": format!("sha256:{blob_hex}"), "size": fs::metadata(&blob)?.len()}],
+    }))?;
+    let mut manifest_desc = put(&manifest)?;
+    manifest_desc["mediaType"] = json!("application/vnd.oci.image.manifest.v1+json");
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    fs::write(dir.join("index.json"), serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [manifest_desc]}))?)?;
+    Ok(blob)
+}
+
+/// The compressed case for one compression: builds and decompressions alone, interleaved.
+fn compressed_case(
+    scratch: &Path,
+    tar: &Path,
+    stats: &LayerStats,
+    kind: Compression,
+    root_hash: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let dir = scratch.join(format!("oci-{}", kind.name()));
+    let blob = compressed_layout(&dir, tar, stats, kind)?;
+    let blob_bytes = fs::metadata(&blob)?.len();
+    let (mut builds, mut floors) = (Vec::new(), Vec::new());
+    for i in 0..RUNS {
+        settle()?;
+        let out = scratch.join(format!("parma-{}-{i}", kind.name()));
+        let report = parma_run(&dir, &out)?;
+        ensure!(
+            report.root_hash == root_hash,
+            "{}: root hash {} differs from {root_hash}",
+            kind.name(),
+            report.root_hash
+        );
+        fs::remove_dir_all(&out)?;
+        let started = Instant::now();
+        let tar_bytes = kind.decompress(&blob)?;
+        floors.push(started.elapsed());
+        ensure!(tar_bytes == stats.tar_bytes, "{} decompressed to {tar_bytes} bytes", kind.name());
+        builds.push(Duration::from_secs_f64(report.secs));
+        eprintln!(
+            "{} run {}/{RUNS}: parma {:.3} s ({} MiB peak), decompression alone {:.3} s",
+            kind.name(),
+            i + 1,
+            report.secs,
+            report.vm_hwm_kib / 1024,
+            floors.last().map_or(0.0, Duration::as_secs_f64)
+        );
+    }
+    let (build, floor) = (median_secs(&builds), median_secs(&floors));
+    Ok(json!({
+        "blob_bytes": blob_bytes,
+        "compression_ratio": stats.tar_bytes as f64 / blob_bytes as f64,
+        "build_median_s": build,
+        "build_samples_s": builds.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+        "decompress_median_s": floor,
+        "decompress_samples_s": floors.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+        "decompress_mb_per_s": stats.tar_bytes as f64 / MB / floor,
+        "ratio_to_decompression": build / floor,
+    }))
 }
 
 /// What a `--child-build` process reports on its last stdout line.
@@ -443,6 +650,12 @@ fn main() -> anyhow::Result<()> {
     let verity_s = median_secs(&verity_samples);
     let sha_s = median_secs(&sha_samples);
 
+    // The compressed case, from the same tar.
+    let mut compressed = serde_json::Map::new();
+    for kind in [Compression::Gzip, Compression::Zstd] {
+        compressed.insert(kind.name().into(), compressed_case(scratch.path(), &tar, &stats, kind, &first.root_hash)?);
+    }
+
     let parma = side(&parma_samples, stats.tar_bytes);
     let baseline = side(&base_samples, stats.tar_bytes);
     let ratio = baseline.median_s / parma.median_s;
@@ -485,6 +698,7 @@ fn main() -> anyhow::Result<()> {
         "ratio": ratio,
         "ratio_without_tar_x": ratio_without_tar_x,
         "ratio_fastest": ratio_fastest,
+        "compressed": compressed,
         "verity": {
             "bytes": data_len,
             "median_s": verity_s,
@@ -525,6 +739,18 @@ fn main() -> anyhow::Result<()> {
         data_len as f64 / MB / sha_s
     );
     println!("{:<40} {:>10.1} MiB", "parma peak memory (VmHWM)", peak_kib as f64 / 1024.0);
+    for (name, case) in &compressed {
+        let number = |field: &str| case.get(field).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
+        println!(
+            "{:<40} {:>10.3} s, decompression alone {:.3} s ({:.0} MB/s): ratio {:.2} (blob {:.2}:1)",
+            format!("parma layer build, {name}"),
+            number("build_median_s"),
+            number("decompress_median_s"),
+            number("decompress_mb_per_s"),
+            number("ratio_to_decompression"),
+            number("compression_ratio")
+        );
+    }
     println!("{:<40} {:>10}", "e2fsck -fn clean", e2fsck_clean);
     println!("wrote {}", out.join("layer.json").display());
     Ok(())
