@@ -60,7 +60,12 @@ fn vm_run_then_ping_info_shutdown() {
     eprintln!("ping answered {:.2} s after vm run", started.elapsed().as_secs_f64());
 
     let info = parma(&["agent", "info", "--control", control, "--json"]);
-    assert!(info.status.success());
+    assert!(
+        info.status.success(),
+        "{}\nserial:\n{}",
+        String::from_utf8_lossy(&info.stderr),
+        std::fs::read_to_string(&serial).unwrap_or_default()
+    );
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["cpus"], 1);
     assert_eq!(info["sev_guest_device"], false);
