@@ -260,35 +260,41 @@ fn generate(path: &Path) -> anyhow::Result<LayerStats> {
 /// Wrap the tar at `tar` as an OCI layout at `dir` (uncompressed layer,
 /// moved into the layout); returns the layer blob's path.
 fn oci_layout(dir: &Path, tar: &Path, stats: &LayerStats) -> anyhow::Result<PathBuf> {
+    let layer_path = dir.join("blobs/sha256").join(stats.diff_id.trim_start_matches("sha256:"));
+    fs::create_dir_all(dir.join("blobs/sha256"))?;
+    fs::rename(tar, &layer_path)?;
+    let layer = json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": stats.diff_id, "size": stats.tar_bytes});
+    write_layout(dir, stats, layer)?;
+    Ok(layer_path)
+}
+
+/// The config, manifest, `oci-layout` and `index.json` of a one-layer image
+/// whose layer blob (described by `layer`) is already in `dir`.
+fn write_layout(dir: &Path, stats: &LayerStats, layer: serde_json::Value) -> anyhow::Result<()> {
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs)?;
-    let put = |bytes: &[u8]| -> anyhow::Result<serde_json::Value> {
+    let put = |bytes: &[u8], media_type: &str| -> anyhow::Result<serde_json::Value> {
         let hex = hex::encode(sha2::Sha256::digest(bytes));
         fs::write(blobs.join(&hex), bytes)?;
-        Ok(json!({"digest": format!("sha256:{hex}"), "size": bytes.len()}))
+        Ok(json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()}))
     };
-    let layer_hex = stats.diff_id.trim_start_matches("sha256:");
-    let layer_path = blobs.join(layer_hex);
-    fs::rename(tar, &layer_path)?;
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
         "config": {"Cmd": ["/bin/sh"]},
         "rootfs": {"type": "layers", "diff_ids": [stats.diff_id]},
     }))?;
-    let mut config_desc = put(&config)?;
-    config_desc["mediaType"] = json!("application/vnd.oci.image.config.v1+json");
+    let config_desc = put(&config, "application/vnd.oci.image.config.v1+json")?;
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": config_desc,
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": stats.diff_id, "size": stats.tar_bytes}],
+        "layers": [layer],
     }))?;
-    let mut manifest_desc = put(&manifest)?;
-    manifest_desc["mediaType"] = json!("application/vnd.oci.image.manifest.v1+json");
+    let manifest_desc = put(&manifest, "application/vnd.oci.image.manifest.v1+json")?;
     fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     fs::write(dir.join("index.json"), serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [manifest_desc]}))?)?;
-    Ok(layer_path)
+    Ok(())
 }
 
 /// How the compressed case compresses the layer.
@@ -355,29 +361,12 @@ fn compressed_layout(dir: &Path, tar: &Path, stats: &LayerStats, kind: Compressi
     let blob_hex = hex::encode(hasher.finalize());
     let blob = blobs.join(&blob_hex);
     fs::rename(&staged, &blob)?;
-    let put = |bytes: &[u8]| -> anyhow::Result<serde_json::Value> {
-        let hex = hex::encode(sha2::Sha256::digest(bytes));
-        fs::write(blobs.join(&hex), bytes)?;
-        Ok(json!({"digest": format!("sha256:{hex}"), "size": bytes.len()}))
-    };
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [stats.diff_id]},
-    }))?;
-    let mut config_desc = put(&config)?;
-    config_desc["mediaType"] = json!("application/vnd.oci.image.config.v1+json");
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config_desc,
-        "layers": [{"mediaType": kind.media_type(), "digest": format!("sha256:{blob_hex}"), "size": fs::metadata(&blob)?.len()}],
-    }))?;
-    let mut manifest_desc = put(&manifest)?;
-    manifest_desc["mediaType"] = json!("application/vnd.oci.image.manifest.v1+json");
-    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    fs::write(dir.join("index.json"), serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [manifest_desc]}))?)?;
+    let size = fs::metadata(&blob)?.len();
+    write_layout(
+        dir,
+        stats,
+        json!({"mediaType": kind.media_type(), "digest": format!("sha256:{blob_hex}"), "size": size}),
+    )?;
     Ok(blob)
 }
 
