@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use flate2::{Compression, GzBuilder};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -167,10 +166,11 @@ impl Initrd {
         Ok(cpio::newc::trailer(out)?)
     }
 
-    /// Write the gzip-compressed archive (gzip mtime 0, best compression).
-    pub fn write_gz<W: Write>(&self, out: W) -> Result<W, InitrdError> {
-        let encoder = GzBuilder::new().mtime(0).write(out, Compression::best());
-        Ok(self.write_cpio(encoder)?.finish()?)
+    /// Write the gzip-compressed archive ([`gzip`]).
+    pub fn write_gz<W: Write>(&self, mut out: W) -> Result<W, InitrdError> {
+        let cpio = self.write_cpio(Vec::new())?;
+        out.write_all(&gzip(&cpio))?;
+        Ok(out)
     }
 
     /// The compressed initrd as bytes.
@@ -197,6 +197,26 @@ impl Initrd {
     }
 }
 
+/// gzip (RFC 1952) of `data` as one member: no name, mtime 0, OS unknown,
+/// deflated at level 9 by miniz_oxide directly. Not through flate2: its
+/// backend is chosen once for the whole workspace (zlib-rs, for the
+/// layers' inflate), and zlib-rs's deflate output depends on the CPU, while
+/// these bytes are measured into the launch digest and must be the same
+/// wherever the image is built.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    const LEVEL: u8 = 9;
+    let deflated = miniz_oxide::deflate::compress_to_vec(data, LEVEL);
+    let mut out = Vec::with_capacity(deflated.len() + 18);
+    // ID1 ID2, CM = deflate, FLG = none, MTIME = 0, XFL = 2 (slowest, best), OS = 255 (unknown).
+    out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 2, 255]);
+    out.extend_from_slice(&deflated);
+    out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    // ISIZE: the input's length modulo 2^32.
+    let isize = (data.len() as u64 & u64::from(u32::MAX)) as u32;
+    out.extend_from_slice(&isize.to_le_bytes());
+    out
+}
+
 /// The UVM's initrd: `/init` (PID 1), the agent at `/bin/parma-agent`, the
 /// console node, and the mount points init uses. Nothing else: no shell.
 pub fn uvm(init: Vec<u8>, agent: Vec<u8>) -> Result<Initrd, InitrdError> {
@@ -216,6 +236,26 @@ pub fn uvm(init: Vec<u8>, agent: Vec<u8>) -> Result<Initrd, InitrdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gzip_is_one_member_any_gunzip_reads() {
+        use std::io::Read;
+        for data in [Vec::new(), b"parma".to_vec(), (0..300_000u32).map(|i| (i % 251) as u8).collect()] {
+            let gz = gzip(&data);
+            assert_eq!(gz[..10], [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 2, 255]);
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut out).unwrap();
+            assert_eq!(out, data);
+            assert_eq!(gz[gz.len() - 4..], (data.len() as u32).to_le_bytes());
+        }
+        // And the system's gunzip, where the image is built.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.gz");
+        std::fs::write(&path, gzip(b"hello initrd")).unwrap();
+        let out = std::process::Command::new("gzip").arg("-dc").arg(&path).output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(out.stdout, b"hello initrd");
+    }
 
     fn unpack(cpio_bytes: &[u8]) -> Vec<(String, u32, u32, u32, Vec<u8>)> {
         let mut out = Vec::new();

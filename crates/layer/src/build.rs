@@ -12,12 +12,11 @@ use crate::convert::{self, TarError};
 use crate::digest::{Derived, Digest, HashReader};
 use crate::hasher::HashingFile;
 use crate::image::{self, Plan, PlannedLayer};
+use crate::pipe;
 use crate::source::Source;
 
 /// Buffer between the file and the decompressor.
 const READ_BUFFER: usize = 1 << 20;
-/// Buffer between the decompressor and the tar reader.
-const TAR_BUFFER: usize = 256 << 10;
 /// Buffer in front of the image file.
 const WRITE_BUFFER: usize = 1 << 20;
 /// Bytes between two [`Progress::Read`] reports.
@@ -222,23 +221,37 @@ pub(crate) fn sniff(start: &[u8]) -> Compression {
     }
 }
 
-/// A blob reader that reports progress.
-struct Reporting<'p, R> {
-    inner: HashReader<R>,
+/// Turns the count of blob bytes read into [`Progress::Read`] reports.
+struct Reporter<'p> {
     index: usize,
     size: u64,
     next_report: u64,
     progress: &'p dyn Fn(Progress),
 }
 
-impl<R: Read> Read for Reporting<'_, R> {
+impl Reporter<'_> {
+    /// `read` blob bytes have been read: report every [`REPORT_EVERY`]
+    /// bytes, and once at the end.
+    fn read(&mut self, read: u64) {
+        let end = read >= self.size;
+        if self.next_report == u64::MAX || (read < self.next_report && !end) {
+            return;
+        }
+        self.next_report = if end { u64::MAX } else { read.saturating_add(REPORT_EVERY) };
+        (self.progress)(Progress::Read { index: self.index, read, size: self.size });
+    }
+}
+
+/// The blob's buffered reader, telling a [`Reporter`] how far it has read.
+struct Reporting<'r, 'p, R> {
+    inner: BufReader<&'r mut HashReader<R>>,
+    reporter: &'r mut Reporter<'p>,
+}
+
+impl<R: Read> Read for Reporting<'_, '_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        let read = self.inner.count();
-        if read >= self.next_report || (n == 0 && !buf.is_empty()) {
-            self.next_report = read.saturating_add(REPORT_EVERY);
-            (self.progress)(Progress::Read { index: self.index, read, size: self.size });
-        }
+        self.reporter.read(consumed(&self.inner));
         Ok(n)
     }
 }
@@ -271,25 +284,25 @@ fn build_layer(
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").suffix(".img").tempfile_in(out).map_err(output)?;
     let options = parma_ext4::Options::new(derived.ext4_uuid, derived.ext4_hash_seed);
 
-    let mut raw =
-        Reporting { inner: HashReader::new(member, layer.blob.is_some()), index, size, next_report: 0, progress };
+    let mut raw = HashReader::new(member, layer.blob.is_some());
+    let mut reporter = Reporter { index, size, next_report: 0, progress };
     let read_err = |source| LayerError::Read { name: layer.member.clone(), source };
     // The verity digests of the data blocks are computed on a second thread
     // while the ext4 image is written.
     let params = parma_verity::Params::new(derived.verity_salt.to_vec(), derived.verity_uuid);
     let mut hashing = HashingFile::new(tmp.as_file(), &params).map_err(output)?;
-    let converted = convert_stream(&mut raw, layer.blob.is_some(), options, &mut hashing);
+    let converted = convert_stream(&mut raw, &mut reporter, layer.blob.is_some(), options, &mut hashing);
     // Whatever happened, a blob whose digest is wrong is the first thing to say.
     if let Some((digest, _)) = layer.blob {
         if converted.is_err() {
             let _ = drain(&mut raw);
         }
-        let actual = raw.inner.digest().unwrap_or(digest);
-        if actual != digest && raw.inner.count() == size {
+        let actual = raw.digest().unwrap_or(digest);
+        if actual != digest && raw.count() == size {
             return Err(LayerError::BlobDigest { digest, actual });
         }
-        if converted.is_ok() && raw.inner.count() != size {
-            return Err(LayerError::BlobSize { digest, expected: size, actual: raw.inner.count() });
+        if converted.is_ok() && raw.count() != size {
+            return Err(LayerError::BlobSize { digest, expected: size, actual: raw.count() });
         }
     }
     let (image_size, diff_id, trailing) = converted.map_err(|e| match e {
@@ -299,7 +312,7 @@ fn build_layer(
     if trailing {
         return Err(LayerError::TrailingData { index });
     }
-    let diff_id = diff_id.or_else(|| raw.inner.digest()).unwrap_or(layer.diff_id);
+    let diff_id = diff_id.or_else(|| raw.digest()).unwrap_or(layer.diff_id);
     if diff_id != layer.diff_id {
         return Err(LayerError::DiffId { index, expected: layer.diff_id, actual: diff_id });
     }
@@ -333,38 +346,162 @@ enum StreamError {
 
 /// Decompress, hash and convert one layer blob. Returns the image size, the
 /// diff-id unless it is the blob digest `raw` computes (an uncompressed
-/// layer whose blob is hashed), and
-/// whether bytes followed the compressed stream.
-fn convert_stream(
-    raw: &mut impl Read,
+/// layer whose blob is hashed), and whether bytes followed the compressed
+/// stream. A compressed blob is decompressed on a thread of its own
+/// ([`pipe`]); the tar reader and the ext4 writer run on this one.
+fn convert_stream<R: Read + Send>(
+    raw: &mut HashReader<R>,
+    reporter: &mut Reporter<'_>,
     raw_hashed: bool,
     options: parma_ext4::Options,
     image: &mut (impl Write + Seek),
 ) -> Result<(u64, Option<Digest>, bool), StreamError> {
     let mut buffered = BufReader::with_capacity(READ_BUFFER, raw);
     let compression = sniff(buffered.fill_buf().map_err(StreamError::Read)?);
-    let decoder: Box<dyn Read + '_> = match compression {
-        Compression::None => Box::new(&mut buffered),
-        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(&mut buffered)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::with_buffer(&mut buffered)
-                .map_err(|source| StreamError::Tar(TarError::Read { offset: 0, source }))?,
-        ),
-    };
-    // An uncompressed blob's digest is its diff-id: hash it once.
-    let tar_stream = HashReader::new(decoder, compression != Compression::None || !raw_hashed);
-    let mut archive = tar::Archive::new(BufReader::with_capacity(TAR_BUFFER, tar_stream));
+    let decoder_err = |source| StreamError::Tar(TarError::Read { offset: 0, source });
+    match compression {
+        Compression::None => {
+            let blob = Reporting { inner: buffered, reporter };
+            // An uncompressed blob's digest is its diff-id: hash it once.
+            let (image_size, diff_id) = convert_tar(HashReader::new(blob, !raw_hashed), options, image)?;
+            Ok((image_size, diff_id, false))
+        }
+        Compression::Gzip => {
+            let decoder = Gzip(flate2::bufread::MultiGzDecoder::new(buffered));
+            convert_piped(decoder, reporter, options, image)
+        }
+        Compression::Zstd => {
+            let decoder = Zstd(zstd::stream::read::Decoder::with_buffer(buffered).map_err(decoder_err)?);
+            convert_piped(decoder, reporter, options, image)
+        }
+    }
+}
+
+/// Convert a decompressed tar stream; returns the image size and the
+/// stream's digest (if `tar` hashes). The end-of-archive blocks and the
+/// padding after them are read too: they count in the diff-id.
+fn convert_tar<R: Read>(
+    tar: HashReader<R>,
+    options: parma_ext4::Options,
+    image: &mut (impl Write + Seek),
+) -> Result<(u64, Option<Digest>), StreamError> {
+    let mut archive = tar::Archive::new(tar);
     let image_size = {
         let sink = BufWriter::with_capacity(WRITE_BUFFER, &mut *image);
         convert::convert(&mut archive, options, sink).map_err(StreamError::Tar)?
     };
-    // The end-of-archive blocks and the padding after them count in the diff-id.
     let mut rest = archive.into_inner();
-    let offset = rest.get_ref().count();
+    let offset = rest.count();
     drain(&mut rest).map_err(|source| StreamError::Tar(TarError::Read { offset, source }))?;
-    let tar_stream = rest.into_inner();
-    let diff_id = tar_stream.digest();
-    drop(tar_stream);
-    let trailing = !buffered.buffer().is_empty() || drain(&mut buffered).map_err(StreamError::Read)? > 0;
-    Ok((image_size, diff_id, trailing && compression != Compression::None))
+    Ok((image_size, rest.digest()))
+}
+
+/// [`convert_tar`] with `decoder` on a thread of its own and the diff-id
+/// hashed on another.
+fn convert_piped<D: BlobDecoder>(
+    decoder: D,
+    reporter: &mut Reporter<'_>,
+    options: parma_ext4::Options,
+    image: &mut (impl Write + Seek),
+) -> Result<(u64, Option<Digest>, bool), StreamError> {
+    let mut consumed = |read| reporter.read(read);
+    std::thread::scope(|scope| {
+        let (reader, decoding) = pipe::spawn(scope, decoder, &mut consumed).map_err(StreamError::Read)?;
+        let converted = convert_tar(HashReader::new(reader, false), options, image);
+        let finished = decoding.finish().map_err(StreamError::Read)?;
+        let (image_size, _) = converted?;
+        // The tar was read to its end, so the stream ended: its digest is
+        // the diff-id. What follows the compressed stream?
+        let (decoder, diff_id) =
+            finished.ok_or_else(|| StreamError::Read(io::Error::other("the decompression stopped early")))?;
+        let mut blob = decoder.into_blob();
+        let trailing = drain(&mut blob).map_err(StreamError::Read)? > 0;
+        // The decoder's last chunk may have come before it read the stream's
+        // trailer: the final count, once.
+        consumed(D::read_from(&blob));
+        Ok((image_size, Some(diff_id), trailing))
+    })
+}
+
+/// A blob's decompressor for [`pipe`]: the blob reader comes back at the end.
+trait BlobDecoder: pipe::Decoder {
+    type Blob: BufRead;
+    fn into_blob(self) -> Self::Blob;
+    /// Blob bytes taken from `blob` so far.
+    fn read_from(blob: &Self::Blob) -> u64;
+}
+
+struct Gzip<B>(flate2::bufread::MultiGzDecoder<B>);
+struct Zstd<'a, B: BufRead>(zstd::stream::read::Decoder<'a, B>);
+
+impl<B: BufRead> Read for Gzip<B> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<B: BufRead> Read for Zstd<'_, B> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R: Read + Send> pipe::Decoder for Gzip<BufReader<&mut HashReader<R>>> {
+    fn consumed(&self) -> u64 {
+        consumed(self.0.get_ref())
+    }
+}
+
+impl<R: Read + Send> pipe::Decoder for Zstd<'_, BufReader<&mut HashReader<R>>> {
+    fn consumed(&self) -> u64 {
+        consumed(self.0.get_ref())
+    }
+}
+
+/// Blob bytes the decompressor has taken from `blob`'s buffer.
+fn consumed<R>(blob: &BufReader<&mut HashReader<R>>) -> u64 {
+    blob.get_ref().count().saturating_sub(blob.buffer().len() as u64)
+}
+
+impl<'a, R: Read + Send> BlobDecoder for Gzip<BufReader<&'a mut HashReader<R>>> {
+    type Blob = BufReader<&'a mut HashReader<R>>;
+    fn into_blob(self) -> Self::Blob {
+        self.0.into_inner()
+    }
+    fn read_from(blob: &Self::Blob) -> u64 {
+        consumed(blob)
+    }
+}
+
+impl<'a, R: Read + Send> BlobDecoder for Zstd<'a, BufReader<&'a mut HashReader<R>>> {
+    type Blob = BufReader<&'a mut HashReader<R>>;
+    fn into_blob(self) -> Self::Blob {
+        self.0.finish()
+    }
+    fn read_from(blob: &Self::Blob) -> u64 {
+        consumed(blob)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    #[test]
+    fn progress_comes_every_few_mib_and_once_at_the_end() {
+        let seen = RefCell::new(Vec::new());
+        let progress = |event: Progress| {
+            if let Progress::Read { read, .. } = event {
+                seen.borrow_mut().push(read);
+            }
+        };
+        let size = 3 * REPORT_EVERY + 5;
+        let mut reporter = Reporter { index: 0, size, next_report: 0, progress: &progress };
+        for read in [0, 10, REPORT_EVERY, REPORT_EVERY + 1, 2 * REPORT_EVERY + 7, size, size, size] {
+            reporter.read(read);
+        }
+        assert_eq!(*seen.borrow(), [0, REPORT_EVERY, 2 * REPORT_EVERY + 7, size]);
+    }
 }

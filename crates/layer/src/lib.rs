@@ -70,6 +70,7 @@ mod digest;
 mod files;
 mod hasher;
 mod image;
+mod pipe;
 mod source;
 
 use std::path::PathBuf;
