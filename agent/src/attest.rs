@@ -63,6 +63,18 @@ impl Provider {
         }
     }
 
+    /// HOST_DATA of this launch. On SNP it is only in a report, so a fresh
+    /// one is requested, binding `report_data`; under emulation it is the
+    /// value from the command line, and no report is signed for it (the
+    /// emulated signature proves nothing, and signing under TCG costs a
+    /// visible share of a container's start).
+    pub fn host_data(&self, report_data: &[u8; 64]) -> Result<[u8; 32], String> {
+        match self {
+            Provider::Firmware { .. } => self.report(report_data).map(|report| report.host_data),
+            Provider::Emulated { host_data } => Ok(*host_data),
+        }
+    }
+
     /// A fresh report binding `report_data`.
     pub fn report(&self, report_data: &[u8; 64]) -> Result<AttestationReport, String> {
         let bytes = match self {
@@ -206,5 +218,16 @@ mod tests {
         let report = provider.report(&[9; 64]).unwrap();
         assert_eq!(report.host_data, [7; 32]);
         assert_eq!(report.report_data, [9; 64]);
+    }
+
+    #[test]
+    fn host_data_is_the_reports_on_both_providers() {
+        let emulated = Provider::Emulated { host_data: [7; 32] };
+        assert_eq!(emulated.host_data(&[9; 64]), Ok([7; 32]));
+        assert_eq!(emulated.host_data(&[9; 64]).unwrap(), emulated.report(&[9; 64]).unwrap().host_data);
+        // Without SNP the firmware provider has no report, so no HOST_DATA either.
+        let firmware = Provider::Firmware { tsm: "/nonexistent/tsm".into(), device: "/nonexistent/sev-guest".into() };
+        let err = firmware.host_data(&[0; 64]).unwrap_err();
+        assert!(err.contains("/nonexistent/sev-guest"), "{err}");
     }
 }

@@ -73,7 +73,7 @@ pub fn immediate(request: &Request) -> Option<(Response, After)> {
 impl Dispatcher {
     /// A dispatcher with no policy set, getting reports from `attestation`.
     pub fn new(attestation: Provider) -> Self {
-        Self { guest: Mutex::new(Guest::default()), attestation }
+        Self { guest: Mutex::new(Guest { gate: Gate::new(), ..Guest::default() }), attestation }
     }
 
     /// The guest's records, locked. A poisoned lock means a handler panicked
@@ -125,11 +125,11 @@ impl Dispatcher {
                 Err(err) => Response::Error(AgentError::new(ErrorCode::Failed, err)),
             },
             Request::SetPolicy { policy } => {
-                // A fresh report, binding the policy's hash, gives HOST_DATA.
+                // HOST_DATA, from a fresh report binding the policy's hash on SNP.
                 let host_data = |hash: &[u8; 32]| {
                     let mut report_data = [0u8; 64];
                     report_data.iter_mut().zip(hash).for_each(|(d, s)| *d = *s);
-                    self.attestation.report(&report_data).map(|report| report.host_data)
+                    self.attestation.host_data(&report_data)
                 };
                 match gate.set_policy(&policy, host_data) {
                     Ok(sha256) => {

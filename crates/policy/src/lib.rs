@@ -216,10 +216,53 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// The framework parsed into an engine configured for decisions: the part
+/// of loading a policy that does not depend on the policy (about a fifth
+/// of it), so the agent can do it at boot, before the policy arrives.
+/// Cloning it is cheap (the parsed modules are shared).
+#[derive(Clone)]
+pub struct Framework {
+    rego: regorus::Engine,
+    budget: Duration,
+}
+
+impl std::fmt::Debug for Framework {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Framework").field("budget", &self.budget).finish_non_exhaustive()
+    }
+}
+
+impl Framework {
+    /// Parse the framework for engines with the default budget.
+    pub fn parse() -> Result<Self, PolicyError> {
+        Self::with_budget(DEFAULT_BUDGET)
+    }
+
+    /// Parse the framework for engines whose decisions may each take at
+    /// most `budget` of wall-clock time.
+    pub fn with_budget(budget: Duration) -> Result<Self, PolicyError> {
+        let mut rego = regorus::Engine::new();
+        rego.set_strict_builtin_errors(true);
+        rego.set_execution_timer_config(ExecutionTimerConfig {
+            limit: budget,
+            check_interval: NonZeroU32::MIN.saturating_add(63),
+        });
+        rego.add_policy("framework.rego".into(), FRAMEWORK.into())
+            .map_err(|err| PolicyError::Rego(format!("framework: {err}")))?;
+        Ok(Self { rego, budget })
+    }
+}
+
 impl Engine {
     /// Load a policy with the default budget.
     pub fn new(policy: &Policy) -> Result<Self, PolicyError> {
         Self::with_budget(policy, DEFAULT_BUDGET)
+    }
+
+    /// Load a policy into an already parsed framework (with its budget),
+    /// for the register VM: the same engine as [`Engine::new`] gives.
+    pub fn with_framework(framework: Framework, policy: &Policy) -> Result<Self, PolicyError> {
+        Self::load(framework, policy, Backend::Vm)
     }
 
     /// Load a policy; each decision may take at most `budget` of wall-clock time.
@@ -229,25 +272,28 @@ impl Engine {
 
     /// Load a policy for one evaluation backend.
     pub fn with_backend(policy: &Policy, budget: Duration, backend: Backend) -> Result<Self, PolicyError> {
-        let mut rego = regorus::Engine::new();
-        rego.set_strict_builtin_errors(true);
-        rego.set_execution_timer_config(ExecutionTimerConfig {
-            limit: budget,
-            check_interval: NonZeroU32::MIN.saturating_add(63),
-        });
-        rego.add_policy("framework.rego".into(), FRAMEWORK.into())
-            .map_err(|err| PolicyError::Rego(format!("framework: {err}")))?;
+        Self::load(Framework::with_budget(budget)?, policy, backend)
+    }
+
+    fn load(framework: Framework, policy: &Policy, backend: Backend) -> Result<Self, PolicyError> {
+        let Framework { mut rego, budget } = framework;
         let package = rego
             .add_policy("policy.rego".into(), policy.text.clone())
             .map_err(|err| PolicyError::Rego(err.to_string()))?;
         if package != "data.policy" {
             return Err(PolicyError::WrongPackage(package));
         }
-        let data = load_policy_data(&mut rego)?;
+        // Evaluating the data rules analyses the modules; compiling for the
+        // VM reuses that analysis, so the data document (which makes
+        // regorus analyse everything again) goes into the interpreter last.
+        // The VM gets it directly; the interpreter analyses again only if
+        // it is ever asked (a point the policy does not bind).
+        let data = policy_data(&mut rego)?;
         let (vm, entry_points) = match backend {
             Backend::Interpreter => (None, Vec::new()),
             Backend::Vm => compile_vm(&mut rego, data.clone(), budget, &bound_points(&policy.text))?,
         };
+        rego.add_data(data.clone()).map_err(|err| PolicyError::Rego(err.to_string()))?;
         Ok(Self { rego, vm, entry_points, data, state: State::default(), policy_hash: policy.hash_hex() })
     }
 
@@ -463,9 +509,9 @@ fn compile_vm(
     Ok((Some(Vm { machine: vm, program }), entry_points))
 }
 
-/// Evaluate the policy's data rules once and hand them to the framework as
-/// the data document `parma_policy_data`; returns the whole data document.
-fn load_policy_data(rego: &mut regorus::Engine) -> Result<regorus::Value, PolicyError> {
+/// Evaluate the policy's data rules once, for the framework's data document
+/// `parma_policy_data`; returns the whole data document (not yet added).
+fn policy_data(rego: &mut regorus::Engine) -> Result<regorus::Value, PolicyError> {
     let mut data = regorus::Value::new_object();
     let fields = data.as_object_mut().map_err(|err| PolicyError::Rego(err.to_string()))?;
     for name in DATA_RULES {
@@ -487,7 +533,6 @@ fn load_policy_data(rego: &mut regorus::Engine) -> Result<regorus::Value, Policy
     root.as_object_mut()
         .map_err(|err| PolicyError::Rego(err.to_string()))?
         .insert(regorus::Value::from(POLICY_DATA), data);
-    rego.add_data(root.clone()).map_err(|err| PolicyError::Rego(err.to_string()))?;
     Ok(root)
 }
 

@@ -17,7 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-use parma_policy::{Backend, DEFAULT_BUDGET, Decision, Engine, Point, Policy};
+use parma_policy::{Backend, DEFAULT_BUDGET, Decision, Engine, Framework, Point, Policy};
 use serde_json::{Value, json};
 
 /// splitmix64.
@@ -362,10 +362,19 @@ struct Totals {
 }
 
 /// Run one seed: a policy and `steps` requests on both backends.
-fn run_seed(seed: u64, steps: usize, totals: &mut Totals) {
+/// Decide each request on the VM and the interpreter, and on a VM engine
+/// loaded into a copy of `framework` (parsed once for every seed, as the
+/// agent does ahead of SetPolicy): all three must agree.
+fn run_seed(seed: u64, steps: usize, framework: &Framework, totals: &mut Totals) {
     let mut rng = Rng(seed);
     let (text, containers) = policy(&mut rng);
     let policy = Policy::from_bytes(text.clone().into_bytes()).unwrap();
+    let shared = Engine::with_framework(framework.clone(), &policy);
+    assert_eq!(
+        shared.as_ref().err().map(ToString::to_string),
+        Engine::new(&policy).err().map(|e| e.to_string()),
+        "seed {seed:#x}: a shared framework loads the policy as a fresh one does"
+    );
     let (mut vm, mut interpreter) = match (
         Engine::with_backend(&policy, DEFAULT_BUDGET, Backend::Vm),
         Engine::with_backend(&policy, DEFAULT_BUDGET, Backend::Interpreter),
@@ -383,6 +392,7 @@ fn run_seed(seed: u64, steps: usize, totals: &mut Totals) {
     for point in Point::ALL {
         assert_eq!(vm.backend(point), Backend::Vm, "{point} of a generated policy runs on the VM");
     }
+    let mut shared = shared.unwrap();
     totals.policies += 1;
     let mut scripted = Vec::new();
     for step in 0..steps {
@@ -399,6 +409,8 @@ fn run_seed(seed: u64, steps: usize, totals: &mut Totals) {
         };
         let on_vm = vm.decide(point, &input);
         let on_interpreter = interpreter.decide(point, &input);
+        let on_shared = shared.decide(point, &input);
+        assert_eq!(on_shared, on_vm, "seed {seed:#x}, step {step}: {point} on a shared framework");
         let (a, b) = (outcome(&on_vm), outcome(&on_interpreter));
         let agree = a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && same_reason(&a.3, &b.3);
         assert!(
@@ -412,10 +424,12 @@ fn run_seed(seed: u64, steps: usize, totals: &mut Totals) {
             // Most actions succeed; some fail in the guest and are not committed.
             if rng.chance(90) {
                 let committed = (vm.commit(&on_vm), interpreter.commit(&on_interpreter));
+                assert_eq!(shared.commit(&on_shared).is_ok(), committed.0.is_ok());
                 assert_eq!(committed.0.is_ok(), committed.1.is_ok(), "seed {seed:#x}, step {step}: commits differ");
             }
         }
         assert_eq!(vm.state(), interpreter.state(), "seed {seed:#x}, step {step}: states differ");
+        assert_eq!(vm.state(), shared.state(), "seed {seed:#x}, step {step}: a shared framework's state differs");
     }
 }
 
@@ -424,17 +438,18 @@ fn the_vm_and_the_interpreter_decide_alike() {
     let seconds: u64 = std::env::var("PARMA_DIFF_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let first: u64 = std::env::var("PARMA_DIFF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
     let mut totals = Totals { policies: 0, refused: 0, decisions: 0, allowed: 0 };
+    let framework = Framework::parse().unwrap();
     let started = Instant::now();
     let mut seed = first;
     if seconds == 0 {
         // CI: a fixed set of seeds.
         for _ in 0..32 {
-            run_seed(seed, 60, &mut totals);
+            run_seed(seed, 60, &framework, &mut totals);
             seed += 1;
         }
     } else {
         while started.elapsed() < Duration::from_secs(seconds) {
-            run_seed(seed, 200, &mut totals);
+            run_seed(seed, 200, &framework, &mut totals);
             seed += 1;
         }
     }

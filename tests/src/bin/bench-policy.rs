@@ -2,7 +2,9 @@
 //! state commit) per enforcement point, for generated policies of 1, 10 and
 //! 100 containers, the policy load time, the same after 3,000 container lives
 //! (the state keeps them all), and the cost of the checks on one
-//! container start against `allow_all.rego`, all in one run. Writes
+//! container start against `allow_all.rego`, all in one run; and what
+//! SetPolicy's engine work costs with the framework parsed ahead (as the
+//! agent does from its start) against parsing it at SetPolicy. Writes
 //! `out/bench/policy.json`.
 //!
 //! Each container of a generated policy has 3-8 layers, 5-15 env rules (a
@@ -10,11 +12,13 @@
 
 use std::time::{Duration, Instant};
 
-use parma_policy::{Backend, DEFAULT_BUDGET, Engine, Point, Policy};
+use parma_policy::{Backend, DEFAULT_BUDGET, Engine, Framework, Point, Policy};
 use serde::Serialize;
 use serde_json::{Value, json};
 
 const SIZES: [usize; 3] = [1, 10, 100];
+/// Policy loads timed each way for SetPolicy's engine work.
+const SET_POLICY_RUNS: usize = 21;
 /// Container starts measured per policy size.
 const ROUNDS: usize = 200;
 /// Container lives of the long-lived agent (the first and last `ROUNDS` compared).
@@ -214,6 +218,24 @@ fn main() -> anyhow::Result<()> {
         reports.push(SizeReport { containers: n, policy_bytes: text.len(), load_ms, points, container_start_us });
     }
 
+    // SetPolicy's engine work for the 10-container policy: everything from
+    // the framework's text (Engine::new) against loading into a copy of a
+    // framework parsed ahead, interleaved, each up to its first decision.
+    let policy = Policy::from_bytes(generated_policy(10).into_bytes())?;
+    let framework = Framework::parse()?;
+    let (mut fresh, mut ahead) = (Vec::new(), Vec::new());
+    for _ in 0..SET_POLICY_RUNS {
+        let started = Instant::now();
+        let mut engine = Engine::new(&policy)?;
+        let _ = engine.decide(Point::GetProperties, &json!({}));
+        fresh.push(started.elapsed());
+        let started = Instant::now();
+        let mut engine = Engine::with_framework(framework.clone(), &policy)?;
+        let _ = engine.decide(Point::GetProperties, &json!({}));
+        ahead.push(started.elapsed());
+    }
+    let (fresh_ms, ahead_ms) = (parma_tests::median_secs(&fresh) * 1e3, parma_tests::median_secs(&ahead) * 1e3);
+
     // A long-lived agent: the state keeps every container ever started, so
     // a decision (and its commit) must not grow with it.
     let mut engine = Engine::new(&Policy::from_bytes(generated_policy(10).into_bytes())?)?;
@@ -253,6 +275,8 @@ fn main() -> anyhow::Result<()> {
                        "create_container_p50_us_last": late_us, "ratio": late_us / early_us},
         "container_start_us": {"generated_10": generated_start_us, "allow_all": allow_all_start_us,
                                "ratio": generated_start_us / allow_all_start_us},
+        "set_policy_engine_ms": {"runs": SET_POLICY_RUNS, "framework_parsed_at_set_policy": fresh_ms,
+                                 "framework_parsed_ahead": ahead_ms, "ratio": fresh_ms / ahead_ms},
     });
     let out = parma_tests::Paths::get().repo.join("out/bench");
     std::fs::create_dir_all(&out)?;
@@ -285,6 +309,11 @@ fn main() -> anyhow::Result<()> {
         "long-lived agent (10 containers): create_container p50 {early_us:.0} us over the first {ROUNDS} lives, \
          {late_us:.0} us over the last {ROUNDS} of {LONG_LIVES} ({:.2}x)",
         late_us / early_us
+    );
+    println!(
+        "SetPolicy engine work (10 containers): {fresh_ms:.2} ms parsing the framework then, {ahead_ms:.2} ms with it \
+         parsed ahead ({:.2}x)",
+        fresh_ms / ahead_ms
     );
     println!("wrote {}", out.join("policy.json").display());
     Ok(())
