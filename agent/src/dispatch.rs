@@ -144,7 +144,9 @@ impl Dispatcher {
                 }
             }
             Request::GetAttestation { report_data } => {
-                let report = report_data_from_hex(&report_data).and_then(|data| self.attestation.report(&data));
+                // The host's data, in the host's domain: never REPORT_DATA as the host chose it.
+                let report = report_data_from_hex(&report_data)
+                    .and_then(|data| self.attestation.report(&parma_snp::report_data::Domain::Host.report_data(&data)));
                 match report {
                     Ok(report) => Response::Attestation {
                         report: hex::encode(report.as_bytes()),

@@ -16,6 +16,10 @@ impl Drop for KillOnDrop {
     }
 }
 
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 fn uvm() -> PathBuf {
     std::env::var_os("PARMA_UVM")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../out/uvm"), PathBuf::from)
@@ -104,4 +108,86 @@ fn errors_are_clear() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to the agent at /nonexistent/env.sock"));
     let out = parma(&["agent", "ping", "--control", "/x.sock", "--timeout", "soon"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a duration like 30s"));
+}
+
+/// The README's attestation flow under emulation: the report binds the
+/// host's data in the host's domain, never as the host's bytes.
+#[test]
+fn attest_then_verify_in_the_host_domain() {
+    let uvm = uvm();
+    assert!(uvm.join("vmlinuz").is_file(), "{} has no image: run `make image` first", uvm.display());
+    let policy = repo_root().join("policies/allow_all.rego");
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("c.sock");
+    let serial = dir.path().join("serial.log");
+    let _vm = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_parma"))
+            .args(["vm", "run", "--insecure-emulate-snp", "--uvm"])
+            .arg(&uvm)
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--control")
+            .arg(&control)
+            .arg("--serial-log")
+            .arg(&serial)
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let control = control.to_str().unwrap();
+    let ok = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}\nserial:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&serial).unwrap_or_default()
+        );
+    };
+    ok(&parma(&["agent", "ping", "--control", control, "--timeout", "60"]));
+    ok(&parma(&["agent", "set-policy", "--control", control, policy.to_str().unwrap()]));
+    let report = dir.path().join("report.bin");
+    let chain = dir.path().join("chain");
+    let attest = parma(&[
+        "agent",
+        "attest",
+        "--control",
+        control,
+        "--report-data",
+        "5a5a",
+        "--out",
+        report.to_str().unwrap(),
+        "--emulation-chain",
+        chain.to_str().unwrap(),
+    ]);
+    ok(&attest);
+    let host_data = parma(&["policy", "hash", policy.to_str().unwrap()]);
+    ok(&host_data);
+    let host_data = String::from_utf8_lossy(&host_data.stdout).trim().to_string();
+    let verify = |report_data: &str| {
+        parma(&[
+            "verify",
+            "--report",
+            report.to_str().unwrap(),
+            "--certs",
+            chain.to_str().unwrap(),
+            "--allow-insecure-emulation",
+            "--expect-host-data",
+            &host_data,
+            "--expect-report-data",
+            report_data,
+        ])
+    };
+    let passed = verify("host:5a5a");
+    assert_eq!(passed.status.code(), Some(0), "{}", String::from_utf8_lossy(&passed.stdout));
+    // The host's bytes as they are: REPORT_DATA fails, everything else passes.
+    let raw = verify("raw:5a5a");
+    assert_eq!(raw.status.code(), Some(2), "{}", String::from_utf8_lossy(&raw.stdout));
+    let text = String::from_utf8_lossy(&raw.stdout);
+    assert!(text.contains("FAIL  report_data") && text.contains("1 failed"), "{text}");
+    // A value without its domain is refused before anything is checked.
+    let bare = verify("5a5a");
+    assert_eq!(bare.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bare.stderr).contains("host:HEX"), "{}", String::from_utf8_lossy(&bare.stderr));
+    ok(&parma(&["agent", "shutdown", "--control", control]));
 }

@@ -238,10 +238,21 @@ fn emulated_attestation_binds_policy_and_report_data_and_needs_the_insecure_flag
     let chain = parma_snp::emulation::test_chain(&parma_snp::emulation::AGENT_SEED)?;
     let expect = parma_snp::Expectations { allow_insecure_emulation: true, ..Default::default() }
         .host_data_hex(&policy_hash)?
-        .report_data_hex(&hex::encode(public_key_hash))?;
+        .report_data_in(parma_snp::report_data::Domain::Host, &hex::encode(public_key_hash))?;
     let verification = parma_snp::verify(&report, &chain.cert_source(), &expect)?;
     ensure!(verification.all_passed(), "{:?}", verification.failed().collect::<Vec<_>>());
     ensure!(verification.insecure_emulation());
+
+    // The host asked: its bytes are bound in the host's domain, never put
+    // into REPORT_DATA as they are (a binding a relying party made for
+    // someone else, such as a key broker's, cannot be met by the host).
+    let raw = expect.clone().report_data_hex(&hex::encode(public_key_hash))?;
+    let verification = parma_snp::verify(&report, &chain.cert_source(), &raw)?;
+    ensure!(
+        verification.failed().map(|check| check.name).collect::<Vec<_>>() == [parma_snp::CheckName::ReportData],
+        "{:?}",
+        verification.failed().collect::<Vec<_>>()
+    );
 
     // Without the insecure flag, the same report is refused.
     let strict = parma_snp::Expectations { allow_insecure_emulation: false, ..expect };

@@ -42,7 +42,8 @@ pub enum AgentCommand {
     Attest {
         #[command(flatten)]
         agent: AgentArgs,
-        /// REPORT_DATA in hex (up to 64 bytes; e.g. the hash of a public key).
+        /// Data to bind, in hex (up to 64 bytes; e.g. the hash of a public
+        /// key). The report's REPORT_DATA is its SHA-512 in the host's domain.
         #[arg(long, default_value = "")]
         report_data: String,
         /// Where to write the report (1184 bytes).
@@ -323,8 +324,17 @@ pub fn execute(command: AgentCommand) -> anyhow::Result<i32> {
             if provider != "sev-guest" {
                 eprintln!("WARNING: {provider}: this report proves nothing about hardware");
             }
-            print(args.json, &serde_json::json!({"report": out, "provider": provider}), |_| {
-                format!("wrote {} ({} bytes, {provider})", out.display(), report.len())
+            // What the agent put into REPORT_DATA: the data in the host's domain.
+            let mut padded = [0u8; 64];
+            padded.iter_mut().zip(&data).for_each(|(d, s)| *d = *s);
+            let bound = hex::encode(parma_snp::report_data::Domain::Host.report_data(&padded));
+            let value = serde_json::json!({"report": out, "provider": provider, "report_data": bound});
+            print(args.json, &value, |_| {
+                format!(
+                    "wrote {} ({} bytes, {provider}); REPORT_DATA {bound} (check with --expect-report-data host:{report_data})",
+                    out.display(),
+                    report.len()
+                )
             })
         }
         AgentCommand::SetPolicy { agent: args, policy } => {

@@ -26,8 +26,11 @@ pub struct VerifyArgs {
     /// The HOST_DATA you expect (64 hex digits; for Parma, `parma policy hash`).
     #[arg(long)]
     expect_host_data: Option<String>,
-    /// The REPORT_DATA you expect (hex, up to 64 bytes; shorter is zero padded).
-    #[arg(long)]
+    /// The REPORT_DATA you expect, as DOMAIN:HEX: `host:HEX` for a report the
+    /// host asked for with `parma agent attest --report-data HEX` (the agent
+    /// binds it as SHA-512 of a host tag and the data), `raw:HEX` for
+    /// REPORT_DATA as it is (hex, up to 64 bytes; shorter is zero padded).
+    #[arg(long, value_name = "DOMAIN:HEX")]
     expect_report_data: Option<String>,
     /// The least TCB you accept, e.g. bl=3,tee=0,snp=8,ucode=115.
     #[arg(long)]
@@ -61,8 +64,8 @@ pub fn execute(args: VerifyArgs) -> anyhow::Result<i32> {
     if let Some(hex) = &args.expect_host_data {
         expect = expect.host_data_hex(hex)?;
     }
-    if let Some(hex) = &args.expect_report_data {
-        expect = expect.report_data_hex(hex)?;
+    if let Some(text) = &args.expect_report_data {
+        expect = expect_report_data(expect, text)?;
     }
     let verification = parma_snp::verify(&report, &certs, &expect)?;
     if args.json {
@@ -95,4 +98,46 @@ pub fn execute(args: VerifyArgs) -> anyhow::Result<i32> {
     }
     // 2: the report failed a check (1: parma could not check it).
     Ok(if verification.all_passed() { 0 } else { 2 })
+}
+
+/// `--expect-report-data DOMAIN:HEX`.
+fn expect_report_data(expect: parma_snp::Expectations, text: &str) -> anyhow::Result<parma_snp::Expectations> {
+    use parma_snp::report_data::Domain;
+    let domains = || Domain::ALL.iter().map(|d| format!("{d}:HEX")).collect::<Vec<_>>().join(", ");
+    let Some((domain, hex)) = text.split_once(':') else {
+        anyhow::bail!(
+            "--expect-report-data names whose REPORT_DATA it is: {} or raw:HEX (the agent never signs the host's \
+             bytes as they are)",
+            domains()
+        );
+    };
+    Ok(match (domain, Domain::from_label(domain)) {
+        ("raw", _) => expect.report_data_hex(hex)?,
+        (_, Some(domain)) => expect.report_data_in(domain, hex)?,
+        (other, None) => anyhow::bail!("--expect-report-data: no domain {other:?} (known: {}, raw:HEX)", domains()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parma_snp::report_data::Domain;
+
+    #[test]
+    fn report_data_expectations_name_their_domain() {
+        let none = parma_snp::Expectations::default;
+        let host = expect_report_data(none(), "host:5a5a").unwrap();
+        let mut data = [0u8; 64];
+        data[..2].copy_from_slice(&[0x5a, 0x5a]);
+        assert_eq!(host.report_data, Some(Domain::Host.report_data(&data)));
+        assert_eq!(expect_report_data(none(), "raw:5a5a").unwrap().report_data, Some(data));
+        // The empty host data is a value too (the CLI's default).
+        assert_eq!(expect_report_data(none(), "host:").unwrap().report_data, Some(Domain::Host.report_data(&[0; 64])));
+        let err = expect_report_data(none(), "5a5a").unwrap_err().to_string();
+        assert!(err.contains("host:HEX") && err.contains("raw:HEX"), "{err}");
+        let err = expect_report_data(none(), "broker:5a").unwrap_err().to_string();
+        assert!(err.contains("no domain \"broker\""), "{err}");
+        assert!(expect_report_data(none(), "host:zz").is_err());
+        assert!(expect_report_data(none(), &format!("host:{}", "00".repeat(65))).is_err());
+    }
 }

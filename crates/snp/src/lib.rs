@@ -22,6 +22,7 @@ pub mod certs;
 pub mod emulation;
 pub mod policy;
 pub mod report;
+pub mod report_data;
 #[cfg(feature = "verifier")]
 pub mod verify;
 

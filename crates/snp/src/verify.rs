@@ -79,6 +79,20 @@ impl Expectations {
         self.report_data = Some(full);
         Ok(self)
     }
+
+    /// Expects the REPORT_DATA the agent makes in `domain` from 0 to 64
+    /// bytes of hex (zero padded, as the request carried them): see
+    /// [`crate::report_data`].
+    pub fn report_data_in(mut self, domain: crate::report_data::Domain, s: &str) -> Result<Self, HexError> {
+        let bytes = decode_hex("report data", s)?;
+        if bytes.len() > 64 {
+            return Err(HexError::Length { what: "report data", expected: "0 to 64".to_owned(), actual: bytes.len() });
+        }
+        let mut data = [0u8; 64];
+        data.iter_mut().zip(&bytes).for_each(|(d, s)| *d = *s);
+        self.report_data = Some(domain.report_data(&data));
+        Ok(self)
+    }
 }
 
 /// The name of one check.
