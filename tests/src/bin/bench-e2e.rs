@@ -13,6 +13,10 @@
 //!    (`parma_host::run::run`), each step timed from its progress events and
 //!    the first stdout byte, median of `RUNS`; each step's share of the gap
 //!    between first output and agent-ready (everything but the boot).
+//! 4. SetPolicy's latency sent at agent-ready (as `parma run` sends it) and
+//!    after the agent sat idle for 2 s (when its low-priority thread has
+//!    parsed the framework and warmed the engine up): under TCG most of
+//!    SetPolicy is translating code that runs for the first time.
 //!
 //! Writes `out/bench/e2e.json`.
 
@@ -37,6 +41,10 @@ const WARMUP: usize = 2;
 /// `parma run`s and plain boots.
 const RUNS: usize = 5;
 const READY: Duration = Duration::from_secs(90);
+/// Boots for each SetPolicy timing.
+const SET_POLICY_BOOTS: usize = 3;
+/// How long the agent sits idle before the second SetPolicy timing.
+const IDLE: Duration = Duration::from_secs(2);
 const CALL: Duration = Duration::from_secs(60);
 /// A `parma run` still going after this is killed and the bench fails.
 const RUN_LIMIT: Duration = Duration::from_secs(180);
@@ -98,6 +106,11 @@ struct Report {
     agent_ready_samples_s: Vec<f64>,
     /// Where `parma run`'s time goes (the library, median of `runs`).
     breakdown: Vec<StepShare>,
+    /// SetPolicy sent at agent-ready, median of [`SET_POLICY_BOOTS`] boots.
+    set_policy_at_ready_s: f64,
+    /// SetPolicy sent after `set_policy_idle_s` of idle agent (warmed up).
+    set_policy_after_idle_s: f64,
+    set_policy_idle_s: f64,
 }
 
 fn median_f64(mut values: Vec<f64>) -> f64 {
@@ -311,6 +324,37 @@ fn plain_boot(paths: &Paths) -> anyhow::Result<Duration> {
     Ok(elapsed)
 }
 
+/// SetPolicy's latency for the generated policy, sent at agent-ready (as
+/// `parma run` does) and after the agent sat idle for [`IDLE`] (time the
+/// agent's low-priority thread uses to parse the framework and warm the
+/// engine up), one boot each, alternating.
+fn set_policy_latency(paths: &Paths, image: &Image) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let text = std::fs::read_to_string(&image.policy)?;
+    let (mut at_ready, mut after_idle) = (Vec::new(), Vec::new());
+    for i in 0..SET_POLICY_BOOTS {
+        for idle in [Duration::ZERO, IDLE] {
+            let mut guest = Vm::boot(paths, &image.policy, image)?;
+            guest.wait_ready(READY)?;
+            let mut client = guest.client(CALL)?;
+            std::thread::sleep(idle);
+            let started = Instant::now();
+            client.set_policy(text.clone()).context("set_policy")?;
+            let took = started.elapsed();
+            client.shutdown()?;
+            ensure!(guest.wait_exit(Duration::from_secs(10))?.success(), "QEMU did not exit cleanly");
+            guest.check_serial()?;
+            eprintln!(
+                "set policy {}/{SET_POLICY_BOOTS} after {:.1} s idle: {:.3} s",
+                i + 1,
+                idle.as_secs_f64(),
+                took.as_secs_f64()
+            );
+            if idle.is_zero() { at_ready.push(took) } else { after_idle.push(took) }
+        }
+    }
+    Ok((at_ready, after_idle))
+}
+
 fn main() -> anyhow::Result<()> {
     let paths = Paths::require_image()?;
     let cli = paths.repo.join("target/release/parma");
@@ -389,6 +433,9 @@ fn main() -> anyhow::Result<()> {
         );
         samples.push(steps);
     }
+    // 4. SetPolicy at ready and after the agent was idle.
+    let (at_ready, after_idle) = set_policy_latency(&paths, &image)?;
+
     let medians: Vec<f64> = (0..STEPS.len())
         .map(|i| median_secs(&samples.iter().filter_map(|s| s.get(i).copied()).collect::<Vec<_>>()))
         .collect();
@@ -427,6 +474,9 @@ fn main() -> anyhow::Result<()> {
         run_exit_samples_s: exits.iter().map(Duration::as_secs_f64).collect(),
         agent_ready_samples_s: readies.iter().map(Duration::as_secs_f64).collect(),
         breakdown,
+        set_policy_at_ready_s: median_secs(&at_ready),
+        set_policy_after_idle_s: median_secs(&after_idle),
+        set_policy_idle_s: IDLE.as_secs_f64(),
     };
 
     let out = paths.repo.join("out/bench");
@@ -459,6 +509,13 @@ fn main() -> anyhow::Result<()> {
     for step in &report.breakdown {
         println!("{:<34} {:>10.3} s {:>9.1}%", step.step, step.median_s, step.share_of_gap * 100.0);
     }
+    println!(
+        "{:<34} {:>10.3} s, after {:.0} s idle {:.3} s",
+        format!("set policy at ready (median of {SET_POLICY_BOOTS})"),
+        report.set_policy_at_ready_s,
+        report.set_policy_idle_s,
+        report.set_policy_after_idle_s
+    );
     println!("wrote {}", out.join("e2e.json").display());
     Ok(())
 }
