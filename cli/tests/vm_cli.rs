@@ -2,7 +2,7 @@
 //! `info --json` and `shutdown`; QEMU (which `vm run` becomes) exits 0.
 
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,25 @@ impl Drop for KillOnDrop {
         let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.0.id())]).status();
         let _ = self.0.wait();
     }
+}
+
+/// `parma vm run --uvm UVM --control CONTROL --serial-log SERIAL EXTRA...`
+/// in a process group of its own, killed when dropped.
+fn vm_run(uvm: &Path, control: &Path, serial: &Path, extra: &[&std::ffi::OsStr]) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_parma"))
+            .args(["vm", "run", "--uvm"])
+            .arg(uvm)
+            .args(extra)
+            .arg("--control")
+            .arg(control)
+            .arg("--serial-log")
+            .arg(serial)
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn repo_root() -> PathBuf {
@@ -36,19 +55,7 @@ fn vm_run_then_ping_info_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let control = dir.path().join("c.sock");
     let serial = dir.path().join("serial.log");
-    let mut vm = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_parma"))
-            .args(["vm", "run", "--uvm"])
-            .arg(&uvm)
-            .arg("--control")
-            .arg(&control)
-            .arg("--serial-log")
-            .arg(&serial)
-            .stdin(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap(),
-    );
+    let mut vm = vm_run(&uvm, &control, &serial, &[]);
     let control = control.to_str().unwrap();
 
     let started = Instant::now();
@@ -120,21 +127,8 @@ fn attest_then_verify_in_the_host_domain() {
     let dir = tempfile::tempdir().unwrap();
     let control = dir.path().join("c.sock");
     let serial = dir.path().join("serial.log");
-    let _vm = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_parma"))
-            .args(["vm", "run", "--insecure-emulate-snp", "--uvm"])
-            .arg(&uvm)
-            .arg("--policy")
-            .arg(&policy)
-            .arg("--control")
-            .arg(&control)
-            .arg("--serial-log")
-            .arg(&serial)
-            .stdin(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap(),
-    );
+    let _vm =
+        vm_run(&uvm, &control, &serial, &["--insecure-emulate-snp".as_ref(), "--policy".as_ref(), policy.as_os_str()]);
     let control = control.to_str().unwrap();
     let ok = |out: &std::process::Output| {
         assert!(

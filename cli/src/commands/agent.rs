@@ -277,14 +277,15 @@ pub enum AgentCommand {
     },
 }
 
+/// A connection the agent has answered a ping on (see `Client::connect_in_step`).
 fn connect(args: &AgentArgs) -> anyhow::Result<Client> {
-    Ok(Client::connect(&args.control, args.timeout)?)
+    Ok(Client::connect_in_step(&args.control, args.timeout)?.0)
 }
 
 pub fn execute(command: AgentCommand) -> anyhow::Result<i32> {
     match command {
         AgentCommand::Ping(args) => {
-            let info = connect(&args)?.ping()?;
+            let (_, info) = Client::connect_in_step(&args.control, args.timeout)?;
             print(args.json, &info, |i| {
                 format!(
                     "agent {} (protocol {}), kernel {}, up {:.3} s",

@@ -217,6 +217,37 @@ impl Client {
         }
     }
 
+    /// [`Client::connect`], then a ping answered on that connection, trying
+    /// new connections until `timeout`; each call then waits up to
+    /// `timeout`. On virtio-serial a request sent right after a host
+    /// connects can be lost: its bytes can reach the agent before the
+    /// guest learns that this host is there, so the agent takes the
+    /// previous host's leaving for this one's and drops the session with
+    /// the request in it. A ping answered on the connection shows the agent
+    /// is in step with it.
+    pub fn connect_in_step(control: &Control, timeout: Duration) -> Result<(Self, PingInfo), ClientError> {
+        /// How long one ping waits before a new connection is tried.
+        const IN_STEP_PING: Duration = Duration::from_secs(1);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            let attempt = Self::connect(control, left).and_then(|mut client| {
+                client.set_timeout(IN_STEP_PING.min(left));
+                let info = client.ping()?;
+                client.set_timeout(timeout);
+                Ok((client, info))
+            });
+            match attempt {
+                Ok(answered) => return Ok(answered),
+                Err(err) if Instant::now() >= deadline => return Err(err),
+                Err(err) => {
+                    tracing::debug!("no answer on a new connection yet: {err}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
     /// How long each call waits for its answer from now on.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;

@@ -236,9 +236,10 @@ impl Vm {
         Err(VmError::NotReady { waited, last_error, serial: self.serial() })
     }
 
-    /// A new connection to the agent.
+    /// A new connection to the agent, in step with it (a ping answered on
+    /// it: [`Client::connect_in_step`]).
     pub fn client(&self, timeout: Duration) -> Result<Client, crate::ClientError> {
-        Client::connect(&self.control(), timeout)
+        Client::connect_in_step(&self.control(), timeout).map(|(client, _)| client)
     }
 
     /// Wait for QEMU to exit by itself.
