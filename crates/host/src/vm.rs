@@ -218,19 +218,14 @@ impl Vm {
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
-            match Client::connect(&self.control(), PING_TIMEOUT) {
-                Ok(mut client) => match client.ping() {
-                    Ok(info) => {
-                        self.check_serial()?;
-                        client.set_timeout(timeout);
-                        return Ok((client, info));
-                    }
-                    Err(err) => last_error = err.to_string(),
-                },
-                Err(err) => {
-                    last_error = err.to_string();
-                    std::thread::sleep(Duration::from_millis(10));
+            // One attempt of about PING_TIMEOUT, then QEMU and the console are looked at again.
+            match Client::connect_in_step(&self.control(), PING_TIMEOUT) {
+                Ok((mut client, info)) => {
+                    self.check_serial()?;
+                    client.set_timeout(timeout);
+                    return Ok((client, info));
                 }
+                Err(err) => last_error = err.to_string(),
             }
         }
         Err(VmError::NotReady { waited, last_error, serial: self.serial() })
