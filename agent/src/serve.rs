@@ -2,7 +2,8 @@
 //!
 //! Transport-independent: the same loop serves a vsock connection and the
 //! virtio-serial port. Framing errors are answered and survived; the loop
-//! ends only on end of stream, an I/O error, or a shutdown request.
+//! ends only on end of stream (a vsock connection's; see [`OnEof`]), an I/O
+//! error, or a shutdown request.
 //!
 //! Requests that act on the guest run one at a time per connection, in the
 //! order they came, on a blocking thread (a mount on a disk the host stalls
@@ -38,6 +39,21 @@ pub enum Ended {
     Shutdown,
 }
 
+/// What an end of file from the peer means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnEof {
+    /// The connection is over (vsock: the next host makes a new one).
+    End,
+    /// Only the framing restarts (virtio-serial: one port for every host,
+    /// an end of file between them). Half a frame from a host that left is
+    /// dropped, but requests already taken keep running and their answers
+    /// go out: the guest may see a new host's bytes before the old host's
+    /// end of file (the port's open and its data travel on different
+    /// virtqueues), and ending the session there lost the new request's
+    /// answer. A host client skips answers whose id it did not send.
+    ResetFraming,
+}
+
 /// A queued request and the size of its frame's body.
 type Queued = (u32, Request, usize);
 
@@ -64,7 +80,7 @@ async fn work(
 }
 
 /// Serve one stream until it ends.
-pub async fn serve<S>(stream: &mut S, dispatcher: &Arc<Dispatcher>) -> std::io::Result<Ended>
+pub async fn serve<S>(stream: &mut S, dispatcher: &Arc<Dispatcher>, on_eof: OnEof) -> std::io::Result<Ended>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -72,7 +88,7 @@ where
     let (done_tx, mut done) = mpsc::channel::<(u32, Response, After)>(1);
     let queued_bytes = Arc::new(AtomicUsize::new(0));
     let worker = tokio::spawn(work(dispatcher.clone(), work_queue, done_tx, queued_bytes.clone()));
-    let ended = serve_with(stream, &queue, &mut done, &queued_bytes).await;
+    let ended = serve_with(stream, &queue, &mut done, &queued_bytes, on_eof).await;
     // Requests not started yet are dropped with the queue. One already
     // running completes on its own (it holds the guest's lock; a shutdown
     // does not wait for it) and its answer is lost with the connection.
@@ -85,6 +101,7 @@ async fn serve_with<S>(
     queue: &mpsc::Sender<Queued>,
     done: &mut mpsc::Receiver<(u32, Response, After)>,
     queued_bytes: &AtomicUsize,
+    on_eof: OnEof,
 ) -> std::io::Result<Ended>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -108,7 +125,13 @@ where
             if decoder.buffered() > 0 {
                 tracing::warn!("peer left in the middle of a frame ({} bytes dropped)", decoder.buffered());
             }
-            return Ok(Ended::Eof);
+            match on_eof {
+                OnEof::End => return Ok(Ended::Eof),
+                OnEof::ResetFraming => {
+                    decoder = Decoder::new();
+                    continue;
+                }
+            }
         };
         decoder.push(bytes);
         while let Some(item) = decoder.next_frame() {
@@ -175,7 +198,7 @@ mod tests {
         let (mut agent_side, mut host_side) = tokio::io::duplex(1 << 22);
         host_side.write_all(&input).await.unwrap();
         host_side.shutdown().await.unwrap();
-        let ended = serve(&mut agent_side, &dispatcher()).await.unwrap();
+        let ended = serve(&mut agent_side, &dispatcher(), OnEof::End).await.unwrap();
         drop(agent_side);
         let mut out = Vec::new();
         host_side.read_to_end(&mut out).await.unwrap();
@@ -241,7 +264,7 @@ mod tests {
         // GuestInfo goes through the lock and a blocking thread, one after
         // the other; a ping among them is answered as it comes.
         let (mut agent_side, mut host_side) = tokio::io::duplex(1 << 22);
-        let server = tokio::spawn(async move { serve(&mut agent_side, &dispatcher()).await });
+        let server = tokio::spawn(async move { serve(&mut agent_side, &dispatcher(), OnEof::End).await });
         let mut input = Vec::new();
         for id in 1..=3 {
             input.extend(encode_request(id, &Request::GuestInfo));
@@ -269,7 +292,7 @@ mod tests {
         let (mut agent_side, mut host_side) = tokio::io::duplex(1 << 22);
         let server = tokio::spawn({
             let dispatcher = dispatcher.clone();
-            async move { serve(&mut agent_side, &dispatcher).await }
+            async move { serve(&mut agent_side, &dispatcher, OnEof::End).await }
         });
         let mut input = encode_request(1, &Request::GuestInfo);
         input.extend(encode_request(2, &Request::Ping));
@@ -302,5 +325,91 @@ mod tests {
         assert!(all.iter().any(|(_, r)| matches!(r, Response::Error(e) if e.code == ErrorCode::Busy)), "{all:?}");
         assert!(matches!(all.last(), Some((99, Response::ShuttingDown))), "{all:?}");
         assert!(!all.iter().any(|(id, _)| *id == 1), "the stuck request was not answered: {all:?}");
+    }
+
+    /// A port the way virtio-serial shows it: chunks of bytes with ends of
+    /// file between hosts, then nothing more (pending forever).
+    struct Port {
+        script: std::collections::VecDeque<Option<Vec<u8>>>,
+        written: Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl tokio::io::AsyncRead for Port {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            match self.script.pop_front() {
+                Some(Some(bytes)) => buf.put_slice(&bytes),
+                Some(None) => {}
+                None => return std::task::Poll::Pending,
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Port {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.written.lock().unwrap().extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The virtio-serial race: a new host's request arrives, then the old
+    /// host's end of file. The request is answered all the same, half a
+    /// frame before an end of file is dropped, and the next whole frame
+    /// after it is answered.
+    #[tokio::test]
+    async fn on_the_serial_port_an_end_of_file_only_resets_the_framing() {
+        let ping = encode_request(3, &Request::Ping);
+        let script = vec![
+            Some(encode_request(1, &Request::GuestInfo)),
+            None,
+            Some(ping[..7].to_vec()),
+            None,
+            Some(encode_request(2, &Request::Ping)),
+            None,
+            None,
+        ];
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut port = Port { script: script.into(), written: written.clone() };
+        let server = tokio::spawn(async move { serve(&mut port, &dispatcher(), OnEof::ResetFraming).await });
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let got = loop {
+            let mut decoder = Decoder::new();
+            decoder.push(&written.lock().unwrap());
+            let got: Vec<(u32, Response)> = std::iter::from_fn(|| decoder.next_frame())
+                .map(|f| {
+                    let f = f.unwrap();
+                    (f.id, Response::decode(&f.body).unwrap())
+                })
+                .collect();
+            if got.len() >= 2 || tokio::time::Instant::now() > deadline {
+                break got;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        assert!(!server.is_finished(), "the session ended on an end of file");
+        server.abort();
+        assert!(got.iter().any(|(id, r)| *id == 1 && matches!(r, Response::GuestInfo(_))), "{got:?}");
+        assert!(got.iter().any(|(id, r)| *id == 2 && matches!(r, Response::Pong(_))), "{got:?}");
+        assert_eq!(got.len(), 2, "half a frame was answered: {got:?}");
     }
 }

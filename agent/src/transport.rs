@@ -13,7 +13,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
 
 use crate::dispatch::Dispatcher;
-use crate::serve::{Ended, serve};
+use crate::serve::{Ended, OnEof, serve};
 
 /// Where the kernel lists virtio-serial ports and their names.
 const VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
@@ -56,7 +56,9 @@ fn named_port(class_dir: &Path, wanted: &str) -> Option<PathBuf> {
 /// A virtio-serial port has no connections: when the host side closes, reads
 /// return end of file until a host connects again. Each such gap resets the
 /// decoder, so half a frame from a host that left never merges with the
-/// next host's bytes. Returns `Ok` only once a shutdown request was answered.
+/// next host's bytes, and nothing else ([`OnEof::ResetFraming`]): requests
+/// taken are carried out and answered. Returns `Ok` only once a shutdown
+/// request was answered.
 ///
 /// The port is read and written with blocking calls on two threads, not
 /// through epoll: the virtio console driver's wakeups around a host
@@ -88,7 +90,7 @@ pub async fn serve_serial(path: &Path, dispatcher: &Arc<Dispatcher>) -> anyhow::
     loop {
         let mut stream =
             SerialStream { events: &mut events, pending: Vec::new(), out: out_tx.clone(), reserving: None };
-        match serve(&mut stream, dispatcher).await {
+        match serve(&mut stream, dispatcher, OnEof::ResetFraming).await {
             Ok(Ended::Shutdown) => {
                 // The writer ends once every sender is gone, after writing
                 // the answer: wait for it (a while: with no host on the
@@ -98,6 +100,7 @@ pub async fn serve_serial(path: &Path, dispatcher: &Arc<Dispatcher>) -> anyhow::
                 let _ = finished.recv_timeout(Duration::from_secs(2));
                 return Ok(());
             }
+            // Not returned with `ResetFraming`; a new session is harmless.
             Ok(Ended::Eof) => {}
             Err(err) => {
                 tracing::warn!("serial port: {err}");
@@ -298,7 +301,7 @@ pub async fn serve_vsock(listener: VsockListener, dispatcher: Arc<Dispatcher>, s
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            match serve(&mut stream, &dispatcher).await {
+            match serve(&mut stream, &dispatcher, OnEof::End).await {
                 Ok(Ended::Shutdown) => {
                     let _ = shutdown.send(()).await;
                 }
