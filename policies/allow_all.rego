@@ -40,3 +40,5 @@ runtime_logging := {"allowed": true}
 load_fragment := {"allowed": true}
 
 get_attestation := {"allowed": true}
+
+create_sandbox := {"allowed": true}

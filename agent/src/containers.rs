@@ -22,6 +22,7 @@ use parma_protocol::{ErrorCode, OutputStream, ProcessSpec, Resources};
 use parma_sys::launch::{self, Capabilities, Child, Exit, MountCheck, Namespaces, NewContainer, Process, RootOp};
 
 use crate::fault::Fault;
+use crate::pod::Sandbox;
 use crate::storage;
 
 /// The cgroup under which every container gets its own.
@@ -86,6 +87,8 @@ struct Container {
     cgroup: String,
     /// The policy let the host reach the stdio of its processes.
     stdio: bool,
+    /// It shares the pod's network, IPC and UTS namespaces.
+    in_pod: bool,
 }
 
 /// How a container is created, besides its process.
@@ -105,6 +108,8 @@ pub struct Options<'a> {
     pub readonly_paths: &'a [String],
     /// The policy let the host reach its processes' stdio.
     pub stdio: bool,
+    /// The OCI spec's namespace list (see `pod::joins_pod`).
+    pub namespaces: &'a [parma_protocol::Namespace],
 }
 
 /// What a process's status is.
@@ -122,11 +127,27 @@ pub struct Status {
 #[derive(Debug, Default)]
 pub struct Containers {
     containers: BTreeMap<String, Container>,
+    /// The pod, once `CreateSandbox` made the UVM one.
+    sandbox: Option<Sandbox>,
     /// The containers' parent cgroup has its guest-wide limits.
     guest_limits: bool,
 }
 
 impl Containers {
+    /// Make the UVM a pod: its namespaces held by a process of the agent's.
+    /// Only before any container exists (those would have namespaces of
+    /// their own, outside the pod), and once.
+    pub fn create_sandbox(&mut self, hostname: &str, share_pid: bool) -> Result<(), Fault> {
+        if self.sandbox.is_some() {
+            return Err(Fault::wrong_state("the UVM is already a pod"));
+        }
+        if !self.containers.is_empty() {
+            return Err(Fault::wrong_state("containers exist outside a pod: the sandbox comes first"));
+        }
+        self.sandbox = Some(Sandbox::create(hostname, share_pid, last_cap())?);
+        Ok(())
+    }
+
     /// Whether `id` exists.
     pub fn exists(&self, id: &str) -> bool {
         self.containers.contains_key(id)
@@ -186,8 +207,21 @@ impl Containers {
             ));
         }
         let rootfs = storage::rootfs_target(id);
-        let hostname = options.hostname.unwrap_or(id);
-        if hostname.is_empty() || hostname.len() > 64 || hostname.contains('\0') {
+        let in_pod = crate::pod::joins_pod(options.namespaces, self.sandbox.is_some())?;
+        let hostname = match (&self.sandbox, options.hostname) {
+            (Some(pod), Some(asked)) if asked != pod.hostname => {
+                return Err(Fault::invalid(format!(
+                    "host name {:?} is not the pod's {:?}: a pod has one",
+                    asked.get(..asked.floor_char_boundary(64)).unwrap_or_default(),
+                    pod.hostname
+                )));
+            }
+            (Some(_), _) => None,
+            (None, asked) => Some(asked.unwrap_or(id)),
+        };
+        if let Some(hostname) = hostname
+            && (hostname.is_empty() || hostname.len() > 64 || hostname.contains('\0'))
+        {
             return Err(Fault::invalid(format!("host name {hostname:?} is not 1 to 64 bytes")));
         }
         let process = prepare_process(&rootfs, spec)?;
@@ -202,7 +236,7 @@ impl Containers {
             ops,
             checks,
             readonly_rootfs: options.readonly_rootfs,
-            hostname: cstring(hostname)?,
+            hostname: hostname.map(cstring).transpose()?,
         };
         let cgroup = format!("{CGROUP_PARENT}/{id}");
         if !self.guest_limits {
@@ -223,6 +257,7 @@ impl Containers {
                 execs: BTreeMap::new(),
                 cgroup,
                 stdio: options.stdio,
+                in_pod,
             },
         );
         Ok(())
@@ -237,6 +272,11 @@ impl Containers {
     /// Start a created container's init process; returns its PID.
     pub fn start(&mut self, id: &str) -> Result<i32, Fault> {
         let container = self.containers.get_mut(id).ok_or_else(|| no_container(id))?;
+        let pod = match (container.in_pod, &self.sandbox) {
+            (false, _) => None,
+            (true, Some(sandbox)) => Some(sandbox.pidfd()),
+            (true, None) => return Err(Fault::wrong_state(format!("container {id:?} belongs to a pod that is gone"))),
+        };
         let (new, process) = container
             .prepared
             .take()
@@ -245,7 +285,11 @@ impl Containers {
             pipes(container.spec.terminal, container.stdio).map_err(Fault::from).and_then(|(stdio, pipes)| {
                 let cgroup =
                     File::open(&container.cgroup).map_err(|err| format!("cannot open {}: {err}", container.cgroup))?;
-                launch::spawn(&Namespaces::New(&new), &process, stdio, Some(cgroup.as_fd()))
+                let namespaces = match pod {
+                    Some(pod) => Namespaces::InPod(&new, pod),
+                    None => Namespaces::New(&new),
+                };
+                launch::spawn(&namespaces, &process, stdio, Some(cgroup.as_fd()))
                     .map(|child| (child, pipes))
                     .map_err(|err| launch_fault(&format!("cannot start container {id:?}"), &err))
             });
@@ -617,7 +661,7 @@ fn no_container(id: &str) -> Fault {
 
 /// A failed launch's code: `execve` finding no file is a missing
 /// executable, one it cannot run (permissions, format) cannot execute.
-fn launch_fault(doing: &str, err: &launch::LaunchError) -> Fault {
+pub(crate) fn launch_fault(doing: &str, err: &launch::LaunchError) -> Fault {
     let code = match err {
         launch::LaunchError::Setup { step: launch::Step::Exec, source } => match source.raw_os_error() {
             Some(libc::ENOENT | libc::ENOTDIR) => ErrorCode::ExecutableNotFound,

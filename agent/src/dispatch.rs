@@ -289,6 +289,7 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
             mounts,
             masked_paths,
             readonly_paths,
+            namespaces,
         } => {
             if !storage.has_overlay(&container_id) {
                 return Err(Failure::Failed(Fault::wrong_state(format!("container {container_id:?} has no overlay"))));
@@ -301,6 +302,7 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
                 masked_paths: &masked_paths.unwrap_or_else(default_masked_paths),
                 readonly_paths: &readonly_paths.unwrap_or_else(default_readonly_paths),
                 stdio: stdio_allowed(decisions),
+                namespaces: &namespaces,
             };
             containers.create(&container_id, &process, &options)?;
             Ok(Response::Done)
@@ -338,6 +340,9 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
             Ok(containers.resize_terminal(&container_id, exec_id.as_deref(), rows, cols).map(|()| Response::Done)?)
         }
         Request::DeleteContainer { container_id } => Ok(containers.delete(&container_id).map(|()| Response::Done)?),
+        Request::CreateSandbox { hostname, share_pid } => {
+            Ok(containers.create_sandbox(&hostname, share_pid).map(|()| Response::Done)?)
+        }
         Request::Ping
         | Request::GuestInfo
         | Request::Shutdown
@@ -371,6 +376,9 @@ fn points(request: &Request, containers: &mut Containers) -> Result<Vec<Input>, 
     Ok(match request {
         Request::Ping | Request::Shutdown | Request::SetPolicy { .. } | Request::LoadFragment { .. } => Vec::new(),
         Request::GuestInfo => vec![Input::GetProperties(input::Empty {})],
+        Request::CreateSandbox { hostname, share_pid } => {
+            vec![Input::CreateSandbox(input::CreateSandbox { hostname: hostname.clone(), share_pid: *share_pid })]
+        }
         Request::GetAttestation { report_data } => {
             let data = report_data_from_hex(report_data).map_err(malformed)?;
             vec![Input::GetAttestation(input::GetAttestation {
@@ -613,6 +621,7 @@ mod tests {
             mounts: vec![],
             masked_paths: None,
             readonly_paths: None,
+            namespaces: vec![],
         };
         let points = points(&request, &mut containers).unwrap();
         let input = &points[0].to_value();

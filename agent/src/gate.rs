@@ -202,6 +202,7 @@ impl Gate {
                 | Request::WriteStdin { .. }
                 | Request::ResizeTerminal { .. }
                 | Request::DeleteContainer { .. }
+                | Request::CreateSandbox { .. }
                 | Request::LoadFragment { .. } => {
                     Err(denied(format!("{} is denied: {reason}", request.kind().as_str())))
                 }
@@ -237,7 +238,8 @@ impl Gate {
             | Request::UpdateContainer { .. }
             | Request::ExecProcess { .. }
             | Request::SignalProcess { .. }
-            | Request::DeleteContainer { .. } => {
+            | Request::DeleteContainer { .. }
+            | Request::CreateSandbox { .. } => {
                 let engine = self.engine_for(request)?;
                 let mut decisions = Vec::with_capacity(points.len());
                 for input in points {

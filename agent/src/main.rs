@@ -17,6 +17,7 @@ mod gate;
 mod guest;
 mod log;
 mod mounts;
+mod pod;
 mod scratch;
 mod seccomp;
 mod serve;
@@ -46,6 +47,10 @@ pub fn fail_closed(reason: &str) -> ! {
 }
 
 fn main() {
+    // Run again as a pod's namespace holder: nothing of the agent starts.
+    if std::env::args_os().next().is_some_and(|argv0| argv0 == pod::PAUSE_ARGV0) {
+        pod::pause();
+    }
     log::init();
     std::panic::set_hook(Box::new(|info| {
         log::panic_hook(info);

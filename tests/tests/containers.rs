@@ -497,6 +497,7 @@ fn a_read_only_root_cannot_be_written() -> anyhow::Result<()> {
         mounts: Vec::new(),
         masked_paths: None,
         readonly_paths: None,
+        namespaces: Vec::new(),
     };
     let response = client.call(&create)?;
     ensure!(response == parma_protocol::Response::Done, "{response:?}");

@@ -156,6 +156,7 @@ fn probe(as_root: bool) -> anyhow::Result<String> {
         mounts: Vec::new(),
         masked_paths: None,
         readonly_paths: Some(vec!["/proc/bus".into()]),
+        namespaces: Vec::new(),
     };
     match client.call(&writable_sys)? {
         parma_protocol::Response::Error(err) if err.code == ErrorCode::PolicyDenied => {

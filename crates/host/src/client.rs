@@ -385,7 +385,9 @@ pub struct ProcessStatus {
 
 /// The container requests, one method each.
 impl Client {
-    fn done(&mut self, request: &Request) -> Result<(), ClientError> {
+    /// Any request whose success answer is `Done` (one built in full, with
+    /// fields the methods below leave at their defaults).
+    pub fn done(&mut self, request: &Request) -> Result<(), ClientError> {
         match self.call(request)? {
             Response::Done => Ok(()),
             other => Err(unexpected(other)),
@@ -471,7 +473,13 @@ impl Client {
             // runc's defaults, which the agent applies and the policy sees.
             masked_paths: None,
             readonly_paths: None,
+            namespaces: Vec::new(),
         })
+    }
+
+    /// `CreateSandbox`: the UVM becomes a pod with this host name.
+    pub fn create_sandbox(&mut self, hostname: &str, share_pid: bool) -> Result<(), ClientError> {
+        self.done(&Request::CreateSandbox { hostname: hostname.into(), share_pid })
     }
 
     /// `UpdateContainer`.

@@ -135,6 +135,36 @@ pub struct Spec {
     /// `{"issuer": sha256 of the key (parma policy issuer), "feed", "minimum_svn"}`.
     #[serde(default)]
     pub fragments: Vec<FragmentSpec>,
+    /// Policy-wide: the pod the UVM may become (`CreateSandbox`); default:
+    /// any RFC 1123 host name (as Kubernetes allows), no shared PID namespace.
+    #[serde(default)]
+    pub sandbox: SandboxSpec,
+}
+
+/// The `sandbox` rule: what `CreateSandbox` may ask for.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSpec {
+    /// An RE2 pattern the pod's host name must match in full (default:
+    /// [`RFC1123_HOSTNAME`]).
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    /// May the pod's containers share one PID namespace?
+    #[serde(default)]
+    pub share_pid: bool,
+}
+
+/// Host names as Kubernetes allows them: RFC 1123 subdomains.
+pub const RFC1123_HOSTNAME: &str = "[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*";
+
+fn default_hostname() -> String {
+    RFC1123_HOSTNAME.to_string()
+}
+
+impl Default for SandboxSpec {
+    fn default() -> Self {
+        Self { hostname: default_hostname(), share_pid: false }
+    }
 }
 
 /// One issuer and feed a policy takes fragments from.
@@ -230,11 +260,13 @@ pub fn rego(containers: &[Value], source: &str) -> anyhow::Result<String> {
     rego_with_fragments(containers, &[], &Knobs::default(), source)
 }
 
-/// The policy-wide knobs a spec may turn on (all off by default).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// The policy-wide knobs a spec may turn on (all off by default) and the pod's rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Knobs {
     /// `allow_scratch_swap`.
     pub scratch_swap: bool,
+    /// `sandbox`.
+    pub sandbox: SandboxSpec,
 }
 
 /// [`rego`], taking fragments from these issuers and feeds, with these knobs.
@@ -270,6 +302,7 @@ pub fn rego_with_fragments(
     // Fragments: list {"issuer": sha256 of the key (parma policy issuer),
     // "feed": "...", "minimum_svn": N} here to let an issuer add containers.
     out.push_str(&format!("fragments := {}\n\n", serde_json::to_string_pretty(fragments)?));
+    out.push_str(&format!("sandbox := {}\n\n", serde_json::to_string_pretty(&knobs.sandbox)?));
     for point in Point::ALL {
         out.push_str(&format!("{0} := data.framework.{0}\n\n", point.rule()));
     }
@@ -298,7 +331,7 @@ pub fn generate(oci: &Path, reference: Option<&str>, spec: Option<&Path>, layers
             );
         }
     }
-    let knobs = Knobs { scratch_swap: spec.allow_scratch_swap };
+    let knobs = Knobs { scratch_swap: spec.allow_scratch_swap, sandbox: spec.sandbox.clone() };
     // A user by name: its numbers from the image's own /etc/passwd and /etc/group.
     let resolved = if spec.user.is_none() && crate::user::needs_files(&built.config.user) {
         Some(crate::user::image_user(oci, reference, &built.config.user)?)

@@ -66,6 +66,12 @@ default fragments := []
 
 fragments := data.parma_policy_data.fragments
 
+# The pod the UVM may become: {"hostname": RE2 pattern, "share_pid": bool};
+# absent: no CreateSandbox is allowed.
+default policy_sandbox := null
+
+policy_sandbox := data.parma_policy_data.sandbox
+
 state := object.get(input, "state", {})
 
 devices := object.get(state, "devices", {})
@@ -732,6 +738,43 @@ get_attestation := {"allowed": true, "metadata": []} if {
 
 get_attestation := denied(sprintf("the container group is not complete: %s not running", [concat(", ", [quote(n) | some n in missing_required])]), []) if {
 	count(missing_required) > 0
+}
+
+# ---------------------------------------------------------------- the pod
+
+sandboxes := object.get(state, "sandbox", {})
+
+create_sandbox_problems contains "the policy allows no sandbox (it has no sandbox rule)" if {
+	policy_sandbox == null
+}
+
+create_sandbox_problems contains "the UVM is already a pod" if {
+	count(sandboxes) > 0
+}
+
+create_sandbox_problems contains sprintf("host name %s does not match the policy's %s", [quote(input.hostname), quote(policy_sandbox.hostname)]) if {
+	policy_sandbox != null
+	not regex.match(concat("", ["^(?:", object.get(policy_sandbox, "hostname", ""), ")$"]), input.hostname)
+}
+
+create_sandbox_problems contains "the policy does not allow a shared PID namespace" if {
+	policy_sandbox != null
+	input.sharePid == true
+	not object.get(policy_sandbox, "share_pid", false) == true
+}
+
+default create_sandbox := {"allowed": false, "reason": {"message": "create_sandbox: input is missing hostname or sharePid", "candidates": []}}
+
+create_sandbox := allowed_with([{"name": "sandbox", "action": "add", "key": "pod", "value": {"hostname": input.hostname, "sharePid": input.sharePid}}]) if {
+	is_string(input.hostname)
+	is_boolean(input.sharePid)
+	count(create_sandbox_problems) == 0
+}
+
+create_sandbox := denied(concat("; ", sort(create_sandbox_problems)), []) if {
+	is_string(input.hostname)
+	is_boolean(input.sharePid)
+	count(create_sandbox_problems) > 0
 }
 
 # ---------------------------------------------------------------- the UVM itself

@@ -151,6 +151,16 @@ pub struct GetAttestation {
     pub running: Vec<String>,
 }
 
+/// `create_sandbox`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateSandbox {
+    /// The pod's host name.
+    pub hostname: String,
+    /// Whether containers may share one PID namespace.
+    pub share_pid: bool,
+}
+
 /// A point with no input fields.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Empty {}
@@ -187,6 +197,8 @@ pub enum Input {
     GetAttestation(GetAttestation),
     /// `runtime_logging`.
     RuntimeLogging(Empty),
+    /// `create_sandbox`.
+    CreateSandbox(CreateSandbox),
 }
 
 impl Input {
@@ -206,6 +218,7 @@ impl Input {
             Input::ShutdownContainer(_) => Point::ShutdownContainer,
             Input::GetProperties(_) => Point::GetProperties,
             Input::GetAttestation(_) => Point::GetAttestation,
+            Input::CreateSandbox(_) => Point::CreateSandbox,
             Input::RuntimeLogging(_) => Point::RuntimeLogging,
         }
     }

@@ -466,6 +466,7 @@ pub const DATA_RULES: &[&str] = &[
     "start_order",
     "required_containers",
     "fragments",
+    "sandbox",
 ];
 
 /// The data document the framework reads the policy's data from.

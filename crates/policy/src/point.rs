@@ -40,11 +40,13 @@ pub enum Point {
     LoadFragment,
     /// Give a container (or the host) an attestation report.
     GetAttestation,
+    /// Make the UVM a pod: its shared namespaces and host name.
+    CreateSandbox,
 }
 
 impl Point {
     /// Every enforcement point.
-    pub const ALL: [Point; 17] = [
+    pub const ALL: [Point; 18] = [
         Point::MountDevice,
         Point::UnmountDevice,
         Point::MountOverlay,
@@ -62,6 +64,7 @@ impl Point {
         Point::RuntimeLogging,
         Point::LoadFragment,
         Point::GetAttestation,
+        Point::CreateSandbox,
     ];
 
     /// The rule name in the policy (`data.policy.<rule>`).
@@ -84,6 +87,7 @@ impl Point {
             Point::RuntimeLogging => "runtime_logging",
             Point::LoadFragment => "load_fragment",
             Point::GetAttestation => "get_attestation",
+            Point::CreateSandbox => "create_sandbox",
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The state decisions build up, and the operations that change it.
 //!
 //! The state is a JSON object of named maps (`devices`, `overlays`,
-//! `containers`, `started_names`, `fragments`), passed to every rule as `input.state`. Rules never change it:
+//! `containers`, `started_names`, `fragments`, `sandbox`), passed to every rule as `input.state`. Rules never change it:
 //! an allowed decision lists operations, and the caller applies them once
 //! the action succeeded.
 
@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// The maps the framework keeps.
-pub const MAPS: &[&str] = &["devices", "overlays", "containers", "started_names", "fragments"];
+pub const MAPS: &[&str] = &["devices", "overlays", "containers", "started_names", "fragments", "sandbox"];
 
 /// The engine's state, as JSON and as the interpreter's value.
 ///

@@ -338,3 +338,44 @@ fn every_is_found_as_a_keyword_only() {
     // The framework avoids it, so generated policies run on the VM.
     assert!(!uses_every(parma_policy::FRAMEWORK));
 }
+
+#[test]
+fn a_sandbox_is_created_once_with_the_host_name_and_pid_sharing_the_policy_allows() {
+    let bind = "create_sandbox := data.framework.create_sandbox\n";
+    let sandbox = |input: Value| json!({"hostname": input["h"], "sharePid": input["p"]});
+    // No sandbox rule: no pod.
+    let mut none = engine(&format!("package policy\n{bind}"));
+    let denial = none.decide(Point::CreateSandbox, &sandbox(json!({"h": "web", "p": false}))).denial.unwrap();
+    assert!(denial.line().contains("allows no sandbox"), "{}", denial.line());
+
+    let mut pod =
+        engine(&format!("package policy\n{bind}sandbox := {{\"hostname\": \"web-[0-9]+\", \"share_pid\": false}}\n"));
+    for (hostname, share_pid, reason) in [
+        ("web", false, "does not match"),
+        // Anchored: a match inside the name is not one.
+        ("xweb-1", false, "does not match"),
+        ("web-1x", false, "does not match"),
+        ("web-1", true, "shared PID namespace"),
+    ] {
+        let decision = pod.decide(Point::CreateSandbox, &sandbox(json!({"h": hostname, "p": share_pid})));
+        let denial = decision.denial.unwrap_or_else(|| panic!("{hostname} {share_pid} was allowed"));
+        assert!(denial.line().contains(reason), "{hostname}: {}", denial.line());
+    }
+    // Malformed input is denied, not an error.
+    let decision = pod.decide(Point::CreateSandbox, &json!({"hostname": 1, "sharePid": false}));
+    assert!(decision.denial.unwrap().line().contains("missing hostname"));
+
+    let decision = pod.decide(Point::CreateSandbox, &sandbox(json!({"h": "web-1", "p": false})));
+    assert!(decision.allowed, "{:?}", decision.denial);
+    pod.commit(&decision).unwrap();
+    let again = pod.decide(Point::CreateSandbox, &sandbox(json!({"h": "web-2", "p": false})));
+    assert!(again.denial.unwrap().line().contains("already a pod"));
+
+    // Sharing allowed: both ways pass.
+    let mut sharing =
+        engine(&format!("package policy\n{bind}sandbox := {{\"hostname\": \".*\", \"share_pid\": true}}\n"));
+    for share_pid in [true, false] {
+        let decision = sharing.decide(Point::CreateSandbox, &sandbox(json!({"h": "p", "p": share_pid})));
+        assert!(decision.allowed, "{share_pid}: {:?}", decision.denial);
+    }
+}

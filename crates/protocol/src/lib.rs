@@ -15,7 +15,7 @@ pub mod message;
 
 pub use frame::{Decoder, Frame, FrameError, FrameKind, MAX_BODY, VERSION, encode};
 pub use message::{
-    AgentError, CapabilitySets, DecodeError, ErrorCode, GuestInfo, Mount, MountInfo, OutputStream, PingInfo,
+    AgentError, CapabilitySets, DecodeError, ErrorCode, GuestInfo, Mount, MountInfo, Namespace, OutputStream, PingInfo,
     ProcessSpec, Request, RequestKind, Resources, Response, Rlimit,
 };
 

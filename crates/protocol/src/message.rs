@@ -94,6 +94,15 @@ pub enum Request {
         /// (`linux.readonlyPaths`); none: runc's defaults.
         #[serde(default)]
         readonly_paths: Option<Vec<String>>,
+        /// The OCI spec's `linux.namespaces`. Without a pod every namespace
+        /// is the container's own and a path is refused; in a pod
+        /// (`CreateSandbox`) the container always shares the pod's network,
+        /// IPC and UTS namespaces (a path there names the pod's, a new one
+        /// is refused), and the pod's PID namespace where a path asks for it
+        /// and the pod shares one. Mount and cgroup namespaces are always
+        /// the container's own; user and time namespaces are refused.
+        #[serde(default)]
+        namespaces: Vec<Namespace>,
     },
     /// Change a container's cgroup limits (policy: `update_container`;
     /// lowering `memory_max` below its use reclaims at once: to swap, when
@@ -173,6 +182,18 @@ pub enum Request {
         /// The container's id.
         container_id: String,
     },
+    /// Make the UVM a pod (policy: `create_sandbox`), once: network, IPC
+    /// and UTS namespaces (a loopback interface up, this host name) that
+    /// every container created afterwards shares, and optionally a PID
+    /// namespace. The agent holds them with a process of its own (no pause
+    /// image from the host).
+    CreateSandbox {
+        /// The pod's host name: 1 to 64 bytes of `[A-Za-z0-9.-]`.
+        hostname: String,
+        /// Containers that ask for it share one PID namespace.
+        #[serde(default)]
+        share_pid: bool,
+    },
     /// Add a signed policy fragment's containers to the policy in force
     /// (policy: `load_fragment`, on the issuer, feed and SVN, once the
     /// issuer's signature over the fragment checked).
@@ -209,7 +230,22 @@ pub const REQUEST_TYPES: &[&str] = &[
     "ResizeTerminal",
     "DeleteContainer",
     "LoadFragment",
+    "CreateSandbox",
 ];
+
+/// An entry of the OCI spec's `linux.namespaces`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    /// `network`, `ipc`, `uts`, `pid`, `mount`, `cgroup` (`user` and `time`
+    /// are refused).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A namespace to join instead of a new one: the host's path, which in
+    /// the guest only ever means the pod's.
+    #[serde(default)]
+    pub path: Option<String>,
+}
 
 /// A process as the host asks for it (a subset of the OCI runtime spec's `process`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -344,6 +380,7 @@ impl Request {
             Request::ResizeTerminal { .. } => RequestKind::ResizeTerminal,
             Request::DeleteContainer { .. } => RequestKind::DeleteContainer,
             Request::LoadFragment { .. } => RequestKind::LoadFragment,
+            Request::CreateSandbox { .. } => RequestKind::CreateSandbox,
         }
     }
 }
@@ -393,6 +430,8 @@ pub enum RequestKind {
     DeleteContainer,
     /// [`Request::LoadFragment`].
     LoadFragment,
+    /// [`Request::CreateSandbox`].
+    CreateSandbox,
 }
 
 impl RequestKind {
@@ -420,6 +459,7 @@ impl RequestKind {
             RequestKind::ResizeTerminal => "ResizeTerminal",
             RequestKind::DeleteContainer => "DeleteContainer",
             RequestKind::LoadFragment => "LoadFragment",
+            RequestKind::CreateSandbox => "CreateSandbox",
         }
     }
 }

@@ -131,8 +131,9 @@ pub struct NewContainer {
     pub checks: Vec<MountCheck>,
     /// Remount the root read-only after the pivot.
     pub readonly_rootfs: bool,
-    /// The UTS namespace's host name.
-    pub hostname: CString,
+    /// The UTS namespace's host name; none in a pod, whose UTS namespace
+    /// is shared and named once.
+    pub hostname: Option<CString>,
 }
 
 /// Capability sets as bit masks (bit N is capability N).
@@ -189,6 +190,10 @@ pub struct Process {
 pub enum Namespaces<'a> {
     /// New mount, PID, UTS, IPC, network and cgroup namespaces, with this root.
     New(&'a NewContainer),
+    /// A container of a pod: new mount, PID and cgroup namespaces, with this
+    /// root, and the network, IPC and UTS namespaces of the process the
+    /// pidfd names (the pod's, held by the agent), joined first.
+    InPod(&'a NewContainer, BorrowedFd<'a>),
     /// The namespaces of a running container, named by its init's pidfd.
     Join(BorrowedFd<'a>),
 }
@@ -526,7 +531,7 @@ pub fn spawn(
     }
 
     match namespaces {
-        Namespaces::New(_) => spawn_new(plan, read_end, write_end, stdio, cgroup),
+        Namespaces::New(_) | Namespaces::InPod(..) => spawn_new(plan, read_end, write_end, stdio, cgroup),
         Namespaces::Join(_) => spawn_join(plan, read_end, write_end, stdio, cgroup),
     }
 }
@@ -543,12 +548,12 @@ fn spawn_new(
     let mut flags = (libc::CLONE_PIDFD
         | libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWNET
         | libc::CLONE_NEWCGROUP
         | libc::CLONE_VM
         | libc::CLONE_VFORK) as u64;
+    if let Namespaces::New(_) = plan.namespaces {
+        flags |= (libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET) as u64;
+    }
     if cgroup.is_some() {
         flags |= CLONE_INTO_CGROUP;
     }
@@ -1020,12 +1025,22 @@ unsafe fn seccomp(process: &Process) -> Result<(), Step> {
     Ok(())
 }
 
-/// A new container's init (`Namespaces::New`).
+/// A new container's init (`Namespaces::New`, `Namespaces::InPod`).
 fn setup(plan: &Plan<'_>) -> Result<Never, Step> {
-    let Namespaces::New(container) = plan.namespaces else { return Err(Step::JoinNamespaces) };
+    let (container, pod) = match plan.namespaces {
+        Namespaces::New(container) => (*container, None),
+        Namespaces::InPod(container, pod) => (*container, Some(pod)),
+        Namespaces::Join(_) => return Err(Step::JoinNamespaces),
+    };
     // SAFETY: raw system calls on C strings and pointer arrays that `plan`
     // keeps alive; nothing allocates.
     unsafe {
+        if let Some(pod) = pod {
+            // Into the pod's namespaces before anything else: the network,
+            // IPC and UTS namespaces the clone did not make new.
+            let flags = libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+            check(libc::setns(pod.as_raw_fd(), flags).into(), Step::JoinNamespaces)?;
+        }
         prelude(plan, true)?;
         check(libc::setsid().into(), Step::Setsid)?;
         if plan.process.controlling_terminal {
@@ -1136,8 +1151,10 @@ unsafe fn new_root(container: &NewContainer) -> Result<(), Step> {
             let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NODEV;
             check(libc::mount(null, c"/".as_ptr(), null, flags, ptr::null()).into(), Step::ReadonlyRoot)?;
         }
-        let name = container.hostname.as_bytes();
-        check(libc::sethostname(name.as_ptr().cast(), name.len()).into(), Step::Hostname)?;
+        if let Some(name) = &container.hostname {
+            let name = name.as_bytes();
+            check(libc::sethostname(name.as_ptr().cast(), name.len()).into(), Step::Hostname)?;
+        }
         // Whatever the image held at those paths (a symbolic link leading a
         // mount elsewhere included), each must now be what was meant.
         for (check, index) in container.checks.iter().zip(0u32..) {

@@ -10,6 +10,8 @@
 //!   and directly in its cgroup, set up its root with `pivot_root`, drop to
 //!   its user and capabilities and `execve` it. The child runs only raw
 //!   system calls on data prepared before the clone: no allocation, no lock.
+//! - [`pod`]: a pod's network namespace from the agent's side (a thread
+//!   that joins it for one step: the loopback interface up).
 //! - [`swap`]: `swapon`/`swapoff` for the encrypted scratch device.
 //!
 //! Linux only, x86_64 is what is tested.
@@ -17,4 +19,5 @@
 
 pub mod dm;
 pub mod launch;
+pub mod pod;
 pub mod swap;

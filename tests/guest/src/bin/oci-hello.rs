@@ -7,6 +7,14 @@
 //! printing; `stderr TEXT` prints TEXT on stderr after the facts; `sleep MS`
 //! sleeps before exiting; `exit N` exits with status N. Any failure prints
 //! `error=...` and exits with status 70.
+//!
+//! `pod PORT` (first) is a pod member instead: it prints its namespaces
+//! (`ns net=... ipc=... uts=... pid=...`), `hostname=` and `pids=` (the
+//! processes it sees), then binds 127.0.0.1:PORT. If it can, it is the
+//! server (`role=server`): it answers one connection with
+//! `hello-from-<hostname>` and exits. If the port is taken, a process in
+//! the same network namespace holds it: it is the client, reads the answer
+//! and prints `role=client got=...`.
 
 use std::ffi::OsString;
 use std::io::{ErrorKind, Write};
@@ -28,6 +36,11 @@ fn main() {
 }
 
 fn run(args: &[String]) -> Result<i32, String> {
+    if let [mode, port] = args
+        && mode == "pod"
+    {
+        return pod(port.parse().map_err(|e| format!("pod: port: {e}"))?);
+    }
     let mut code = 0;
     let mut sleep = None;
     let mut stderr = Vec::new();
@@ -100,4 +113,46 @@ fn write(path: &str, text: &str) -> std::io::Result<()> {
     let mut file = std::fs::File::create(path)?;
     file.write_all(text.repeat(256).as_bytes())?;
     file.sync_all()
+}
+
+/// The `pod PORT` mode (see the module docs).
+fn pod(port: u16) -> Result<i32, String> {
+    use std::io::Read;
+    let ns = |kind: &str| {
+        std::fs::read_link(format!("/proc/self/ns/{kind}"))
+            .map(|link| link.to_string_lossy().into_owned())
+            .map_err(|e| format!("/proc/self/ns/{kind}: {e}"))
+    };
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").map_err(|e| format!("hostname: {e}"))?;
+    let hostname = hostname.trim_end();
+    let pids = std::fs::read_dir("/proc")
+        .map_err(|e| format!("/proc: {e}"))?
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .count();
+    let mut out = std::io::stdout().lock();
+    let mut say = |line: String| out.write_all(format!("{line}\n").as_bytes()).and_then(|()| out.flush());
+    say(format!("ns net={} ipc={} uts={} pid={}", ns("net")?, ns("ipc")?, ns("uts")?, ns("pid")?))
+        .and_then(|()| say(format!("hostname={hostname}")))
+        .and_then(|()| say(format!("pids={pids}")))
+        .map_err(|e| format!("stdout: {e}"))?;
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    match std::net::TcpListener::bind(address) {
+        Ok(listener) => {
+            say("role=server".into()).map_err(|e| format!("stdout: {e}"))?;
+            let (mut stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+            stream.write_all(format!("hello-from-{hostname}").as_bytes()).map_err(|e| format!("send: {e}"))?;
+            Ok(0)
+        }
+        Err(e) if e.kind() == ErrorKind::AddrInUse => {
+            let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10))
+                .map_err(|e| format!("connect: {e}"))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| format!("timeout: {e}"))?;
+            let mut got = String::new();
+            stream.read_to_string(&mut got).map_err(|e| format!("receive: {e}"))?;
+            say(format!("role=client got={got}")).map_err(|e| format!("stdout: {e}"))?;
+            Ok(0)
+        }
+        Err(e) => Err(format!("bind {address}: {e}")),
+    }
 }

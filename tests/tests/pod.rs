@@ -1,0 +1,161 @@
+//! The UVM as a pod under QEMU TCG: `CreateSandbox` decided by the policy,
+//! then two containers of the test image that share the pod's network, IPC
+//! and UTS namespaces (one serves on localhost, the other reaches it) and
+//! keep PID namespaces of their own. The hostile requests around it are
+//! refused with their reasons, and the agent keeps serving.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use parma_host::client::Client;
+use parma_host::run;
+use parma_protocol::{ErrorCode, Namespace, OutputStream, ProcessSpec, Request};
+use parma_tests::{Boot, Guest, Paths, denied, oci, refused};
+
+const READY: Duration = Duration::from_secs(90);
+const CALL: Duration = Duration::from_secs(60);
+const PORT: &str = "7000";
+
+/// The namespaces CRI lists for a pod's container: the pod's network, IPC
+/// and UTS by the host's paths (meaningless in the guest: they name the
+/// pod's), new PID and mount namespaces.
+fn cri_namespaces() -> Vec<Namespace> {
+    let ns = |kind: &str, path: Option<&str>| Namespace { kind: kind.into(), path: path.map(Into::into) };
+    vec![
+        ns("pid", None),
+        ns("ipc", Some("/proc/4242/ns/ipc")),
+        ns("uts", Some("/proc/4242/ns/uts")),
+        ns("mount", None),
+        ns("network", Some("/var/run/netns/cni-0f3c")),
+    ]
+}
+
+fn create(id: &str, process: &ProcessSpec, namespaces: Vec<Namespace>, hostname: Option<&str>) -> Request {
+    Request::CreateContainer {
+        container_id: id.into(),
+        process: process.clone(),
+        hostname: hostname.map(Into::into),
+        readonly_rootfs: false,
+        resources: None,
+        mounts: Vec::new(),
+        masked_paths: None,
+        readonly_paths: None,
+        namespaces,
+    }
+}
+
+/// Stdout of container `id` until a line starts with `prefix`.
+fn read_until(client: &mut Client, id: &str, prefix: &str) -> anyhow::Result<String> {
+    let mut text = String::new();
+    let give_up = Instant::now() + Duration::from_secs(120);
+    while !text.lines().any(|line| line.starts_with(prefix)) {
+        let (data, eof) = client.read_output(id, None, OutputStream::Stdout)?;
+        text.push_str(std::str::from_utf8(&data)?);
+        if eof || Instant::now() >= give_up {
+            let (stderr, _) = client.read_output(id, None, OutputStream::Stderr)?;
+            bail!("{id} printed no {prefix:?}: {text}\nstderr: {}", String::from_utf8_lossy(&stderr));
+        }
+        if data.is_empty() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(text)
+}
+
+/// The rest of a process's stdout and its exit code.
+fn finish(client: &mut Client, id: &str) -> anyhow::Result<(String, i32)> {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let status = run::pump(client, id, None, &mut stdout, &mut stderr, Duration::from_secs(120))?;
+    let code = run::exit_code(&status);
+    ensure!(code == 0, "{id} exited {code}: {}{}", String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr));
+    Ok((String::from_utf8(stdout)?, code))
+}
+
+/// `key=value` pairs of the `ns ...` line and the other `key=value` lines.
+fn facts(stdout: &str) -> BTreeMap<String, String> {
+    stdout
+        .lines()
+        .flat_map(|line| line.strip_prefix("ns ").unwrap_or(line).split(' ').map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|pair| pair.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+#[test]
+fn two_containers_of_a_pod_share_its_network_ipc_and_host_name_and_nothing_else() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let hello = paths.guest_binary("oci-hello")?;
+    let command = [oci::ENTRYPOINT, "pod", PORT];
+    let fixture = oci::PolicyFixture::new(&hello, "member", Some(&command), None)?;
+    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
+    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    let mut guest = Guest::boot(&paths, &boot)?;
+    let mut client = guest.ready_client(READY, CALL)?;
+    client.set_policy(std::fs::read_to_string(&fixture.policy)?).with_context(|| guest.serial())?;
+    let layers = run::mount_layers(&mut client, &fixture.built)?;
+    let args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
+    let process = run::process_from_config(&fixture.built.config, &args)?;
+
+    // Not a pod yet: the pod's namespaces cannot be joined.
+    client.mount_overlay("early", &layers, true)?;
+    let (code, message) = refused(client.done(&create("early", &process, cri_namespaces(), None)))?;
+    ensure!(code == ErrorCode::InvalidArgument && message.contains("not a pod"), "{code}: {message}");
+
+    // The policy's sandbox rule (parma policy gen's default): RFC 1123 host
+    // names, no shared PID namespace; once.
+    denied(client.create_sandbox("Not_A_Hostname", false), "does not match")?;
+    denied(client.create_sandbox("pod-1", true), "shared PID namespace")?;
+    client.create_sandbox("pod-1", false)?;
+    denied(client.create_sandbox("pod-2", false), "already a pod")?;
+
+    // In the pod: no network of its own, no other host name, no user or
+    // time namespace, no joining a mount namespace by path.
+    let hostile: [(Vec<Namespace>, Option<&str>, &str); 4] = [
+        (vec![Namespace { kind: "network".into(), path: None }], None, "new one is refused"),
+        (cri_namespaces(), Some("elsewhere"), "not the pod's"),
+        (vec![Namespace { kind: "user".into(), path: None }], None, "not supported"),
+        (vec![Namespace { kind: "mount".into(), path: Some("/proc/1/ns/mnt".into()) }], None, "cannot be joined"),
+    ];
+    for (namespaces, hostname, reason) in hostile {
+        let (code, message) = refused(client.done(&create("early", &process, namespaces, hostname)))?;
+        ensure!(code == ErrorCode::InvalidArgument && message.contains(reason), "{reason}: {code}: {message}");
+    }
+    client.unmount_overlay("early")?;
+
+    // The server first; the client finds the port taken in the shared
+    // network namespace and reaches the server over the pod's loopback.
+    client.mount_overlay("server", &layers, true)?;
+    client.done(&create("server", &process, cri_namespaces(), Some("pod-1")))?;
+    client.start_container("server")?;
+    let server_head = read_until(&mut client, "server", "role=")?;
+    ensure!(server_head.contains("role=server"), "{server_head}");
+    client.mount_overlay("client", &layers, true)?;
+    // No namespace list at all: still the pod's, never the agent's.
+    client.done(&create("client", &process, Vec::new(), None))?;
+    client.start_container("client")?;
+    let (client_out, _) = finish(&mut client, "client")?;
+    let (server_rest, _) = finish(&mut client, "server")?;
+    let server = facts(&format!("{server_head}{server_rest}"));
+    let member = facts(&client_out);
+    ensure!(member.get("role").map(String::as_str) == Some("client"), "{client_out}");
+    ensure!(client_out.contains("role=client got=hello-from-pod-1"), "{client_out}");
+    for key in ["net", "ipc", "uts"] {
+        ensure!(server.contains_key(key) && server.get(key) == member.get(key), "{key}: {server:?} vs {member:?}");
+    }
+    ensure!(server.get("pid") != member.get("pid"), "one PID namespace: {server:?} vs {member:?}");
+    for facts in [&server, &member] {
+        ensure!(facts.get("hostname").map(String::as_str) == Some("pod-1"), "{facts:?}");
+        // Each sees its own process only: not the other's, not the holder.
+        ensure!(facts.get("pids").map(String::as_str) == Some("1"), "{facts:?}");
+    }
+    for id in ["server", "client"] {
+        client.delete_container(id)?;
+        client.unmount_overlay(id)?;
+    }
+
+    client.ping()?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
+}
