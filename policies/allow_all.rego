@@ -42,3 +42,9 @@ load_fragment := {"allowed": true}
 get_attestation := {"allowed": true}
 
 create_sandbox := {"allowed": true}
+
+update_interface := {"allowed": true}
+
+update_routes := {"allowed": true}
+
+add_arp_neighbors := {"allowed": true}

@@ -148,6 +148,11 @@ impl Containers {
         Ok(())
     }
 
+    /// The pod, for its network requests.
+    pub fn sandbox(&self) -> Result<&Sandbox, Fault> {
+        self.sandbox.as_ref().ok_or_else(|| Fault::wrong_state("the UVM is not a pod: CreateSandbox first"))
+    }
+
     /// Whether `id` exists.
     pub fn exists(&self, id: &str) -> bool {
         self.containers.contains_key(id)

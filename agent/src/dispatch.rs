@@ -21,6 +21,7 @@ use crate::containers::{self, Containers};
 use crate::fault::Fault;
 use crate::gate::Gate;
 use crate::guest;
+use crate::network;
 use crate::storage::{self, Storage, check_name};
 
 /// What to do after the response is written.
@@ -343,6 +344,21 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
         Request::CreateSandbox { hostname, share_pid } => {
             Ok(containers.create_sandbox(&hostname, share_pid).map(|()| Response::Done)?)
         }
+        Request::UpdateInterface { interface } => {
+            let parsed = network::parse_interface(&interface)?;
+            network::update_interface(containers.sandbox()?, &parsed)?;
+            Ok(Response::Done)
+        }
+        Request::UpdateRoutes { routes } => {
+            let (parsed, _) = network::parse_routes(&routes)?;
+            network::update_routes(containers.sandbox()?, &parsed)?;
+            Ok(Response::Done)
+        }
+        Request::AddArpNeighbors { neighbors } => {
+            let (parsed, _) = network::parse_neighbors(&neighbors)?;
+            network::add_neighbors(containers.sandbox()?, &parsed)?;
+            Ok(Response::Done)
+        }
         Request::Ping
         | Request::GuestInfo
         | Request::Shutdown
@@ -378,6 +394,15 @@ fn points(request: &Request, containers: &mut Containers) -> Result<Vec<Input>, 
         Request::GuestInfo => vec![Input::GetProperties(input::Empty {})],
         Request::CreateSandbox { hostname, share_pid } => {
             vec![Input::CreateSandbox(input::CreateSandbox { hostname: hostname.clone(), share_pid: *share_pid })]
+        }
+        Request::UpdateInterface { interface } => {
+            vec![Input::UpdateInterface(network::parse_interface(interface).map_err(AgentError::from)?.input)]
+        }
+        Request::UpdateRoutes { routes } => {
+            vec![Input::UpdateRoutes(network::parse_routes(routes).map_err(AgentError::from)?.1)]
+        }
+        Request::AddArpNeighbors { neighbors } => {
+            vec![Input::AddArpNeighbors(network::parse_neighbors(neighbors).map_err(AgentError::from)?.1)]
         }
         Request::GetAttestation { report_data } => {
             let data = report_data_from_hex(report_data).map_err(malformed)?;

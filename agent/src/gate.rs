@@ -203,6 +203,9 @@ impl Gate {
                 | Request::ResizeTerminal { .. }
                 | Request::DeleteContainer { .. }
                 | Request::CreateSandbox { .. }
+                | Request::UpdateInterface { .. }
+                | Request::UpdateRoutes { .. }
+                | Request::AddArpNeighbors { .. }
                 | Request::LoadFragment { .. } => {
                     Err(denied(format!("{} is denied: {reason}", request.kind().as_str())))
                 }
@@ -239,7 +242,10 @@ impl Gate {
             | Request::ExecProcess { .. }
             | Request::SignalProcess { .. }
             | Request::DeleteContainer { .. }
-            | Request::CreateSandbox { .. } => {
+            | Request::CreateSandbox { .. }
+            | Request::UpdateInterface { .. }
+            | Request::UpdateRoutes { .. }
+            | Request::AddArpNeighbors { .. } => {
                 let engine = self.engine_for(request)?;
                 let mut decisions = Vec::with_capacity(points.len());
                 for input in points {

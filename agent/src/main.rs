@@ -17,6 +17,7 @@ mod gate;
 mod guest;
 mod log;
 mod mounts;
+mod network;
 mod pod;
 mod scratch;
 mod seccomp;

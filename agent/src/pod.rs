@@ -112,6 +112,12 @@ impl Sandbox {
         self.holder.pidfd.as_fd()
     }
 
+    /// The holder's PID in the agent's PID namespace (the agent's unreaped
+    /// child: it cannot name another process).
+    pub fn pid(&self) -> u32 {
+        self.holder.pid.unsigned_abs()
+    }
+
     /// Kill and reap the holder.
     fn stop(&self) {
         let _ = self.holder.signal(libc::SIGKILL);

@@ -78,11 +78,21 @@ pub struct Boot {
     /// vhost-user backend; this host has no vhost-vsock), reached with
     /// [`Vm::vsock_control`].
     pub vsock: bool,
+    /// A virtio-net NIC on QEMU user-mode networking.
+    pub nic: Option<parma_host::Nic>,
 }
 
 impl Default for Boot {
     fn default() -> Self {
-        Self { initrd: None, memory_mib: 512, cpus: 1, emulated_host_data: None, disks: Vec::new(), vsock: false }
+        Self {
+            initrd: None,
+            memory_mib: 512,
+            cpus: 1,
+            emulated_host_data: None,
+            disks: Vec::new(),
+            vsock: false,
+            nic: None,
+        }
     }
 }
 
@@ -114,6 +124,7 @@ impl Guest {
         config.cpus = boot.cpus;
         config.insecure_emulated_host_data = boot.emulated_host_data;
         config.disks = boot.disks.clone();
+        config.nic = boot.nic.clone();
         let vm = Vm::start(config, &StartOptions { vhost_device_vsock: boot.vsock })?;
         Ok(Self { vm, slot: Some(slot) })
     }

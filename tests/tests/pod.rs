@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use parma_host::client::Client;
 use parma_host::run;
-use parma_protocol::{ErrorCode, Namespace, OutputStream, ProcessSpec, Request};
+use parma_protocol::{ArpNeighbor, ErrorCode, Interface, Namespace, OutputStream, ProcessSpec, Request, Route};
 use parma_tests::{Boot, Guest, Paths, denied, oci, refused};
 
 const READY: Duration = Duration::from_secs(90);
@@ -152,6 +152,119 @@ fn two_containers_of_a_pod_share_its_network_ipc_and_host_name_and_nothing_else(
         client.delete_container(id)?;
         client.unmount_overlay(id)?;
     }
+
+    client.ping()?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
+}
+
+/// A port on 127.0.0.1 that nothing listens on now.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The pod's NIC on QEMU user-mode networking: the hostile network requests
+/// are refused with their reasons, the NIC moves into the pod configured as
+/// the host asked, and a container serving on it answers a client on the
+/// host through a forwarded port on 127.0.0.1.
+#[test]
+fn a_pods_container_serves_the_host_through_the_nic_the_policy_allowed() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let hello = paths.guest_binary("oci-hello")?;
+    let command = [oci::ENTRYPOINT, "pod", "8080"];
+    let fixture = oci::PolicyFixture::new(&hello, "web", Some(&command), None)?;
+    let host_port = free_port()?;
+    let mac = parma_host::qemu::DEFAULT_MAC;
+    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
+    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    boot.nic = Some(parma_host::Nic {
+        mac,
+        forwards: vec![parma_host::PortForward { udp: false, host: host_port, guest: 8080 }],
+    });
+    let mut guest = Guest::boot(&paths, &boot)?;
+    let mut client = guest.ready_client(READY, CALL)?;
+    client.set_policy(std::fs::read_to_string(&fixture.policy)?).with_context(|| guest.serial())?;
+    let nic = parma_host::Nic { mac, forwards: Vec::new() }.mac_string();
+    let interface = |name: &str, hw_addr: &str, addresses: &[&str], raw_flags: u32| Interface {
+        name: name.into(),
+        hw_addr: hw_addr.into(),
+        mtu: 1500,
+        addresses: addresses.iter().map(|a| a.to_string()).collect(),
+        raw_flags,
+    };
+    let route = |dest: &str, gateway: Option<&str>, device: &str| Route {
+        dest: dest.into(),
+        gateway: gateway.map(Into::into),
+        device: device.into(),
+        source: None,
+        scope: 0,
+    };
+    let eth0 = interface("eth0", &nic, &[parma_host::qemu::USER_NET_GUEST], 0);
+
+    // No pod yet: nowhere to put the NIC.
+    let (code, message) = refused(client.update_interface(&eth0))?;
+    ensure!(code == ErrorCode::WrongState && message.contains("not a pod"), "{code}: {message}");
+    client.create_sandbox("web-1", false)?;
+
+    // Refused by the framework, whatever the policy says.
+    denied(client.update_interface(&interface("lo", &nic, &[], 0)), "loopback interface")?;
+    denied(client.update_interface(&interface("eth0", "01:00:5e:00:00:01", &[], 0)), "multicast")?;
+    denied(client.update_interface(&interface("eth0", "00:00:00:00:00:00", &[], 0)), "zero")?;
+    denied(client.update_interface(&interface("eth0", &nic, &[], 0x100)), "not 0 or NOARP")?;
+    denied(client.update_interface(&interface("eth0", &nic, &["127.0.0.9/8"], 0)), "loopback address")?;
+    // Malformed: refused before the policy.
+    let (code, message) = refused(client.update_interface(&interface("eth0", "52:54:00", &[], 0)))?;
+    ensure!(code == ErrorCode::InvalidArgument && message.contains("six hex bytes"), "{code}: {message}");
+    // A MAC no NIC has.
+    let (code, message) = refused(client.update_interface(&interface("eth0", "52:54:00:99:99:99", &[], 0)))?;
+    ensure!(code == ErrorCode::NotFound && message.contains("no network interface"), "{code}: {message}");
+
+    client.update_interface(&eth0)?;
+    denied(client.update_routes(&[route("default", Some("10.0.2.2"), "lo")]), "through lo")?;
+    denied(client.update_routes(&[route("default", Some("127.0.0.1"), "eth0")]), "loopback address")?;
+    client.update_routes(&[route("default", Some(parma_host::qemu::USER_NET_GATEWAY), "eth0")])?;
+    let gateway = ArpNeighbor {
+        to_ip_address: parma_host::qemu::USER_NET_GATEWAY.into(),
+        device: "eth0".into(),
+        ll_address: "52:55:0a:00:02:02".into(),
+        state: 128,
+        flags: 0,
+    };
+    denied(client.add_arp_neighbors(&[ArpNeighbor { state: 2, ..gateway.clone() }]), "not permanent")?;
+    client.add_arp_neighbors(&[gateway])?;
+
+    let layers = run::mount_layers(&mut client, &fixture.built)?;
+    let args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
+    let process = run::process_from_config(&fixture.built.config, &args)?;
+    client.mount_overlay("web", &layers, true)?;
+    client.done(&create("web", &process, cri_namespaces(), None))?;
+    client.start_container("web")?;
+    let head = read_until(&mut client, "web", "role=")?;
+    ensure!(head.contains("role=server"), "{head}");
+
+    // The host's client, through QEMU's forward on 127.0.0.1.
+    let answer = {
+        use std::io::Read;
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            let attempt = std::net::TcpStream::connect(("127.0.0.1", host_port)).and_then(|mut stream| {
+                stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+                let mut answer = String::new();
+                stream.read_to_string(&mut answer).map(|_| answer)
+            });
+            match attempt {
+                Ok(answer) if !answer.is_empty() => break answer,
+                _ if Instant::now() < give_up => std::thread::sleep(Duration::from_millis(200)),
+                other => bail!("no answer through the forwarded port: {other:?}\n{}", guest.serial()),
+            }
+        }
+    };
+    ensure!(answer == "hello-from-web-1", "{answer:?}");
+    finish(&mut client, "web")?;
+    client.delete_container("web")?;
+    client.unmount_overlay("web")?;
 
     client.ping()?;
     guest.check_serial()?;

@@ -45,6 +45,11 @@ pub struct VmRun {
     /// `--control vsock-uds:U` reaches the agent over vsock. Not with --snp.
     #[arg(long, conflicts_with = "vsock_cid")]
     vhost_user_vsock: Option<PathBuf>,
+    /// Give the UVM a NIC on QEMU user-mode networking and forward this
+    /// port of 127.0.0.1 to the guest's (HOST:GUEST[/tcp|udp], repeatable).
+    /// The pod still has to configure the NIC (UpdateInterface).
+    #[arg(short = 'p', long = "publish")]
+    publish: Vec<parma_host::PortForward>,
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
@@ -101,6 +106,8 @@ fn vm_run(args: VmRun) -> anyhow::Result<i32> {
         serial: args.serial_log.map_or(Serial::Stdio, Serial::File),
         vsock_cid: args.vsock_cid,
         vhost_user_vsock: args.vhost_user_vsock,
+        nic: (!args.publish.is_empty())
+            .then(|| parma_host::Nic { mac: parma_host::qemu::DEFAULT_MAC, forwards: args.publish.clone() }),
         snp: None,
         insecure_emulated_host_data: None,
         disks: {

@@ -482,6 +482,21 @@ impl Client {
         self.done(&Request::CreateSandbox { hostname: hostname.into(), share_pid })
     }
 
+    /// `UpdateInterface`: the NIC with the interface's MAC moves into the pod, configured.
+    pub fn update_interface(&mut self, interface: &parma_protocol::Interface) -> Result<(), ClientError> {
+        self.done(&Request::UpdateInterface { interface: interface.clone() })
+    }
+
+    /// `UpdateRoutes`.
+    pub fn update_routes(&mut self, routes: &[parma_protocol::Route]) -> Result<(), ClientError> {
+        self.done(&Request::UpdateRoutes { routes: routes.to_vec() })
+    }
+
+    /// `AddArpNeighbors`.
+    pub fn add_arp_neighbors(&mut self, neighbors: &[parma_protocol::ArpNeighbor]) -> Result<(), ClientError> {
+        self.done(&Request::AddArpNeighbors { neighbors: neighbors.to_vec() })
+    }
+
     /// `UpdateContainer`.
     pub fn update_container(&mut self, container_id: &str, resources: &Resources) -> Result<(), ClientError> {
         self.done(&Request::UpdateContainer { container_id: container_id.into(), resources: resources.clone() })

@@ -20,5 +20,5 @@ pub mod user;
 pub mod vm;
 
 pub use client::{Client, ClientError, Control};
-pub use qemu::{Accel, Disk, Serial, Snp, SnpBoot, VmConfig, VmError};
+pub use qemu::{Accel, Disk, Nic, PortForward, Serial, Snp, SnpBoot, VmConfig, VmError};
 pub use vm::{StartOptions, StopReason, Vm};

@@ -81,6 +81,70 @@ pub struct VmConfig {
     pub insecure_emulated_host_data: Option<[u8; 32]>,
     /// Read-only virtio-blk disks (container layers), in order.
     pub disks: Vec<Disk>,
+    /// A virtio-net NIC, for the pod's network.
+    pub nic: Option<Nic>,
+}
+
+/// The UVM's NIC: a MAC address and what carries its frames on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// Its MAC address (the guest finds it by this).
+    pub mac: [u8; 6],
+    /// QEMU user-mode networking (the developer path): the guest is
+    /// [`USER_NET_GUEST`] behind [`USER_NET_GATEWAY`], and these host ports
+    /// on 127.0.0.1 forward to its ports.
+    pub forwards: Vec<PortForward>,
+}
+
+/// The MAC address the CLI gives the UVM's NIC (QEMU's usual, locally administered range).
+pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+/// The guest's address under QEMU user-mode networking.
+pub const USER_NET_GUEST: &str = "10.0.2.15/24";
+/// The gateway (the host) under QEMU user-mode networking.
+pub const USER_NET_GATEWAY: &str = "10.0.2.2";
+
+/// A port forwarded from the host's loopback to the guest (`-p HOST:GUEST[/tcp|udp]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortForward {
+    /// UDP rather than TCP.
+    pub udp: bool,
+    /// The port on 127.0.0.1.
+    pub host: u16,
+    /// The guest's port.
+    pub guest: u16,
+}
+
+impl std::str::FromStr for PortForward {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (ports, udp) = match s.rsplit_once('/') {
+            Some((ports, "tcp")) => (ports, false),
+            Some((ports, "udp")) => (ports, true),
+            Some((_, other)) => return Err(format!("{other:?} is not tcp or udp")),
+            None => (s, false),
+        };
+        let (host, guest) = ports.split_once(':').ok_or_else(|| format!("{s:?} is not HOST:GUEST[/tcp|udp]"))?;
+        let port = |text: &str| match text.parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("{text:?} is not a port (1 to 65535)")),
+            Ok(port) => Ok(port),
+        };
+        Ok(Self { udp, host: port(host)?, guest: port(guest)? })
+    }
+}
+
+impl std::fmt::Display for PortForward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.host, self.guest, if self.udp { "udp" } else { "tcp" })
+    }
+}
+
+impl Nic {
+    /// The MAC address as `aa:bb:cc:dd:ee:ff`.
+    pub fn mac_string(&self) -> String {
+        self.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    }
 }
 
 /// A read-only disk the guest finds by its virtio-blk serial.
@@ -244,6 +308,7 @@ impl VmConfig {
             snp: None,
             insecure_emulated_host_data: None,
             disks: Vec::new(),
+            nic: None,
         }
     }
 
@@ -349,6 +414,18 @@ impl VmConfig {
             args.push(format!("file={path},if=none,id=disk{index},format=raw,readonly={readonly}").into());
             args.push("-device".into());
             args.push(format!("virtio-blk-pci,drive=disk{index},serial={}{virtio_opts}", disk.serial).into());
+        }
+        if let Some(nic) = &self.nic {
+            // Host ports on loopback only; the guest reaches nothing but
+            // the gateway's forwarded connections and what the host routes.
+            let mut netdev = String::from("user,id=net0,net=10.0.2.0/24");
+            for forward in &nic.forwards {
+                let proto = if forward.udp { "udp" } else { "tcp" };
+                netdev.push_str(&format!(",hostfwd={proto}:127.0.0.1:{}-:{}", forward.host, forward.guest));
+            }
+            args.extend(["-netdev".into(), netdev.into()]);
+            args.push("-device".into());
+            args.push(format!("virtio-net-pci,netdev=net0,mac={}{virtio_opts}", nic.mac_string()).into());
         }
         if let Some(cid) = self.vsock_cid {
             args.push("-device".into());

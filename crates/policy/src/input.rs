@@ -161,6 +161,69 @@ pub struct CreateSandbox {
     pub share_pid: bool,
 }
 
+/// `update_interface`: the request as the agent parsed it (addresses in
+/// canonical form, the MAC in lowercase).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateInterface {
+    /// Its name in the pod.
+    pub name: String,
+    /// Its MAC address, lowercase.
+    pub hw_addr: String,
+    /// Its MTU.
+    pub mtu: u32,
+    /// Its addresses, `IP/PREFIX`.
+    pub addresses: Vec<String>,
+    /// Link flags besides up.
+    pub raw_flags: u32,
+}
+
+/// One route of `update_routes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    /// `IP/PREFIX` (`default` is `0.0.0.0/0` or `::/0`).
+    pub dest: String,
+    /// The next hop's IP, or "".
+    pub gateway: String,
+    /// The interface.
+    pub device: String,
+    /// The preferred source IP, or "".
+    pub source: String,
+    /// `RT_SCOPE_*`.
+    pub scope: u8,
+}
+
+/// `update_routes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpdateRoutes {
+    /// The routes, in order.
+    pub routes: Vec<Route>,
+}
+
+/// One entry of `add_arp_neighbors`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ArpNeighbor {
+    /// Its IP.
+    #[serde(rename = "toIPAddress")]
+    pub to_ip_address: String,
+    /// The interface.
+    pub device: String,
+    /// Its MAC address, lowercase.
+    pub lladdr: String,
+    /// `NUD_*`.
+    pub state: u16,
+    /// `NTF_*`.
+    pub flags: u8,
+}
+
+/// `add_arp_neighbors`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AddArpNeighbors {
+    /// The entries.
+    pub neighbors: Vec<ArpNeighbor>,
+}
+
 /// A point with no input fields.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Empty {}
@@ -199,6 +262,12 @@ pub enum Input {
     RuntimeLogging(Empty),
     /// `create_sandbox`.
     CreateSandbox(CreateSandbox),
+    /// `update_interface`.
+    UpdateInterface(UpdateInterface),
+    /// `update_routes`.
+    UpdateRoutes(UpdateRoutes),
+    /// `add_arp_neighbors`.
+    AddArpNeighbors(AddArpNeighbors),
 }
 
 impl Input {
@@ -219,6 +288,9 @@ impl Input {
             Input::GetProperties(_) => Point::GetProperties,
             Input::GetAttestation(_) => Point::GetAttestation,
             Input::CreateSandbox(_) => Point::CreateSandbox,
+            Input::UpdateInterface(_) => Point::UpdateInterface,
+            Input::UpdateRoutes(_) => Point::UpdateRoutes,
+            Input::AddArpNeighbors(_) => Point::AddArpNeighbors,
             Input::RuntimeLogging(_) => Point::RuntimeLogging,
         }
     }

@@ -467,6 +467,7 @@ pub const DATA_RULES: &[&str] = &[
     "required_containers",
     "fragments",
     "sandbox",
+    "network",
 ];
 
 /// The data document the framework reads the policy's data from.

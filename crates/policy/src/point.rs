@@ -42,11 +42,17 @@ pub enum Point {
     GetAttestation,
     /// Make the UVM a pod: its shared namespaces and host name.
     CreateSandbox,
+    /// Move a NIC into the pod and configure it.
+    UpdateInterface,
+    /// Add routes in the pod.
+    UpdateRoutes,
+    /// Add neighbour entries in the pod.
+    AddArpNeighbors,
 }
 
 impl Point {
     /// Every enforcement point.
-    pub const ALL: [Point; 18] = [
+    pub const ALL: [Point; 21] = [
         Point::MountDevice,
         Point::UnmountDevice,
         Point::MountOverlay,
@@ -65,6 +71,9 @@ impl Point {
         Point::LoadFragment,
         Point::GetAttestation,
         Point::CreateSandbox,
+        Point::UpdateInterface,
+        Point::UpdateRoutes,
+        Point::AddArpNeighbors,
     ];
 
     /// The rule name in the policy (`data.policy.<rule>`).
@@ -88,6 +97,9 @@ impl Point {
             Point::LoadFragment => "load_fragment",
             Point::GetAttestation => "get_attestation",
             Point::CreateSandbox => "create_sandbox",
+            Point::UpdateInterface => "update_interface",
+            Point::UpdateRoutes => "update_routes",
+            Point::AddArpNeighbors => "add_arp_neighbors",
         }
     }
 }

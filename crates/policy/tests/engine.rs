@@ -379,3 +379,77 @@ fn a_sandbox_is_created_once_with_the_host_name_and_pid_sharing_the_policy_allow
         assert!(decision.allowed, "{share_pid}: {:?}", decision.denial);
     }
 }
+
+#[test]
+fn the_pods_network_refuses_what_genpolicy_refuses_and_the_policy_narrows_it() {
+    let bind = "update_interface := data.framework.update_interface\nupdate_routes := data.framework.update_routes\n\
+                add_arp_neighbors := data.framework.add_arp_neighbors\n";
+    let interface = |name: &str, mac: &str, mtu: u32, addresses: &[&str], flags: u32| json!({"name": name, "hwAddr": mac, "mtu": mtu, "addresses": addresses, "rawFlags": flags});
+    let route = |dest: &str, gateway: &str, device: &str, source: &str| json!({"routes": [{"dest": dest, "gateway": gateway, "device": device, "source": source, "scope": 0}]});
+    let neighbor = |ip: &str, device: &str, mac: &str, state: u16, flags: u8| json!({"neighbors": [{"toIPAddress": ip, "device": device, "lladdr": mac, "state": state, "flags": flags}]});
+    let mac = "52:54:00:12:34:56";
+    let narrowing =
+        "network := {\"allowed_cidrs\": [\"10.0.0.0/8\", \"fd00::/8\"], \"mtu\": {\"min\": 1280, \"max\": 1500}}\n";
+    for backend in [Backend::Vm, Backend::Interpreter] {
+        let with = |extra: &str| {
+            let policy = Policy::from_bytes(format!("package policy\n{bind}{extra}").into_bytes()).unwrap();
+            Engine::with_backend(&policy, Duration::from_secs(5), backend).unwrap()
+        };
+        let mut open = with("");
+        let mut narrow = with(narrowing);
+        // Allowed by both.
+        for (point, input) in [
+            (Point::UpdateInterface, interface("eth0", mac, 1500, &["10.0.2.15/24", "fd00::15/64"], 0)),
+            (Point::UpdateInterface, interface("eth0", mac, 1280, &[], 128)),
+            (Point::UpdateRoutes, route("0.0.0.0/0", "10.0.2.2", "eth0", "")),
+            (Point::UpdateRoutes, route("10.0.2.0/24", "", "eth0", "10.0.2.15")),
+            (Point::AddArpNeighbors, neighbor("10.0.2.2", "eth0", mac, 128, 0)),
+        ] {
+            for engine in [&mut open, &mut narrow] {
+                let decision = engine.decide(point, &input);
+                assert!(decision.allowed, "{point} {input}: {:?}", decision.denial);
+            }
+        }
+        // Refused whatever the policy says.
+        for (point, input, reason) in [
+            (Point::UpdateInterface, interface("lo", mac, 1500, &[], 0), "loopback interface"),
+            (Point::UpdateInterface, interface("eth0", "00:00:00:00:00:00", 1500, &[], 0), "zero"),
+            (Point::UpdateInterface, interface("eth0", "01:00:5e:00:00:01", 1500, &[], 0), "multicast"),
+            (Point::UpdateInterface, interface("eth0", "33:33:00:00:00:01", 1500, &[], 0), "multicast"),
+            (Point::UpdateInterface, interface("eth0", mac, 1500, &[], 0x100), "not 0 or NOARP"),
+            (Point::UpdateInterface, interface("eth0", mac, 1500, &["127.0.0.2/8"], 0), "loopback address"),
+            (Point::UpdateInterface, interface("eth0", mac, 1500, &["::1/128"], 0), "loopback address"),
+            (Point::UpdateRoutes, route("0.0.0.0/0", "", "lo", ""), "through lo"),
+            (Point::UpdateRoutes, route("10.0.0.0/8", "", "eth0", "127.0.0.1"), "loopback"),
+            (Point::UpdateRoutes, route("10.0.0.0/8", "::1", "eth0", ""), "loopback"),
+            (Point::UpdateRoutes, route("127.0.0.0/8", "", "eth0", ""), "destination is loopback"),
+            (Point::AddArpNeighbors, neighbor("10.0.2.2", "lo", mac, 128, 0), "on lo"),
+            (Point::AddArpNeighbors, neighbor("10.0.2.2", "eth0", mac, 2, 0), "not permanent"),
+            (Point::AddArpNeighbors, neighbor("10.0.2.2", "eth0", mac, 128, 1), "flags"),
+            (Point::AddArpNeighbors, neighbor("10.0.2.2", "eth0", "ff:ff:ff:ff:ff:ff", 128, 0), "multicast"),
+            (Point::AddArpNeighbors, neighbor("127.0.0.1", "eth0", mac, 128, 0), "loopback"),
+        ] {
+            for engine in [&mut open, &mut narrow] {
+                let denial = engine.decide(point, &input).denial.unwrap_or_else(|| panic!("{point} {input} allowed"));
+                assert!(denial.line().contains(reason), "{point} {input}: {}", denial.line());
+            }
+        }
+        // Refused by the narrowing policy only.
+        for (point, input, reason) in [
+            (Point::UpdateInterface, interface("eth0", mac, 1500, &["192.168.1.2/24"], 0), "allowed_cidrs"),
+            (Point::UpdateInterface, interface("eth0", mac, 9000, &[], 0), "MTU 9000"),
+            (Point::UpdateInterface, interface("eth0", mac, 576, &[], 0), "MTU 576"),
+            (Point::UpdateRoutes, route("0.0.0.0/0", "192.168.1.1", "eth0", ""), "allowed_cidrs"),
+            (Point::AddArpNeighbors, neighbor("2001:db8::1", "eth0", mac, 128, 0), "allowed_cidrs"),
+        ] {
+            assert!(open.decide(point, &input).allowed, "{point} {input}");
+            let denial = narrow.decide(point, &input).denial.unwrap_or_else(|| panic!("{point} {input} allowed"));
+            assert!(denial.line().contains(reason), "{point} {input}: {}", denial.line());
+        }
+        // Malformed input is denied, not an error.
+        for point in [Point::UpdateInterface, Point::UpdateRoutes, Point::AddArpNeighbors] {
+            let denial = open.decide(point, &json!({"routes": 1, "neighbors": "x"})).denial.unwrap();
+            assert!(denial.line().contains("input is missing"), "{point}: {}", denial.line());
+        }
+    }
+}

@@ -15,8 +15,8 @@ pub mod message;
 
 pub use frame::{Decoder, Frame, FrameError, FrameKind, MAX_BODY, VERSION, encode};
 pub use message::{
-    AgentError, CapabilitySets, DecodeError, ErrorCode, GuestInfo, Mount, MountInfo, Namespace, OutputStream, PingInfo,
-    ProcessSpec, Request, RequestKind, Resources, Response, Rlimit,
+    AgentError, ArpNeighbor, CapabilitySets, DecodeError, ErrorCode, GuestInfo, Interface, Mount, MountInfo, Namespace,
+    OutputStream, PingInfo, ProcessSpec, Request, RequestKind, Resources, Response, Rlimit, Route,
 };
 
 /// The virtio-serial port name the agent listens on (`-device virtserialport,name=...`).

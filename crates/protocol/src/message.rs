@@ -194,6 +194,25 @@ pub enum Request {
         #[serde(default)]
         share_pid: bool,
     },
+    /// Move the NIC with this MAC address into the pod's network namespace
+    /// and configure it (policy: `update_interface`; Kata's name). Needs
+    /// the pod (`CreateSandbox`).
+    UpdateInterface {
+        /// What the interface becomes.
+        interface: Interface,
+    },
+    /// Add routes in the pod's network namespace, in order (policy:
+    /// `update_routes`; Kata's name).
+    UpdateRoutes {
+        /// The routes.
+        routes: Vec<Route>,
+    },
+    /// Add permanent neighbour entries in the pod's network namespace
+    /// (policy: `add_arp_neighbors`; Kata's name).
+    AddArpNeighbors {
+        /// The entries.
+        neighbors: Vec<ArpNeighbor>,
+    },
     /// Add a signed policy fragment's containers to the policy in force
     /// (policy: `load_fragment`, on the issuer, feed and SVN, once the
     /// issuer's signature over the fragment checked).
@@ -231,7 +250,69 @@ pub const REQUEST_TYPES: &[&str] = &[
     "DeleteContainer",
     "LoadFragment",
     "CreateSandbox",
+    "UpdateInterface",
+    "UpdateRoutes",
+    "AddArpNeighbors",
 ];
+
+/// A network interface of the pod, as `UpdateInterface` sets it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    /// Its name in the pod (`eth0`): 1 to 15 bytes of `[A-Za-z0-9_.-]`.
+    pub name: String,
+    /// Its MAC address, `aa:bb:cc:dd:ee:ff`: how the agent finds the NIC.
+    pub hw_addr: String,
+    /// Its MTU.
+    pub mtu: u32,
+    /// Its addresses in CIDR form (`10.0.2.15/24`, `fd00::15/64`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Link flags besides up: 0, or `IFF_NOARP` (0x80).
+    #[serde(default)]
+    pub raw_flags: u32,
+}
+
+/// A route of the pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Destination in CIDR form, or `default` (IPv4) / `default6`.
+    pub dest: String,
+    /// The next hop, if any.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// The interface's name in the pod.
+    pub device: String,
+    /// Preferred source address, if any.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// `RT_SCOPE_*`: 0 universe (default), 253 link, 254 host.
+    #[serde(default)]
+    pub scope: u8,
+}
+
+/// A neighbour entry of the pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArpNeighbor {
+    /// Its IP address.
+    pub to_ip_address: String,
+    /// The interface's name in the pod.
+    pub device: String,
+    /// Its MAC address.
+    pub ll_address: String,
+    /// `NUD_*` state (128: permanent, the only one allowed by default).
+    #[serde(default = "permanent")]
+    pub state: u16,
+    /// `NTF_*` flags.
+    #[serde(default)]
+    pub flags: u8,
+}
+
+fn permanent() -> u16 {
+    128
+}
 
 /// An entry of the OCI spec's `linux.namespaces`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -381,6 +462,9 @@ impl Request {
             Request::DeleteContainer { .. } => RequestKind::DeleteContainer,
             Request::LoadFragment { .. } => RequestKind::LoadFragment,
             Request::CreateSandbox { .. } => RequestKind::CreateSandbox,
+            Request::UpdateInterface { .. } => RequestKind::UpdateInterface,
+            Request::UpdateRoutes { .. } => RequestKind::UpdateRoutes,
+            Request::AddArpNeighbors { .. } => RequestKind::AddArpNeighbors,
         }
     }
 }
@@ -432,6 +516,12 @@ pub enum RequestKind {
     LoadFragment,
     /// [`Request::CreateSandbox`].
     CreateSandbox,
+    /// [`Request::UpdateInterface`].
+    UpdateInterface,
+    /// [`Request::UpdateRoutes`].
+    UpdateRoutes,
+    /// [`Request::AddArpNeighbors`].
+    AddArpNeighbors,
 }
 
 impl RequestKind {
@@ -460,6 +550,9 @@ impl RequestKind {
             RequestKind::DeleteContainer => "DeleteContainer",
             RequestKind::LoadFragment => "LoadFragment",
             RequestKind::CreateSandbox => "CreateSandbox",
+            RequestKind::UpdateInterface => "UpdateInterface",
+            RequestKind::UpdateRoutes => "UpdateRoutes",
+            RequestKind::AddArpNeighbors => "AddArpNeighbors",
         }
     }
 }

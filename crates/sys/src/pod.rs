@@ -32,8 +32,9 @@ pub fn loopback_up(pod: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// Run `step` on a new thread inside the network namespace of the process
-/// `pod` names; the thread ends with the step.
-fn in_network_of<T: Send>(pod: BorrowedFd<'_>, step: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+/// `pod` names; the thread ends with the step (a socket it opens stays in
+/// that namespace, usable from any thread).
+pub fn in_network_of<T: Send>(pod: BorrowedFd<'_>, step: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     let fd = pod.as_raw_fd();
     std::thread::scope(|scope| {
         let thread = std::thread::Builder::new().name("pod-net".into()).spawn_scoped(scope, move || {

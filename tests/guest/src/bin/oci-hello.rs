@@ -10,11 +10,12 @@
 //!
 //! `pod PORT` (first) is a pod member instead: it prints its namespaces
 //! (`ns net=... ipc=... uts=... pid=...`), `hostname=` and `pids=` (the
-//! processes it sees), then binds 127.0.0.1:PORT. If it can, it is the
-//! server (`role=server`): it answers one connection with
-//! `hello-from-<hostname>` and exits. If the port is taken, a process in
-//! the same network namespace holds it: it is the client, reads the answer
-//! and prints `role=client got=...`.
+//! processes it sees), then binds PORT on every address. If it can, it is
+//! the server (`role=server`): it answers one connection (from the pod's
+//! loopback or its NIC) with `hello-from-<hostname>` and exits. If the port
+//! is taken, a process in the same network namespace holds it: it is the
+//! client, reaches it on 127.0.0.1, reads the answer and prints
+//! `role=client got=...`.
 
 use std::ffi::OsString;
 use std::io::{ErrorKind, Write};
@@ -137,7 +138,8 @@ fn pod(port: u16) -> Result<i32, String> {
         .and_then(|()| say(format!("pids={pids}")))
         .map_err(|e| format!("stdout: {e}"))?;
     let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    match std::net::TcpListener::bind(address) {
+    let any = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+    match std::net::TcpListener::bind(any) {
         Ok(listener) => {
             say("role=server".into()).map_err(|e| format!("stdout: {e}"))?;
             let (mut stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
@@ -153,6 +155,6 @@ fn pod(port: u16) -> Result<i32, String> {
             say(format!("role=client got={got}")).map_err(|e| format!("stdout: {e}"))?;
             Ok(0)
         }
-        Err(e) => Err(format!("bind {address}: {e}")),
+        Err(e) => Err(format!("bind {any}: {e}")),
     }
 }
