@@ -272,3 +272,53 @@ fn a_pods_container_serves_the_host_through_the_nic_the_policy_allowed() -> anyh
     guest.wait_exit(Duration::from_secs(60))?;
     Ok(())
 }
+
+/// `parma run -p HOST:GUEST`: the README's example. The UVM becomes a pod
+/// with a NIC on QEMU user-mode networking, each step decided by the
+/// policy `parma policy gen` wrote, and the container's server answers a
+/// client on the host through 127.0.0.1.
+#[test]
+fn parma_run_publishes_a_container_port_on_the_hosts_loopback() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let parma = paths.repo.join("target/release/parma");
+    ensure!(parma.is_file(), "{} is missing: make test builds it (cargo build --release -p parma)", parma.display());
+    let hello = paths.guest_binary("oci-hello")?;
+    let command = [oci::ENTRYPOINT, "pod", "8080"];
+    let fixture = oci::PolicyFixture::new(&hello, "web", Some(&command), None)?;
+    let host_port = free_port()?;
+    let mut child = fixture
+        .parma_run(&parma, &paths.uvm)
+        .args(["-q", "--id", "web", "-p", &format!("{host_port}:8080"), "--"])
+        .args(command)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let answer = {
+        use std::io::Read;
+        let give_up = Instant::now() + Duration::from_secs(240);
+        loop {
+            let attempt = std::net::TcpStream::connect(("127.0.0.1", host_port)).and_then(|mut stream| {
+                stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+                let mut answer = String::new();
+                stream.read_to_string(&mut answer).map(|_| answer)
+            });
+            match attempt {
+                Ok(answer) if !answer.is_empty() => break answer,
+                _ if Instant::now() < give_up && child.try_wait()?.is_none() => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                other => {
+                    let _ = child.kill();
+                    let out = child.wait_with_output()?;
+                    bail!("no answer: {other:?}\n{}", String::from_utf8_lossy(&out.stderr));
+                }
+            }
+        }
+    };
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(answer == "hello-from-web", "{answer:?}");
+    ensure!(out.status.code() == Some(0), "{}: {stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    ensure!(stdout.contains("role=server") && stdout.contains("hostname=web"), "{stdout}");
+    Ok(())
+}

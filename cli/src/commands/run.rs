@@ -67,6 +67,11 @@ pub struct RunArgs {
     /// (a volume in guest memory). The policy must list it. Repeatable.
     #[arg(long = "mount", value_parser = parma_host::run::parse_mount)]
     mounts: Vec<parma_protocol::Mount>,
+    /// Publish a container port on 127.0.0.1: HOST:GUEST[/tcp|udp]
+    /// (repeatable). The UVM becomes a pod with a NIC on QEMU user-mode
+    /// networking; the policy decides the pod and its network.
+    #[arg(short = 'p', long = "publish")]
+    publish: Vec<parma_host::PortForward>,
     /// Give up on the container after this long (`90s`, `10m`, or seconds).
     #[arg(long, default_value = "10m", value_parser = duration)]
     timeout: Duration,
@@ -126,6 +131,7 @@ fn run(args: RunArgs) -> Result<i32, RunError> {
         timeout: args.timeout,
         tty: args.tty,
         args: args.args,
+        publish: args.publish,
         ..RunOptions::new(args.uvm, args.policy, args.oci)
     };
     let mut forward = terminal::HostForward::install(args.tty).map_err(RunError::Failed)?;

@@ -67,6 +67,10 @@ pub struct RunOptions {
     pub tty: bool,
     /// The command, replacing the image's entrypoint and cmd.
     pub args: Vec<String>,
+    /// Ports of 127.0.0.1 forwarded to the container's (`-p`): the UVM
+    /// becomes a pod (named after the container's id) with a NIC on QEMU
+    /// user-mode networking, configured through the policy's network points.
+    pub publish: Vec<crate::PortForward>,
 }
 
 impl RunOptions {
@@ -91,6 +95,7 @@ impl RunOptions {
             timeout: Duration::from_secs(600),
             tty: false,
             args: Vec::new(),
+            publish: Vec::new(),
         }
     }
 }
@@ -290,6 +295,9 @@ pub fn run(options: &RunOptions, io: RunIo<'_>, progress: &dyn Fn(Step<'_>)) -> 
     if let Some(path) = &options.serial_log {
         config.serial = Serial::File(path.clone());
     }
+    if !options.publish.is_empty() {
+        config.nic = Some(crate::Nic { mac: crate::qemu::DEFAULT_MAC, forwards: options.publish.clone() });
+    }
     progress(Step::Booting);
     let mut vm = Vm::start(config, &StartOptions::default()).map_err(anyhow::Error::from)?;
     let result = drive(&mut vm, options, &policy, &built, &process, scratch.is_some(), io, progress);
@@ -330,6 +338,9 @@ fn drive(
     let sha256 =
         client.set_policy(policy.to_string()).map_err(|err| RunError::of("the agent refused the policy", err))?;
     progress(Step::PolicySet(&sha256));
+    if !options.publish.is_empty() {
+        pod_network(&mut client, id).map_err(|err| RunError::of("cannot set up the pod's network", err))?;
+    }
     if scratch {
         client.mount_scratch(SCRATCH_SERIAL).map_err(|err| RunError::of("cannot set up the encrypted scratch", err))?;
     }
@@ -361,6 +372,27 @@ fn drive(
     unmount_image(&mut client, built, id)?;
     client.shutdown().map_err(|err| RunError::of("cannot shut the UVM down", err))?;
     Ok((status, ready_after))
+}
+
+/// Make the UVM a pod named `hostname` whose NIC (QEMU user-mode
+/// networking) is `eth0` at [`crate::qemu::USER_NET_GUEST`], routed through
+/// the gateway: each step decided by the policy.
+pub fn pod_network(client: &mut Client, hostname: &str) -> Result<(), crate::ClientError> {
+    client.create_sandbox(hostname, false)?;
+    client.update_interface(&parma_protocol::Interface {
+        name: "eth0".into(),
+        hw_addr: crate::Nic { mac: crate::qemu::DEFAULT_MAC, forwards: Vec::new() }.mac_string(),
+        mtu: 1500,
+        addresses: vec![crate::qemu::USER_NET_GUEST.into()],
+        raw_flags: 0,
+    })?;
+    client.update_routes(&[parma_protocol::Route {
+        dest: "default".into(),
+        gateway: Some(crate::qemu::USER_NET_GATEWAY.into()),
+        device: "eth0".into(),
+        source: None,
+        scope: 0,
+    }])
 }
 
 /// The guest's name for layer `index` (base layer 0).
