@@ -139,6 +139,32 @@ pub struct Spec {
     /// any RFC 1123 host name (as Kubernetes allows), no shared PID namespace.
     #[serde(default)]
     pub sandbox: SandboxSpec,
+    /// Policy-wide: narrow the pod's network (`{"allowed_cidrs": [...],
+    /// "mtu": {"min", "max"}}`); absent: only the framework's refusals.
+    #[serde(default)]
+    pub network: Option<NetworkSpec>,
+}
+
+/// The `network` rule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// Every address, gateway, source and neighbour must be inside one of these CIDRs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_cidrs: Option<Vec<String>>,
+    /// MTU bounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<MtuBounds>,
+}
+
+/// Inclusive MTU bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtuBounds {
+    /// Lowest.
+    pub min: u32,
+    /// Highest.
+    pub max: u32,
 }
 
 /// The `sandbox` rule: what `CreateSandbox` may ask for.
@@ -267,6 +293,8 @@ pub struct Knobs {
     pub scratch_swap: bool,
     /// `sandbox`.
     pub sandbox: SandboxSpec,
+    /// `network`, when given.
+    pub network: Option<NetworkSpec>,
 }
 
 /// [`rego`], taking fragments from these issuers and feeds, with these knobs.
@@ -303,6 +331,9 @@ pub fn rego_with_fragments(
     // "feed": "...", "minimum_svn": N} here to let an issuer add containers.
     out.push_str(&format!("fragments := {}\n\n", serde_json::to_string_pretty(fragments)?));
     out.push_str(&format!("sandbox := {}\n\n", serde_json::to_string_pretty(&knobs.sandbox)?));
+    if let Some(network) = &knobs.network {
+        out.push_str(&format!("network := {}\n\n", serde_json::to_string_pretty(network)?));
+    }
     for point in Point::ALL {
         out.push_str(&format!("{0} := data.framework.{0}\n\n", point.rule()));
     }
@@ -331,7 +362,8 @@ pub fn generate(oci: &Path, reference: Option<&str>, spec: Option<&Path>, layers
             );
         }
     }
-    let knobs = Knobs { scratch_swap: spec.allow_scratch_swap, sandbox: spec.sandbox.clone() };
+    let knobs =
+        Knobs { scratch_swap: spec.allow_scratch_swap, sandbox: spec.sandbox.clone(), network: spec.network.clone() };
     // A user by name: its numbers from the image's own /etc/passwd and /etc/group.
     let resolved = if spec.user.is_none() && crate::user::needs_files(&built.config.user) {
         Some(crate::user::image_user(oci, reference, &built.config.user)?)
@@ -368,5 +400,35 @@ mod tests {
         assert_eq!(spec.env.len(), 2);
         assert_eq!(spec.env[1].rule(), EnvRule { pattern: "B=[0-9]+".into(), strategy: Strategy::Re2, required: true });
         assert!(serde_json::from_str::<Spec>(r#"{"comand": ["x"]}"#).is_err(), "typos are refused");
+    }
+
+    #[test]
+    fn the_pod_rules_of_a_spec_reach_the_policy() {
+        let spec: Spec = serde_json::from_str(
+            r#"{"sandbox": {"share_pid": true}, "network": {"allowed_cidrs": ["10.0.0.0/8"], "mtu": {"min": 1280, "max": 1500}}}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.sandbox.hostname, RFC1123_HOSTNAME, "the host name pattern defaults");
+        let knobs = Knobs { scratch_swap: false, sandbox: spec.sandbox, network: spec.network };
+        let text = rego_with_fragments(&[], &[], &knobs, "test").unwrap();
+        let policy = parma_policy::Policy::from_bytes(text.into_bytes()).unwrap();
+        let mut engine = parma_policy::Engine::new(&policy).unwrap();
+        let sandbox = |hostname: &str| serde_json::json!({"hostname": hostname, "sharePid": true});
+        for (hostname, allowed) in
+            [("web-1", true), ("a.b-c.d", true), ("Web_1", false), ("-web", false), ("web.", false)]
+        {
+            assert_eq!(engine.decide(Point::CreateSandbox, &sandbox(hostname)).allowed, allowed, "{hostname}");
+        }
+        let interface = |address: &str, mtu: u32| serde_json::json!({"name": "eth0", "hwAddr": "52:54:00:12:34:56", "mtu": mtu, "addresses": [address], "rawFlags": 0});
+        assert!(engine.decide(Point::UpdateInterface, &interface("10.0.2.15/24", 1500)).allowed);
+        assert!(!engine.decide(Point::UpdateInterface, &interface("192.168.0.2/24", 1500)).allowed);
+        assert!(!engine.decide(Point::UpdateInterface, &interface("10.0.2.15/24", 9000)).allowed);
+        // Without a network rule, only the framework's refusals.
+        let text = rego_with_fragments(&[], &[], &Knobs::default(), "test").unwrap();
+        assert!(!text.contains("network :="), "{text}");
+        let mut open =
+            parma_policy::Engine::new(&parma_policy::Policy::from_bytes(text.into_bytes()).unwrap()).unwrap();
+        assert!(open.decide(Point::UpdateInterface, &interface("192.168.0.2/24", 9000)).allowed);
+        assert!(!open.decide(Point::CreateSandbox, &sandbox("web-1")).allowed, "no shared PID by default");
     }
 }
