@@ -48,3 +48,5 @@ update_interface := {"allowed": true}
 update_routes := {"allowed": true}
 
 add_arp_neighbors := {"allowed": true}
+
+copy_file := {"allowed": true}

@@ -19,6 +19,7 @@ use parma_protocol::{AgentError, ErrorCode, Frame, FrameKind, PingInfo, ProcessS
 use crate::attest::{Provider, report_data_from_hex};
 use crate::containers::{self, Containers};
 use crate::fault::Fault;
+use crate::files;
 use crate::gate::Gate;
 use crate::guest;
 use crate::network;
@@ -359,6 +360,11 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
             network::add_neighbors(containers.sandbox()?, &parsed)?;
             Ok(Response::Done)
         }
+        Request::CopyFile { path, data, mode } => {
+            let data = decode_file(&data)?;
+            files::copy(&files::guest_path(&path)?, &data, mode)?;
+            Ok(Response::Done)
+        }
         Request::Ping
         | Request::GuestInfo
         | Request::Shutdown
@@ -368,6 +374,14 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
             Err(Failure::Failed(Fault::from(String::from("internal error: request routed to the wrong handler"))))
         }
     }
+}
+
+/// A copied file's contents, within [`files::MAX_FILE`].
+fn decode_file(data: &str) -> Result<Vec<u8>, Fault> {
+    if data.len() > files::MAX_FILE.div_ceil(3) * 4 {
+        return Err(Fault::invalid(format!("a copied file has at most {} bytes", files::MAX_FILE)));
+    }
+    BASE64.decode(data.as_bytes()).map_err(|err| Fault::invalid(format!("file data is not base64: {err}")))
 }
 
 fn malformed(message: String) -> AgentError {
@@ -403,6 +417,12 @@ fn points(request: &Request, containers: &mut Containers) -> Result<Vec<Input>, 
         }
         Request::AddArpNeighbors { neighbors } => {
             vec![Input::AddArpNeighbors(network::parse_neighbors(neighbors).map_err(AgentError::from)?.1)]
+        }
+        Request::CopyFile { path, data, mode } => {
+            let path = files::guest_path(path).map_err(AgentError::from)?;
+            files::check_mode(*mode).map_err(AgentError::from)?;
+            let size = decode_file(data).map_err(AgentError::from)?.len() as u64;
+            vec![Input::CopyFile(input::CopyFile { path, size, mode: *mode })]
         }
         Request::GetAttestation { report_data } => {
             let data = report_data_from_hex(report_data).map_err(malformed)?;

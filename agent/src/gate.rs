@@ -206,6 +206,7 @@ impl Gate {
                 | Request::UpdateInterface { .. }
                 | Request::UpdateRoutes { .. }
                 | Request::AddArpNeighbors { .. }
+                | Request::CopyFile { .. }
                 | Request::LoadFragment { .. } => {
                     Err(denied(format!("{} is denied: {reason}", request.kind().as_str())))
                 }
@@ -245,7 +246,8 @@ impl Gate {
             | Request::CreateSandbox { .. }
             | Request::UpdateInterface { .. }
             | Request::UpdateRoutes { .. }
-            | Request::AddArpNeighbors { .. } => {
+            | Request::AddArpNeighbors { .. }
+            | Request::CopyFile { .. } => {
                 let engine = self.engine_for(request)?;
                 let mut decisions = Vec::with_capacity(points.len());
                 for input in points {

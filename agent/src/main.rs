@@ -13,6 +13,7 @@ mod attest;
 mod containers;
 mod dispatch;
 mod fault;
+mod files;
 mod gate;
 mod guest;
 mod log;

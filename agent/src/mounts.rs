@@ -8,7 +8,9 @@
 //! - `tmpfs`, with `size=` and `mode=`;
 //! - `bind` of a volume of the UVM, `/run/parma/volumes/NAME`: a directory in
 //!   guest memory (encrypted under SEV-SNP), made on first use and shared by
-//!   every container that binds it, for the UVM's life (an `emptyDir`).
+//!   every container that binds it, for the UVM's life (an `emptyDir`);
+//! - `bind` of a file or directory the host copied in (`CopyFile`, under
+//!   `/run/parma/files/`): `/etc/hosts` and the like.
 //!
 //! Both are always `nosuid` and `nodev`. Destinations must not nest. A
 //! destination under `/proc`, `/dev` or `/sys` (the agent's own mounts), one
@@ -16,7 +18,7 @@
 //! any option not listed is refused with the reason.
 
 use std::ffi::CString;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 
 use parma_protocol::Mount;
 use parma_sys::launch::RootOp;
@@ -68,7 +70,15 @@ pub fn prepare(rootfs: &str, mounts: &[Mount]) -> Result<Vec<RootOp>, String> {
     }
     let mut ops = Vec::new();
     for (mount, components) in mounts.iter().zip(&destinations) {
-        let target = mount_point(rootfs, components)?;
+        let copied = if mount.kind == "bind" && mount.source.starts_with(crate::files::FILES) {
+            Some(copied(&mount.source)?)
+        } else {
+            None
+        };
+        let target = match &copied {
+            Some((_, false)) => file_mount_point(rootfs, components)?,
+            _ => mount_point(rootfs, components)?,
+        };
         let options = Options::parse(mount)?;
         let target = cstring(&target)?;
         match mount.kind.as_str() {
@@ -85,9 +95,12 @@ pub fn prepare(rootfs: &str, mounts: &[Mount]) -> Result<Vec<RootOp>, String> {
                 });
             }
             "bind" => {
-                let volume = volume(&mount.source)?;
+                let source = match copied {
+                    Some((path, _)) => path,
+                    None => volume(&mount.source)?,
+                };
                 ops.push(RootOp::Mount {
-                    source: cstring(&volume)?,
+                    source: cstring(&source)?,
                     target: target.clone(),
                     fstype: cstring("")?,
                     flags: libc::MS_BIND | if options.recursive { libc::MS_REC } else { 0 },
@@ -153,6 +166,47 @@ fn mount_point(rootfs: &str, components: &[String]) -> Result<String, String> {
         }
     }
     Ok(path)
+}
+
+/// The mount point of a file bound over a path of the image: its parent
+/// directories as in [`mount_point`], and the file itself a regular file of
+/// the image or made empty (0644), never a symbolic link or a directory.
+fn file_mount_point(rootfs: &str, components: &[String]) -> Result<String, String> {
+    let (last, parents) = components.split_last().ok_or("a file cannot be bound over the root")?;
+    let parent = if parents.is_empty() { rootfs.to_string() } else { mount_point(rootfs, parents)? };
+    let path = format!("{parent}/{last}");
+    let inside = format!("/{}", components.join("/"));
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_file() => Ok(path),
+        Ok(_) => Err(format!("mount destination {inside:?} is not a regular file in the image")),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&path)
+                .map_err(|err| format!("cannot make the mount point {inside:?}: {err}"))?;
+            Ok(path)
+        }
+        Err(err) => Err(format!("cannot inspect the mount point {inside:?}: {err}")),
+    }
+}
+
+/// A file or directory the host copied in, as a bind source: its path and
+/// whether it is a directory. It must exist (copied before the container
+/// is created) and be no symbolic link.
+fn copied(source: &str) -> Result<(String, bool), String> {
+    let relative = source
+        .strip_prefix(crate::files::FILES)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .ok_or_else(|| format!("bind source {source:?} is not under {}", crate::files::FILES))?;
+    let path = crate::files::guest_path(relative).map_err(|fault| fault.message)?;
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_file() => Ok((path, false)),
+        Ok(meta) if meta.is_dir() => Ok((path, true)),
+        Ok(_) => Err(format!("bind source {source:?} is neither a file nor a directory")),
+        Err(_) => Err(format!("bind source {source:?} was not copied in (CopyFile first)")),
+    }
 }
 
 /// The volume directory a bind mount names, made if new: mode 1777, as

@@ -322,3 +322,78 @@ fn parma_run_publishes_a_container_port_on_the_hosts_loopback() -> anyhow::Resul
     ensure!(stdout.contains("role=server") && stdout.contains("hostname=web"), "{stdout}");
     Ok(())
 }
+
+/// `CopyFile`: a file the orchestrator hands in lands where the policy
+/// allows, and reaches a container only as the bind mount its policy
+/// entry lists; a copy over it updates what containers see. Hostile copies
+/// are refused with their reasons.
+#[test]
+fn files_the_orchestrator_hands_in_reach_containers_only_through_listed_binds() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let hello = paths.guest_binary("oci-hello")?;
+    let command = ["/bin/cat", "/etc/hosts"];
+    let rule = serde_json::json!({
+        "destination": "/etc/hosts", "type": "bind", "source": "/run/parma/files/pod/[a-z]+", "options": ["rbind", "ro"],
+    });
+    let fixture = oci::PolicyFixture::with_mounts(&hello, "reader", Some(&command), None, &[rule])?;
+    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
+    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    let mut guest = Guest::boot(&paths, &boot)?;
+    let mut client = guest.ready_client(READY, CALL)?;
+    client.set_policy(std::fs::read_to_string(&fixture.policy)?).with_context(|| guest.serial())?;
+
+    let big = vec![b'x'; 600 * 1024];
+    for (path, data, mode, code, reason) in [
+        ("../etc/passwd", &b"x"[..], 0o644, ErrorCode::InvalidArgument, "components"),
+        ("/etc/hosts", b"x", 0o644, ErrorCode::InvalidArgument, "components"),
+        ("pod/.hosts", b"x", 0o644, ErrorCode::InvalidArgument, "hidden"),
+        ("pod/hosts", b"x", 0o4755, ErrorCode::InvalidArgument, "beyond 0777"),
+        ("pod/hosts", &big, 0o644, ErrorCode::InvalidArgument, "at most"),
+        ("pod/passwd", b"root::0:0::/:/bin/sh\n", 0o644, ErrorCode::PolicyDenied, "matches none"),
+    ] {
+        let (got, message) = refused(client.copy_file(path, data, mode))?;
+        ensure!(got == code && message.contains(reason), "{reason}: {got}: {message}");
+    }
+    client.copy_file("pod/hosts", b"10.0.2.15 web-1\n", 0o644)?;
+
+    let layers = run::mount_layers(&mut client, &fixture.built)?;
+    let args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
+    let process = run::process_from_config(&fixture.built.config, &args)?;
+    let bind = |source: &str| parma_protocol::Mount {
+        destination: "/etc/hosts".into(),
+        kind: "bind".into(),
+        source: source.into(),
+        options: vec!["rbind".into(), "ro".into()],
+    };
+    // Allowed by the mount rule, but never copied: refused, nothing runs.
+    client.mount_overlay("early", &layers, true)?;
+    let (code, message) =
+        refused(client.create_container_with("early", &process, None, &[bind("/run/parma/files/pod/hostname")]))?;
+    ensure!(message.contains("was not copied in"), "{code}: {message}");
+    // Not a source the policy lists.
+    denied(
+        client.create_container_with("early", &process, None, &[bind("/run/parma/volumes/pod")]),
+        "matches no mount rule",
+    )?;
+    client.unmount_overlay("early")?;
+
+    for (id, expected) in [("first", "10.0.2.15 web-1\n"), ("second", "10.0.2.16 web-1\n")] {
+        if id == "second" {
+            // The orchestrator updates the file: same path, new contents.
+            client.copy_file("pod/hosts", expected.as_bytes(), 0o644)?;
+        }
+        client.mount_overlay(id, &layers, true)?;
+        client.create_container_with(id, &process, None, &[bind("/run/parma/files/pod/hosts")])?;
+        client.start_container(id)?;
+        client.write_stdin(id, None, &[], true)?;
+        let (stdout, code) = finish(&mut client, id)?;
+        ensure!(code == 0 && stdout == expected, "{id}: {code}: {stdout:?}");
+        client.delete_container(id)?;
+        client.unmount_overlay(id)?;
+    }
+    client.ping()?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
+}

@@ -492,6 +492,13 @@ impl Client {
         self.done(&Request::UpdateRoutes { routes: routes.to_vec() })
     }
 
+    /// `CopyFile`: `data` to `/run/parma/files/PATH` in the guest.
+    pub fn copy_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), ClientError> {
+        use base64::Engine as _;
+        let data = base64::engine::general_purpose::STANDARD.encode(data);
+        self.done(&Request::CopyFile { path: path.into(), data, mode })
+    }
+
     /// `AddArpNeighbors`.
     pub fn add_arp_neighbors(&mut self, neighbors: &[parma_protocol::ArpNeighbor]) -> Result<(), ClientError> {
         self.done(&Request::AddArpNeighbors { neighbors: neighbors.to_vec() })

@@ -143,7 +143,20 @@ pub struct Spec {
     /// "mtu": {"min", "max"}}`); absent: only the framework's refusals.
     #[serde(default)]
     pub network: Option<NetworkSpec>,
+    /// Policy-wide: RE2 patterns of the guest paths `CopyFile` may write
+    /// (default [`DEFAULT_COPY_FILES`]: what Kubernetes hands every
+    /// container; `[]`: none).
+    #[serde(default)]
+    pub copy_files: Option<Vec<String>>,
 }
+
+/// The files Kubernetes hands every container, under `/run/parma/files/`
+/// (at most three directories deep): hosts, hostname, resolv.conf, the
+/// termination log, a service account's token, CA and namespace.
+pub const DEFAULT_COPY_FILES: [&str; 2] = [
+    "/run/parma/files/([A-Za-z0-9_-][A-Za-z0-9._-]*/){0,3}(hosts|hostname|resolv\\.conf|termination-log)",
+    "/run/parma/files/([A-Za-z0-9_-][A-Za-z0-9._-]*/){0,3}serviceaccount/(token|ca\\.crt|namespace)",
+];
 
 /// The `network` rule.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -295,6 +308,8 @@ pub struct Knobs {
     pub sandbox: SandboxSpec,
     /// `network`, when given.
     pub network: Option<NetworkSpec>,
+    /// `copy_files` (none: [`DEFAULT_COPY_FILES`]).
+    pub copy_files: Option<Vec<String>>,
 }
 
 /// [`rego`], taking fragments from these issuers and feeds, with these knobs.
@@ -331,6 +346,8 @@ pub fn rego_with_fragments(
     // "feed": "...", "minimum_svn": N} here to let an issuer add containers.
     out.push_str(&format!("fragments := {}\n\n", serde_json::to_string_pretty(fragments)?));
     out.push_str(&format!("sandbox := {}\n\n", serde_json::to_string_pretty(&knobs.sandbox)?));
+    let copy_files = knobs.copy_files.clone().unwrap_or_else(|| DEFAULT_COPY_FILES.map(String::from).to_vec());
+    out.push_str(&format!("copy_files := {}\n\n", serde_json::to_string_pretty(&copy_files)?));
     if let Some(network) = &knobs.network {
         out.push_str(&format!("network := {}\n\n", serde_json::to_string_pretty(network)?));
     }
@@ -362,8 +379,12 @@ pub fn generate(oci: &Path, reference: Option<&str>, spec: Option<&Path>, layers
             );
         }
     }
-    let knobs =
-        Knobs { scratch_swap: spec.allow_scratch_swap, sandbox: spec.sandbox.clone(), network: spec.network.clone() };
+    let knobs = Knobs {
+        scratch_swap: spec.allow_scratch_swap,
+        sandbox: spec.sandbox.clone(),
+        network: spec.network.clone(),
+        copy_files: spec.copy_files.clone(),
+    };
     // A user by name: its numbers from the image's own /etc/passwd and /etc/group.
     let resolved = if spec.user.is_none() && crate::user::needs_files(&built.config.user) {
         Some(crate::user::image_user(oci, reference, &built.config.user)?)
@@ -409,7 +430,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spec.sandbox.hostname, RFC1123_HOSTNAME, "the host name pattern defaults");
-        let knobs = Knobs { scratch_swap: false, sandbox: spec.sandbox, network: spec.network };
+        let knobs = Knobs { scratch_swap: false, sandbox: spec.sandbox, network: spec.network, copy_files: None };
         let text = rego_with_fragments(&[], &[], &knobs, "test").unwrap();
         let policy = parma_policy::Policy::from_bytes(text.into_bytes()).unwrap();
         let mut engine = parma_policy::Engine::new(&policy).unwrap();
@@ -430,5 +451,19 @@ mod tests {
             parma_policy::Engine::new(&parma_policy::Policy::from_bytes(text.into_bytes()).unwrap()).unwrap();
         assert!(open.decide(Point::UpdateInterface, &interface("192.168.0.2/24", 9000)).allowed);
         assert!(!open.decide(Point::CreateSandbox, &sandbox("web-1")).allowed, "no shared PID by default");
+        // The default copy_files: Kubernetes' files, nothing else.
+        let file = |path: &str| serde_json::json!({"path": path, "size": 10, "mode": 420});
+        for (path, allowed) in [
+            ("/run/parma/files/pod-1/hosts", true),
+            ("/run/parma/files/pod-1/c1/resolv.conf", true),
+            ("/run/parma/files/hostname", true),
+            ("/run/parma/files/pod-1/serviceaccount/token", true),
+            ("/run/parma/files/pod-1/passwd", false),
+            ("/run/parma/files/pod-1/resolvXconf", false),
+            ("/run/parma/files/a/b/c/d/hosts", false),
+            ("/etc/hosts", false),
+        ] {
+            assert_eq!(open.decide(Point::CopyFile, &file(path)).allowed, allowed, "{path}");
+        }
     }
 }

@@ -969,6 +969,31 @@ add_arp_neighbors := denied(concat("; ", sort(add_arp_neighbors_problems)), []) 
 	count(add_arp_neighbors_problems) > 0
 }
 
+# ---------------------------------------------------------------- files the orchestrator hands in
+
+# `copy_files`: RE2 patterns of the guest paths CopyFile may write (anchored);
+# none: no copy is allowed.
+default copy_files := []
+
+copy_files := data.parma_policy_data.copy_files
+
+copy_file_allowed if {
+	some pattern in copy_files
+	regex.match(concat("", ["^(?:", pattern, ")$"]), input.path)
+}
+
+default copy_file := {"allowed": false, "reason": {"message": "copy_file: input is missing path", "candidates": []}}
+
+copy_file := {"allowed": true, "metadata": []} if {
+	is_string(input.path)
+	copy_file_allowed
+}
+
+copy_file := denied(sprintf("file %s matches none of the policy's copy_files", [quote(input.path)]), []) if {
+	is_string(input.path)
+	not copy_file_allowed
+}
+
 # ---------------------------------------------------------------- the UVM itself
 
 default exec_external := {"allowed": false, "reason": {"message": "exec_external: input is missing argList", "candidates": []}}

@@ -224,6 +224,17 @@ pub struct AddArpNeighbors {
     pub neighbors: Vec<ArpNeighbor>,
 }
 
+/// `copy_file`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CopyFile {
+    /// The guest path it is written to.
+    pub path: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its permission bits.
+    pub mode: u32,
+}
+
 /// A point with no input fields.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Empty {}
@@ -268,6 +279,8 @@ pub enum Input {
     UpdateRoutes(UpdateRoutes),
     /// `add_arp_neighbors`.
     AddArpNeighbors(AddArpNeighbors),
+    /// `copy_file`.
+    CopyFile(CopyFile),
 }
 
 impl Input {
@@ -291,6 +304,7 @@ impl Input {
             Input::UpdateInterface(_) => Point::UpdateInterface,
             Input::UpdateRoutes(_) => Point::UpdateRoutes,
             Input::AddArpNeighbors(_) => Point::AddArpNeighbors,
+            Input::CopyFile(_) => Point::CopyFile,
             Input::RuntimeLogging(_) => Point::RuntimeLogging,
         }
     }

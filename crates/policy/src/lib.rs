@@ -468,6 +468,7 @@ pub const DATA_RULES: &[&str] = &[
     "fragments",
     "sandbox",
     "network",
+    "copy_files",
 ];
 
 /// The data document the framework reads the policy's data from.

@@ -48,11 +48,13 @@ pub enum Point {
     UpdateRoutes,
     /// Add neighbour entries in the pod.
     AddArpNeighbors,
+    /// Put a file from the orchestrator into the guest.
+    CopyFile,
 }
 
 impl Point {
     /// Every enforcement point.
-    pub const ALL: [Point; 21] = [
+    pub const ALL: [Point; 22] = [
         Point::MountDevice,
         Point::UnmountDevice,
         Point::MountOverlay,
@@ -74,6 +76,7 @@ impl Point {
         Point::UpdateInterface,
         Point::UpdateRoutes,
         Point::AddArpNeighbors,
+        Point::CopyFile,
     ];
 
     /// The rule name in the policy (`data.policy.<rule>`).
@@ -100,6 +103,7 @@ impl Point {
             Point::UpdateInterface => "update_interface",
             Point::UpdateRoutes => "update_routes",
             Point::AddArpNeighbors => "add_arp_neighbors",
+            Point::CopyFile => "copy_file",
         }
     }
 }

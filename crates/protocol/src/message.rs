@@ -213,6 +213,19 @@ pub enum Request {
         /// The entries.
         neighbors: Vec<ArpNeighbor>,
     },
+    /// Put a file the orchestrator hands in (`/etc/hosts`, `resolv.conf`, a
+    /// token) under `/run/parma/files/` (policy: `copy_file`, on the guest
+    /// path); containers get it only as a bind mount their policy lists. A
+    /// copy over an existing file replaces its contents.
+    CopyFile {
+        /// Relative to `/run/parma/files`: 1 to 8 components of `[A-Za-z0-9._-]`.
+        path: String,
+        /// The contents, base64 (at most 512 KiB decoded).
+        data: String,
+        /// Permission bits (no set-id or sticky); default 0644.
+        #[serde(default = "file_mode")]
+        mode: u32,
+    },
     /// Add a signed policy fragment's containers to the policy in force
     /// (policy: `load_fragment`, on the issuer, feed and SVN, once the
     /// issuer's signature over the fragment checked).
@@ -253,6 +266,7 @@ pub const REQUEST_TYPES: &[&str] = &[
     "UpdateInterface",
     "UpdateRoutes",
     "AddArpNeighbors",
+    "CopyFile",
 ];
 
 /// A network interface of the pod, as `UpdateInterface` sets it.
@@ -308,6 +322,10 @@ pub struct ArpNeighbor {
     /// `NTF_*` flags.
     #[serde(default)]
     pub flags: u8,
+}
+
+fn file_mode() -> u32 {
+    0o644
 }
 
 fn permanent() -> u16 {
@@ -465,6 +483,7 @@ impl Request {
             Request::UpdateInterface { .. } => RequestKind::UpdateInterface,
             Request::UpdateRoutes { .. } => RequestKind::UpdateRoutes,
             Request::AddArpNeighbors { .. } => RequestKind::AddArpNeighbors,
+            Request::CopyFile { .. } => RequestKind::CopyFile,
         }
     }
 }
@@ -522,6 +541,8 @@ pub enum RequestKind {
     UpdateRoutes,
     /// [`Request::AddArpNeighbors`].
     AddArpNeighbors,
+    /// [`Request::CopyFile`].
+    CopyFile,
 }
 
 impl RequestKind {
@@ -553,6 +574,7 @@ impl RequestKind {
             RequestKind::UpdateInterface => "UpdateInterface",
             RequestKind::UpdateRoutes => "UpdateRoutes",
             RequestKind::AddArpNeighbors => "AddArpNeighbors",
+            RequestKind::CopyFile => "CopyFile",
         }
     }
 }
