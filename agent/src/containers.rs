@@ -27,6 +27,8 @@ use crate::storage;
 
 /// The cgroup under which every container gets its own.
 const CGROUP_PARENT: &str = "/sys/fs/cgroup/parma";
+/// The cgroup of the pod's namespace holder (a sibling of the containers').
+const HOLDER_CGROUP: &str = "/sys/fs/cgroup/parma-pod";
 /// Memory kept out of the containers' reach (all of them together), for the
 /// agent and the kernel: at least this, or an eighth of the guest's.
 const RESERVED_MEMORY: u64 = 64 << 20;
@@ -144,7 +146,21 @@ impl Containers {
         if !self.containers.is_empty() {
             return Err(Fault::wrong_state("containers exist outside a pod: the sandbox comes first"));
         }
-        self.sandbox = Some(Sandbox::create(hostname, share_pid, last_cap())?);
+        if !self.guest_limits {
+            guest_limits()?;
+            self.guest_limits = true;
+        }
+        // The holder's own cgroup, outside the containers': one task, so
+        // that nothing can ever fork from it (not even through ptrace, in a
+        // shared PID namespace) outside a container's limits.
+        if let Err(err) = std::fs::create_dir(HOLDER_CGROUP)
+            && err.kind() != ErrorKind::AlreadyExists
+        {
+            return Err(format!("cannot create cgroup {HOLDER_CGROUP}: {err}").into());
+        }
+        limit(HOLDER_CGROUP, &Resources { pids_max: Some(1), ..Resources::default() })?;
+        let cgroup = File::open(HOLDER_CGROUP).map_err(|err| format!("cannot open {HOLDER_CGROUP}: {err}"))?;
+        self.sandbox = Some(Sandbox::create(hostname, share_pid, last_cap(), cgroup.as_fd())?);
         Ok(())
     }
 

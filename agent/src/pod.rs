@@ -4,8 +4,9 @@
 //!
 //! The holder is the agent's binary run again as [`PAUSE_ARGV0`]: PID 1 of
 //! a PID namespace nobody else sees, as `nobody` with no capabilities and
-//! `no_new_privs`, its root an empty read-only directory with only its own
-//! binary bound in. It owns the pod's network (loopback up), IPC and UTS
+//! `no_new_privs`, non-dumpable, in a cgroup of its own that allows one
+//! task, its root an empty read-only directory with only its own binary
+//! bound in. It owns the pod's network (loopback up), IPC and UTS
 //! (the pod's host name) namespaces; containers join them by its pidfd.
 //! Replacing its image with `execve` leaves nothing of the agent's memory
 //! in it.
@@ -37,7 +38,12 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Start the holder and bring the pod's loopback up.
-    pub fn create(hostname: &str, share_pid: bool, last_cap: u32) -> Result<Self, Fault> {
+    pub fn create(
+        hostname: &str,
+        share_pid: bool,
+        last_cap: u32,
+        cgroup: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Self, Fault> {
         check_hostname(hostname)?;
         if share_pid {
             return Err(Fault::invalid("a shared PID namespace is not supported yet: every container has its own"));
@@ -95,7 +101,7 @@ impl Sandbox {
                 .map_err(|err| format!("cannot open /dev/null: {err}"))
         };
         let stdio = launch::Stdio { stdin: null()?, stdout: null()?, stderr: null()? };
-        let holder = launch::spawn(&Namespaces::New(&root), &process, stdio, None)
+        let holder = launch::spawn(&Namespaces::New(&root), &process, stdio, Some(cgroup))
             .map_err(|err| crate::containers::launch_fault("cannot start the pod's namespace holder", &err))?;
         let sandbox = Self { holder, hostname: hostname.to_string() };
         if let Err(err) = parma_sys::pod::loopback_up(sandbox.pidfd()) {
@@ -195,6 +201,8 @@ pub fn joins_pod(namespaces: &[Namespace], pod: bool) -> Result<bool, Fault> {
 /// never return. (As PID 1 of its PID namespace, no process inside can
 /// signal it; the agent, outside, can kill it.)
 pub fn pause() -> ! {
+    // No core dump and no ptrace by an unprivileged process of its user.
+    let _ = nix::sys::prctl::set_dumpable(false);
     let _ = SigSet::all().thread_block();
     let child = SigSet::from(Signal::SIGCHLD);
     loop {

@@ -143,6 +143,10 @@ fn two_containers_of_a_pod_share_its_network_ipc_and_host_name_and_nothing_else(
         ensure!(server.contains_key(key) && server.get(key) == member.get(key), "{key}: {server:?} vs {member:?}");
     }
     ensure!(server.get("pid") != member.get("pid"), "one PID namespace: {server:?} vs {member:?}");
+    // Before the server bound its port, nothing listened in the pod's network
+    // namespace: not the agent, not the namespace holder; then only the server.
+    ensure!(server.get("listening").map(String::as_str) == Some(""), "{server:?}");
+    ensure!(member.get("listening").map(String::as_str) == Some(PORT), "{member:?}");
     for facts in [&server, &member] {
         ensure!(facts.get("hostname").map(String::as_str) == Some("pod-1"), "{facts:?}");
         // Each sees its own process only: not the other's, not the holder.
@@ -243,6 +247,10 @@ fn a_pods_container_serves_the_host_through_the_nic_the_policy_allowed() -> anyh
     client.start_container("web")?;
     let head = read_until(&mut client, "web", "role=")?;
     ensure!(head.contains("role=server"), "{head}");
+    // With the NIC up, nothing listened in the pod's network namespace
+    // before the container: the agent serves vsock and virtio-serial only,
+    // from a network namespace of its own.
+    ensure!(head.lines().any(|line| line == "listening="), "{head}");
 
     // The host's client, through QEMU's forward on 127.0.0.1.
     let answer = {

@@ -9,8 +9,10 @@
 //! `error=...` and exits with status 70.
 //!
 //! `pod PORT` (first) is a pod member instead: it prints its namespaces
-//! (`ns net=... ipc=... uts=... pid=...`), `hostname=` and `pids=` (the
-//! processes it sees), then binds PORT on every address. If it can, it is
+//! (`ns net=... ipc=... uts=... pid=...`), `hostname=`, `pids=` (the
+//! processes it sees) and `listening=` (the TCP ports anything in its
+//! network namespace listens on, from /proc/net/tcp and tcp6, comma
+//! separated), then binds PORT on every address. If it can, it is
 //! the server (`role=server`): it answers one connection (from the pod's
 //! loopback or its NIC) with `hello-from-<hostname>` and exits. If the port
 //! is taken, a process in the same network namespace holds it: it is the
@@ -133,9 +135,26 @@ fn pod(port: u16) -> Result<i32, String> {
         .count();
     let mut out = std::io::stdout().lock();
     let mut say = |line: String| out.write_all(format!("{line}\n").as_bytes()).and_then(|()| out.flush());
+    let mut listening = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).map_err(|e| format!("{table}: {e}"))?;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT; state 0A is LISTEN.
+            if let (Some(local), Some(&"0A")) = (fields.get(1), fields.get(3))
+                && let Some((_, port)) = local.rsplit_once(':')
+            {
+                listening.push(u16::from_str_radix(port, 16).map_err(|e| format!("{table}: {e}"))?);
+            }
+        }
+    }
+    listening.sort_unstable();
+    listening.dedup();
+    let listening: Vec<String> = listening.iter().map(u16::to_string).collect();
     say(format!("ns net={} ipc={} uts={} pid={}", ns("net")?, ns("ipc")?, ns("uts")?, ns("pid")?))
         .and_then(|()| say(format!("hostname={hostname}")))
         .and_then(|()| say(format!("pids={pids}")))
+        .and_then(|()| say(format!("listening={}", listening.join(","))))
         .map_err(|e| format!("stdout: {e}"))?;
     let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let any = std::net::SocketAddr::from(([0, 0, 0, 0], port));
