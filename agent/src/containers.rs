@@ -19,7 +19,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use nix::fcntl::{FcntlArg, OFlag, OpenHow, ResolveFlag, fcntl, openat2};
 use nix::sys::stat::Mode;
 use parma_protocol::{ErrorCode, OutputStream, ProcessSpec, Resources};
-use parma_sys::launch::{self, Capabilities, Child, Exit, MountCheck, Namespaces, NewContainer, Process, RootOp};
+use parma_sys::launch::{
+    self, Capabilities, Child, Exit, MountCheck, Namespaces, NewContainer, PodPid, Process, RootOp,
+};
 
 use crate::fault::Fault;
 use crate::pod::Sandbox;
@@ -89,8 +91,9 @@ struct Container {
     cgroup: String,
     /// The policy let the host reach the stdio of its processes.
     stdio: bool,
-    /// It shares the pod's network, IPC and UTS namespaces.
-    in_pod: bool,
+    /// It shares the pod's network, IPC and UTS namespaces (and with
+    /// `Shared` its PID namespace).
+    in_pod: Option<PodPid>,
 }
 
 /// How a container is created, besides its process.
@@ -228,7 +231,7 @@ impl Containers {
             ));
         }
         let rootfs = storage::rootfs_target(id);
-        let in_pod = crate::pod::joins_pod(options.namespaces, self.sandbox.is_some())?;
+        let in_pod = crate::pod::joins_pod(options.namespaces, self.sandbox.as_ref().map(|pod| pod.share_pid))?;
         let hostname = match (&self.sandbox, options.hostname) {
             (Some(pod), Some(asked)) if asked != pod.hostname => {
                 return Err(Fault::invalid(format!(
@@ -294,9 +297,11 @@ impl Containers {
     pub fn start(&mut self, id: &str) -> Result<i32, Fault> {
         let container = self.containers.get_mut(id).ok_or_else(|| no_container(id))?;
         let pod = match (container.in_pod, &self.sandbox) {
-            (false, _) => None,
-            (true, Some(sandbox)) => Some(sandbox.pidfd()),
-            (true, None) => return Err(Fault::wrong_state(format!("container {id:?} belongs to a pod that is gone"))),
+            (None, _) => None,
+            (Some(pid), Some(sandbox)) => Some((sandbox.pidfd(), pid)),
+            (Some(_), None) => {
+                return Err(Fault::wrong_state(format!("container {id:?} belongs to a pod that is gone")));
+            }
         };
         let (new, process) = container
             .prepared
@@ -307,7 +312,7 @@ impl Containers {
                 let cgroup =
                     File::open(&container.cgroup).map_err(|err| format!("cannot open {}: {err}", container.cgroup))?;
                 let namespaces = match pod {
-                    Some(pod) => Namespaces::InPod(&new, pod),
+                    Some((pod, pid)) => Namespaces::InPod(&new, pod, pid),
                     None => Namespaces::New(&new),
                 };
                 launch::spawn(&namespaces, &process, stdio, Some(cgroup.as_fd()))
@@ -505,6 +510,11 @@ impl Containers {
             return Err(Fault::wrong_state(format!("container {id:?} still runs")));
         }
         let container = self.containers.get(id).ok_or_else(|| no_container(id))?;
+        if container.in_pod == Some(PodPid::Shared) {
+            // In the pod's PID namespace the container's processes outlive
+            // its init (they are the holder's then): they end with it.
+            end_cgroup(&container.cgroup)?;
+        }
         if let Err(err) = std::fs::remove_dir(&container.cgroup)
             && err.kind() != ErrorKind::NotFound
         {
@@ -952,6 +962,24 @@ fn limit(cgroup: &str, resources: &Resources) -> Result<(), String> {
 /// the guest can give without starving the agent (see [`guest_limits`]): a
 /// container without limits of its own cannot take the memory or the tasks
 /// the agent needs.
+/// Kill every process left in a cgroup and wait (at most 5 s) until it is empty.
+fn end_cgroup(cgroup: &str) -> Result<(), String> {
+    let kill = format!("{cgroup}/cgroup.kill");
+    std::fs::write(&kill, "1").map_err(|err| format!("cannot write {kill}: {err}"))?;
+    let events = format!("{cgroup}/cgroup.events");
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&events).map_err(|err| format!("cannot read {events}: {err}"))?;
+        if text.lines().any(|line| line == "populated 0") {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= give_up {
+            return Err(format!("the processes of {cgroup} did not end after SIGKILL"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 fn make_cgroup(path: &str) -> Result<(), String> {
     std::fs::create_dir(path).map_err(|err| format!("cannot create cgroup {path}: {err}"))
 }

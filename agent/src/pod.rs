@@ -16,7 +16,7 @@ use std::ffi::CString;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use parma_protocol::Namespace;
-use parma_sys::launch::{self, Capabilities, Child, Namespaces, NewContainer, Process, RootOp};
+use parma_sys::launch::{self, Capabilities, Child, Namespaces, NewContainer, PodPid, Process, RootOp};
 
 use crate::fault::Fault;
 
@@ -34,6 +34,8 @@ pub struct Sandbox {
     holder: Child,
     /// The pod's host name.
     pub hostname: String,
+    /// Containers that ask may share the holder's PID namespace.
+    pub share_pid: bool,
 }
 
 impl Sandbox {
@@ -45,9 +47,6 @@ impl Sandbox {
         cgroup: std::os::fd::BorrowedFd<'_>,
     ) -> Result<Self, Fault> {
         check_hostname(hostname)?;
-        if share_pid {
-            return Err(Fault::invalid("a shared PID namespace is not supported yet: every container has its own"));
-        }
         let cstring = |text: &str| CString::new(text).map_err(|_| Fault::invalid(format!("{text:?} has a NUL byte")));
         let exe =
             std::fs::read_link("/proc/self/exe").map_err(|err| format!("cannot find the agent's binary: {err}"))?;
@@ -103,7 +102,7 @@ impl Sandbox {
         let stdio = launch::Stdio { stdin: null()?, stdout: null()?, stderr: null()? };
         let holder = launch::spawn(&Namespaces::New(&root), &process, stdio, Some(cgroup))
             .map_err(|err| crate::containers::launch_fault("cannot start the pod's namespace holder", &err))?;
-        let sandbox = Self { holder, hostname: hostname.to_string() };
+        let sandbox = Self { holder, hostname: hostname.to_string(), share_pid };
         if let Err(err) = parma_sys::pod::loopback_up(sandbox.pidfd()) {
             sandbox.stop();
             return Err(format!("cannot bring the pod's loopback up: {err}").into());
@@ -146,13 +145,15 @@ fn check_hostname(hostname: &str) -> Result<(), Fault> {
 }
 
 /// Whether a container with the OCI namespace list `namespaces` is one of
-/// the pod's (`pod`: the UVM is one). In a pod, network, IPC and UTS are
-/// always the pod's (a path names them; a new one would leave the pod);
-/// without one every namespace is the container's own. Mount and cgroup
-/// namespaces are always new; PID is new (no pod shares one yet); user and
-/// time namespaces are refused. Nothing the host names is ever a
-/// namespace of the agent's.
-pub fn joins_pod(namespaces: &[Namespace], pod: bool) -> Result<bool, Fault> {
+/// the pod's (`pod`: the UVM is one, and whether it shares a PID
+/// namespace), and with which PID namespace. In a pod, network, IPC and
+/// UTS are always the pod's (a path names them; a new one would leave the
+/// pod); without one every namespace is the container's own. Mount and
+/// cgroup namespaces are always new; PID is new, or the pod's where a path
+/// asks for it and the pod shares one; user and time namespaces are
+/// refused. Nothing the host names is ever a namespace of the agent's.
+pub fn joins_pod(namespaces: &[Namespace], pod: Option<bool>) -> Result<Option<PodPid>, Fault> {
+    let mut pid = PodPid::Own;
     let mut seen = Vec::with_capacity(namespaces.len());
     for namespace in namespaces {
         let kind = namespace.kind.as_str();
@@ -161,22 +162,24 @@ pub fn joins_pod(namespaces: &[Namespace], pod: bool) -> Result<bool, Fault> {
         }
         seen.push(kind);
         let shared = matches!(kind, "network" | "ipc" | "uts");
+        let in_pod = pod.is_some();
         match (kind, namespace.path.is_some()) {
-            (_, true) if shared && pod => {}
+            (_, true) if shared && in_pod => {}
             (_, true) if shared => {
                 return Err(Fault::invalid(format!(
                     "no {kind} namespace to join: the UVM is not a pod (CreateSandbox first)"
                 )));
             }
-            (_, false) if shared && pod => {
+            (_, false) if shared && in_pod => {
                 return Err(Fault::invalid(format!(
                     "a container of the pod shares its {kind} namespace; a new one is refused"
                 )));
             }
             (_, false) if shared => {}
             ("pid" | "mount" | "cgroup", false) => {}
+            ("pid", true) if pod == Some(true) => pid = PodPid::Shared,
             ("pid", true) => {
-                return Err(Fault::invalid("no shared PID namespace to join: every container has its own"));
+                return Err(Fault::invalid("no shared PID namespace to join: the pod does not share one"));
             }
             ("mount" | "cgroup", true) => {
                 return Err(Fault::invalid(format!(
@@ -194,7 +197,7 @@ pub fn joins_pod(namespaces: &[Namespace], pod: bool) -> Result<bool, Fault> {
             }
         }
     }
-    Ok(pod)
+    Ok(pod.map(|_| pid))
 }
 
 /// The holder's life: block every signal, reap whatever ends up its child,
@@ -232,19 +235,24 @@ mod tests {
             ns("mount", None),
             ns("network", Some("/var/run/netns/cni-1")),
         ];
-        assert!(joins_pod(&cri, true).unwrap());
+        assert_eq!(joins_pod(&cri, Some(false)).unwrap(), Some(PodPid::Own));
+        assert_eq!(joins_pod(&cri, Some(true)).unwrap(), Some(PodPid::Own), "no pid path: its own");
+        let mut sharing = cri.to_vec();
+        sharing[0] = ns("pid", Some("/proc/4242/ns/pid"));
+        assert_eq!(joins_pod(&sharing, Some(true)).unwrap(), Some(PodPid::Shared));
         // Not listed: the pod's all the same, never the agent's.
-        assert!(joins_pod(&[], true).unwrap());
-        assert!(!joins_pod(&[ns("mount", None), ns("pid", None)], false).unwrap());
+        assert_eq!(joins_pod(&[], Some(false)).unwrap(), Some(PodPid::Own));
+        assert_eq!(joins_pod(&[ns("mount", None), ns("pid", None)], None).unwrap(), None);
         for (list, pod, reason) in [
-            (vec![ns("network", None)], true, "new one is refused"),
-            (vec![ns("network", Some("/x"))], false, "not a pod"),
-            (vec![ns("pid", Some("/proc/1/ns/pid"))], true, "no shared PID"),
-            (vec![ns("mount", Some("/proc/1/ns/mnt"))], true, "cannot be joined"),
-            (vec![ns("user", None)], false, "not supported"),
-            (vec![ns("time", None)], true, "not supported"),
-            (vec![ns("ipc", Some("/a")), ns("ipc", Some("/b"))], true, "twice"),
-            (vec![ns("bogus", None)], true, "unknown namespace"),
+            (vec![ns("network", None)], Some(false), "new one is refused"),
+            (vec![ns("network", Some("/x"))], None, "not a pod"),
+            (vec![ns("pid", Some("/proc/1/ns/pid"))], Some(false), "does not share"),
+            (vec![ns("pid", Some("/proc/1/ns/pid"))], None, "does not share"),
+            (vec![ns("mount", Some("/proc/1/ns/mnt"))], Some(true), "cannot be joined"),
+            (vec![ns("user", None)], None, "not supported"),
+            (vec![ns("time", None)], Some(true), "not supported"),
+            (vec![ns("ipc", Some("/a")), ns("ipc", Some("/b"))], Some(false), "twice"),
+            (vec![ns("bogus", None)], Some(false), "unknown namespace"),
         ] {
             let err = joins_pod(&list, pod).unwrap_err();
             assert!(err.message.contains(reason), "{list:?}: {}", err.message);

@@ -405,3 +405,70 @@ fn files_the_orchestrator_hands_in_reach_containers_only_through_listed_binds() 
     guest.wait_exit(Duration::from_secs(60))?;
     Ok(())
 }
+
+/// A pod that shares its PID namespace (Kubernetes' `shareProcessNamespace`,
+/// allowed by the policy's `sandbox.share_pid`): containers that ask see
+/// each other's processes and the namespace holder as PID 1; one that does
+/// not ask keeps its own.
+#[test]
+fn containers_of_a_pod_that_shares_its_pid_namespace_see_each_other() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let hello = paths.guest_binary("oci-hello")?;
+    let command = [oci::ENTRYPOINT, "pod", PORT];
+    let spec = serde_json::json!({"name": "member", "command": command, "sandbox": {"share_pid": true}});
+    let fixture = oci::PolicyFixture::with_spec(&hello, spec)?;
+    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
+    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    let mut guest = Guest::boot(&paths, &boot)?;
+    let mut client = guest.ready_client(READY, CALL)?;
+    client.set_policy(std::fs::read_to_string(&fixture.policy)?).with_context(|| guest.serial())?;
+    let layers = run::mount_layers(&mut client, &fixture.built)?;
+    let args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
+    let process = run::process_from_config(&fixture.built.config, &args)?;
+    client.create_sandbox("pod-3", true)?;
+    let mut sharing = cri_namespaces();
+    sharing[0] = Namespace { kind: "pid".into(), path: Some("/proc/4242/ns/pid".into()) };
+
+    client.mount_overlay("server", &layers, true)?;
+    client.done(&create("server", &process, sharing.clone(), None))?;
+    client.start_container("server")?;
+    let server_head = read_until(&mut client, "server", "role=")?;
+    ensure!(server_head.contains("role=server"), "{server_head}");
+    client.mount_overlay("client", &layers, true)?;
+    client.done(&create("client", &process, sharing, None))?;
+    client.start_container("client")?;
+    let (client_out, _) = finish(&mut client, "client")?;
+    let (server_rest, _) = finish(&mut client, "server")?;
+    let server = facts(&format!("{server_head}{server_rest}"));
+    let member = facts(&client_out);
+    ensure!(client_out.contains("role=client got=hello-from-pod-3"), "{client_out}");
+    ensure!(server.contains_key("pid") && server.get("pid") == member.get("pid"), "{server:?} vs {member:?}");
+    // The holder and itself; then the holder, the server and itself.
+    ensure!(server.get("pids").map(String::as_str) == Some("2"), "{server:?}");
+    ensure!(member.get("pids").map(String::as_str) == Some("3"), "{member:?}");
+
+    // Without the path, a container of the same pod keeps its own.
+    client.mount_overlay("alone", &layers, true)?;
+    client.done(&create("alone", &process, cri_namespaces(), None))?;
+    client.start_container("alone")?;
+    let alone_head = read_until(&mut client, "alone", "role=")?;
+    let alone = facts(&alone_head);
+    ensure!(alone.get("pids").map(String::as_str) == Some("1") && alone.get("pid") != server.get("pid"), "{alone:?}");
+    client.signal_process("alone", None, 9)?;
+    let status = client.wait_process("alone", None);
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let mut status = status?;
+    while status.running && Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(50));
+        status = client.wait_process("alone", None)?;
+    }
+    for id in ["server", "client", "alone"] {
+        client.delete_container(id)?;
+        client.unmount_overlay(id)?;
+    }
+    client.ping()?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
+}

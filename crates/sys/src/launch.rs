@@ -190,12 +190,53 @@ pub struct Process {
 pub enum Namespaces<'a> {
     /// New mount, PID, UTS, IPC, network and cgroup namespaces, with this root.
     New(&'a NewContainer),
-    /// A container of a pod: new mount, PID and cgroup namespaces, with this
+    /// A container of a pod: new mount and cgroup namespaces, with this
     /// root, and the network, IPC and UTS namespaces of the process the
-    /// pidfd names (the pod's, held by the agent), joined first.
-    InPod(&'a NewContainer, BorrowedFd<'a>),
+    /// pidfd names (the pod's, held by the agent), joined first; the PID
+    /// namespace is new, or with [`PodPid::Shared`] the holder's.
+    InPod(&'a NewContainer, BorrowedFd<'a>, PodPid),
     /// The namespaces of a running container, named by its init's pidfd.
     Join(BorrowedFd<'a>),
+}
+
+/// A pod container's PID namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodPid {
+    /// Its own.
+    Own,
+    /// The pod holder's: the container's processes see the other
+    /// containers' that share it (Kubernetes' `shareProcessNamespace`).
+    Shared,
+}
+
+/// The calling thread creates its children in the PID namespace of the
+/// process a pidfd names until this is dropped (`setns(CLONE_NEWPID)`
+/// changes only where this thread's children go, not the thread itself).
+struct ChildrenInPidNamespaceOf {
+    own: OwnedFd,
+}
+
+impl ChildrenInPidNamespaceOf {
+    fn enter(pidfd: BorrowedFd<'_>) -> io::Result<Self> {
+        let own = std::fs::File::open("/proc/thread-self/ns/pid")?;
+        // SAFETY: setns on a pidfd borrowed for the call; it changes the
+        // namespace this thread's children are created in, nothing else.
+        if unsafe { libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { own: own.into() })
+    }
+}
+
+impl Drop for ChildrenInPidNamespaceOf {
+    fn drop(&mut self) {
+        // SAFETY: back to the thread's own PID namespace (its active one,
+        // which setns always allows).
+        if unsafe { libc::setns(self.own.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+            // This thread's next child would start in a pod: never go on.
+            std::process::abort();
+        }
+    }
 }
 
 /// The child's stdin, stdout and stderr.
@@ -545,14 +586,16 @@ fn spawn_new(
     stdio: Stdio,
     cgroup: Option<BorrowedFd<'_>>,
 ) -> Result<Child, LaunchError> {
-    let mut flags = (libc::CLONE_PIDFD
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWCGROUP
-        | libc::CLONE_VM
-        | libc::CLONE_VFORK) as u64;
-    if let Namespaces::New(_) = plan.namespaces {
-        flags |= (libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET) as u64;
+    let mut flags =
+        (libc::CLONE_PIDFD | libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP | libc::CLONE_VM | libc::CLONE_VFORK) as u64;
+    let mut shared_pid = None;
+    match plan.namespaces {
+        Namespaces::New(_) => {
+            flags |= (libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET) as u64;
+        }
+        Namespaces::InPod(_, _, PodPid::Own) => flags |= libc::CLONE_NEWPID as u64,
+        Namespaces::InPod(_, pod, PodPid::Shared) => shared_pid = Some(*pod),
+        Namespaces::Join(_) => {}
     }
     if cgroup.is_some() {
         flags |= CLONE_INTO_CGROUP;
@@ -569,6 +612,11 @@ fn spawn_new(
         cgroup: cgroup.map_or(0, |fd| fd.as_raw_fd() as u64),
         ..CloneArgs::default()
     };
+    // In a shared PID namespace the child is created in the holder's.
+    let in_pod = shared_pid
+        .map(ChildrenInPidNamespaceOf::enter)
+        .transpose()
+        .map_err(|source| LaunchError::Parent { what: "cannot enter the pod's PID namespace", source })?;
     let pid = {
         let _blocked = BlockedSignals::all();
         // SAFETY: the child runs `child_entry(&plan)` on its own stack and
@@ -577,6 +625,7 @@ fn spawn_new(
         unsafe { clone3_vm(&args, child_entry, (&raw const plan).cast()) }
     };
     drop(stack);
+    drop(in_pod);
     if pid < 0 {
         let source = io::Error::from_raw_os_error(i32::try_from(-pid).unwrap_or(libc::EINVAL));
         return Err(LaunchError::Parent { what: "clone3 failed", source });
@@ -1029,7 +1078,7 @@ unsafe fn seccomp(process: &Process) -> Result<(), Step> {
 fn setup(plan: &Plan<'_>) -> Result<Never, Step> {
     let (container, pod) = match plan.namespaces {
         Namespaces::New(container) => (*container, None),
-        Namespaces::InPod(container, pod) => (*container, Some(pod)),
+        Namespaces::InPod(container, pod, _) => (*container, Some(pod)),
         Namespaces::Join(_) => return Err(Step::JoinNamespaces),
     };
     // SAFETY: raw system calls on C strings and pointer arrays that `plan`
