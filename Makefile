@@ -48,6 +48,7 @@ bench: image
 	cargo run --release --locked -p parma-tests --bin bench-layer
 	cargo run --release --locked -p parma-tests --bin bench-boot
 	cargo run --release --locked -p parma-tests --bin bench-e2e
+	cargo run --release --locked -p parma-tests --bin bench-net
 
 clean:
 	rm -rf out target

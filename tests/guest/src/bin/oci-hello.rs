@@ -18,6 +18,10 @@
 //! is taken, a process in the same network namespace holds it: it is the
 //! client, reaches it on 127.0.0.1, reads the answer and prints
 //! `role=client got=...`.
+//!
+//! `bench-serve PORT` serves `make bench`'s network benchmark until killed:
+//! each connection starts with a little-endian u64 N; N = 0: echo 64-byte
+//! messages until end of file; else: read N bytes, answer one byte.
 
 use std::ffi::OsString;
 use std::io::{ErrorKind, Write};
@@ -43,6 +47,11 @@ fn run(args: &[String]) -> Result<i32, String> {
         && mode == "pod"
     {
         return pod(port.parse().map_err(|e| format!("pod: port: {e}"))?);
+    }
+    if let [mode, port] = args
+        && mode == "bench-serve"
+    {
+        return bench_serve(port.parse().map_err(|e| format!("bench-serve: port: {e}"))?);
     }
     let mut code = 0;
     let mut sleep = None;
@@ -176,4 +185,37 @@ fn pod(port: u16) -> Result<i32, String> {
         }
         Err(e) => Err(format!("bind {any}: {e}")),
     }
+}
+
+/// The `bench-serve PORT` mode (see the module docs).
+fn bench_serve(port: u16) -> Result<i32, String> {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind(std::net::SocketAddr::from(([0, 0, 0, 0], port)))
+        .map_err(|e| format!("bind: {e}"))?;
+    println!("serving={port}");
+    std::io::stdout().flush().map_err(|e| format!("stdout: {e}"))?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let _ = stream.set_nodelay(true);
+        let mut header = [0u8; 8];
+        if stream.read_exact(&mut header).is_err() {
+            continue;
+        }
+        let mut left = u64::from_le_bytes(header);
+        let mut buffer = vec![0u8; 64 * 1024];
+        if left == 0 {
+            let mut message = [0u8; 64];
+            while stream.read_exact(&mut message).is_ok() && stream.write_all(&message).is_ok() {}
+            continue;
+        }
+        while left > 0 {
+            let want = buffer.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            match stream.read(&mut buffer[..want]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n as u64,
+            }
+        }
+        let _ = stream.write_all(b"k");
+    }
+    Ok(0)
 }
