@@ -13,6 +13,7 @@
 //! is what the agent does (addresses canonical, the MAC in lowercase).
 
 use std::net::IpAddr;
+use std::os::fd::AsFd;
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -35,6 +36,8 @@ const MAX_ADDRESSES: usize = 16;
 const MAX_ENTRIES: usize = 64;
 /// The largest netlink answer read at once.
 const RECEIVE: usize = 64 * 1024;
+/// How long one rtnetlink answer may take.
+const RECEIVE_TIMEOUT: nix::sys::time::TimeVal = nix::sys::time::TimeVal::new(5, 0);
 /// `IFF_NOARP`.
 const NOARP: u32 = 0x80;
 
@@ -244,6 +247,10 @@ impl Rtnl {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
+        // The kernel answers at once; a handler never waits longer than
+        // this with the guest's lock held.
+        nix::sys::socket::setsockopt(&socket.as_fd(), nix::sys::socket::sockopt::ReceiveTimeout, &RECEIVE_TIMEOUT)
+            .map_err(std::io::Error::from)?;
         Ok(Self { socket, sequence: 0 })
     }
 
