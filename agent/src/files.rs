@@ -10,7 +10,7 @@
 //! a reader may see a write in progress.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 
 use crate::fault::Fault;
 
@@ -50,8 +50,14 @@ pub fn check_mode(mode: u32) -> Result<(), Fault> {
 }
 
 /// Write `data` to `path` (a [`guest_path`]) with `mode`, making its parent
-/// directories (0755); no component may be a symbolic link.
+/// directories (0755). Every step resolves beneath [`FILES`] with no
+/// symbolic link followed (`openat2`), and the file written must be a
+/// regular file (opened non-blocking: a FIFO there cannot stall the agent).
+/// Only the agent writes under [`FILES`] (containers bind it read-only), so
+/// this is defence in depth.
 pub fn copy(path: &str, data: &[u8], mode: u32) -> Result<(), Fault> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    use nix::sys::stat::Mode;
     check_mode(mode)?;
     if data.len() > MAX_FILE {
         return Err(Fault::invalid(format!("{} bytes: a copied file has at most {MAX_FILE}", data.len())));
@@ -63,35 +69,33 @@ pub fn copy(path: &str, data: &[u8], mode: u32) -> Result<(), Fault> {
             path.get(..path.floor_char_boundary(64)).unwrap_or_default()
         ))
     })?;
-    let mut dir = FILES.to_string();
-    let mut components = relative.split('/').peekable();
-    while let Some(component) = components.next() {
-        dir.push('/');
-        dir.push_str(component);
-        if components.peek().is_none() {
-            break;
+    let resolve = ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_XDEV;
+    let open_dir = |dir: &std::os::fd::OwnedFd, name: &str| {
+        let how = OpenHow::new().flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC).resolve(resolve);
+        openat2(dir, name, how).map_err(|err| Fault::from(format!("cannot open {FILES}/{name}: {err}")))
+    };
+    let root = std::fs::File::open(FILES).map_err(|err| format!("cannot open {FILES}: {err}"))?;
+    let mut dir = std::os::fd::OwnedFd::from(root);
+    let components: Vec<&str> = relative.split('/').collect();
+    let (last, parents) = components.split_last().ok_or_else(|| Fault::invalid("an empty file path"))?;
+    for component in parents {
+        match nix::sys::stat::mkdirat(&dir, *component, Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(err) => return Err(format!("cannot make {component} under {FILES}: {err}").into()),
         }
-        match std::fs::symlink_metadata(&dir) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => return Err(Fault::invalid(format!("{dir} is a file, not a directory"))),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
-                .mode(0o755)
-                .create(&dir)
-                .map_err(|err| format!("cannot make {dir}: {err}"))?,
-            Err(err) => return Err(format!("cannot inspect {dir}: {err}").into()),
-        }
+        dir = open_dir(&dir, component)?;
     }
-    if std::fs::symlink_metadata(path).is_ok_and(|meta| !meta.is_file()) {
+    let how = OpenHow::new()
+        .flags(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .mode(Mode::from_bits_truncate(mode))
+        .resolve(resolve);
+    let fd = openat2(&dir, *last, how).map_err(|err| Fault::invalid(format!("cannot open {path}: {err}")))?;
+    let mut file = std::fs::File::from(fd);
+    let meta = file.metadata().map_err(|err| format!("cannot stat {path}: {err}"))?;
+    if !meta.is_file() {
         return Err(Fault::invalid(format!("{path} exists and is not a regular file")));
     }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|err| format!("cannot open {path}: {err}"))?;
+    file.set_len(0).map_err(|err| format!("cannot truncate {path}: {err}"))?;
     file.write_all(data).map_err(|err| format!("cannot write {path}: {err}"))?;
     file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|err| format!("cannot chmod {path}: {err}"))?;
     Ok(())

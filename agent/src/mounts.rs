@@ -10,7 +10,7 @@
 //!   guest memory (encrypted under SEV-SNP), made on first use and shared by
 //!   every container that binds it, for the UVM's life (an `emptyDir`);
 //! - `bind` of a file or directory the host copied in (`CopyFile`, under
-//!   `/run/parma/files/`): `/etc/hosts` and the like.
+//!   `/run/parma/files/`): `/etc/hosts` and the like, read-only.
 //!
 //! Both are always `nosuid` and `nodev`. Destinations must not nest. A
 //! destination under `/proc`, `/dev` or `/sys` (the agent's own mounts), one
@@ -80,6 +80,14 @@ pub fn prepare(rootfs: &str, mounts: &[Mount]) -> Result<Vec<RootOp>, String> {
             _ => mount_point(rootfs, components)?,
         };
         let options = Options::parse(mount)?;
+        if copied.is_some() && options.flags & libc::MS_RDONLY == 0 {
+            // Only the agent writes there: a container that could would
+            // plant links for the agent's next copy or for another bind.
+            return Err(format!(
+                "a file the host copied in is bound read-only: add \"ro\" to the mount at {}",
+                mount.destination
+            ));
+        }
         let target = cstring(&target)?;
         match mount.kind.as_str() {
             "tmpfs" => {

@@ -340,10 +340,14 @@ fn files_the_orchestrator_hands_in_reach_containers_only_through_listed_binds() 
     let paths = Paths::get();
     let hello = paths.guest_binary("oci-hello")?;
     let command = ["/bin/cat", "/etc/hosts"];
-    let rule = serde_json::json!({
-        "destination": "/etc/hosts", "type": "bind", "source": "/run/parma/files/pod/[a-z]+", "options": ["rbind", "ro"],
-    });
-    let fixture = oci::PolicyFixture::with_mounts(&hello, "reader", Some(&command), None, &[rule])?;
+    let rule = |options: [&str; 2]| {
+        serde_json::json!({
+            "destination": "/etc/hosts", "type": "bind", "source": "/run/parma/files/pod/[a-z]+", "options": options,
+        })
+    };
+    // The policy would even allow a writable bind; the agent does not.
+    let rules = [rule(["rbind", "ro"]), rule(["rbind", "rw"])];
+    let fixture = oci::PolicyFixture::with_mounts(&hello, "reader", Some(&command), None, &rules)?;
     let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
     boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
     let mut guest = Guest::boot(&paths, &boot)?;
@@ -378,6 +382,10 @@ fn files_the_orchestrator_hands_in_reach_containers_only_through_listed_binds() 
     let (code, message) =
         refused(client.create_container_with("early", &process, None, &[bind("/run/parma/files/pod/hostname")]))?;
     ensure!(message.contains("was not copied in"), "{code}: {message}");
+    let mut writable = bind("/run/parma/files/pod/hosts");
+    writable.options = vec!["rbind".into(), "rw".into()];
+    let (code, message) = refused(client.create_container_with("early", &process, None, &[writable]))?;
+    ensure!(message.contains("bound read-only"), "{code}: {message}");
     // Not a source the policy lists.
     denied(
         client.create_container_with("early", &process, None, &[bind("/run/parma/volumes/pod")]),
