@@ -250,7 +250,7 @@ impl Containers {
         }
         let process = prepare_process(&rootfs, spec)?;
         check_mount_points(&rootfs)?;
-        let mut ops = root_ops(&rootfs)?;
+        let mut ops = root_ops(&rootfs, in_pod == Some(PodPid::Shared))?;
         let (path_ops, mut checks) = path_ops(&rootfs, options.masked_paths, options.readonly_paths)?;
         ops.extend(path_ops);
         ops.extend(crate::mounts::prepare(&rootfs, options.mounts)?);
@@ -765,19 +765,33 @@ fn last_cap() -> u32 {
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
 /// The container's standard mounts and devices (as runc's defaults), every
-/// one `nodev` but the bound device files and devpts.
-fn root_ops(rootfs: &str) -> Result<Vec<RootOp>, String> {
+/// one `nodev` but the bound device files and devpts; with `shared_pid` its
+/// `/proc` is the pod's (a bind keeps the source mount's `nosuid`, `nodev`
+/// and `noexec`).
+fn root_ops(rootfs: &str, shared_pid: bool) -> Result<Vec<RootOp>, String> {
     let p = |path: &str| cstring(&format!("{rootfs}{path}"));
     let c = cstring;
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     let mut ops = vec![
         RootOp::Mkdir { path: p("/proc")?, mode: 0o555 },
-        RootOp::Mount {
-            source: c("proc")?,
-            target: p("/proc")?,
-            fstype: c("proc")?,
-            flags: nosuid_nodev_noexec,
-            data: c("")?,
+        // The launch's setup child is not in the pod's PID namespace: a
+        // `proc` it mounted would show the agent's.
+        if shared_pid {
+            RootOp::Mount {
+                source: c(crate::pod::POD_PROC)?,
+                target: p("/proc")?,
+                fstype: c("")?,
+                flags: libc::MS_BIND,
+                data: c("")?,
+            }
+        } else {
+            RootOp::Mount {
+                source: c("proc")?,
+                target: p("/proc")?,
+                fstype: c("proc")?,
+                flags: nosuid_nodev_noexec,
+                data: c("")?,
+            }
         },
         RootOp::Mkdir { path: p("/dev")?, mode: 0o755 },
         RootOp::Mount {
@@ -1109,7 +1123,7 @@ mod tests {
 
     #[test]
     fn the_container_dev_is_nodev_and_devices_are_bound() {
-        let ops = root_ops("/r").unwrap();
+        let ops = root_ops("/r", false).unwrap();
         let dev = ops
             .iter()
             .find_map(|op| match op {

@@ -24,6 +24,9 @@ use crate::fault::Fault;
 pub const PAUSE_ARGV0: &str = "parma-pause";
 /// The holder's root: an empty directory in the guest's memory.
 const PAUSE_ROOT: &str = "/run/parma/pod";
+/// The `proc` of a pod that shares its PID namespace, in the agent's mount
+/// namespace: what the `/proc` of its containers that join it binds.
+pub const POD_PROC: &str = "/run/parma/pod-proc";
 /// The holder's user and group: `nobody`.
 const NOBODY: u32 = 65534;
 
@@ -107,6 +110,12 @@ impl Sandbox {
             sandbox.stop();
             return Err(format!("cannot bring the pod's loopback up: {err}").into());
         }
+        // Now, while no container runs in the pod's PID namespace to see
+        // the child that mounts it.
+        if share_pid && let Err(err) = mount_pod_proc(sandbox.pidfd()) {
+            sandbox.stop();
+            return Err(format!("cannot mount the pod's proc: {err}").into());
+        }
         tracing::info!("the UVM is pod {hostname} (namespaces held by pid {})", sandbox.holder.pid);
         Ok(sandbox)
     }
@@ -128,6 +137,13 @@ impl Sandbox {
         let _ = self.holder.signal(libc::SIGKILL);
         let _ = self.holder.wait_blocking();
     }
+}
+
+/// Mount the `proc` of the pod's PID namespace on [`POD_PROC`].
+fn mount_pod_proc(pod: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    std::fs::create_dir_all(POD_PROC)?;
+    let target = CString::new(POD_PROC).map_err(std::io::Error::other)?;
+    parma_sys::pod::mount_proc_of(pod, &target)
 }
 
 /// A pod's host name: 1 to 64 bytes of letters, digits, `.` and `-`.

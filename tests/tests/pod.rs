@@ -414,6 +414,30 @@ fn files_the_orchestrator_hands_in_reach_containers_only_through_listed_binds() 
     Ok(())
 }
 
+/// A pod container's namespaces (the CRI's) asking for the pod's PID namespace.
+fn sharing_pid() -> Vec<Namespace> {
+    let mut sharing = cri_namespaces();
+    sharing[0] = Namespace { kind: "pid".into(), path: Some("/proc/4242/ns/pid".into()) };
+    sharing
+}
+
+/// `process` as root.
+fn as_root(mut process: ProcessSpec) -> ProcessSpec {
+    (process.uid, process.gid, process.groups) = (0, 0, Vec::new());
+    process
+}
+
+/// Wait until a process of container `id` (its init without `exec`) has
+/// exited (30 s at most).
+fn wait_exited(client: &mut Client, id: &str, exec: Option<&str>) -> anyhow::Result<()> {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while client.wait_process(id, exec)?.running {
+        ensure!(Instant::now() < give_up, "{id} still runs after 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// A pod that shares its PID namespace (Kubernetes' `shareProcessNamespace`,
 /// allowed by the policy's `sandbox.share_pid`): containers that ask see
 /// each other's processes and the namespace holder as PID 1; one that does
@@ -423,7 +447,13 @@ fn containers_of_a_pod_that_shares_its_pid_namespace_see_each_other() -> anyhow:
     let paths = Paths::get();
     let hello = paths.guest_binary("oci-hello")?;
     let command = [oci::ENTRYPOINT, "pod", PORT];
-    let spec = serde_json::json!({"name": "member", "command": command, "sandbox": {"share_pid": true}});
+    let attack = [oci::ENTRYPOINT, "stop-all"];
+    // Members run as root (as many images do): one may signal every root
+    // process it sees.
+    let spec = serde_json::json!({
+        "name": "member", "command": command, "sandbox": {"share_pid": true}, "user": {"uid": 0, "gid": 0},
+        "exec_processes": [{"command": attack, "signals": [9]}],
+    });
     let fixture = oci::PolicyFixture::with_spec(&hello, spec)?;
     let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
     boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
@@ -432,10 +462,9 @@ fn containers_of_a_pod_that_shares_its_pid_namespace_see_each_other() -> anyhow:
     client.set_policy(std::fs::read_to_string(&fixture.policy)?).with_context(|| guest.serial())?;
     let layers = run::mount_layers(&mut client, &fixture.built)?;
     let args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
-    let process = run::process_from_config(&fixture.built.config, &args)?;
+    let process = as_root(run::process_from_config(&fixture.built.config, &args)?);
     client.create_sandbox("pod-3", true)?;
-    let mut sharing = cri_namespaces();
-    sharing[0] = Namespace { kind: "pid".into(), path: Some("/proc/4242/ns/pid".into()) };
+    let sharing = sharing_pid();
 
     client.mount_overlay("server", &layers, true)?;
     client.done(&create("server", &process, sharing.clone(), None))?;
@@ -463,17 +492,60 @@ fn containers_of_a_pod_that_shares_its_pid_namespace_see_each_other() -> anyhow:
     let alone = facts(&alone_head);
     ensure!(alone.get("pids").map(String::as_str) == Some("1") && alone.get("pid") != server.get("pid"), "{alone:?}");
     client.signal_process("alone", None, 9)?;
-    let status = client.wait_process("alone", None);
-    let give_up = Instant::now() + Duration::from_secs(30);
-    let mut status = status?;
-    while status.running && Instant::now() < give_up {
-        std::thread::sleep(Duration::from_millis(50));
-        status = client.wait_process("alone", None)?;
-    }
+    wait_exited(&mut client, "alone", None)?;
     for id in ["server", "client", "alone"] {
         client.delete_container(id)?;
         client.unmount_overlay(id)?;
     }
+
+    // From the inside: a member that stops every process it sees while
+    // other containers join. A joining container's setup, with the agent's
+    // privileges, is never in the pod's PID namespace; what is (the
+    // process, unprivileged, before its execve) is killed after the launch
+    // deadline at most: the agent answers throughout.
+    client.mount_overlay("stopper", &layers, true)?;
+    client.done(&create("stopper", &process, sharing_pid(), None))?;
+    client.start_container("stopper")?;
+    read_until(&mut client, "stopper", "role=server")?;
+    let attack =
+        as_root(run::process_from_config(&fixture.built.config, &[oci::ENTRYPOINT.into(), "stop-all".into()])?);
+    client.exec_process("stopper", "attack", &attack)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut outcomes = Vec::new();
+    for round in 0..3 {
+        let id = format!("victim-{round}");
+        client.mount_overlay(&id, &layers, true)?;
+        client.done(&create(&id, &process, sharing_pid(), None))?;
+        let began = Instant::now();
+        let started = client.start_container(&id);
+        let took = began.elapsed();
+        ensure!(took < Duration::from_secs(30), "starting {id} took {took:?}");
+        client.ping().with_context(|| guest.serial())?;
+        outcomes.push(started.as_ref().map(|_| "started").map_err(ToString::to_string));
+        if started.is_ok() {
+            client.signal_process(&id, None, 9)?;
+            wait_exited(&mut client, &id, None)?;
+        }
+        client.delete_container(&id)?;
+        client.unmount_overlay(&id)?;
+    }
+    eprintln!("joining while a member stops everything: {outcomes:?}");
+    client.signal_process("stopper", Some("attack"), 9)?;
+    wait_exited(&mut client, "stopper", Some("attack"))?;
+    client.signal_process("stopper", None, 9)?;
+    wait_exited(&mut client, "stopper", None)?;
+    client.delete_container("stopper")?;
+    client.unmount_overlay("stopper")?;
+    // The pod works on: a member starts and sees the holder and itself.
+    client.mount_overlay("after", &layers, true)?;
+    client.done(&create("after", &process, sharing_pid(), None))?;
+    client.start_container("after")?;
+    let after = facts(&read_until(&mut client, "after", "role=server")?);
+    ensure!(after.get("pids").map(String::as_str) == Some("2"), "{after:?}");
+    client.signal_process("after", None, 9)?;
+    wait_exited(&mut client, "after", None)?;
+    client.delete_container("after")?;
+    client.unmount_overlay("after")?;
     client.ping()?;
     guest.check_serial()?;
     client.shutdown()?;

@@ -16,7 +16,9 @@
 //! agent's size (no page tables to copy, no copy-on-write faults
 //! afterwards), which matters most under emulation. Until `execve` the child
 //! is PID 1 of a PID namespace no one else sees. An exec joins a running
-//! container, whose processes must not see anything of the agent: a
+//! container (and a pod's container that shares the pod's PID namespace
+//! joins the containers already there, the same way, its root built by
+//! the setup child), whose processes must not see anything of the agent: a
 //! fork-like copy of the agent, still in the agent's PID namespace (no
 //! process of the container can see, signal or trace it) and keeping the
 //! agent's OOM score (the container's memory limit cannot get it killed),
@@ -207,36 +209,6 @@ pub enum PodPid {
     /// The pod holder's: the container's processes see the other
     /// containers' that share it (Kubernetes' `shareProcessNamespace`).
     Shared,
-}
-
-/// The calling thread creates its children in the PID namespace of the
-/// process a pidfd names until this is dropped (`setns(CLONE_NEWPID)`
-/// changes only where this thread's children go, not the thread itself).
-struct ChildrenInPidNamespaceOf {
-    own: OwnedFd,
-}
-
-impl ChildrenInPidNamespaceOf {
-    fn enter(pidfd: BorrowedFd<'_>) -> io::Result<Self> {
-        let own = std::fs::File::open("/proc/thread-self/ns/pid")?;
-        // SAFETY: setns on a pidfd borrowed for the call; it changes the
-        // namespace this thread's children are created in, nothing else.
-        if unsafe { libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self { own: own.into() })
-    }
-}
-
-impl Drop for ChildrenInPidNamespaceOf {
-    fn drop(&mut self) {
-        // SAFETY: back to the thread's own PID namespace (its active one,
-        // which setns always allows).
-        if unsafe { libc::setns(self.own.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-            // This thread's next child would start in a pod: never go on.
-            std::process::abort();
-        }
-    }
 }
 
 /// The child's stdin, stdout and stderr.
@@ -572,8 +544,12 @@ pub fn spawn(
     }
 
     match namespaces {
-        Namespaces::New(_) | Namespaces::InPod(..) => spawn_new(plan, read_end, write_end, stdio, cgroup),
-        Namespaces::Join(_) => spawn_join(plan, read_end, write_end, stdio, cgroup),
+        Namespaces::New(_) | Namespaces::InPod(_, _, PodPid::Own) => {
+            spawn_new(plan, read_end, write_end, stdio, cgroup)
+        }
+        Namespaces::InPod(_, _, PodPid::Shared) | Namespaces::Join(_) => {
+            spawn_staged(plan, read_end, write_end, stdio, cgroup)
+        }
     }
 }
 
@@ -588,13 +564,11 @@ fn spawn_new(
 ) -> Result<Child, LaunchError> {
     let mut flags =
         (libc::CLONE_PIDFD | libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP | libc::CLONE_VM | libc::CLONE_VFORK) as u64;
-    let mut shared_pid = None;
     match plan.namespaces {
         Namespaces::New(_) => {
             flags |= (libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET) as u64;
         }
-        Namespaces::InPod(_, _, PodPid::Own) => flags |= libc::CLONE_NEWPID as u64,
-        Namespaces::InPod(_, pod, PodPid::Shared) => shared_pid = Some(*pod),
+        Namespaces::InPod(..) => flags |= libc::CLONE_NEWPID as u64,
         Namespaces::Join(_) => {}
     }
     if cgroup.is_some() {
@@ -612,11 +586,6 @@ fn spawn_new(
         cgroup: cgroup.map_or(0, |fd| fd.as_raw_fd() as u64),
         ..CloneArgs::default()
     };
-    // In a shared PID namespace the child is created in the holder's.
-    let in_pod = shared_pid
-        .map(ChildrenInPidNamespaceOf::enter)
-        .transpose()
-        .map_err(|source| LaunchError::Parent { what: "cannot enter the pod's PID namespace", source })?;
     let pid = {
         let _blocked = BlockedSignals::all();
         // SAFETY: the child runs `child_entry(&plan)` on its own stack and
@@ -625,7 +594,6 @@ fn spawn_new(
         unsafe { clone3_vm(&args, child_entry, (&raw const plan).cast()) }
     };
     drop(stack);
-    drop(in_pod);
     if pid < 0 {
         let source = io::Error::from_raw_os_error(i32::try_from(-pid).unwrap_or(libc::EINVAL));
         return Err(LaunchError::Parent { what: "clone3 failed", source });
@@ -648,10 +616,11 @@ fn spawn_new(
     }
 }
 
-/// An exec: a setup child in the agent's PID namespace, which forks the
-/// process into the container's once it is unprivileged (see the module
-/// docs); at most [`JOIN_DEADLINE`].
-fn spawn_join(
+/// An exec, or a container joining its pod's PID namespace: a setup child
+/// in the agent's PID namespace, which forks the process into the
+/// container's (or pod's) once it is unprivileged (see the module docs); at
+/// most [`JOIN_DEADLINE`].
+fn spawn_staged(
     plan: Plan<'_>,
     read_end: OwnedFd,
     write_end: OwnedFd,
@@ -660,8 +629,12 @@ fn spawn_join(
 ) -> Result<Child, LaunchError> {
     let mut pidfd: RawFd = -1;
     // Into the container's cgroup already: once in the container's cgroup
-    // namespace, no task may move in from outside it.
+    // namespace, no task may move in from outside it. A new container's
+    // mount and cgroup namespaces are made by the clone, as in `spawn_new`.
     let mut flags = libc::CLONE_PIDFD as u64;
+    if let Namespaces::InPod(..) = plan.namespaces {
+        flags |= (libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP) as u64;
+    }
     if cgroup.is_some() {
         flags |= CLONE_INTO_CGROUP;
     }
@@ -676,10 +649,10 @@ fn spawn_join(
         let _blocked = BlockedSignals::all();
         // SAFETY: clone3 without CLONE_VM and with no stack behaves like
         // fork: the child gets a copy of this address space and continues
-        // here, where it only runs `join_child`, which never returns.
+        // here, where it only runs `staged_child`, which never returns.
         let pid = unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
         if pid == 0 {
-            join_child(&plan);
+            staged_child(&plan);
         }
         pid
     };
@@ -975,9 +948,13 @@ fn report(plan: &Plan<'_>, code: u32, value: i32) {
     unsafe { libc::write(plan.error_pipe, report.as_ptr().cast(), report.len()) };
 }
 
-/// An exec's setup child (in the agent's PID namespace): never returns.
-fn join_child(plan: &Plan<'_>) -> ! {
-    match join_setup(plan) {
+/// A staged launch's setup child (in the agent's PID namespace): never returns.
+fn staged_child(plan: &Plan<'_>) -> ! {
+    let forked = match plan.namespaces {
+        Namespaces::Join(_) => join_setup(plan),
+        _ => shared_setup(plan),
+    };
+    match forked {
         Ok(pid) => {
             report(plan, PID_MESSAGE, pid);
             // SAFETY: exit at once, as above.
@@ -1123,26 +1100,74 @@ fn join_setup(plan: &Plan<'_>) -> Result<i32, Step> {
             | libc::CLONE_NEWCGROUP
             | libc::CLONE_NEWPID;
         check(libc::setns(pidfd.as_raw_fd(), flags).into(), Step::JoinNamespaces)?;
-        // Nothing of the agent's reaches the process, not even until execve.
-        let pipe = u32::try_from(plan.error_pipe).map_err(|_| Step::Stdio)?;
+        close_all_but_stdio(plan)?;
+        identity(plan.process)?;
+        check(libc::chdir(plan.process.cwd.as_ptr()).into(), Step::Cwd)?;
+        fork_process(plan)
+    }
+}
+
+/// The setup child of a container that joins its pod's PID namespace, in
+/// the agent's PID namespace (no process of the pod sees it, so none can
+/// stop or trace it while it holds the agent's privileges), already in the
+/// container's new mount and cgroup namespaces: join the pod's network,
+/// IPC and UTS namespaces (and its PID namespace for the next child only),
+/// build the root, close every descriptor but stdio and the setup pipe,
+/// take the process's identity, then fork the container's init into the
+/// pod's PID namespace as the agent's child; returns its PID. Its `/proc`
+/// must be a mount of the pod's PID namespace, made beforehand (a `proc`
+/// mounted here would show the agent's).
+fn shared_setup(plan: &Plan<'_>) -> Result<i32, Step> {
+    let Namespaces::InPod(container, pod, PodPid::Shared) = plan.namespaces else {
+        return Err(Step::JoinNamespaces);
+    };
+    // SAFETY: see `setup`.
+    unsafe {
+        let flags = libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWPID;
+        check(libc::setns(pod.as_raw_fd(), flags).into(), Step::JoinNamespaces)?;
+        prelude(plan, true)?;
+        new_root(container)?;
+        close_all_but_stdio(plan)?;
+        identity(plan.process)?;
+        check(libc::chdir(plan.process.cwd.as_ptr()).into(), Step::Cwd)?;
+        fork_process(plan)
+    }
+}
+
+/// Close every descriptor but 0 to 2 and the setup pipe: nothing of the
+/// agent's reaches the process, not even until `execve`.
+///
+/// # Safety
+/// Raw system calls; in a setup child only.
+unsafe fn close_all_but_stdio(plan: &Plan<'_>) -> Result<(), Step> {
+    let pipe = u32::try_from(plan.error_pipe).map_err(|_| Step::Stdio)?;
+    // SAFETY: close_range on this child's own descriptor table.
+    unsafe {
         if pipe > 3 {
             check(libc::syscall(libc::SYS_close_range, 3u32, pipe - 1, 0u32), Step::Stdio)?;
         }
         check(libc::syscall(libc::SYS_close_range, pipe + 1, u32::MAX, 0u32), Step::Stdio)?;
-        identity(plan.process)?;
-        check(libc::chdir(plan.process.cwd.as_ptr()).into(), Step::Cwd)?;
-        // The process: the agent's child (CLONE_PARENT), in the container's
-        // PID namespace, unprivileged from its first instruction.
-        let args = CloneArgs { flags: libc::CLONE_PARENT as u64, ..CloneArgs::default() };
-        let pid = libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>());
-        if pid == 0 {
-            join_process(plan);
-        }
-        if pid < 0 {
-            return Err(Step::Fork);
-        }
-        i32::try_from(pid).map_err(|_| Step::Fork)
     }
+    Ok(())
+}
+
+/// Fork the process itself: the agent's child (`CLONE_PARENT`), in the PID
+/// namespace this setup child joined for its children, unprivileged from
+/// its first instruction; returns its PID.
+///
+/// # Safety
+/// Raw system calls; in a setup child only.
+unsafe fn fork_process(plan: &Plan<'_>) -> Result<i32, Step> {
+    let args = CloneArgs { flags: libc::CLONE_PARENT as u64, ..CloneArgs::default() };
+    // SAFETY: a fork-like clone3; the child only runs `join_process`.
+    let pid = unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
+    if pid == 0 {
+        join_process(plan);
+    }
+    if pid < 0 {
+        return Err(Step::Fork);
+    }
+    i32::try_from(pid).map_err(|_| Step::Fork)
 }
 
 /// Mounts, pivot and host name of a new container (in the child).

@@ -1,11 +1,13 @@
-//! A pod's network namespace, from the agent's side.
+//! A pod's namespaces, from the agent's side.
 //!
 //! The agent never enters a pod's namespaces itself: the network steps run
 //! on a short-lived thread that joins the pod's network namespace (a
-//! thread's namespaces are its own) and ends with the step.
+//! thread's namespaces are its own) and ends with the step; the pod's
+//! `proc` is mounted by a short-lived child made in its PID namespace.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr;
 
 /// Bring the loopback interface of the network namespace of the process
 /// `pod` names (a pidfd) up, as a pod's `localhost`.
@@ -59,4 +61,51 @@ fn socket(domain: libc::c_int) -> io::Result<OwnedFd> {
     }
     // SAFETY: the fd was just created and is owned here only.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Mount a `proc` of the PID namespace of the process `pod` names (a
+/// pidfd) on `target`, in the caller's mount namespace, `nosuid`, `nodev`
+/// and `noexec`. A `proc` shows the PID namespace of the task that mounts
+/// it, so a short-lived child made in that namespace (on a thread that
+/// joined it for its children) mounts it and exits. Call it before any
+/// process of the namespace could see, stop or trace that child.
+pub fn mount_proc_of(pod: BorrowedFd<'_>, target: &std::ffi::CStr) -> io::Result<()> {
+    let fd = pod.as_raw_fd();
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new().name("pod-proc".into()).spawn_scoped(scope, move || {
+            // SAFETY: setns(CLONE_NEWPID) changes the PID namespace of this
+            // thread's children only; the thread ends with this closure.
+            if unsafe { libc::setns(fd, libc::CLONE_NEWPID) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+            // SAFETY: the child makes async-signal-safe calls only (mount,
+            // _exit) on strings prepared before the fork.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: as above.
+                unsafe {
+                    let rc = libc::mount(c"proc".as_ptr(), target.as_ptr(), c"proc".as_ptr(), flags, ptr::null());
+                    libc::_exit(if rc < 0 { *libc::__errno_location() } else { 0 });
+                }
+            }
+            if pid < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut status = 0;
+            // SAFETY: wait for this thread's own child by PID.
+            while unsafe { libc::waitpid(pid, &raw mut status, 0) } < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+            match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+                (true, 0) => Ok(()),
+                (true, errno) => Err(io::Error::from_raw_os_error(errno)),
+                (false, _) => Err(io::Error::other("the mounting child was killed")),
+            }
+        })?;
+        thread.join().map_err(|_| io::Error::other("the pod's proc thread panicked"))?
+    })
 }

@@ -19,6 +19,9 @@
 //! client, reaches it on 127.0.0.1, reads the answer and prints
 //! `role=client got=...`.
 //!
+//! `stop-all` attacks its PID namespace: prints `stopping=1`, then sends
+//! SIGSTOP to every process it may signal (`kill(-1)`) in a loop, forever.
+//!
 //! `bench-serve PORT` serves `make bench`'s network benchmark until killed:
 //! each connection starts with a little-endian u64 N; N = 0: echo 64-byte
 //! messages until end of file; else: read N bytes, answer one byte.
@@ -52,6 +55,11 @@ fn run(args: &[String]) -> Result<i32, String> {
         && mode == "bench-serve"
     {
         return bench_serve(port.parse().map_err(|e| format!("bench-serve: port: {e}"))?);
+    }
+    if let [mode] = args
+        && mode == "stop-all"
+    {
+        return stop_all();
     }
     let mut code = 0;
     let mut sleep = None;
@@ -184,6 +192,15 @@ fn pod(port: u16) -> Result<i32, String> {
             Ok(0)
         }
         Err(e) => Err(format!("bind {any}: {e}")),
+    }
+}
+
+/// The `stop-all` mode (see the module docs).
+fn stop_all() -> Result<i32, String> {
+    println!("stopping=1");
+    std::io::stdout().flush().map_err(|e| format!("stdout: {e}"))?;
+    loop {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGSTOP);
     }
 }
 
