@@ -178,7 +178,14 @@ fn a_pods_container_serves_the_host_through_the_nic_the_policy_allowed() -> anyh
     let paths = Paths::get();
     let hello = paths.guest_binary("oci-hello")?;
     let command = [oci::ENTRYPOINT, "pod", "8080"];
-    let fixture = oci::PolicyFixture::new(&hello, "web", Some(&command), None)?;
+    // A service on the host's loopback, which the pod must not reach.
+    let host_service = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    let service_port = host_service.local_addr()?.port();
+    let reach_host = [oci::ENTRYPOINT.to_string(), "connect".into(), format!("10.0.2.2:{service_port}")];
+    let spec = serde_json::json!({
+        "name": "web", "command": command, "exec_processes": [{"command": reach_host, "signals": []}],
+    });
+    let fixture = oci::PolicyFixture::with_spec(&hello, spec)?;
     let host_port = free_port()?;
     let mac = parma_host::qemu::DEFAULT_MAC;
     let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
@@ -251,6 +258,15 @@ fn a_pods_container_serves_the_host_through_the_nic_the_policy_allowed() -> anyh
     // before the container: the agent serves vsock and virtio-serial only,
     // from a network namespace of its own.
     ensure!(head.lines().any(|line| line == "listening="), "{head}");
+
+    // QEMU's user-mode network is restricted: the pod cannot reach the
+    // host (10.0.2.2 is the host's loopback there) or anything beyond it.
+    client.exec_process("web", "reach", &run::process_from_config(&fixture.built.config, &reach_host)?)?;
+    let mut reach = Vec::new();
+    let status = run::pump(&mut client, "web", Some("reach"), &mut reach, &mut Vec::new(), Duration::from_secs(60))?;
+    let reach = String::from_utf8(reach)?;
+    ensure!(run::exit_code(&status) == 0 && reach.starts_with("connect=") && reach.trim() != "connect=ok", "{reach}");
+    drop(host_service);
 
     // The host's client, through QEMU's forward on 127.0.0.1.
     let answer = {

@@ -416,9 +416,11 @@ impl VmConfig {
             args.push(format!("virtio-blk-pci,drive=disk{index},serial={}{virtio_opts}", disk.serial).into());
         }
         if let Some(nic) = &self.nic {
-            // Host ports on loopback only; the guest reaches nothing but
-            // the gateway's forwarded connections and what the host routes.
-            let mut netdev = String::from("user,id=net0,net=10.0.2.0/24");
+            // Host ports on loopback only. `restrict=on`: the guest reaches
+            // nothing, neither the host (10.0.2.2 would be the host's
+            // loopback, with whatever listens there) nor beyond; only the
+            // forwarded connections come and go.
+            let mut netdev = String::from("user,id=net0,net=10.0.2.0/24,restrict=on");
             for forward in &nic.forwards {
                 let proto = if forward.udp { "udp" } else { "tcp" };
                 netdev.push_str(&format!(",hostfwd={proto}:127.0.0.1:{}-:{}", forward.host, forward.guest));

@@ -19,6 +19,9 @@
 //! client, reaches it on 127.0.0.1, reads the answer and prints
 //! `role=client got=...`.
 //!
+//! `connect ADDRESS:PORT` tries a TCP connection (5 s at most) and prints
+//! `connect=ok` or `connect=<the error>`.
+//!
 //! `stop-all` attacks its PID namespace: prints `stopping=1`, then sends
 //! SIGSTOP to every process it may signal (`kill(-1)`) in a loop, forever.
 //!
@@ -55,6 +58,16 @@ fn run(args: &[String]) -> Result<i32, String> {
         && mode == "bench-serve"
     {
         return bench_serve(port.parse().map_err(|e| format!("bench-serve: port: {e}"))?);
+    }
+    if let [mode, address] = args
+        && mode == "connect"
+    {
+        let address: std::net::SocketAddr = address.parse().map_err(|e| format!("connect: {e}"))?;
+        match std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)) {
+            Ok(_) => println!("connect=ok"),
+            Err(e) => println!("connect={e}"),
+        }
+        return Ok(0);
     }
     if let [mode] = args
         && mode == "stop-all"
