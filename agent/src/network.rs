@@ -1,6 +1,6 @@
 //! The pod's network: `UpdateInterface`, `UpdateRoutes`, `AddArpNeighbors`
-//! through rtnetlink (`netlink-packet-route` messages on a `netlink-sys`
-//! socket, synchronously: handlers run on blocking threads).
+//! through rtnetlink (`parma_rtnl`, synchronously: handlers run on blocking
+//! threads).
 //!
 //! A NIC the host gives the UVM appears in the agent's own network
 //! namespace, which nothing else uses (the agent listens on vsock and the
@@ -13,19 +13,20 @@
 //! is what the agent does (addresses canonical, the MAC in lowercase).
 
 use std::net::IpAddr;
-use std::os::fd::AsFd;
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType};
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use parma_policy::input;
 use parma_protocol::{ArpNeighbor, Interface, Route};
+use parma_rtnl::Rtnl;
+use parma_rtnl::netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE};
+use parma_rtnl::netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use parma_rtnl::netlink_packet_route::link::{LinkAttribute, LinkFlags};
+use parma_rtnl::netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
+};
+use parma_rtnl::netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+};
+use parma_rtnl::netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use crate::fault::Fault;
 use crate::pod::Sandbox;
@@ -34,10 +35,6 @@ use crate::pod::Sandbox;
 const MAX_ADDRESSES: usize = 16;
 /// Most routes or neighbours in one request.
 const MAX_ENTRIES: usize = 64;
-/// The largest netlink answer read at once.
-const RECEIVE: usize = 64 * 1024;
-/// How long one rtnetlink answer may take.
-const RECEIVE_TIMEOUT: nix::sys::time::TimeVal = nix::sys::time::TimeVal::new(5, 0);
 /// `IFF_NOARP`.
 const NOARP: u32 = 0x80;
 
@@ -233,126 +230,21 @@ pub fn parse_neighbors(neighbors: &[ArpNeighbor]) -> Result<(Vec<ParsedNeighbor>
 }
 
 /// A link as a dump lists it: index, name, MAC.
-type Link = (u32, String, Option<Vec<u8>>);
-
-/// A rtnetlink socket, and the requests the agent makes on it.
-struct Rtnl {
-    socket: Socket,
-    sequence: u32,
+/// A rtnetlink socket in the pod's network namespace.
+fn in_pod(pod: &Sandbox) -> Result<Rtnl, Fault> {
+    parma_sys::pod::in_network_of(pod.pidfd(), || Rtnl::open().map_err(std::io::Error::other))
+        .map_err(|err| Fault::from(format!("cannot open rtnetlink in the pod: {err}")))
 }
 
-impl Rtnl {
-    /// A socket in the calling thread's network namespace.
-    fn open() -> std::io::Result<Self> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        // The kernel answers at once; a handler never waits longer than
-        // this with the guest's lock held.
-        nix::sys::socket::setsockopt(&socket.as_fd(), nix::sys::socket::sockopt::ReceiveTimeout, &RECEIVE_TIMEOUT)
-            .map_err(std::io::Error::from)?;
-        Ok(Self { socket, sequence: 0 })
-    }
+/// The index of the pod's interface `name`.
+fn index_by_name(rtnl: &mut Rtnl, name: &str) -> Result<u32, Fault> {
+    rtnl.index_by_name(name)
+        .map_err(rtnl_fault)?
+        .ok_or_else(|| Fault::not_found(format!("the pod has no interface {name:?}")))
+}
 
-    /// A socket in the pod's network namespace.
-    fn in_pod(pod: &Sandbox) -> Result<Self, Fault> {
-        parma_sys::pod::in_network_of(pod.pidfd(), Self::open)
-            .map_err(|err| Fault::from(format!("cannot open rtnetlink in the pod: {err}")))
-    }
-
-    /// Send one request and collect the answers until its ack or the end
-    /// of a dump; an error answer becomes `Err` with the kernel's errno.
-    fn request(&mut self, message: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>, Fault> {
-        self.sequence = self.sequence.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        header.sequence_number = self.sequence;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message));
-        packet.finalize();
-        let mut bytes = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut bytes);
-        self.socket.send(&bytes, 0).map_err(|err| format!("rtnetlink send: {err}"))?;
-        let mut answers = Vec::new();
-        let mut buffer = Vec::with_capacity(RECEIVE);
-        loop {
-            buffer.clear();
-            let n = self.socket.recv(&mut buffer, 0).map_err(|err| format!("rtnetlink receive: {err}"))?;
-            let mut offset = 0;
-            while offset < n {
-                let bytes = buffer.get(offset..n).unwrap_or_default();
-                let answer = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes)
-                    .map_err(|err| format!("rtnetlink answer: {err}"))?;
-                let length = answer.header.length as usize;
-                if length == 0 {
-                    return Err("rtnetlink answer of length 0".to_string().into());
-                }
-                offset = offset.saturating_add(length.next_multiple_of(4));
-                if answer.header.sequence_number != self.sequence {
-                    continue;
-                }
-                match answer.payload {
-                    NetlinkPayload::Error(error) => match error.code {
-                        None => return Ok(answers),
-                        Some(_) => return Err(format!("rtnetlink: {}", error.to_io()).into()),
-                    },
-                    NetlinkPayload::Done(_) => return Ok(answers),
-                    NetlinkPayload::InnerMessage(inner) => answers.push(inner),
-                    NetlinkPayload::Noop | NetlinkPayload::Overrun(_) => {}
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    /// Every link, as (index, name, MAC).
-    fn links(&mut self) -> Result<Vec<Link>, Fault> {
-        let answers = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
-        Ok(answers
-            .into_iter()
-            .filter_map(|answer| match answer {
-                RouteNetlinkMessage::NewLink(link) => {
-                    let name = link.attributes.iter().find_map(|a| match a {
-                        LinkAttribute::IfName(name) => Some(name.clone()),
-                        _ => None,
-                    });
-                    let mac = link.attributes.iter().find_map(|a| match a {
-                        LinkAttribute::Address(mac) => Some(mac.clone()),
-                        _ => None,
-                    });
-                    Some((link.header.index, name.unwrap_or_default(), mac))
-                }
-                _ => None,
-            })
-            .collect())
-    }
-
-    fn index_by_mac(&mut self, mac: &[u8; 6]) -> Result<Option<u32>, Fault> {
-        Ok(self.links()?.into_iter().find(|(_, _, m)| m.as_deref() == Some(mac.as_slice())).map(|(i, _, _)| i))
-    }
-
-    fn index_by_name(&mut self, name: &str) -> Result<u32, Fault> {
-        self.links()?
-            .into_iter()
-            .find(|(_, n, _)| n == name)
-            .map(|(index, _, _)| index)
-            .ok_or_else(|| Fault::not_found(format!("the pod has no interface {name:?}")))
-    }
-
-    fn set_link(
-        &mut self,
-        index: u32,
-        attributes: Vec<LinkAttribute>,
-        flags: Option<(LinkFlags, LinkFlags)>,
-    ) -> Result<(), Fault> {
-        let mut link = LinkMessage::default();
-        link.header.index = index;
-        if let Some((set, mask)) = flags {
-            link.header.flags = set;
-            link.header.change_mask = mask;
-        }
-        link.attributes = attributes;
-        self.request(RouteNetlinkMessage::SetLink(link), NLM_F_ACK).map(drop)
-    }
+fn rtnl_fault(err: parma_rtnl::Error) -> Fault {
+    Fault::from(err.to_string())
 }
 
 fn family(ip: &IpAddr) -> AddressFamily {
@@ -360,47 +252,62 @@ fn family(ip: &IpAddr) -> AddressFamily {
 }
 
 /// Move the NIC with the request's MAC into the pod (if it is not there
-/// yet) and configure it: down, name, MTU, addresses, then up.
+/// yet) and configure it: down, name, MTU, addresses (replacing those it
+/// had), then up.
 pub fn update_interface(pod: &Sandbox, interface: &ParsedInterface) -> Result<(), Fault> {
-    let mut inside = Rtnl::in_pod(pod)?;
-    if inside.index_by_mac(&interface.mac)?.is_none() {
-        let mut outside = Rtnl::open().map_err(|err| format!("cannot open rtnetlink: {err}"))?;
-        let index = outside.index_by_mac(&interface.mac)?.ok_or_else(|| {
+    let mut inside = in_pod(pod)?;
+    if inside.index_by_mac(&interface.mac).map_err(rtnl_fault)?.is_none() {
+        let mut outside = Rtnl::open().map_err(rtnl_fault)?;
+        let index = outside.index_by_mac(&interface.mac).map_err(rtnl_fault)?.ok_or_else(|| {
             Fault::not_found(format!("no network interface has MAC address {}", format_mac(&interface.mac)))
         })?;
-        outside.set_link(index, vec![LinkAttribute::NetNsPid(pod.pid())], None)?;
+        outside.set_link(index, vec![LinkAttribute::NetNsPid(pod.pid())], None).map_err(rtnl_fault)?;
     }
     let index = inside
-        .index_by_mac(&interface.mac)?
+        .index_by_mac(&interface.mac)
+        .map_err(rtnl_fault)?
         .ok_or_else(|| Fault::from(format!("{} did not arrive in the pod", format_mac(&interface.mac))))?;
-    inside.set_link(index, Vec::new(), Some((LinkFlags::empty(), LinkFlags::Up)))?;
-    inside.set_link(
-        index,
-        vec![LinkAttribute::IfName(interface.name.clone()), LinkAttribute::Mtu(interface.mtu)],
-        None,
-    )?;
+    inside.set_link(index, Vec::new(), Some((LinkFlags::empty(), LinkFlags::Up))).map_err(rtnl_fault)?;
+    inside
+        .set_link(index, vec![LinkAttribute::IfName(interface.name.clone()), LinkAttribute::Mtu(interface.mtu)], None)
+        .map_err(rtnl_fault)?;
+    // The request's addresses replace the interface's (the kernel's own
+    // link-local ones stay): what the interface has is what the policy saw.
+    for old in inside.addresses().map_err(rtnl_fault)? {
+        if old.index != index || old.link_local || interface.addresses.contains(&(old.ip, old.prefix)) {
+            continue;
+        }
+        let mut address = AddressMessage::default();
+        address.header.family = family(&old.ip);
+        address.header.prefix_len = old.prefix;
+        address.header.index = index;
+        address.attributes = vec![AddressAttribute::Local(old.ip), AddressAttribute::Address(old.ip)];
+        inside.request(RouteNetlinkMessage::DelAddress(address), NLM_F_ACK).map_err(rtnl_fault)?;
+    }
     for (ip, prefix) in &interface.addresses {
         let mut address = AddressMessage::default();
         address.header.family = family(ip);
         address.header.prefix_len = *prefix;
         address.header.index = index;
         address.attributes = vec![AddressAttribute::Local(*ip), AddressAttribute::Address(*ip)];
-        inside.request(RouteNetlinkMessage::NewAddress(address), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)?;
+        inside
+            .request(RouteNetlinkMessage::NewAddress(address), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
+            .map_err(rtnl_fault)?;
     }
     let mut up = LinkFlags::Up;
     if interface.noarp {
         up |= LinkFlags::Noarp;
     }
-    inside.set_link(index, Vec::new(), Some((up, LinkFlags::Up | LinkFlags::Noarp)))?;
+    inside.set_link(index, Vec::new(), Some((up, LinkFlags::Up | LinkFlags::Noarp))).map_err(rtnl_fault)?;
     tracing::info!("pod interface {} ({}) is up", interface.name, format_mac(&interface.mac));
     Ok(())
 }
 
 /// Add routes in the pod, in order.
 pub fn update_routes(pod: &Sandbox, routes: &[ParsedRoute]) -> Result<(), Fault> {
-    let mut inside = Rtnl::in_pod(pod)?;
+    let mut inside = in_pod(pod)?;
     for route in routes {
-        let index = inside.index_by_name(&route.device)?;
+        let index = index_by_name(&mut inside, &route.device)?;
         let mut message = RouteMessage::default();
         message.header.address_family = family(&route.dest.0);
         message.header.destination_prefix_length = route.dest.1;
@@ -419,16 +326,18 @@ pub fn update_routes(pod: &Sandbox, routes: &[ParsedRoute]) -> Result<(), Fault>
             attributes.push(RouteAttribute::PrefSource(RouteAddress::from(source)));
         }
         message.attributes = attributes;
-        inside.request(RouteNetlinkMessage::NewRoute(message), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)?;
+        inside
+            .request(RouteNetlinkMessage::NewRoute(message), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
+            .map_err(rtnl_fault)?;
     }
     Ok(())
 }
 
 /// Add neighbour entries in the pod.
 pub fn add_neighbors(pod: &Sandbox, neighbors: &[ParsedNeighbor]) -> Result<(), Fault> {
-    let mut inside = Rtnl::in_pod(pod)?;
+    let mut inside = in_pod(pod)?;
     for neighbor in neighbors {
-        let index = inside.index_by_name(&neighbor.device)?;
+        let index = index_by_name(&mut inside, &neighbor.device)?;
         let mut message = NeighbourMessage::default();
         message.header.family = family(&neighbor.ip);
         message.header.ifindex = index;
@@ -443,7 +352,9 @@ pub fn add_neighbors(pod: &Sandbox, neighbors: &[ParsedNeighbor]) -> Result<(), 
             NeighbourAttribute::Destination(destination),
             NeighbourAttribute::LinkLayerAddress(neighbor.mac.to_vec()),
         ];
-        inside.request(RouteNetlinkMessage::NewNeighbour(message), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)?;
+        inside
+            .request(RouteNetlinkMessage::NewNeighbour(message), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
+            .map_err(rtnl_fault)?;
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! host).
 //!
 //! The holder is the agent's binary run again as [`PAUSE_ARGV0`]: PID 1 of
-//! a PID namespace nobody else sees, as `nobody` with no capabilities and
+//! a PID namespace only the containers that share it see, as `nobody` with no capabilities and
 //! `no_new_privs`, non-dumpable, in a cgroup of its own that allows one
 //! task, its root an empty read-only directory with only its own binary
 //! bound in. It owns the pod's network (loopback up), IPC and UTS
@@ -106,9 +106,9 @@ impl Sandbox {
         let holder = launch::spawn(&Namespaces::New(&root), &process, stdio, Some(cgroup))
             .map_err(|err| crate::containers::launch_fault("cannot start the pod's namespace holder", &err))?;
         let sandbox = Self { holder, hostname: hostname.to_string(), share_pid };
-        if let Err(err) = parma_sys::pod::loopback_up(sandbox.pidfd()) {
+        if let Err(err) = parma_sys::pod::prepare_network(sandbox.pidfd()) {
             sandbox.stop();
-            return Err(format!("cannot bring the pod's loopback up: {err}").into());
+            return Err(format!("cannot prepare the pod's network: {err}").into());
         }
         // Now, while no container runs in the pod's PID namespace to see
         // the child that mounts it.
@@ -222,10 +222,15 @@ pub fn joins_pod(namespaces: &[Namespace], pod: Option<bool>) -> Result<Option<P
 pub fn pause() -> ! {
     // No core dump and no ptrace by an unprivileged process of its user.
     let _ = nix::sys::prctl::set_dumpable(false);
-    let _ = SigSet::all().thread_block();
-    let child = SigSet::from(Signal::SIGCHLD);
+    // Every signal blocked and taken here: one that is not SIGCHLD is
+    // dropped, so none stays queued (each queued one is charged to the
+    // sender's user) however many a container sends.
+    let all = SigSet::all();
+    let _ = all.thread_block();
     loop {
-        let _ = child.wait();
+        if all.wait() != Ok(Signal::SIGCHLD) {
+            continue;
+        }
         while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
             if status == WaitStatus::StillAlive {
                 break;

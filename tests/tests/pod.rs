@@ -11,6 +11,7 @@ use anyhow::{Context, bail, ensure};
 use parma_host::client::Client;
 use parma_host::run;
 use parma_protocol::{ArpNeighbor, ErrorCode, Interface, Namespace, OutputStream, ProcessSpec, Request, Route};
+use parma_tests::netns::CniNamespaces;
 use parma_tests::{Boot, Guest, Paths, denied, oci, refused};
 
 const READY: Duration = Duration::from_secs(90);
@@ -151,6 +152,13 @@ fn two_containers_of_a_pod_share_its_network_ipc_and_host_name_and_nothing_else(
         ensure!(facts.get("hostname").map(String::as_str) == Some("pod-1"), "{facts:?}");
         // Each sees its own process only: not the other's, not the holder.
         ensure!(facts.get("pids").map(String::as_str) == Some("1"), "{facts:?}");
+        // No raw sockets (no CAP_NET_RAW by default) but ping; no user
+        // namespaces (none in the kernel); the host configures the network
+        // only through requests (no router advertisements or redirects).
+        ensure!(facts.get("raw_socket").is_some_and(|r| r.starts_with("EPERM")), "{facts:?}");
+        ensure!(facts.get("ping_socket").map(String::as_str) == Some("open"), "{facts:?}");
+        ensure!(facts.get("userns").is_some_and(|r| r.starts_with('E')), "{facts:?}");
+        ensure!(facts.get("netconf").map(String::as_str) == Some("0,0,0,0"), "{facts:?}");
     }
     for id in ["server", "client"] {
         client.delete_container(id)?;
@@ -190,14 +198,11 @@ fn a_pods_container_serves_the_host_through_the_nic_the_policy_allowed() -> anyh
     let mac = parma_host::qemu::DEFAULT_MAC;
     let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
     boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
-    boot.nic = Some(parma_host::Nic {
-        mac,
-        forwards: vec![parma_host::PortForward { udp: false, host: host_port, guest: 8080 }],
-    });
+    boot.nic = Some(parma_host::Nic::user(vec![parma_host::PortForward { udp: false, host: host_port, guest: 8080 }]));
     let mut guest = Guest::boot(&paths, &boot)?;
     let mut client = guest.ready_client(READY, CALL)?;
     client.set_policy(std::fs::read_to_string(&fixture.policy)?).with_context(|| guest.serial())?;
-    let nic = parma_host::Nic { mac, forwards: Vec::new() }.mac_string();
+    let nic = parma_host::Nic::format_mac(&mac);
     let interface = |name: &str, hw_addr: &str, addresses: &[&str], raw_flags: u32| Interface {
         name: name.into(),
         hw_addr: hw_addr.into(),
@@ -232,6 +237,8 @@ fn a_pods_container_serves_the_host_through_the_nic_the_policy_allowed() -> anyh
     let (code, message) = refused(client.update_interface(&interface("eth0", "52:54:00:99:99:99", &[], 0)))?;
     ensure!(code == ErrorCode::NotFound && message.contains("no network interface"), "{code}: {message}");
 
+    // A second request replaces the interface's addresses.
+    client.update_interface(&interface("eth0", &nic, &["10.0.2.99/24", "10.0.2.15/24"], 0))?;
     client.update_interface(&eth0)?;
     denied(client.update_routes(&[route("default", Some("10.0.2.2"), "lo")]), "through lo")?;
     denied(client.update_routes(&[route("default", Some("127.0.0.1"), "eth0")]), "loopback address")?;
@@ -258,6 +265,7 @@ fn a_pods_container_serves_the_host_through_the_nic_the_policy_allowed() -> anyh
     // before the container: the agent serves vsock and virtio-serial only,
     // from a network namespace of its own.
     ensure!(head.lines().any(|line| line == "listening="), "{head}");
+    ensure!(head.lines().any(|line| line == "local=10.0.2.15"), "{head}");
 
     // QEMU's user-mode network is restricted: the pod cannot reach the
     // host (10.0.2.2 is the host's loopback there) or anything beyond it.
@@ -269,22 +277,10 @@ fn a_pods_container_serves_the_host_through_the_nic_the_policy_allowed() -> anyh
     drop(host_service);
 
     // The host's client, through QEMU's forward on 127.0.0.1.
-    let answer = {
-        use std::io::Read;
-        let give_up = Instant::now() + Duration::from_secs(60);
-        loop {
-            let attempt = std::net::TcpStream::connect(("127.0.0.1", host_port)).and_then(|mut stream| {
-                stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-                let mut answer = String::new();
-                stream.read_to_string(&mut answer).map(|_| answer)
-            });
-            match attempt {
-                Ok(answer) if !answer.is_empty() => break answer,
-                _ if Instant::now() < give_up => std::thread::sleep(Duration::from_millis(200)),
-                other => bail!("no answer through the forwarded port: {other:?}\n{}", guest.serial()),
-            }
-        }
-    };
+    let forwarded = std::net::SocketAddr::from(([127, 0, 0, 1], host_port));
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let answer = answer_of(forwarded, give_up, &mut || true)
+        .with_context(|| format!("no answer through the forwarded port\n{}", guest.serial()))?;
     ensure!(answer == "hello-from-web-1", "{answer:?}");
     finish(&mut client, "web")?;
     client.delete_container("web")?;
@@ -317,33 +313,10 @@ fn parma_run_publishes_a_container_port_on_the_hosts_loopback() -> anyhow::Resul
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let answer = {
-        use std::io::Read;
-        let give_up = Instant::now() + Duration::from_secs(240);
-        loop {
-            let attempt = std::net::TcpStream::connect(("127.0.0.1", host_port)).and_then(|mut stream| {
-                stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-                let mut answer = String::new();
-                stream.read_to_string(&mut answer).map(|_| answer)
-            });
-            match attempt {
-                Ok(answer) if !answer.is_empty() => break answer,
-                _ if Instant::now() < give_up && child.try_wait()?.is_none() => {
-                    std::thread::sleep(Duration::from_millis(200))
-                }
-                other => {
-                    let _ = child.kill();
-                    let out = child.wait_with_output()?;
-                    bail!("no answer: {other:?}\n{}", String::from_utf8_lossy(&out.stderr));
-                }
-            }
-        }
-    };
-    let out = child.wait_with_output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(answer == "hello-from-web", "{answer:?}");
-    ensure!(out.status.code() == Some(0), "{}: {stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    ensure!(stdout.contains("role=server") && stdout.contains("hostname=web"), "{stdout}");
+    let forwarded = std::net::SocketAddr::from(([127, 0, 0, 1], host_port));
+    let give_up = Instant::now() + Duration::from_secs(240);
+    let answer = answer_of(forwarded, give_up, &mut || child.try_wait().is_ok_and(|status| status.is_none()));
+    served_web(child, answer)?;
     Ok(())
 }
 
@@ -566,5 +539,77 @@ fn containers_of_a_pod_that_shares_its_pid_namespace_see_each_other() -> anyhow:
     guest.check_serial()?;
     client.shutdown()?;
     guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
+}
+
+/// What a server at `address` answers one connection, tried until
+/// `give_up` while `alive` says the server may still come.
+fn answer_of(address: std::net::SocketAddr, give_up: Instant, alive: &mut dyn FnMut() -> bool) -> Option<String> {
+    use std::io::Read;
+    loop {
+        let attempt = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2)).and_then(|mut stream| {
+            stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).map(|_| answer)
+        });
+        match attempt {
+            Ok(answer) if !answer.is_empty() => return Some(answer),
+            _ if Instant::now() < give_up && alive() => std::thread::sleep(Duration::from_millis(200)),
+            _ => return None,
+        }
+    }
+}
+
+/// `parma run` of the `web` pod member answered `answer` and exited 0 with
+/// the member's facts; its stdout.
+fn served_web(mut child: std::process::Child, answer: Option<String>) -> anyhow::Result<String> {
+    let Some(answer) = answer else {
+        let _ = child.kill();
+        let out = child.wait_with_output()?;
+        bail!("no answer\n{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(answer == "hello-from-web", "{answer:?}");
+    ensure!(out.status.code() == Some(0), "{}: {stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    ensure!(stdout.contains("role=server") && stdout.contains("hostname=web"), "{stdout}");
+    Ok(stdout)
+}
+
+/// `parma run --netns PATH`: the UVM's NIC is a tap in a namespace a CNI
+/// plugin prepared, tc-redirected to and from its veth; the pod takes the
+/// veth's MAC, address and route (each decided by the policy), and a client
+/// in the peer namespace reaches the confidential container at the pod's
+/// address. Afterwards the namespace is as the plugin left it.
+#[test]
+fn parma_run_puts_the_pod_on_a_network_namespace_through_a_tap() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let parma = paths.repo.join("target/release/parma");
+    ensure!(parma.is_file(), "{} is missing: make test builds it (cargo build --release -p parma)", parma.display());
+    let hello = paths.guest_binary("oci-hello")?;
+    let command = [oci::ENTRYPOINT, "pod", "8080"];
+    let fixture = oci::PolicyFixture::new(&hello, "web", Some(&command), None)?;
+    let namespaces = CniNamespaces::new("run")?;
+    let pod_path = CniNamespaces::path(&namespaces.pod);
+    let child = fixture
+        .parma_run(&parma, &paths.uvm)
+        .args(["-q", "--id", "web", "--netns", &pod_path, "--"])
+        .args(command)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let server = std::net::SocketAddr::from((CniNamespaces::POD_ADDRESS, 8080));
+    let give_up = Instant::now() + Duration::from_secs(240);
+    let answer = namespaces.in_peer(|| Ok(answer_of(server, give_up, &mut || true)))?;
+    let stdout = served_web(child, answer)?;
+    ensure!(stdout.lines().any(|line| line == "local=10.89.0.2"), "the veth's address: {stdout}");
+    // The tap went with QEMU, the veth's ingress qdisc with parma.
+    let links = std::process::Command::new("ip").args(["-n", &namespaces.pod, "-o", "link", "show"]).output()?;
+    let links = String::from_utf8_lossy(&links.stdout);
+    ensure!(!links.contains(parma_host::netns::TAP_NAME) && links.contains("eth0"), "{links}");
+    let qdiscs =
+        std::process::Command::new("tc").args(["-n", &namespaces.pod, "qdisc", "show", "dev", "eth0"]).output()?;
+    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
+    ensure!(!qdiscs.contains("ingress"), "{qdiscs}");
     Ok(())
 }

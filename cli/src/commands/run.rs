@@ -72,6 +72,12 @@ pub struct RunArgs {
     /// networking; the policy decides the pod and its network.
     #[arg(short = 'p', long = "publish")]
     publish: Vec<parma_host::PortForward>,
+    /// Connect the UVM to the network namespace at this path (e.g.
+    /// /var/run/netns/pod1, with one veth as a CNI plugin leaves it): a tap
+    /// in that namespace, tc-redirected to and from the veth; the pod gets
+    /// the veth's MAC, addresses and routes, as the policy allows.
+    #[arg(long, conflicts_with = "publish")]
+    netns: Option<std::path::PathBuf>,
     /// Give up on the container after this long (`90s`, `10m`, or seconds).
     #[arg(long, default_value = "10m", value_parser = duration)]
     timeout: Duration,
@@ -132,6 +138,7 @@ fn run(args: RunArgs) -> Result<i32, RunError> {
         tty: args.tty,
         args: args.args,
         publish: args.publish,
+        netns: args.netns,
         ..RunOptions::new(args.uvm, args.policy, args.oci)
     };
     let mut forward = terminal::HostForward::install(args.tty).map_err(RunError::Failed)?;

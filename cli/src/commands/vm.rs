@@ -50,6 +50,13 @@ pub struct VmRun {
     /// The pod still has to configure the NIC (UpdateInterface).
     #[arg(short = 'p', long = "publish")]
     publish: Vec<parma_host::PortForward>,
+    /// Or give the UVM a NIC on the network namespace at this path (one
+    /// veth, as a CNI plugin leaves it): a tap there, tc-redirected to and
+    /// from the veth, with the veth's MAC. Prints the UpdateInterface and
+    /// UpdateRoutes requests (JSON) that configure the pod as the namespace
+    /// has it.
+    #[arg(long, conflicts_with_all = ["publish", "print_command"])]
+    netns: Option<PathBuf>,
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
@@ -95,6 +102,24 @@ pub fn execute(command: VmCommand) -> anyhow::Result<i32> {
 }
 
 fn vm_run(args: VmRun) -> anyhow::Result<i32> {
+    let attached = match &args.netns {
+        Some(path) => Some(
+            parma_host::netns::attach(path)
+                .with_context(|| format!("cannot attach to the network {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let nic = match &attached {
+        Some(attached) => {
+            let requests = serde_json::json!({
+                "update_interface": {"interface": &attached.interface},
+                "update_routes": {"routes": &attached.routes},
+            });
+            eprintln!("{requests}");
+            Some(parma_host::Nic { mac: attached.mac, forwards: Vec::new(), tap: Some(attached.tap.clone()) })
+        }
+        None => (!args.publish.is_empty()).then(|| parma_host::Nic::user(args.publish.clone())),
+    };
     let config = VmConfig {
         qemu: args.qemu,
         uvm: args.uvm,
@@ -106,8 +131,7 @@ fn vm_run(args: VmRun) -> anyhow::Result<i32> {
         serial: args.serial_log.map_or(Serial::Stdio, Serial::File),
         vsock_cid: args.vsock_cid,
         vhost_user_vsock: args.vhost_user_vsock,
-        nic: (!args.publish.is_empty())
-            .then(|| parma_host::Nic { mac: parma_host::qemu::DEFAULT_MAC, forwards: args.publish.clone() }),
+        nic,
         snp: None,
         insecure_emulated_host_data: None,
         disks: {
@@ -157,6 +181,9 @@ fn vm_run(args: VmRun) -> anyhow::Result<i32> {
     }
     tracing::info!("{}", shell_words(&config.qemu, &qemu_args));
     // Become QEMU: its exit status is ours, and signals reach it directly.
+    // It inherits the tap's fd; the veth's qdisc stays behind it (the next
+    // attach removes it).
+    let _inherited = attached.as_ref().map(|attached| parma_host::netns::Inherited::new(&attached.tap)).transpose()?;
     let err = std::process::Command::new(&config.qemu).args(&qemu_args).exec();
     Err(err).with_context(|| format!("cannot run {}", config.qemu.display()))
 }

@@ -13,6 +13,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 pub mod client;
+pub mod netns;
 pub mod policy_gen;
 pub mod qemu;
 pub mod run;

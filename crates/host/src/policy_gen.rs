@@ -18,7 +18,10 @@ use crate::user::ResolvedUser;
 /// The capabilities an unprivileged container gets by default: the OCI
 /// runtime defaults of containerd and Docker without `CAP_MKNOD` (a device
 /// node made in a container opens nothing in the UVM anyway: every mount
-/// of a container is `nodev`).
+/// of a container is `nodev`) and without `CAP_NET_RAW` (as containerd 2
+/// drops it: raw IP sockets would let a container forge and read traffic
+/// of the pod's other containers; `ping` works without it, the pod's
+/// `ping_group_range` allows every group).
 pub const DEFAULT_CAPABILITIES: &[&str] = &[
     "CAP_AUDIT_WRITE",
     "CAP_CHOWN",
@@ -27,7 +30,6 @@ pub const DEFAULT_CAPABILITIES: &[&str] = &[
     "CAP_FSETID",
     "CAP_KILL",
     "CAP_NET_BIND_SERVICE",
-    "CAP_NET_RAW",
     "CAP_SETFCAP",
     "CAP_SETGID",
     "CAP_SETPCAP",

@@ -94,6 +94,9 @@ pub struct Nic {
     /// [`USER_NET_GUEST`] behind [`USER_NET_GATEWAY`], and these host ports
     /// on 127.0.0.1 forward to its ports.
     pub forwards: Vec<PortForward>,
+    /// Or a tap (`--netns`, [`crate::netns`]): QEMU gets its fd, and the
+    /// frames go to the namespace's veth (no forwards then).
+    pub tap: Option<crate::netns::TapFd>,
 }
 
 /// The MAC address the CLI gives the UVM's NIC (QEMU's usual, locally administered range).
@@ -141,9 +144,25 @@ impl std::fmt::Display for PortForward {
 }
 
 impl Nic {
+    /// A NIC on QEMU user-mode networking with the CLI's MAC.
+    pub fn user(forwards: Vec<PortForward>) -> Self {
+        Self { mac: DEFAULT_MAC, forwards, tap: None }
+    }
+
     /// The MAC address as `aa:bb:cc:dd:ee:ff`.
     pub fn mac_string(&self) -> String {
-        self.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+        Self::format_mac(&self.mac)
+    }
+
+    /// `mac` as `aa:bb:cc:dd:ee:ff`.
+    pub fn format_mac(mac: &[u8; 6]) -> String {
+        mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    }
+
+    /// `aa:bb:cc:dd:ee:ff` as bytes.
+    pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+        let bytes: Vec<u8> = text.split(':').map(|part| u8::from_str_radix(part, 16).ok()).collect::<Option<_>>()?;
+        bytes.try_into().ok()
     }
 }
 
@@ -216,6 +235,9 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// A NIC on a tap cannot also forward user-mode ports.
+    #[error("a NIC on a network namespace's tap (--netns) forwards no ports (-p): the namespace's network reaches it")]
+    NicConflict,
     /// SEV-SNP needs KVM on an SNP host; emulation has no SNP.
     #[error("an SEV-SNP launch needs --accel kvm on an SNP host (TCG has no SEV-SNP)")]
     SnpNeedsKvm,
@@ -420,11 +442,21 @@ impl VmConfig {
             // nothing, neither the host (10.0.2.2 would be the host's
             // loopback, with whatever listens there) nor beyond; only the
             // forwarded connections come and go.
-            let mut netdev = String::from("user,id=net0,net=10.0.2.0/24,restrict=on");
-            for forward in &nic.forwards {
-                let proto = if forward.udp { "udp" } else { "tcp" };
-                netdev.push_str(&format!(",hostfwd={proto}:127.0.0.1:{}-:{}", forward.host, forward.guest));
-            }
+            let netdev = match &nic.tap {
+                Some(tap) if nic.forwards.is_empty() => {
+                    // QEMU inherits the fd (see `Vm::start`).
+                    format!("tap,id=net0,fd={},vhost=off", std::os::fd::AsRawFd::as_raw_fd(&*tap.0))
+                }
+                Some(_) => return Err(VmError::NicConflict),
+                None => {
+                    let mut netdev = String::from("user,id=net0,net=10.0.2.0/24,restrict=on");
+                    for forward in &nic.forwards {
+                        let proto = if forward.udp { "udp" } else { "tcp" };
+                        netdev.push_str(&format!(",hostfwd={proto}:127.0.0.1:{}-:{}", forward.host, forward.guest));
+                    }
+                    netdev
+                }
+            };
             args.extend(["-netdev".into(), netdev.into()]);
             args.push("-device".into());
             args.push(format!("virtio-net-pci,netdev=net0,mac={}{virtio_opts}", nic.mac_string()).into());

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use parma_layer::{Built, ImageConfig};
-use parma_protocol::{AgentError, ErrorCode, Mount, OutputStream, ProcessSpec};
+use parma_protocol::{AgentError, ErrorCode, Interface, Mount, OutputStream, ProcessSpec, Route};
 
 use crate::client::{Client, ClientError, ProcessStatus};
 use crate::policy_gen::default_capabilities;
@@ -71,6 +71,10 @@ pub struct RunOptions {
     /// becomes a pod (named after the container's id) with a NIC on QEMU
     /// user-mode networking, configured through the policy's network points.
     pub publish: Vec<crate::PortForward>,
+    /// Or a network namespace (`--netns`, a path such as
+    /// `/var/run/netns/NAME`): the UVM becomes a pod whose NIC is a tap
+    /// connected to the namespace's veth, with its MAC, addresses and routes.
+    pub netns: Option<PathBuf>,
 }
 
 impl RunOptions {
@@ -96,6 +100,7 @@ impl RunOptions {
             tty: false,
             args: Vec::new(),
             publish: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -295,12 +300,32 @@ pub fn run(options: &RunOptions, io: RunIo<'_>, progress: &dyn Fn(Step<'_>)) -> 
     if let Some(path) = &options.serial_log {
         config.serial = Serial::File(path.clone());
     }
-    if !options.publish.is_empty() {
-        config.nic = Some(crate::Nic { mac: crate::qemu::DEFAULT_MAC, forwards: options.publish.clone() });
-    }
+    // The tap (and the namespace's tc redirects) live as long as `attached`.
+    let attached = match &options.netns {
+        Some(_) if !options.publish.is_empty() => {
+            return Err(
+                anyhow::anyhow!("-p and --netns exclude each other: a namespace's network reaches the pod").into()
+            );
+        }
+        Some(path) => Some(
+            crate::netns::attach(path).with_context(|| format!("cannot attach to the network {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let network = match &attached {
+        Some(attached) => {
+            config.nic = Some(crate::Nic { mac: attached.mac, forwards: Vec::new(), tap: Some(attached.tap.clone()) });
+            Some((attached.interface.clone(), attached.routes.clone()))
+        }
+        None if !options.publish.is_empty() => {
+            config.nic = Some(crate::Nic::user(options.publish.clone()));
+            Some(user_network())
+        }
+        None => None,
+    };
     progress(Step::Booting);
     let mut vm = Vm::start(config, &StartOptions::default()).map_err(anyhow::Error::from)?;
-    let result = drive(&mut vm, options, &policy, &built, &process, scratch.is_some(), io, progress);
+    let result = drive(&mut vm, options, &policy, &built, &process, scratch.is_some(), network.as_ref(), io, progress);
     let (status, ready_after) = match result {
         Ok(done) => done,
         Err(err) => {
@@ -328,6 +353,7 @@ fn drive(
     built: &Built,
     process: &ProcessSpec,
     scratch: bool,
+    network: Option<&(Interface, Vec<Route>)>,
     io: RunIo<'_>,
     progress: &dyn Fn(Step<'_>),
 ) -> Result<(ProcessStatus, Duration), RunError> {
@@ -338,8 +364,9 @@ fn drive(
     let sha256 =
         client.set_policy(policy.to_string()).map_err(|err| RunError::of("the agent refused the policy", err))?;
     progress(Step::PolicySet(&sha256));
-    if !options.publish.is_empty() {
-        pod_network(&mut client, id).map_err(|err| RunError::of("cannot set up the pod's network", err))?;
+    if let Some((interface, routes)) = network {
+        pod_network(&mut client, id, interface, routes)
+            .map_err(|err| RunError::of("cannot set up the pod's network", err))?;
     }
     if scratch {
         client.mount_scratch(SCRATCH_SERIAL).map_err(|err| RunError::of("cannot set up the encrypted scratch", err))?;
@@ -374,25 +401,37 @@ fn drive(
     Ok((status, ready_after))
 }
 
-/// Make the UVM a pod named `hostname` whose NIC (QEMU user-mode
-/// networking) is `eth0` at [`crate::qemu::USER_NET_GUEST`], routed through
-/// the gateway: each step decided by the policy.
-pub fn pod_network(client: &mut Client, hostname: &str) -> Result<(), crate::ClientError> {
-    client.create_sandbox(hostname, false)?;
-    client.update_interface(&parma_protocol::Interface {
+/// The NIC's configuration on QEMU user-mode networking: `eth0` at
+/// [`crate::qemu::USER_NET_GUEST`], routed through the gateway.
+pub fn user_network() -> (Interface, Vec<Route>) {
+    let interface = Interface {
         name: "eth0".into(),
-        hw_addr: crate::Nic { mac: crate::qemu::DEFAULT_MAC, forwards: Vec::new() }.mac_string(),
+        hw_addr: crate::Nic::user(Vec::new()).mac_string(),
         mtu: 1500,
         addresses: vec![crate::qemu::USER_NET_GUEST.into()],
         raw_flags: 0,
-    })?;
-    client.update_routes(&[parma_protocol::Route {
+    };
+    let routes = vec![Route {
         dest: "default".into(),
         gateway: Some(crate::qemu::USER_NET_GATEWAY.into()),
         device: "eth0".into(),
         source: None,
         scope: 0,
-    }])
+    }];
+    (interface, routes)
+}
+
+/// Make the UVM a pod named `hostname` whose NIC is `interface`, with
+/// `routes`: each step decided by the policy.
+pub fn pod_network(
+    client: &mut Client,
+    hostname: &str,
+    interface: &Interface,
+    routes: &[Route],
+) -> Result<(), crate::ClientError> {
+    client.create_sandbox(hostname, false)?;
+    client.update_interface(interface)?;
+    if routes.is_empty() { Ok(()) } else { client.update_routes(routes) }
 }
 
 /// The guest's name for layer `index` (base layer 0).

@@ -784,7 +784,8 @@ create_sandbox := denied(concat("; ", sort(create_sandbox_problems)), []) if {
 # loopback interface, a zero or multicast MAC, link flags other than NOARP,
 # routes through lo, loopback addresses anywhere. The policy's optional
 # `network` rule narrows further: {"allowed_cidrs": [CIDR, ...] (every
-# address, gateway, source and neighbour must be inside one), "mtu":
+# address with its whole prefix, every route destination but the default
+# one, every gateway, source and neighbour must be inside one), "mtu":
 # {"min": N, "max": N}}. The agent hands addresses in canonical form.
 default policy_network := {}
 
@@ -829,6 +830,17 @@ interface_ips contains ["address", address_ip(address)] if {
 	some address in input.addresses
 }
 
+# Every network the request names (an address's prefix is a network the
+# interface reaches directly, so all of it must be allowed).
+interface_cidrs contains ["address", address] if {
+	some address in input.addresses
+}
+
+route_cidrs contains ["route destination", route.dest] if {
+	some route in input.routes
+	not endswith(route.dest, "/0")
+}
+
 route_ips contains [sprintf("route to %s: gateway", [route.dest]), route.gateway] if {
 	some route in input.routes
 	route.gateway != ""
@@ -866,7 +878,7 @@ update_interface_problems contains msg if {
 }
 
 update_interface_problems contains msg if {
-	some msg in cidr_problems(interface_ips)
+	some msg in cidr_problems(interface_cidrs)
 }
 
 mtu_within(bounds) if {
@@ -916,6 +928,10 @@ update_routes_problems contains msg if {
 
 update_routes_problems contains msg if {
 	some msg in cidr_problems(route_ips)
+}
+
+update_routes_problems contains msg if {
+	some msg in cidr_problems(route_cidrs)
 }
 
 default update_routes := {"allowed": false, "reason": {"message": "update_routes: input is missing routes", "candidates": []}}

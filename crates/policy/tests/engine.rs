@@ -403,6 +403,7 @@ fn the_pods_network_refuses_what_genpolicy_refuses_and_the_policy_narrows_it() {
             (Point::UpdateInterface, interface("eth0", mac, 1280, &[], 128)),
             (Point::UpdateRoutes, route("0.0.0.0/0", "10.0.2.2", "eth0", "")),
             (Point::UpdateRoutes, route("10.0.2.0/24", "", "eth0", "10.0.2.15")),
+            (Point::UpdateRoutes, route("fd00:1::/64", "fd00::1", "eth0", "")),
             (Point::AddArpNeighbors, neighbor("10.0.2.2", "eth0", mac, 128, 0)),
         ] {
             for engine in [&mut open, &mut narrow] {
@@ -441,6 +442,12 @@ fn the_pods_network_refuses_what_genpolicy_refuses_and_the_policy_narrows_it() {
             (Point::UpdateInterface, interface("eth0", mac, 576, &[], 0), "MTU 576"),
             (Point::UpdateRoutes, route("0.0.0.0/0", "192.168.1.1", "eth0", ""), "allowed_cidrs"),
             (Point::AddArpNeighbors, neighbor("2001:db8::1", "eth0", mac, 128, 0), "allowed_cidrs"),
+            // An allowed address with a prefix that reaches beyond the allowed networks.
+            (Point::UpdateInterface, interface("eth0", mac, 1500, &["10.0.2.15/1"], 0), "allowed_cidrs"),
+            (Point::UpdateInterface, interface("eth0", mac, 1500, &["fd00::15/7"], 0), "allowed_cidrs"),
+            // A route to a network outside them, through an allowed gateway.
+            (Point::UpdateRoutes, route("192.168.0.0/16", "10.0.2.2", "eth0", ""), "route destination"),
+            (Point::UpdateRoutes, route("2001:db8::/32", "fd00::1", "eth0", ""), "route destination"),
         ] {
             assert!(open.decide(point, &input).allowed, "{point} {input}");
             let denial = narrow.decide(point, &input).denial.unwrap_or_else(|| panic!("{point} {input} allowed"));

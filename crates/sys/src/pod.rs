@@ -9,10 +9,35 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr;
 
-/// Bring the loopback interface of the network namespace of the process
-/// `pod` names (a pidfd) up, as a pod's `localhost`.
-pub fn loopback_up(pod: BorrowedFd<'_>) -> io::Result<()> {
+/// The network settings of a pod's namespace, written before any
+/// interface is moved in (a new interface takes the `default` ones): the
+/// host configures addresses and routes only through requests the policy
+/// decides, never by router advertisements or redirects; and ICMP echo
+/// sockets need no `CAP_NET_RAW` (which containers do not get by default).
+const POD_SYSCTLS: [(&str, &str); 11] = [
+    ("net/ipv4/ping_group_range", "0 2147483647"),
+    ("net/ipv4/conf/all/accept_redirects", "0"),
+    ("net/ipv4/conf/default/accept_redirects", "0"),
+    ("net/ipv4/conf/all/accept_source_route", "0"),
+    ("net/ipv4/conf/default/accept_source_route", "0"),
+    ("net/ipv6/conf/all/accept_ra", "0"),
+    ("net/ipv6/conf/default/accept_ra", "0"),
+    ("net/ipv6/conf/all/autoconf", "0"),
+    ("net/ipv6/conf/default/autoconf", "0"),
+    ("net/ipv6/conf/all/accept_redirects", "0"),
+    ("net/ipv6/conf/default/accept_redirects", "0"),
+];
+
+/// Prepare the network namespace of the process `pod` names (a pidfd): its
+/// settings ([`POD_SYSCTLS`]), then its loopback interface up, as the pod's
+/// `localhost`.
+pub fn prepare_network(pod: BorrowedFd<'_>) -> io::Result<()> {
     in_network_of(pod, || {
+        // A thread's view of /proc/sys/net is its own network namespace's.
+        for (name, value) in POD_SYSCTLS {
+            std::fs::write(format!("/proc/sys/{name}"), value)
+                .map_err(|err| io::Error::new(err.kind(), format!("{name}: {err}")))?;
+        }
         let socket = socket(libc::AF_INET)?;
         // SAFETY: a zeroed ifreq is a valid value (an empty name, no flags).
         let mut request: libc::ifreq = unsafe { std::mem::zeroed() };

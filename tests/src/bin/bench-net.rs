@@ -1,14 +1,18 @@
 //! `make bench`: the pod's network from the host, under TCG.
 //!
 //! A container of the test image serves the benchmark protocol
-//! (`oci-hello bench-serve`) in a pod whose NIC is on QEMU user-mode
-//! networking (the `parma run -p` path); the host measures TCP
+//! (`oci-hello bench-serve`) in a pod; the host measures TCP
 //! request/response latency (64-byte messages, one at a time) and bulk
-//! throughput (host to container, acknowledged at the end) through the
-//! forwarded port on 127.0.0.1. The same server logic on the host's
-//! loopback, measured in the same run, is the baseline: the ratios track
-//! regressions, the absolute numbers mean little under TCG. The tap path
-//! of real hosts (`--netns`) is not built yet.
+//! throughput (host to container, acknowledged at the end), on both NIC
+//! paths, each against a baseline without the UVM measured in the same
+//! run (the ratios track regressions; the absolute numbers mean little
+//! under TCG):
+//!
+//! - user-mode networking (`parma run -p`): through the forwarded port on
+//!   127.0.0.1; baseline: the same server logic on the host's loopback;
+//! - a tap in a network namespace (`--netns`, real hosts): from the peer
+//!   namespace of a veth pair to the pod's address; baseline: the same
+//!   server logic in the pod's namespace of a second pair, no UVM.
 //!
 //! Writes `out/bench/net.json`.
 
@@ -18,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use parma_host::run;
+use parma_tests::netns::CniNamespaces;
 use parma_tests::{Boot, Guest, Paths, median_secs, oci};
 use serde::Serialize;
 
@@ -38,15 +43,35 @@ struct Path {
 }
 
 #[derive(Serialize)]
-struct Report {
-    accel: &'static str,
+struct Comparison {
     path: &'static str,
-    message_bytes: usize,
-    bulk_bytes: u64,
+    baseline: &'static str,
     container: Path,
-    host_loopback: Path,
+    without_uvm: Path,
     round_trip_ratio: f64,
     bulk_slowdown_ratio: f64,
+}
+
+impl Comparison {
+    fn new(path: &'static str, baseline: &'static str, container: Path, without_uvm: Path) -> Self {
+        Self {
+            path,
+            baseline,
+            round_trip_ratio: container.round_trip_median_us / without_uvm.round_trip_median_us,
+            bulk_slowdown_ratio: without_uvm.bulk_mb_per_s / container.bulk_mb_per_s,
+            container,
+            without_uvm,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Report {
+    accel: &'static str,
+    message_bytes: usize,
+    bulk_bytes: u64,
+    user_mode: Comparison,
+    tap: Comparison,
 }
 
 /// The server side of the protocol, for the host's baseline (the guest's is
@@ -121,25 +146,19 @@ fn measure(address: SocketAddr) -> anyhow::Result<Path> {
     })
 }
 
-fn main() -> anyhow::Result<()> {
-    let paths = Paths::require_image()?;
-    let hello = paths.guest_binary("oci-hello")?;
-    let port = GUEST_PORT.to_string();
-    let command = [oci::ENTRYPOINT, "bench-serve", port.as_str()];
-    let fixture = oci::PolicyFixture::new(&hello, "bench", Some(&command), None)?;
-    let host_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
-    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
-    boot.nic = Some(parma_host::Nic {
-        mac: parma_host::qemu::DEFAULT_MAC,
-        forwards: vec![parma_host::PortForward { udp: false, host: host_port, guest: GUEST_PORT }],
-    });
-    let mut guest = Guest::boot(&paths, &boot)?;
+/// Start `bench-serve` in a pod of a booted UVM whose NIC is `interface`.
+fn serve_in_pod(
+    guest: &mut Guest,
+    fixture: &oci::PolicyFixture,
+    interface: &parma_protocol::Interface,
+    routes: &[parma_protocol::Route],
+) -> anyhow::Result<parma_host::Client> {
     let mut client = guest.ready_client(READY, CALL)?;
     client.set_policy(std::fs::read_to_string(&fixture.policy)?).with_context(|| guest.serial())?;
-    run::pod_network(&mut client, "bench")?;
+    run::pod_network(&mut client, "bench", interface, routes)?;
     let layers = run::mount_layers(&mut client, &fixture.built)?;
-    let args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
+    let port = GUEST_PORT.to_string();
+    let args: Vec<String> = [oci::ENTRYPOINT, "bench-serve", port.as_str()].iter().map(|a| a.to_string()).collect();
     let process = run::process_from_config(&fixture.built.config, &args)?;
     client.mount_overlay("bench", &layers, true)?;
     client.create_container("bench", &process)?;
@@ -150,45 +169,96 @@ fn main() -> anyhow::Result<()> {
         let (data, eof) = client.read_output("bench", None, parma_protocol::OutputStream::Stdout)?;
         ensure!(!eof && Instant::now() < give_up, "the server did not start:\n{}", guest.serial());
         if String::from_utf8_lossy(&data).contains("serving=") {
-            break;
+            return Ok(client);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
 
+fn stop(mut guest: Guest, mut client: parma_host::Client) -> anyhow::Result<()> {
+    client.signal_process("bench", None, 9)?;
+    let _ = client.shutdown();
+    let _ = guest.wait_exit(Duration::from_secs(60));
+    Ok(())
+}
+
+fn print(title: &str, comparison: &Comparison) {
+    println!("{:<40} {:>14} {:>14}", title, "container", "without UVM");
+    println!(
+        "{:<40} {:>11.1} us {:>11.1} us",
+        "64-byte round trip (median)",
+        comparison.container.round_trip_median_us,
+        comparison.without_uvm.round_trip_median_us
+    );
+    println!(
+        "{:<40} {:>9.1} MB/s {:>9.1} MB/s",
+        "bulk host to container (median of 3)",
+        comparison.container.bulk_mb_per_s,
+        comparison.without_uvm.bulk_mb_per_s
+    );
+    println!("{:<40} {:>14.1}", "round trip ratio", comparison.round_trip_ratio);
+    println!("{:<40} {:>14.1}", "bulk slowdown ratio", comparison.bulk_slowdown_ratio);
+}
+
+fn main() -> anyhow::Result<()> {
+    let paths = Paths::require_image()?;
+    let hello = paths.guest_binary("oci-hello")?;
+    let port = GUEST_PORT.to_string();
+    let command = [oci::ENTRYPOINT, "bench-serve", port.as_str()];
+    let fixture = oci::PolicyFixture::new(&hello, "bench", Some(&command), None)?;
+
+    // User-mode networking, against the host's loopback.
+    let host_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
+    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    boot.nic =
+        Some(parma_host::Nic::user(vec![parma_host::PortForward { udp: false, host: host_port, guest: GUEST_PORT }]));
+    let mut guest = Guest::boot(&paths, &boot)?;
+    let (interface, routes) = run::user_network();
+    let client = serve_in_pod(&mut guest, &fixture, &interface, &routes)?;
     let container = measure(SocketAddr::from(([127, 0, 0, 1], host_port)))?;
+    stop(guest, client)?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let baseline_address = listener.local_addr()?;
     std::thread::spawn(move || serve(listener));
     let host_loopback = measure(baseline_address)?;
-
-    client.signal_process("bench", None, 9)?;
-    let _ = client.shutdown();
-    let _ = guest.wait_exit(Duration::from_secs(60));
-
-    let report = Report {
-        accel: "tcg",
-        path: "QEMU user-mode networking, forwarded port on 127.0.0.1",
-        message_bytes: 64,
-        bulk_bytes: BULK,
-        round_trip_ratio: container.round_trip_median_us / host_loopback.round_trip_median_us,
-        bulk_slowdown_ratio: host_loopback.bulk_mb_per_s / container.bulk_mb_per_s,
+    let user_mode = Comparison::new(
+        "QEMU user-mode networking, forwarded port on 127.0.0.1",
+        "the same server on the host's loopback",
         container,
         host_loopback,
-    };
+    );
+
+    // A tap in a network namespace, against a veth pair without a UVM.
+    let pod_address = SocketAddr::from((CniNamespaces::POD_ADDRESS, GUEST_PORT));
+    let namespaces = CniNamespaces::new("bench")?;
+    let attached = parma_host::netns::attach(std::path::Path::new(&CniNamespaces::path(&namespaces.pod)))?;
+    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
+    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    boot.nic = Some(parma_host::Nic { mac: attached.mac, forwards: Vec::new(), tap: Some(attached.tap.clone()) });
+    let mut guest = Guest::boot(&paths, &boot)?;
+    let client = serve_in_pod(&mut guest, &fixture, &attached.interface, &attached.routes)?;
+    let container = namespaces.in_peer(|| measure(pod_address))?;
+    stop(guest, client)?;
+    drop(attached);
+    drop(namespaces);
+    let baseline = CniNamespaces::new("base")?;
+    let listener = baseline.in_pod(|| Ok(TcpListener::bind(pod_address)?))?;
+    std::thread::spawn(move || serve(listener));
+    let veth = baseline.in_peer(|| measure(pod_address))?;
+    let tap = Comparison::new(
+        "a tap in the pod's network namespace, tc-redirected to its veth (--netns)",
+        "the same server in the pod's namespace of another veth pair",
+        container,
+        veth,
+    );
+
+    let report = Report { accel: "tcg", message_bytes: 64, bulk_bytes: BULK, user_mode, tap };
     let out = paths.repo.join("out/bench");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("net.json"), serde_json::to_string_pretty(&report)? + "\n")?;
-    println!("{:<40} {:>14} {:>14}", "network (TCG, user-mode NIC)", "container", "host loopback");
-    println!(
-        "{:<40} {:>11.1} us {:>11.1} us",
-        "64-byte round trip (median)", report.container.round_trip_median_us, report.host_loopback.round_trip_median_us
-    );
-    println!(
-        "{:<40} {:>9.1} MB/s {:>9.1} MB/s",
-        "bulk host to container (median of 3)", report.container.bulk_mb_per_s, report.host_loopback.bulk_mb_per_s
-    );
-    println!("{:<40} {:>14.1}", "round trip ratio", report.round_trip_ratio);
-    println!("{:<40} {:>14.1}", "bulk slowdown ratio", report.bulk_slowdown_ratio);
+    print("network (TCG, user-mode NIC, -p)", &report.user_mode);
+    print("network (TCG, tap, --netns)", &report.tap);
     println!("wrote {}", out.join("net.json").display());
     Ok(())
 }

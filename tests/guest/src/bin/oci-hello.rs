@@ -10,9 +10,14 @@
 //!
 //! `pod PORT` (first) is a pod member instead: it prints its namespaces
 //! (`ns net=... ipc=... uts=... pid=...`), `hostname=`, `pids=` (the
-//! processes it sees) and `listening=` (the TCP ports anything in its
+//! processes it sees), `listening=` (the TCP ports anything in its
 //! network namespace listens on, from /proc/net/tcp and tcp6, comma
-//! separated), then binds PORT on every address. If it can, it is
+//! separated), `raw_socket=` and `ping_socket=` (`open` or the error of
+//! opening a raw and a ping ICMP socket), `userns=` (`made` or the error of
+//! unsharing a user namespace) and `netconf=` (its network namespace's
+//! `accept_ra`, `autoconf` and IPv4 and IPv6 `accept_redirects` defaults,
+//! comma separated), `local=` (its IPv4 addresses but loopback, from
+//! /proc/net/fib_trie, comma separated), then binds PORT on every address. If it can, it is
 //! the server (`role=server`): it answers one connection (from the pod's
 //! loopback or its NIC) with `hello-from-<hostname>` and exits. If the port
 //! is taken, a process in the same network namespace holds it: it is the
@@ -30,6 +35,8 @@
 //! messages until end of file; else: read N bytes, answer one byte.
 
 use std::ffi::OsString;
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
 use std::io::{ErrorKind, Write};
 use std::time::Duration;
 
@@ -66,6 +73,15 @@ fn run(args: &[String]) -> Result<i32, String> {
         match std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)) {
             Ok(_) => println!("connect=ok"),
             Err(e) => println!("connect={e}"),
+        }
+        return Ok(0);
+    }
+    if let [mode] = args
+        && mode == "unshare-user"
+    {
+        match nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER) {
+            Ok(()) => println!("made"),
+            Err(errno) => println!("{errno:?}"),
         }
         return Ok(0);
     }
@@ -185,6 +201,11 @@ fn pod(port: u16) -> Result<i32, String> {
         .and_then(|()| say(format!("hostname={hostname}")))
         .and_then(|()| say(format!("pids={pids}")))
         .and_then(|()| say(format!("listening={}", listening.join(","))))
+        .and_then(|()| say(format!("raw_socket={}", icmp_socket(SockType::Raw))))
+        .and_then(|()| say(format!("ping_socket={}", icmp_socket(SockType::Datagram))))
+        .and_then(|()| say(format!("userns={}", userns())))
+        .and_then(|()| say(format!("netconf={}", netconf())))
+        .and_then(|()| say(format!("local={}", local_addresses())))
         .map_err(|e| format!("stdout: {e}"))?;
     let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let any = std::net::SocketAddr::from(([0, 0, 0, 0], port));
@@ -206,6 +227,54 @@ fn pod(port: u16) -> Result<i32, String> {
         }
         Err(e) => Err(format!("bind {any}: {e}")),
     }
+}
+
+/// `open`, or why an ICMP socket of `kind` cannot be opened.
+fn icmp_socket(kind: SockType) -> String {
+    match socket(AddressFamily::Inet, kind, SockFlag::SOCK_CLOEXEC, SockProtocol::Icmp) {
+        Ok(_) => "open".into(),
+        Err(errno) => format!("{errno:?}"),
+    }
+}
+
+/// `made`, or why no user namespace can be made (by this program run
+/// again as `unshare-user`: the test process itself stays as it is).
+fn userns() -> String {
+    match std::process::Command::new("/proc/self/exe").arg("unshare-user").output() {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        Err(e) => format!("spawn: {e}"),
+    }
+}
+
+/// The namespace's local IPv4 addresses but loopback, sorted: in
+/// /proc/net/fib_trie each `|-- IP` line that a `/32 host LOCAL` line follows.
+fn local_addresses() -> String {
+    let text = std::fs::read_to_string("/proc/net/fib_trie").unwrap_or_default();
+    let mut last = "";
+    let mut found = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(ip) = line.strip_prefix("|-- ") {
+            last = ip;
+        } else if line.contains("/32 host LOCAL") && !last.starts_with("127.") {
+            found.insert(last.to_string());
+        }
+    }
+    found.into_iter().collect::<Vec<_>>().join(",")
+}
+
+/// The network namespace's defaults for new interfaces.
+fn netconf() -> String {
+    [
+        "/proc/sys/net/ipv6/conf/default/accept_ra",
+        "/proc/sys/net/ipv6/conf/default/autoconf",
+        "/proc/sys/net/ipv4/conf/default/accept_redirects",
+        "/proc/sys/net/ipv6/conf/default/accept_redirects",
+    ]
+    .iter()
+    .map(|path| std::fs::read_to_string(path).map_or_else(|e| format!("{e}"), |v| v.trim().to_string()))
+    .collect::<Vec<_>>()
+    .join(",")
 }
 
 /// The `stop-all` mode (see the module docs).
