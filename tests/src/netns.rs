@@ -6,8 +6,9 @@ use anyhow::{Context, ensure};
 
 /// Two network namespaces joined by a veth pair, as a CNI bridge plugin
 /// leaves a pod's (`eth0` at .2/24, a default route through .1) and its
-/// peer (.1/24), made with `ip` (the test plays the CNI plugin; `parma`
-/// reads them with rtnetlink); removed when dropped.
+/// peer (.1/24, and [`CniNamespaces::OUTSIDE_ADDRESS`]), made with `ip`
+/// (the test plays the CNI plugin; `parma` reads them with rtnetlink);
+/// removed when dropped.
 #[derive(Debug)]
 pub struct CniNamespaces {
     /// The pod's namespace's name (under /var/run/netns).
@@ -19,8 +20,11 @@ pub struct CniNamespaces {
 impl CniNamespaces {
     /// The pod's address.
     pub const POD_ADDRESS: [u8; 4] = [10, 89, 0, 2];
-    /// The peer's address.
+    /// The peer's address (the pod's gateway).
     pub const PEER_ADDRESS: [u8; 4] = [10, 89, 0, 1];
+    /// Another address of the peer, outside the pod's subnet: the pod
+    /// reaches it only through its default route.
+    pub const OUTSIDE_ADDRESS: [u8; 4] = [10, 90, 0, 1];
 
     /// Make the pair, named after this process and `tag`.
     pub fn new(tag: &str) -> anyhow::Result<Self> {
@@ -41,6 +45,8 @@ impl CniNamespaces {
         ip(&["-n", pod, "link", "set", "lo", "up"])?;
         ip(&["-n", pod, "route", "add", "default", "via", &peer_address.to_string()])?;
         ip(&["-n", peer, "addr", "add", &format!("{peer_address}/24"), "dev", "veth-pod"])?;
+        let outside = Ipv4Addr::from(Self::OUTSIDE_ADDRESS);
+        ip(&["-n", peer, "addr", "add", &format!("{outside}/32"), "dev", "veth-pod"])?;
         ip(&["-n", peer, "link", "set", "veth-pod", "up"])?;
         ip(&["-n", peer, "link", "set", "lo", "up"])?;
         Ok(made)

@@ -144,6 +144,10 @@ fn two_containers_of_a_pod_share_its_network_ipc_and_host_name_and_nothing_else(
         ensure!(server.contains_key(key) && server.get(key) == member.get(key), "{key}: {server:?} vs {member:?}");
     }
     ensure!(server.get("pid") != member.get("pid"), "one PID namespace: {server:?} vs {member:?}");
+    // One IPC namespace: the client finds the segment the server made and
+    // wrote (its PID is 1 in its own PID namespace).
+    ensure!(server.get("shm").map(String::as_str) == Some("none"), "{server:?}");
+    ensure!(member.get("shm").map(String::as_str) == Some("shm-from-pod-1-1"), "{member:?}");
     // Before the server bound its port, nothing listened in the pod's network
     // namespace: not the agent, not the namespace holder; then only the server.
     ensure!(server.get("listening").map(String::as_str) == Some(""), "{server:?}");
@@ -279,7 +283,7 @@ fn a_pods_container_serves_the_host_through_the_nic_the_policy_allowed() -> anyh
     // The host's client, through QEMU's forward on 127.0.0.1.
     let forwarded = std::net::SocketAddr::from(([127, 0, 0, 1], host_port));
     let give_up = Instant::now() + Duration::from_secs(60);
-    let answer = answer_of(forwarded, give_up, &mut || true)
+    let answer = answer_of(forwarded, b"", give_up, &mut || true)
         .with_context(|| format!("no answer through the forwarded port\n{}", guest.serial()))?;
     ensure!(answer == "hello-from-web-1", "{answer:?}");
     finish(&mut client, "web")?;
@@ -295,15 +299,16 @@ fn a_pods_container_serves_the_host_through_the_nic_the_policy_allowed() -> anyh
 
 /// `parma run -p HOST:GUEST`: the README's example. The UVM becomes a pod
 /// with a NIC on QEMU user-mode networking, each step decided by the
-/// policy `parma policy gen` wrote, and the container's server answers a
-/// client on the host through 127.0.0.1.
+/// policy `parma policy gen` wrote, and busybox's `httpd` in the container
+/// answers an HTTP client on the host through 127.0.0.1 (it serves for
+/// 20 s, then the container's shell ends and `parma run` with it).
 #[test]
 fn parma_run_publishes_a_container_port_on_the_hosts_loopback() -> anyhow::Result<()> {
     let paths = Paths::get();
     let parma = paths.repo.join("target/release/parma");
     ensure!(parma.is_file(), "{} is missing: make test builds it (cargo build --release -p parma)", parma.display());
     let hello = paths.guest_binary("oci-hello")?;
-    let command = [oci::ENTRYPOINT, "pod", "8080"];
+    let command = ["/bin/sh", "-c", "/bin/busybox httpd -p 8080 -h /etc && /bin/sleep 20"];
     let fixture = oci::PolicyFixture::new(&hello, "web", Some(&command), None)?;
     let host_port = free_port()?;
     let mut child = fixture
@@ -315,8 +320,14 @@ fn parma_run_publishes_a_container_port_on_the_hosts_loopback() -> anyhow::Resul
         .spawn()?;
     let forwarded = std::net::SocketAddr::from(([127, 0, 0, 1], host_port));
     let give_up = Instant::now() + Duration::from_secs(240);
-    let answer = answer_of(forwarded, give_up, &mut || child.try_wait().is_ok_and(|status| status.is_none()));
-    served_web(child, answer)?;
+    let request = b"GET /passwd HTTP/1.0\r\nHost: web\r\n\r\n";
+    let answer = answer_of(forwarded, request, give_up, &mut || child.try_wait().is_ok_and(|status| status.is_none()));
+    let out = child.wait_with_output()?;
+    let answer = answer.with_context(|| format!("no answer\n{}", String::from_utf8_lossy(&out.stderr)))?;
+    ensure!(answer.starts_with("HTTP/1.") && answer.contains(" 200 "), "{answer}");
+    // The image's /etc/passwd, served from its dm-verity layers.
+    ensure!(answer.contains("app:x:1000:1000"), "{answer}");
+    ensure!(out.status.code() == Some(0), "{}: {}", out.status, String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
 
@@ -542,13 +553,20 @@ fn containers_of_a_pod_that_shares_its_pid_namespace_see_each_other() -> anyhow:
     Ok(())
 }
 
-/// What a server at `address` answers one connection, tried until
-/// `give_up` while `alive` says the server may still come.
-fn answer_of(address: std::net::SocketAddr, give_up: Instant, alive: &mut dyn FnMut() -> bool) -> Option<String> {
-    use std::io::Read;
+/// What a server at `address` answers one connection on which `request`
+/// was sent, tried until `give_up` while `alive` says the server may still
+/// come.
+fn answer_of(
+    address: std::net::SocketAddr,
+    request: &[u8],
+    give_up: Instant,
+    alive: &mut dyn FnMut() -> bool,
+) -> Option<String> {
+    use std::io::{Read, Write};
     loop {
         let attempt = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2)).and_then(|mut stream| {
             stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+            stream.write_all(request)?;
             let mut answer = String::new();
             stream.read_to_string(&mut answer).map(|_| answer)
         });
@@ -578,19 +596,34 @@ fn served_web(mut child: std::process::Child, answer: Option<String>) -> anyhow:
 
 /// `parma run --netns PATH`: the UVM's NIC is a tap in a namespace a CNI
 /// plugin prepared, tc-redirected to and from its veth; the pod takes the
-/// veth's MAC, address and route (each decided by the policy), and a client
-/// in the peer namespace reaches the confidential container at the pod's
-/// address. Afterwards the namespace is as the plugin left it.
+/// veth's MAC, address and route (each decided by the policy); the
+/// container reaches a server in the peer namespace through the route, and
+/// a client there reaches the container at the pod's address. Afterwards
+/// the namespace is as the plugin left it.
 #[test]
 fn parma_run_puts_the_pod_on_a_network_namespace_through_a_tap() -> anyhow::Result<()> {
     let paths = Paths::get();
     let parma = paths.repo.join("target/release/parma");
     ensure!(parma.is_file(), "{} is missing: make test builds it (cargo build --release -p parma)", parma.display());
     let hello = paths.guest_binary("oci-hello")?;
-    let command = [oci::ENTRYPOINT, "pod", "8080"];
+    // First the container calls the peer's server (out through its default
+    // route), then serves the peer.
+    let peer = std::net::Ipv4Addr::from(CniNamespaces::OUTSIDE_ADDRESS);
+    let script = format!("/bin/busybox wget -q -O - http://{peer}:8081/ && echo && exec {} pod 8080", oci::ENTRYPOINT);
+    let command = ["/bin/sh", "-c", script.as_str()];
     let fixture = oci::PolicyFixture::new(&hello, "web", Some(&command), None)?;
     let namespaces = CniNamespaces::new("run")?;
     let pod_path = CniNamespaces::path(&namespaces.pod);
+    let peer_server = namespaces.in_peer(|| Ok(std::net::TcpListener::bind((peer, 8081))?))?;
+    let peer_thread = std::thread::spawn(move || -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let (mut stream, from) = peer_server.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut request = [0u8; 512];
+        let n = stream.read(&mut request)?;
+        stream.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 15\r\n\r\nhello-from-peer")?;
+        Ok(format!("{from} {}", String::from_utf8_lossy(request.get(..n).unwrap_or_default())))
+    });
     let child = fixture
         .parma_run(&parma, &paths.uvm)
         .args(["-q", "--id", "web", "--netns", &pod_path, "--"])
@@ -600,9 +633,12 @@ fn parma_run_puts_the_pod_on_a_network_namespace_through_a_tap() -> anyhow::Resu
         .spawn()?;
     let server = std::net::SocketAddr::from((CniNamespaces::POD_ADDRESS, 8080));
     let give_up = Instant::now() + Duration::from_secs(240);
-    let answer = namespaces.in_peer(|| Ok(answer_of(server, give_up, &mut || true)))?;
+    let answer = namespaces.in_peer(|| Ok(answer_of(server, b"", give_up, &mut || true)))?;
     let stdout = served_web(child, answer)?;
     ensure!(stdout.lines().any(|line| line == "local=10.89.0.2"), "the veth's address: {stdout}");
+    ensure!(stdout.lines().any(|line| line == "hello-from-peer"), "the peer's answer: {stdout}");
+    let asked = peer_thread.join().map_err(|_| anyhow::anyhow!("the peer's server panicked"))??;
+    ensure!(asked.starts_with("10.89.0.2:") && asked.contains("GET / HTTP"), "{asked}");
     // The tap went with QEMU, the veth's ingress qdisc with parma.
     let links = std::process::Command::new("ip").args(["-n", &namespaces.pod, "-o", "link", "show"]).output()?;
     let links = String::from_utf8_lossy(&links.stdout);

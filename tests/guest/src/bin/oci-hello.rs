@@ -12,7 +12,9 @@
 //! (`ns net=... ipc=... uts=... pid=...`), `hostname=`, `pids=` (the
 //! processes it sees), `listening=` (the TCP ports anything in its
 //! network namespace listens on, from /proc/net/tcp and tcp6, comma
-//! separated), `raw_socket=` and `ping_socket=` (`open` or the error of
+//! separated), `shm=` (the text in the pod's System V shared memory
+//! segment with key [`SHM_KEY`] before this process wrote its own
+//! `shm-from-<hostname>-<pid>` there, or `none`), `raw_socket=` and `ping_socket=` (`open` or the error of
 //! opening a raw and a ping ICMP socket), `userns=` (`made` or the error of
 //! unsharing a user namespace) and `netconf=` (its network namespace's
 //! `accept_ra`, `autoconf` and IPv4 and IPv6 `accept_redirects` defaults,
@@ -33,6 +35,10 @@
 //! `bench-serve PORT` serves `make bench`'s network benchmark until killed:
 //! each connection starts with a little-endian u64 N; N = 0: echo 64-byte
 //! messages until end of file; else: read N bytes, answer one byte.
+
+// The pod mode's shared memory segment is System V IPC, which nix does not
+// wrap: one function makes the raw calls, and says why they are sound.
+#![allow(unsafe_code)]
 
 use std::ffi::OsString;
 
@@ -201,6 +207,7 @@ fn pod(port: u16) -> Result<i32, String> {
         .and_then(|()| say(format!("hostname={hostname}")))
         .and_then(|()| say(format!("pids={pids}")))
         .and_then(|()| say(format!("listening={}", listening.join(","))))
+        .and_then(|()| say(format!("shm={}", shared_memory(&format!("shm-from-{hostname}-{}", std::process::id())))))
         .and_then(|()| say(format!("raw_socket={}", icmp_socket(SockType::Raw))))
         .and_then(|()| say(format!("ping_socket={}", icmp_socket(SockType::Datagram))))
         .and_then(|()| say(format!("userns={}", userns())))
@@ -226,6 +233,47 @@ fn pod(port: u16) -> Result<i32, String> {
             Ok(0)
         }
         Err(e) => Err(format!("bind {any}: {e}")),
+    }
+}
+
+/// The key of the pod members' System V shared memory segment.
+const SHM_KEY: libc::key_t = 0x7061_726d;
+/// Its size.
+const SHM_SIZE: usize = 64;
+
+/// What the IPC namespace's segment [`SHM_KEY`] held (`none` if it was
+/// just made), after which `text` (at most 63 bytes) replaces it.
+fn shared_memory(text: &str) -> String {
+    // SAFETY: shmget/shmat/shmdt on a segment of SHM_SIZE bytes; every
+    // access stays inside the attached SHM_SIZE bytes, and the mapping is
+    // detached before returning.
+    unsafe {
+        let mut made = true;
+        let mut id = libc::shmget(SHM_KEY, SHM_SIZE, libc::IPC_CREAT | libc::IPC_EXCL | 0o666);
+        if id < 0 {
+            made = false;
+            id = libc::shmget(SHM_KEY, SHM_SIZE, 0);
+        }
+        if id < 0 {
+            return format!("shmget: {}", std::io::Error::last_os_error());
+        }
+        let base = libc::shmat(id, std::ptr::null(), 0);
+        if base as isize == -1 {
+            return format!("shmat: {}", std::io::Error::last_os_error());
+        }
+        let bytes = std::slice::from_raw_parts_mut(base.cast::<u8>(), SHM_SIZE);
+        let before = if made {
+            "none".to_string()
+        } else {
+            let end = bytes.iter().position(|b| *b == 0).unwrap_or(SHM_SIZE);
+            String::from_utf8_lossy(&bytes[..end]).into_owned()
+        };
+        let new = text.as_bytes();
+        let len = new.len().min(SHM_SIZE - 1);
+        bytes[..len].copy_from_slice(&new[..len]);
+        bytes[len] = 0;
+        libc::shmdt(base);
+        before
     }
 }
 
