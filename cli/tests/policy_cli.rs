@@ -23,6 +23,28 @@ fn hash_equals_sha256sum() {
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), sum.split_whitespace().next().unwrap());
 }
 
+/// The annotation decodes (with `gzip -dc`, independently of parma) to the
+/// policy's exact bytes, so its hash is the HOST_DATA the pod launches with.
+#[test]
+fn the_policy_annotation_is_base64_of_gzip_and_decodes_back() {
+    let out = parma(&["policy", "annotation", POLICY]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = String::from_utf8(out.stdout).unwrap();
+    let value = line.strip_prefix("io.parma.policy: ").unwrap().trim().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("value");
+    std::fs::write(&file, &value).unwrap();
+    let gunzip =
+        Command::new("sh").arg("-c").arg(format!("base64 -d < {} | gzip -dc", file.display())).output().unwrap();
+    assert_eq!(gunzip.stdout, std::fs::read(repo().join(POLICY)).unwrap());
+    let decoded = parma(&["policy", "annotation", "--decode", file.to_str().unwrap()]);
+    assert_eq!(decoded.stdout, gunzip.stdout);
+    std::fs::write(&file, "bm90IGd6aXA=").unwrap();
+    let refused = parma(&["policy", "annotation", "--decode", file.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not gzip'd"), "{refused:?}");
+}
+
 #[test]
 fn eval_exit_codes_and_reasons() {
     let dir = tempfile::tempdir().unwrap();

@@ -40,6 +40,20 @@ pub enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print the policy as the pod annotation a Kubernetes runtime reads:
+    /// `io.parma.policy` = base64 of the gzip'd policy (deterministic).
+    /// With --decode, print the policy an annotation value carries.
+    #[command(
+        after_help = "Example:\n  parma policy annotation policy.rego\n  parma policy annotation --decode value.txt"
+    )]
+    Annotation {
+        /// The policy file (Rego), or with --decode a file holding the value.
+        file: PathBuf,
+        /// Decode an annotation value instead (refused by name when it is
+        /// not base64, not gzip'd, or too large).
+        #[arg(long)]
+        decode: bool,
+    },
     /// Print a fragment issuer's id for a policy's `fragments` list: sha256
     /// of its public key (SubjectPublicKeyInfo DER).
     #[command(after_help = "Example:\n  parma policy issuer issuer.pub.der")]
@@ -109,6 +123,15 @@ pub fn execute(command: PolicyCommand) -> anyhow::Result<i32> {
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let hash = parma_policy::policy_hash(&bytes);
             print(json, &serde_json::json!({"file": file, "sha256": hash}), |_| hash.clone())
+        }
+        PolicyCommand::Annotation { file, decode } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            if decode {
+                print!("{}", parma_host::annotation::decode(&text)?);
+            } else {
+                println!("{}: {}", parma_host::annotation::POLICY_ANNOTATION, parma_host::annotation::encode(&text));
+            }
+            Ok(0)
         }
         PolicyCommand::Eval(args) | PolicyCommand::Explain(args) if args.json => {
             let decision = crate::dry_run::eval(&args.policy, &args.input, args.state.as_deref())?;

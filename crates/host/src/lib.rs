@@ -12,6 +12,7 @@
 //! - [`policy_gen`]: execution policies generated from an image and a spec.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
+pub mod annotation;
 pub mod client;
 pub mod netns;
 pub mod policy_gen;
