@@ -251,6 +251,43 @@ fn family(ip: &IpAddr) -> AddressFamily {
     if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 }
 }
 
+/// Name, MTU and addresses (replacing those it had) of the pod's link `index`.
+fn configure(inside: &mut Rtnl, index: u32, interface: &ParsedInterface) -> Result<(), Fault> {
+    inside
+        .set_link(index, vec![LinkAttribute::IfName(interface.name.clone()), LinkAttribute::Mtu(interface.mtu)], None)
+        .map_err(rtnl_fault)?;
+    // The request's addresses replace the interface's (the kernel's own
+    // link-local ones stay): what the interface has is what the policy saw.
+    for old in inside.addresses().map_err(rtnl_fault)? {
+        if old.index != index || old.link_local || interface.addresses.contains(&(old.ip, old.prefix)) {
+            continue;
+        }
+        let mut address = AddressMessage::default();
+        address.header.family = family(&old.ip);
+        address.header.prefix_len = old.prefix;
+        address.header.index = index;
+        address.attributes = vec![AddressAttribute::Local(old.ip), AddressAttribute::Address(old.ip)];
+        match inside.request(RouteNetlinkMessage::DelAddress(address), NLM_F_ACK) {
+            // Gone with a primary address deleted before it (no
+            // promote_secondaries in a fresh namespace).
+            Err(parma_rtnl::Error::Kernel(err))
+                if matches!(err.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::ENOENT)) => {}
+            other => drop(other.map_err(rtnl_fault)?),
+        }
+    }
+    for (ip, prefix) in &interface.addresses {
+        let mut address = AddressMessage::default();
+        address.header.family = family(ip);
+        address.header.prefix_len = *prefix;
+        address.header.index = index;
+        address.attributes = vec![AddressAttribute::Local(*ip), AddressAttribute::Address(*ip)];
+        inside
+            .request(RouteNetlinkMessage::NewAddress(address), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
+            .map_err(rtnl_fault)?;
+    }
+    Ok(())
+}
+
 /// Move the NIC with the request's MAC into the pod (if it is not there
 /// yet) and configure it: down, name, MTU, addresses (replacing those it
 /// had), then up.
@@ -268,37 +305,16 @@ pub fn update_interface(pod: &Sandbox, interface: &ParsedInterface) -> Result<()
         .map_err(rtnl_fault)?
         .ok_or_else(|| Fault::from(format!("{} did not arrive in the pod", format_mac(&interface.mac))))?;
     inside.set_link(index, Vec::new(), Some((LinkFlags::empty(), LinkFlags::Up))).map_err(rtnl_fault)?;
-    inside
-        .set_link(index, vec![LinkAttribute::IfName(interface.name.clone()), LinkAttribute::Mtu(interface.mtu)], None)
-        .map_err(rtnl_fault)?;
-    // The request's addresses replace the interface's (the kernel's own
-    // link-local ones stay): what the interface has is what the policy saw.
-    for old in inside.addresses().map_err(rtnl_fault)? {
-        if old.index != index || old.link_local || interface.addresses.contains(&(old.ip, old.prefix)) {
-            continue;
-        }
-        let mut address = AddressMessage::default();
-        address.header.family = family(&old.ip);
-        address.header.prefix_len = old.prefix;
-        address.header.index = index;
-        address.attributes = vec![AddressAttribute::Local(old.ip), AddressAttribute::Address(old.ip)];
-        inside.request(RouteNetlinkMessage::DelAddress(address), NLM_F_ACK).map_err(rtnl_fault)?;
-    }
-    for (ip, prefix) in &interface.addresses {
-        let mut address = AddressMessage::default();
-        address.header.family = family(ip);
-        address.header.prefix_len = *prefix;
-        address.header.index = index;
-        address.attributes = vec![AddressAttribute::Local(*ip), AddressAttribute::Address(*ip)];
-        inside
-            .request(RouteNetlinkMessage::NewAddress(address), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
-            .map_err(rtnl_fault)?;
-    }
+    // Up again whatever the configuration did: a failed step (a name taken,
+    // an address refused) must not leave the pod offline.
+    let configured = configure(&mut inside, index, interface);
     let mut up = LinkFlags::Up;
     if interface.noarp {
         up |= LinkFlags::Noarp;
     }
-    inside.set_link(index, Vec::new(), Some((up, LinkFlags::Up | LinkFlags::Noarp))).map_err(rtnl_fault)?;
+    let raised = inside.set_link(index, Vec::new(), Some((up, LinkFlags::Up | LinkFlags::Noarp))).map_err(rtnl_fault);
+    configured?;
+    raised?;
     tracing::info!("pod interface {} ({}) is up", interface.name, format_mac(&interface.mac));
     Ok(())
 }

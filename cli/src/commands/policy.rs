@@ -11,18 +11,32 @@ use crate::output::print;
 pub enum PolicyCommand {
     /// Generate a policy from a container image (and an optional container
     /// spec): the layers' root hashes, the command, env, working dir, user.
-    #[command(after_help = "Example:\n  parma policy gen --oci image.tar --spec spec.json --out policy.rego")]
+    #[command(
+        after_help = "Examples:\n  parma policy gen --oci image.tar --spec spec.json --out policy.rego\n  parma policy gen --pod pod.yaml --image nginx:1.27=nginx.tar --out pod-with-policy.yaml"
+    )]
     Gen {
         /// An OCI image layout directory or a `docker save` archive.
-        #[arg(long)]
-        oci: PathBuf,
+        #[arg(long, required_unless_present = "pod", conflicts_with = "pod")]
+        oci: Option<PathBuf>,
         /// The image to take (annotation org.opencontainers.image.ref.name).
-        #[arg(long = "ref")]
+        #[arg(long = "ref", conflicts_with = "pod")]
         reference: Option<String>,
         /// A container spec (JSON): name, command, env rules, mounts, user,
         /// capabilities, exec_processes, signals, no_new_privileges.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "pod")]
         spec: Option<PathBuf>,
+        /// Or a Kubernetes workload (Pod, Deployment, ReplicaSet,
+        /// StatefulSet, DaemonSet, Job, CronJob; multi-document YAML): one
+        /// policy per pod template, covering every container (init
+        /// containers too); --out gets the YAML with each policy as the
+        /// pod's io.parma.policy annotation.
+        #[arg(long)]
+        pod: Option<PathBuf>,
+        /// With --pod: where an image of the YAML comes from,
+        /// IMAGE=PATH[#REF] (an OCI layout or a docker save archive, and the
+        /// image in it); one per image.
+        #[arg(long = "image", requires = "pod")]
+        images: Vec<String>,
         /// Where the layer images go (they are built as `parma layer build`
         /// does; the same default as `parma run`, so an image is converted once).
         #[arg(long, default_value = parma_host::run::DEFAULT_LAYERS_DIR)]
@@ -100,7 +114,26 @@ pub struct EvalArgs {
 
 pub fn execute(command: PolicyCommand) -> anyhow::Result<i32> {
     match command {
-        PolicyCommand::Gen { oci, reference, spec, layers_dir, out } => {
+        PolicyCommand::Gen { pod: Some(pod), images, layers_dir, out, .. } => {
+            let yaml = std::fs::read_to_string(&pod).with_context(|| format!("cannot read {}", pod.display()))?;
+            let images = parma_host::kube::Images::parse(&images)?;
+            let (policies, annotated) = parma_host::kube::generate_pod(&yaml, &images, &layers_dir)
+                .with_context(|| format!("cannot make the policy of {}", pod.display()))?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &annotated).with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+                None => print!("{annotated}"),
+            }
+            for policy in &policies {
+                let hash = parma_policy::policy_hash(policy.policy.as_bytes());
+                eprintln!("{}: policy sha256 (HOST_DATA): {hash}", policy.workload);
+            }
+            Ok(0)
+        }
+        PolicyCommand::Gen { oci, reference, spec, layers_dir, out, .. } => {
+            let oci = oci.context("--oci or --pod is needed")?;
             let text = parma_host::policy_gen::generate(&oci, reference.as_deref(), spec.as_deref(), &layers_dir)?;
             let hash = parma_policy::policy_hash(text.as_bytes());
             match out {

@@ -183,7 +183,9 @@ fn vm_run(args: VmRun) -> anyhow::Result<i32> {
     // Become QEMU: its exit status is ours, and signals reach it directly.
     // It inherits the tap's fd; the veth's qdisc stays behind it (the next
     // attach removes it).
-    let _inherited = attached.as_ref().map(|attached| parma_host::netns::Inherited::new(&attached.tap)).transpose()?;
+    if let Some(attached) = &attached {
+        parma_host::netns::inherit_across_exec(&attached.tap)?;
+    }
     let err = std::process::Command::new(&config.qemu).args(&qemu_args).exec();
     Err(err).with_context(|| format!("cannot run {}", config.qemu.display()))
 }

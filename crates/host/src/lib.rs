@@ -14,6 +14,7 @@
 
 pub mod annotation;
 pub mod client;
+pub mod kube;
 pub mod netns;
 pub mod policy_gen;
 pub mod qemu;

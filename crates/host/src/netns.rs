@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -30,7 +30,7 @@ use parma_rtnl::netlink_packet_route::tc::{TcHandle, TcMessage};
 pub const TAP_NAME: &str = "parma-tap0";
 
 /// A tap queue's fd, shared by the [`Attached`] that made it and the VM's
-/// configuration (QEMU inherits it).
+/// configuration (QEMU inherits it: [`parma_sys::tap::inherit_in_child`]).
 #[derive(Debug, Clone)]
 pub struct TapFd(pub Arc<OwnedFd>);
 
@@ -42,29 +42,12 @@ impl PartialEq for TapFd {
 
 impl Eq for TapFd {}
 
-/// The tap's fd without close-on-exec while this lives: the QEMU spawned
-/// meanwhile inherits it (`-netdev tap,fd=N`).
-#[derive(Debug)]
-pub struct Inherited<'a>(&'a TapFd);
-
-impl<'a> Inherited<'a> {
-    /// Clear close-on-exec on `tap`'s fd.
-    pub fn new(tap: &'a TapFd) -> std::io::Result<Self> {
-        set_cloexec(tap, false)?;
-        Ok(Self(tap))
-    }
-}
-
-impl Drop for Inherited<'_> {
-    fn drop(&mut self) {
-        let _ = set_cloexec(self.0, true);
-    }
-}
-
-fn set_cloexec(tap: &TapFd, on: bool) -> std::io::Result<()> {
+/// Clear close-on-exec on the tap's fd for good, for a process that
+/// becomes QEMU with `exec` (`parma vm run`): nothing else is spawned
+/// before.
+pub fn inherit_across_exec(tap: &TapFd) -> std::io::Result<()> {
     use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    let flags = if on { FdFlag::FD_CLOEXEC } else { FdFlag::empty() };
-    fcntl(&*tap.0, FcntlArg::F_SETFD(flags)).map(drop).map_err(std::io::Error::from)
+    fcntl(&*tap.0, FcntlArg::F_SETFD(FdFlag::empty())).map(drop).map_err(std::io::Error::from)
 }
 
 /// A namespace's veth connected to a new tap.
@@ -80,34 +63,41 @@ pub struct Attached {
     /// The namespace's routes through the veth (`UpdateRoutes`), without
     /// those the kernel makes for an address's subnet.
     pub routes: Vec<Route>,
-    namespace: PathBuf,
-    veth: u32,
+    /// The namespace itself (not its path, which may name another later).
+    namespace: File,
+    veth: parma_rtnl::Link,
 }
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        let veth = self.veth;
+        let veth = self.veth.clone();
         let _ = in_namespace(&self.namespace, move || {
             let mut rtnl = Rtnl::open()?;
-            delete_ingress(&mut rtnl, veth)?;
+            // Still the veth it was (not a link that took its index)?
+            let same = rtnl.links()?.iter().any(|link| link.index == veth.index && link.mac == veth.mac);
+            if same && rtnl.ingress_qdisc(veth.index)?.as_deref() == Some("ingress") {
+                delete_ingress(&mut rtnl, veth.index)?;
+            }
             Ok(())
         });
     }
 }
 
-/// Run `step` on a new thread inside the network namespace `path` names.
-fn in_namespace<T: Send>(path: &Path, step: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
-    let file = File::open(path).with_context(|| format!("cannot open the network namespace {}", path.display()))?;
+/// Run `step` on a new thread inside the network namespace `namespace`.
+fn in_namespace<T: Send>(namespace: &File, step: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
     std::thread::scope(|scope| {
         let thread = std::thread::Builder::new().name("netns".into()).spawn_scoped(scope, move || {
             // A thread's network namespace is its own; it ends with the step.
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("cannot enter the network namespace {}", path.display()))?;
+            nix::sched::setns(namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("cannot enter the network namespace")?;
             step()
         })?;
         thread.join().map_err(|_| anyhow::anyhow!("the network namespace thread panicked"))?
     })
 }
+
+/// At most this many interface names in an error.
+const NAMES_SHOWN: usize = 8;
 
 /// Remove link `index`'s `ingress` qdisc (and its filters); none is fine.
 fn delete_ingress(rtnl: &mut Rtnl, index: u32) -> Result<(), parma_rtnl::Error> {
@@ -135,8 +125,9 @@ mod libc_errno {
 /// Connect a new tap to the one veth of the network namespace `path`
 /// names, and read what the guest's NIC must become.
 pub fn attach(path: &Path) -> anyhow::Result<Attached> {
-    let namespace = path.to_path_buf();
-    let (tap, veth, interface, routes) = in_namespace(path, || {
+    let namespace =
+        File::open(path).with_context(|| format!("cannot open the network namespace {}", path.display()))?;
+    let (tap, veth, interface, routes) = in_namespace(&namespace, || {
         let mut rtnl = Rtnl::open()?;
         let links = rtnl.links()?;
         let candidates: Vec<_> =
@@ -145,23 +136,31 @@ pub fn attach(path: &Path) -> anyhow::Result<Attached> {
             [one] => (*one).clone(),
             [] => bail!("the network namespace has no interface but lo: nothing to connect the UVM to"),
             many => bail!(
-                "the network namespace has {} interfaces ({}); --netns takes a namespace with one, as CNI leaves it",
+                "the network namespace has {} interfaces ({:?}); --netns takes a namespace with one, as CNI leaves it",
                 many.len(),
-                many.iter().map(|link| link.name.as_str()).collect::<Vec<_>>().join(", ")
+                many.iter().take(NAMES_SHOWN).map(|link| link.name.as_str()).collect::<Vec<_>>()
             ),
         };
         let mac: [u8; 6] = veth
             .mac
             .as_deref()
             .and_then(|mac| mac.try_into().ok())
-            .with_context(|| format!("{} has no Ethernet address", veth.name))?;
+            .with_context(|| format!("{:?} has no Ethernet address", veth.name))?;
         let tap = parma_sys::tap::open_tap(TAP_NAME)
             .with_context(|| format!("cannot create the tap {TAP_NAME} (does another UVM use this namespace?)"))?;
         let tap_index = rtnl.index_by_name(TAP_NAME)?.context("the new tap is not in the namespace")?;
         let mtu = if veth.mtu == 0 { 1500 } else { veth.mtu };
         rtnl.set_link(tap_index, vec![LinkAttribute::Mtu(mtu)], Some((LinkFlags::Up, LinkFlags::Up)))?;
-        // A qdisc left behind by an earlier UVM goes first.
-        delete_ingress(&mut rtnl, veth.index)?;
+        // An ingress qdisc left behind by an earlier UVM goes first (the new
+        // tap exists, so no UVM attached here still runs); any other qdisc
+        // there (a CNI plugin's clsact) stays, and the UVM does not attach.
+        match rtnl.ingress_qdisc(veth.index)?.as_deref() {
+            None => {}
+            Some("ingress") => delete_ingress(&mut rtnl, veth.index)?,
+            Some(other) => {
+                bail!("{:?} has a {other:?} qdisc at its ingress (a CNI plugin's?): not replaced", veth.name)
+            }
+        }
         rtnl.add_ingress_qdisc(veth.index).context("cannot add an ingress qdisc to the veth")?;
         rtnl.add_ingress_qdisc(tap_index).context("cannot add an ingress qdisc to the tap")?;
         let redirected =
@@ -195,7 +194,7 @@ pub fn attach(path: &Path) -> anyhow::Result<Attached> {
             .collect();
         let interface =
             Interface { name: veth.name.clone(), hw_addr: crate::Nic::format_mac(&mac), mtu, addresses, raw_flags: 0 };
-        Ok((tap, veth.index, interface, routes))
+        Ok((tap, veth, interface, routes))
     })?;
     let mac = crate::Nic::parse_mac(&interface.hw_addr).context("the veth's MAC")?;
     Ok(Attached { tap: TapFd(Arc::new(tap)), mac, interface, routes, namespace, veth })

@@ -224,7 +224,7 @@ pub struct FragmentSpec {
 /// The image's `User` as a policy user: `uid[:gid]` numbers, or a name.
 /// A numeric user without a group runs with gid 0 (as `parma run` starts
 /// it), and the policy says so: an unpinned gid would let the host pick any.
-fn user_of(user: &str) -> User {
+pub(crate) fn user_of(user: &str) -> User {
     let (u, g) = user.split_once(':').unwrap_or((user, ""));
     let uid = if u.is_empty() { Some(0) } else { u.parse().ok() };
     let name = if uid.is_none() { Some(u.to_string()) } else { None };

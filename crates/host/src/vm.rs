@@ -95,11 +95,12 @@ impl Vm {
         let mut command = config.command()?;
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let tap = config.nic.as_ref().and_then(|nic| nic.tap.clone());
-        let child = {
-            let _inherited = tap.as_ref().map(crate::netns::Inherited::new).transpose().map_err(VmError::Io)?;
-            command.spawn().map_err(|source| VmError::Spawn { program: config.qemu.display().to_string(), source })?
-        };
+        // The tap's fd stays open here until the spawn returned (`config`).
+        if let Some(tap) = config.nic.as_ref().and_then(|nic| nic.tap.as_ref()) {
+            parma_sys::tap::inherit_in_child(&mut command, &tap.0);
+        }
+        let child =
+            command.spawn().map_err(|source| VmError::Spawn { program: config.qemu.display().to_string(), source })?;
         Ok(Self {
             child,
             dir,

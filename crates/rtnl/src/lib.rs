@@ -301,6 +301,23 @@ impl Rtnl {
         Ok(routes)
     }
 
+    /// The kind (`ingress`, `clsact`) of link `index`'s qdisc at the ingress
+    /// parent, if it has one.
+    pub fn ingress_qdisc(&mut self, index: u32) -> Result<Option<String>, Error> {
+        let answers = self.request(RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()), NLM_F_DUMP)?;
+        Ok(answers.into_iter().find_map(|answer| match answer {
+            RouteNetlinkMessage::NewQueueDiscipline(qdisc)
+                if qdisc.header.index == index_i32(index).ok()? && qdisc.header.parent == TcHandle::INGRESS =>
+            {
+                qdisc.attributes.into_iter().find_map(|attribute| match attribute {
+                    TcAttribute::Kind(kind) => Some(kind),
+                    _ => None,
+                })
+            }
+            _ => None,
+        }))
+    }
+
     /// Add an `ingress` qdisc to link `index` (handle `ffff:`).
     pub fn add_ingress_qdisc(&mut self, index: u32) -> Result<(), Error> {
         let mut message = TcMessage::default();

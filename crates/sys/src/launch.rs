@@ -706,6 +706,24 @@ fn spawn_staged(
         let _ = setup.signal(libc::SIGKILL);
     }
     let _ = setup.wait_blocking();
+    // A PID the setup child reported after the last read (the deadline
+    // passed meanwhile): that process is the agent's child, unknown to the
+    // caller; it must not run.
+    if failure.is_some() && process.is_none() {
+        while let Ok(report) = read_report(&read_end, Some(std::time::Instant::now())) {
+            match report {
+                Report::Pid(pid) => {
+                    // SAFETY: kill and reap the agent's own unreaped child.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                        libc::waitpid(pid, ptr::null_mut(), 0);
+                    }
+                }
+                Report::End => break,
+                Report::Failed(..) => {}
+            }
+        }
+    }
     match (failure, process) {
         (Some(err), process) => {
             if let Some(process) = process {

@@ -39,3 +39,22 @@ pub fn open_tap(name: &str) -> io::Result<OwnedFd> {
     }
     Ok(tun)
 }
+
+/// Make `command`'s child inherit `fd` (its number unchanged): the flag
+/// close-on-exec is cleared in the child only, between fork and exec, so
+/// no other process this one spawns meanwhile gets it.
+pub fn inherit_in_child(command: &mut std::process::Command, fd: &OwnedFd) {
+    use std::os::unix::process::CommandExt;
+    let raw = fd.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec and makes
+    // one async-signal-safe call (fcntl) on a descriptor the parent keeps
+    // open until the spawn returns (the caller borrows it for that long).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,186 @@
+//! `parma policy gen --pod`: a Kubernetes workload's policy from the test
+//! image (no VM): every container, kubelet's command/args rules, env,
+//! security context, volumes and probes, the annotation written back, the
+//! same bytes every time; and what a confidential pod cannot have refused
+//! by name. The CLI runs as a user runs it.
+
+use std::path::Path;
+
+use anyhow::{Context, ensure};
+use parma_host::kube::{Images, generate_pod};
+use parma_tests::{Paths, oci};
+use serde_json::Value;
+
+const POD: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {mode: fast}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-1
+  labels: {app: web}
+spec:
+  shareProcessNamespace: true
+  volumes:
+    - name: cache
+      emptyDir: {}
+    - name: settings
+      configMap: {name: settings}
+  initContainers:
+    - name: prepare
+      image: parma-test:1
+      command: ["/bin/sh", "-c", "echo ready > /cache/ready"]
+      volumeMounts: [{name: cache, mountPath: /cache}]
+  containers:
+    - name: app
+      image: parma-test:1
+      args: ["pod", "8080"]
+      env:
+        - {name: MODE, value: fast}
+        - name: POD_IP
+          valueFrom: {fieldRef: {fieldPath: status.podIP}}
+        - {name: GREETING_TOO, value: "$(GREETING) again"}
+      securityContext:
+        runAsUser: 0
+        allowPrivilegeEscalation: false
+        readOnlyRootFilesystem: true
+        capabilities: {drop: [ALL], add: [NET_BIND_SERVICE]}
+      volumeMounts:
+        - {name: cache, mountPath: /cache, readOnly: true}
+        - {name: settings, mountPath: /etc/settings}
+      livenessProbe:
+        exec: {command: [/bin/cat, /cache/ready]}
+    - name: sidecar
+      image: parma-test:1
+      command: [/bin/sleep]
+      args: ["3600"]
+      tty: true
+"#;
+
+fn containers(policy: &str) -> anyhow::Result<Vec<Value>> {
+    let start = policy.find("json.unmarshal(`").context("no containers")? + "json.unmarshal(`".len();
+    let end = start + policy[start..].find('`').context("no end")?;
+    Ok(serde_json::from_str(&policy[start..end])?)
+}
+
+fn by_name<'a>(containers: &'a [Value], name: &str) -> anyhow::Result<&'a Value> {
+    containers.iter().find(|c| c["name"] == name).with_context(|| format!("no {name}"))
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value.as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default()
+}
+
+#[test]
+fn a_pods_policy_covers_every_container_as_kubelet_starts_it() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let dir = tempfile::tempdir()?;
+    let image = oci::build_test_image(&dir.path().join("oci"), &paths.guest_binary("oci-hello")?)?;
+    let images = Images::parse(&[format!("{}={}#{}", oci::REF_NAME, image.layout.display(), oci::REF_NAME)])?;
+    let layers = dir.path().join("layers");
+    let (policies, yaml) = generate_pod(POD, &images, &layers)?;
+    ensure!(policies.len() == 1 && policies[0].workload == "Pod web-1", "{policies:?}");
+    let policy = &policies[0].policy;
+    // The same bytes every time, and the annotation is the policy.
+    ensure!(generate_pod(POD, &images, &layers)? == (policies.clone(), yaml.clone()), "not deterministic");
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&yaml)?;
+    ensure!(docs.len() == 2 && docs[0]["kind"] == "ConfigMap", "{yaml}");
+    let annotation = docs[1]["metadata"]["annotations"]["io.parma.policy"].as_str().context("no annotation")?;
+    ensure!(parma_host::annotation::decode(annotation)? == *policy);
+    ensure!(docs[1]["metadata"]["labels"]["app"] == "web", "the rest stays: {yaml}");
+    parma_policy::Engine::new(&parma_policy::Policy::from_bytes(policy.clone().into_bytes())?)?;
+
+    let all = containers(policy)?;
+    ensure!(all.len() == 3, "{all:?}");
+    let prepare = by_name(&all, "prepare")?;
+    // command replaces the entrypoint and drops the image's cmd.
+    ensure!(strings(&prepare["command"]) == ["/bin/sh", "-c", "echo ready > /cache/ready"], "{prepare}");
+    let app = by_name(&all, "app")?;
+    // args replace the cmd, after the image's entrypoint.
+    ensure!(strings(&app["command"]) == [oci::ENTRYPOINT, "pod", "8080"], "{app}");
+    let env = app["env_rules"].to_string();
+    for expected in ["MODE=fast", "POD_IP=.*", "GREETING_TOO=.*", "HOSTNAME=web-1", "KUBERNETES_", "GREETING=hello"] {
+        ensure!(env.contains(expected), "{expected}: {env}");
+    }
+    ensure!(app["user"]["uid"] == 0 && app["no_new_privileges"] == true && app["readonly_rootfs"] == true, "{app}");
+    ensure!(strings(&app["capabilities"]["bounding"]) == ["CAP_NET_BIND_SERVICE"], "{app}");
+    ensure!(app["exec_processes"][0]["command"] == serde_json::json!(["/bin/cat", "/cache/ready"]), "{app}");
+    ensure!(app["signals"] == serde_json::json!([15, 9]), "{app}");
+    let mounts = app["mounts"].as_array().context("mounts")?;
+    let mount = |destination: &str| mounts.iter().find(|m| m["destination"] == destination);
+    ensure!(mount("/etc/hosts").is_some() && mount("/etc/resolv.conf").is_some(), "{mounts:?}");
+    ensure!(mount("/var/run/secrets/kubernetes.io/serviceaccount").is_some(), "{mounts:?}");
+    let cache = mount("/cache").context("/cache")?;
+    ensure!(cache["source"] == "/run/parma/volumes/cache" && strings(&cache["options"]).contains(&"ro".into()));
+    let settings = mount("/etc/settings").context("/etc/settings")?;
+    ensure!(
+        settings["source"] == "/run/parma/files/volumes/settings"
+            && strings(&settings["options"]).contains(&"ro".into())
+    );
+    let sidecar = by_name(&all, "sidecar")?;
+    ensure!(strings(&sidecar["command"]) == ["/bin/sleep", "3600"] && sidecar["terminal"] == true, "{sidecar}");
+    // The image's user (1000) where the pod names none.
+    ensure!(sidecar["user"]["uid"] == 1000, "{sidecar}");
+    ensure!(policy.contains("\"share_pid\": true") && policy.contains("\"hostname\": \"web-1\""), "{policy}");
+    ensure!(policy.contains("/run/parma/files/volumes/settings/"), "copy_files: {policy}");
+    Ok(())
+}
+
+#[test]
+fn what_a_confidential_pod_cannot_have_is_refused_by_name() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let dir = tempfile::tempdir()?;
+    let image = oci::build_test_image(&dir.path().join("oci"), &paths.guest_binary("oci-hello")?)?;
+    let images = Images::parse(&[format!("img={}", image.layout.display())])?;
+    let layers = dir.path().join("layers");
+    let pod = |spec: &str| {
+        format!("kind: Pod\nmetadata: {{name: p}}\nspec:\n  containers: [{{name: c, image: img}}]\n{spec}")
+    };
+    for (spec, reason) in [
+        ("  hostNetwork: true\n", "hostNetwork"),
+        ("  hostPID: true\n", "hostPID"),
+        ("  volumes: [{name: v, hostPath: {path: /etc}}]\n", "hostPath volume"),
+        ("  volumes: [{name: v, persistentVolumeClaim: {claimName: x}}]\n", "persistentVolumeClaim"),
+    ] {
+        let err = generate_pod(&pod(spec), &images, &layers).unwrap_err();
+        ensure!(format!("{err:#}").contains(reason), "{reason}: {err:#}");
+    }
+    let privileged = "kind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: c, image: img, securityContext: {privileged: true}}]\n";
+    ensure!(format!("{:#}", generate_pod(privileged, &images, &layers).unwrap_err()).contains("privileged"));
+    let unknown = "kind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: c, image: other}]\n";
+    ensure!(format!("{:#}", generate_pod(unknown, &images, &layers).unwrap_err()).contains("no --image for \"other\""));
+    let none = "kind: Service\nmetadata: {name: s}\n";
+    ensure!(format!("{:#}", generate_pod(none, &images, &layers).unwrap_err()).contains("no Pod"));
+
+    // A Deployment's template is annotated (the pods carry it), through the CLI.
+    let deployment = dir.path().join("deploy.yaml");
+    std::fs::write(
+        &deployment,
+        "kind: Deployment\nmetadata: {name: d}\nspec:\n  template:\n    metadata: {labels: {app: d}}\n    spec:\n      containers: [{name: c, image: img}]\n",
+    )?;
+    let out = dir.path().join("out.yaml");
+    let parma = paths.repo.join("target/release/parma");
+    ensure!(parma.is_file(), "{} is missing: make test builds it", parma.display());
+    let run = std::process::Command::new(&parma)
+        .args(["policy", "gen", "--pod"])
+        .arg(&deployment)
+        .arg("--image")
+        .arg(format!("img={}", image.layout.display()))
+        .arg("--layers-dir")
+        .arg(&layers)
+        .arg("--out")
+        .arg(&out)
+        .output()?;
+    ensure!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    ensure!(String::from_utf8_lossy(&run.stderr).contains("Deployment d: policy sha256 (HOST_DATA): "));
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&std::fs::read_to_string(&out)?)?;
+    let annotation = docs[0]["spec"]["template"]["metadata"]["annotations"]["io.parma.policy"].as_str();
+    let policy = parma_host::annotation::decode(annotation.context("no annotation on the template")?)?;
+    // A template's pods get generated names: any RFC 1123 host name.
+    ensure!(policy.contains(parma_host::policy_gen::RFC1123_HOSTNAME.replace('\\', "\\\\").as_str()), "{policy}");
+    ensure!(!Path::new(&out).with_extension("rego").exists());
+    Ok(())
+}
