@@ -12,7 +12,7 @@ pub enum PolicyCommand {
     /// Generate a policy from a container image (and an optional container
     /// spec): the layers' root hashes, the command, env, working dir, user.
     #[command(
-        after_help = "Examples:\n  parma policy gen --oci image.tar --spec spec.json --out policy.rego\n  parma policy gen --pod pod.yaml --image nginx:1.27=nginx.tar --out pod-with-policy.yaml"
+        after_help = "Example:\n  parma policy gen --oci image.tar --spec spec.json --out policy.rego\n  parma policy gen --pod pod.yaml --image nginx:1.27=nginx.tar --out pod-with-policy.yaml"
     )]
     Gen {
         /// An OCI image layout directory or a `docker save` archive.

@@ -3,7 +3,8 @@
 //! A container of the test image serves the benchmark protocol
 //! (`oci-hello bench-serve`) in a pod; the host measures TCP
 //! request/response latency (64-byte messages, one at a time) and bulk
-//! throughput (host to container, acknowledged at the end), on both NIC
+//! throughput (host to container, acknowledged at the end; and container
+//! to host), on both NIC
 //! paths, each against a baseline without the UVM measured in the same
 //! run (the ratios track regressions; the absolute numbers mean little
 //! under TCG):
@@ -34,12 +35,16 @@ const ROUND_TRIPS: usize = 200;
 const BULK: u64 = 32 << 20;
 const REPEATS: usize = 3;
 const GUEST_PORT: u16 = 8080;
+/// The header bit that asks the server to send (container to host).
+const SEND: u64 = 1 << 63;
 
 #[derive(Serialize)]
 struct Path {
     round_trip_median_us: f64,
     bulk_mb_per_s: f64,
     bulk_samples_mb_per_s: Vec<f64>,
+    bulk_from_container_mb_per_s: f64,
+    bulk_from_container_samples_mb_per_s: Vec<f64>,
 }
 
 #[derive(Serialize)]
@@ -50,6 +55,7 @@ struct Comparison {
     without_uvm: Path,
     round_trip_ratio: f64,
     bulk_slowdown_ratio: f64,
+    bulk_from_container_slowdown_ratio: f64,
 }
 
 impl Comparison {
@@ -59,6 +65,8 @@ impl Comparison {
             baseline,
             round_trip_ratio: container.round_trip_median_us / without_uvm.round_trip_median_us,
             bulk_slowdown_ratio: without_uvm.bulk_mb_per_s / container.bulk_mb_per_s,
+            bulk_from_container_slowdown_ratio: without_uvm.bulk_from_container_mb_per_s
+                / container.bulk_from_container_mb_per_s,
             container,
             without_uvm,
         }
@@ -85,6 +93,18 @@ fn serve(listener: TcpListener) {
             continue;
         }
         let mut left = u64::from_le_bytes(header);
+        if left & SEND != 0 {
+            left &= !SEND;
+            let chunk = vec![0xa5u8; 64 * 1024];
+            while left > 0 {
+                let n = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                if stream.write_all(&chunk[..n]).is_err() {
+                    break;
+                }
+                left -= n as u64;
+            }
+            continue;
+        }
         if left == 0 {
             let mut message = [0u8; 64];
             while stream.read_exact(&mut message).is_ok() && stream.write_all(&message).is_ok() {}
@@ -113,6 +133,7 @@ fn connect(address: SocketAddr, header: u64) -> anyhow::Result<TcpStream> {
 fn measure(address: SocketAddr) -> anyhow::Result<Path> {
     let mut round_trips = Vec::with_capacity(ROUND_TRIPS * REPEATS);
     let mut bulk = Vec::with_capacity(REPEATS);
+    let mut back_bulk = Vec::with_capacity(REPEATS);
     for _ in 0..REPEATS {
         let mut stream = connect(address, 0)?;
         let message = [0x5au8; 64];
@@ -136,13 +157,28 @@ fn measure(address: SocketAddr) -> anyhow::Result<Path> {
         let mut ack = [0u8; 1];
         stream.read_exact(&mut ack)?;
         bulk.push(BULK as f64 / 1e6 / start.elapsed().as_secs_f64());
+        let mut stream = connect(address, BULK | SEND)?;
+        let mut buffer = vec![0u8; 64 * 1024];
+        let start = Instant::now();
+        let mut received = 0u64;
+        while received < BULK {
+            let n = stream.read(&mut buffer)?;
+            ensure!(n > 0, "the server closed after {received} bytes");
+            received += n as u64;
+        }
+        back_bulk.push(BULK as f64 / 1e6 / start.elapsed().as_secs_f64());
     }
-    let mut sorted = bulk.clone();
-    sorted.sort_by(f64::total_cmp);
+    let median = |samples: &[f64]| {
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+    };
     Ok(Path {
         round_trip_median_us: median_secs(&round_trips) * 1e6,
-        bulk_mb_per_s: sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
+        bulk_mb_per_s: median(&bulk),
         bulk_samples_mb_per_s: bulk,
+        bulk_from_container_mb_per_s: median(&back_bulk),
+        bulk_from_container_samples_mb_per_s: back_bulk,
     })
 }
 
@@ -196,8 +232,15 @@ fn print(title: &str, comparison: &Comparison) {
         comparison.container.bulk_mb_per_s,
         comparison.without_uvm.bulk_mb_per_s
     );
+    println!(
+        "{:<40} {:>9.1} MB/s {:>9.1} MB/s",
+        "bulk container to host (median of 3)",
+        comparison.container.bulk_from_container_mb_per_s,
+        comparison.without_uvm.bulk_from_container_mb_per_s
+    );
     println!("{:<40} {:>14.1}", "round trip ratio", comparison.round_trip_ratio);
-    println!("{:<40} {:>14.1}", "bulk slowdown ratio", comparison.bulk_slowdown_ratio);
+    println!("{:<40} {:>14.1}", "bulk slowdown ratio, to container", comparison.bulk_slowdown_ratio);
+    println!("{:<40} {:>14.1}", "bulk slowdown ratio, from container", comparison.bulk_from_container_slowdown_ratio);
 }
 
 fn main() -> anyhow::Result<()> {

@@ -34,7 +34,8 @@
 //!
 //! `bench-serve PORT` serves `make bench`'s network benchmark until killed:
 //! each connection starts with a little-endian u64 N; N = 0: echo 64-byte
-//! messages until end of file; else: read N bytes, answer one byte.
+//! messages until end of file; N with its top bit set: send N without it
+//! bytes, then close; else: read N bytes, answer one byte.
 
 // The pod mode's shared memory segment is System V IPC, which nix does not
 // wrap: one function makes the raw calls, and says why they are sound.
@@ -334,6 +335,9 @@ fn stop_all() -> Result<i32, String> {
     }
 }
 
+/// The `bench-serve` header bit that asks the server to send.
+const SEND: u64 = 1 << 63;
+
 /// The `bench-serve PORT` mode (see the module docs).
 fn bench_serve(port: u16) -> Result<i32, String> {
     use std::io::Read;
@@ -350,6 +354,17 @@ fn bench_serve(port: u16) -> Result<i32, String> {
         }
         let mut left = u64::from_le_bytes(header);
         let mut buffer = vec![0u8; 64 * 1024];
+        if left & SEND != 0 {
+            left &= !SEND;
+            while left > 0 {
+                let chunk = buffer.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                if stream.write_all(&buffer[..chunk]).is_err() {
+                    break;
+                }
+                left -= chunk as u64;
+            }
+            continue;
+        }
         if left == 0 {
             let mut message = [0u8; 64];
             while stream.read_exact(&mut message).is_ok() && stream.write_all(&message).is_ok() {}
