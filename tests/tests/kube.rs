@@ -184,3 +184,126 @@ fn what_a_confidential_pod_cannot_have_is_refused_by_name() -> anyhow::Result<()
     ensure!(!Path::new(&out).with_extension("rego").exists());
     Ok(())
 }
+
+/// The contract with the runtime, in a UVM: the policy `--pod` wrote admits
+/// what kubelet and the CRI ask for this pod (written out here by hand, as
+/// the shim will send them: the pod, the files kubelet hands in, the
+/// container with kubelet's variables and mounts) and refuses the same
+/// container with an argument, a variable or a mount changed.
+#[test]
+fn the_pods_policy_admits_what_kubelet_asks_in_a_uvm_and_nothing_else() -> anyhow::Result<()> {
+    use parma_protocol::{Mount, Namespace, Request};
+    let paths = Paths::get();
+    let dir = tempfile::tempdir()?;
+    let image = oci::build_test_image(&dir.path().join("oci"), &paths.guest_binary("oci-hello")?)?;
+    let images = Images::parse(&[format!("{}={}", oci::REF_NAME, image.layout.display())])?;
+    let layers_dir = dir.path().join("layers");
+    let yaml = r#"
+kind: Pod
+metadata: {name: web-1}
+spec:
+  volumes: [{name: cache, emptyDir: {}}, {name: settings, configMap: {name: settings}}]
+  containers:
+    - name: app
+      image: parma-test:1
+      args: ["pod", "8080"]
+      env: [{name: MODE, value: fast}]
+      volumeMounts:
+        - {name: cache, mountPath: /cache}
+        - {name: settings, mountPath: /etc/settings}
+"#;
+    let (policies, _) = generate_pod(yaml, &images, &layers_dir)?;
+    let policy_path = dir.path().join("pod.rego");
+    std::fs::write(&policy_path, &policies[0].policy)?;
+    let built = parma_layer::build(&image.layout, None, &layers_dir, &|_| {})?;
+
+    let mut boot = parma_tests::Boot::emulated_for_policy(&policy_path)?;
+    boot.disks = parma_host::run::layer_disks(&built, &layers_dir);
+    let mut guest = parma_tests::Guest::boot(&paths, &boot)?;
+    let mut client = guest.ready_client(std::time::Duration::from_secs(90), std::time::Duration::from_secs(60))?;
+    client.set_policy(policies[0].policy.clone()).with_context(|| guest.serial())?;
+    client.create_sandbox("web-1", false)?;
+    // What kubelet hands in (the shim copies its files).
+    for (path, data) in [
+        ("pod/hosts", "127.0.0.1 localhost\n10.89.0.2 web-1\n"),
+        ("pod/hostname", "web-1\n"),
+        ("pod/resolv.conf", "nameserver 10.96.0.10\n"),
+        ("pod/serviceaccount/token", "a-token"),
+        ("pod/serviceaccount/namespace", "default"),
+        ("volumes/settings/mode", "fast"),
+    ] {
+        client.copy_file(path, data.as_bytes(), 0o644)?;
+    }
+    let layers = parma_host::run::mount_layers(&mut client, &built)?;
+    let mut process =
+        parma_host::run::process_from_config(&built.config, &[oci::ENTRYPOINT.into(), "pod".into(), "8080".into()])?;
+    process.env.extend(
+        ["MODE=fast", "HOSTNAME=web-1", "KUBERNETES_SERVICE_HOST=10.96.0.1", "KUBERNETES_SERVICE_PORT=443"]
+            .map(String::from),
+    );
+    let bind = |destination: &str, source: &str, mode: &str| Mount {
+        destination: destination.into(),
+        kind: "bind".into(),
+        source: source.into(),
+        options: vec!["rbind".into(), mode.into()],
+    };
+    let mounts = vec![
+        bind("/etc/hosts", "/run/parma/files/pod/hosts", "ro"),
+        bind("/etc/hostname", "/run/parma/files/pod/hostname", "ro"),
+        bind("/etc/resolv.conf", "/run/parma/files/pod/resolv.conf", "ro"),
+        bind("/var/run/secrets/kubernetes.io/serviceaccount", "/run/parma/files/pod/serviceaccount", "ro"),
+        bind("/cache", "/run/parma/volumes/cache", "rw"),
+        bind("/etc/settings", "/run/parma/files/volumes/settings", "ro"),
+    ];
+    let namespaces = ["pid", "ipc", "uts", "mount", "network"]
+        .iter()
+        .map(|kind| Namespace {
+            kind: kind.to_string(),
+            path: matches!(*kind, "ipc" | "uts" | "network").then(|| format!("/proc/42/ns/{kind}")),
+        })
+        .collect::<Vec<_>>();
+    let create = |process: &parma_protocol::ProcessSpec, mounts: &[Mount]| Request::CreateContainer {
+        container_id: "app".into(),
+        process: process.clone(),
+        hostname: Some("web-1".into()),
+        readonly_rootfs: false,
+        resources: None,
+        mounts: mounts.to_vec(),
+        masked_paths: None,
+        readonly_paths: None,
+        namespaces: namespaces.clone(),
+    };
+    client.mount_overlay("app", &layers, true)?;
+    // Changed: an argument, a variable the host adds, a mount made writable.
+    let mut other_port = process.clone();
+    other_port.args[2] = "9090".into();
+    let mut preload = process.clone();
+    preload.env.push("LD_PRELOAD=/tmp/x.so".into());
+    let mut writable = mounts.clone();
+    writable[5].options[1] = "rw".into();
+    for (request, what) in [
+        (create(&other_port, &mounts), "9090"),
+        (create(&preload, &mounts), "LD_PRELOAD"),
+        (create(&process, &writable), "/etc/settings"),
+        (create(&process, &mounts[..5]), "required"),
+    ] {
+        parma_tests::denied(client.done(&request), what)?;
+    }
+    client.done(&create(&process, &mounts)).with_context(|| guest.serial())?;
+    client.start_container("app")?;
+    let mut out = String::new();
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !out.contains("role=") {
+        let (data, eof) = client.read_output("app", None, parma_protocol::OutputStream::Stdout)?;
+        out.push_str(&String::from_utf8_lossy(&data));
+        ensure!(!eof && std::time::Instant::now() < give_up, "{out}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    ensure!(out.contains("hostname=web-1") && out.contains("role=server"), "{out}");
+    // kubelet's stop: SIGTERM (the policy allows it), then SIGKILL.
+    client.signal_process("app", None, 15)?;
+    client.signal_process("app", None, 9)?;
+    client.shutdown()?;
+    guest.wait_exit(std::time::Duration::from_secs(60))?;
+    Ok(())
+}

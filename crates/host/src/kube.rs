@@ -368,6 +368,8 @@ fn container_spec(
         kind: "bind".into(),
         source,
         options: vec!["rbind".into(), if read_only { "ro" } else { "rw" }.into()],
+        // Every mount the pod's spec gives is one the workload relies on.
+        required: true,
     };
     let mut mounts = vec![
         bind("/etc/hosts", copied_file("hosts"), true),

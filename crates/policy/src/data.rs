@@ -129,6 +129,11 @@ pub struct MountRule {
     /// The options, in any order.
     #[serde(default)]
     pub options: Vec<String>,
+    /// Whether the container must have a mount that matches this rule (a
+    /// host that leaves out a volume or a file the workload relies on is
+    /// refused); otherwise the mount is allowed, not needed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub required: bool,
 }
 
 /// A process that may be exec'd in a container.

@@ -338,10 +338,22 @@ mount_rule_matches(rule, m) if {
 	rule.options_sorted == sort(m.options)
 }
 
-mount_failures(c, mounts) := [sprintf("mount %s matches no mount rule of container %s", [json.marshal(m), quote(c.name)]) |
+mount_failures(c, mounts) := array.concat(
+	[sprintf("mount %s matches no mount rule of container %s", [json.marshal(m), quote(c.name)]) |
+		some m in mounts
+		not any_mount_rule(c, m)
+	],
+	[sprintf("mount rule for %s of container %s is required but no mount matches it", [quote(rule.destination), quote(c.name)]) |
+		some rule in object.get(c, "mounts", [])
+		object.get(rule, "required", false)
+		not rule_has_mount(rule, mounts)
+	],
+)
+
+rule_has_mount(rule, mounts) if {
 	some m in mounts
-	not any_mount_rule(c, m)
-]
+	mount_rule_matches(rule, m)
+}
 
 any_mount_rule(c, m) if {
 	some rule in object.get(c, "mounts", [])
@@ -506,6 +518,7 @@ capabilities_ok(c, caps) := true if {
 
 mounts_ok(c, mounts) if {
 	count([m | some m in mounts; not any_mount_rule(c, m)]) == 0
+	count([rule | some rule in object.get(c, "mounts", []); object.get(rule, "required", false); not rule_has_mount(rule, mounts)]) == 0
 }
 
 flags_ok(c, req) if {

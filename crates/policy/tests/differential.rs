@@ -142,7 +142,13 @@ fn container(rng: &mut Rng, name: &str) -> Value {
             json!({"command": command(rng), "signals": [rng.pick(&[9, 15])], "terminal": rng.chance(30)})
         }).collect::<Vec<_>>(),
         "signals": [rng.pick(&[2, 9, 15])],
-        "mounts": (0..rng.below(2)).map(|_| mount(rng)).collect::<Vec<_>>(),
+        "mounts": (0..rng.below(3)).map(|_| {
+            let mut rule = mount(rng);
+            if rng.chance(40) {
+                rule["required"] = json!(true);
+            }
+            rule
+        }).collect::<Vec<_>>(),
     });
     let fields = c.as_object_mut().unwrap();
     let optional: [(&str, Make); 13] = [
