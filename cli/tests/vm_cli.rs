@@ -185,3 +185,21 @@ fn attest_then_verify_in_the_host_domain() {
     assert!(String::from_utf8_lossy(&bare.stderr).contains("host:HEX"), "{}", String::from_utf8_lossy(&bare.stderr));
     ok(&parma(&["agent", "shutdown", "--control", control]));
 }
+
+/// `--netns` says what is wrong with the namespace before QEMU starts, and
+/// does not mix with user-mode port forwards or a printed command line.
+#[test]
+fn vm_run_netns_refuses_a_missing_namespace_and_conflicting_flags() {
+    let parma = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_parma")).args(args).output().unwrap();
+    let missing = parma(&["vm", "run", "--control", "/tmp/none.sock", "--netns", "/var/run/netns/parma-no-such-ns"]);
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("cannot open the network namespace /var/run/netns/parma-no-such-ns"), "{stderr}");
+    for conflicting in [["-p", "8080:80"], ["--print-command", ""]] {
+        let mut args = vec!["vm", "run", "--control", "/tmp/none.sock", "--netns", "/x"];
+        args.extend(conflicting.iter().filter(|a| !a.is_empty()));
+        let out = parma(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"), "{out:?}");
+    }
+}
