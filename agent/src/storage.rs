@@ -296,11 +296,29 @@ impl Storage {
     }
 }
 
-/// The virtio-blk disk whose serial is `serial`.
+/// How long a disk may take to appear: one the host hot-plugs just before
+/// asking (a pod's layers) is enumerated by the guest's PCIe hot-plug
+/// driver, after the slot's attention-button delay (5 s).
+const DISK_APPEARS: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The virtio-blk disk whose serial is `serial`, waiting [`DISK_APPEARS`]
+/// at most for it to appear.
 fn find_disk(serial: &str) -> Result<PathBuf, String> {
     if !parma_protocol::boot::valid_disk_serial(serial) {
         return Err(format!("disk serial {:?} is not 1 to 20 of [A-Za-z0-9-]", bounded(serial)));
     }
+    let give_up = std::time::Instant::now() + DISK_APPEARS;
+    loop {
+        let found = disk_with_serial(serial);
+        if found.is_ok() || std::time::Instant::now() >= give_up {
+            return found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The virtio-blk disk whose serial is `serial`, now.
+fn disk_with_serial(serial: &str) -> Result<PathBuf, String> {
     let entries = std::fs::read_dir("/sys/block").map_err(|err| format!("cannot list /sys/block: {err}"))?;
     for entry in entries.flatten() {
         let name = entry.file_name();

@@ -81,6 +81,8 @@ pub struct Boot {
     pub vsock: bool,
     /// A virtio-net NIC on QEMU user-mode networking.
     pub nic: Option<parma_host::Nic>,
+    /// Empty PCIe root ports for disks added later (`Vm::qmp`).
+    pub hotplug_slots: u8,
 }
 
 impl Default for Boot {
@@ -93,6 +95,7 @@ impl Default for Boot {
             disks: Vec::new(),
             vsock: false,
             nic: None,
+            hotplug_slots: 0,
         }
     }
 }
@@ -126,6 +129,7 @@ impl Guest {
         config.insecure_emulated_host_data = boot.emulated_host_data;
         config.disks = boot.disks.clone();
         config.nic = boot.nic.clone();
+        config.hotplug_slots = boot.hotplug_slots;
         let vm = Vm::start(config, &StartOptions { vhost_device_vsock: boot.vsock })?;
         Ok(Self { vm, slot: Some(slot) })
     }

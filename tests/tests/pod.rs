@@ -649,3 +649,35 @@ fn parma_run_puts_the_pod_on_a_network_namespace_through_a_tap() -> anyhow::Resu
     ensure!(!qdiscs.contains("ingress"), "{qdiscs}");
     Ok(())
 }
+
+/// A pod's containers come after its boot, and their layers with them: the
+/// host adds the layer disks to empty PCIe root ports over QMP while the
+/// UVM runs, and the agent mounts them through dm-verity as it does the
+/// disks it booted with, and runs a container on them.
+#[test]
+fn layers_added_while_the_uvm_runs_carry_a_container() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let hello = paths.guest_binary("oci-hello")?;
+    let fixture = oci::PolicyFixture::new(&hello, "late", None, None)?;
+    let mut boot = Boot::emulated_for_policy(&fixture.policy)?;
+    let disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    boot.hotplug_slots = u8::try_from(disks.len())?;
+    let mut guest = Guest::boot(&paths, &boot)?;
+    let mut client = guest.ready_client(READY, CALL)?;
+    client.set_policy(std::fs::read_to_string(&fixture.policy)?).with_context(|| guest.serial())?;
+    let mut qmp = guest.qmp()?;
+    for (slot, disk) in disks.iter().enumerate() {
+        qmp.attach_disk(disk, u8::try_from(slot)?)?;
+    }
+    let layers = run::mount_layers(&mut client, &fixture.built).with_context(|| guest.serial())?;
+    let process = run::process_from_config(&fixture.built.config, &[])?;
+    client.mount_overlay("late", &layers, true)?;
+    client.create_container("late", &process)?;
+    client.start_container("late")?;
+    let (out, _) = finish(&mut client, "late")?;
+    ensure!(out.contains("uid=1000"), "{out}");
+    client.delete_container("late")?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
+}

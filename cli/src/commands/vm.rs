@@ -132,6 +132,8 @@ fn vm_run(args: VmRun) -> anyhow::Result<i32> {
         vsock_cid: args.vsock_cid,
         vhost_user_vsock: args.vhost_user_vsock,
         nic,
+        hotplug_slots: 0,
+        qmp: None,
         snp: None,
         insecure_emulated_host_data: None,
         disks: {

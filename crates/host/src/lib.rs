@@ -18,6 +18,7 @@ pub mod kube;
 pub mod netns;
 pub mod policy_gen;
 pub mod qemu;
+pub mod qmp;
 pub mod run;
 pub mod user;
 pub mod vm;

@@ -83,6 +83,12 @@ pub struct VmConfig {
     pub disks: Vec<Disk>,
     /// A virtio-net NIC, for the pod's network.
     pub nic: Option<Nic>,
+    /// PCIe root ports left empty for disks added while the UVM runs
+    /// ([`crate::qmp::Qmp::attach_disk`]: the layers of containers created
+    /// after boot, as a pod's are).
+    pub hotplug_slots: u8,
+    /// The QMP socket QEMU listens on (set by [`crate::Vm::start`]).
+    pub qmp: Option<PathBuf>,
 }
 
 /// The UVM's NIC: a MAC address and what carries its frames on the host.
@@ -97,6 +103,11 @@ pub struct Nic {
     /// Or a tap (`--netns`, [`crate::netns`]): QEMU gets its fd, and the
     /// frames go to the namespace's veth (no forwards then).
     pub tap: Option<crate::netns::TapFd>,
+}
+
+/// The id of hot-plug root port `slot`.
+pub fn hotplug_port(slot: u8) -> String {
+    format!("hotplug{slot}")
 }
 
 /// The MAC address the CLI gives the UVM's NIC (QEMU's usual, locally administered range).
@@ -331,6 +342,8 @@ impl VmConfig {
             insecure_emulated_host_data: None,
             disks: Vec::new(),
             nic: None,
+            hotplug_slots: 0,
+            qmp: None,
         }
     }
 
@@ -460,6 +473,22 @@ impl VmConfig {
             args.extend(["-netdev".into(), netdev.into()]);
             args.push("-device".into());
             args.push(format!("virtio-net-pci,netdev=net0,mac={}{virtio_opts}", nic.mac_string()).into());
+        }
+        if self.hotplug_slots > 0 {
+            // Native PCIe hot-plug on the root ports (the guest boots with
+            // acpi=off, so QEMU's ACPI hot-plug, q35's default, would go unseen).
+            args.extend(["-global".into(), "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off".into()]);
+        }
+        for slot in 0..self.hotplug_slots {
+            // Chassis numbers start at 1; the ports sit on the root bus.
+            args.push("-device".into());
+            args.push(
+                format!("pcie-root-port,id={},bus=pcie.0,chassis={}", hotplug_port(slot), u32::from(slot) + 1).into(),
+            );
+        }
+        if let Some(qmp) = &self.qmp {
+            let qmp = qmp.to_string_lossy().replace(',', ",,");
+            args.extend(["-qmp".into(), format!("unix:{qmp},server=on,wait=off").into()]);
         }
         if let Some(cid) = self.vsock_cid {
             args.push("-device".into());

@@ -81,6 +81,8 @@ impl Vm {
         let dir = tempfile::Builder::new().prefix("parma-vm-").tempdir().map_err(VmError::Io)?;
         let control = dir.path().join("control.sock");
         config.control = control.clone();
+        let qmp = dir.path().join("qmp.sock");
+        config.qmp = Some(qmp.clone());
         let serial_log = match &config.serial {
             Serial::File(path) => path.clone(),
             Serial::Stdio => dir.path().join("serial.log"),
@@ -111,6 +113,11 @@ impl Vm {
             exited: None,
             vsock_backend,
         })
+    }
+
+    /// A QMP connection to this QEMU (disks added while it runs).
+    pub fn qmp(&self) -> Result<crate::qmp::Qmp, crate::qmp::QmpError> {
+        crate::qmp::Qmp::connect(&self.dir.path().join("qmp.sock"))
     }
 
     /// The agent's control socket (virtio-serial).
