@@ -17,7 +17,7 @@ deps:
 	scripts/deps.sh
 
 host: deps
-	cargo build --release --locked -p parma-image -p parma
+	cargo build --release --locked -p parma-image -p parma -p parma-shim
 
 guest: deps
 	scripts/build-guest.sh

@@ -200,12 +200,14 @@ impl std::ops::DerefMut for Guest {
 /// test binaries running side by side share them. `PARMA_BOOT_SLOTS` sets
 /// how many (default: the CPUs).
 #[derive(Debug)]
-struct BootSlot {
+pub struct BootSlot {
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl BootSlot {
-    fn acquire() -> anyhow::Result<Self> {
+    /// Wait for a free slot (for a UVM booted outside [`Guest`], as the
+    /// shim's); held until dropped.
+    pub fn acquire() -> anyhow::Result<Self> {
         let slots = std::env::var("PARMA_BOOT_SLOTS")
             .ok()
             .and_then(|n| n.parse::<usize>().ok())

@@ -1,0 +1,140 @@
+//! The shim's configuration: `/etc/parma/shim.toml`, or the file named by
+//! the runtime's `ConfigPath` option (CRI's `runtimeoptions`) or by
+//! `PARMA_SHIM_CONFIG`.
+//!
+//! ```toml
+//! uvm = "/usr/share/parma/uvm"   # the UVM directory `make image` writes
+//! qemu = "qemu-system-x86_64"
+//! accel = "kvm"                   # "tcg" for development hosts without KVM
+//! memory_mib = 512
+//! cpus = 1
+//! hotplug_slots = 16              # layer disks a pod may add while it runs
+//! boot_deadline_s = 60
+//! state_dir = "/run/parma-shim"   # the shims' sockets and records
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use parma_host::Accel;
+use serde::Deserialize;
+
+/// The default configuration file.
+pub const DEFAULT_PATH: &str = "/etc/parma/shim.toml";
+/// The environment variable naming another one.
+pub const ENV: &str = "PARMA_SHIM_CONFIG";
+
+/// The shim's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The UVM directory (kernel, initrd, command line, manifest).
+    pub uvm: PathBuf,
+    /// The QEMU binary.
+    #[serde(default = "default_qemu")]
+    pub qemu: PathBuf,
+    /// `tcg` or `kvm`.
+    #[serde(default = "default_accel")]
+    pub accel: String,
+    /// The UVM's memory.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    /// The UVM's vCPUs.
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Empty PCIe ports for the layer disks of the pod's containers.
+    #[serde(default = "default_slots")]
+    pub hotplug_slots: u8,
+    /// How long the agent may take to answer after QEMU started.
+    #[serde(default = "default_deadline")]
+    pub boot_deadline_s: u64,
+    /// The shims' sockets and records of what they started.
+    #[serde(default = "default_state")]
+    pub state_dir: PathBuf,
+}
+
+fn default_qemu() -> PathBuf {
+    PathBuf::from("qemu-system-x86_64")
+}
+fn default_accel() -> String {
+    "kvm".into()
+}
+fn default_memory() -> u32 {
+    512
+}
+fn default_cpus() -> u32 {
+    1
+}
+fn default_slots() -> u8 {
+    16
+}
+fn default_deadline() -> u64 {
+    60
+}
+fn default_state() -> PathBuf {
+    PathBuf::from("/run/parma-shim")
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read the shim configuration {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a configuration.
+    #[error("{path} is not a shim configuration: {reason}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Read the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text).map_err(|reason| ConfigError::Parse { path: path.display().to_string(), reason })
+    }
+
+    /// Parse a configuration's text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Self = toml::from_str(text).map_err(|err| err.to_string())?;
+        config.accel()?;
+        if config.hotplug_slots > 30 {
+            return Err("hotplug_slots: at most 30".into());
+        }
+        Ok(config)
+    }
+
+    /// The accelerator.
+    pub fn accel(&self) -> Result<Accel, String> {
+        self.accel.parse()
+    }
+
+    /// The configuration file to use: `PARMA_SHIM_CONFIG`, else the default.
+    pub fn path() -> PathBuf {
+        std::env::var_os(ENV).map_or_else(|| PathBuf::from(DEFAULT_PATH), PathBuf::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_in_and_mistakes_are_named() {
+        let config = Config::parse("uvm = \"/usr/share/parma/uvm\"\naccel = \"tcg\"\n").unwrap();
+        assert_eq!((config.memory_mib, config.hotplug_slots, config.accel().unwrap()), (512, 16, Accel::Tcg));
+        assert!(Config::parse("uvm = \"/u\"\nacel = \"tcg\"\n").unwrap_err().contains("acel"));
+        assert!(Config::parse("uvm = \"/u\"\naccel = \"hvf\"\n").is_err());
+        assert!(Config::parse("accel = \"tcg\"\n").unwrap_err().contains("uvm"));
+        assert!(Config::parse("uvm = \"/u\"\nhotplug_slots = 31\n").is_err());
+    }
+}

@@ -1,0 +1,771 @@
+//! containerd's Task API for one pod: the sandbox's `Create` boots the UVM
+//! and makes it the pod, each later `Create` is a container in it (its
+//! layers hot-plugged and mounted through dm-verity, its files copied in),
+//! and every request the guest acts on is decided there by the policy. A
+//! denial reaches containerd as a gRPC error whose message is the agent's
+//! explanation.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use containerd_shim_protos::api::Status;
+use containerd_shim_protos::api::{
+    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest,
+    DeleteResponse, Empty, ExecProcessRequest, KillRequest, PidsRequest, PidsResponse, ResizePtyRequest,
+    ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse,
+    UpdateTaskRequest, WaitRequest, WaitResponse,
+};
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::shim_async::Task;
+use containerd_shim_protos::ttrpc::{self, Code, r#async::TtrpcContext};
+use parma_protocol::{ErrorCode, ProcessSpec};
+use tokio::sync::{Notify, watch};
+
+use crate::config::Config;
+use crate::events::{Event, Publisher};
+use crate::pod::{LayerDisk, Pod, PodError, agent};
+use crate::spec::{Role, Spec, guest_mounts};
+use crate::stdio::{self, Paths};
+
+/// How a process ended: its status as a shell reports it, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Exit {
+    status: u32,
+    at: SystemTime,
+}
+
+#[derive(Debug)]
+enum State {
+    Created,
+    Running,
+    Stopped,
+}
+
+#[derive(Debug)]
+struct Proc {
+    paths: Paths,
+    /// An exec's process until it starts.
+    spec: Option<ProcessSpec>,
+    state: State,
+    exit: watch::Sender<Option<Exit>>,
+}
+
+impl Proc {
+    fn new(paths: Paths, spec: Option<ProcessSpec>) -> Self {
+        Self { paths, spec, state: State::Created, exit: watch::channel(None).0 }
+    }
+}
+
+#[derive(Debug)]
+struct Container {
+    bundle: String,
+    role: Role,
+    /// The root hashes of its layers, base first.
+    layers: Vec<String>,
+    /// Whether the guest holds it (an overlay and a container).
+    in_guest: bool,
+    /// Its init process (`""`) and its execs.
+    procs: HashMap<String, Proc>,
+}
+
+/// The shim's Task service.
+#[derive(Debug, Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Mutex<Option<Config>>,
+    events: Publisher,
+    pod: Mutex<Option<Arc<Pod>>>,
+    containers: Mutex<HashMap<String, Container>>,
+    /// Signalled when the shim should exit.
+    pub exit: Arc<Notify>,
+}
+
+fn status(code: Code, message: impl ToString) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message))
+}
+
+/// A pod error as containerd should see it: a policy denial as
+/// PERMISSION_DENIED with the agent's explanation, and so on.
+fn rpc(err: PodError) -> ttrpc::Error {
+    let code = match err.code() {
+        Some(ErrorCode::PolicyDenied) => Code::PERMISSION_DENIED,
+        Some(ErrorCode::NotFound) => Code::NOT_FOUND,
+        Some(ErrorCode::AlreadyExists) => Code::ALREADY_EXISTS,
+        Some(ErrorCode::WrongState) => Code::FAILED_PRECONDITION,
+        Some(ErrorCode::InvalidArgument | ErrorCode::ExecutableNotFound | ErrorCode::CannotExecute) => {
+            Code::INVALID_ARGUMENT
+        }
+        Some(ErrorCode::LimitReached | ErrorCode::Busy) => Code::RESOURCE_EXHAUSTED,
+        Some(_) => Code::INTERNAL,
+        None => match err {
+            PodError::Refused(_) => Code::FAILED_PRECONDITION,
+            _ => Code::INTERNAL,
+        },
+    };
+    status(code, err)
+}
+
+fn timestamp(at: SystemTime) -> Timestamp {
+    let since = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let mut stamp = Timestamp::new();
+    stamp.seconds = i64::try_from(since.as_secs()).unwrap_or(i64::MAX);
+    stamp.nanos = i32::try_from(since.subsec_nanos()).unwrap_or(0);
+    stamp
+}
+
+/// An id the agent takes: 1 to 64 of `[a-z0-9_-]`.
+fn check_id(what: &str, id: &str) -> Result<(), ttrpc::Error> {
+    let ok = (1..=64).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(status(Code::INVALID_ARGUMENT, format!("{what} {id:?}: a UVM takes 1 to 64 of [a-z0-9_-]")))
+    }
+}
+
+fn exec_of(exec_id: &str) -> Option<&str> {
+    (!exec_id.is_empty()).then_some(exec_id)
+}
+
+/// The layers of a container from the snapshotter's mounts: one
+/// `parma-layer` mount per layer, base first, `source` the image file,
+/// options `root_hash=HEX` and `hash_offset=N`.
+pub fn layers_of(rootfs: &[containerd_shim_protos::api::Mount]) -> Result<Vec<LayerDisk>, String> {
+    if rootfs.is_empty() {
+        return Err("the container has no rootfs mounts: use the parma snapshotter".into());
+    }
+    rootfs
+        .iter()
+        .map(|mount| {
+            if mount.type_ != "parma-layer" {
+                return Err(format!(
+                    "a rootfs mount of type {:?}: a confidential container's layers come from the parma snapshotter (parma-layer mounts)",
+                    mount.type_
+                ));
+            }
+            let option = |key: &str| mount.options.iter().find_map(|option| option.strip_prefix(key));
+            let root_hash = option("root_hash=").ok_or("a parma-layer mount without root_hash=")?;
+            let hash_offset = option("hash_offset=")
+                .and_then(|value| value.parse().ok())
+                .ok_or("a parma-layer mount without a hash_offset= number")?;
+            Ok(LayerDisk { path: PathBuf::from(&mount.source), root_hash: root_hash.into(), hash_offset })
+        })
+        .collect()
+}
+
+impl Service {
+    /// A service that publishes through `events`; `exit` is notified when
+    /// containerd shuts it down.
+    pub fn new(events: Publisher, exit: Arc<Notify>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config: Mutex::new(None),
+                events,
+                pod: Mutex::new(None),
+                containers: Mutex::new(HashMap::new()),
+                exit,
+            }),
+        }
+    }
+
+    fn containers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Container>> {
+        self.inner.containers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn pod(&self) -> Result<Arc<Pod>, ttrpc::Error> {
+        self.inner
+            .pod
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| status(Code::FAILED_PRECONDITION, "the pod's UVM is not running"))
+    }
+
+    fn config(&self) -> Result<Config, ttrpc::Error> {
+        let mut config = self.inner.config.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if config.is_none() {
+            let loaded =
+                Config::load(&Config::path()).map_err(|err| status(Code::FAILED_PRECONDITION, err.to_string()))?;
+            *config = Some(loaded);
+        }
+        config.clone().ok_or_else(|| status(Code::INTERNAL, "no configuration"))
+    }
+
+    /// The exit of a process, recorded once; its TaskExit published.
+    fn exited(&self, id: &str, exec_id: Option<&str>, exit_status: u32, pid: u32) {
+        let at = SystemTime::now();
+        {
+            let mut containers = self.containers();
+            let Some(proc) = containers.get_mut(id).and_then(|c| c.procs.get_mut(exec_id.unwrap_or_default())) else {
+                return;
+            };
+            if matches!(proc.state, State::Stopped) {
+                return;
+            }
+            proc.state = State::Stopped;
+            proc.exit.send_replace(Some(Exit { status: exit_status, at }));
+        }
+        self.inner.events.publish(Event::Exit(TaskExit {
+            container_id: id.into(),
+            id: exec_id.unwrap_or(id).into(),
+            pid,
+            exit_status,
+            exited_at: Some(timestamp(at)).into(),
+            ..Default::default()
+        }));
+    }
+
+    /// Copy the process's output until it exits, then record its exit.
+    fn watch(&self, pod: Arc<Pod>, id: String, exec_id: Option<String>, paths: Paths) {
+        let service = self.clone();
+        std::thread::spawn(move || {
+            let status = match stdio::pump(&pod, &id, exec_id.as_deref(), &paths) {
+                Ok(status) => parma_host::run::exit_code(&status),
+                Err(err) => {
+                    tracing::error!("{id}: lost the process: {err}");
+                    255
+                }
+            };
+            service.exited(&id, exec_id.as_deref(), u32::try_from(status).unwrap_or(255), pod.pid);
+        });
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, PodError> + Send + 'static,
+    ) -> Result<T, ttrpc::Error> {
+        tokio::task::spawn_blocking(work).await.map_err(|err| status(Code::INTERNAL, err)).and_then(|r| r.map_err(rpc))
+    }
+}
+
+/// Put a container into the pod: its layers mounted (shared with the
+/// pod's other containers), its overlay stacked, its files copied in, the
+/// container created. Undone as far as it got on failure.
+fn create_in_guest(pod: &Pod, id: &str, spec: &Spec, layers: &[LayerDisk]) -> Result<Vec<String>, PodError> {
+    let process = spec.process().map_err(|err| PodError::Refused(err.to_string()))?;
+    let mounts = guest_mounts(spec).map_err(|err| PodError::Refused(err.to_string()))?;
+    let mut held = Vec::new();
+    let mut overlay = false;
+    let result = (|| {
+        let mut names = Vec::new();
+        for layer in layers {
+            names.push(pod.acquire_layer(layer)?);
+            held.push(layer.root_hash.clone());
+        }
+        pod.with_client(|client| client.mount_overlay(id, &names, true))
+            .map_err(agent("cannot mount the container's root"))?;
+        overlay = true;
+        for file in &mounts.files {
+            pod.with_client(|client| client.copy_file(&file.path, &file.data, file.mode))
+                .map_err(agent(format!("cannot copy {} into the UVM", file.path)))?;
+        }
+        let request = parma_protocol::Request::CreateContainer {
+            container_id: id.into(),
+            process,
+            hostname: spec.hostname.clone().filter(|name| !name.is_empty()),
+            readonly_rootfs: spec.readonly_rootfs(),
+            resources: spec.resources(),
+            mounts: mounts.mounts.clone(),
+            masked_paths: spec.masked_paths(),
+            readonly_paths: spec.readonly_paths(),
+            namespaces: spec.namespaces(),
+        };
+        pod.with_client(|client| client.done(&request)).map_err(agent("cannot create the container"))
+    })();
+    match result {
+        Ok(()) => Ok(held),
+        Err(err) => {
+            tear_down(pod, id, &held, false, overlay);
+            Err(err)
+        }
+    }
+}
+
+/// Take a container out of the guest: the container, its overlay, its use
+/// of its layers. Best effort: each step is tried.
+fn tear_down(pod: &Pod, id: &str, layers: &[String], container: bool, overlay: bool) {
+    pod.with_client(|client| {
+        if container && let Err(err) = client.delete_container(id) {
+            tracing::warn!("{id}: cannot delete the container: {err}");
+        }
+        if overlay && let Err(err) = client.unmount_overlay(id) {
+            tracing::warn!("{id}: cannot unmount the overlay: {err}");
+        }
+    });
+    for root_hash in layers {
+        pod.release_layer(root_hash);
+    }
+}
+
+#[async_trait]
+impl Task for Service {
+    async fn create(&self, _ctx: &TtrpcContext, req: CreateTaskRequest) -> ttrpc::Result<CreateTaskResponse> {
+        check_id("the container id", &req.id)?;
+        if self.containers().contains_key(&req.id) {
+            return Err(status(Code::ALREADY_EXISTS, format!("container {} exists", req.id)));
+        }
+        let spec = Spec::load(std::path::Path::new(&req.bundle))
+            .map_err(|err| status(Code::INVALID_ARGUMENT, err.to_string()))?;
+        let role = spec.role();
+        let paths = Paths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let mut held = Vec::new();
+        if matches!(role, Role::Sandbox | Role::Standalone) {
+            if self.inner.pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some() {
+                return Err(status(Code::FAILED_PRECONDITION, "this shim's pod already has a sandbox"));
+            }
+            let config = self.config()?;
+            let (bundle, id, boot_spec) = (PathBuf::from(&req.bundle), req.id.clone(), spec.clone());
+            let pod = self.blocking(move || Pod::boot(&config, &bundle, &boot_spec, &id)).await?;
+            *self.inner.pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(pod));
+        }
+        let pod = self.pod()?;
+        if role != Role::Sandbox {
+            let layers = layers_of(&req.rootfs).map_err(|err| status(Code::INVALID_ARGUMENT, err))?;
+            let (pod, id, spec) = (pod.clone(), req.id.clone(), spec.clone());
+            match self.blocking(move || create_in_guest(&pod, &id, &spec, &layers)).await {
+                Ok(layers) => held = layers,
+                Err(err) => {
+                    if role == Role::Standalone {
+                        self.stop_pod();
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        let mut procs = HashMap::new();
+        procs.insert(String::new(), Proc::new(paths.clone(), None));
+        self.containers().insert(
+            req.id.clone(),
+            Container { bundle: req.bundle.clone(), role, layers: held, in_guest: role != Role::Sandbox, procs },
+        );
+        self.inner.events.publish(Event::Create(TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: Some(TaskIO {
+                stdin: paths.stdin,
+                stdout: paths.stdout,
+                stderr: paths.stderr,
+                terminal: paths.terminal,
+                ..Default::default()
+            })
+            .into(),
+            pid: pod.pid,
+            ..Default::default()
+        }));
+        Ok(CreateTaskResponse { pid: pod.pid, ..Default::default() })
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+        let pod = self.pod()?;
+        let exec_id = exec_of(&req.exec_id).map(String::from);
+        let (role, paths, spec) = {
+            let mut containers = self.containers();
+            let container = containers.get_mut(&req.id).ok_or_else(|| status(Code::NOT_FOUND, &req.id))?;
+            let role = container.role;
+            let proc = container
+                .procs
+                .get_mut(&req.exec_id)
+                .ok_or_else(|| status(Code::NOT_FOUND, format!("{}/{}", req.id, req.exec_id)))?;
+            if !matches!(proc.state, State::Created) {
+                return Err(status(Code::FAILED_PRECONDITION, "the process was started already"));
+            }
+            (role, proc.paths.clone(), proc.spec.take())
+        };
+        if role != Role::Sandbox {
+            let (id, exec, work_pod) = (req.id.clone(), exec_id.clone(), pod.clone());
+            let started = self
+                .blocking(move || match (&exec, spec) {
+                    (Some(exec), Some(process)) => work_pod
+                        .with_client(|client| client.exec_process(&id, exec, &process))
+                        .map_err(agent("cannot start the process")),
+                    _ => work_pod.with_client(|client| client.start_container(&id)).map_err(agent("cannot start")),
+                })
+                .await;
+            // A refused exec may be deleted; a refused init stays created.
+            started?;
+            stdio::feed_stdin(pod.clone(), req.id.clone(), exec_id.clone(), paths.stdin.clone());
+            self.watch(pod.clone(), req.id.clone(), exec_id.clone(), paths);
+        }
+        if let Some(proc) = self.containers().get_mut(&req.id).and_then(|c| c.procs.get_mut(&req.exec_id))
+            && matches!(proc.state, State::Created)
+        {
+            proc.state = State::Running;
+        }
+        self.inner.events.publish(match &exec_id {
+            Some(exec) => Event::ExecStarted(TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: exec.clone(),
+                pid: pod.pid,
+                ..Default::default()
+            }),
+            None => Event::Start(TaskStart { container_id: req.id.clone(), pid: pod.pid, ..Default::default() }),
+        });
+        Ok(StartResponse { pid: pod.pid, ..Default::default() })
+    }
+
+    async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
+        let pid = self.pod().map(|pod| pod.pid).unwrap_or(0);
+        let containers = self.containers();
+        let container = containers.get(&req.id).ok_or_else(|| status(Code::NOT_FOUND, &req.id))?;
+        let proc = container
+            .procs
+            .get(&req.exec_id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("{}/{}", req.id, req.exec_id)))?;
+        let exit = *proc.exit.borrow();
+        Ok(StateResponse {
+            id: if req.exec_id.is_empty() { req.id.clone() } else { req.exec_id.clone() },
+            bundle: container.bundle.clone(),
+            pid,
+            status: match proc.state {
+                State::Created => Status::CREATED,
+                State::Running => Status::RUNNING,
+                State::Stopped => Status::STOPPED,
+            }
+            .into(),
+            stdin: proc.paths.stdin.clone(),
+            stdout: proc.paths.stdout.clone(),
+            stderr: proc.paths.stderr.clone(),
+            terminal: proc.paths.terminal,
+            exit_status: exit.map_or(0, |exit| exit.status),
+            exited_at: exit.map(|exit| timestamp(exit.at)).into(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
+        let mut exit = {
+            let containers = self.containers();
+            let proc = containers
+                .get(&req.id)
+                .and_then(|c| c.procs.get(&req.exec_id))
+                .ok_or_else(|| status(Code::NOT_FOUND, format!("{}/{}", req.id, req.exec_id)))?;
+            proc.exit.subscribe()
+        };
+        let ended = exit.wait_for(Option::is_some).await.map_err(|_| status(Code::NOT_FOUND, "the task went away"))?;
+        let Some(ended) = *ended else { return Err(status(Code::INTERNAL, "no exit")) };
+        Ok(WaitResponse {
+            exit_status: ended.status,
+            exited_at: Some(timestamp(ended.at)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
+        let pod = self.pod()?;
+        let signal = i32::try_from(req.signal).map_err(|_| status(Code::INVALID_ARGUMENT, "no such signal"))?;
+        let (role, running, execs) = {
+            let containers = self.containers();
+            let container = containers.get(&req.id).ok_or_else(|| status(Code::NOT_FOUND, &req.id))?;
+            let proc = container
+                .procs
+                .get(&req.exec_id)
+                .ok_or_else(|| status(Code::NOT_FOUND, format!("{}/{}", req.id, req.exec_id)))?;
+            let execs: Vec<String> = container
+                .procs
+                .iter()
+                .filter(|(exec, proc)| !exec.is_empty() && matches!(proc.state, State::Running))
+                .map(|(exec, _)| exec.clone())
+                .collect();
+            (container.role, matches!(proc.state, State::Running), execs)
+        };
+        if role == Role::Sandbox {
+            // The sandbox runs nothing in the guest: a signal ends it, as it
+            // would end the pause process.
+            self.exited(&req.id, None, 128 + req.signal, pod.pid);
+            return Ok(Empty::new());
+        }
+        if !running {
+            return Err(status(Code::NOT_FOUND, "process already finished"));
+        }
+        let (id, exec_id, all) = (req.id.clone(), exec_of(&req.exec_id).map(String::from), req.all);
+        self.blocking(move || {
+            pod.with_client(|client| {
+                if all && exec_id.is_none() {
+                    for exec in &execs {
+                        let _ = client.signal_process(&id, Some(exec), signal);
+                    }
+                }
+                match client.signal_process(&id, exec_id.as_deref(), signal) {
+                    Err(err) if err.code() == Some(ErrorCode::WrongState) => Ok(()),
+                    other => other,
+                }
+            })
+            .map_err(agent(format!("cannot send signal {signal}")))
+        })
+        .await?;
+        Ok(Empty::new())
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        check_id("the exec id", &req.exec_id)?;
+        let any = req.spec.as_ref().ok_or_else(|| status(Code::INVALID_ARGUMENT, "an exec without a process spec"))?;
+        let mut process =
+            crate::spec::exec_process(&any.value).map_err(|err| status(Code::INVALID_ARGUMENT, err.to_string()))?;
+        process.terminal = process.terminal || req.terminal;
+        {
+            let mut containers = self.containers();
+            let container = containers.get_mut(&req.id).ok_or_else(|| status(Code::NOT_FOUND, &req.id))?;
+            if container.role == Role::Sandbox {
+                return Err(status(Code::FAILED_PRECONDITION, "the sandbox runs no processes"));
+            }
+            if container.procs.contains_key(&req.exec_id) {
+                return Err(status(Code::ALREADY_EXISTS, format!("exec {} exists", req.exec_id)));
+            }
+            let paths = Paths {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: process.terminal,
+            };
+            container.procs.insert(req.exec_id.clone(), Proc::new(paths, Some(process)));
+        }
+        self.inner.events.publish(Event::ExecAdded(TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        }));
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        let pod = self.pod()?;
+        let rows = u16::try_from(req.height).unwrap_or(u16::MAX);
+        let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
+        let (id, exec_id) = (req.id.clone(), exec_of(&req.exec_id).map(String::from));
+        self.blocking(move || {
+            pod.with_client(|client| client.resize_terminal(&id, exec_id.as_deref(), rows, cols))
+                .map_err(agent("cannot resize the terminal"))
+        })
+        .await?;
+        Ok(Empty::new())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
+        if req.stdin {
+            let pod = self.pod()?;
+            let (id, exec_id) = (req.id.clone(), exec_of(&req.exec_id).map(String::from));
+            self.blocking(move || {
+                match pod.with_client(|client| client.write_stdin(&id, exec_id.as_deref(), &[], true)) {
+                    Err(err) if !matches!(err.code(), Some(ErrorCode::StdinClosed | ErrorCode::WrongState)) => {
+                        Err(agent("cannot close stdin")(err))
+                    }
+                    _ => Ok(()),
+                }
+            })
+            .await?;
+        }
+        Ok(Empty::new())
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+        let pid = self.pod().map(|pod| pod.pid).unwrap_or(0);
+        let exit = {
+            let mut containers = self.containers();
+            let container = containers.get_mut(&req.id).ok_or_else(|| status(Code::NOT_FOUND, &req.id))?;
+            let proc = container
+                .procs
+                .get(&req.exec_id)
+                .ok_or_else(|| status(Code::NOT_FOUND, format!("{}/{}", req.id, req.exec_id)))?;
+            if matches!(proc.state, State::Running) {
+                return Err(status(Code::FAILED_PRECONDITION, "the process is still running"));
+            }
+            let exit = *proc.exit.borrow();
+            if !req.exec_id.is_empty() {
+                container.procs.remove(&req.exec_id);
+                return Ok(DeleteResponse {
+                    pid,
+                    exit_status: exit.map_or(0, |exit| exit.status),
+                    exited_at: exit.map(|exit| timestamp(exit.at)).into(),
+                    ..Default::default()
+                });
+            }
+            if container.procs.values().any(|proc| matches!(proc.state, State::Running)) {
+                return Err(status(Code::FAILED_PRECONDITION, "an exec of the container still runs"));
+            }
+            if container.role == Role::Sandbox && containers.len() > 1 {
+                return Err(status(Code::FAILED_PRECONDITION, "the pod still has containers"));
+            }
+            exit
+        };
+        let Some(container) = self.containers().remove(&req.id) else {
+            return Err(status(Code::NOT_FOUND, &req.id));
+        };
+        if container.in_guest
+            && let Ok(pod) = self.pod()
+        {
+            let (id, layers) = (req.id.clone(), container.layers.clone());
+            self.blocking(move || {
+                tear_down(&pod, &id, &layers, true, true);
+                Ok(())
+            })
+            .await?;
+        }
+        if matches!(container.role, Role::Sandbox | Role::Standalone) {
+            let service = self.clone();
+            tokio::task::spawn_blocking(move || service.stop_pod()).await.map_err(|err| status(Code::INTERNAL, err))?;
+        }
+        let exit_status = exit.map_or(0, |exit| exit.status);
+        let exited_at = timestamp(exit.map_or_else(SystemTime::now, |exit| exit.at));
+        self.inner.events.publish(Event::Delete(TaskDelete {
+            container_id: req.id.clone(),
+            pid,
+            exit_status,
+            exited_at: Some(exited_at.clone()).into(),
+            ..Default::default()
+        }));
+        Ok(DeleteResponse { pid, exit_status, exited_at: Some(exited_at).into(), ..Default::default() })
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
+        let pid = self.pod()?.pid;
+        if !self.containers().contains_key(&req.id) {
+            return Err(status(Code::NOT_FOUND, &req.id));
+        }
+        let mut info = containerd_shim_protos::api::ProcessInfo::new();
+        info.pid = pid;
+        Ok(PidsResponse { processes: vec![info], ..Default::default() })
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
+        let pod = self.pod()?;
+        let any =
+            req.resources.as_ref().ok_or_else(|| status(Code::INVALID_ARGUMENT, "an update without resources"))?;
+        let resources: crate::spec::SpecResources = serde_json::from_slice(&any.value)
+            .map_err(|err| status(Code::INVALID_ARGUMENT, format!("the resources are not LinuxResources: {err}")))?;
+        let spec = Spec {
+            linux: Some(crate::spec::Linux { resources: Some(resources), ..Default::default() }),
+            ..Default::default()
+        };
+        let resources = spec.resources().unwrap_or_default();
+        let id = req.id.clone();
+        self.blocking(move || {
+            pod.with_client(|client| client.update_container(&id, &resources))
+                .map_err(agent("cannot update the container"))
+        })
+        .await?;
+        Ok(Empty::new())
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, _req: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        Err(status(Code::UNIMPLEMENTED, "the UVM's agent reports no cgroup statistics yet"))
+    }
+
+    async fn connect(&self, _ctx: &TtrpcContext, _req: ConnectRequest) -> ttrpc::Result<ConnectResponse> {
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: self.pod().map(|pod| pod.pid).unwrap_or(0),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        if self.containers().is_empty() {
+            let service = self.clone();
+            tokio::task::spawn_blocking(move || service.stop_pod()).await.map_err(|err| status(Code::INTERNAL, err))?;
+            self.inner.exit.notify_one();
+        }
+        Ok(Empty::new())
+    }
+
+    async fn pause(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: containerd_shim_protos::api::PauseRequest,
+    ) -> ttrpc::Result<Empty> {
+        Err(status(Code::UNIMPLEMENTED, "pause is not implemented for confidential containers"))
+    }
+
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: containerd_shim_protos::api::ResumeRequest,
+    ) -> ttrpc::Result<Empty> {
+        Err(status(Code::UNIMPLEMENTED, "resume is not implemented for confidential containers"))
+    }
+
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: containerd_shim_protos::api::CheckpointTaskRequest,
+    ) -> ttrpc::Result<Empty> {
+        Err(status(Code::UNIMPLEMENTED, "a confidential container's memory is not the host's to checkpoint"))
+    }
+}
+
+impl Service {
+    /// Shut the pod's UVM down, if it runs.
+    fn stop_pod(&self) {
+        let pod = self.inner.pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(pod) = pod {
+            pod.stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim_protos::api::Mount;
+
+    fn mount(kind: &str, source: &str, options: &[&str]) -> Mount {
+        Mount {
+            type_: kind.into(),
+            source: source.into(),
+            options: options.iter().map(|o| o.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn layers_come_only_from_the_snapshotters_mounts() {
+        let layers = layers_of(&[
+            mount("parma-layer", "/var/lib/parma/l0.img", &["root_hash=ab", "hash_offset=4096"]),
+            mount("parma-layer", "/var/lib/parma/l1.img", &["hash_offset=8192", "root_hash=cd"]),
+        ])
+        .unwrap();
+        assert_eq!(
+            layers[1],
+            LayerDisk { path: "/var/lib/parma/l1.img".into(), root_hash: "cd".into(), hash_offset: 8192 }
+        );
+        assert!(layers_of(&[]).unwrap_err().contains("parma snapshotter"));
+        assert!(layers_of(&[mount("overlay", "overlay", &["lowerdir=/a"])]).unwrap_err().contains("\"overlay\""));
+        assert!(layers_of(&[mount("parma-layer", "/l", &["hash_offset=1"])]).unwrap_err().contains("root_hash"));
+        assert!(layers_of(&[mount("parma-layer", "/l", &["root_hash=ab", "hash_offset=x"])]).is_err());
+    }
+
+    #[test]
+    fn ids_the_agent_cannot_take_are_refused_here() {
+        assert!(check_id("id", "0123abcdef-_x").is_ok());
+        for bad in ["", "Upper", "a.b", "a/b", &"x".repeat(65)] {
+            assert!(check_id("id", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_policy_denial_is_permission_denied_with_the_agents_words() {
+        let denial = parma_protocol::AgentError::new(ErrorCode::PolicyDenied, "create_container: no container matches");
+        let err = rpc(PodError::Agent { what: "cannot create".into(), source: parma_host::ClientError::Agent(denial) });
+        let ttrpc::Error::RpcStatus(status) = err else { panic!("{err:?}") };
+        assert_eq!(status.code(), Code::PERMISSION_DENIED);
+        assert!(status.message().contains("no container matches"), "{}", status.message());
+    }
+}
