@@ -17,7 +17,7 @@ deps:
 	scripts/deps.sh
 
 host: deps
-	cargo build --release --locked -p parma-image -p parma -p parma-shim
+	cargo build --release --locked -p parma-image -p parma -p parma-shim -p parma-snapshotter
 
 guest: deps
 	scripts/build-guest.sh

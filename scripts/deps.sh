@@ -24,6 +24,8 @@ packages=(
   ovmf python3-venv
   # The test container image's shell tools (a static /bin/busybox).
   busybox-static
+  # protoc: the gRPC bindings of containerd's snapshot and content services are generated at build.
+  protobuf-compiler
 )
 
 missing=()

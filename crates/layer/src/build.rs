@@ -270,6 +270,43 @@ fn build_layer(
     progress: &dyn Fn(Progress),
 ) -> Result<LayerRecord, LayerError> {
     let (member, size) = source.open_member(&layer.member)?;
+    convert_layer(member, size, layer, index, count, out, progress)
+}
+
+/// One layer blob on its own, as a containerd content store holds it:
+/// what it must be (its digest and size, and the digest of the tar inside,
+/// which names the image and seeds its ext4 and verity identifiers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    /// A name for errors (the blob's digest, say).
+    pub name: String,
+    /// The blob's digest.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// The uncompressed tar's digest (the image config's diff-id).
+    pub diff_id: Digest,
+}
+
+/// Convert one layer blob (gzip, zstd or plain tar) read from `reader` into
+/// `out/<diff-id hex>.img`, the same bytes [`build`] makes for that layer;
+/// its digest, size and diff-id are checked.
+pub fn convert_blob<R: Read + Send>(reader: R, blob: &Blob, out: &Path) -> Result<LayerRecord, LayerError> {
+    fs::create_dir_all(out).map_err(|source| LayerError::Output { path: out.to_owned(), source })?;
+    let layer = PlannedLayer { member: blob.name.clone(), blob: Some((blob.digest, blob.size)), diff_id: blob.diff_id };
+    convert_layer(reader, blob.size, &layer, 0, 1, out, &|_| {})
+}
+
+#[allow(clippy::too_many_arguments)]
+fn convert_layer<R: Read + Send>(
+    member: R,
+    size: u64,
+    layer: &PlannedLayer,
+    index: usize,
+    count: usize,
+    out: &Path,
+    progress: &dyn Fn(Progress),
+) -> Result<LayerRecord, LayerError> {
     if let Some((digest, expected)) = layer.blob
         && expected != size
     {

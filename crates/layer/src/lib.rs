@@ -75,7 +75,7 @@ mod source;
 
 use std::path::PathBuf;
 
-pub use build::{Built, ImageConfig, LayerRecord, LayersFile, Progress, build};
+pub use build::{Blob, Built, ImageConfig, LayerRecord, LayersFile, Progress, build, convert_blob};
 pub use convert::{TarError, tar_to_ext4};
 pub use digest::{Derived, Digest};
 pub use files::{MAX_FILE, read_files};

@@ -1,0 +1,264 @@
+//! A containerd of the test's own: Debian's containerd 1.6 with its config,
+//! root, state and sockets in a temporary directory, inside a network
+//! namespace the test makes (with a registry on its loopback, which
+//! `skopeo` fills), the parma snapshotter as its CRI snapshotter and the
+//! parma shim as its runtime. The machine's own containerd setup is never
+//! touched. Everything stops, and the namespace goes, when it is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+/// The registry's address inside the namespace.
+pub const REGISTRY: &str = "127.0.0.1:5000";
+/// CRI's containerd namespace.
+pub const NAMESPACE: &str = "k8s.io";
+/// The runtime handler the config names (RuntimeClass `handler: parma`).
+pub const HANDLER: &str = "parma";
+
+/// Programs a CRI test needs, from Debian (scripts/deps.sh installs them).
+const PROGRAMS: [&str; 5] =
+    ["/usr/bin/containerd", "/usr/sbin/runc", "/usr/bin/docker-registry", "/usr/bin/skopeo", "/usr/lib/cni/bridge"];
+
+/// A running containerd with a registry and the parma snapshotter.
+#[derive(Debug)]
+pub struct Containerd {
+    /// Its directory (config, root, state, sockets, logs).
+    pub dir: tempfile::TempDir,
+    /// The network namespace's name.
+    pub netns: String,
+    children: Vec<Child>,
+}
+
+fn spawn_logged(command: &mut Command, log: &Path) -> anyhow::Result<Child> {
+    let file = std::fs::File::create(log)?;
+    command.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file);
+    command.spawn().with_context(|| format!("cannot start {command:?}"))
+}
+
+fn wait_for(what: &str, give_up: Duration, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + give_up;
+    while !ready() {
+        if Instant::now() > deadline {
+            bail!("{what} did not come up within {give_up:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+impl Containerd {
+    /// Start a registry and the parma snapshotter, then containerd, with
+    /// the shim config at `shim_config` in containerd's environment.
+    pub fn start(repo: &Path, shim_config: Option<&Path>) -> anyhow::Result<Self> {
+        for program in PROGRAMS {
+            ensure!(Path::new(program).exists(), "{program} is missing: scripts/deps.sh installs it");
+        }
+        let snapshotter = repo.join("target/release/parma-snapshotter");
+        let shim = repo.join("target/release/containerd-shim-parma-v2");
+        for built in [&snapshotter, &shim] {
+            ensure!(built.is_file(), "{} is missing: make test builds it", built.display());
+        }
+        let dir = tempfile::Builder::new().prefix("parma-cri-").tempdir()?;
+        let netns = format!(
+            "parma-cri-{}-{}",
+            std::process::id(),
+            dir.path().file_name().and_then(|n| n.to_str()).unwrap_or("x").trim_start_matches("parma-cri-")
+        );
+        let status = Command::new("ip").args(["netns", "add", &netns]).status()?;
+        ensure!(status.success(), "ip netns add {netns}");
+        let mut made = Self { dir, netns, children: Vec::new() };
+        let ip = |args: &[&str]| Command::new("ip").args(args).status();
+        ensure!(ip(&["-n", &made.netns, "link", "set", "lo", "up"])?.success(), "lo up");
+        let path = made.dir.path().to_path_buf();
+
+        // The registry, on the namespace's loopback.
+        std::fs::write(
+            path.join("registry.yml"),
+            format!(
+                "version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\nhttp: {{addr: {REGISTRY}}}\n",
+                path.join("registry").display()
+            ),
+        )?;
+        let registry = spawn_logged(
+            Command::new("nsenter")
+                .arg(format!("--net=/var/run/netns/{}", made.netns))
+                .arg("/usr/bin/docker-registry")
+                .arg("serve")
+                .arg(path.join("registry.yml")),
+            &path.join("registry.log"),
+        )?;
+        made.children.push(registry);
+
+        // The snapshotter (a unix socket: no network).
+        let snapshotter_socket = path.join("snapshotter.sock");
+        let snapshotter = spawn_logged(
+            Command::new(&snapshotter)
+                .arg("--root")
+                .arg(path.join("snapshotter"))
+                .arg("--socket")
+                .arg(&snapshotter_socket)
+                .arg("--containerd")
+                .arg(path.join("containerd.sock"))
+                .arg("--namespace")
+                .arg(NAMESPACE)
+                .env("RUST_LOG", "parma_snapshotter=debug"),
+            &path.join("snapshotter.log"),
+        )?;
+        made.children.push(snapshotter);
+
+        std::fs::create_dir_all(path.join("cni"))?;
+        std::fs::write(
+            path.join("cni/10-parma.conflist"),
+            r#"{"cniVersion": "1.0.0", "name": "parma-test", "plugins": [
+  {"type": "bridge", "bridge": "parma0", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.89.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}}
+]}"#,
+        )?;
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+plugin_dir = ""
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
+
+[grpc]
+  address = "{dir}/containerd.sock"
+[ttrpc]
+  address = "{dir}/containerd.sock.ttrpc"
+[debug]
+  address = ""
+  level = "info"
+[metrics]
+  address = ""
+
+[proxy_plugins]
+  [proxy_plugins.parma]
+    type = "snapshot"
+    address = "{snapshotter_socket}"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{dir}/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{REGISTRY}/parma/pause:1"
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "parma"
+    # CRI's layer labels reach the snapshotter only with this off (1.6 defaults to on).
+    disable_snapshot_annotations = false
+    default_runtime_name = "{HANDLER}"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}]
+      runtime_type = "io.containerd.parma.v2"
+      pod_annotations = ["io.parma.policy"]
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{dir}/cni"
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{REGISTRY}"]
+    endpoint = ["http://{REGISTRY}"]
+"#,
+            root = path.join("root").display(),
+            state = path.join("state").display(),
+            dir = path.display(),
+            snapshotter_socket = snapshotter_socket.display(),
+        );
+        std::fs::write(path.join("config.toml"), config)?;
+        let mut containerd = Command::new("nsenter");
+        containerd
+            .arg(format!("--net=/var/run/netns/{}", made.netns))
+            .arg("/usr/bin/containerd")
+            .arg("--config")
+            .arg(path.join("config.toml"))
+            // The shim it starts finds itself by this PATH.
+            .env(
+                "PATH",
+                format!(
+                    "{}:/usr/sbin:/usr/bin:/sbin:/bin",
+                    shim.parent().map_or_else(|| ".".into(), |p| p.display().to_string())
+                ),
+            );
+        if let Some(shim_config) = shim_config {
+            containerd.env("PARMA_SHIM_CONFIG", shim_config);
+        }
+        made.children.push(spawn_logged(&mut containerd, &path.join("containerd.log"))?);
+
+        let socket = path.join("containerd.sock");
+        wait_for("containerd", Duration::from_secs(30), || std::os::unix::net::UnixStream::connect(&socket).is_ok())?;
+        wait_for("the snapshotter", Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&snapshotter_socket).is_ok()
+        })?;
+        let netns = made.netns.clone();
+        wait_for("the registry", Duration::from_secs(10), || {
+            Command::new("nsenter")
+                .arg(format!("--net=/var/run/netns/{netns}"))
+                .args(["bash", "-c", &format!("exec 3<>/dev/tcp/{}/{}", "127.0.0.1", 5000)])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })?;
+        Ok(made)
+    }
+
+    /// containerd's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    /// The snapshotter's root (its layer images under `layers/`).
+    pub fn snapshotter_root(&self) -> PathBuf {
+        self.dir.path().join("snapshotter")
+    }
+
+    /// A log of one of the processes (`containerd`, `snapshotter`, `registry`).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Push the OCI layout `layout` (its image `reference`) to the registry
+    /// as `REGISTRY/NAME`.
+    pub fn push(&self, layout: &Path, reference: &str, name: &str) -> anyhow::Result<String> {
+        let target = format!("{REGISTRY}/{name}");
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.netns))
+            .args(["skopeo", "copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{reference}", layout.display()))
+            .arg(format!("docker://{target}"))
+            .output()?;
+        ensure!(out.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(target)
+    }
+
+    /// A tonic channel to containerd's socket (CRI and containerd's own services).
+    pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let socket = self.socket();
+        Ok(tonic::transport::Endpoint::try_from("http://[::]:50051")?
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                tokio::net::UnixStream::connect(socket.clone())
+            }))
+            .await?)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // containerd first (its shims see it go), then the rest.
+        for child in self.children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "delete", &self.netns]).status();
+        // Mounts containerd left under its state (a sandbox's shm).
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+            let dir = self.dir.path().display().to_string();
+            for mount in
+                mounts.lines().filter_map(|line| line.split_whitespace().nth(1)).filter(|m| m.starts_with(&dir))
+            {
+                let _ = nix::mount::umount2(mount, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
