@@ -26,6 +26,9 @@ packages=(
   busybox-static
   # protoc: the gRPC bindings of containerd's snapshot and content services are generated at build.
   protobuf-compiler
+  # The Kubernetes tests start their own containerd (CRI, runc for nothing but its presence), a
+  # registry filled by skopeo, and CNI's bridge, all in a temporary directory and network namespace.
+  containerd runc containernetworking-plugins docker-registry skopeo
 )
 
 missing=()
