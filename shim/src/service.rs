@@ -138,28 +138,37 @@ fn exec_of(exec_id: &str) -> Option<&str> {
     (!exec_id.is_empty()).then_some(exec_id)
 }
 
-/// The layers of a container from the snapshotter's mounts: one
-/// `parma-layer` mount per layer, base first, `source` the image file,
-/// options `root_hash=HEX` and `hash_offset=N`.
+/// The layers of a container from the parma snapshotter's rootfs mount:
+/// one read-only bind (of the image's users files, for containerd's
+/// lookups on the host) whose options name the layers, base first, as
+/// `parma-layer=ROOT_HASH:HASH_OFFSET:IMAGE`.
 pub fn layers_of(rootfs: &[containerd_shim_protos::api::Mount]) -> Result<Vec<LayerDisk>, String> {
-    if rootfs.is_empty() {
-        return Err("the container has no rootfs mounts: use the parma snapshotter".into());
+    let [mount] = rootfs else {
+        return Err(format!(
+            "{} rootfs mounts: a confidential container's root comes from the parma snapshotter (one mount naming its layers)",
+            rootfs.len()
+        ));
+    };
+    let layers: Vec<&str> = mount.options.iter().filter_map(|option| option.strip_prefix("parma-layer=")).collect();
+    if layers.is_empty() {
+        return Err(format!(
+            "a rootfs mount of type {:?} without parma-layer options: a confidential container's layers come from the parma snapshotter",
+            mount.type_
+        ));
     }
-    rootfs
-        .iter()
-        .map(|mount| {
-            if mount.type_ != "parma-layer" {
-                return Err(format!(
-                    "a rootfs mount of type {:?}: a confidential container's layers come from the parma snapshotter (parma-layer mounts)",
-                    mount.type_
-                ));
+    layers
+        .into_iter()
+        .map(|layer| {
+            let mut parts = layer.splitn(3, ':');
+            let (Some(root_hash), Some(offset), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(format!("parma-layer={layer}: not ROOT_HASH:HASH_OFFSET:IMAGE"));
+            };
+            let hash_offset =
+                offset.parse().map_err(|_| format!("parma-layer={layer}: the hash offset is not a number"))?;
+            if root_hash.is_empty() || !path.starts_with('/') {
+                return Err(format!("parma-layer={layer}: not ROOT_HASH:HASH_OFFSET:IMAGE"));
             }
-            let option = |key: &str| mount.options.iter().find_map(|option| option.strip_prefix(key));
-            let root_hash = option("root_hash=").ok_or("a parma-layer mount without root_hash=")?;
-            let hash_offset = option("hash_offset=")
-                .and_then(|value| value.parse().ok())
-                .ok_or("a parma-layer mount without a hash_offset= number")?;
-            Ok(LayerDisk { path: PathBuf::from(&mount.source), root_hash: root_hash.into(), hash_offset })
+            Ok(LayerDisk { path: PathBuf::from(path), root_hash: root_hash.into(), hash_offset })
         })
         .collect()
 }
@@ -736,20 +745,25 @@ mod tests {
     }
 
     #[test]
-    fn layers_come_only_from_the_snapshotters_mounts() {
-        let layers = layers_of(&[
-            mount("parma-layer", "/var/lib/parma/l0.img", &["root_hash=ab", "hash_offset=4096"]),
-            mount("parma-layer", "/var/lib/parma/l1.img", &["hash_offset=8192", "root_hash=cd"]),
-        ])
+    fn layers_come_only_from_the_snapshotters_mount() {
+        let layers = layers_of(&[mount(
+            "bind",
+            "/var/lib/parma-snapshotter/users/ab",
+            &["ro", "rbind", "parma-layer=ab:4096:/var/lib/p/l0.img", "parma-layer=cd:8192:/var/lib/p:x/l1.img"],
+        )])
         .unwrap();
+        assert_eq!(layers.len(), 2);
         assert_eq!(
             layers[1],
-            LayerDisk { path: "/var/lib/parma/l1.img".into(), root_hash: "cd".into(), hash_offset: 8192 }
+            LayerDisk { path: "/var/lib/p:x/l1.img".into(), root_hash: "cd".into(), hash_offset: 8192 }
         );
         assert!(layers_of(&[]).unwrap_err().contains("parma snapshotter"));
         assert!(layers_of(&[mount("overlay", "overlay", &["lowerdir=/a"])]).unwrap_err().contains("\"overlay\""));
-        assert!(layers_of(&[mount("parma-layer", "/l", &["hash_offset=1"])]).unwrap_err().contains("root_hash"));
-        assert!(layers_of(&[mount("parma-layer", "/l", &["root_hash=ab", "hash_offset=x"])]).is_err());
+        assert!(layers_of(&[mount("bind", "/u", &["parma-layer=ab:x:/l"])]).unwrap_err().contains("not a number"));
+        assert!(layers_of(&[mount("bind", "/u", &["parma-layer=ab:1"])]).is_err());
+        assert!(layers_of(&[mount("bind", "/u", &["parma-layer=ab:1:relative"])]).is_err());
+        let two = [mount("bind", "/u", &["parma-layer=ab:1:/l"]), mount("bind", "/u", &["parma-layer=ab:1:/l"])];
+        assert!(layers_of(&two).unwrap_err().contains("2 rootfs mounts"));
     }
 
     #[test]

@@ -46,17 +46,39 @@ pub struct Service {
     converting: Arc<Mutex<()>>,
 }
 
-/// A snapshot's mounts: its layers, base first.
-pub fn mounts(layers_dir: &std::path::Path, layers: &[Layer]) -> Vec<api::types::Mount> {
-    layers
-        .iter()
-        .map(|layer| api::types::Mount {
-            r#type: MOUNT_TYPE.into(),
-            source: layers_dir.join(&layer.file).display().to_string(),
-            target: String::new(),
-            options: vec![format!("root_hash={}", layer.root_hash), format!("hash_offset={}", layer.hash_offset)],
-        })
-        .collect()
+/// The paths of an image's users a container runtime looks up.
+pub const USER_FILES: [&str; 2] = ["/etc/passwd", "/etc/group"];
+
+/// A container snapshot's one mount: a read-only bind of a directory with
+/// the image's `/etc/passwd` and `/etc/group` (what containerd reads on the
+/// host to resolve the user; nothing else of the image is on the host's
+/// side), whose options name the layers, base first, as
+/// `parma-layer=ROOT_HASH:HASH_OFFSET:IMAGE` (a bind mount ignores options
+/// the kernel does not know; the shim reads them).
+pub fn mounts(users: &std::path::Path, layers_dir: &std::path::Path, layers: &[Layer]) -> Vec<api::types::Mount> {
+    let mut options = vec!["ro".to_string(), "rbind".to_string()];
+    options.extend(layers.iter().map(|layer| {
+        format!("{MOUNT_TYPE}={}:{}:{}", layer.root_hash, layer.hash_offset, layers_dir.join(&layer.file).display())
+    }));
+    vec![api::types::Mount {
+        r#type: "bind".into(),
+        source: users.display().to_string(),
+        target: String::new(),
+        options,
+    }]
+}
+
+/// Write the users directory of a container snapshot: the files `layers`
+/// stack up to.
+fn write_users(dir: &std::path::Path, layers: &[Layer]) -> std::io::Result<()> {
+    let files: Vec<parma_layer::LayerFiles> = layers.iter().map(|layer| layer.files.clone()).collect();
+    std::fs::create_dir_all(dir.join("etc"))?;
+    for (path, data) in parma_layer::stack(&files) {
+        if USER_FILES.contains(&path.as_str()) {
+            std::fs::write(dir.join(path.trim_start_matches('/')), data)?;
+        }
+    }
+    Ok(())
 }
 
 fn info(key: &str, snapshot: &Snapshot) -> Info {
@@ -132,7 +154,15 @@ impl Service {
             "converted {size} bytes in {:.3} s",
             started.elapsed().as_secs_f64()
         );
+        // The layer's users files, from a second read of the blob (containerd
+        // resolves a container's user from the image on the host).
+        let scan = self.content.reader(digest);
+        let files = tokio::task::spawn_blocking(move || parma_layer::scan_blob(scan, &USER_FILES))
+            .await
+            .map_err(|err| Status::internal(err.to_string()))?
+            .map_err(|err| Status::failed_precondition(format!("cannot read layer {digest}: {err}")))?;
         let layer = Layer {
+            files,
             file: record.file,
             root_hash: record.root_hash,
             hash_offset: record.hash_offset,
@@ -151,7 +181,19 @@ impl Service {
     ) -> Result<Vec<api::types::Mount>, Status> {
         let mut store = self.store.lock().await;
         let layers = store.add(key, kind, parent, labels.into_iter().collect()).map_err(status)?;
-        Ok(mounts(&store.layers_dir(), &layers))
+        let users = self.users_dir(key);
+        if let Err(err) = write_users(&users, &layers) {
+            let _ = store.remove(key);
+            return Err(Status::internal(format!("cannot write {}: {err}", users.display())));
+        }
+        Ok(mounts(&users, &store.layers_dir(), &layers))
+    }
+
+    /// The users directory of a container snapshot.
+    fn users_dir(&self, key: &str) -> PathBuf {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(key.as_bytes());
+        self.root.join("users").join(hex::encode(digest.get(..16).unwrap_or_default()))
     }
 }
 
@@ -218,7 +260,7 @@ impl Snapshotter for Service {
             return Err(Status::failed_precondition(format!("{key} is a layer, not a container's snapshot")));
         }
         let layers = store.chain(&snapshot.parent).map_err(status)?;
-        Ok(mounts(&store.layers_dir(), &layers))
+        Ok(mounts(&self.users_dir(&key), &store.layers_dir(), &layers))
     }
 
     async fn prepare(
@@ -290,6 +332,7 @@ impl Snapshotter for Service {
             return Ok(());
         }
         let file: Option<PathBuf> = self.store.lock().await.remove(&key).map_err(status)?;
+        let _ = std::fs::remove_dir_all(self.users_dir(&key));
         if let Some(file) = file
             && let Err(err) = std::fs::remove_file(&file)
         {

@@ -32,6 +32,10 @@ pub struct Layer {
     pub diff_id: String,
     /// The image's size.
     pub file_size: u64,
+    /// What the layer does to `/etc/passwd` and `/etc/group` (containerd
+    /// reads the image's users on the host before a container starts).
+    #[serde(default)]
+    pub files: parma_layer::LayerFiles,
 }
 
 /// One snapshot.
@@ -243,6 +247,7 @@ mod tests {
             hash_offset: 4096,
             diff_id: format!("sha256:{n}"),
             file_size: 8192,
+            files: Default::default(),
         }
     }
 

@@ -120,18 +120,18 @@ impl Fixture {
         let layers_dir = dir.path().join("layers");
         let (policies, _) = generate_pod(POD, &images, &layers_dir)?;
         let built = parma_layer::build(&image.layout, None, &layers_dir, &|_| {})?;
-        // As the parma snapshotter hands them over: one mount per layer, base first.
-        let layers = built
-            .layers
-            .layers
-            .iter()
-            .map(|layer| Mount {
-                type_: "parma-layer".into(),
-                source: layers_dir.join(&layer.file).display().to_string(),
-                options: vec![format!("root_hash={}", layer.root_hash), format!("hash_offset={}", layer.hash_offset)],
-                ..Default::default()
-            })
-            .collect();
+        // As the parma snapshotter hands them over: one bind of the users
+        // files whose options name the layers, base first.
+        let mut options = vec!["ro".to_string(), "rbind".to_string()];
+        options.extend(built.layers.layers.iter().map(|layer| {
+            format!("parma-layer={}:{}:{}", layer.root_hash, layer.hash_offset, layers_dir.join(&layer.file).display())
+        }));
+        let layers = vec![Mount {
+            type_: "bind".into(),
+            source: dir.path().display().to_string(),
+            options,
+            ..Default::default()
+        }];
         let mut process = parma_host::run::process_from_config(
             &built.config,
             &[oci::ENTRYPOINT.into(), "pod".into(), "8080".into()],

@@ -3,8 +3,9 @@
 //! to a registry on the namespace's loopback and pulled through CRI is
 //! converted layer by layer into exactly the bytes `parma layer build`
 //! makes from the same image, so the root hashes are those `parma policy
-//! gen` puts in the policy; a container's snapshot mounts as the shim's
-//! `parma-layer` mounts, base first.
+//! gen` puts in the policy; a container's snapshot mounts as the one bind
+//! the shim reads its layers from, with the image's users files for
+//! containerd's lookups.
 
 use std::collections::HashMap;
 
@@ -98,19 +99,21 @@ fn layers_pulled_through_cri_become_the_images_parma_layer_build_makes() -> anyh
             labels: HashMap::new(),
         };
         let mounts = snapshots.prepare(with_namespace!(request, NAMESPACE)).await?.into_inner().mounts;
-        let summary: Vec<(String, Vec<String>)> =
-            mounts.iter().map(|m| (m.r#type.clone(), m.options.clone())).collect();
-        let want: Vec<(String, Vec<String>)> = expected
-            .layers
-            .layers
-            .iter()
-            .map(|l| {
-                (
-                    "parma-layer".to_string(),
-                    vec![format!("root_hash={}", l.root_hash), format!("hash_offset={}", l.hash_offset)],
-                )
-            })
+        ensure!(mounts.len() == 1 && mounts[0].r#type == "bind", "{mounts:?}");
+        let layers_dir = containerd.snapshotter_root().join("layers");
+        let want: Vec<String> = ["ro".to_string(), "rbind".to_string()]
+            .into_iter()
+            .chain(expected.layers.layers.iter().map(|l| {
+                format!("parma-layer={}:{}:{}", l.root_hash, l.hash_offset, layers_dir.join(&l.file).display())
+            }))
             .collect();
+        let summary = mounts[0].options.clone();
+        // What containerd reads on the host to resolve the user: the image's files, and nothing more.
+        let users = std::path::Path::new(&mounts[0].source);
+        let image_files = parma_layer::read_files(&image.layout, None, &["/etc/passwd", "/etc/group"])?;
+        ensure!(std::fs::read(users.join("etc/passwd"))? == image_files["/etc/passwd"], "passwd");
+        ensure!(std::fs::read(users.join("etc/group")).ok() == image_files.get("/etc/group").cloned(), "group");
+        ensure!(std::fs::read_dir(users)?.count() == 1, "only etc/");
         ensure!(summary == want, "{summary:?} != {want:?}");
         let request = RemoveSnapshotRequest { snapshotter: "parma".into(), key: "container-1".into() };
         snapshots.remove(with_namespace!(request, NAMESPACE)).await?;

@@ -29,7 +29,7 @@ pub fn read_files(
     let wanted: Vec<String> = wanted.iter().map(|path| normalise(path)).collect();
     let source = Source::open(oci)?;
     let plan = image::plan(&source, reference)?;
-    let mut found: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+    let mut layers = Vec::new();
     for (index, layer) in plan.layers.iter().enumerate() {
         let (member, _) = source.open_member(&layer.member)?;
         let read_err = |source| LayerError::Read { name: layer.member.clone(), source };
@@ -47,24 +47,50 @@ pub fn read_files(
         if actual != layer.diff_id {
             return Err(LayerError::DiffId { index, expected: layer.diff_id, actual });
         }
+        layers.push(changes);
+    }
+    Ok(stack(&layers))
+}
+
+/// What one layer blob (gzip, zstd or plain tar) does to the `wanted`
+/// paths: [`read_files`] for a layer on its own (the snapshotter's case),
+/// to be stacked with [`stack`].
+pub fn scan_blob(blob: impl Read, wanted: &[&str]) -> io::Result<LayerFiles> {
+    let wanted: Vec<String> = wanted.iter().map(|path| normalise(path)).collect();
+    let mut buffered = BufReader::new(blob);
+    let compression = sniff(buffered.fill_buf()?);
+    let mut decoder: Box<dyn Read + '_> = match compression {
+        Compression::None => Box::new(buffered),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
+    };
+    let changes = scan_layer(&mut decoder, &wanted)?;
+    io::copy(&mut decoder, &mut io::sink())?;
+    Ok(changes)
+}
+
+/// The wanted files of the filesystem `layers` (base first) stack up to.
+pub fn stack(layers: &[LayerFiles]) -> BTreeMap<String, Vec<u8>> {
+    let mut found: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+    for changes in layers {
         // A layer's whiteouts hide what is below it, never its own entries.
         found.retain(|path, _| !changes.removed.iter().any(|gone| path == gone || under(path, gone)));
-        found.extend(changes.entries);
+        found.extend(changes.entries.clone());
     }
-    Ok(found.into_iter().filter_map(|(path, data)| Some((format!("/{path}"), data?))).collect())
+    found.into_iter().filter_map(|(path, data)| Some((format!("/{path}"), data?))).collect()
 }
 
 /// What one layer does to the wanted paths.
-#[derive(Default)]
-struct Changes {
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerFiles {
     /// Paths (and directories) its whiteouts remove from the layers below.
-    removed: Vec<String>,
+    pub removed: Vec<String>,
     /// Wanted paths it has: their contents, `None` when not a regular file.
-    entries: BTreeMap<String, Option<Vec<u8>>>,
+    pub entries: BTreeMap<String, Option<Vec<u8>>>,
 }
 
-fn scan_layer(tar: &mut impl Read, wanted: &[String]) -> io::Result<Changes> {
-    let mut changes = Changes::default();
+fn scan_layer(tar: &mut impl Read, wanted: &[String]) -> io::Result<LayerFiles> {
+    let mut changes = LayerFiles::default();
     let mut archive = tar::Archive::new(tar);
     for entry in archive.entries()? {
         let mut entry = entry?;
