@@ -83,6 +83,8 @@ impl Publisher {
     /// A publisher to the ttrpc address (`unix:///...`); none: events are
     /// only logged (a shim started by hand).
     pub fn start(address: Option<String>, namespace: String) -> Self {
+        // containerd 1.6 gives TTRPC_ADDRESS as a bare path.
+        let address = address.map(|a| if a.contains("://") { a } else { format!("unix://{a}") });
         let (queue, mut events) = mpsc::unbounded_channel::<Event>();
         let pending = Arc::new(AtomicUsize::new(0));
         let done = pending.clone();

@@ -235,6 +235,19 @@ impl Service {
         }));
     }
 
+    /// End a process that was created and never started, with `exit_status`
+    /// (no event: containerd never saw it start). Whether it was such a one.
+    fn never_ran(&self, id: &str, exec_id: &str, exit_status: u32) -> bool {
+        let mut containers = self.containers();
+        let Some(proc) = containers.get_mut(id).and_then(|c| c.procs.get_mut(exec_id)) else { return false };
+        if !matches!(proc.state, State::Created) {
+            return false;
+        }
+        proc.state = State::Stopped;
+        proc.exit.send_replace(Some(Exit { status: exit_status, at: SystemTime::now() }));
+        true
+    }
+
     /// Copy the process's output until it exits, then record its exit.
     fn watch(&self, pod: Arc<Pod>, id: String, exec_id: Option<String>, paths: Paths) {
         let service = self.clone();
@@ -407,8 +420,12 @@ impl Task for Service {
                     _ => work_pod.with_client(|client| client.start_container(&id)).map_err(agent("cannot start")),
                 })
                 .await;
-            // A refused exec may be deleted; a refused init stays created.
-            started?;
+            if let Err(err) = started {
+                // It never ran: whoever waits on it (containerd waits
+                // before it starts) learns it is over.
+                self.never_ran(&req.id, &req.exec_id, 255);
+                return Err(err);
+            }
             stdio::feed_stdin(pod.clone(), req.id.clone(), exec_id.clone(), paths.stdin.clone());
             self.watch(pod.clone(), req.id.clone(), exec_id.clone(), paths);
         }
@@ -502,6 +519,11 @@ impl Task for Service {
             return Ok(Empty::new());
         }
         if !running {
+            // A process that never started ends with the signal; one that
+            // finished is gone.
+            if self.never_ran(&req.id, &req.exec_id, 128 + req.signal) {
+                return Ok(Empty::new());
+            }
             return Err(status(Code::NOT_FOUND, "process already finished"));
         }
         let (id, exec_id, all) = (req.id.clone(), exec_of(&req.exec_id).map(String::from), req.all);

@@ -30,6 +30,7 @@ pub struct Containerd {
     /// The network namespace's name.
     pub netns: String,
     children: Vec<Child>,
+    shim: PathBuf,
 }
 
 fn spawn_logged(command: &mut Command, log: &Path) -> anyhow::Result<Child> {
@@ -69,7 +70,7 @@ impl Containerd {
         );
         let status = Command::new("ip").args(["netns", "add", &netns]).status()?;
         ensure!(status.success(), "ip netns add {netns}");
-        let mut made = Self { dir, netns, children: Vec::new() };
+        let mut made = Self { dir, netns, children: Vec::new(), shim: shim.clone() };
         let ip = |args: &[&str]| Command::new("ip").args(args).status();
         ensure!(ip(&["-n", &made.netns, "link", "set", "lo", "up"])?.success(), "lo up");
         let path = made.dir.path().to_path_buf();
@@ -114,8 +115,9 @@ impl Containerd {
             path.join("cni/10-parma.conflist"),
             r#"{"cniVersion": "1.0.0", "name": "parma-test", "plugins": [
   {"type": "bridge", "bridge": "parma0", "isGateway": true, "ipMasq": false,
-   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.89.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}}
-]}"#,
+   "ipam": {"type": "host-local", "dataDir": "IPAM_DIR", "ranges": [[{"subnet": "10.89.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}}
+]}"#
+            .replace("IPAM_DIR", &path.join("cni-ipam").display().to_string()),
         )?;
         let config = format!(
             r#"version = 2
@@ -147,6 +149,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   disable_apparmor = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
+  # The pods' network namespaces under the test's state directory, not /var/run/netns.
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "parma"
     # CRI's layer labels reach the snapshotter only with this off (1.6 defaults to on).
@@ -245,10 +249,38 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        // containerd first (its shims see it go), then the rest.
+        // containerd first, then the rest.
         for child in self.children.iter_mut().rev() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Shims outlive containerd (it reconnects when it comes back); this
+        // one will not: kill the shims it started, then clean up what they
+        // ran as containerd would, with the shim's `delete`.
+        let address = self.socket().display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("containerd-shim-parma-v2")
+                && cmdline.contains(&address)
+                && let Some(pid) = entry.file_name().to_str().and_then(|pid| pid.parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let tasks = self.dir.path().join("state/io.containerd.runtime.v2.task");
+        let bundles =
+            std::fs::read_dir(&tasks).into_iter().flatten().flatten().flat_map(|ns| {
+                std::fs::read_dir(ns.path()).into_iter().flatten().flatten().map(|bundle| bundle.path())
+            });
+        for bundle in bundles.collect::<Vec<_>>() {
+            let _ = Command::new(&self.shim)
+                .args(["-namespace", NAMESPACE, "-id", "cleanup", "-address", &address, "-bundle"])
+                .arg(&bundle)
+                .arg("delete")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
         let _ = Command::new("ip").args(["netns", "delete", &self.netns]).status();
         // Mounts containerd left under its state (a sandbox's shm).

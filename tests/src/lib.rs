@@ -286,3 +286,17 @@ mod tests {
         assert_eq!(median_secs(&[]), 0.0);
     }
 }
+
+/// Make `process` what containerd's CRI makes of it: CRI's default
+/// capabilities, the primary group among the supplementary ones.
+pub fn as_cri_makes_it(process: &mut parma_protocol::ProcessSpec) {
+    let caps: Vec<String> = parma_host::kube::CRI_DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+    process.capabilities = parma_protocol::CapabilitySets {
+        bounding: caps.clone(),
+        effective: caps.clone(),
+        permitted: caps,
+        inheritable: Vec::new(),
+        ambient: Vec::new(),
+    };
+    process.groups = vec![process.gid];
+}

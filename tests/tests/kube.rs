@@ -241,6 +241,7 @@ spec:
         ["MODE=fast", "HOSTNAME=web-1", "KUBERNETES_SERVICE_HOST=10.96.0.1", "KUBERNETES_SERVICE_PORT=443"]
             .map(String::from),
     );
+    parma_tests::as_cri_makes_it(&mut process);
     let bind = |destination: &str, source: &str, mode: &str| Mount {
         destination: destination.into(),
         kind: "bind".into(),

@@ -140,6 +140,7 @@ impl Fixture {
             ["MODE=fast", "HOSTNAME=web-1", "KUBERNETES_SERVICE_HOST=10.96.0.1", "KUBERNETES_SERVICE_PORT=443"]
                 .map(String::from),
         );
+        parma_tests::as_cri_makes_it(&mut process);
         let config = dir.path().join("shim.toml");
         std::fs::write(
             &config,

@@ -306,6 +306,40 @@ fn re2_literal(text: &str) -> String {
     out
 }
 
+/// The capabilities containerd's CRI gives a container whose security
+/// context changes none (containerd 1.6's `DefaultCapabilities`; no
+/// inheritable set). Wider than `parma run`'s defaults by `CAP_MKNOD` and
+/// `CAP_NET_RAW`: a pod that does not want them drops them in its
+/// `securityContext`, and the policy follows.
+pub const CRI_DEFAULT_CAPABILITIES: &[&str] = &[
+    "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_MKNOD",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_RAW",
+    "CAP_SETFCAP",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SETUID",
+    "CAP_SYS_CHROOT",
+];
+
+/// [`CRI_DEFAULT_CAPABILITIES`] bounding, effective and permitted.
+fn cri_default_capabilities() -> parma_protocol::CapabilitySets {
+    let set: Vec<String> = CRI_DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+    parma_protocol::CapabilitySets {
+        bounding: set.clone(),
+        effective: set.clone(),
+        permitted: set,
+        inheritable: Vec::new(),
+        ambient: Vec::new(),
+    }
+}
+
 /// The policy spec of one container.
 fn container_spec(
     container: &KubeContainer,
@@ -414,32 +448,29 @@ fn container_spec(
             Some(User { uid: uid.or(image.uid), gid: gid.or(image.gid).or(Some(0)), name: None })
         }
     };
-    let capabilities = context.and_then(|c| c.capabilities.as_ref()).map(|caps| {
-        let name = |cap: &String| if cap.starts_with("CAP_") { cap.clone() } else { format!("CAP_{cap}") };
-        let drop: Vec<String> = caps.drop.iter().map(name).collect();
-        let mut set: Vec<String> = if drop.iter().any(|cap| cap == "CAP_ALL") {
-            Vec::new()
-        } else {
-            crate::policy_gen::DEFAULT_CAPABILITIES
-                .iter()
-                .map(|c| c.to_string())
-                .filter(|c| !drop.contains(c))
-                .collect()
-        };
-        for cap in caps.add.iter().map(name) {
-            if !set.contains(&cap) {
-                set.push(cap);
+    let capabilities =
+        Some(context.and_then(|c| c.capabilities.as_ref()).map_or_else(cri_default_capabilities, |caps| {
+            let name = |cap: &String| if cap.starts_with("CAP_") { cap.clone() } else { format!("CAP_{cap}") };
+            let drop: Vec<String> = caps.drop.iter().map(name).collect();
+            let mut set: Vec<String> = if drop.iter().any(|cap| cap == "CAP_ALL") {
+                Vec::new()
+            } else {
+                CRI_DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).filter(|c| !drop.contains(c)).collect()
+            };
+            for cap in caps.add.iter().map(name) {
+                if !set.contains(&cap) {
+                    set.push(cap);
+                }
             }
-        }
-        set.sort();
-        parma_protocol::CapabilitySets {
-            bounding: set.clone(),
-            effective: set.clone(),
-            permitted: set,
-            inheritable: Vec::new(),
-            ambient: Vec::new(),
-        }
-    });
+            set.sort();
+            parma_protocol::CapabilitySets {
+                bounding: set.clone(),
+                effective: set.clone(),
+                permitted: set,
+                inheritable: Vec::new(),
+                ambient: Vec::new(),
+            }
+        }));
     Ok(Spec {
         name: Some(container.name.clone()),
         command: Some(command),
@@ -487,7 +518,14 @@ fn workload_policy(
         } else {
             None
         };
-        let entry = crate::policy_gen::container_for(&built, &container_spec, resolved.as_ref());
+        let mut entry = crate::policy_gen::container_for(&built, &container_spec, resolved.as_ref());
+        // containerd's CRI (1.6.18 and later, the fix for CVE-2023-25173)
+        // lists the primary group among the supplementary ones.
+        if let (Some(gid), Some(groups)) = (entry.user.gid, entry.groups.as_mut())
+            && !groups.contains(&gid)
+        {
+            groups.insert(0, gid);
+        }
         entries.push(serde_json::to_value(entry)?);
     }
     let mut copy_files: Vec<String> = crate::policy_gen::DEFAULT_COPY_FILES.map(String::from).to_vec();
