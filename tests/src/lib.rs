@@ -274,19 +274,6 @@ pub fn median_secs(samples: &[Duration]) -> f64 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median() {
-        let d = |ms| Duration::from_millis(ms);
-        assert_eq!(median_secs(&[d(3000), d(1000), d(2000)]), 2.0);
-        assert_eq!(median_secs(&[d(4000), d(1000), d(2000), d(3000)]), 2.5);
-        assert_eq!(median_secs(&[]), 0.0);
-    }
-}
-
 /// Make `process` what containerd's CRI makes of it: CRI's default
 /// capabilities, the primary group among the supplementary ones.
 pub fn as_cri_makes_it(process: &mut parma_protocol::ProcessSpec) {
@@ -299,4 +286,17 @@ pub fn as_cri_makes_it(process: &mut parma_protocol::ProcessSpec) {
         ambient: Vec::new(),
     };
     process.groups = vec![process.gid];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median() {
+        let d = |ms| Duration::from_millis(ms);
+        assert_eq!(median_secs(&[d(3000), d(1000), d(2000)]), 2.0);
+        assert_eq!(median_secs(&[d(4000), d(1000), d(2000), d(3000)]), 2.5);
+        assert_eq!(median_secs(&[]), 0.0);
+    }
 }
