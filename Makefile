@@ -49,6 +49,7 @@ bench: image
 	cargo run --release --locked -p parma-tests --bin bench-boot
 	cargo run --release --locked -p parma-tests --bin bench-e2e
 	cargo run --release --locked -p parma-tests --bin bench-net
+	cargo run --release --locked -p parma-tests --bin bench-cri
 
 clean:
 	rm -rf out target

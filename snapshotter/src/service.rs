@@ -141,12 +141,21 @@ impl Service {
             diff_id: parma_layer::Digest::parse(&diff_id)
                 .ok_or_else(|| Status::invalid_argument(format!("{diff_id} is not a sha256 diff-id")))?,
         };
-        let reader = self.content.reader(digest);
+        // The image, and the layer's users files (containerd resolves a
+        // container's user from the image on the host) from a second read
+        // of the blob alongside.
         let started = std::time::Instant::now();
-        let record = tokio::task::spawn_blocking(move || parma_layer::convert_blob(reader, &blob, &layers_dir))
-            .await
+        let (reader, scan) = (self.content.reader(digest), self.content.reader(digest));
+        let converting = tokio::task::spawn_blocking(move || parma_layer::convert_blob(reader, &blob, &layers_dir));
+        let scanning = tokio::task::spawn_blocking(move || parma_layer::scan_blob(scan, &USER_FILES));
+        let (record, files) = tokio::join!(converting, scanning);
+        let record = record
             .map_err(|err| Status::internal(err.to_string()))?
-            .map_err(|err| Status::failed_precondition(format!("cannot convert layer {digest}: {err}")))?;
+            .map_err(|err| Status::failed_precondition(format!("cannot convert layer {digest}: {}", chain(&err))))?;
+        let files = files
+            .map_err(|err| Status::internal(err.to_string()))?
+            .map_err(|err| Status::failed_precondition(format!("cannot read layer {digest}: {err}")))?;
+        tracing::debug!(layer = digest, files = ?files.entries.keys().collect::<Vec<_>>(), removed = ?files.removed, "user files");
         tracing::info!(
             layer = digest,
             %diff_id,
@@ -154,13 +163,6 @@ impl Service {
             "converted {size} bytes in {:.3} s",
             started.elapsed().as_secs_f64()
         );
-        // The layer's users files, from a second read of the blob (containerd
-        // resolves a container's user from the image on the host).
-        let scan = self.content.reader(digest);
-        let files = tokio::task::spawn_blocking(move || parma_layer::scan_blob(scan, &USER_FILES))
-            .await
-            .map_err(|err| Status::internal(err.to_string()))?
-            .map_err(|err| Status::failed_precondition(format!("cannot read layer {digest}: {err}")))?;
         let layer = Layer {
             files,
             file: record.file,
@@ -195,6 +197,18 @@ impl Service {
         let digest = sha2::Sha256::digest(key.as_bytes());
         self.root.join("users").join(hex::encode(digest.get(..16).unwrap_or_default()))
     }
+}
+
+/// An error with its causes, `: `-separated.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The labels a layer's snapshot keeps: all of them. containerd finds a

@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, ensure};
+use containerd_client::services::v1::CreateRequest;
+use containerd_client::services::v1::leases_client::LeasesClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
 use containerd_client::with_namespace;
@@ -91,6 +93,11 @@ fn layers_pulled_through_cri_become_the_images_parma_layer_build_makes() -> anyh
 
         // A container's root: the layers, base first, as the shim takes them.
         let diff_ids: Vec<String> = image.diff_ids.iter().map(|d| d.to_string()).collect();
+        // Under a lease, as a container holds its snapshot: containerd's
+        // garbage collector removes an unreferenced one at any time.
+        let mut leases = LeasesClient::new(channel.clone());
+        let lease = CreateRequest { id: "snapshotter-test".into(), labels: HashMap::new() };
+        leases.create(with_namespace!(lease, NAMESPACE)).await?;
         let mut snapshots = SnapshotsClient::new(channel);
         let request = PrepareSnapshotRequest {
             snapshotter: "parma".into(),
@@ -98,7 +105,9 @@ fn layers_pulled_through_cri_become_the_images_parma_layer_build_makes() -> anyh
             parent: chain_id(&diff_ids),
             labels: HashMap::new(),
         };
-        let mounts = snapshots.prepare(with_namespace!(request, NAMESPACE)).await?.into_inner().mounts;
+        let mut request = with_namespace!(request, NAMESPACE);
+        request.metadata_mut().insert("containerd-lease", "snapshotter-test".parse()?);
+        let mounts = snapshots.prepare(request).await?.into_inner().mounts;
         ensure!(mounts.len() == 1 && mounts[0].r#type == "bind", "{mounts:?}");
         let layers_dir = containerd.snapshotter_root().join("layers");
         let want: Vec<String> = ["ro".to_string(), "rbind".to_string()]
@@ -111,7 +120,9 @@ fn layers_pulled_through_cri_become_the_images_parma_layer_build_makes() -> anyh
         // What containerd reads on the host to resolve the user: the image's files, and nothing more.
         let users = std::path::Path::new(&mounts[0].source);
         let image_files = parma_layer::read_files(&image.layout, None, &["/etc/passwd", "/etc/group"])?;
-        ensure!(std::fs::read(users.join("etc/passwd"))? == image_files["/etc/passwd"], "passwd");
+        let passwd = std::fs::read(users.join("etc/passwd"))
+            .with_context(|| format!("{}\n{}", users.display(), containerd.log("snapshotter")))?;
+        ensure!(passwd == image_files["/etc/passwd"], "passwd");
         ensure!(std::fs::read(users.join("etc/group")).ok() == image_files.get("/etc/group").cloned(), "group");
         ensure!(std::fs::read_dir(users)?.count() == 1, "only etc/");
         ensure!(summary == want, "{summary:?} != {want:?}");
