@@ -198,25 +198,42 @@ impl Pod {
         call(&mut client)
     }
 
-    /// The guest's name of `layer`, mounted through dm-verity: the one
-    /// already mounted for another container, or its disk hot-plugged and
-    /// mounted now (the policy decides).
-    pub fn acquire_layer(&self, layer: &LayerDisk) -> Result<String, PodError> {
+    /// The guest's names of `wanted` (base first), each mounted through
+    /// dm-verity: the one already mounted for another container, or its
+    /// disk hot-plugged now. All new disks are plugged first and mounted
+    /// after, so the guest's hot-plug delays overlap. On failure, the root
+    /// hashes this call took a use of come back with the error: the caller
+    /// gives them back with [`Pod::release_layer`].
+    pub fn acquire_layers(&self, wanted: &[LayerDisk]) -> Result<Vec<String>, (PodError, Vec<String>)> {
         let mut layers = self.layers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((slot, users)) = layers.get_mut(&layer.root_hash) {
-            *users += 1;
-            return Ok(layer_name(*slot));
+        let mut held = Vec::new();
+        let mut names = Vec::new();
+        let mut fresh = Vec::new();
+        for layer in wanted {
+            if let Some((slot, users)) = layers.get_mut(&layer.root_hash) {
+                *users += 1;
+                held.push(layer.root_hash.clone());
+                names.push(layer_name(*slot));
+                continue;
+            }
+            let slot = match self.attach(layer) {
+                Ok(slot) => slot,
+                Err(err) => return Err((err, held)),
+            };
+            layers.insert(layer.root_hash.clone(), (slot, 1));
+            held.push(layer.root_hash.clone());
+            names.push(layer_name(slot));
+            fresh.push((layer, slot));
         }
-        let slot = self.attach(layer)?;
-        let mounted = self.with_client(|client| {
-            client.mount_layer(&layer_name(slot), &slot_serial(slot), &layer.root_hash, layer.hash_offset)
-        });
-        if let Err(err) = mounted {
-            self.release(slot);
-            return Err(PodError::Agent { what: "cannot mount a layer".into(), source: err });
+        for (layer, slot) in fresh {
+            let mounted = self.with_client(|client| {
+                client.mount_layer(&layer_name(slot), &slot_serial(slot), &layer.root_hash, layer.hash_offset)
+            });
+            if let Err(err) = mounted {
+                return Err((PodError::Agent { what: "cannot mount a layer".into(), source: err }, held));
+            }
         }
-        layers.insert(layer.root_hash.clone(), (slot, 1));
-        Ok(layer_name(slot))
+        Ok(names)
     }
 
     /// A container no longer uses the layer with `root_hash`: the last

@@ -280,11 +280,14 @@ fn create_in_guest(pod: &Pod, id: &str, spec: &Spec, layers: &[LayerDisk]) -> Re
     let mut held = Vec::new();
     let mut overlay = false;
     let result = (|| {
-        let mut names = Vec::new();
-        for layer in layers {
-            names.push(pod.acquire_layer(layer)?);
-            held.push(layer.root_hash.clone());
-        }
+        let names = match pod.acquire_layers(layers) {
+            Ok(names) => names,
+            Err((err, taken)) => {
+                held = taken;
+                return Err(err);
+            }
+        };
+        held = layers.iter().map(|layer| layer.root_hash.clone()).collect();
         pod.with_client(|client| client.mount_overlay(id, &names, true))
             .map_err(agent("cannot mount the container's root"))?;
         overlay = true;
