@@ -43,6 +43,8 @@ struct Exit {
 #[derive(Debug)]
 enum State {
     Created,
+    /// The agent is starting it.
+    Starting,
     Running,
     Stopped,
 }
@@ -70,6 +72,8 @@ struct Container {
     layers: Vec<String>,
     /// Whether the guest holds it (an overlay and a container).
     in_guest: bool,
+    /// Its seccomp profile, which its execs carry too.
+    seccomp: Option<String>,
     /// Its init process (`""`) and its execs.
     procs: HashMap<String, Proc>,
 }
@@ -240,12 +244,51 @@ impl Service {
     fn never_ran(&self, id: &str, exec_id: &str, exit_status: u32) -> bool {
         let mut containers = self.containers();
         let Some(proc) = containers.get_mut(id).and_then(|c| c.procs.get_mut(exec_id)) else { return false };
-        if !matches!(proc.state, State::Created) {
+        if !matches!(proc.state, State::Created | State::Starting) {
             return false;
         }
         proc.state = State::Stopped;
         proc.exit.send_replace(Some(Exit { status: exit_status, at: SystemTime::now() }));
         true
+    }
+
+    /// Notice the UVM ending by itself (a guest panic, QEMU killed): every
+    /// process of the pod is then reported exited, the sandbox included, so
+    /// kubelet recreates the pod instead of waiting on it.
+    fn watch_vm(&self, pod: Arc<Pod>) {
+        let service = self.clone();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                let current = service.inner.pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                if !current.is_some_and(|current| Arc::ptr_eq(&current, &pod)) {
+                    // Stopped on purpose.
+                    return;
+                }
+                let ended = pod.vm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).try_exit();
+                if let Ok(Some(status)) = ended {
+                    tracing::error!("the pod's UVM ended by itself ({status}); its processes are reported exited");
+                    let running: Vec<(String, String)> = service
+                        .containers()
+                        .iter()
+                        .flat_map(|(id, container)| {
+                            container
+                                .procs
+                                .iter()
+                                .filter(|(_, proc)| !matches!(proc.state, State::Stopped))
+                                .map(|(exec, _)| (id.clone(), exec.clone()))
+                                .collect::<Vec<_>>()
+                        })
+                        .collect();
+                    for (id, exec) in running {
+                        if !service.never_ran(&id, &exec, 255) {
+                            service.exited(&id, exec_of(&exec), 255, pod.pid);
+                        }
+                    }
+                    return;
+                }
+            }
+        });
     }
 
     /// Copy the process's output until it exits, then record its exit.
@@ -356,8 +399,9 @@ impl Task for Service {
             }
             let config = self.config()?;
             let (bundle, id, boot_spec) = (PathBuf::from(&req.bundle), req.id.clone(), spec.clone());
-            let pod = self.blocking(move || Pod::boot(&config, &bundle, &boot_spec, &id)).await?;
-            *self.inner.pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(pod));
+            let pod = Arc::new(self.blocking(move || Pod::boot(&config, &bundle, &boot_spec, &id)).await?);
+            *self.inner.pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(pod.clone());
+            self.watch_vm(pod);
         }
         let pod = self.pod()?;
         if role != Role::Sandbox {
@@ -377,7 +421,14 @@ impl Task for Service {
         procs.insert(String::new(), Proc::new(paths.clone(), None));
         self.containers().insert(
             req.id.clone(),
-            Container { bundle: req.bundle.clone(), role, layers: held, in_guest: role != Role::Sandbox, procs },
+            Container {
+                bundle: req.bundle.clone(),
+                role,
+                layers: held,
+                in_guest: role != Role::Sandbox,
+                seccomp: spec.seccomp(),
+                procs,
+            },
         );
         self.inner.events.publish(Event::Create(TaskCreate {
             container_id: req.id.clone(),
@@ -411,6 +462,7 @@ impl Task for Service {
             if !matches!(proc.state, State::Created) {
                 return Err(status(Code::FAILED_PRECONDITION, "the process was started already"));
             }
+            proc.state = State::Starting;
             (role, proc.paths.clone(), proc.spec.take())
         };
         if role != Role::Sandbox {
@@ -433,7 +485,7 @@ impl Task for Service {
             self.watch(pod.clone(), req.id.clone(), exec_id.clone(), paths);
         }
         if let Some(proc) = self.containers().get_mut(&req.id).and_then(|c| c.procs.get_mut(&req.exec_id))
-            && matches!(proc.state, State::Created)
+            && matches!(proc.state, State::Starting)
         {
             proc.state = State::Running;
         }
@@ -463,7 +515,7 @@ impl Task for Service {
             bundle: container.bundle.clone(),
             pid,
             status: match proc.state {
-                State::Created => Status::CREATED,
+                State::Created | State::Starting => Status::CREATED,
                 State::Running => Status::RUNNING,
                 State::Stopped => Status::STOPPED,
             }
@@ -513,6 +565,9 @@ impl Task for Service {
                 .filter(|(exec, proc)| !exec.is_empty() && matches!(proc.state, State::Running))
                 .map(|(exec, _)| exec.clone())
                 .collect();
+            if matches!(proc.state, State::Starting) {
+                return Err(status(Code::UNAVAILABLE, "the process is starting; signal it again"));
+            }
             (container.role, matches!(proc.state, State::Running), execs)
         };
         if role == Role::Sandbox {
@@ -563,6 +618,9 @@ impl Task for Service {
             if container.procs.contains_key(&req.exec_id) {
                 return Err(status(Code::ALREADY_EXISTS, format!("exec {} exists", req.exec_id)));
             }
+            // An exec runs under its container's seccomp profile (the agent
+            // requires the same one).
+            process.seccomp = container.seccomp.clone();
             let paths = Paths {
                 stdin: req.stdin.clone(),
                 stdout: req.stdout.clone(),

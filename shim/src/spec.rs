@@ -29,8 +29,13 @@ pub const GUEST_VOLUMES: &str = "/run/parma/volumes";
 
 /// At most this many files in one volume handed in (a configMap, a secret).
 const MAX_VOLUME_FILES: usize = 256;
-/// At most this many bytes in one file handed in.
-pub const MAX_FILE: u64 = 1 << 20;
+/// At most this many bytes in one file handed in: its base64 in one
+/// `CopyFile` frame, and what the agent takes (512 KiB).
+pub const MAX_FILE: u64 = 512 << 10;
+/// At most this many bytes of files for one container, all volumes together.
+pub const MAX_FILES_TOTAL: u64 = 8 << 20;
+/// The annotation CRI puts on a pod's containers: the pod's uid.
+pub const SANDBOX_UID: &str = "io.kubernetes.cri.sandbox-uid";
 
 /// Why a spec cannot become requests.
 #[derive(Debug, thiserror::Error)]
@@ -431,11 +436,12 @@ pub fn guest_mounts(spec: &Spec) -> Result<GuestMounts, SpecError> {
             options: vec!["rbind".into(), if writable { "rw" } else { "ro" }.into()],
         };
         if POD_FILES.contains(&destination) {
+            let host = pod_file(spec, destination, source).map_err(|reason| refuse(&reason))?;
             let name = destination.rsplit('/').next().unwrap_or_default();
             let path = format!("pod/{name}");
-            out.files.push(GuestFile { data: read_file(Path::new(source))?, path: path.clone(), mode: 0o644 });
+            out.files.push(GuestFile { data: read_file(&host)?, path: path.clone(), mode: 0o644 });
             out.mounts.push(bind(format!("{GUEST_FILES}/{path}"), false));
-        } else if let Some(volume) = kubelet_volume(source) {
+        } else if let Some((volume, dir)) = kubelet_volume(spec, source) {
             match volume {
                 Volume::EmptyDir(name) => out.mounts.push(bind(format!("{GUEST_VOLUMES}/{name}"), !read_only)),
                 Volume::Files(name) => {
@@ -444,7 +450,7 @@ pub fn guest_mounts(spec: &Spec) -> Result<GuestMounts, SpecError> {
                     } else {
                         format!("volumes/{name}")
                     };
-                    for (key, data) in read_volume(Path::new(source))? {
+                    for (key, data) in read_volume(&dir)? {
                         out.files.push(GuestFile { path: format!("{base}/{key}"), data, mode: 0o644 });
                     }
                     out.mounts.push(bind(format!("{GUEST_FILES}/{base}"), false));
@@ -454,6 +460,10 @@ pub fn guest_mounts(spec: &Spec) -> Result<GuestMounts, SpecError> {
             return Err(refuse(&format!(
                 "{source} is a host path; a confidential container sees no host directory (use an emptyDir, a configMap or a secret)"
             )));
+        }
+        let total: u64 = out.files.iter().map(|file| file.data.len() as u64).sum();
+        if total > MAX_FILES_TOTAL {
+            return Err(refuse(&format!("the files handed in come to more than {MAX_FILES_TOTAL} bytes")));
         }
     }
     Ok(out)
@@ -465,25 +475,54 @@ fn is_propagation(option: &str) -> bool {
 
 /// A kubelet volume by its host path.
 #[derive(Debug, PartialEq, Eq)]
-enum Volume<'a> {
+enum Volume {
     /// `kubernetes.io~empty-dir/NAME`: memory of the guest.
-    EmptyDir(&'a str),
+    EmptyDir(String),
     /// `kubernetes.io~{configmap,secret,projected,downward-api}/NAME`: files to copy in.
-    Files(&'a str),
+    Files(String),
 }
 
-fn kubelet_volume(source: &str) -> Option<Volume<'_>> {
-    let (_, rest) = source.split_once("/volumes/kubernetes.io~")?;
-    let (plugin, name) = rest.split_once('/')?;
-    let name = name.trim_end_matches('/');
-    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+/// The host file behind one of the pod's files (`/etc/hosts`,
+/// `/etc/hostname`, `/etc/resolv.conf`), resolved through any links: CRI's
+/// file of this pod's sandbox (`.../SANDBOX-ID/NAME`) or kubelet's
+/// `.../pods/UID/etc-hosts` (this pod's uid, where CRI names it). Anything
+/// else (a hostPath someone mounted there) is refused.
+fn pod_file(spec: &Spec, destination: &str, source: &str) -> Result<PathBuf, String> {
+    let host = std::fs::canonicalize(source).map_err(|err| format!("{source}: {err}"))?;
+    let name = destination.rsplit('/').next().unwrap_or_default();
+    let parent = host.parent().and_then(Path::file_name).and_then(|n| n.to_str()).unwrap_or_default();
+    let file = host.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let sandbox = spec.sandbox_id().is_some_and(|id| parent == id) && file == name;
+    let grandparent =
+        host.parent().and_then(Path::parent).and_then(Path::file_name).and_then(|n| n.to_str()).unwrap_or_default();
+    let uid_ok = spec.annotations.get(SANDBOX_UID).is_none_or(|uid| uid == parent);
+    let kubelet = destination == "/etc/hosts" && file == "etc-hosts" && grandparent == "pods" && uid_ok;
+    if sandbox || kubelet {
+        Ok(host)
+    } else {
+        Err(format!("{source} is not this pod's {name} (CRI's sandbox file or kubelet's etc-hosts)"))
+    }
+}
+
+/// A kubelet volume by its host path, resolved through any links: exactly
+/// `.../pods/UID/volumes/kubernetes.io~PLUGIN/NAME` (this pod's uid, where
+/// CRI names it).
+fn kubelet_volume(spec: &Spec, source: &str) -> Option<(Volume, PathBuf)> {
+    let host = std::fs::canonicalize(source).ok()?;
+    let parts: Vec<&str> = host.iter().filter_map(|part| part.to_str()).collect();
+    let [.., pods, uid, volumes, plugin, name] = parts.as_slice() else { return None };
+    if *pods != "pods" || *volumes != "volumes" || name.starts_with('.') {
         return None;
     }
-    match plugin {
-        "empty-dir" => Some(Volume::EmptyDir(name)),
-        "configmap" | "secret" | "projected" | "downward-api" => Some(Volume::Files(name)),
-        _ => None,
+    if spec.annotations.get(SANDBOX_UID).is_some_and(|pod| pod != uid) {
+        return None;
     }
+    let volume = match plugin.strip_prefix("kubernetes.io~")? {
+        "empty-dir" => Volume::EmptyDir(name.to_string()),
+        "configmap" | "secret" | "projected" | "downward-api" => Volume::Files(name.to_string()),
+        _ => return None,
+    };
+    Some((volume, host))
 }
 
 fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
@@ -514,8 +553,10 @@ fn read_volume(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, SpecError> {
         if key.starts_with("..") {
             continue;
         }
-        let path: PathBuf = entry.path();
-        if !std::fs::metadata(&path).map_err(|err| fail(err.to_string()))?.is_file() {
+        // The atomic writer's links (`KEY -> ..data/KEY`) stay inside the
+        // volume; a link out of it is not followed.
+        let Ok(path) = std::fs::canonicalize(entry.path()) else { continue };
+        if !path.starts_with(dir) || !std::fs::metadata(&path).map_err(|err| fail(err.to_string()))?.is_file() {
             continue;
         }
         files.push((key, read_file(&path)?));
@@ -610,7 +651,7 @@ mod tests {
         std::fs::write(settings.join("mode"), "fast").unwrap();
         let source = |path: &Path| path.display().to_string();
         let bind = |destination: &str, source: String, options: &[&str]| serde_json::json!({"destination": destination, "type": "bind", "source": source, "options": options});
-        let spec = spec(serde_json::json!({"mounts": [
+        let spec = spec(serde_json::json!({"annotations": {SANDBOX_ID: "abc", SANDBOX_UID: "uid"}, "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/shm"},
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "rprivate", "size=65536k"]},
@@ -668,7 +709,48 @@ mod tests {
         let missing = spec(serde_json::json!({"mounts": [
             {"destination": "/etc/hosts", "type": "bind", "source": "/nonexistent/hosts"}
         ]}));
-        assert!(matches!(guest_mounts(&missing), Err(SpecError::File { .. })));
+        assert!(matches!(guest_mounts(&missing), Err(SpecError::Mount { .. })));
+    }
+
+    #[test]
+    fn only_this_pods_files_are_copied_and_links_stay_inside_a_volume() {
+        let host = tempfile::tempdir().unwrap();
+        let secret = host.path().join("etc-secret");
+        std::fs::write(&secret, "root:x:0:0").unwrap();
+        let elsewhere = host.path().join("etc");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("hosts"), "not the pod's").unwrap();
+        let mine = host.path().join("pods/uid-a/volumes/kubernetes.io~configmap/settings");
+        let theirs = host.path().join("pods/uid-b/volumes/kubernetes.io~secret/token");
+        for dir in [&mine, &theirs] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(mine.join("mode"), "fast").unwrap();
+        std::os::unix::fs::symlink(&secret, mine.join("shadow")).unwrap();
+        std::fs::write(theirs.join("token"), "their token").unwrap();
+        let annotations = serde_json::json!({SANDBOX_ID: "sb", SANDBOX_UID: "uid-a"});
+        let with = |mount: serde_json::Value| spec(serde_json::json!({"annotations": annotations, "mounts": [mount]}));
+        let bind = |destination: &str, source: &Path| serde_json::json!({"destination": destination, "type": "bind", "source": source.display().to_string()});
+        // A hostPath file mounted where kubelet's files go.
+        for source in [&elsewhere.join("hosts"), &secret] {
+            let err = guest_mounts(&with(bind("/etc/hosts", source))).unwrap_err();
+            assert!(err.to_string().contains("is not this pod's hosts"), "{err}");
+        }
+        // Another pod's volume, directly or through a link.
+        let link = host.path().join("pods/uid-a/volumes/kubernetes.io~secret/stolen");
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&theirs, &link).unwrap();
+        for source in [&theirs, &link] {
+            let err = guest_mounts(&with(bind("/data", source))).unwrap_err();
+            assert!(err.to_string().contains("is a host path"), "{err}");
+        }
+        // In this pod's volume, a link out of it is not followed.
+        let copied = guest_mounts(&with(bind("/etc/settings", &mine))).unwrap();
+        let paths: Vec<&str> = copied.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["volumes/settings/mode"]);
+        // Files over the frame's limit, or too many bytes in all.
+        std::fs::write(mine.join("big"), vec![b'x'; MAX_FILE as usize + 1]).unwrap();
+        assert!(matches!(guest_mounts(&with(bind("/etc/settings", &mine))), Err(SpecError::File { .. })));
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct Paths {
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// The first wait after output.
 const BUSY_POLL: Duration = Duration::from_millis(5);
+/// How long output is still copied after the process exited.
+const EXIT_DRAIN: Duration = Duration::from_secs(2);
 
 /// Open where output goes: a FIFO or file path, or `file://PATH`; none for
 /// an empty name. A FIFO's reader (containerd) is already there.
@@ -46,7 +48,10 @@ fn open_sink(name: &str) -> std::io::Result<Option<File>> {
     if name.contains("://") {
         return Err(std::io::Error::other(format!("{name}: only FIFOs and file:// are supported")));
     }
-    std::fs::OpenOptions::new().write(true).open(name).map(Some)
+    // Read and write, as runc's shim opens it: the open never waits for a
+    // reader, and a reader that goes away (containerd restarting) does not
+    // make writes fail for good.
+    std::fs::OpenOptions::new().read(true).write(true).open(name).map(Some)
 }
 
 /// Copy `id`'s (or its exec's) output to `paths` until it exited and its
@@ -68,6 +73,10 @@ pub fn pump(pod: &Pod, id: &str, exec_id: Option<&str>, paths: &Paths) -> Result
     });
     let mut open = [true, !paths.terminal];
     let mut pause = BUSY_POLL;
+    // Once the process exited, its output is drained for a while more; a
+    // child it left holding the streams does not hide the exit.
+    let mut exited: Option<(ProcessStatus, std::time::Instant)> = None;
+    let mut polls: u32 = 0;
     loop {
         let mut progress = false;
         for ((stream, open), sink) in
@@ -80,6 +89,8 @@ pub fn pump(pod: &Pod, id: &str, exec_id: Option<&str>, paths: &Paths) -> Result
                 Ok(read) => read,
                 // The policy keeps the output from the host: nothing to copy.
                 Err(err) if err.code() == Some(ErrorCode::PolicyDenied) => (Vec::new(), true),
+                // A slow answer is not the end of the process.
+                Err(ClientError::Timeout(_)) => (Vec::new(), false),
                 Err(err) => return Err(err),
             };
             progress |= !data.is_empty();
@@ -92,11 +103,18 @@ pub fn pump(pod: &Pod, id: &str, exec_id: Option<&str>, paths: &Paths) -> Result
             }
             *open = !eof;
         }
-        if open == [false, false] {
-            let status = pod.with_client(|client| client.wait_process(id, exec_id))?;
-            if !status.running {
-                return Ok(status);
+        polls = polls.wrapping_add(1);
+        if exited.is_none() && (open == [false, false] || polls.is_multiple_of(8)) {
+            match pod.with_client(|client| client.wait_process(id, exec_id)) {
+                Ok(status) if !status.running => exited = Some((status, std::time::Instant::now())),
+                Ok(_) | Err(ClientError::Timeout(_)) => {}
+                Err(err) => return Err(err),
             }
+        }
+        if let Some((status, at)) = exited
+            && (open == [false, false] || at.elapsed() > EXIT_DRAIN)
+        {
+            return Ok(status);
         }
         pause = if progress { BUSY_POLL } else { (pause * 2).min(IDLE_POLL) };
         std::thread::sleep(pause);

@@ -26,6 +26,8 @@ use parma_host::kube::{Images, generate_pod};
 use parma_tests::containerd::{Containerd, HANDLER};
 use parma_tests::{Paths, oci};
 
+const POD_UID: &str = "0c0ffee0-0000-4000-8000-000000000001";
+
 const POD: &str = r#"
 kind: Pod
 metadata: {name: web-1, namespace: default}
@@ -77,7 +79,9 @@ fn kubelets_cri_calls_run_a_confidential_pod_and_leave_nothing_behind() -> anyho
     let policy = &policies[0].policy;
     let logs = work.path().join("logs");
     std::fs::create_dir_all(&logs)?;
-    let etc_hosts = work.path().join("etc-hosts");
+    // Where kubelet keeps a pod's hosts file.
+    let etc_hosts = work.path().join("kubelet/pods").join(POD_UID).join("etc-hosts");
+    std::fs::create_dir_all(etc_hosts.parent().context("parent")?)?;
     std::fs::write(&etc_hosts, "127.0.0.1 localhost\n")?;
     let diagnose = |what: &str| {
         format!(
@@ -109,7 +113,7 @@ fn kubelets_cri_calls_run_a_confidential_pod_and_leave_nothing_behind() -> anyho
         let sandbox_config = PodSandboxConfig {
             metadata: Some(PodSandboxMetadata {
                 name: "web-1".into(),
-                uid: "0c0ffee0-0000-4000-8000-000000000001".into(),
+                uid: POD_UID.into(),
                 namespace: "default".into(),
                 attempt: 0,
             }),

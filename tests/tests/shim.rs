@@ -483,3 +483,34 @@ fn a_pod_without_a_policy_is_refused_and_a_killed_shim_is_cleaned_up_by_delete()
         anyhow::Ok(())
     })
 }
+
+#[test]
+fn a_uvm_that_dies_ends_the_pods_processes() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(async {
+        let fixture = Fixture::new().await?;
+        let bundle = fixture.bundle(SANDBOX, &fixture.sandbox_spec())?;
+        let address = fixture.start_shim(SANDBOX, &bundle)?;
+        let task = TaskClient::new(Client::connect(&address).await?);
+        let mut leftovers = Leftovers(vec![task.connect(ctx(), &ConnectRequest::new()).await?.shim_pid]);
+        let slot = parma_tests::BootSlot::acquire()?;
+        let created = task.create(ctx(), &create_request(SANDBOX, &bundle, Vec::new(), "")).await?;
+        drop(slot);
+        leftovers.0.push(created.pid);
+        task.start(ctx(), &StartRequest { id: SANDBOX.into(), ..Default::default() }).await?;
+        // The guest goes away under the shim (a panic, QEMU killed).
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(created.pid)?),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let waited = tokio::time::timeout(
+            Duration::from_secs(20),
+            task.wait(ctx(), &WaitRequest { id: SANDBOX.into(), ..Default::default() }),
+        )
+        .await
+        .context("Wait did not return after the UVM died")??;
+        ensure!(waited.exit_status == 255, "{waited:?}");
+        let state = task.state(ctx(), &StateRequest { id: SANDBOX.into(), ..Default::default() }).await?;
+        ensure!(state.status.enum_value() == Ok(Status::STOPPED), "{state:?}");
+        anyhow::Ok(())
+    })
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use parma_protocol::{
     AgentError, DecodeError, Decoder, ErrorCode, FrameError, FrameKind, GuestInfo, Mount, OutputStream, PingInfo,
-    ProcessSpec, Request, Resources, Response, encode_request,
+    ProcessSpec, Request, Resources, Response,
 };
 
 /// Where the agent is reached.
@@ -99,6 +99,9 @@ pub enum ClientError {
     /// The agent sent bytes that are not a frame.
     #[error("bad frame from the agent")]
     Frame(#[from] FrameError),
+    /// The request does not fit in one frame (nothing was sent).
+    #[error("the request is too large to send: {0}")]
+    TooLarge(parma_protocol::frame::BodyTooLarge),
     /// The agent sent a frame whose body is not a response.
     #[error("bad response from the agent")]
     Decode(#[from] DecodeError),
@@ -264,7 +267,10 @@ impl Client {
     pub fn send(&mut self, request: &Request) -> Result<u32, ClientError> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        self.send_raw(&encode_request(id, request))?;
+        // An oversize body fails here, at once, not as a silent empty frame
+        // and a timeout.
+        let frame = parma_protocol::try_encode_request(id, request).map_err(ClientError::TooLarge)?;
+        self.send_raw(&frame)?;
         Ok(id)
     }
 

@@ -98,12 +98,20 @@ fn scan_layer(tar: &mut impl Read, wanted: &[String]) -> io::Result<LayerFiles> 
         let Ok(name) = std::str::from_utf8(&raw) else { continue };
         let path = normalise(name);
         let (dir, base) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
+        // Only whiteouts that hide a wanted path (or a directory above one)
+        // are kept: a layer of a million whiteouts costs nothing here.
+        let hides_wanted = |gone: &str| wanted.iter().any(|w| w == gone || under(w, gone));
         if base == ".wh..wh..opq" {
-            changes.removed.push(dir.to_string());
+            if hides_wanted(dir) {
+                changes.removed.push(dir.to_string());
+            }
             continue;
         }
         if let Some(hidden) = base.strip_prefix(".wh.") {
-            changes.removed.push(if dir.is_empty() { hidden.to_string() } else { format!("{dir}/{hidden}") });
+            let gone = if dir.is_empty() { hidden.to_string() } else { format!("{dir}/{hidden}") };
+            if hides_wanted(&gone) {
+                changes.removed.push(gone);
+            }
             continue;
         }
         // A directory or file that replaces a wanted path's parent hides it too.

@@ -24,10 +24,16 @@ pub const SERIAL_PORT_NAME: &str = "org.parma.agent";
 /// The vsock port the agent listens on.
 pub const VSOCK_PORT: u32 = 1024;
 
-/// Encode a request frame.
+/// Encode a request frame; a body over the frame limit (a host file or a
+/// process too large to send) is refused.
+pub fn try_encode_request(id: u32, request: &Request) -> Result<Vec<u8>, frame::BodyTooLarge> {
+    encode(FrameKind::Request, id, &request.encode())
+}
+
+/// Encode a request frame; empty when the body is over the frame limit
+/// (use [`try_encode_request`] to learn why).
 pub fn encode_request(id: u32, request: &Request) -> Vec<u8> {
-    // Requests of this crate are small; the size check cannot trip.
-    encode(FrameKind::Request, id, &request.encode()).unwrap_or_default()
+    try_encode_request(id, request).unwrap_or_default()
 }
 
 /// Encode a response frame. A response body over the limit (which the agent
@@ -48,5 +54,19 @@ impl From<&FrameError> for AgentError {
             FrameError::Oversize { .. } => ErrorCode::Oversize,
         };
         AgentError::new(code, err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod encode_tests {
+    use super::*;
+
+    #[test]
+    fn a_request_over_the_frame_limit_is_refused_not_sent_empty() {
+        let big = Request::CopyFile { path: "pod/hosts".into(), data: "A".repeat(MAX_BODY as usize), mode: 0o644 };
+        assert!(try_encode_request(1, &big).is_err());
+        assert!(encode_request(1, &big).is_empty());
+        let small = Request::CopyFile { path: "pod/hosts".into(), data: "QUFB".into(), mode: 0o644 };
+        assert!(!try_encode_request(1, &small).unwrap().is_empty());
     }
 }

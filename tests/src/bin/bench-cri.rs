@@ -220,7 +220,8 @@ fn main() -> anyhow::Result<()> {
         &work.path().join("layers"),
     )?;
     let annotation = parma_host::annotation::encode(&policies[0].policy);
-    let etc_hosts = work.path().join("etc-hosts");
+    let etc_hosts = work.path().join("kubelet/pods/bench/etc-hosts");
+    std::fs::create_dir_all(etc_hosts.parent().context("parent")?)?;
     std::fs::write(&etc_hosts, "127.0.0.1 localhost\n")?;
 
     let mut cri_samples = Vec::new();
@@ -253,7 +254,7 @@ fn main() -> anyhow::Result<()> {
             let sandbox_config = PodSandboxConfig {
                 metadata: Some(PodSandboxMetadata {
                     name: "bench".into(),
-                    uid: format!("bench-{attempt}"),
+                    uid: "bench".into(),
                     namespace: "default".into(),
                     attempt: 0,
                 }),
