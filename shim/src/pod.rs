@@ -247,10 +247,13 @@ impl Pod {
         }
         let slot = *slot;
         layers.remove(root_hash);
-        if let Err(err) = self.with_client(|client| client.unmount_layer(&layer_name(slot))) {
-            tracing::warn!("cannot unmount layer {}: {err}", layer_name(slot));
+        match self.with_client(|client| client.unmount_layer(&layer_name(slot))) {
+            // Mounted, or never mounted (a failed acquire): the disk can go.
+            Ok(()) => self.release(slot),
+            Err(err) if err.code() == Some(parma_protocol::ErrorCode::NotFound) => self.release(slot),
+            // Still in use in the guest: the disk and its port stay.
+            Err(err) => tracing::warn!("cannot unmount layer {}: {err}; its disk stays", layer_name(slot)),
         }
-        self.release(slot);
     }
 
     /// Put `disk` on a free hot-plug port as a read-only virtio-blk; its port.

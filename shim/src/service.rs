@@ -481,8 +481,6 @@ impl Task for Service {
                 self.never_ran(&req.id, &req.exec_id, 255);
                 return Err(err);
             }
-            stdio::feed_stdin(pod.clone(), req.id.clone(), exec_id.clone(), paths.stdin.clone());
-            self.watch(pod.clone(), req.id.clone(), exec_id.clone(), paths);
         }
         if let Some(proc) = self.containers().get_mut(&req.id).and_then(|c| c.procs.get_mut(&req.exec_id))
             && matches!(proc.state, State::Starting)
@@ -498,6 +496,12 @@ impl Task for Service {
             }),
             None => Event::Start(TaskStart { container_id: req.id.clone(), pid: pod.pid, ..Default::default() }),
         });
+        // Its exit is watched for only after its start was told: containerd
+        // sees TaskStart before TaskExit.
+        if role != Role::Sandbox {
+            stdio::feed_stdin(pod.clone(), req.id.clone(), exec_id.clone(), paths.stdin.clone());
+            self.watch(pod.clone(), req.id.clone(), exec_id.clone(), paths);
+        }
         Ok(StartResponse { pid: pod.pid, ..Default::default() })
     }
 

@@ -99,6 +99,12 @@ fn info(key: &str, snapshot: &Snapshot) -> Info {
 impl Service {
     /// A snapshotter keeping its state in `store`, reading blobs from `content`.
     pub fn new(root: &std::path::Path, store: Store, content: Content) -> Self {
+        // Scratch directories of unpacks a previous run did not finish.
+        for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            if entry.file_name().to_str().is_some_and(|name| name.starts_with("extract-")) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         Self {
             store: Arc::new(Mutex::new(store)),
             content,

@@ -430,6 +430,8 @@ fn containerd_drives_a_pod_through_the_shims_task_api() -> anyhow::Result<()> {
         for (topic, n) in &expected {
             ensure!(count(topic) == *n, "{topic}: {} of {n} in {topics:?}", count(topic));
         }
+        let first = |topic: &str| topics.iter().position(|t| t == topic);
+        ensure!(first("/tasks/exec-started") < first("/tasks/exit"), "a start is told before its exit: {topics:?}");
         ensure!(
             fixture.recorder.0.lock().is_ok_and(|all| all.iter().any(|(_, url)| url == "containerd.events.TaskExit")),
             "events carry containerd's type names"
