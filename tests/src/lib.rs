@@ -277,14 +277,7 @@ pub fn median_secs(samples: &[Duration]) -> f64 {
 /// Make `process` what containerd's CRI makes of it: CRI's default
 /// capabilities, the primary group among the supplementary ones.
 pub fn as_cri_makes_it(process: &mut parma_protocol::ProcessSpec) {
-    let caps: Vec<String> = parma_host::kube::CRI_DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
-    process.capabilities = parma_protocol::CapabilitySets {
-        bounding: caps.clone(),
-        effective: caps.clone(),
-        permitted: caps,
-        inheritable: Vec::new(),
-        ambient: Vec::new(),
-    };
+    process.capabilities = parma_host::kube::cri_default_capabilities();
     process.groups = vec![process.gid];
 }
 

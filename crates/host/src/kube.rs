@@ -329,15 +329,8 @@ pub const CRI_DEFAULT_CAPABILITIES: &[&str] = &[
 ];
 
 /// [`CRI_DEFAULT_CAPABILITIES`] bounding, effective and permitted.
-fn cri_default_capabilities() -> parma_protocol::CapabilitySets {
-    let set: Vec<String> = CRI_DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
-    parma_protocol::CapabilitySets {
-        bounding: set.clone(),
-        effective: set.clone(),
-        permitted: set,
-        inheritable: Vec::new(),
-        ambient: Vec::new(),
-    }
+pub fn cri_default_capabilities() -> parma_protocol::CapabilitySets {
+    crate::policy_gen::capability_sets(CRI_DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect())
 }
 
 /// The policy spec of one container.
@@ -463,13 +456,7 @@ fn container_spec(
                 }
             }
             set.sort();
-            parma_protocol::CapabilitySets {
-                bounding: set.clone(),
-                effective: set.clone(),
-                permitted: set,
-                inheritable: Vec::new(),
-                ambient: Vec::new(),
-            }
+            crate::policy_gen::capability_sets(set)
         }));
     Ok(Spec {
         name: Some(container.name.clone()),

@@ -239,7 +239,12 @@ pub(crate) fn user_of(user: &str) -> User {
 /// The default capability sets: [`DEFAULT_CAPABILITIES`] bounding,
 /// effective and permitted.
 pub fn default_capabilities() -> CapabilitySets {
-    let caps: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+    capability_sets(DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect())
+}
+
+/// `caps` as the bounding, effective and permitted sets (none inheritable
+/// or ambient): what runc, CRI and `parma run` give a process.
+pub fn capability_sets(caps: Vec<String>) -> CapabilitySets {
     CapabilitySets {
         bounding: caps.clone(),
         effective: caps.clone(),
