@@ -224,6 +224,9 @@ pub fn serve(args: &Args) -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        // stderr is containerd's log FIFO, which may lose its reader: a
+        // failed write must not become an eprintln! that panics.
+        .log_internal_errors(false)
         .init();
     let socket = args.socket.clone().context("-socket is required to serve (start gives it)")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1,5 +1,6 @@
 //! `containerd-shim-parma-v2`: see the library's documentation.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use parma_shim::bootstrap::{self, Action, Args};
@@ -8,7 +9,8 @@ fn main() -> ExitCode {
     let args = match Args::parse(std::env::args().skip(1)) {
         Ok(args) => args,
         Err(err) => {
-            eprintln!("containerd-shim-parma-v2: {err}");
+            // Not eprintln!: stderr may be a FIFO nobody reads any more.
+            let _ = writeln!(std::io::stderr(), "containerd-shim-parma-v2: {err}");
             return ExitCode::from(2);
         }
     };
@@ -24,7 +26,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("containerd-shim-parma-v2: {err:#}");
+            let _ = writeln!(std::io::stderr(), "containerd-shim-parma-v2: {err:#}");
             ExitCode::FAILURE
         }
     }

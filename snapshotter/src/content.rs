@@ -50,12 +50,24 @@ pub fn chain_of_key(key: &str) -> &str {
 pub struct Content {
     client: ContentClient<Channel>,
     namespace: String,
+    /// containerd's content directory on this host, if told: a blob found
+    /// there is read from its file (no gRPC stream to decode). Content is
+    /// addressed by digest and the converter checks the digest, so the
+    /// file can only be the bytes asked for.
+    local: Option<std::path::PathBuf>,
 }
 
 impl Content {
     /// Content of `namespace` over `channel`.
     pub fn new(channel: Channel, namespace: &str) -> Self {
-        Self { client: ContentClient::new(channel), namespace: namespace.into() }
+        Self { client: ContentClient::new(channel), namespace: namespace.into(), local: None }
+    }
+
+    /// Read blobs from containerd's content directory `dir` (its
+    /// `blobs/sha256/HEX` files) where they are, through the API otherwise.
+    pub fn with_local(mut self, dir: &std::path::Path) -> Self {
+        self.local = Some(dir.to_path_buf());
+        self
     }
 
     /// A blob's size.
@@ -121,9 +133,64 @@ impl Content {
         )))
     }
 
-    /// A blob's bytes as a blocking reader, fed by a task reading the
-    /// stream (call from a blocking thread).
-    pub fn reader(&self, digest: &str) -> BlobReader {
+    /// The blob and diff-id of the layer at position `index` of an image
+    /// that makes chain `target` on `parent`, for an unpack that does not
+    /// name its blob (`ctr images pull`; CRI's labels name it): from the
+    /// config of any manifest whose garbage-collection labels name a layer
+    /// there (containerd sets them when it writes the manifest, before the
+    /// layers are fetched).
+    pub async fn layer_of_chain(
+        &self,
+        index: usize,
+        parent: Option<&str>,
+        target: &str,
+    ) -> Result<(String, String), ContentError> {
+        let namespace = self.namespace.as_str();
+        let layer_label = format!("containerd.io/gc.ref.content.l.{index}");
+        let request = ListContentRequest { filters: vec![format!("labels.\"{layer_label}\"")] };
+        let mut stream = self.client.clone().list(with_namespace!(request, namespace)).await?.into_inner();
+        let mut manifests = Vec::new();
+        while let Some(listed) = stream.message().await? {
+            manifests.extend(listed.info);
+        }
+        for manifest in manifests {
+            let (Some(config), Some(blob)) =
+                (manifest.labels.get("containerd.io/gc.ref.content.config"), manifest.labels.get(&layer_label))
+            else {
+                continue;
+            };
+            let bytes = self.read_small(config).await?;
+            let config: Config = serde_json::from_slice(&bytes)
+                .map_err(|err| ContentError::Invalid(format!("the image config {config}: {err}")))?;
+            if let Some(diff_id) = config.rootfs.diff_ids.get(index)
+                && chain_id(parent, diff_id) == target
+            {
+                return Ok((blob.clone(), diff_id.clone()));
+            }
+        }
+        Err(ContentError::Invalid(format!(
+            "no image in containerd's content store has a layer {index} that makes chain {target}"
+        )))
+    }
+
+    /// A blob's bytes as a blocking reader: its file in containerd's
+    /// content directory where that is known and holds it, else the
+    /// content API's stream (call from a blocking thread).
+    pub fn reader(&self, digest: &str) -> Box<dyn std::io::Read + Send> {
+        let file = self.local.as_ref().zip(digest.strip_prefix("sha256:")).and_then(|(dir, hex)| {
+            // A digest names a file only as 64 hex digits (no path tricks).
+            let hex = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+            hex.then(|| dir.join("blobs/sha256").join(digest.trim_start_matches("sha256:")))
+        });
+        match file.map(std::fs::File::open) {
+            Some(Ok(file)) => Box::new(file),
+            _ => Box::new(self.stream(digest)),
+        }
+    }
+
+    /// A blob's bytes streamed through the content API, as a blocking
+    /// reader fed by a task (call from a blocking thread).
+    pub fn stream(&self, digest: &str) -> BlobReader {
         let (chunks, receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(8);
         let mut client = self.client.clone();
         let namespace = self.namespace.clone();

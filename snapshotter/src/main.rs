@@ -19,6 +19,11 @@ struct Args {
     /// containerd's socket (its content store holds the pulled blobs).
     #[arg(long, default_value = "/run/containerd/containerd.sock")]
     containerd: PathBuf,
+    /// containerd's content directory (ROOT/io.containerd.content.v1.content):
+    /// blobs are read from their files there instead of through the API
+    /// (faster; the converter checks every blob's digest either way).
+    #[arg(long)]
+    content_dir: Option<PathBuf>,
     /// The containerd namespace whose content is read (CRI's is k8s.io).
     #[arg(long, default_value = "k8s.io")]
     namespace: String,
@@ -33,6 +38,8 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        // A log whose reader went away must not become a panic.
+        .log_internal_errors(false)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -42,7 +49,11 @@ fn main() -> anyhow::Result<()> {
         let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?.connect_with_connector_lazy(
             tower::service_fn(move |_: tonic::transport::Uri| tokio::net::UnixStream::connect(containerd.clone())),
         );
-        let service = Service::new(&args.root, store, Content::new(channel, &args.namespace));
+        let mut content = Content::new(channel, &args.namespace);
+        if let Some(dir) = &args.content_dir {
+            content = content.with_local(dir);
+        }
+        let service = Service::new(&args.root, store, content);
         if let Some(dir) = args.socket.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
         }

@@ -148,19 +148,18 @@ impl Service {
                 .ok_or_else(|| Status::invalid_argument(format!("{diff_id} is not a sha256 diff-id")))?,
         };
         // The image, and the layer's users files (containerd resolves a
-        // container's user from the image on the host) from a second read
-        // of the blob alongside.
+        // container's user from the image on the host), in one pass.
         let started = std::time::Instant::now();
-        let (reader, scan) = (self.content.reader(digest), self.content.reader(digest));
-        let converting = tokio::task::spawn_blocking(move || parma_layer::convert_blob(reader, &blob, &layers_dir));
-        let scanning = tokio::task::spawn_blocking(move || parma_layer::scan_blob(scan, &USER_FILES));
-        let (record, files) = tokio::join!(converting, scanning);
-        let record = record
+        let reader = self.content.reader(digest);
+        let converting = tokio::task::spawn_blocking(move || {
+            let mut watch = parma_layer::Watch::new(&USER_FILES);
+            parma_layer::convert_blob(reader, &blob, &layers_dir, Some(&mut watch)).map(|record| (record, watch))
+        });
+        let (record, watch) = converting
+            .await
             .map_err(|err| Status::internal(err.to_string()))?
             .map_err(|err| Status::failed_precondition(format!("cannot convert layer {digest}: {}", chain(&err))))?;
-        let files = files
-            .map_err(|err| Status::internal(err.to_string()))?
-            .map_err(|err| Status::failed_precondition(format!("cannot read layer {digest}: {err}")))?;
+        let files = watch.into_files();
         tracing::debug!(layer = digest, files = ?files.entries.keys().collect::<Vec<_>>(), removed = ?files.removed, "user files");
         tracing::info!(
             layer = digest,
@@ -197,6 +196,24 @@ impl Service {
         Ok(mounts(&users, &store.layers_dir(), &layers))
     }
 
+    /// A scratch directory for containerd to extract the layer with blob
+    /// `digest` into, as the unpack `key` on `parent`; its commit converts
+    /// the blob, and what was extracted is thrown away.
+    async fn scratch(&self, key: String, parent: String, digest: String) -> Result<Vec<api::types::Mount>, Status> {
+        let scratch = tempfile::Builder::new()
+            .prefix("extract-")
+            .tempdir_in(&self.root)
+            .map_err(|err| Status::internal(err.to_string()))?;
+        let mount = api::types::Mount {
+            r#type: "bind".into(),
+            source: scratch.path().display().to_string(),
+            target: String::new(),
+            options: vec!["rbind".into(), "rw".into()],
+        };
+        self.extracting.lock().await.insert(key, Extraction { parent, digest, scratch });
+        Ok(vec![mount])
+    }
+
     /// The users directory of a container snapshot.
     fn users_dir(&self, key: &str) -> PathBuf {
         use sha2::Digest as _;
@@ -223,6 +240,15 @@ fn chain(err: &dyn std::error::Error) -> String {
 /// whose parent is the one it asked on.
 fn inherited(labels: &HashMap<String, String>) -> BTreeMap<String, String> {
     labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// The chain id an unpack's key names: containerd's unpackers prepare
+/// `extract-UNIQUE CHAIN_ID` (`snapshots.UnpackKeyFormat`), under the
+/// metadata store's `NAMESPACE/ID/` prefix.
+fn unpack_target(key: &str) -> Option<&str> {
+    let name = key.splitn(3, '/').nth(2).unwrap_or(key);
+    let (unique, chain) = name.strip_prefix("extract-")?.split_once(' ')?;
+    (!unique.is_empty() && chain.starts_with("sha256:") && !chain.contains([' ', '/'])).then_some(chain)
 }
 
 /// The key of the layer that makes chain `target` on `parent` (a chain id
@@ -291,32 +317,46 @@ impl Snapshotter for Service {
     ) -> Result<Vec<api::types::Mount>, Status> {
         tracing::debug!(key, parent, ?labels, "prepare");
         if let Some(target) = labels.get(TARGET_LABEL).cloned() {
-            let Some(digest) = labels.get(LAYER_DIGEST_LABEL).cloned() else {
-                return Err(Status::failed_precondition(format!(
-                    "the parma snapshotter converts the layers CRI pulls: an unpack without {LAYER_DIGEST_LABEL} cannot be done (pull through CRI)"
-                )));
+            let digest = match labels.get(LAYER_DIGEST_LABEL) {
+                Some(digest) => digest.clone(),
+                // A pull that labels the target but not the blob (CRI with
+                // snapshot annotations off): the manifests name the blob.
+                None => {
+                    let index = self.store.lock().await.depth(&parent).map_err(status)?;
+                    let parent_chain = (!parent.is_empty()).then(|| chain_of_key(&parent));
+                    let (digest, _) = self
+                        .content
+                        .layer_of_chain(index, parent_chain, &target)
+                        .await
+                        .map_err(|err| Status::failed_precondition(err.to_string()))?;
+                    digest
+                }
             };
             if self.store.lock().await.get(&layer_key(&target, &parent)).is_err() {
                 if self.content.size(&digest).await.is_err() {
                     // Not fetched yet: containerd fetches it once this
                     // Prepare answers, extracts it here, and commits.
-                    let scratch = tempfile::Builder::new()
-                        .prefix("extract-")
-                        .tempdir_in(&self.root)
-                        .map_err(|err| Status::internal(err.to_string()))?;
-                    let mount = api::types::Mount {
-                        r#type: "bind".into(),
-                        source: scratch.path().display().to_string(),
-                        target: String::new(),
-                        options: vec!["rbind".into(), "rw".into()],
-                    };
-                    self.extracting.lock().await.insert(key, Extraction { parent, digest, scratch });
-                    return Ok(vec![mount]);
+                    return self.scratch(key, parent, digest).await;
                 }
                 self.unpack(&layer_key(&target, &parent), &target, &parent, &digest, inherited(&labels)).await?;
             }
             // containerd's remote-snapshot protocol: the layer is there.
             return Err(Status::already_exists(format!("target snapshot {target:?} exists")));
+        }
+        if let Some(target) = unpack_target(&key) {
+            // An unpack without labels (`ctr images pull`): containerd
+            // extracts the layer into a scratch directory and commits, and
+            // the commit converts the blob the image's manifest names. (An
+            // "exists" answer would not do: containerd records the layer
+            // only on a label's say-so.)
+            let index = self.store.lock().await.depth(&parent).map_err(status)?;
+            let parent_chain = (!parent.is_empty()).then(|| chain_of_key(&parent));
+            let (digest, _) = self
+                .content
+                .layer_of_chain(index, parent_chain, target)
+                .await
+                .map_err(|err| Status::failed_precondition(err.to_string()))?;
+            return self.scratch(key, parent, digest).await;
         }
         self.add(&key, Kind::Active, &parent, labels).await
     }
@@ -365,5 +405,23 @@ impl Snapshotter for Service {
         let store = self.store.lock().await;
         let infos: Vec<Result<Info, Status>> = store.all().map(|(key, snapshot)| Ok(info(key, snapshot))).collect();
         Ok(tokio_stream::iter(infos))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpack_keys_name_their_chain() {
+        let chain = "sha256:7d3f77d8865f1783040856758d87be770c9c71ea3277eb4a5fad6ed0011dce12";
+        assert_eq!(unpack_target(&format!("k8s.io/1/extract-442653350-UDrm {chain}")), Some(chain));
+        assert_eq!(unpack_target(&format!("extract-1 {chain}")), Some(chain));
+        // A container's snapshot, or anything else, is not an unpack.
+        assert_eq!(unpack_target("k8s.io/7/hello-1"), None);
+        assert_eq!(unpack_target(&format!("k8s.io/7/{chain}")), None);
+        assert_eq!(unpack_target(&format!("k8s.io/1/extract- {chain}")), None);
+        assert_eq!(unpack_target("k8s.io/1/extract-1 md5:abc"), None);
+        assert_eq!(unpack_target(&format!("k8s.io/1/extract-1 {chain} x")), None);
     }
 }

@@ -53,7 +53,14 @@ fn wait_for(what: &str, give_up: Duration, mut ready: impl FnMut() -> bool) -> a
 impl Containerd {
     /// Start a registry and the parma snapshotter, then containerd, with
     /// the shim config at `shim_config` in containerd's environment.
+    /// The snapshotter reads blobs from containerd's content directory.
     pub fn start(repo: &Path, shim_config: Option<&Path>) -> anyhow::Result<Self> {
+        Self::start_with(repo, shim_config, true)
+    }
+
+    /// [`Containerd::start`]; with `local_content` false the snapshotter
+    /// reads blobs through containerd's content API instead.
+    pub fn start_with(repo: &Path, shim_config: Option<&Path>, local_content: bool) -> anyhow::Result<Self> {
         for program in PROGRAMS {
             ensure!(Path::new(program).exists(), "{program} is missing: scripts/deps.sh installs it");
         }
@@ -95,8 +102,12 @@ impl Containerd {
 
         // The snapshotter (a unix socket: no network).
         let snapshotter_socket = path.join("snapshotter.sock");
+        let mut snapshotter = Command::new(&snapshotter);
+        if local_content {
+            snapshotter.arg("--content-dir").arg(path.join("root/io.containerd.content.v1.content"));
+        }
         let snapshotter = spawn_logged(
-            Command::new(&snapshotter)
+            snapshotter
                 .arg("--root")
                 .arg(path.join("snapshotter"))
                 .arg("--socket")

@@ -48,7 +48,8 @@ fn layers_pulled_through_cri_become_the_images_parma_layer_build_makes() -> anyh
     let work = tempfile::tempdir()?;
     let image = oci::build_test_image(&work.path().join("oci"), &paths.guest_binary("oci-hello")?)?;
     let expected = parma_layer::build(&image.layout, None, &work.path().join("layers"), &|_| {})?;
-    let containerd = Containerd::start(&paths.repo, None)?;
+    // Blobs through the content API here (the other tests read containerd's files).
+    let containerd = Containerd::start_with(&paths.repo, None, false)?;
     let target = containerd.push(&image.layout, &image.reference, "parma/test:1")?;
 
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(async {

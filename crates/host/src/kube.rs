@@ -506,13 +506,7 @@ fn workload_policy(
             None
         };
         let mut entry = crate::policy_gen::container_for(&built, &container_spec, resolved.as_ref());
-        // containerd's CRI (1.6.18 and later, the fix for CVE-2023-25173)
-        // lists the primary group among the supplementary ones.
-        if let (Some(gid), Some(groups)) = (entry.user.gid, entry.groups.as_mut())
-            && !groups.contains(&gid)
-        {
-            groups.insert(0, gid);
-        }
+        crate::policy_gen::with_primary_group(&mut entry);
         entries.push(serde_json::to_value(entry)?);
     }
     let mut copy_files: Vec<String> = crate::policy_gen::DEFAULT_COPY_FILES.map(String::from).to_vec();

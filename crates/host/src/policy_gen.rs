@@ -68,6 +68,12 @@ pub struct Spec {
     /// The container's name in the policy (default `container`).
     #[serde(default)]
     pub name: Option<String>,
+    /// Whose defaults fill what the spec leaves out: `parma` (`parma run`,
+    /// the default) or `containerd` (`ctr run` through the parma shim:
+    /// containerd's capabilities, masked paths and open-files limit, the
+    /// primary group among the supplementary ones).
+    #[serde(default)]
+    pub runtime: Runtime,
     /// The command and arguments (default: entrypoint + cmd).
     #[serde(default)]
     pub command: Option<Vec<String>>,
@@ -150,6 +156,45 @@ pub struct Spec {
     /// container; `[]`: none).
     #[serde(default)]
     pub copy_files: Option<Vec<String>>,
+}
+
+/// Whose defaults a [`Spec`] leaves to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// `parma run`'s.
+    #[default]
+    Parma,
+    /// containerd 1.6's default spec (`ctr run`).
+    Containerd,
+}
+
+/// The paths containerd 1.6's default spec masks (`ctr run`; runc's newer
+/// defaults add `/proc/interrupts` and `/sys/devices/virtual/powercap`).
+pub const CONTAINERD_MASKED_PATHS: [&str; 10] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/sys/firmware",
+    "/proc/scsi",
+];
+
+/// The open-files limit containerd's default spec sets (soft and hard).
+pub const CONTAINERD_NOFILE: u64 = 1024;
+
+/// containerd (1.6.18 and later, the fix for CVE-2023-25173), through CRI
+/// or `ctr`, lists a process's primary group among its supplementary ones.
+pub fn with_primary_group(container: &mut Container) {
+    if let (Some(gid), Some(groups)) = (container.user.gid, container.groups.as_mut())
+        && !groups.contains(&gid)
+    {
+        groups.insert(0, gid);
+    }
 }
 
 /// The files Kubernetes hands every container, under `/run/parma/files/`
@@ -274,14 +319,29 @@ pub fn container_for(built: &parma_layer::Built, spec: &Spec, resolved: Option<&
         .working_dir
         .clone()
         .unwrap_or_else(|| if config.working_dir.is_empty() { "/".to_string() } else { config.working_dir.clone() });
-    Container {
+    let containerd = spec.runtime == Runtime::Containerd;
+    let capabilities = match &spec.capabilities {
+        Some(sets) => sets.clone(),
+        None if containerd => crate::kube::cri_default_capabilities(),
+        None => default_capabilities(),
+    };
+    let rlimits = if spec.rlimits.is_empty() && containerd {
+        vec![Rlimit { kind: "RLIMIT_NOFILE".into(), soft: CONTAINERD_NOFILE, hard: CONTAINERD_NOFILE }]
+    } else {
+        spec.rlimits.clone()
+    };
+    let masked_paths = match &spec.masked_paths {
+        None if containerd => Some(CONTAINERD_MASKED_PATHS.map(String::from).to_vec()),
+        paths => paths.clone(),
+    };
+    let mut entry = Container {
         name: spec.name.clone().unwrap_or_else(|| "container".into()),
         layers: built.layers.layers.iter().map(|l| l.root_hash.clone()).collect(),
         command: spec.command.clone().unwrap_or_else(|| [config.entrypoint.clone(), config.cmd.clone()].concat()),
         env_rules,
         working_dir,
         user: spec.user.clone().unwrap_or(image_user),
-        capabilities: spec.capabilities.clone().unwrap_or_else(default_capabilities),
+        capabilities,
         no_new_privileges: spec.no_new_privileges,
         seccomp_profile_sha256: spec.seccomp_profile_sha256.clone().unwrap_or_default(),
         allow_elevated: spec.allow_elevated,
@@ -290,14 +350,18 @@ pub fn container_for(built: &parma_layer::Built, spec: &Spec, resolved: Option<&
         signals: spec.signals.clone(),
         allow_stdio_access: spec.allow_stdio_access.unwrap_or(true),
         terminal: spec.terminal,
-        rlimits: spec.rlimits.clone(),
+        rlimits,
         allow_resource_updates: spec.allow_resource_updates,
         readonly_rootfs: spec.readonly_rootfs,
         groups: Some(spec.groups.clone().unwrap_or(image_groups)),
         // Absent: the framework requires runc's defaults.
-        masked_paths: spec.masked_paths.clone(),
+        masked_paths,
         readonly_paths: spec.readonly_paths.clone(),
+    };
+    if containerd && spec.groups.is_none() {
+        with_primary_group(&mut entry);
     }
+    entry
 }
 
 /// The policy's Rego text for these containers: data, knobs all off, every
@@ -428,6 +492,37 @@ mod tests {
         assert_eq!(spec.env.len(), 2);
         assert_eq!(spec.env[1].rule(), EnvRule { pattern: "B=[0-9]+".into(), strategy: Strategy::Re2, required: true });
         assert!(serde_json::from_str::<Spec>(r#"{"comand": ["x"]}"#).is_err(), "typos are refused");
+    }
+
+    #[test]
+    fn containerds_defaults_for_ctr_run() {
+        let built = parma_layer::Built {
+            layers: serde_json::from_value(
+                serde_json::json!({"config_digest": format!("sha256:{}", "0".repeat(64)), "layers": []}),
+            )
+            .unwrap(),
+            config: parma_layer::ImageConfig { user: "1000:1001".into(), ..Default::default() },
+            layers_json: "layers.json".into(),
+            config_json: "config.json".into(),
+        };
+        let parma = container(&built, &serde_json::from_str(r#"{}"#).unwrap());
+        assert_eq!(parma.capabilities, default_capabilities());
+        assert!(parma.rlimits.is_empty() && parma.masked_paths.is_none());
+        assert_eq!(parma.groups, Some(vec![]));
+        let ctr = container(&built, &serde_json::from_str(r#"{"runtime": "containerd"}"#).unwrap());
+        assert_eq!(ctr.capabilities, crate::kube::cri_default_capabilities());
+        assert_eq!(ctr.rlimits, vec![Rlimit { kind: "RLIMIT_NOFILE".into(), soft: 1024, hard: 1024 }]);
+        assert_eq!(ctr.masked_paths.as_deref().map(<[String]>::len), Some(CONTAINERD_MASKED_PATHS.len()));
+        assert_eq!(ctr.groups, Some(vec![1001]), "the primary group, as containerd lists it");
+        // What the spec says wins.
+        let narrowed: Spec =
+            serde_json::from_str(r#"{"runtime": "containerd", "groups": [], "masked_paths": ["/proc/kcore"], "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 64, "hard": 64}]}"#)
+                .unwrap();
+        let ctr = container(&built, &narrowed);
+        assert_eq!(ctr.groups, Some(vec![]));
+        assert_eq!(ctr.masked_paths, Some(vec!["/proc/kcore".to_string()]));
+        assert_eq!(ctr.rlimits[0].soft, 64);
+        assert!(serde_json::from_str::<Spec>(r#"{"runtime": "docker"}"#).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::LayerError;
 use crate::convert::{self, TarError};
 use crate::digest::{Derived, Digest, HashReader};
+use crate::files::Watch;
 use crate::hasher::HashingFile;
 use crate::image::{self, Plan, PlannedLayer};
 use crate::pipe;
@@ -270,7 +271,7 @@ fn build_layer(
     progress: &dyn Fn(Progress),
 ) -> Result<LayerRecord, LayerError> {
     let (member, size) = source.open_member(&layer.member)?;
-    convert_layer(member, size, layer, index, count, out, progress)
+    convert_layer(member, size, layer, index, count, out, progress, None)
 }
 
 /// One layer blob on its own, as a containerd content store holds it:
@@ -290,11 +291,18 @@ pub struct Blob {
 
 /// Convert one layer blob (gzip, zstd or plain tar) read from `reader` into
 /// `out/<diff-id hex>.img`, the same bytes [`build`] makes for that layer;
-/// its digest, size and diff-id are checked.
-pub fn convert_blob<R: Read + Send>(reader: R, blob: &Blob, out: &Path) -> Result<LayerRecord, LayerError> {
+/// its digest, size and diff-id are checked. `watch`, if given, is told
+/// what the layer does to its wanted paths in the same pass (a layer that
+/// fails to convert leaves it incomplete).
+pub fn convert_blob<R: Read + Send>(
+    reader: R,
+    blob: &Blob,
+    out: &Path,
+    watch: Option<&mut Watch>,
+) -> Result<LayerRecord, LayerError> {
     fs::create_dir_all(out).map_err(|source| LayerError::Output { path: out.to_owned(), source })?;
     let layer = PlannedLayer { member: blob.name.clone(), blob: Some((blob.digest, blob.size)), diff_id: blob.diff_id };
-    convert_layer(reader, blob.size, &layer, 0, 1, out, &|_| {})
+    convert_layer(reader, blob.size, &layer, 0, 1, out, &|_| {}, watch)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -306,6 +314,7 @@ fn convert_layer<R: Read + Send>(
     count: usize,
     out: &Path,
     progress: &dyn Fn(Progress),
+    watch: Option<&mut Watch>,
 ) -> Result<LayerRecord, LayerError> {
     if let Some((digest, expected)) = layer.blob
         && expected != size
@@ -328,7 +337,7 @@ fn convert_layer<R: Read + Send>(
     // while the ext4 image is written.
     let params = parma_verity::Params::new(derived.verity_salt.to_vec(), derived.verity_uuid);
     let mut hashing = HashingFile::new(tmp.as_file(), &params).map_err(output)?;
-    let converted = convert_stream(&mut raw, &mut reporter, layer.blob.is_some(), options, &mut hashing);
+    let converted = convert_stream(&mut raw, &mut reporter, layer.blob.is_some(), options, &mut hashing, watch);
     // Whatever happened, a blob whose digest is wrong is the first thing to say.
     if let Some((digest, _)) = layer.blob {
         if converted.is_err() {
@@ -392,6 +401,7 @@ fn convert_stream<R: Read + Send>(
     raw_hashed: bool,
     options: parma_ext4::Options,
     image: &mut (impl Write + Seek),
+    watch: Option<&mut Watch>,
 ) -> Result<(u64, Option<Digest>, bool), StreamError> {
     let mut buffered = BufReader::with_capacity(READ_BUFFER, raw);
     let compression = sniff(buffered.fill_buf().map_err(StreamError::Read)?);
@@ -400,16 +410,16 @@ fn convert_stream<R: Read + Send>(
         Compression::None => {
             let blob = Reporting { inner: buffered, reporter };
             // An uncompressed blob's digest is its diff-id: hash it once.
-            let (image_size, diff_id) = convert_tar(HashReader::new(blob, !raw_hashed), options, image)?;
+            let (image_size, diff_id) = convert_tar(HashReader::new(blob, !raw_hashed), options, image, watch)?;
             Ok((image_size, diff_id, false))
         }
         Compression::Gzip => {
             let decoder = Gzip(flate2::bufread::MultiGzDecoder::new(buffered));
-            convert_piped(decoder, reporter, options, image)
+            convert_piped(decoder, reporter, options, image, watch)
         }
         Compression::Zstd => {
             let decoder = Zstd(zstd::stream::read::Decoder::with_buffer(buffered).map_err(decoder_err)?);
-            convert_piped(decoder, reporter, options, image)
+            convert_piped(decoder, reporter, options, image, watch)
         }
     }
 }
@@ -421,11 +431,12 @@ fn convert_tar<R: Read>(
     tar: HashReader<R>,
     options: parma_ext4::Options,
     image: &mut (impl Write + Seek),
+    watch: Option<&mut Watch>,
 ) -> Result<(u64, Option<Digest>), StreamError> {
     let mut archive = tar::Archive::new(tar);
     let image_size = {
         let sink = BufWriter::with_capacity(WRITE_BUFFER, &mut *image);
-        convert::convert(&mut archive, options, sink).map_err(StreamError::Tar)?
+        convert::convert(&mut archive, options, sink, watch).map_err(StreamError::Tar)?
     };
     let mut rest = archive.into_inner();
     let offset = rest.count();
@@ -440,11 +451,12 @@ fn convert_piped<D: BlobDecoder>(
     reporter: &mut Reporter<'_>,
     options: parma_ext4::Options,
     image: &mut (impl Write + Seek),
+    watch: Option<&mut Watch>,
 ) -> Result<(u64, Option<Digest>, bool), StreamError> {
     let mut consumed = |read| reporter.read(read);
     std::thread::scope(|scope| {
         let (reader, decoding) = pipe::spawn(scope, decoder, &mut consumed).map_err(StreamError::Read)?;
-        let converted = convert_tar(HashReader::new(reader, false), options, image);
+        let converted = convert_tar(HashReader::new(reader, false), options, image, watch);
         let finished = decoding.finish().map_err(StreamError::Read)?;
         let (image_size, _) = converted?;
         // The tar was read to its end, so the stream ended: its digest is

@@ -5,6 +5,8 @@ use std::io::{self, Read, Seek, Write};
 
 use parma_ext4::{Metadata, Options, Special, Timestamp, Writer, Xattr};
 
+use crate::files::Watch;
+
 const WHITEOUT: &[u8] = b".wh.";
 const OPAQUE: &[u8] = b".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
@@ -98,16 +100,19 @@ enum Seen {
 ///   refuses.
 pub fn tar_to_ext4<R: Read, W: Write + Seek>(tar: R, options: Options, out: W) -> Result<u64, TarError> {
     let mut archive = tar::Archive::new(tar);
-    convert(&mut archive, options, out)
+    convert(&mut archive, options, out, None)
 }
 
+/// [`tar_to_ext4`] on an archive, telling `watch` (if any) what each entry
+/// does to its wanted paths.
 pub(crate) fn convert<R: Read, W: Write + Seek>(
     archive: &mut tar::Archive<R>,
     options: Options,
     out: W,
+    watch: Option<&mut Watch>,
 ) -> Result<u64, TarError> {
     let writer = Writer::new(out, options).map_err(TarError::Image)?;
-    let mut c = Converter { w: writer, seen: HashMap::new(), last_dir: Vec::new() };
+    let mut c = Converter { w: writer, seen: HashMap::new(), last_dir: Vec::new(), watch };
     c.seen.insert(Box::default(), Seen::Dir { meta: implicit_dir(), explicit: false, opaque: false });
     let mut next = 0u64;
     let entries = archive.entries().map_err(|source| TarError::Read { offset: 0, source })?;
@@ -186,15 +191,31 @@ fn pax_time(value: &[u8]) -> Option<Timestamp> {
     Some(Timestamp::new(seconds, nanos))
 }
 
-struct Converter<W: Write + Seek> {
+struct Converter<'w, W: Write + Seek> {
     w: Writer<W>,
     seen: HashMap<Box<[u8]>, Seen>,
     /// The last directory [`Converter::ensure_dir`] checked: entries come
     /// grouped by directory, so most checks stop here.
     last_dir: Vec<u8>,
+    /// Told what each entry does to a few wanted paths.
+    watch: Option<&'w mut Watch>,
 }
 
-impl<W: Write + Seek> Converter<W> {
+/// A reader that keeps a copy of what it reads.
+struct Tee<'a, R> {
+    inner: R,
+    copy: &'a mut Vec<u8>,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.extend_from_slice(buf.get(..n).unwrap_or_default());
+        Ok(n)
+    }
+}
+
+impl<W: Write + Seek> Converter<'_, W> {
     fn entry<R: Read>(&mut self, e: &mut tar::Entry<'_, R>, offset: u64) -> Result<(), TarError> {
         let kind = e.header().entry_type();
         if kind.is_pax_global_extensions() {
@@ -208,6 +229,9 @@ impl<W: Write + Seek> Converter<W> {
 
         if let Some(target) = name.strip_prefix(WHITEOUT) {
             if name == OPAQUE {
+                if let Some(watch) = self.watch.as_deref_mut() {
+                    watch.whiteout(parent);
+                }
                 return self.opaque(parent, &raw, offset);
             }
             if target.starts_with(WHITEOUT) {
@@ -217,6 +241,9 @@ impl<W: Write + Seek> Converter<W> {
                 return Err(TarError::Invalid { entry: show(&raw), offset, reason: "whiteout of an invalid name" });
             }
             let target = join(parent, target);
+            if let Some(watch) = self.watch.as_deref_mut() {
+                watch.whiteout(&target);
+            }
             self.ensure_dir(parent, &raw, offset)?;
             self.claim(&target, &raw, offset)?;
             let gone = Metadata { mode: 0, xattrs: Vec::new(), ..meta };
@@ -225,7 +252,11 @@ impl<W: Write + Seek> Converter<W> {
             return Ok(());
         }
 
+        let watched = self.watch.as_deref_mut().is_some_and(|watch| watch.entry(&path, kind.is_dir()));
         if kind.is_dir() {
+            if watched && let Some(watch) = self.watch.as_deref_mut() {
+                watch.found(&path, None);
+            }
             return self.dir(&path, meta, &raw, offset);
         }
         if path.is_empty() {
@@ -245,7 +276,19 @@ impl<W: Write + Seek> Converter<W> {
                     reason: "sparse entry expands to over 1 GiB and 64 times its stored size",
                 });
             }
-            self.w.add_file(&path, &meta, size, &mut *e).map_err(ext4)?;
+            if watched && let Some(watch) = self.watch.as_deref_mut() {
+                // A wanted file: its bytes are kept as they go into the image.
+                let mut data = Vec::new();
+                let keep = Watch::keeps(kind, size);
+                if keep {
+                    self.w.add_file(&path, &meta, size, &mut Tee { inner: &mut *e, copy: &mut data }).map_err(ext4)?;
+                } else {
+                    self.w.add_file(&path, &meta, size, &mut *e).map_err(ext4)?;
+                }
+                watch.found(&path, keep.then_some(data));
+            } else {
+                self.w.add_file(&path, &meta, size, &mut *e).map_err(ext4)?;
+            }
             Seen::Other
         } else if kind.is_symlink() {
             let target = e.link_name_bytes().ok_or_else(|| TarError::Invalid {
@@ -286,6 +329,12 @@ impl<W: Write + Seek> Converter<W> {
         } else {
             return Err(TarError::UnsupportedType { entry: show(&raw), offset, kind: char::from(kind.as_byte()) });
         };
+        if watched
+            && !matches!(kind, k if k.is_file() || k.is_contiguous() || k.is_gnu_sparse())
+            && let Some(watch) = self.watch.as_deref_mut()
+        {
+            watch.found(&path, None);
+        }
         self.seen.insert(path.into(), seen);
         Ok(())
     }

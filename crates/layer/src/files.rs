@@ -26,7 +26,6 @@ pub fn read_files(
     reference: Option<&str>,
     wanted: &[&str],
 ) -> Result<BTreeMap<String, Vec<u8>>, LayerError> {
-    let wanted: Vec<String> = wanted.iter().map(|path| normalise(path)).collect();
     let source = Source::open(oci)?;
     let plan = image::plan(&source, reference)?;
     let mut layers = Vec::new();
@@ -41,7 +40,7 @@ pub fn read_files(
             Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered).map_err(read_err)?),
         };
         let mut tar = HashReader::new(decoder, true);
-        let changes = scan_layer(&mut tar, &wanted).map_err(read_err)?;
+        let changes = scan_layer(&mut tar, wanted).map_err(read_err)?;
         io::copy(&mut tar, &mut io::sink()).map_err(read_err)?;
         let actual = tar.digest().unwrap_or(layer.diff_id);
         if actual != layer.diff_id {
@@ -56,7 +55,6 @@ pub fn read_files(
 /// paths: [`read_files`] for a layer on its own (the snapshotter's case),
 /// to be stacked with [`stack`].
 pub fn scan_blob(blob: impl Read, wanted: &[&str]) -> io::Result<LayerFiles> {
-    let wanted: Vec<String> = wanted.iter().map(|path| normalise(path)).collect();
     let mut buffered = BufReader::new(blob);
     let compression = sniff(buffered.fill_buf()?);
     let mut decoder: Box<dyn Read + '_> = match compression {
@@ -64,7 +62,7 @@ pub fn scan_blob(blob: impl Read, wanted: &[&str]) -> io::Result<LayerFiles> {
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
     };
-    let changes = scan_layer(&mut decoder, &wanted)?;
+    let changes = scan_layer(&mut decoder, wanted)?;
     io::copy(&mut decoder, &mut io::sink())?;
     Ok(changes)
 }
@@ -89,8 +87,65 @@ pub struct LayerFiles {
     pub entries: BTreeMap<String, Option<Vec<u8>>>,
 }
 
-fn scan_layer(tar: &mut impl Read, wanted: &[String]) -> io::Result<LayerFiles> {
-    let mut changes = LayerFiles::default();
+/// Collects what one layer does to a few wanted paths, entry by entry, as
+/// the layer is read: by [`scan_blob`] on its own, or by the converter
+/// while it writes the image ([`crate::convert_blob`]), so that a layer
+/// is decompressed once for both.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    wanted: Vec<String>,
+    files: LayerFiles,
+}
+
+impl Watch {
+    /// Watch for `wanted` (absolute paths such as `/etc/passwd`).
+    pub fn new(wanted: &[&str]) -> Self {
+        Self { wanted: wanted.iter().map(|path| normalise(path)).collect(), files: LayerFiles::default() }
+    }
+
+    /// What the layer did to the wanted paths.
+    pub fn into_files(self) -> LayerFiles {
+        self.files
+    }
+
+    /// A whiteout of `gone` (a relative, normalised path; the directory of
+    /// an opaque marker). Only whiteouts that hide a wanted path (or a
+    /// directory above one) are kept: a layer of a million whiteouts costs
+    /// nothing here.
+    pub(crate) fn whiteout(&mut self, gone: &[u8]) {
+        let Ok(gone) = std::str::from_utf8(gone) else { return };
+        if self.wanted.iter().any(|w| w == gone || under(w, gone)) {
+            self.files.removed.push(gone.to_string());
+        }
+    }
+
+    /// Any other entry at `path` (relative, normalised). Returns whether it
+    /// is a wanted path whose contents [`Watch::found`] must then be told.
+    pub(crate) fn entry(&mut self, path: &[u8], is_dir: bool) -> bool {
+        let Ok(path) = std::str::from_utf8(path) else { return false };
+        // A file that replaces a wanted path's parent hides it too.
+        if !is_dir && self.wanted.iter().any(|w| under(w, path)) {
+            self.files.removed.push(path.to_string());
+        }
+        self.wanted.iter().any(|w| w == path)
+    }
+
+    /// The contents of a wanted `path` (`None`: not a regular file, or
+    /// over [`MAX_FILE`]).
+    pub(crate) fn found(&mut self, path: &[u8], data: Option<Vec<u8>>) {
+        let Ok(path) = std::str::from_utf8(path) else { return };
+        self.files.entries.insert(path.to_string(), data);
+        self.files.removed.push(path.to_string());
+    }
+
+    /// Whether a wanted entry of this type and size is kept with its bytes.
+    pub(crate) fn keeps(kind: tar::EntryType, size: u64) -> bool {
+        kind.is_file() && size <= MAX_FILE
+    }
+}
+
+fn scan_layer(tar: &mut impl Read, wanted: &[&str]) -> io::Result<LayerFiles> {
+    let mut watch = Watch::new(wanted);
     let mut archive = tar::Archive::new(tar);
     for entry in archive.entries()? {
         let mut entry = entry?;
@@ -98,41 +153,29 @@ fn scan_layer(tar: &mut impl Read, wanted: &[String]) -> io::Result<LayerFiles> 
         let Ok(name) = std::str::from_utf8(&raw) else { continue };
         let path = normalise(name);
         let (dir, base) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
-        // Only whiteouts that hide a wanted path (or a directory above one)
-        // are kept: a layer of a million whiteouts costs nothing here.
-        let hides_wanted = |gone: &str| wanted.iter().any(|w| w == gone || under(w, gone));
         if base == ".wh..wh..opq" {
-            if hides_wanted(dir) {
-                changes.removed.push(dir.to_string());
-            }
+            watch.whiteout(dir.as_bytes());
             continue;
         }
         if let Some(hidden) = base.strip_prefix(".wh.") {
             let gone = if dir.is_empty() { hidden.to_string() } else { format!("{dir}/{hidden}") };
-            if hides_wanted(&gone) {
-                changes.removed.push(gone);
-            }
+            watch.whiteout(gone.as_bytes());
             continue;
         }
-        // A directory or file that replaces a wanted path's parent hides it too.
-        if wanted.iter().any(|w| under(w, &path)) && !entry.header().entry_type().is_dir() {
-            changes.removed.push(path.clone());
-        }
-        if !wanted.contains(&path) {
+        let kind = entry.header().entry_type();
+        if !watch.entry(path.as_bytes(), kind.is_dir()) {
             continue;
         }
-        let regular = entry.header().entry_type().is_file() && entry.size() <= MAX_FILE;
-        let data = if regular {
+        let data = if Watch::keeps(kind, entry.size()) {
             let mut data = Vec::new();
             entry.by_ref().take(MAX_FILE).read_to_end(&mut data)?;
             Some(data)
         } else {
             None
         };
-        changes.entries.insert(path.clone(), data);
-        changes.removed.push(path);
+        watch.found(path.as_bytes(), data);
     }
-    Ok(changes)
+    Ok(watch.into_files())
 }
 
 /// A tar member name or an absolute path as `etc/passwd`.

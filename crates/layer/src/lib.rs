@@ -78,7 +78,7 @@ use std::path::PathBuf;
 pub use build::{Blob, Built, ImageConfig, LayerRecord, LayersFile, Progress, build, convert_blob};
 pub use convert::{TarError, tar_to_ext4};
 pub use digest::{Derived, Digest};
-pub use files::{LayerFiles, MAX_FILE, read_files, scan_blob, stack};
+pub use files::{LayerFiles, MAX_FILE, Watch, read_files, scan_blob, stack};
 
 /// Why an image could not be turned into layer images.
 #[derive(Debug, thiserror::Error)]

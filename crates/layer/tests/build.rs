@@ -330,6 +330,89 @@ fn read_files_applies_whiteouts_and_opaque_directories() {
     }
 }
 
+/// The conversion reads the wanted files in the same pass (the
+/// snapshotter's case): what it finds equals a scan of the blob on its own,
+/// for every compression and for each shape a wanted path can take (file,
+/// large file, link, directory, whiteout, opaque parent, a file replacing
+/// a parent), and watching changes no byte of the image.
+#[test]
+fn converting_a_blob_reads_the_wanted_files_in_the_same_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = vec![
+        E::file("etc/passwd", "base passwd"),
+        E::file("etc/group", "base group"),
+        E::file("etc/big", content(9, (parma_layer::MAX_FILE + 1) as usize)),
+        E::dir("etc/dir"),
+        E::file("opt/a/x", "old"),
+        E::file("srv/y", "gone with srv"),
+        E::link("etc/hard", "etc/passwd"),
+    ];
+    let top = vec![
+        E::file("etc/.wh.group", ""),
+        E::file("./etc/passwd", "top passwd"),
+        E::file("opt/a/.wh..wh..opq", ""),
+        E::file("opt/a/new", "new"),
+        E::file("srv", "a file where a directory was"),
+        E::symlink("usr/link", "z"),
+        E::file("unrelated/.wh.thing", ""),
+    ];
+    let wanted = [
+        "/etc/passwd",
+        "/etc/group",
+        "/etc/big",
+        "/etc/dir",
+        "/etc/hard",
+        "/opt/a/x",
+        "/opt/a/new",
+        "/srv/y",
+        "/usr/link",
+        "/none",
+    ];
+    let mut stacked = Vec::new();
+    for (n, entries) in [base, top].iter().enumerate() {
+        let tar = tar_of(entries);
+        let diff_id = parma_layer::Digest::of(&tar);
+        let mut images = Vec::new();
+        let mut found = Vec::new();
+        for comp in [Comp::None, Comp::Gzip, Comp::Zstd] {
+            let blob_bytes = compress(&tar, comp);
+            let blob = parma_layer::Blob {
+                name: format!("layer {n} {comp:?}"),
+                digest: parma_layer::Digest::of(&blob_bytes),
+                size: blob_bytes.len() as u64,
+                diff_id,
+            };
+            let scanned = parma_layer::scan_blob(blob_bytes.as_slice(), &wanted).unwrap();
+            let out = tmp.path().join(format!("{n}-{comp:?}"));
+            let mut watch = parma_layer::Watch::new(&wanted);
+            let record = parma_layer::convert_blob(blob_bytes.as_slice(), &blob, &out, Some(&mut watch)).unwrap();
+            let watched = watch.into_files();
+            assert_eq!(watched, scanned, "layer {n} {comp:?}");
+            let plain = tmp.path().join(format!("{n}-{comp:?}-plain"));
+            let unwatched = parma_layer::convert_blob(blob_bytes.as_slice(), &blob, &plain, None).unwrap();
+            assert_eq!(record, unwatched);
+            let bytes = std::fs::read(out.join(&record.file)).unwrap();
+            assert_eq!(bytes, std::fs::read(plain.join(&record.file)).unwrap());
+            images.push(bytes);
+            found.push(watched);
+        }
+        assert!(images.windows(2).all(|pair| pair[0] == pair[1]));
+        stacked.push(found.swap_remove(0));
+    }
+    let files = parma_layer::stack(&stacked);
+    let text = |path: &str| files.get(path).map(|data| String::from_utf8_lossy(data).into_owned());
+    assert_eq!(text("/etc/passwd").as_deref(), Some("top passwd"));
+    for gone in ["/etc/group", "/etc/big", "/etc/dir", "/etc/hard", "/opt/a/x", "/srv/y", "/usr/link", "/none"] {
+        assert_eq!(text(gone), None, "{gone}");
+    }
+    assert_eq!(text("/opt/a/new").as_deref(), Some("new"));
+    // The base layer alone: the link and the directory are there, but not files.
+    assert_eq!(stacked[0].entries.get("etc/hard"), Some(&None));
+    assert_eq!(stacked[0].entries.get("etc/dir"), Some(&None));
+    assert_eq!(stacked[0].entries.get("etc/big"), Some(&None));
+    assert_eq!(stacked[1].removed.iter().filter(|path| path.starts_with("unrelated")).count(), 0);
+}
+
 /// The images of two fixed layers, pinned: a change to how layers are read
 /// (threads, decompressors, buffers) must not change a byte of the output.
 /// Values from the single-threaded build with miniz_oxide (before the
