@@ -6,7 +6,9 @@
 //! StartContainer, ExecSync (the liveness probe), ContainerStatus, the
 //! container log, a container the policy refuses (the explained denial at
 //! StartContainer, where containerd 1.6 creates the task), StopPodSandbox, RemovePodSandbox, and nothing left
-//! behind.
+//! behind. The pod's policy is generated from the image's OCI layout, and
+//! again by `parma policy gen --pod` pulling the image from the registry:
+//! the same bytes.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -75,8 +77,24 @@ fn kubelets_cri_calls_run_a_confidential_pod_and_leave_nothing_behind() -> anyho
     containerd.push(&image.layout, &image.reference, "parma/pause:1")?;
     let pod_yaml = POD.replace("IMAGE", &target);
     let images = Images::parse(&[format!("{target}={}", image.layout.display())])?;
-    let (policies, _) = generate_pod(&pod_yaml, &images, &work.path().join("layers"))?;
+    let (policies, annotated) = generate_pod(&pod_yaml, &images, &work.path().join("layers"))?;
     let policy = &policies[0].policy;
+    // `parma policy gen --pod` with the image pulled from the registry (in
+    // the test's network namespace) writes the same bytes.
+    let pod_file = work.path().join("pod.yaml");
+    std::fs::write(&pod_file, &pod_yaml)?;
+    let pulled = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", containerd.netns))
+        .arg(paths.repo.join("target/release/parma"))
+        .args(["policy", "gen", "--pod"])
+        .arg(&pod_file)
+        .args(["--plain-http", parma_tests::containerd::REGISTRY, "--images-dir"])
+        .arg(work.path().join("images"))
+        .arg("--layers-dir")
+        .arg(work.path().join("pulled-layers"))
+        .output()?;
+    ensure!(pulled.status.success(), "policy gen from the registry: {}", String::from_utf8_lossy(&pulled.stderr));
+    ensure!(pulled.stdout == annotated.as_bytes(), "the registry's image gave another policy");
     let logs = work.path().join("logs");
     std::fs::create_dir_all(&logs)?;
     // Where kubelet keeps a pod's hosts file.

@@ -2,7 +2,9 @@
 //! 1.6 (started by the test, in its own directory and network namespace),
 //! `ctr images pull --snapshotter parma` (no CRI labels: the snapshotter
 //! finds each layer's blob through the image's manifest), then
-//! `ctr run --runtime io.containerd.parma.v2 --annotation io.parma.policy=…`:
+//! `parma policy gen --spec '{"runtime": "containerd", …}'`, then
+//! `ctr run --runtime io.containerd.parma.v2 --annotation "$(parma policy
+//! annotation --ctr policy.rego)"` (the README's flow):
 //! the container runs in its own UVM under the policy, its output on ctr's
 //! stdout; a command the policy does not allow and a container without a
 //! policy are refused with the reason; nothing is left behind.
@@ -64,9 +66,32 @@ fn ctr_pulls_and_runs_a_confidential_container() -> anyhow::Result<()> {
     let layers = work.path().join("layers");
     let spec = work.path().join("spec.json");
     std::fs::write(&spec, serde_json::to_vec(&ctr_spec())?)?;
-    let policy = parma_host::policy_gen::generate(&image.layout, None, Some(&spec), &layers)?;
-    let annotation =
-        format!("{}={}", parma_host::annotation::POLICY_ANNOTATION, parma_host::annotation::encode(&policy));
+    // As the README shows it: parma policy gen, then the annotation for ctr.
+    let parma = paths.repo.join("target/release/parma");
+    let policy = work.path().join("policy.rego");
+    let generated = Command::new(&parma)
+        .args(["policy", "gen", "--oci"])
+        .arg(&image.layout)
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--layers-dir")
+        .arg(&layers)
+        .arg("--out")
+        .arg(&policy)
+        .output()?;
+    ensure!(generated.status.success(), "parma policy gen: {}", text(&generated));
+    let annotated = Command::new(&parma).args(["policy", "annotation", "--ctr"]).arg(&policy).output()?;
+    ensure!(annotated.status.success(), "parma policy annotation: {}", text(&annotated));
+    let annotation = String::from_utf8(annotated.stdout)?.trim_end().to_string();
+    ensure!(
+        annotation
+            == format!(
+                "{}={}",
+                parma_host::annotation::POLICY_ANNOTATION,
+                parma_host::annotation::encode(&std::fs::read_to_string(&policy)?)
+            ),
+        "{annotation}"
+    );
     let diagnose = |output: &Output| {
         format!("{}\n--- snapshotter:\n{}\n--- containerd:\n{}", text(output), containerd.log("snapshotter"), {
             let log = containerd.log("containerd");

@@ -12,7 +12,7 @@ pub enum PolicyCommand {
     /// Generate a policy from a container image (and an optional container
     /// spec): the layers' root hashes, the command, env, working dir, user.
     #[command(
-        after_help = "Example:\n  parma policy gen --oci image.tar --spec spec.json --out policy.rego\n  parma policy gen --pod pod.yaml --image nginx:1.27=nginx.tar --out pod-with-policy.yaml"
+        after_help = "Example:\n  parma policy gen --oci image.tar --spec spec.json --out policy.rego\n  parma policy gen --pod pod.yaml --image nginx:1.27=nginx.tar --out pod-with-policy.yaml\n  parma policy gen --pod pod.yaml --plain-http 127.0.0.1:5000 --out pod-with-policy.yaml"
     )]
     Gen {
         /// An OCI image layout directory or a `docker save` archive.
@@ -37,6 +37,15 @@ pub enum PolicyCommand {
         /// image in it); one per image.
         #[arg(long = "image", requires = "pod")]
         images: Vec<String>,
+        /// With --pod: the images no --image names are pulled from their
+        /// registries (anonymously, over HTTPS) and kept here, an OCI
+        /// layout per image.
+        #[arg(long, requires = "pod", default_value = parma_host::run::DEFAULT_IMAGES_DIR)]
+        images_dir: PathBuf,
+        /// With --pod: a registry (HOST[:PORT]) to pull from over plain
+        /// HTTP instead of HTTPS; one per registry.
+        #[arg(long = "plain-http", requires = "pod")]
+        plain_http: Vec<String>,
         /// Where the layer images go (they are built as `parma layer build`
         /// does; the same default as `parma run`, so an image is converted once).
         #[arg(long, default_value = parma_host::run::DEFAULT_LAYERS_DIR)]
@@ -58,7 +67,7 @@ pub enum PolicyCommand {
     /// `io.parma.policy` = base64 of the gzip'd policy (deterministic).
     /// With --decode, print the policy an annotation value carries.
     #[command(
-        after_help = "Example:\n  parma policy annotation policy.rego\n  parma policy annotation --decode value.txt"
+        after_help = "Example:\n  parma policy annotation policy.rego\n  parma policy annotation --decode value.txt\n  ctr run --annotation \"$(parma policy annotation --ctr policy.rego)\" ..."
     )]
     Annotation {
         /// The policy file (Rego), or with --decode a file holding the value.
@@ -67,6 +76,9 @@ pub enum PolicyCommand {
         /// not base64, not gzip'd, or too large).
         #[arg(long)]
         decode: bool,
+        /// Print `io.parma.policy=VALUE`, the argument `ctr run --annotation` takes.
+        #[arg(long, conflicts_with = "decode")]
+        ctr: bool,
     },
     /// Print a fragment issuer's id for a policy's `fragments` list: sha256
     /// of its public key (SubjectPublicKeyInfo DER).
@@ -114,9 +126,10 @@ pub struct EvalArgs {
 
 pub fn execute(command: PolicyCommand) -> anyhow::Result<i32> {
     match command {
-        PolicyCommand::Gen { pod: Some(pod), images, layers_dir, out, .. } => {
+        PolicyCommand::Gen { pod: Some(pod), images, images_dir, plain_http, layers_dir, out, .. } => {
             let yaml = std::fs::read_to_string(&pod).with_context(|| format!("cannot read {}", pod.display()))?;
-            let images = parma_host::kube::Images::parse(&images)?;
+            let registry = parma_host::registry::Registry::new(&images_dir).plain_http(&plain_http);
+            let images = parma_host::kube::Images::parse(&images)?.with_registry(registry);
             let (policies, annotated) = parma_host::kube::generate_pod(&yaml, &images, &layers_dir)
                 .with_context(|| format!("cannot make the policy of {}", pod.display()))?;
             match out {
@@ -157,10 +170,12 @@ pub fn execute(command: PolicyCommand) -> anyhow::Result<i32> {
             let hash = parma_policy::policy_hash(&bytes);
             print(json, &serde_json::json!({"file": file, "sha256": hash}), |_| hash.clone())
         }
-        PolicyCommand::Annotation { file, decode } => {
+        PolicyCommand::Annotation { file, decode, ctr } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             if decode {
                 print!("{}", parma_host::annotation::decode(&text)?);
+            } else if ctr {
+                println!("{}={}", parma_host::annotation::POLICY_ANNOTATION, parma_host::annotation::encode(&text));
             } else {
                 println!("{}: {}", parma_host::annotation::POLICY_ANNOTATION, parma_host::annotation::encode(&text));
             }

@@ -204,9 +204,16 @@ enum VolumeKind {
 }
 
 /// The images `--image IMAGE=PATH[#REF]` names: a workload's `image:` to a
-/// local OCI layout or `docker save` archive (and the image in it).
-#[derive(Debug, Clone, Default)]
-pub struct Images(BTreeMap<String, (PathBuf, Option<String>)>);
+/// local OCI layout or `docker save` archive (and the image in it); with a
+/// [`Registry`](crate::registry::Registry), any other image is pulled from
+/// its registry.
+#[derive(Debug, Default)]
+pub struct Images {
+    local: BTreeMap<String, (PathBuf, Option<String>)>,
+    registry: Option<crate::registry::Registry>,
+    /// Images pulled in this run (a pod may name one several times).
+    pulled: std::sync::Mutex<BTreeMap<String, PathBuf>>,
+}
 
 impl Images {
     /// Parse `IMAGE=PATH[#REF]` arguments.
@@ -223,13 +230,31 @@ impl Images {
                 bail!("--image {image:?} is given twice");
             }
         }
-        Ok(Self(images))
+        Ok(Self { local: images, ..Default::default() })
     }
 
-    fn get(&self, image: &str) -> anyhow::Result<&(PathBuf, Option<String>)> {
-        self.0.get(image).with_context(|| {
-            format!("no --image for {image:?}: give --image {image}=PATH (an OCI layout or a docker save archive)")
-        })
+    /// Pull the images `--image` does not name through `registry`.
+    pub fn with_registry(mut self, registry: crate::registry::Registry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    fn get(&self, image: &str) -> anyhow::Result<(PathBuf, Option<String>)> {
+        if let Some(local) = self.local.get(image) {
+            return Ok(local.clone());
+        }
+        let Some(registry) = &self.registry else {
+            bail!("no --image for {image:?}: give --image {image}=PATH (an OCI layout or a docker save archive)")
+        };
+        let mut pulled = self.pulled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(layout) = pulled.get(image) {
+            return Ok((layout.clone(), None));
+        }
+        let layout = registry.pull(image).with_context(|| {
+            format!("{image:?} (or give --image {image}=PATH, an OCI layout or a docker save archive)")
+        })?;
+        pulled.insert(image.to_string(), layout.clone());
+        Ok((layout, None))
     }
 }
 
@@ -497,6 +522,7 @@ fn workload_policy(
             bail!("{} {:?}: two containers are named {:?}", workload.kind, workload.name, container.name);
         }
         let (oci, reference) = images.get(&container.image)?;
+        let oci = oci.as_path();
         let built = parma_layer::build(oci, reference.as_deref(), layers_dir, &|_| {})
             .with_context(|| format!("cannot build the layers of {} ({})", container.image, oci.display()))?;
         let container_spec = container_spec(container, spec, volumes, &built, &hostname)?;

@@ -19,6 +19,7 @@ pub mod netns;
 pub mod policy_gen;
 pub mod qemu;
 pub mod qmp;
+pub mod registry;
 pub mod run;
 pub mod user;
 pub mod vm;

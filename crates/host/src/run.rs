@@ -21,6 +21,8 @@ use crate::vm::{StartOptions, StopReason, Vm};
 /// Where `parma layer build`, `parma policy gen` and `parma run` put layer
 /// images unless told otherwise: one place, so an image is converted once.
 pub const DEFAULT_LAYERS_DIR: &str = "out/layers";
+/// Where `parma policy gen --pod` keeps the images it pulls.
+pub const DEFAULT_IMAGES_DIR: &str = "out/images";
 
 /// `parma run`'s exit code when `parma` itself failed (as `docker run`).
 pub const EXIT_FAILED: i32 = 125;
