@@ -11,11 +11,16 @@
 //! hotplug_slots = 16              # layer disks a pod may add while it runs
 //! boot_deadline_s = 60
 //! state_dir = "/run/parma-shim"   # the shims' sockets and records
+//!
+//! [snp]                           # absent: INSECURE emulated attestation
+//! igvm = "/usr/share/parma/uvm/uvm.igvm"   # or ovmf = "/usr/share/ovmf/AMDSEV.fd"
+//! vcpu_type = "EPYC-v4"
 //! ```
 
 use std::path::{Path, PathBuf};
 
-use parma_host::Accel;
+use parma_host::run::SnpLaunch;
+use parma_host::{Accel, SnpBoot};
 use serde::Deserialize;
 
 /// The default configuration file.
@@ -50,6 +55,30 @@ pub struct Config {
     /// The shims' sockets and records of what they started.
     #[serde(default = "default_state")]
     pub state_dir: PathBuf,
+    /// Launch every pod's UVM as an SEV-SNP guest with HOST_DATA = sha256
+    /// of its policy (`accel = "kvm"` on an SNP host). Absent: INSECURE
+    /// emulation, the policy's hash on the guest's command line.
+    #[serde(default)]
+    pub snp: Option<SnpConfig>,
+}
+
+/// How an SEV-SNP launch boots (as `parma run --snp` takes it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnpConfig {
+    /// The UVM's IGVM file (QEMU 10.1 or newer).
+    #[serde(default)]
+    pub igvm: Option<PathBuf>,
+    /// Or an AmdSevX64 OVMF build (kernel hashes; QEMU 9.1 or newer).
+    #[serde(default)]
+    pub ovmf: Option<PathBuf>,
+    /// The vCPU type (the launch digest depends on it).
+    #[serde(default = "default_vcpu_type")]
+    pub vcpu_type: String,
+}
+
+fn default_vcpu_type() -> String {
+    "EPYC-v4".into()
 }
 
 fn default_qemu() -> PathBuf {
@@ -110,7 +139,22 @@ impl Config {
         if config.hotplug_slots > 30 {
             return Err("hotplug_slots: at most 30".into());
         }
+        config.snp_launch()?;
         Ok(config)
+    }
+
+    /// The SEV-SNP launch, if the configuration asks for one.
+    pub fn snp_launch(&self) -> Result<Option<SnpLaunch>, String> {
+        let Some(snp) = &self.snp else { return Ok(None) };
+        if self.accel()? != Accel::Kvm {
+            return Err("snp: an SEV-SNP launch needs accel = \"kvm\" on an SNP host (TCG has no SEV-SNP)".into());
+        }
+        let boot = match (&snp.igvm, &snp.ovmf) {
+            (Some(igvm), None) => SnpBoot::Igvm(igvm.clone()),
+            (None, Some(ovmf)) => SnpBoot::KernelHashes { ovmf: ovmf.clone() },
+            _ => return Err("snp: give igvm (the UVM's IGVM file) or ovmf (an AmdSevX64 OVMF), one of them".into()),
+        };
+        Ok(Some(SnpLaunch { boot, vcpu_type: snp.vcpu_type.clone() }))
     }
 
     /// The accelerator.
@@ -136,5 +180,27 @@ mod tests {
         assert!(Config::parse("uvm = \"/u\"\naccel = \"hvf\"\n").is_err());
         assert!(Config::parse("accel = \"tcg\"\n").unwrap_err().contains("uvm"));
         assert!(Config::parse("uvm = \"/u\"\nhotplug_slots = 31\n").is_err());
+        assert!(config.snp_launch().unwrap().is_none(), "no [snp]: emulation");
+    }
+
+    #[test]
+    fn an_snp_launch_is_configured_in_full_or_refused() {
+        let config = Config::parse("uvm = \"/u\"\n[snp]\nigvm = \"/u/uvm.igvm\"\n").unwrap();
+        let launch = config.snp_launch().unwrap().unwrap();
+        assert!(matches!(&launch.boot, SnpBoot::Igvm(path) if path == Path::new("/u/uvm.igvm")));
+        assert_eq!(launch.vcpu_type, "EPYC-v4");
+        let config = Config::parse("uvm = \"/u\"\n[snp]\novmf = \"/o.fd\"\nvcpu_type = \"EPYC-Milan\"\n").unwrap();
+        let launch = config.snp_launch().unwrap().unwrap();
+        assert!(matches!(&launch.boot, SnpBoot::KernelHashes { ovmf } if ovmf == Path::new("/o.fd")));
+        assert_eq!(launch.vcpu_type, "EPYC-Milan");
+        for (text, says) in [
+            ("uvm = \"/u\"\naccel = \"tcg\"\n[snp]\nigvm = \"/i\"\n", "needs accel"),
+            ("uvm = \"/u\"\n[snp]\n", "one of them"),
+            ("uvm = \"/u\"\n[snp]\nigvm = \"/i\"\novmf = \"/o\"\n", "one of them"),
+            ("uvm = \"/u\"\n[snp]\nigvm = \"/i\"\nhost_data = \"00\"\n", "host_data"),
+        ] {
+            let err = Config::parse(text).unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 }

@@ -128,8 +128,13 @@ impl Pod {
         vm_config.memory_mib = config.memory_mib;
         vm_config.cpus = config.cpus;
         vm_config.hotplug_slots = config.hotplug_slots;
-        tracing::warn!("INSECURE: no SEV-SNP; the policy's hash is given to the agent as emulated HOST_DATA");
-        vm_config.insecure_emulated_host_data = Some(parsed.hash());
+        // HOST_DATA is the policy's hash: in the SNP launch, or emulated.
+        let snp = config.snp_launch().map_err(PodError::Refused)?;
+        if snp.is_none() {
+            tracing::warn!("INSECURE: no SEV-SNP; the policy's hash is given to the agent as emulated HOST_DATA");
+        }
+        parma_host::run::configure_launch(&mut vm_config, snp.as_ref(), parsed.hash())
+            .map_err(|err| PodError::Refused(err.to_string()))?;
         let netns = spec
             .linux
             .iter()

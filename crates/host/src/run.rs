@@ -14,7 +14,7 @@ use parma_protocol::{AgentError, ErrorCode, Interface, Mount, OutputStream, Proc
 
 use crate::client::{Client, ClientError, ProcessStatus};
 use crate::policy_gen::default_capabilities;
-use crate::qemu::{Accel, Disk, Serial, Snp, SnpBoot, VmConfig};
+use crate::qemu::{Accel, Disk, Serial, Snp, SnpBoot, VmConfig, VmError};
 use crate::user::ResolvedUser;
 use crate::vm::{StartOptions, StopReason, Vm};
 
@@ -114,6 +114,30 @@ pub struct SnpLaunch {
     pub boot: SnpBoot,
     /// The vCPU type (the launch digest depends on it).
     pub vcpu_type: String,
+}
+
+/// Set how `config` launches: inside an SEV-SNP launch with `host_data`
+/// (the policy's hash) as its HOST_DATA, or, without `snp`, INSECURE
+/// emulation with `host_data` on the guest's command line. An SNP launch
+/// under TCG is refused (emulation has no SNP); an IGVM file fixes the
+/// guest's memory. `parma run` and the containerd shim both launch through
+/// this.
+pub fn configure_launch(config: &mut VmConfig, snp: Option<&SnpLaunch>, host_data: [u8; 32]) -> Result<(), VmError> {
+    match snp {
+        Some(_) if config.accel == Accel::Tcg => Err(VmError::SnpNeedsKvm),
+        Some(snp) => {
+            let (boot, memory_mib) = crate::qemu::snp_boot(snp.boot.clone(), config.memory_mib)?;
+            config.memory_mib = memory_mib;
+            config.snp = Some(Snp { boot, host_data, vcpu_type: snp.vcpu_type.clone() });
+            config.insecure_emulated_host_data = None;
+            Ok(())
+        }
+        None => {
+            config.snp = None;
+            config.insecure_emulated_host_data = Some(host_data);
+            Ok(())
+        }
+    }
 }
 
 /// The host's side of a running container's stdio.
@@ -272,14 +296,7 @@ pub fn run(options: &RunOptions, io: RunIo<'_>, progress: &dyn Fn(Step<'_>)) -> 
     config.qemu = options.qemu.clone();
     config.accel = options.accel;
     config.memory_mib = options.memory_mib;
-    if let Some(snp) = &options.snp {
-        let (boot, memory_mib) =
-            crate::qemu::snp_boot(snp.boot.clone(), options.memory_mib).map_err(anyhow::Error::from)?;
-        config.memory_mib = memory_mib;
-        config.snp = Some(Snp { boot, host_data, vcpu_type: snp.vcpu_type.clone() });
-    } else {
-        config.insecure_emulated_host_data = Some(host_data);
-    }
+    configure_launch(&mut config, options.snp.as_ref(), host_data).map_err(anyhow::Error::from)?;
     // The UVM's files are checked before the image is converted.
     config.args().map_err(anyhow::Error::from)?;
     let built = parma_layer::build(&options.oci, options.reference.as_deref(), &options.layers_dir, &|event| {
@@ -712,6 +729,25 @@ mod tests {
         for bad in ["tmpfs", "tmpfs:tmpfs", "::/x", "bind::/data:ro"] {
             assert!(parse_mount(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_launch_carries_host_data_in_snp_or_emulated() {
+        let mut config = VmConfig::new(Path::new("/nonexistent/uvm"), "unused");
+        let snp = SnpLaunch { boot: SnpBoot::KernelHashes { ovmf: "/fw/OVMF.fd".into() }, vcpu_type: "EPYC-v4".into() };
+        // TCG has no SNP: refused, and the configuration is left as it was.
+        assert!(matches!(configure_launch(&mut config, Some(&snp), [1; 32]), Err(VmError::SnpNeedsKvm)));
+        assert!(config.snp.is_none() && config.insecure_emulated_host_data.is_none());
+        configure_launch(&mut config, None, [2; 32]).unwrap();
+        assert_eq!(config.insecure_emulated_host_data, Some([2; 32]));
+        config.accel = Accel::Kvm;
+        configure_launch(&mut config, Some(&snp), [3; 32]).unwrap();
+        let launched = config.snp.as_ref().unwrap();
+        assert_eq!((launched.host_data, launched.vcpu_type.as_str()), ([3; 32], "EPYC-v4"));
+        assert_eq!(config.insecure_emulated_host_data, None, "never both");
+        // An IGVM file that is not one is refused by name.
+        let igvm = SnpLaunch { boot: SnpBoot::Igvm("/nonexistent/uvm.igvm".into()), vcpu_type: "EPYC-v4".into() };
+        assert!(matches!(configure_launch(&mut config, Some(&igvm), [4; 32]), Err(VmError::Igvm { .. })));
     }
 
     #[test]
