@@ -18,7 +18,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use nix::fcntl::{FcntlArg, OFlag, OpenHow, ResolveFlag, fcntl, openat2};
 use nix::sys::stat::Mode;
-use parma_protocol::{ErrorCode, OutputStream, ProcessSpec, Resources};
+use parma_protocol::{ContainerStats, ErrorCode, OutputStream, ProcessSpec, Resources};
 use parma_sys::launch::{
     self, Capabilities, Child, Exit, MountCheck, Namespaces, NewContainer, PodPid, Process, RootOp,
 };
@@ -291,6 +291,12 @@ impl Containers {
     pub fn update(&mut self, id: &str, resources: &Resources) -> Result<(), Fault> {
         let container = self.containers.get(id).ok_or_else(|| no_container(id))?;
         Ok(limit(&container.cgroup, resources)?)
+    }
+
+    /// Container `id`'s resource use, from its cgroup.
+    pub fn stats(&self, id: &str) -> Result<ContainerStats, Fault> {
+        let container = self.containers.get(id).ok_or_else(|| no_container(id))?;
+        Ok(cgroup_stats(&container.cgroup)?)
     }
 
     /// Start a created container's init process; returns its PID.
@@ -976,6 +982,66 @@ fn limit(cgroup: &str, resources: &Resources) -> Result<(), String> {
 /// the guest can give without starving the agent (see [`guest_limits`]): a
 /// container without limits of its own cannot take the memory or the tasks
 /// the agent needs.
+/// The largest cgroup statistics file read (the kernel's; `memory.stat`
+/// is about 1.5 KiB).
+const MAX_STAT_FILE: u64 = 64 << 10;
+
+/// A cgroup file's text (empty when the controller is not there).
+fn stat_file(cgroup: &str, file: &str) -> Result<String, String> {
+    let path = format!("{cgroup}/{file}");
+    match File::open(&path) {
+        Ok(file) => {
+            let mut text = String::new();
+            file.take(MAX_STAT_FILE).read_to_string(&mut text).map_err(|err| format!("cannot read {path}: {err}"))?;
+            Ok(text)
+        }
+        Err(err) if err.kind() == ErrorKind::NotFound => Ok(String::new()),
+        Err(err) => Err(format!("cannot read {path}: {err}")),
+    }
+}
+
+/// `KEY VALUE` lines (`cpu.stat`, `memory.stat`, `memory.events`): the value of `key`, 0 when absent.
+fn keyed(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.split_once(' ').filter(|(name, _)| *name == key).map(|(_, value)| value.trim()))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A single-value file: a number, or `max` (none: `u64::MAX`).
+fn single(text: &str) -> u64 {
+    match text.trim() {
+        "max" => u64::MAX,
+        value => value.parse().unwrap_or(0),
+    }
+}
+
+/// A container's resource use from its cgroup (v2) files.
+fn cgroup_stats(cgroup: &str) -> Result<ContainerStats, String> {
+    let cpu = stat_file(cgroup, "cpu.stat")?;
+    let memory = stat_file(cgroup, "memory.stat")?;
+    let events = stat_file(cgroup, "memory.events")?;
+    Ok(ContainerStats {
+        cpu_usage_usec: keyed(&cpu, "usage_usec"),
+        cpu_user_usec: keyed(&cpu, "user_usec"),
+        cpu_system_usec: keyed(&cpu, "system_usec"),
+        cpu_nr_periods: keyed(&cpu, "nr_periods"),
+        cpu_nr_throttled: keyed(&cpu, "nr_throttled"),
+        cpu_throttled_usec: keyed(&cpu, "throttled_usec"),
+        memory_usage: single(&stat_file(cgroup, "memory.current")?),
+        memory_limit: single(&stat_file(cgroup, "memory.max")?),
+        memory_anon: keyed(&memory, "anon"),
+        memory_file: keyed(&memory, "file"),
+        memory_inactive_file: keyed(&memory, "inactive_file"),
+        memory_active_file: keyed(&memory, "active_file"),
+        memory_pgfault: keyed(&memory, "pgfault"),
+        memory_pgmajfault: keyed(&memory, "pgmajfault"),
+        memory_oom_kill: keyed(&events, "oom_kill"),
+        pids_current: single(&stat_file(cgroup, "pids.current")?),
+        pids_limit: single(&stat_file(cgroup, "pids.max")?),
+    })
+}
+
 /// Kill every process left in a cgroup and wait (at most 5 s) until it is empty.
 fn end_cgroup(cgroup: &str) -> Result<(), String> {
     let kill = format!("{cgroup}/cgroup.kill");
@@ -1045,6 +1111,39 @@ fn guest_wide_limits(meminfo: &str, threads_max: &str) -> Option<(u64, u64)> {
 mod tests {
     use super::*;
     use parma_protocol::CapabilitySets;
+
+    #[test]
+    fn cgroup_statistics_from_the_kernels_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cgroup = dir.path().to_str().unwrap();
+        let write = |file: &str, text: &str| std::fs::write(dir.path().join(file), text).unwrap();
+        write(
+            "cpu.stat",
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 3\nnr_throttled 1\nthrottled_usec 20\n",
+        );
+        write("memory.current", "4096000\n");
+        write("memory.max", "max\n");
+        write(
+            "memory.stat",
+            "anon 1024\nfile 2048\nkernel_stack 16384\ninactive_file 512\nactive_file 1536\npgfault 77\npgmajfault 2\n",
+        );
+        write("memory.events", "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n");
+        write("pids.current", "3\n");
+        write("pids.max", "64\n");
+        let stats = cgroup_stats(cgroup).unwrap();
+        assert_eq!((stats.cpu_usage_usec, stats.cpu_user_usec, stats.cpu_system_usec), (1500, 1000, 500));
+        assert_eq!((stats.cpu_nr_periods, stats.cpu_nr_throttled, stats.cpu_throttled_usec), (3, 1, 20));
+        assert_eq!((stats.memory_usage, stats.memory_limit), (4_096_000, u64::MAX));
+        assert_eq!((stats.memory_anon, stats.memory_file), (1024, 2048));
+        assert_eq!((stats.memory_inactive_file, stats.memory_active_file), (512, 1536));
+        assert_eq!((stats.memory_pgfault, stats.memory_pgmajfault, stats.memory_oom_kill), (77, 2, 1));
+        assert_eq!((stats.pids_current, stats.pids_limit), (3, 64));
+        // "file" is not "file_mapped", and a controller that is not there reads as nothing.
+        write("memory.stat", "file_mapped 9\n");
+        std::fs::remove_file(dir.path().join("pids.max")).unwrap();
+        let stats = cgroup_stats(cgroup).unwrap();
+        assert_eq!((stats.memory_file, stats.pids_limit), (0, 0));
+    }
 
     fn spec(args: &[&str]) -> ProcessSpec {
         ProcessSpec {

@@ -315,6 +315,9 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
         Request::UpdateContainer { container_id, resources } => {
             Ok(containers.update(&container_id, &resources).map(|()| Response::Done)?)
         }
+        Request::ContainerStats { container_id } => {
+            Ok(containers.stats(&container_id).map(|stats| Response::Stats(Box::new(stats)))?)
+        }
         Request::ExecProcess { container_id, exec_id, process } => {
             let pid = containers.exec(&container_id, &exec_id, &process, stdio_allowed(decisions))?;
             Ok(Response::Started { pid })
@@ -406,6 +409,10 @@ fn points(request: &Request, containers: &mut Containers) -> Result<Vec<Input>, 
     Ok(match request {
         Request::Ping | Request::Shutdown | Request::SetPolicy { .. } | Request::LoadFragment { .. } => Vec::new(),
         Request::GuestInfo => vec![Input::GetProperties(input::Empty {})],
+        Request::ContainerStats { container_id } => {
+            name("container id", container_id)?;
+            vec![Input::GetProperties(input::Empty {})]
+        }
         Request::CreateSandbox { hostname, share_pid } => {
             vec![Input::CreateSandbox(input::CreateSandbox { hostname: hostname.clone(), share_pid: *share_pid })]
         }

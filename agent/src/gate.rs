@@ -194,6 +194,7 @@ impl Gate {
                 | Request::MountScratch { .. }
                 | Request::CreateContainer { .. }
                 | Request::UpdateContainer { .. }
+                | Request::ContainerStats { .. }
                 | Request::StartContainer { .. }
                 | Request::ExecProcess { .. }
                 | Request::SignalProcess { .. }
@@ -240,6 +241,7 @@ impl Gate {
             | Request::CreateContainer { .. }
             | Request::StartContainer { .. }
             | Request::UpdateContainer { .. }
+            | Request::ContainerStats { .. }
             | Request::ExecProcess { .. }
             | Request::SignalProcess { .. }
             | Request::DeleteContainer { .. }

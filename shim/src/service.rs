@@ -760,8 +760,30 @@ impl Task for Service {
         Ok(Empty::new())
     }
 
-    async fn stats(&self, _ctx: &TtrpcContext, _req: StatsRequest) -> ttrpc::Result<StatsResponse> {
-        Err(status(Code::UNIMPLEMENTED, "the UVM's agent reports no cgroup statistics yet"))
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        use containerd_shim_protos::protobuf::Message as _;
+        let pod = self.pod()?;
+        let in_guest = self.containers().get(&req.id).map(|container| container.in_guest);
+        let stats = match in_guest {
+            None => return Err(status(Code::NOT_FOUND, &req.id)),
+            // The sandbox is no container in the guest: it uses nothing.
+            Some(false) => parma_protocol::ContainerStats::default(),
+            Some(true) => {
+                let id = req.id.clone();
+                self.blocking(move || {
+                    pod.with_client(|client| client.container_stats(&id))
+                        .map_err(agent("cannot read the container's statistics"))
+                })
+                .await?
+            }
+        };
+        let bytes = metrics(&stats)
+            .write_to_bytes()
+            .map_err(|err| status(Code::INTERNAL, format!("cannot encode the statistics: {err}")))?;
+        let mut any = containerd_shim_protos::protobuf::well_known_types::any::Any::new();
+        any.type_url = METRICS_TYPE.into();
+        any.value = bytes;
+        Ok(StatsResponse { stats: Some(any).into(), ..Default::default() })
     }
 
     async fn connect(&self, _ctx: &TtrpcContext, _req: ConnectRequest) -> ttrpc::Result<ConnectResponse> {
@@ -807,6 +829,41 @@ impl Task for Service {
     }
 }
 
+/// The type containerd's CRI reads a task's statistics as (cgroup v2).
+pub const METRICS_TYPE: &str = "io.containerd.cgroups.v2.Metrics";
+
+/// A container's statistics as containerd's cgroup v2 metrics.
+pub fn metrics(stats: &parma_protocol::ContainerStats) -> containerd_shim_protos::cgroups_v2::metrics::Metrics {
+    use containerd_shim_protos::cgroups_v2::metrics::{CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat};
+    let mut metrics = Metrics::new();
+    let mut cpu = CPUStat::new();
+    cpu.usage_usec = stats.cpu_usage_usec;
+    cpu.user_usec = stats.cpu_user_usec;
+    cpu.system_usec = stats.cpu_system_usec;
+    cpu.nr_periods = stats.cpu_nr_periods;
+    cpu.nr_throttled = stats.cpu_nr_throttled;
+    cpu.throttled_usec = stats.cpu_throttled_usec;
+    metrics.set_cpu(cpu);
+    let mut memory = MemoryStat::new();
+    memory.usage = stats.memory_usage;
+    memory.usage_limit = stats.memory_limit;
+    memory.anon = stats.memory_anon;
+    memory.file = stats.memory_file;
+    memory.inactive_file = stats.memory_inactive_file;
+    memory.active_file = stats.memory_active_file;
+    memory.pgfault = stats.memory_pgfault;
+    memory.pgmajfault = stats.memory_pgmajfault;
+    metrics.set_memory(memory);
+    let mut events = MemoryEvents::new();
+    events.oom_kill = stats.memory_oom_kill;
+    metrics.set_memory_events(events);
+    let mut pids = PidsStat::new();
+    pids.current = stats.pids_current;
+    pids.limit = stats.pids_limit;
+    metrics.set_pids(pids);
+    metrics
+}
+
 impl Service {
     /// Shut the pod's UVM down, if it runs.
     fn stop_pod(&self) {
@@ -821,6 +878,31 @@ impl Service {
 mod tests {
     use super::*;
     use containerd_shim_protos::api::Mount;
+
+    #[test]
+    fn statistics_are_containerds_cgroup_v2_metrics() {
+        use containerd_shim_protos::protobuf::Message as _;
+        let stats = parma_protocol::ContainerStats {
+            cpu_usage_usec: 1500,
+            memory_usage: 4096,
+            memory_limit: u64::MAX,
+            memory_inactive_file: 512,
+            pids_current: 3,
+            pids_limit: 64,
+            memory_oom_kill: 1,
+            ..Default::default()
+        };
+        let bytes = metrics(&stats).write_to_bytes().unwrap();
+        let decoded = containerd_shim_protos::cgroups_v2::metrics::Metrics::parse_from_bytes(&bytes).unwrap();
+        assert_eq!(decoded.cpu.usage_usec, 1500);
+        assert_eq!(
+            (decoded.memory.usage, decoded.memory.usage_limit, decoded.memory.inactive_file),
+            (4096, u64::MAX, 512)
+        );
+        assert_eq!((decoded.pids.current, decoded.pids.limit), (3, 64));
+        assert_eq!(decoded.memory_events.oom_kill, 1);
+        assert_eq!(METRICS_TYPE, "io.containerd.cgroups.v2.Metrics");
+    }
 
     fn mount(kind: &str, source: &str, options: &[&str]) -> Mount {
         Mount {

@@ -18,10 +18,10 @@ use anyhow::{Context, ensure};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerStatusRequest, CreateContainerRequest, DnsConfig, ExecSyncRequest,
-    ImageSpec, KeyValue, LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, Mount, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
-    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    ContainerConfig, ContainerMetadata, ContainerStatsRequest, ContainerStatusRequest, CreateContainerRequest,
+    DnsConfig, ExecSyncRequest, ImageSpec, KeyValue, LinuxContainerConfig, LinuxContainerSecurityContext,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
+    PullImageRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
     StopPodSandboxRequest,
 };
 use parma_host::kube::{Images, generate_pod};
@@ -240,6 +240,19 @@ fn kubelets_cri_calls_run_a_confidential_pod_and_leave_nothing_behind() -> anyho
             .into_inner();
         ensure!(probe.exit_code == 0 && probe.stdout == b"web-1\n", "{probe:?}");
         step("probed");
+        // kubelet's container stats: the container's cgroup in the guest,
+        // through the shim's Stats (the policy gen --pod policy allows it).
+        let stats = runtime
+            .container_stats(ContainerStatsRequest { container_id: ids[1].clone() })
+            .await
+            .with_context(|| diagnose("ContainerStats"))?
+            .into_inner()
+            .stats
+            .context("no stats")?;
+        let cpu = stats.cpu.and_then(|cpu| cpu.usage_core_nano_seconds).map_or(0, |v| v.value);
+        let memory = stats.memory.and_then(|memory| memory.usage_bytes).map_or(0, |v| v.value);
+        ensure!(cpu > 0 && memory > 0, "the sidecar's stats: cpu {cpu} ns, memory {memory} bytes");
+        step("stats");
         let shell = runtime
             .exec_sync(ExecSyncRequest { container_id: ids[0].clone(), cmd: vec!["/bin/sh".into()], timeout: 60 })
             .await;

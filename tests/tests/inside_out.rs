@@ -168,6 +168,8 @@ fn probe(as_root: bool) -> anyhow::Result<String> {
     client.create_container(ID, &process)?;
     client.start_container(ID)?;
     denied(client.start_container(ID), "was already started")?;
+    // The container's resource use is a property too: this policy keeps it.
+    denied(client.container_stats(ID), "reading properties is not allowed by the policy")?;
     client.write_stdin(ID, None, &[], true)?;
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let status = run::pump(&mut client, ID, None, &mut stdout, &mut stderr, Duration::from_secs(300))?;

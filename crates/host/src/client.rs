@@ -515,6 +515,14 @@ impl Client {
         self.done(&Request::UpdateContainer { container_id: container_id.into(), resources: resources.clone() })
     }
 
+    /// `ContainerStats`: the container's resource use.
+    pub fn container_stats(&mut self, container_id: &str) -> Result<parma_protocol::ContainerStats, ClientError> {
+        match self.call(&Request::ContainerStats { container_id: container_id.into() })? {
+            Response::Stats(stats) => Ok(*stats),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// `StartContainer`: the init process's PID.
     pub fn start_container(&mut self, container_id: &str) -> Result<i32, ClientError> {
         self.started(&Request::StartContainer { container_id: container_id.into() })

@@ -542,6 +542,9 @@ fn workload_policy(
         }
     }
     let knobs = Knobs {
+        // kubelet reads every container's resource use (its stats, `kubectl
+        // top`, evictions): CPU time, memory, pids, no contents.
+        properties_access: true,
         scratch_swap: false,
         sandbox: SandboxSpec { hostname, share_pid: spec.share_process_namespace == Some(true) },
         network: None,

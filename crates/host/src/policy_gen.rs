@@ -135,6 +135,10 @@ pub struct Spec {
     /// Paths the container must see read-only (default: runc's).
     #[serde(default)]
     pub readonly_paths: Option<Vec<String>>,
+    /// Policy-wide: may the host read the guest's and the containers'
+    /// resource use (`GuestInfo`, `ContainerStats`: containerd's `Stats`)?
+    #[serde(default)]
+    pub allow_properties_access: bool,
     /// Policy-wide: may the host add swap on a disk of its own (encrypted
     /// and authenticated, but without freshness: it can replay old blocks)?
     #[serde(default)]
@@ -373,6 +377,9 @@ pub fn rego(containers: &[Value], source: &str) -> anyhow::Result<String> {
 /// The policy-wide knobs a spec may turn on (all off by default) and the pod's rule.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Knobs {
+    /// `allow_properties_access`: the guest's and the containers' resource
+    /// use (`GuestInfo`, `ContainerStats`) once the policy is in force.
+    pub properties_access: bool,
     /// `allow_scratch_swap`.
     pub scratch_swap: bool,
     /// `sandbox`.
@@ -405,7 +412,7 @@ pub fn rego_with_fragments(
     }
     out.push_str("external_processes := []\n\n");
     for (knob, value) in [
-        ("allow_properties_access", false),
+        ("allow_properties_access", knobs.properties_access),
         ("allow_runtime_logging", false),
         ("allow_unencrypted_scratch", false),
         ("allow_scratch_swap", knobs.scratch_swap),
@@ -451,6 +458,7 @@ pub fn generate(oci: &Path, reference: Option<&str>, spec: Option<&Path>, layers
         }
     }
     let knobs = Knobs {
+        properties_access: spec.allow_properties_access,
         scratch_swap: spec.allow_scratch_swap,
         sandbox: spec.sandbox.clone(),
         network: spec.network.clone(),
@@ -532,7 +540,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spec.sandbox.hostname, RFC1123_HOSTNAME, "the host name pattern defaults");
-        let knobs = Knobs { scratch_swap: false, sandbox: spec.sandbox, network: spec.network, copy_files: None };
+        let knobs = Knobs { sandbox: spec.sandbox, network: spec.network, ..Knobs::default() };
         let text = rego_with_fragments(&[], &[], &knobs, "test").unwrap();
         let policy = parma_policy::Policy::from_bytes(text.into_bytes()).unwrap();
         let mut engine = parma_policy::Engine::new(&policy).unwrap();

@@ -15,8 +15,9 @@ pub mod message;
 
 pub use frame::{Decoder, Frame, FrameError, FrameKind, MAX_BODY, VERSION, encode};
 pub use message::{
-    AgentError, ArpNeighbor, CapabilitySets, DecodeError, ErrorCode, GuestInfo, Interface, Mount, MountInfo, Namespace,
-    OutputStream, PingInfo, ProcessSpec, Request, RequestKind, Resources, Response, Rlimit, Route,
+    AgentError, ArpNeighbor, CapabilitySets, ContainerStats, DecodeError, ErrorCode, GuestInfo, Interface, Mount,
+    MountInfo, Namespace, OutputStream, PingInfo, ProcessSpec, Request, RequestKind, Resources, Response, Rlimit,
+    Route,
 };
 
 /// The virtio-serial port name the agent listens on (`-device virtserialport,name=...`).

@@ -113,6 +113,13 @@ pub enum Request {
         /// The new limits; absent fields are left as they are.
         resources: Resources,
     },
+    /// Read a container's resource use from its cgroup (policy:
+    /// `get_properties`, the `allow_properties_access` knob): containerd's
+    /// `Stats`, kubelet's container stats.
+    ContainerStats {
+        /// The container's id.
+        container_id: String,
+    },
     /// Start a created container's init process (policy: `start_container`).
     StartContainer {
         /// The container's id.
@@ -253,6 +260,7 @@ pub const REQUEST_TYPES: &[&str] = &[
     "MountScratch",
     "CreateContainer",
     "UpdateContainer",
+    "ContainerStats",
     "StartContainer",
     "ExecProcess",
     "SignalProcess",
@@ -470,6 +478,7 @@ impl Request {
             Request::MountScratch { .. } => RequestKind::MountScratch,
             Request::CreateContainer { .. } => RequestKind::CreateContainer,
             Request::UpdateContainer { .. } => RequestKind::UpdateContainer,
+            Request::ContainerStats { .. } => RequestKind::ContainerStats,
             Request::StartContainer { .. } => RequestKind::StartContainer,
             Request::ExecProcess { .. } => RequestKind::ExecProcess,
             Request::SignalProcess { .. } => RequestKind::SignalProcess,
@@ -515,6 +524,8 @@ pub enum RequestKind {
     CreateContainer,
     /// [`Request::UpdateContainer`].
     UpdateContainer,
+    /// [`Request::ContainerStats`].
+    ContainerStats,
     /// [`Request::StartContainer`].
     StartContainer,
     /// [`Request::ExecProcess`].
@@ -561,6 +572,7 @@ impl RequestKind {
             RequestKind::MountScratch => "MountScratch",
             RequestKind::CreateContainer => "CreateContainer",
             RequestKind::UpdateContainer => "UpdateContainer",
+            RequestKind::ContainerStats => "ContainerStats",
             RequestKind::StartContainer => "StartContainer",
             RequestKind::ExecProcess => "ExecProcess",
             RequestKind::SignalProcess => "SignalProcess",
@@ -658,6 +670,8 @@ pub enum Response {
         /// How many containers it added.
         containers: u64,
     },
+    /// Answer to [`Request::ContainerStats`] (boxed: the largest answer).
+    Stats(Box<ContainerStats>),
     /// Answer to requests that return nothing but success (unmounts,
     /// create, signal, delete).
     Done,
@@ -677,6 +691,47 @@ pub struct PingInfo {
     pub kernel_release: String,
     /// Time since the guest kernel booted, in milliseconds.
     pub uptime_ms: u64,
+}
+
+/// A container's resource use, from its cgroup (v2) in the guest. A limit
+/// of `u64::MAX` is none (`max`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerStats {
+    /// `cpu.stat` `usage_usec`.
+    pub cpu_usage_usec: u64,
+    /// `cpu.stat` `user_usec`.
+    pub cpu_user_usec: u64,
+    /// `cpu.stat` `system_usec`.
+    pub cpu_system_usec: u64,
+    /// `cpu.stat` `nr_periods`, `nr_throttled`, `throttled_usec`.
+    pub cpu_nr_periods: u64,
+    /// Periods throttled.
+    pub cpu_nr_throttled: u64,
+    /// Time throttled.
+    pub cpu_throttled_usec: u64,
+    /// `memory.current`, bytes.
+    pub memory_usage: u64,
+    /// `memory.max`, bytes.
+    pub memory_limit: u64,
+    /// `memory.stat` `anon`, `file`, `inactive_file`, `active_file`, bytes.
+    pub memory_anon: u64,
+    /// Page cache.
+    pub memory_file: u64,
+    /// Reclaimable page cache (what kubelet subtracts for the working set).
+    pub memory_inactive_file: u64,
+    /// Active page cache.
+    pub memory_active_file: u64,
+    /// `memory.stat` `pgfault`, `pgmajfault`.
+    pub memory_pgfault: u64,
+    /// Major faults.
+    pub memory_pgmajfault: u64,
+    /// `memory.events` `oom_kill`.
+    pub memory_oom_kill: u64,
+    /// `pids.current`.
+    pub pids_current: u64,
+    /// `pids.max`.
+    pub pids_limit: u64,
 }
 
 /// What the guest has.
