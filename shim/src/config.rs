@@ -11,6 +11,7 @@
 //! hotplug_slots = 16              # layer disks a pod may add while it runs
 //! boot_deadline_s = 60
 //! state_dir = "/run/parma-shim"   # the shims' sockets and records
+//! refresh_s = 10                  # copy changed configMaps, secrets, tokens again
 //!
 //! [snp]                           # absent: INSECURE emulated attestation
 //! igvm = "/usr/share/parma/uvm/uvm.igvm"   # or ovmf = "/usr/share/ovmf/AMDSEV.fd"
@@ -55,6 +56,10 @@ pub struct Config {
     /// The shims' sockets and records of what they started.
     #[serde(default = "default_state")]
     pub state_dir: PathBuf,
+    /// Every this many seconds, kubelet's files that changed on the host
+    /// (configMaps, secrets, tokens) are copied in again; 0: never.
+    #[serde(default = "default_refresh")]
+    pub refresh_s: u64,
     /// Launch every pod's UVM as an SEV-SNP guest with HOST_DATA = sha256
     /// of its policy (`accel = "kvm"` on an SNP host). Absent: INSECURE
     /// emulation, the policy's hash on the guest's command line.
@@ -98,6 +103,9 @@ fn default_slots() -> u8 {
 }
 fn default_deadline() -> u64 {
     60
+}
+fn default_refresh() -> u64 {
+    10
 }
 fn default_state() -> PathBuf {
     PathBuf::from("/run/parma-shim")

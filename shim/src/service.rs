@@ -76,6 +76,10 @@ struct Container {
     seccomp: Option<String>,
     /// Its init process (`""`) and its execs.
     procs: HashMap<String, Proc>,
+    /// Its spec, from which kubelet's files are read again.
+    spec: Spec,
+    /// The sha256 of each file last copied in for it, by guest path.
+    copied: HashMap<String, [u8; 32]>,
 }
 
 /// The shim's Task service.
@@ -255,11 +259,57 @@ impl Service {
     /// Notice the UVM ending by itself (a guest panic, QEMU killed): every
     /// process of the pod is then reported exited, the sandbox included, so
     /// kubelet recreates the pod instead of waiting on it.
+    /// Copy in again the kubelet's files that changed on the host since
+    /// they were copied (a configMap or secret edited, a service-account
+    /// token rotated), with the checks of the first copy. The agent rewrites
+    /// a file in place, so the containers' binds see the new bytes. (A key
+    /// removed from a volume stays in the guest: there is no request to
+    /// remove a copied file.)
+    fn refresh_files(&self, pod: &Pod) {
+        let running: Vec<(String, Spec)> = self
+            .containers()
+            .iter()
+            .filter(|(_, c)| c.in_guest && c.procs.get("").is_some_and(|p| matches!(p.state, State::Running)))
+            .map(|(id, c)| (id.clone(), c.spec.clone()))
+            .collect();
+        for (id, spec) in running {
+            let files = match guest_mounts(&spec) {
+                Ok(mounts) => mounts.files,
+                Err(err) => {
+                    tracing::warn!("{id}: kubelet's files are not copied again: {err}");
+                    continue;
+                }
+            };
+            for file in files {
+                let digest = file_digest(&file.data);
+                let same = self.containers().get(&id).and_then(|c| c.copied.get(&file.path)) == Some(&digest);
+                if same {
+                    continue;
+                }
+                match pod.with_client(|client| client.copy_file(&file.path, &file.data, file.mode)) {
+                    Ok(()) => {
+                        tracing::info!("{id}: copied {} again (it changed on the host)", file.path);
+                        if let Some(container) = self.containers().get_mut(&id) {
+                            container.copied.insert(file.path, digest);
+                        }
+                    }
+                    Err(err) => tracing::warn!("{id}: cannot copy {} again: {err}", file.path),
+                }
+            }
+        }
+    }
+
     fn watch_vm(&self, pod: Arc<Pod>) {
         let service = self.clone();
+        let refresh_s = self.config().map_or(0, |config| config.refresh_s);
         std::thread::spawn(move || {
+            let mut seconds = 0u64;
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(1));
+                seconds += 1;
+                if refresh_s > 0 && seconds.is_multiple_of(refresh_s) {
+                    service.refresh_files(&pod);
+                }
                 let current = service.inner.pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
                 if !current.is_some_and(|current| Arc::ptr_eq(&current, &pod)) {
                     // Stopped on purpose.
@@ -314,10 +364,23 @@ impl Service {
     }
 }
 
+/// A copied file's digest: what [`Service::refresh_files`] compares.
+fn file_digest(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data).into()
+}
+
 /// Put a container into the pod: its layers mounted (shared with the
 /// pod's other containers), its overlay stacked, its files copied in, the
-/// container created. Undone as far as it got on failure.
-fn create_in_guest(pod: &Pod, id: &str, spec: &Spec, layers: &[LayerDisk]) -> Result<Vec<String>, PodError> {
+/// container created. Undone as far as it got on failure. Returns the
+/// layers it holds and the digests of the files it copied.
+#[allow(clippy::type_complexity)]
+fn create_in_guest(
+    pod: &Pod,
+    id: &str,
+    spec: &Spec,
+    layers: &[LayerDisk],
+) -> Result<(Vec<String>, HashMap<String, [u8; 32]>), PodError> {
     let process = spec.process().map_err(|err| PodError::Refused(err.to_string()))?;
     let mounts = guest_mounts(spec).map_err(|err| PodError::Refused(err.to_string()))?;
     let mut held = Vec::new();
@@ -352,7 +415,7 @@ fn create_in_guest(pod: &Pod, id: &str, spec: &Spec, layers: &[LayerDisk]) -> Re
         pod.with_client(|client| client.done(&request)).map_err(agent("cannot create the container"))
     })();
     match result {
-        Ok(()) => Ok(held),
+        Ok(()) => Ok((held, mounts.files.iter().map(|file| (file.path.clone(), file_digest(&file.data))).collect())),
         Err(err) => {
             tear_down(pod, id, &held, false, overlay);
             Err(err)
@@ -393,6 +456,7 @@ impl Task for Service {
             terminal: req.terminal,
         };
         let mut held = Vec::new();
+        let mut copied = HashMap::new();
         if matches!(role, Role::Sandbox | Role::Standalone) {
             if self.inner.pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some() {
                 return Err(status(Code::FAILED_PRECONDITION, "this shim's pod already has a sandbox"));
@@ -408,7 +472,7 @@ impl Task for Service {
             let layers = layers_of(&req.rootfs).map_err(|err| status(Code::INVALID_ARGUMENT, err))?;
             let (pod, id, spec) = (pod.clone(), req.id.clone(), spec.clone());
             match self.blocking(move || create_in_guest(&pod, &id, &spec, &layers)).await {
-                Ok(layers) => held = layers,
+                Ok((layers, files)) => (held, copied) = (layers, files),
                 Err(err) => {
                     if role == Role::Standalone {
                         self.stop_pod();
@@ -428,6 +492,8 @@ impl Task for Service {
                 in_guest: role != Role::Sandbox,
                 seccomp: spec.seccomp(),
                 procs,
+                spec: spec.clone(),
+                copied,
             },
         );
         self.inner.events.publish(Event::Create(TaskCreate {
