@@ -978,10 +978,6 @@ fn limit(cgroup: &str, resources: &Resources) -> Result<(), String> {
     Ok(())
 }
 
-/// The container's cgroup, under the parent that holds all of them to what
-/// the guest can give without starving the agent (see [`guest_limits`]): a
-/// container without limits of its own cannot take the memory or the tasks
-/// the agent needs.
 /// The largest cgroup statistics file read (the kernel's; `memory.stat`
 /// is about 1.5 KiB).
 const MAX_STAT_FILE: u64 = 64 << 10;
@@ -1016,6 +1012,15 @@ fn single(text: &str) -> u64 {
     }
 }
 
+/// A limit file: as [`single`], but a limit that is not there (or does not
+/// parse) is no limit, never a limit of 0.
+fn limit_of(text: &str) -> u64 {
+    match text.trim() {
+        "max" | "" => u64::MAX,
+        value => value.parse().unwrap_or(u64::MAX),
+    }
+}
+
 /// A container's resource use from its cgroup (v2) files.
 fn cgroup_stats(cgroup: &str) -> Result<ContainerStats, String> {
     let cpu = stat_file(cgroup, "cpu.stat")?;
@@ -1029,7 +1034,7 @@ fn cgroup_stats(cgroup: &str) -> Result<ContainerStats, String> {
         cpu_nr_throttled: keyed(&cpu, "nr_throttled"),
         cpu_throttled_usec: keyed(&cpu, "throttled_usec"),
         memory_usage: single(&stat_file(cgroup, "memory.current")?),
-        memory_limit: single(&stat_file(cgroup, "memory.max")?),
+        memory_limit: limit_of(&stat_file(cgroup, "memory.max")?),
         memory_anon: keyed(&memory, "anon"),
         memory_file: keyed(&memory, "file"),
         memory_inactive_file: keyed(&memory, "inactive_file"),
@@ -1038,7 +1043,7 @@ fn cgroup_stats(cgroup: &str) -> Result<ContainerStats, String> {
         memory_pgmajfault: keyed(&memory, "pgmajfault"),
         memory_oom_kill: keyed(&events, "oom_kill"),
         pids_current: single(&stat_file(cgroup, "pids.current")?),
-        pids_limit: single(&stat_file(cgroup, "pids.max")?),
+        pids_limit: limit_of(&stat_file(cgroup, "pids.max")?),
     })
 }
 
@@ -1060,6 +1065,10 @@ fn end_cgroup(cgroup: &str) -> Result<(), String> {
     }
 }
 
+/// The container's cgroup, under the parent that holds all of them to what
+/// the guest can give without starving the agent (see [`guest_limits`]): a
+/// container without limits of its own cannot take the memory or the tasks
+/// the agent needs.
 fn make_cgroup(path: &str) -> Result<(), String> {
     std::fs::create_dir(path).map_err(|err| format!("cannot create cgroup {path}: {err}"))
 }
@@ -1142,7 +1151,7 @@ mod tests {
         write("memory.stat", "file_mapped 9\n");
         std::fs::remove_file(dir.path().join("pids.max")).unwrap();
         let stats = cgroup_stats(cgroup).unwrap();
-        assert_eq!((stats.memory_file, stats.pids_limit), (0, 0));
+        assert_eq!((stats.memory_file, stats.pids_limit), (0, u64::MAX), "no pids.max: no limit, not 0");
     }
 
     fn spec(args: &[&str]) -> ProcessSpec {

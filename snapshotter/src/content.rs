@@ -97,6 +97,16 @@ impl Content {
         Ok(data)
     }
 
+    /// An image config, or `None` (logged) when it cannot be read: another
+    /// manifest (an artifact, a collected config) must not stop the search.
+    async fn config(&self, digest: &str) -> Option<Config> {
+        let read = self.read_small(digest).await.and_then(|bytes| {
+            serde_json::from_slice::<Config>(&bytes)
+                .map_err(|err| ContentError::Invalid(format!("the image config {digest}: {err}")))
+        });
+        read.map_err(|err| tracing::debug!("skipped: {err}")).ok()
+    }
+
     /// The diff-id of the layer blob `digest` at position `index` of its
     /// image, from the config of a manifest whose garbage-collection labels
     /// name it there (containerd sets them as it fetches). `target` is the
@@ -119,9 +129,7 @@ impl Content {
         }
         for manifest in manifests {
             let Some(config) = manifest.labels.get("containerd.io/gc.ref.content.config") else { continue };
-            let bytes = self.read_small(config).await?;
-            let config: Config = serde_json::from_slice(&bytes)
-                .map_err(|err| ContentError::Invalid(format!("the image config {config}: {err}")))?;
+            let Some(config) = self.config(config).await else { continue };
             if let Some(diff_id) = config.rootfs.diff_ids.get(index)
                 && chain_id(parent, diff_id) == target
             {
@@ -159,9 +167,7 @@ impl Content {
             else {
                 continue;
             };
-            let bytes = self.read_small(config).await?;
-            let config: Config = serde_json::from_slice(&bytes)
-                .map_err(|err| ContentError::Invalid(format!("the image config {config}: {err}")))?;
+            let Some(config) = self.config(config).await else { continue };
             if let Some(diff_id) = config.rootfs.diff_ids.get(index)
                 && chain_id(parent, diff_id) == target
             {
@@ -182,9 +188,19 @@ impl Content {
             let hex = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
             hex.then(|| dir.join("blobs/sha256").join(digest.trim_start_matches("sha256:")))
         });
-        match file.map(std::fs::File::open) {
-            Some(Ok(file)) => Box::new(file),
-            _ => Box::new(self.stream(digest)),
+        // Not through a link, not blocking on a FIFO, and only a regular file.
+        let open = |path: std::path::PathBuf| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(path)
+                .ok()
+                .filter(|file| file.metadata().is_ok_and(|meta| meta.is_file()))
+        };
+        match file.and_then(open) {
+            Some(file) => Box::new(file),
+            None => Box::new(self.stream(digest)),
         }
     }
 

@@ -149,6 +149,10 @@ fn scan_layer(tar: &mut impl Read, wanted: &[&str]) -> io::Result<LayerFiles> {
     let mut archive = tar::Archive::new(tar);
     for entry in archive.entries()? {
         let mut entry = entry?;
+        // As the converter: a PAX global header is no file.
+        if entry.header().entry_type().is_pax_global_extensions() {
+            continue;
+        }
         let raw = entry.path_bytes();
         let Ok(name) = std::str::from_utf8(&raw) else { continue };
         let path = normalise(name);
