@@ -22,6 +22,22 @@ pub const HANDLER: &str = "parma";
 const PROGRAMS: [&str; 5] =
     ["/usr/bin/containerd", "/usr/sbin/runc", "/usr/bin/docker-registry", "/usr/bin/skopeo", "/usr/lib/cni/bridge"];
 
+/// The shim's configuration for a test under `dir` (TCG, the UVM at `uvm`,
+/// its sockets in `dir/shim`): the file to start containerd with, and the
+/// state directory, which is empty again once every pod is gone.
+pub fn shim_config(dir: &Path, uvm: &Path, memory_mib: u32, hotplug_slots: u8) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (config, state) = (dir.join("shim.toml"), dir.join("shim"));
+    std::fs::write(
+        &config,
+        format!(
+            "uvm = {:?}\naccel = \"tcg\"\nmemory_mib = {memory_mib}\nhotplug_slots = {hotplug_slots}\nboot_deadline_s = 240\nstate_dir = {:?}\n",
+            uvm.display().to_string(),
+            state.display().to_string()
+        ),
+    )?;
+    Ok((config, state))
+}
+
 /// A running containerd with a registry and the parma snapshotter.
 #[derive(Debug)]
 pub struct Containerd {

@@ -51,16 +51,7 @@ fn ctr_pulls_and_runs_a_confidential_container() -> anyhow::Result<()> {
     let paths = Paths::get();
     let work = tempfile::tempdir()?;
     let image = oci::build_test_image(&work.path().join("oci"), &paths.guest_binary("oci-hello")?)?;
-    let shim_config = work.path().join("shim.toml");
-    let shim_state = work.path().join("shim");
-    std::fs::write(
-        &shim_config,
-        format!(
-            "uvm = {:?}\naccel = \"tcg\"\nmemory_mib = 512\nhotplug_slots = 8\nboot_deadline_s = 240\nstate_dir = {:?}\n",
-            paths.uvm.display().to_string(),
-            shim_state.display().to_string()
-        ),
-    )?;
+    let (shim_config, shim_state) = parma_tests::containerd::shim_config(work.path(), &paths.uvm, 512, 8)?;
     let containerd = Containerd::start(&paths.repo, Some(&shim_config))?;
     let target = containerd.push(&image.layout, &image.reference, "parma/ctr:1")?;
     let layers = work.path().join("layers");

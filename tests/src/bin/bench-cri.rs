@@ -197,15 +197,7 @@ fn main() -> anyhow::Result<()> {
     let hello = paths.guest_binary("oci-hello")?;
     let fixture = oci::PolicyFixture::new(&hello, "app", None, None)?;
     let image = oci::build_test_image(&work.path().join("oci"), &hello)?;
-    let shim_config = work.path().join("shim.toml");
-    std::fs::write(
-        &shim_config,
-        format!(
-            "uvm = {:?}\naccel = \"tcg\"\nmemory_mib = {MEMORY_MIB}\nhotplug_slots = 4\nboot_deadline_s = 240\nstate_dir = {:?}\n",
-            paths.uvm.display().to_string(),
-            work.path().join("shim").display().to_string()
-        ),
-    )?;
+    let (shim_config, _) = parma_tests::containerd::shim_config(work.path(), &paths.uvm, MEMORY_MIB, 4)?;
     let containerd = Containerd::start(&paths.repo, Some(&shim_config))?;
     let target = containerd.push(&image.layout, &image.reference, "parma/test:1")?;
     containerd.push(&image.layout, &image.reference, "parma/pause:1")?;
