@@ -1004,16 +1004,13 @@ fn keyed(text: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A single-value file: a number, or `max` (none: `u64::MAX`).
+/// A single-value use file (`memory.current`, `pids.current`): a number, 0 when absent.
 fn single(text: &str) -> u64 {
-    match text.trim() {
-        "max" => u64::MAX,
-        value => value.parse().unwrap_or(0),
-    }
+    text.trim().parse().unwrap_or(0)
 }
 
-/// A limit file: as [`single`], but a limit that is not there (or does not
-/// parse) is no limit, never a limit of 0.
+/// A limit file: a number, or `max`; a limit that is not there (or does
+/// not parse) is no limit (`u64::MAX`), never a limit of 0.
 fn limit_of(text: &str) -> u64 {
     match text.trim() {
         "max" | "" => u64::MAX,
