@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 
 use parma_snp::AttestationReport;
 
-pub use parma_protocol::boot::{EMULATION_FLAG, EMULATION_HOST_DATA as EMULATED_HOST_DATA};
+pub use parma_protocol::boot::{
+    EMULATION_FLAG, EMULATION_HOST_DATA as EMULATED_HOST_DATA, EMULATION_MEASUREMENT as EMULATED_MEASUREMENT,
+};
 /// The configfs TSM report directory.
 const TSM_REPORT: &str = "/sys/kernel/config/tsm/report";
 /// The SEV guest device.
@@ -38,6 +40,8 @@ pub enum Provider {
     Emulated {
         /// HOST_DATA as the command line gave it (zero when absent).
         host_data: [u8; 32],
+        /// MEASUREMENT as the command line gave it (zero when absent).
+        measurement: [u8; 48],
     },
 }
 
@@ -48,8 +52,9 @@ impl Provider {
         let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
         if cmdline.split_whitespace().any(|arg| arg == EMULATION_FLAG) {
             let host_data = emulated_host_data(&cmdline).unwrap_or([0; 32]);
+            let measurement = emulated_measurement(&cmdline).unwrap_or([0; 48]);
             tracing::warn!("INSECURE: attestation reports are emulated ({EMULATION_FLAG})");
-            Provider::Emulated { host_data }
+            Provider::Emulated { host_data, measurement }
         } else {
             Provider::Firmware { tsm: PathBuf::from(TSM_REPORT), device: PathBuf::from(SEV_GUEST) }
         }
@@ -71,7 +76,7 @@ impl Provider {
     pub fn host_data(&self, report_data: &[u8; 64]) -> Result<[u8; 32], String> {
         match self {
             Provider::Firmware { .. } => self.report(report_data).map(|report| report.host_data),
-            Provider::Emulated { host_data } => Ok(*host_data),
+            Provider::Emulated { host_data, .. } => Ok(*host_data),
         }
     }
 
@@ -84,12 +89,12 @@ impl Provider {
                     .map_err(|err| format!("{tsm_err}; and {}: {err}", device.display()))?,
                 Err(Unavailable::Failed(err)) => return Err(err),
             },
-            Provider::Emulated { host_data } => {
+            Provider::Emulated { host_data, measurement } => {
                 let signer = parma_snp::emulation::Signer::from_seed(&parma_snp::emulation::AGENT_SEED);
                 let fields = parma_snp::emulation::EmulatedFields {
                     report_data: *report_data,
                     host_data: *host_data,
-                    ..Default::default()
+                    measurement: *measurement,
                 };
                 return Ok(signer.report(fields));
             }
@@ -101,6 +106,12 @@ impl Provider {
 /// HOST_DATA from the command line under emulation: 64 hex digits.
 fn emulated_host_data(cmdline: &str) -> Option<[u8; 32]> {
     let text = cmdline.split_whitespace().find_map(|arg| arg.strip_prefix(EMULATED_HOST_DATA))?;
+    hex::decode(text).ok()?.try_into().ok()
+}
+
+/// MEASUREMENT from the command line under emulation: 96 hex digits.
+fn emulated_measurement(cmdline: &str) -> Option<[u8; 48]> {
+    let text = cmdline.split_whitespace().find_map(|arg| arg.strip_prefix(EMULATED_MEASUREMENT))?;
     hex::decode(text).ok()?.try_into().ok()
 }
 
@@ -187,6 +198,10 @@ mod tests {
         let cmdline = format!("console=ttyS0 {EMULATION_FLAG} {EMULATED_HOST_DATA}{hex}\n");
         assert_eq!(emulated_host_data(&cmdline), Some([0xab; 32]));
         assert_eq!(emulated_host_data(&format!("{EMULATED_HOST_DATA}ab")), None);
+        let measurement = "cd".repeat(48);
+        assert_eq!(emulated_measurement(&format!("x {EMULATED_MEASUREMENT}{measurement}")), Some([0xcd; 48]));
+        assert_eq!(emulated_measurement(&format!("{EMULATED_MEASUREMENT}cd")), None);
+        assert_eq!(emulated_measurement(&cmdline), None);
         assert_eq!(emulated_host_data("console=ttyS0"), None);
     }
 
@@ -214,7 +229,7 @@ mod tests {
 
     #[test]
     fn emulated_reports_carry_host_data_and_report_data() {
-        let provider = Provider::Emulated { host_data: [7; 32] };
+        let provider = Provider::Emulated { host_data: [7; 32], measurement: [0; 48] };
         let report = provider.report(&[9; 64]).unwrap();
         assert_eq!(report.host_data, [7; 32]);
         assert_eq!(report.report_data, [9; 64]);
@@ -222,7 +237,7 @@ mod tests {
 
     #[test]
     fn host_data_is_the_reports_on_both_providers() {
-        let emulated = Provider::Emulated { host_data: [7; 32] };
+        let emulated = Provider::Emulated { host_data: [7; 32], measurement: [0; 48] };
         assert_eq!(emulated.host_data(&[9; 64]), Ok([7; 32]));
         assert_eq!(emulated.host_data(&[9; 64]).unwrap(), emulated.report(&[9; 64]).unwrap().host_data);
         // Without SNP the firmware provider has no report, so no HOST_DATA either.

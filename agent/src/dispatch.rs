@@ -579,7 +579,7 @@ mod tests {
     }
 
     fn dispatcher() -> Dispatcher {
-        Dispatcher::new(Provider::Emulated { host_data: [0; 32] })
+        Dispatcher::new(Provider::Emulated { host_data: [0; 32], measurement: [0; 48] })
     }
 
     #[test]

@@ -191,7 +191,7 @@ mod tests {
     use parma_protocol::{FrameKind, encode_request};
 
     fn dispatcher() -> Arc<Dispatcher> {
-        Arc::new(Dispatcher::new(crate::attest::Provider::Emulated { host_data: [0; 32] }))
+        Arc::new(Dispatcher::new(crate::attest::Provider::Emulated { host_data: [0; 32], measurement: [0; 48] }))
     }
 
     async fn exchange(input: Vec<u8>) -> (Vec<Response>, Ended) {

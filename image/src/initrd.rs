@@ -204,11 +204,18 @@ impl Initrd {
 /// these bytes are measured into the launch digest and must be the same
 /// wherever the image is built.
 pub fn gzip(data: &[u8]) -> Vec<u8> {
-    const LEVEL: u8 = 9;
-    let deflated = miniz_oxide::deflate::compress_to_vec(data, LEVEL);
+    gzip_level(data, 9)
+}
+
+/// [`gzip`] at another miniz_oxide level (1 fastest to 10 uber), for
+/// larger payloads such as the node image's layer; XFL says level 9 only
+/// when it is.
+pub fn gzip_level(data: &[u8], level: u8) -> Vec<u8> {
+    let deflated = miniz_oxide::deflate::compress_to_vec(data, level);
     let mut out = Vec::with_capacity(deflated.len() + 18);
     // ID1 ID2, CM = deflate, FLG = none, MTIME = 0, XFL = 2 (slowest, best), OS = 255 (unknown).
-    out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 2, 255]);
+    let xfl = if level >= 9 { 2 } else { 0 };
+    out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, xfl, 255]);
     out.extend_from_slice(&deflated);
     out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
     // ISIZE: the input's length modulo 2^32.

@@ -1,6 +1,6 @@
-//! The shim's configuration: `/etc/parma/shim.toml`, or the file named by
-//! the runtime's `ConfigPath` option (CRI's `runtimeoptions`) or by
-//! `PARMA_SHIM_CONFIG`.
+//! The shim's configuration: the file named by `PARMA_SHIM_CONFIG`; for a
+//! shim `parma node install` put at `/opt/parma/HANDLER/bin/`, its
+//! handler's `/opt/parma/HANDLER/shim.toml`; else `/etc/parma/shim.toml`.
 //!
 //! ```toml
 //! uvm = "/usr/share/parma/uvm"   # the UVM directory `make image` writes
@@ -26,6 +26,8 @@ use serde::Deserialize;
 
 /// The default configuration file.
 pub const DEFAULT_PATH: &str = "/etc/parma/shim.toml";
+/// The configuration `parma node install` writes beside a handler's `bin/`.
+pub const INSTALLED_NAME: &str = "shim.toml";
 /// The environment variable naming another one.
 pub const ENV: &str = "PARMA_SHIM_CONFIG";
 
@@ -170,9 +172,21 @@ impl Config {
         self.accel.parse()
     }
 
-    /// The configuration file to use: `PARMA_SHIM_CONFIG`, else the default.
+    /// The configuration file to use: `PARMA_SHIM_CONFIG`; else, for a
+    /// shim installed by `parma node install` (`/opt/parma/HANDLER/bin/`),
+    /// its handler's `shim.toml` beside that `bin/`; else the default.
     pub fn path() -> PathBuf {
-        std::env::var_os(ENV).map_or_else(|| PathBuf::from(DEFAULT_PATH), PathBuf::from)
+        if let Some(path) = std::env::var_os(ENV) {
+            return PathBuf::from(path);
+        }
+        std::env::current_exe().ok().and_then(|exe| Self::beside(&exe)).unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+    }
+
+    /// `DIR/shim.toml` for a binary at `DIR/bin/NAME`, when it exists.
+    fn beside(exe: &Path) -> Option<PathBuf> {
+        let bin = exe.parent().filter(|dir| dir.file_name().is_some_and(|name| name == "bin"))?;
+        let path = bin.parent()?.join(INSTALLED_NAME);
+        path.is_file().then_some(path)
     }
 }
 
@@ -189,6 +203,17 @@ mod tests {
         assert!(Config::parse("accel = \"tcg\"\n").unwrap_err().contains("uvm"));
         assert!(Config::parse("uvm = \"/u\"\nhotplug_slots = 31\n").is_err());
         assert!(config.snp_launch().unwrap().is_none(), "no [snp]: emulation");
+    }
+
+    #[test]
+    fn an_installed_shim_reads_its_handlers_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        let exe = dir.path().join("bin/containerd-shim-parma-v2");
+        assert_eq!(Config::beside(&exe), None, "no shim.toml: the default");
+        std::fs::write(dir.path().join(INSTALLED_NAME), "uvm = \"/u\"\n").unwrap();
+        assert_eq!(Config::beside(&exe), Some(dir.path().join(INSTALLED_NAME)));
+        assert_eq!(Config::beside(&dir.path().join("containerd-shim-parma-v2")), None, "only from a bin/");
     }
 
     #[test]

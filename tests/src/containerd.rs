@@ -38,6 +38,17 @@ pub fn shim_config(dir: &Path, uvm: &Path, memory_mib: u32, hotplug_slots: u8) -
     Ok((config, state))
 }
 
+/// How containerd gets its runtime and snapshotter.
+enum Setup<'a> {
+    /// The repository's builds: runtime `parma`, the shim's config in the environment.
+    Repo { shim_config: Option<&'a Path>, local_content: bool },
+    /// What `parma node install` writes under `root`.
+    Installed { root: &'a Path, install: Install<'a> },
+}
+
+/// `parma node install`, given the harness's directory; the handler.
+type Install<'a> = Box<dyn FnOnce(&Path) -> anyhow::Result<String> + 'a>;
+
 /// A running containerd with a registry and the parma snapshotter.
 #[derive(Debug)]
 pub struct Containerd {
@@ -77,6 +88,35 @@ impl Containerd {
     /// [`Containerd::start`]; with `local_content` false the snapshotter
     /// reads blobs through containerd's content API instead.
     pub fn start_with(repo: &Path, shim_config: Option<&Path>, local_content: bool) -> anyhow::Result<Self> {
+        Self::start_setup(repo, Setup::Repo { shim_config, local_content })
+    }
+
+    /// containerd as `parma node install` configures it: the test's config
+    /// (without any parma runtime) is written to `root`'s
+    /// etc/containerd/config.toml, then `install` is called with the
+    /// harness's directory (its `containerd.sock`, its `root`) and returns
+    /// the handler; the snapshotter runs as its installed systemd unit
+    /// says, and containerd reads the installed drop-in.
+    pub fn start_installed(
+        repo: &Path,
+        root: &Path,
+        install: impl FnOnce(&Path) -> anyhow::Result<String>,
+    ) -> anyhow::Result<(Self, String)> {
+        let mut handler = String::new();
+        let made = Self::start_setup(
+            repo,
+            Setup::Installed {
+                root,
+                install: Box::new(|dir| {
+                    handler = install(dir)?;
+                    Ok(handler.clone())
+                }),
+            },
+        )?;
+        Ok((made, handler))
+    }
+
+    fn start_setup(repo: &Path, setup: Setup<'_>) -> anyhow::Result<Self> {
         for program in PROGRAMS {
             ensure!(Path::new(program).exists(), "{program} is missing: scripts/deps.sh installs it");
         }
@@ -117,25 +157,27 @@ impl Containerd {
         made.children.push(registry);
 
         // The snapshotter (a unix socket: no network).
-        let snapshotter_socket = path.join("snapshotter.sock");
-        let mut snapshotter = Command::new(&snapshotter);
-        if local_content {
-            snapshotter.arg("--content-dir").arg(path.join("root/io.containerd.content.v1.content"));
+        let mut snapshotter_socket = path.join("snapshotter.sock");
+        if let Setup::Repo { local_content, .. } = &setup {
+            let mut snapshotter = Command::new(&snapshotter);
+            if *local_content {
+                snapshotter.arg("--content-dir").arg(path.join("root/io.containerd.content.v1.content"));
+            }
+            let snapshotter = spawn_logged(
+                snapshotter
+                    .arg("--root")
+                    .arg(path.join("snapshotter"))
+                    .arg("--socket")
+                    .arg(&snapshotter_socket)
+                    .arg("--containerd")
+                    .arg(path.join("containerd.sock"))
+                    .arg("--namespace")
+                    .arg(NAMESPACE)
+                    .env("RUST_LOG", "parma_snapshotter=debug"),
+                &path.join("snapshotter.log"),
+            )?;
+            made.children.push(snapshotter);
         }
-        let snapshotter = spawn_logged(
-            snapshotter
-                .arg("--root")
-                .arg(path.join("snapshotter"))
-                .arg("--socket")
-                .arg(&snapshotter_socket)
-                .arg("--containerd")
-                .arg(path.join("containerd.sock"))
-                .arg("--namespace")
-                .arg(NAMESPACE)
-                .env("RUST_LOG", "parma_snapshotter=debug"),
-            &path.join("snapshotter.log"),
-        )?;
-        made.children.push(snapshotter);
 
         std::fs::create_dir_all(path.join("cni"))?;
         std::fs::write(
@@ -163,11 +205,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 [metrics]
   address = ""
 
-[proxy_plugins]
-  [proxy_plugins.parma]
-    type = "snapshot"
-    address = "{snapshotter_socket}"
-
+{proxy}
 [plugins."io.containerd.internal.v1.opt"]
   path = "{dir}/opt"
 [plugins."io.containerd.grpc.v1.cri"]
@@ -178,14 +216,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   stream_server_port = "0"
   # The pods' network namespaces under the test's state directory, not /var/run/netns.
   netns_mounts_under_state_dir = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "parma"
-    # CRI's layer labels reach the snapshotter only with this off (1.6 defaults to on).
-    disable_snapshot_annotations = false
-    default_runtime_name = "{HANDLER}"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}]
-      runtime_type = "io.containerd.parma.v2"
-      pod_annotations = ["io.parma.policy"]
+{runtime}
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{dir}/cni"
@@ -195,25 +226,75 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             root = path.join("root").display(),
             state = path.join("state").display(),
             dir = path.display(),
-            snapshotter_socket = snapshotter_socket.display(),
-        );
-        std::fs::write(path.join("config.toml"), config)?;
-        let mut containerd = Command::new("nsenter");
-        containerd
-            .arg(format!("--net=/var/run/netns/{}", made.netns))
-            .arg("/usr/bin/containerd")
-            .arg("--config")
-            .arg(path.join("config.toml"))
-            // The shim it starts finds itself by this PATH.
-            .env(
-                "PATH",
-                format!(
-                    "{}:/usr/sbin:/usr/bin:/sbin:/bin",
-                    shim.parent().map_or_else(|| ".".into(), |p| p.display().to_string())
+            proxy = match &setup {
+                Setup::Repo { .. } => format!(
+                    "[proxy_plugins]\n  [proxy_plugins.parma]\n    type = \"snapshot\"\n    address = \"{}\"\n",
+                    snapshotter_socket.display()
                 ),
-            );
-        if let Some(shim_config) = shim_config {
-            containerd.env("PARMA_SHIM_CONFIG", shim_config);
+                Setup::Installed { .. } => String::new(),
+            },
+            runtime = match &setup {
+                Setup::Repo { .. } => format!(
+                    r#"  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "parma"
+    # CRI's layer labels reach the snapshotter only with this off (1.6 defaults to on).
+    disable_snapshot_annotations = false
+    default_runtime_name = "{HANDLER}"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}]
+      runtime_type = "io.containerd.parma.v2"
+      pod_annotations = ["io.parma.policy"]"#
+                ),
+                Setup::Installed { .. } => String::new(),
+            },
+        );
+        let mut containerd = Command::new("nsenter");
+        containerd.arg(format!("--net=/var/run/netns/{}", made.netns)).arg("/usr/bin/containerd").arg("--config");
+        match setup {
+            Setup::Repo { shim_config, .. } => {
+                std::fs::write(path.join("config.toml"), config)?;
+                containerd
+                    .arg(path.join("config.toml"))
+                    // The shim it starts finds itself by this PATH.
+                    .env(
+                        "PATH",
+                        format!(
+                            "{}:/usr/sbin:/usr/bin:/sbin:/bin",
+                            shim.parent().map_or_else(|| ".".into(), |p| p.display().to_string())
+                        ),
+                    );
+                if let Some(shim_config) = shim_config {
+                    containerd.env("PARMA_SHIM_CONFIG", shim_config);
+                }
+            }
+            Setup::Installed { root, install } => {
+                let main = root.join("etc/containerd/config.toml");
+                std::fs::create_dir_all(main.parent().context("parent")?)?;
+                std::fs::write(&main, config)?;
+                let handler = install(&path)?;
+                // The snapshotter as its unit runs it.
+                let unit = std::fs::read_to_string(
+                    root.join(format!("etc/systemd/system/parma-snapshotter-{handler}.service")),
+                )?;
+                let exec = unit
+                    .lines()
+                    .find_map(|line| line.strip_prefix("ExecStart="))
+                    .context("the unit has no ExecStart")?;
+                let args: Vec<&str> = exec.split_whitespace().collect();
+                let (program, args) = args.split_first().context("an empty ExecStart")?;
+                snapshotter_socket = args
+                    .iter()
+                    .skip_while(|arg| **arg != "--socket")
+                    .nth(1)
+                    .map(PathBuf::from)
+                    .context("the unit names no --socket")?;
+                let snapshotter = spawn_logged(
+                    Command::new(program).args(args).env("RUST_LOG", "parma_snapshotter=debug"),
+                    &path.join("snapshotter.log"),
+                )?;
+                made.children.push(snapshotter);
+                made.shim = root.join(format!("opt/parma/{handler}/bin/containerd-shim-parma-v2"));
+                containerd.arg(&main).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").env_remove("PARMA_SHIM_CONFIG");
+            }
         }
         made.children.push(spawn_logged(&mut containerd, &path.join("containerd.log"))?);
 

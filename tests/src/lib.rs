@@ -128,6 +128,9 @@ impl Guest {
         config.memory_mib = boot.memory_mib;
         config.cpus = boot.cpus;
         config.insecure_emulated_host_data = boot.emulated_host_data;
+        // Emulated reports state the UVM's IGVM launch digest, as `parma run`'s do.
+        config.insecure_emulated_measurement =
+            boot.emulated_host_data.and_then(|_| parma_host::run::igvm_digest(&paths.uvm));
         config.disks = boot.disks.clone();
         config.nic = boot.nic.clone();
         config.hotplug_slots = boot.hotplug_slots;

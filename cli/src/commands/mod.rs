@@ -5,6 +5,7 @@
 mod agent;
 mod layer;
 mod measure;
+mod node;
 mod policy;
 mod run;
 mod verify;
@@ -40,6 +41,13 @@ pub enum Command {
     /// output, exit with the container's code.
     #[command(after_help = run::AFTER_HELP)]
     Run(run::RunArgs),
+    /// The node image: build it, publish it to a registry, install it on a
+    /// node as a containerd runtime handler, uninstall it.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  parma node install --from out/node --root / --snp --restart-containerd"
+    )]
+    Node(node::NodeCommand),
 }
 
 /// Run `command`; its exit code.
@@ -52,5 +60,6 @@ pub fn execute(command: Command) -> anyhow::Result<i32> {
         Command::Measure(args) => measure::execute(args),
         Command::Verify(args) => verify::execute(args),
         Command::Run(args) => Ok(run::execute(args)),
+        Command::Node(command) => node::execute(command),
     }
 }

@@ -35,6 +35,15 @@ pub struct VerifyArgs {
     /// The least TCB you accept, e.g. bl=3,tee=0,snp=8,ucode=115.
     #[arg(long)]
     min_tcb: Option<parma_snp::TcbVersion>,
+    /// The node image's signed reference values (reference-values.json):
+    /// the report must match one of its launches (measurement, guest
+    /// policy, minimum TCB); the nearest is named with what differs.
+    #[arg(long)]
+    reference_values: Option<PathBuf>,
+    /// The release key's issuer id (sha256 of its public key) the
+    /// reference values must be signed by.
+    #[arg(long, requires = "reference_values")]
+    issuer: Option<String>,
     /// INSECURE: accept a chain rooted elsewhere than AMD (the emulation provider's).
     #[arg(long)]
     allow_insecure_emulation: bool,
@@ -67,9 +76,31 @@ pub fn execute(args: VerifyArgs) -> anyhow::Result<i32> {
     if let Some(text) = &args.expect_report_data {
         expect = expect_report_data(expect, text)?;
     }
+    let reference = match &args.reference_values {
+        None => None,
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let values = parma_snp::reference::Signed::parse(&bytes)
+                .and_then(|signed| signed.verify(args.issuer.as_deref()))
+                .with_context(|| format!("{} cannot be used", path.display()))?;
+            Some(values)
+        }
+    };
     let verification = parma_snp::verify(&report, &certs, &expect)?;
+    let comparison = reference
+        .as_ref()
+        .map(|values| (values, values.compare(&report, verification.product(), expect.host_data.as_ref())));
+    let reference_passed =
+        comparison.as_ref().is_none_or(|(_, c)| matches!(c, parma_snp::reference::Comparison::Matches(_)));
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&verification)?);
+        let mut json = serde_json::to_value(&verification)?;
+        if let (Some((values, comparison)), Some(object)) = (&comparison, json.as_object_mut()) {
+            object.insert(
+                "reference_values".into(),
+                serde_json::json!({"handler": values.handler, "comparison": comparison}),
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         for check in verification.checks() {
             let mut line = format!("{}  {}", if check.passed { "pass" } else { "FAIL" }, check.name);
@@ -86,6 +117,9 @@ pub fn execute(args: VerifyArgs) -> anyhow::Result<i32> {
             }
             println!("{line}");
         }
+        if let Some((values, comparison)) = &comparison {
+            println!("{}", reference_line(values, comparison));
+        }
         if verification.insecure_emulation() {
             println!("WARNING: the chain is not AMD's (insecure emulation): this report proves nothing about hardware");
         }
@@ -97,7 +131,31 @@ pub fn execute(args: VerifyArgs) -> anyhow::Result<i32> {
         );
     }
     // 2: the report failed a check (1: parma could not check it).
-    Ok(if verification.all_passed() { 0 } else { 2 })
+    Ok(if verification.all_passed() && reference_passed { 0 } else { 2 })
+}
+
+/// The reference values' verdict as one line.
+fn reference_line(
+    values: &parma_snp::reference::ReferenceValues,
+    comparison: &parma_snp::reference::Comparison,
+) -> String {
+    use parma_snp::reference::Comparison;
+    match comparison {
+        Comparison::Matches(launch) => format!("pass  reference_values: {} {}", values.handler, launch.describe()),
+        Comparison::Empty => format!("FAIL  reference_values: {} lists no launch", values.handler),
+        Comparison::Nearest { launch, differences } => {
+            let fields: Vec<String> = differences
+                .iter()
+                .map(|d| format!("{} (expected {}, got {})", d.field, d.expected, d.actual))
+                .collect();
+            format!(
+                "FAIL  reference_values: no launch of {} matches; the nearest, {}, differs in {}",
+                values.handler,
+                launch.describe(),
+                fields.join("; ")
+            )
+        }
+    }
 }
 
 /// `--expect-report-data DOMAIN:HEX`.

@@ -136,6 +136,7 @@ fn vm_run(args: VmRun) -> anyhow::Result<i32> {
         qmp: None,
         snp: None,
         insecure_emulated_host_data: None,
+        insecure_emulated_measurement: None,
         disks: {
             let mut disks = match &args.layers {
                 Some(dir) => parma_host::run::layer_disks_of(&parma_layer::LayersFile::read(dir)?, dir),
@@ -171,7 +172,12 @@ fn vm_run(args: VmRun) -> anyhow::Result<i32> {
         }
         (false, true, Some(host_data)) => {
             tracing::warn!("INSECURE: the guest emulates SEV-SNP attestation reports");
-            VmConfig { insecure_emulated_host_data: Some(host_data), ..config }
+            let measurement = parma_host::run::igvm_digest(&config.uvm);
+            VmConfig {
+                insecure_emulated_host_data: Some(host_data),
+                insecure_emulated_measurement: measurement,
+                ..config
+            }
         }
         (true, _, None) | (false, true, None) => anyhow::bail!("--snp and --insecure-emulate-snp need --policy"),
         (false, false, _) => config,

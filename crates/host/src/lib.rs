@@ -16,6 +16,7 @@ pub mod annotation;
 pub mod client;
 pub mod kube;
 pub mod netns;
+pub mod node;
 pub mod policy_gen;
 pub mod qemu;
 pub mod qmp;

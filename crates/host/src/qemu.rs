@@ -79,6 +79,9 @@ pub struct VmConfig {
     /// INSECURE, emulation only: turn on the guest's emulated attestation
     /// reports (a kernel command-line flag) with this HOST_DATA (another).
     pub insecure_emulated_host_data: Option<[u8; 32]>,
+    /// INSECURE, emulation only: the MEASUREMENT the guest's emulated
+    /// reports state (the UVM's IGVM launch digest, from its manifest).
+    pub insecure_emulated_measurement: Option<[u8; 48]>,
     /// Read-only virtio-blk disks (container layers), in order.
     pub disks: Vec<Disk>,
     /// A virtio-net NIC, for the pod's network.
@@ -188,7 +191,7 @@ pub struct Disk {
     pub writable: bool,
 }
 
-pub use parma_protocol::boot::{EMULATION_FLAG, EMULATION_HOST_DATA};
+pub use parma_protocol::boot::{EMULATION_FLAG, EMULATION_HOST_DATA, EMULATION_MEASUREMENT};
 
 /// What an SEV-SNP launch needs besides the UVM.
 #[derive(Debug, Clone)]
@@ -340,6 +343,7 @@ impl VmConfig {
             vhost_user_vsock: None,
             snp: None,
             insecure_emulated_host_data: None,
+            insecure_emulated_measurement: None,
             disks: Vec::new(),
             nic: None,
             hotplug_slots: 0,
@@ -372,6 +376,9 @@ impl VmConfig {
             // Part of the measured command line: an emulated launch can never
             // have the digest of a real one.
             cmdline = format!("{cmdline} {EMULATION_FLAG} {EMULATION_HOST_DATA}{}", hex::encode(host_data));
+            if let Some(measurement) = self.insecure_emulated_measurement {
+                cmdline = format!("{cmdline} {EMULATION_MEASUREMENT}{}", hex::encode(measurement));
+            }
         }
         if self.vhost_user_vsock.is_some() && (self.snp.is_some() || self.vsock_cid.is_some()) {
             return Err(VmError::VhostUserVsock);

@@ -80,7 +80,7 @@ struct Descriptor {
 }
 
 /// The 64 hex digits of a `sha256:` digest, or why it is not one.
-fn digest_hex(digest: &str) -> anyhow::Result<&str> {
+pub(crate) fn digest_hex(digest: &str) -> anyhow::Result<&str> {
     let hex = digest.strip_prefix("sha256:").with_context(|| format!("{digest:?} is not a sha256 digest"))?;
     ensure!(
         hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),

@@ -130,14 +130,25 @@ pub fn configure_launch(config: &mut VmConfig, snp: Option<&SnpLaunch>, host_dat
             config.memory_mib = memory_mib;
             config.snp = Some(Snp { boot, host_data, vcpu_type: snp.vcpu_type.clone() });
             config.insecure_emulated_host_data = None;
+            config.insecure_emulated_measurement = None;
             Ok(())
         }
         None => {
             config.snp = None;
             config.insecure_emulated_host_data = Some(host_data);
+            config.insecure_emulated_measurement = igvm_digest(&config.uvm);
             Ok(())
         }
     }
+}
+
+/// The IGVM launch digest the UVM's manifest states, if it states one
+/// (what an emulated launch's reports give as MEASUREMENT).
+pub fn igvm_digest(uvm: &std::path::Path) -> Option<[u8; 48]> {
+    let manifest = std::fs::read(uvm.join(parma_image::files::MANIFEST)).ok()?;
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).ok()?;
+    let digest = manifest.get("igvm")?.get("digest")?.as_str()?;
+    hex::decode(digest).ok()?.try_into().ok()
 }
 
 /// The host's side of a running container's stdio.

@@ -14,6 +14,13 @@ pub const EMULATION_FLAG: &str = "parma.insecure_emulated_snp=1";
 /// nothing, so its command line may carry it.
 pub const EMULATION_HOST_DATA: &str = "parma.insecure_host_data=";
 
+/// The kernel command-line parameter that carries, under emulation, the
+/// MEASUREMENT emulated reports state (96 hex digits): the launch digest
+/// the same UVM has when launched from its IGVM file, as its manifest
+/// gives it, so a verifier's reference values can be exercised end to end.
+/// Like everything emulated, the host chose it: it proves nothing.
+pub const EMULATION_MEASUREMENT: &str = "parma.insecure_measurement=";
+
 /// The longest virtio-blk serial (the field is 20 bytes).
 pub const MAX_DISK_SERIAL: usize = 20;
 

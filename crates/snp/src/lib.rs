@@ -21,6 +21,8 @@ pub mod certs;
 #[cfg(feature = "emulation")]
 pub mod emulation;
 pub mod policy;
+#[cfg(feature = "verifier")]
+pub mod reference;
 pub mod report;
 pub mod report_data;
 #[cfg(feature = "verifier")]
