@@ -278,9 +278,20 @@ fn install_refuses_what_the_host_lacks_and_uninstall_leaves_the_root_as_it_was()
         ensure!(!output.status.success() && stderr.contains(says), "{extra:?}: {stderr}");
         ensure!(tree(&root)? == before, "a refused install wrote something");
     }
+    // A link in the handler's place (another root) is replaced, never written through.
+    let handler = Layout::open(&node)?.payload()?.handler().to_string();
+    let (linked, elsewhere) = (work.path().join("linked"), work.path().join("elsewhere"));
+    std::fs::create_dir_all(linked.join("opt/parma"))?;
+    std::fs::create_dir_all(&elsewhere)?;
+    std::os::unix::fs::symlink(&elsewhere, linked.join("opt/parma").join(&handler))?;
+    let mut command = parma(&paths);
+    command.args(["node", "install", "--from"]).arg(&node).arg("--root").arg(&linked);
+    ok(command.args(["--accel", "tcg", "--insecure-emulation"]))?;
+    ensure!(std::fs::read_dir(&elsewhere)?.next().is_none(), "install wrote through a link");
+    ensure!(std::fs::symlink_metadata(linked.join("opt/parma").join(&handler))?.is_dir());
+
     let output = install(&["--accel", "tcg", "--insecure-emulation"])?;
     ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let handler = Layout::open(&node)?.payload()?.handler().to_string();
     let once = tree(&root)?;
     // Idempotent.
     ensure!(install(&["--accel", "tcg", "--insecure-emulation"])?.status.success());
@@ -305,6 +316,21 @@ fn install_refuses_what_the_host_lacks_and_uninstall_leaves_the_root_as_it_was()
         .args(["config", "dump"]))?;
     ensure!(dump.contains(&format!("runtimes.{handler}]")) && dump.contains("example.com/pause:3"), "{dump}");
 
+    // A record that names a file install never writes: refused, nothing removed.
+    let record_path = root.join("opt/parma").join(&handler).join("install.json");
+    let record = std::fs::read_to_string(&record_path)?;
+    std::fs::write(
+        &record_path,
+        record.replace("etc/systemd/system/parma-snapshotter", "etc/containerd/config.toml#"),
+    )?;
+    let refused = run(parma(&paths).args(["node", "uninstall", "--root"]).arg(&root).args(["--handler", &handler]))?;
+    ensure!(
+        !refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("install never writes"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    ensure!(root.join("etc/containerd/config.toml").is_file());
+    std::fs::write(&record_path, record)?;
     let uninstall = ok(parma(&paths).args(["node", "uninstall", "--root"]).arg(&root).args(["--handler", &handler]))?;
     ensure!(uninstall.contains("removed"));
     ensure!(tree(&root)? == before, "uninstall left {:?}", diff(&before, &tree(&root)?));

@@ -280,7 +280,14 @@ pub fn install(payload: &Payload, options: &Options) -> anyhow::Result<Installed
     // The payload, each file checked again as it is written.
     let base = format!("opt/parma/{handler}");
     let dir = root.join(&base);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    // The handler's directory is wholly install's: written afresh, never
+    // through whatever (a link included) is in its place.
+    if std::fs::symlink_metadata(&dir).is_ok() {
+        std::fs::remove_dir_all(&dir)
+            .or_else(|_| std::fs::remove_file(&dir))
+            .with_context(|| format!("cannot replace {}", dir.display()))?;
+    }
+    std::fs::create_dir(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
     for (path, bytes) in &payload.files {
         let entry = payload.list.files.get(path).context("a payload file without an entry")?;
         ensure!(super::FileEntry::of(bytes, entry.mode) == *entry, "{path} changed after it was checked");
@@ -502,8 +509,11 @@ pub fn uninstall(options: &Options, handler: &str, purge: bool) -> anyhow::Resul
     let dir = root.join(format!("opt/parma/{handler}"));
     let record: Record = read_json(&dir.join(RECORD))?
         .with_context(|| format!("{handler} is not installed under {}", root.display()))?;
+    // Only what install writes for this handler, whatever the record says.
+    let unit = format!("etc/systemd/system/parma-snapshotter-{handler}.service");
+    let state = [format!("run/parma/{handler}"), format!("var/lib/parma/{handler}")];
     for file in &record.files {
-        ensure!(super::plain_path(file), "the record names {file:?}");
+        ensure!(*file == unit, "the record of {handler} names {file:?}, which install never writes");
         match std::fs::remove_file(root.join(file)) {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
                 return Err(err).with_context(|| format!("cannot remove {file}"));
@@ -513,9 +523,9 @@ pub fn uninstall(options: &Options, handler: &str, purge: bool) -> anyhow::Resul
     }
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     if purge {
-        for state in &record.state {
-            ensure!(super::plain_path(state), "the record names {state:?}");
-            let path = root.join(state);
+        for recorded in &record.state {
+            ensure!(state.contains(recorded), "the record of {handler} names {recorded:?} as its state");
+            let path = root.join(recorded);
             if path.exists() {
                 std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
             }
