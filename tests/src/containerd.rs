@@ -38,6 +38,40 @@ pub fn shim_config(dir: &Path, uvm: &Path, memory_mib: u32, hotplug_slots: u8) -
     Ok((config, state))
 }
 
+/// The namespaces kubelet asks for: network and IPC of the pod, PID per container.
+pub fn pod_namespaces() -> k8s_cri::v1::NamespaceOption {
+    k8s_cri::v1::NamespaceOption { network: 0, pid: 1, ipc: 0, ..Default::default() }
+}
+
+/// A pod sandbox as kubelet describes one (namespace `default`, hostname
+/// `name`, the pod's namespaces), its logs in `logs`, with `annotation` as
+/// its `io.parma.policy`.
+pub fn pod_sandbox(name: &str, uid: &str, logs: &Path, annotation: String) -> k8s_cri::v1::PodSandboxConfig {
+    use k8s_cri::v1::{LinuxPodSandboxConfig, LinuxSandboxSecurityContext, PodSandboxConfig, PodSandboxMetadata};
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: uid.into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: logs.display().to_string(),
+        annotations: std::collections::HashMap::from([(
+            parma_host::annotation::POLICY_ANNOTATION.to_string(),
+            annotation,
+        )]),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(pod_namespaces()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// How containerd gets its runtime and snapshotter.
 enum Setup<'a> {
     /// The repository's builds: runtime `parma`, the shim's config in the environment.

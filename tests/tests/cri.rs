@@ -10,7 +10,6 @@
 //! again by `parma policy gen --pod` pulling the image from the registry:
 //! the same bytes.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -19,13 +18,12 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerStatsRequest, ContainerStatusRequest, CreateContainerRequest,
-    DnsConfig, ExecSyncRequest, ImageSpec, KeyValue, LinuxContainerConfig, LinuxContainerSecurityContext,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
-    PullImageRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopPodSandboxRequest,
+    DnsConfig, ExecSyncRequest, ImageSpec, KeyValue, LinuxContainerConfig, LinuxContainerSecurityContext, Mount,
+    PodSandboxConfig, PullImageRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopPodSandboxRequest,
 };
 use parma_host::kube::{Images, generate_pod};
-use parma_tests::containerd::{Containerd, HANDLER};
+use parma_tests::containerd::{Containerd, HANDLER, pod_namespaces, pod_sandbox};
 use parma_tests::{Paths, oci};
 
 const POD_UID: &str = "0c0ffee0-0000-4000-8000-000000000001";
@@ -47,11 +45,6 @@ spec:
       command: [/bin/sleep]
       args: ["3600"]
 "#;
-
-/// The pod's namespaces as kubelet asks: network and IPC of the pod, PID per container.
-fn namespaces() -> NamespaceOption {
-    NamespaceOption { network: 0, pid: 1, ipc: 0, ..Default::default() }
-}
 
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z "))
@@ -120,27 +113,8 @@ fn kubelets_cri_calls_run_a_confidential_pod_and_leave_nothing_behind() -> anyho
             .with_context(|| diagnose("PullImage"))?;
 
         let sandbox_config = PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata {
-                name: "web-1".into(),
-                uid: POD_UID.into(),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
-            hostname: "web-1".into(),
-            log_directory: logs.display().to_string(),
             dns_config: Some(DnsConfig { servers: vec!["10.96.0.10".into()], ..Default::default() }),
-            annotations: HashMap::from([(
-                parma_host::annotation::POLICY_ANNOTATION.to_string(),
-                parma_host::annotation::encode(policy),
-            )]),
-            linux: Some(LinuxPodSandboxConfig {
-                security_context: Some(LinuxSandboxSecurityContext {
-                    namespace_options: Some(namespaces()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
+            ..pod_sandbox("web-1", POD_UID, &logs, parma_host::annotation::encode(policy))
         };
         step("pulled");
         let sandbox_id = runtime
@@ -177,7 +151,7 @@ fn kubelets_cri_calls_run_a_confidential_pod_and_leave_nothing_behind() -> anyho
             log_path: format!("{name}/0.log"),
             linux: Some(LinuxContainerConfig {
                 security_context: Some(LinuxContainerSecurityContext {
-                    namespace_options: Some(namespaces()),
+                    namespace_options: Some(pod_namespaces()),
                     ..Default::default()
                 }),
                 ..Default::default()

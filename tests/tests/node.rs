@@ -8,7 +8,7 @@
 //! the installed UVM verified against the signed reference values, and
 //! refused, by name, when a measurement bit or the signed file changes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -18,8 +18,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ImageSpec, KeyValue,
-    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PullImageRequest, RemovePodSandboxRequest,
+    LinuxContainerConfig, LinuxContainerSecurityContext, PullImageRequest, RemovePodSandboxRequest,
     RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
 use parma_host::node::image::Layout;
@@ -410,29 +409,12 @@ fn an_installed_handler_runs_a_pod_through_cri() -> anyhow::Result<()> {
             })
             .await
             .with_context(|| diagnose("PullImage"))?;
-        let namespaces = NamespaceOption { network: 0, pid: 1, ipc: 0, ..Default::default() };
-        let sandbox_config = PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata {
-                name: "web-1".into(),
-                uid: "0c0ffee0-0000-4000-8000-000000000015".into(),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
-            hostname: "web-1".into(),
-            log_directory: logs.display().to_string(),
-            annotations: HashMap::from([(
-                parma_host::annotation::POLICY_ANNOTATION.to_string(),
-                parma_host::annotation::encode(&policy),
-            )]),
-            linux: Some(LinuxPodSandboxConfig {
-                security_context: Some(LinuxSandboxSecurityContext {
-                    namespace_options: Some(namespaces.clone()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let sandbox_config = parma_tests::containerd::pod_sandbox(
+            "web-1",
+            "0c0ffee0-0000-4000-8000-000000000015",
+            &logs,
+            parma_host::annotation::encode(&policy),
+        );
         let sandbox_id = runtime
             .run_pod_sandbox(RunPodSandboxRequest {
                 config: Some(sandbox_config.clone()),
@@ -450,7 +432,7 @@ fn an_installed_handler_runs_a_pod_through_cri() -> anyhow::Result<()> {
             envs: vec![KeyValue { key: "HOSTNAME".into(), value: "web-1".into() }],
             linux: Some(LinuxContainerConfig {
                 security_context: Some(LinuxContainerSecurityContext {
-                    namespace_options: Some(namespaces),
+                    namespace_options: Some(parma_tests::containerd::pod_namespaces()),
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -15,7 +15,6 @@
 //!
 //! Writes `out/bench/cri.json`.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,8 +24,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, LinuxContainerConfig,
-    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, PullImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    LinuxContainerSecurityContext, Mount, PullImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
     StartContainerRequest, StopPodSandboxRequest,
 };
 use parma_host::kube::{Images, generate_pod};
@@ -238,30 +236,11 @@ fn main() -> anyhow::Result<()> {
             .filter(|line| line.contains(&format!("converted {blob_bytes} bytes in ")))
             .find_map(|line| line.split("converted ").nth(1)?.split(" in ").nth(1)?.split(' ').next()?.parse().ok())
             .context("the snapshotter logged no conversion of the generated layer")?;
-        let namespaces = NamespaceOption { network: 0, pid: 1, ipc: 0, ..Default::default() };
         for attempt in 0..RUNS {
             run_samples.push(tokio::task::block_in_place(|| parma_run(&paths, &fixture))?);
             let logs = work.path().join(format!("logs-{attempt}"));
             std::fs::create_dir_all(&logs)?;
-            let sandbox_config = PodSandboxConfig {
-                metadata: Some(PodSandboxMetadata {
-                    name: "bench".into(),
-                    uid: "bench".into(),
-                    namespace: "default".into(),
-                    attempt: 0,
-                }),
-                hostname: "bench".into(),
-                log_directory: logs.display().to_string(),
-                annotations: HashMap::from([(parma_host::annotation::POLICY_ANNOTATION.into(), annotation.clone())]),
-                linux: Some(LinuxPodSandboxConfig {
-                    security_context: Some(LinuxSandboxSecurityContext {
-                        namespace_options: Some(namespaces.clone()),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
+            let sandbox_config = parma_tests::containerd::pod_sandbox("bench", "bench", &logs, annotation.clone());
             let started = Instant::now();
             let sandbox = cri
                 .run_pod_sandbox(RunPodSandboxRequest {
@@ -285,7 +264,7 @@ fn main() -> anyhow::Result<()> {
                         log_path: "app.log".into(),
                         linux: Some(LinuxContainerConfig {
                             security_context: Some(LinuxContainerSecurityContext {
-                                namespace_options: Some(namespaces.clone()),
+                                namespace_options: Some(parma_tests::containerd::pod_namespaces()),
                                 ..Default::default()
                             }),
                             ..Default::default()
