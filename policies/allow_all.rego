@@ -15,7 +15,7 @@ mount_overlay := {"allowed": true}
 
 unmount_overlay := {"allowed": true}
 
-create_container := {"allowed": true, "allow_stdio_access": true}
+create_container := {"allowed": true, "allow_stdio_access": true, "allow_attestation": true}
 
 start_container := {"allowed": true}
 
@@ -40,6 +40,8 @@ runtime_logging := {"allowed": true}
 load_fragment := {"allowed": true}
 
 get_attestation := {"allowed": true}
+
+container_attestation := {"allowed": true}
 
 create_sandbox := {"allowed": true}
 

@@ -99,6 +99,9 @@ struct Container {
 /// How a container is created, besides its process.
 #[derive(Debug, Default)]
 pub struct Options<'a> {
+    /// The agent-side socket of its attestation endpoint, bound at
+    /// [`crate::endpoint::IN_CONTAINER`] (none: nothing is there).
+    pub attestation: Option<&'a str>,
     /// Its host name (default: its id).
     pub hostname: Option<&'a str>,
     /// Mount its root read-only.
@@ -251,6 +254,9 @@ impl Containers {
         let process = prepare_process(&rootfs, spec)?;
         check_mount_points(&rootfs)?;
         let mut ops = root_ops(&rootfs, in_pod == Some(PodPid::Shared))?;
+        if let Some(socket) = options.attestation {
+            ops.extend(endpoint_ops(&rootfs, socket)?);
+        }
         let (path_ops, mut checks) = path_ops(&rootfs, options.masked_paths, options.readonly_paths)?;
         ops.extend(path_ops);
         ops.extend(crate::mounts::prepare(&rootfs, options.mounts)?);
@@ -285,6 +291,12 @@ impl Containers {
             },
         );
         Ok(())
+    }
+
+    /// Container `id`'s cgroup as `/proc/PID/cgroup` names it (`/parma/ID`).
+    pub fn cgroup_path(&self, id: &str) -> Option<String> {
+        let container = self.containers.get(id)?;
+        container.cgroup.strip_prefix("/sys/fs/cgroup").map(str::to_string)
     }
 
     /// Write new limits into container `id`'s cgroup.
@@ -858,6 +870,24 @@ fn root_ops(rootfs: &str, shared_pid: bool) -> Result<Vec<RootOp>, String> {
         },
     ]);
     Ok(ops)
+}
+
+/// The attestation endpoint's socket, bound on the container's own `/dev`
+/// tmpfs (made by [`root_ops`] before these), so nothing of the image
+/// decides where it lands.
+fn endpoint_ops(rootfs: &str, socket: &str) -> Result<Vec<RootOp>, String> {
+    let p = |path: &str| cstring(&format!("{rootfs}{path}"));
+    Ok(vec![
+        RootOp::Mkdir { path: p(crate::endpoint::IN_CONTAINER_DIR)?, mode: 0o755 },
+        RootOp::File { path: p(crate::endpoint::IN_CONTAINER)?, mode: 0o666 },
+        RootOp::Mount {
+            source: cstring(socket)?,
+            target: p(crate::endpoint::IN_CONTAINER)?,
+            fstype: cstring("")?,
+            flags: libc::MS_BIND,
+            data: cstring("")?,
+        },
+    ])
 }
 
 /// The image decides what is at `/proc`, `/dev` and `/sys` until the agent

@@ -6,7 +6,7 @@
 //! handler stuck on a disk the host stalls cannot keep the host from
 //! powering the UVM off.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -18,6 +18,7 @@ use parma_protocol::{AgentError, ErrorCode, Frame, FrameKind, PingInfo, ProcessS
 
 use crate::attest::{Provider, report_data_from_hex};
 use crate::containers::{self, Containers};
+use crate::endpoint::{self, Answer, Caller, Endpoints};
 use crate::fault::Fault;
 use crate::files;
 use crate::gate::Gate;
@@ -51,6 +52,8 @@ struct Guest {
     gate: Gate,
     storage: Storage,
     containers: Containers,
+    /// The containers' attestation endpoints.
+    endpoints: Endpoints,
 }
 
 /// Decode a frame into a request, or the error to answer with.
@@ -73,9 +76,73 @@ pub fn immediate(request: &Request) -> Option<(Response, After)> {
 }
 
 impl Dispatcher {
-    /// A dispatcher with no policy set, getting reports from `attestation`.
+    /// A dispatcher with no policy set, getting reports from `attestation`
+    /// (it serves no endpoints).
+    #[cfg(test)]
     pub fn new(attestation: Provider) -> Self {
         Self { guest: Mutex::new(Guest { gate: Gate::new(), ..Guest::default() }), attestation }
+    }
+
+    /// A dispatcher that serves the containers' attestation endpoints on
+    /// the current runtime.
+    pub fn serving(attestation: Provider) -> Arc<Self> {
+        let handle = tokio::runtime::Handle::current();
+        Arc::new_cyclic(|weak| {
+            let endpoints = Endpoints::serving(handle, weak.clone());
+            Self { guest: Mutex::new(Guest { gate: Gate::new(), endpoints, ..Guest::default() }), attestation }
+        })
+    }
+
+    /// A report for a container that asked through its endpoint: decided at
+    /// `container_attestation` with the container the agent's records name
+    /// (`caller`, whose endpoint is still open), for a caller in that
+    /// container's cgroup (`peer_cgroup`), binding `data` with the
+    /// container's policy name in the container domain.
+    pub fn container_report(
+        &self,
+        caller: &Caller,
+        peer_cgroup: Option<String>,
+        data: &[u8; 64],
+    ) -> Result<endpoint::Report, Answer> {
+        let denied = |message: &str| Answer::error(403, &ErrorCode::PolicyDenied.to_string(), message);
+        {
+            let mut guest = self.lock();
+            if !guest.endpoints.current(caller) {
+                return Err(denied("the endpoint's container is gone"));
+            }
+            let expected = guest.containers.cgroup_path(&caller.id);
+            match (&peer_cgroup, &expected) {
+                (Some(peer), Some(own)) if peer == own || peer.starts_with(&format!("{own}/")) => {}
+                _ => {
+                    return Err(denied(&format!(
+                        "the caller is not a process of container {:?} (its cgroup: {})",
+                        caller.id,
+                        peer_cgroup.as_deref().unwrap_or("unknown")
+                    )));
+                }
+            }
+            let input = Input::ContainerAttestation(input::ContainerAttestation {
+                container_id: caller.id.clone(),
+                report_data: hex::encode(data),
+            });
+            if let Err(err) = guest.gate.decide_alone(&input) {
+                return Err(denied(&err.message));
+            }
+        }
+        // Signed outside the lock: a container asking over and over holds
+        // up no host request while the firmware works.
+        let report_data = parma_snp::report_data::Domain::Container(&caller.name).report_data(data);
+        let report = self
+            .attestation
+            .report(&report_data)
+            .map_err(|err| Answer::error(500, &ErrorCode::Failed.to_string(), &err))?;
+        Ok(endpoint::Report {
+            report: hex::encode(report.as_bytes()),
+            report_data: hex::encode(report_data),
+            container: caller.name.clone(),
+            data: hex::encode(data),
+            provider: self.attestation.name().to_string(),
+        })
     }
 
     /// The guest's records, locked. A poisoned lock means a handler panicked
@@ -244,7 +311,7 @@ fn stdio_allowed(decisions: &[Decision]) -> bool {
 
 /// Carry out an allowed request that acts on the guest.
 fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Response, Failure> {
-    let Guest { storage, containers, .. } = guest;
+    let Guest { storage, containers, endpoints, .. } = guest;
     let stdio = |containers: &Containers, id: &str, exec_id: Option<&str>| {
         if containers.stdio_allowed(id, exec_id) {
             Ok(())
@@ -296,7 +363,17 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
             if !storage.has_overlay(&container_id) {
                 return Err(Failure::Failed(Fault::wrong_state(format!("container {container_id:?} has no overlay"))));
             }
+            // The endpoint exists before the container, so its bind finds it.
+            let endpoint = if decisions.iter().any(|decision| decision.allow_attestation) {
+                let name = endpoint::policy_name(decisions, &container_id).ok_or_else(|| {
+                    Fault::from(format!("internal error: no policy name for container {container_id:?}"))
+                })?;
+                Some(endpoints.open(&container_id, &name)?)
+            } else {
+                None
+            };
             let options = containers::Options {
+                attestation: endpoint.as_deref(),
                 hostname: hostname.as_deref(),
                 readonly_rootfs,
                 resources: resources.unwrap_or_default(),
@@ -306,7 +383,10 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
                 stdio: stdio_allowed(decisions),
                 namespaces: &namespaces,
             };
-            containers.create(&container_id, &process, &options)?;
+            if let Err(err) = containers.create(&container_id, &process, &options) {
+                endpoints.close(&container_id);
+                return Err(err.into());
+            }
             Ok(Response::Done)
         }
         Request::StartContainer { container_id } => {
@@ -344,7 +424,11 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
             stdio(containers, &container_id, exec_id.as_deref())?;
             Ok(containers.resize_terminal(&container_id, exec_id.as_deref(), rows, cols).map(|()| Response::Done)?)
         }
-        Request::DeleteContainer { container_id } => Ok(containers.delete(&container_id).map(|()| Response::Done)?),
+        Request::DeleteContainer { container_id } => {
+            containers.delete(&container_id)?;
+            endpoints.close(&container_id);
+            Ok(Response::Done)
+        }
         Request::CreateSandbox { hostname, share_pid } => {
             Ok(containers.create_sandbox(&hostname, share_pid).map(|()| Response::Done)?)
         }

@@ -267,6 +267,22 @@ impl Gate {
         }
     }
 
+    /// Decide one point that no host request meets (a container's own
+    /// request): denied in lockdown and while no policy is set.
+    pub fn decide_alone(&mut self, input: &Input) -> Result<(), AgentError> {
+        let point = input.point();
+        if let Some(reason) = &self.lockdown {
+            return Err(denied(format!("{point} is denied: {reason}")));
+        }
+        let engine = self.engine.as_mut().ok_or_else(|| denied(format!("{point} is denied: no policy is set")))?;
+        let decision = engine.decide(point, &input.to_value());
+        match &decision.denial {
+            Some(denial) => Err(denied(denial.line())),
+            None if decision.allowed => Ok(()),
+            None => Err(denied(format!("{point} is denied"))),
+        }
+    }
+
     /// Whether the policy in force lets the agent keep logging to the
     /// console (its `runtime_logging` rule); false without a policy.
     pub fn runtime_logging_allowed(&mut self) -> bool {

@@ -12,6 +12,7 @@
 mod attest;
 mod containers;
 mod dispatch;
+mod endpoint;
 mod fault;
 mod files;
 mod gate;
@@ -26,7 +27,6 @@ mod serve;
 mod storage;
 mod transport;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -93,7 +93,7 @@ fn main() {
 }
 
 async fn run() -> i32 {
-    let dispatcher = Arc::new(Dispatcher::new(attest::Provider::detect()));
+    let dispatcher = Dispatcher::serving(attest::Provider::detect());
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<()>(1);
 
     let vsock = match transport::listen_vsock() {

@@ -28,7 +28,9 @@ pub struct VerifyArgs {
     expect_host_data: Option<String>,
     /// The REPORT_DATA you expect, as DOMAIN:HEX: `host:HEX` for a report the
     /// host asked for with `parma agent attest --report-data HEX` (the agent
-    /// binds it as SHA-512 of a host tag and the data), `raw:HEX` for
+    /// binds it as SHA-512 of a host tag and the data), `container:NAME:HEX`
+    /// for one the policy's container NAME asked for through its endpoint
+    /// with data HEX, `raw:HEX` for
     /// REPORT_DATA as it is (hex, up to 64 bytes; shorter is zero padded).
     #[arg(long, value_name = "DOMAIN:HEX")]
     expect_report_data: Option<String>,
@@ -160,20 +162,23 @@ fn reference_line(
 
 /// `--expect-report-data DOMAIN:HEX`.
 fn expect_report_data(expect: parma_snp::Expectations, text: &str) -> anyhow::Result<parma_snp::Expectations> {
-    use parma_snp::report_data::Domain;
-    let domains = || Domain::ALL.iter().map(|d| format!("{d}:HEX")).collect::<Vec<_>>().join(", ");
-    let Some((domain, hex)) = text.split_once(':') else {
+    use parma_snp::report_data::{Domain, LABELS};
+    let domains = || LABELS.join(", ");
+    let Some((label, rest)) = text.split_once(':') else {
         anyhow::bail!(
             "--expect-report-data names whose REPORT_DATA it is: {} or raw:HEX (the agent never signs the host's \
              bytes as they are)",
             domains()
         );
     };
-    Ok(match (domain, Domain::from_label(domain)) {
-        ("raw", _) => expect.report_data_hex(hex)?,
-        (_, Some(domain)) => expect.report_data_in(domain, hex)?,
-        (other, None) => anyhow::bail!("--expect-report-data: no domain {other:?} (known: {}, raw:HEX)", domains()),
-    })
+    if label == "raw" {
+        return Ok(expect.report_data_hex(rest)?);
+    }
+    match Domain::parse(text) {
+        Some((domain, hex)) => Ok(expect.report_data_in(domain, hex)?),
+        None if label == "container" => anyhow::bail!("--expect-report-data: a container's is container:NAME:HEX"),
+        None => anyhow::bail!("--expect-report-data: no domain {label:?} (known: {}, raw:HEX)", domains()),
+    }
 }
 
 #[cfg(test)]
@@ -196,6 +201,10 @@ mod tests {
         let err = expect_report_data(none(), "broker:5a").unwrap_err().to_string();
         assert!(err.contains("no domain \"broker\""), "{err}");
         assert!(expect_report_data(none(), "host:zz").is_err());
+        let web = expect_report_data(none(), "container:web:5a5a").unwrap();
+        assert_eq!(web.report_data, Some(Domain::Container("web").report_data(&data)));
+        let err = expect_report_data(none(), "container:5a5a").unwrap_err().to_string();
+        assert!(err.contains("container:NAME:HEX"), "{err}");
         assert!(expect_report_data(none(), &format!("host:{}", "00".repeat(65))).is_err());
     }
 }

@@ -122,6 +122,10 @@ pub struct Spec {
     /// May the host change the container's cgroup limits once it exists?
     #[serde(default)]
     pub allow_resource_updates: bool,
+    /// Does the container get an attestation endpoint
+    /// (`/dev/parma/attestation.sock`) for reports binding its own data?
+    #[serde(default)]
+    pub allow_attestation: bool,
     /// Must the container's root be read-only?
     #[serde(default)]
     pub readonly_rootfs: bool,
@@ -356,6 +360,7 @@ pub fn container_for(built: &parma_layer::Built, spec: &Spec, resolved: Option<&
         terminal: spec.terminal,
         rlimits,
         allow_resource_updates: spec.allow_resource_updates,
+        allow_attestation: spec.allow_attestation,
         readonly_rootfs: spec.readonly_rootfs,
         groups: Some(spec.groups.clone().unwrap_or(image_groups)),
         // Absent: the framework requires runc's defaults.

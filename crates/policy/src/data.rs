@@ -57,6 +57,10 @@ pub struct Container {
     /// Whether the host may change its cgroup limits.
     #[serde(default)]
     pub allow_resource_updates: bool,
+    /// Whether it gets an attestation endpoint (`/dev/parma/attestation.sock`)
+    /// for reports binding its own data (absent: no).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_attestation: bool,
     /// Whether its root must be read-only.
     #[serde(default)]
     pub readonly_rootfs: bool,

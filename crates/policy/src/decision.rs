@@ -21,6 +21,10 @@ pub struct Decision {
     /// (`create_container` and `exec_in_container`: the rule's
     /// `allow_stdio_access`, false when it does not say).
     pub allow_stdio_access: bool,
+    /// Whether the container may ask for attestation reports through its
+    /// endpoint (`create_container`: the rule's `allow_attestation`, false
+    /// when it does not say).
+    pub allow_attestation: bool,
     /// Why not (denied only).
     pub denial: Option<Denial>,
 }
@@ -74,6 +78,8 @@ struct RuleResult {
     #[serde(default)]
     allow_stdio_access: bool,
     #[serde(default)]
+    allow_attestation: bool,
+    #[serde(default)]
     reason: Option<RuleReason>,
 }
 
@@ -89,7 +95,14 @@ impl Decision {
     /// A denial with a message and no candidates.
     pub fn deny(point: Point, message: impl Into<String>) -> Self {
         let denial = Denial { point, message: message.into(), candidates: Vec::new() };
-        Self { point, allowed: false, ops: Vec::new(), allow_stdio_access: false, denial: Some(denial) }
+        Self {
+            point,
+            allowed: false,
+            ops: Vec::new(),
+            allow_stdio_access: false,
+            allow_attestation: false,
+            denial: Some(denial),
+        }
     }
 
     /// Interpret what a policy rule evaluated to. Anything but `true` or
@@ -103,7 +116,14 @@ impl Decision {
             Err(err) => return Self::deny(point, format!("the rule returned a value that is not JSON: {err}")),
         };
         if json == serde_json::Value::Bool(true) {
-            return Self { point, allowed: true, ops: Vec::new(), allow_stdio_access: false, denial: None };
+            return Self {
+                point,
+                allowed: true,
+                ops: Vec::new(),
+                allow_stdio_access: false,
+                allow_attestation: false,
+                denial: None,
+            };
         }
         let result: RuleResult = match serde_json::from_value(json.clone()) {
             Ok(result) => result,
@@ -114,8 +134,14 @@ impl Decision {
             }
         };
         if result.allowed {
-            let allow_stdio_access = result.allow_stdio_access;
-            return Self { point, allowed: true, ops: result.metadata, allow_stdio_access, denial: None };
+            return Self {
+                point,
+                allowed: true,
+                ops: result.metadata,
+                allow_stdio_access: result.allow_stdio_access,
+                allow_attestation: result.allow_attestation,
+                denial: None,
+            };
         }
         let reason = result.reason.unwrap_or(RuleReason { message: String::new(), candidates: Vec::new() });
         let message = if reason.message.is_empty() { "the policy denies it".to_string() } else { reason.message };
@@ -124,6 +150,7 @@ impl Decision {
             allowed: false,
             ops: Vec::new(),
             allow_stdio_access: false,
+            allow_attestation: false,
             denial: Some(Denial { point, message, candidates: reason.candidates }),
         }
     }
@@ -148,6 +175,9 @@ mod tests {
         assert_eq!(undefined.denial.unwrap().message, "the policy does not define start_container (deny by default)");
         assert!(!decide(r#"{"allowed": true}"#).allow_stdio_access, "stdio is denied unless the rule allows it");
         assert!(decide(r#"{"allowed": true, "allow_stdio_access": true}"#).allow_stdio_access);
+        assert!(!decide(r#"{"allowed": true}"#).allow_attestation, "no endpoint unless the rule allows it");
+        assert!(decide(r#"{"allowed": true, "allow_attestation": true}"#).allow_attestation);
+        assert!(!decide(r#"{"allowed": true, "allow_attestation": 1}"#).allowed, "a malformed result is a denial");
         assert!(!decide(r#"{"allowed": true, "allow_stdio_access": "yes"}"#).allowed, "a malformed result is a denial");
     }
 

@@ -565,7 +565,7 @@ create_container := denied(sprintf("container %s has no overlay mounted through 
 # false: the process's stdio is /dev/null).
 stdio_access(c) := object.get(c, "allow_stdio_access", false) == true
 
-create_container := {"allowed": true, "allow_stdio_access": stdio_access(create_passing[0]), "metadata": [{"name": "containers", "action": "add", "key": input.containerID, "value": {
+create_container := {"allowed": true, "allow_stdio_access": stdio_access(create_passing[0]), "allow_attestation": attestation_allowed(create_passing[0]), "metadata": [{"name": "containers", "action": "add", "key": input.containerID, "value": {
 	"name": create_passing[0].name,
 	"status": "created",
 	"argList": input.argList,
@@ -751,6 +751,35 @@ get_attestation := {"allowed": true, "metadata": []} if {
 
 get_attestation := denied(sprintf("the container group is not complete: %s not running", [concat(", ", [quote(n) | some n in missing_required])]), []) if {
 	count(missing_required) > 0
+}
+
+# ---------------------------------------------------------------- a container's own reports
+
+# Whether a container gets an attestation endpoint (the agent binds it into
+# the container at create) and reports through it: its entry's
+# `allow_attestation` (default false).
+attestation_allowed(c) := object.get(c, "allow_attestation", false) == true
+
+# A container asks for a report binding its own data, while it runs. The
+# agent names the container from its records (the endpoint the connection
+# came to, the caller's cgroup), never from what the caller says.
+default container_attestation := {"allowed": false, "reason": {"message": "container_attestation: input is missing containerID or reportData", "candidates": []}}
+
+container_attestation := denied(sprintf("container %s is not running", [quote(input.containerID)]), []) if {
+	is_string(input.containerID)
+	not running(input.containerID)
+}
+
+container_attestation := {"allowed": true, "metadata": []} if {
+	running(input.containerID)
+	is_string(input.reportData)
+	attestation_allowed(started_container)
+}
+
+container_attestation := denied(sprintf("container %s may not get attestation reports (allow_attestation is not true)", [quote(started_container.name)]), []) if {
+	running(input.containerID)
+	is_string(input.reportData)
+	not attestation_allowed(started_container)
 }
 
 # ---------------------------------------------------------------- the pod

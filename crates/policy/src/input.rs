@@ -151,6 +151,19 @@ pub struct GetAttestation {
     pub running: Vec<String>,
 }
 
+/// `container_attestation`: a container asks for a report through its
+/// endpoint. The agent fills it from its records (which endpoint the
+/// connection came to, the caller's cgroup), never from the caller's words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerAttestation {
+    /// The container the endpoint belongs to.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// The container's data, 64 bytes in hex (zero padded).
+    pub report_data: String,
+}
+
 /// `create_sandbox`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -269,6 +282,8 @@ pub enum Input {
     GetProperties(Empty),
     /// `get_attestation`.
     GetAttestation(GetAttestation),
+    /// `container_attestation`.
+    ContainerAttestation(ContainerAttestation),
     /// `runtime_logging`.
     RuntimeLogging(Empty),
     /// `create_sandbox`.
@@ -300,6 +315,7 @@ impl Input {
             Input::ShutdownContainer(_) => Point::ShutdownContainer,
             Input::GetProperties(_) => Point::GetProperties,
             Input::GetAttestation(_) => Point::GetAttestation,
+            Input::ContainerAttestation(_) => Point::ContainerAttestation,
             Input::CreateSandbox(_) => Point::CreateSandbox,
             Input::UpdateInterface(_) => Point::UpdateInterface,
             Input::UpdateRoutes(_) => Point::UpdateRoutes,
@@ -377,6 +393,9 @@ mod tests {
             arg_list: vec![],
         });
         assert_eq!(signal.to_value(), json!({"containerID": "c", "signal": 9, "isInitProcess": true, "argList": []}));
+        let attestation =
+            Input::ContainerAttestation(ContainerAttestation { container_id: "c".into(), report_data: "00".into() });
+        assert_eq!(attestation.to_value(), json!({"containerID": "c", "reportData": "00"}));
         let mount = Input::MountDevice(MountDevice { target: "/l0".into(), device_hash: "ab".into() });
         assert_eq!(mount.to_value(), json!({"target": "/l0", "deviceHash": "ab"}));
     }

@@ -38,8 +38,10 @@ pub enum Point {
     RuntimeLogging,
     /// Load a policy fragment.
     LoadFragment,
-    /// Give a container (or the host) an attestation report.
+    /// Give the host an attestation report.
     GetAttestation,
+    /// Give a container an attestation report through its endpoint.
+    ContainerAttestation,
     /// Make the UVM a pod: its shared namespaces and host name.
     CreateSandbox,
     /// Move a NIC into the pod and configure it.
@@ -54,7 +56,7 @@ pub enum Point {
 
 impl Point {
     /// Every enforcement point.
-    pub const ALL: [Point; 22] = [
+    pub const ALL: [Point; 23] = [
         Point::MountDevice,
         Point::UnmountDevice,
         Point::MountOverlay,
@@ -72,6 +74,7 @@ impl Point {
         Point::RuntimeLogging,
         Point::LoadFragment,
         Point::GetAttestation,
+        Point::ContainerAttestation,
         Point::CreateSandbox,
         Point::UpdateInterface,
         Point::UpdateRoutes,
@@ -99,6 +102,7 @@ impl Point {
             Point::RuntimeLogging => "runtime_logging",
             Point::LoadFragment => "load_fragment",
             Point::GetAttestation => "get_attestation",
+            Point::ContainerAttestation => "container_attestation",
             Point::CreateSandbox => "create_sandbox",
             Point::UpdateInterface => "update_interface",
             Point::UpdateRoutes => "update_routes",

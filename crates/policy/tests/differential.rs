@@ -151,7 +151,7 @@ fn container(rng: &mut Rng, name: &str) -> Value {
         }).collect::<Vec<_>>(),
     });
     let fields = c.as_object_mut().unwrap();
-    let optional: [(&str, Make); 13] = [
+    let optional: [(&str, Make); 14] = [
         ("user", |rng| json!({"uid": rng.pick(&[0, 1000]), "gid": rng.pick(&[0, 1000])})),
         ("groups", |rng| json!(rng.subset(&[5, 1000]))),
         ("capabilities", caps),
@@ -162,6 +162,7 @@ fn container(rng: &mut Rng, name: &str) -> Value {
         ("terminal", |rng| json!(rng.chance(50))),
         ("allow_stdio_access", |rng| json!(rng.chance(70))),
         ("allow_resource_updates", |rng| json!(rng.chance(50))),
+        ("allow_attestation", |rng| json!(rng.chance(50))),
         ("masked_paths", paths),
         ("readonly_paths", paths),
         ("readonly_rootfs", |rng| json!(rng.chance(50))),
@@ -293,7 +294,8 @@ fn request(rng: &mut Rng, containers: &[Value]) -> (Point, Value) {
             let running: Vec<&str> = IDS.iter().copied().filter(|_| rng.chance(60)).collect();
             (Point::GetAttestation, json!({"reportData": "00", "running": running}))
         }
-        _ => match rng.below(6) {
+        _ => match rng.below(7) {
+            6 => (Point::ContainerAttestation, json!({"containerID": id, "reportData": "00"})),
             0 => (Point::ScratchMount, json!({"target": "swap", "encrypted": rng.chance(70), "swap": rng.chance(50)})),
             1 => (Point::GetProperties, json!({})),
             2 => (Point::RuntimeLogging, json!({})),
@@ -338,6 +340,7 @@ fn script(rng: &mut Rng, containers: &[Value]) -> Vec<(Point, Value)> {
     ));
     steps.push((Point::UpdateContainer, json!({"containerID": id, "resources": {"pids_max": 64}})));
     steps.push((Point::GetAttestation, json!({"reportData": "00", "running": [id]})));
+    steps.push((Point::ContainerAttestation, json!({"containerID": id, "reportData": "00"})));
     steps.push((Point::ShutdownContainer, json!({"containerID": id})));
     steps.push((Point::UnmountOverlay, json!({"unmountTarget": format!("/r/{id}")})));
     for target in &targets {
@@ -348,9 +351,10 @@ fn script(rng: &mut Rng, containers: &[Value]) -> Vec<(Point, Value)> {
 }
 
 /// What must be equal between the backends.
-fn outcome(decision: &Decision) -> (bool, String, bool, String) {
+fn outcome(decision: &Decision) -> (bool, String, bool, bool, String) {
     let line = decision.denial.as_ref().map(|d| d.line()).unwrap_or_default();
-    (decision.allowed, serde_json::to_string(&decision.ops).unwrap(), decision.allow_stdio_access, line)
+    let ops = serde_json::to_string(&decision.ops).unwrap();
+    (decision.allowed, ops, decision.allow_stdio_access, decision.allow_attestation, line)
 }
 
 /// The interpreter reports a builtin that fails as an error, the VM as an
@@ -418,7 +422,7 @@ fn run_seed(seed: u64, steps: usize, framework: &Framework, totals: &mut Totals)
         let on_shared = shared.decide(point, &input);
         assert_eq!(on_shared, on_vm, "seed {seed:#x}, step {step}: {point} on a shared framework");
         let (a, b) = (outcome(&on_vm), outcome(&on_interpreter));
-        let agree = a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && same_reason(&a.3, &b.3);
+        let agree = a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && a.3 == b.3 && same_reason(&a.4, &b.4);
         assert!(
             agree,
             "seed {seed:#x}, step {step}: {point} on\n{input}\nVM: {a:?}\ninterpreter: {b:?}\nstate: {}\npolicy:\n{text}",

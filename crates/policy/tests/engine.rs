@@ -460,3 +460,58 @@ fn the_pods_network_refuses_what_genpolicy_refuses_and_the_policy_narrows_it() {
         }
     }
 }
+
+/// `container_attestation`: a running container whose entry says
+/// `allow_attestation`, and `create_container` tells the agent so.
+#[test]
+fn a_container_attests_only_while_it_runs_and_only_if_its_entry_says_so() {
+    // Entries with every field (serde's defaults), as policy gen writes them.
+    let entry = |name: &str, command: &str, allow: bool| {
+        let layer = &command[1..];
+        let minimal = json!({"name": name, "layers": [layer], "command": [command], "allow_attestation": allow});
+        let full: parma_policy::data::Container = serde_json::from_value(minimal).unwrap();
+        serde_json::to_value(full).unwrap()
+    };
+    let containers = json!([entry("attested", "/a", true), entry("plain", "/p", false)]);
+    let mut rego = format!("package policy\ncontainers := {containers}\n");
+    for point in Point::ALL {
+        rego.push_str(&format!("{0} := data.framework.{0}\n", point.rule()));
+    }
+    let mut engine = engine(&rego);
+    let run = |engine: &mut Engine, id: &str, command: &str| -> bool {
+        let target = format!("/l/{id}");
+        for (point, input) in [
+            (Point::MountDevice, json!({"target": target, "deviceHash": &command[1..]})),
+            (Point::MountOverlay, json!({"containerID": id, "layerPaths": [target], "target": format!("/r/{id}")})),
+        ] {
+            let decision = engine.decide(point, &input);
+            assert!(decision.allowed, "{point}: {:?}", decision.denial);
+            engine.commit(&decision).unwrap();
+        }
+        let create = json!({"containerID": id, "argList": [command], "envList": [], "workingDir": "/",
+            "terminal": false, "rlimits": [], "user": {"uid": 0, "gid": 0}, "groups": [],
+            "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
+            "noNewPrivileges": false, "privileged": false, "seccompProfileSHA256": "", "mounts": [],
+            "maskedPaths": parma_policy::DEFAULT_MASKED_PATHS, "readonlyPaths": parma_policy::DEFAULT_READONLY_PATHS});
+        let decision = engine.decide(Point::CreateContainer, &create);
+        assert!(decision.allowed, "{:?}", decision.denial);
+        engine.commit(&decision).unwrap();
+        decision.allow_attestation
+    };
+    let ask = |engine: &mut Engine, id: &str| {
+        engine.decide(Point::ContainerAttestation, &json!({"containerID": id, "reportData": "00"}))
+    };
+    assert!(run(&mut engine, "a", "/a"), "create_container tells the agent to open the endpoint");
+    let line = ask(&mut engine, "a").denial.unwrap().line();
+    assert!(line.contains("container \"a\" is not running"), "created, not started: {line}");
+    let started = engine.decide(Point::StartContainer, &json!({"containerID": "a"}));
+    engine.commit(&started).unwrap();
+    assert!(ask(&mut engine, "a").allowed);
+    assert!(!run(&mut engine, "p", "/p"), "no endpoint for an entry without allow_attestation");
+    let started = engine.decide(Point::StartContainer, &json!({"containerID": "p"}));
+    engine.commit(&started).unwrap();
+    let line = ask(&mut engine, "p").denial.unwrap().line();
+    assert!(line.contains("\"plain\" may not get attestation reports"), "{line}");
+    assert!(!ask(&mut engine, "nobody").allowed);
+    assert!(!engine.decide(Point::ContainerAttestation, &json!({"containerID": "a"})).allowed, "no data: denied");
+}

@@ -29,6 +29,16 @@
 //! `connect ADDRESS:PORT` tries a TCP connection (5 s at most) and prints
 //! `connect=ok` or `connect=<the error>`.
 //!
+//! `attest PATH DATA` asks the attestation endpoint at unix socket PATH for
+//! a report binding DATA (hex) and prints `status=<HTTP status>` and
+//! `body=<the answer's body>`, or `attest=<the error>` when it cannot
+//! connect. `attest-others DATA` does the same through every other
+//! process's `/proc/PID/root/dev/parma/attestation.sock` it can see (in a
+//! pod's shared PID namespace: another container's endpoint), printing
+//! `pid=PID` before each, and `others=N` at the end. `attest-many PATH
+//! DATA N` asks N times, one after the other, and prints `statuses=` with
+//! each status seen and how often (`200x1000`).
+//!
 //! `stop-all` attacks its PID namespace: prints `stopping=1`, then sends
 //! SIGSTOP to every process it may signal (`kill(-1)`) in a loop, forever.
 //!
@@ -90,6 +100,45 @@ fn run(args: &[String]) -> Result<i32, String> {
             Ok(()) => println!("made"),
             Err(errno) => println!("{errno:?}"),
         }
+        return Ok(0);
+    }
+    if let [mode, path, data] = args
+        && mode == "attest"
+    {
+        attest(path, data);
+        return Ok(0);
+    }
+    if let [mode, path, data, count] = args
+        && mode == "attest-many"
+    {
+        let count: u32 = count.parse().map_err(|e| format!("attest-many: {e}"))?;
+        let mut seen = std::collections::BTreeMap::<String, u32>::new();
+        for _ in 0..count {
+            *seen.entry(request(path, data).map_or_else(|e| e, |(status, _)| status)).or_default() += 1;
+        }
+        let shown: Vec<String> = seen.iter().map(|(status, n)| format!("{status}x{n}")).collect();
+        println!("statuses={}", shown.join(","));
+        return Ok(0);
+    }
+    if let [mode, data] = args
+        && mode == "attest-others"
+    {
+        let own = std::process::id().to_string();
+        let mut others = 0;
+        let entries = std::fs::read_dir("/proc").map_err(|e| format!("/proc: {e}"))?;
+        for entry in entries.flatten() {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            if pid == own || !pid.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let path = format!("/proc/{pid}/root/dev/parma/attestation.sock");
+            if std::fs::symlink_metadata(&path).is_ok() {
+                others += 1;
+                println!("pid={pid}");
+                attest(&path, data);
+            }
+        }
+        println!("others={others}");
         return Ok(0);
     }
     if let [mode] = args
@@ -327,6 +376,30 @@ fn netconf() -> String {
 }
 
 /// The `stop-all` mode (see the module docs).
+/// One request to the attestation endpoint at `path`, printed.
+fn attest(path: &str, data: &str) {
+    match request(path, data) {
+        Ok((status, body)) => println!("status={status}\nbody={body}"),
+        Err(e) => println!("attest={e}"),
+    }
+}
+
+/// One request to the attestation endpoint at `path`: its status and body.
+fn request(path: &str, data: &str) -> Result<(String, String), String> {
+    use std::io::Read;
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let request = format!("GET /report?data={data} HTTP/1.1\r\nHost: parma\r\n\r\n");
+    let mut answer = String::new();
+    stream
+        .write_all(request.as_bytes())
+        .and_then(|()| stream.read_to_string(&mut answer))
+        .map_err(|e| e.to_string())?;
+    let status = answer.split(' ').nth(1).unwrap_or("none").to_string();
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_string();
+    Ok((status, body))
+}
+
 fn stop_all() -> Result<i32, String> {
     println!("stopping=1");
     std::io::stdout().flush().map_err(|e| format!("stdout: {e}"))?;
