@@ -29,6 +29,8 @@ packages=(
   # The Kubernetes tests start their own containerd (CRI, runc for nothing but its presence), a
   # registry filled by skopeo, and CNI's bridge, all in a temporary directory and network namespace.
   containerd runc containernetworking-plugins docker-registry skopeo
+  # An independent JOSE implementation the KBS crate's JWE is checked against.
+  python3-jwcrypto
 )
 
 missing=()

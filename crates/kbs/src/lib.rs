@@ -1,0 +1,28 @@
+//! The Trustee KBS attestation protocol, version 0.4.0, as Parma-rs speaks
+//! it (`kbs/docs/kbs_attestation_protocol.md` in
+//! confidential-containers/trustee). Pure functions, no I/O: the agent
+//! runs the exchange, the test broker answers it.
+//!
+//! - [`binding`]: the runtime data (the broker's nonce and the TEE's key)
+//!   and the REPORT_DATA that binds it, as Trustee checks it: SHA-384 of
+//!   its RFC 8785 form, zero padded to 64 bytes.
+//! - [`key`]: the TEE key, a fresh P-256 key per exchange, and its JWK.
+//! - [`jwe`]: the resource a broker sends, a flattened JWE
+//!   (`ECDH-ES+A256KW`, `A256GCM`), opened with the TEE key; with the
+//!   `broker` feature, made too.
+//!
+//! The wire types are `kbs-types`' (re-exported as [`types`]).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
+pub mod binding;
+pub mod jwe;
+pub mod key;
+
+pub use kbs_types as types;
+
+/// The protocol version the agent announces in its `Request`.
+pub const PROTOCOL_VERSION: &str = "0.4.0";
+/// The path prefix of the broker's endpoints.
+pub const PREFIX: &str = "/kbs/v0";
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "kbs-session-id";
