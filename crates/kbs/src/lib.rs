@@ -10,11 +10,15 @@
 //! - [`jwe`]: the resource a broker sends, a flattened JWE
 //!   (`ECDH-ES+A256KW`, `A256GCM`), opened with the TEE key; with the
 //!   `broker` feature, made too.
+//! - [`evidence`] (feature `snp`): the SNP evidence in the JSON shape
+//!   Trustee's SNP attester sends.
 //!
 //! The wire types are `kbs-types`' (re-exported as [`types`]).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 pub mod binding;
+#[cfg(feature = "snp")]
+pub mod evidence;
 pub mod jwe;
 pub mod key;
 
