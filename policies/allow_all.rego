@@ -43,6 +43,8 @@ get_attestation := {"allowed": true}
 
 container_attestation := {"allowed": true}
 
+release_secret := {"allowed": true}
+
 create_sandbox := {"allowed": true}
 
 update_interface := {"allowed": true}

@@ -29,6 +29,11 @@ use crate::storage;
 
 /// The cgroup under which every container gets its own.
 const CGROUP_PARENT: &str = "/sys/fs/cgroup/parma";
+/// Where the agent keeps secrets from a key broker, a directory per
+/// container, bound read-only at [`IN_CONTAINER_SECRETS`].
+const SECRETS: &str = "/run/parma/secrets";
+/// Where a container finds its secrets.
+pub const IN_CONTAINER_SECRETS: &str = "/dev/parma/secrets";
 /// The cgroup of the pod's namespace holder (a sibling of the containers').
 const HOLDER_CGROUP: &str = "/sys/fs/cgroup/parma-pod";
 /// Memory kept out of the containers' reach (all of them together), for the
@@ -94,6 +99,8 @@ struct Container {
     /// It shares the pod's network, IPC and UTS namespaces (and with
     /// `Shared` its PID namespace).
     in_pod: Option<PodPid>,
+    /// Its secrets directory, once a secret was provisioned (bound at its start).
+    secrets: Option<String>,
 }
 
 /// How a container is created, besides its process.
@@ -288,8 +295,56 @@ impl Containers {
                 cgroup,
                 stdio: options.stdio,
                 in_pod,
+                secrets: None,
             },
         );
+        Ok(())
+    }
+
+    /// Whether container `id` can take a secret: it exists and has not started.
+    pub fn check_secret_target(&self, id: &str) -> Result<(), Fault> {
+        let container = self.containers.get(id).ok_or_else(|| no_container(id))?;
+        match container.prepared {
+            Some(_) => Ok(()),
+            None => Err(Fault::wrong_state(format!("container {id:?} has started: a secret goes in before the start"))),
+        }
+    }
+
+    /// Write a secret from a key broker as `file` in created container
+    /// `id`'s secrets directory (mode 0440, owned by its user and group; a
+    /// file of that name is replaced), which its start binds read-only at
+    /// [`IN_CONTAINER_SECRETS`].
+    pub fn add_secret(&mut self, id: &str, file: &str, data: &[u8]) -> Result<(), Fault> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        self.check_secret_target(id)?;
+        let container = self.containers.get_mut(id).ok_or_else(|| no_container(id))?;
+        let dir = format!("{SECRETS}/{id}");
+        std::fs::create_dir_all(&dir).map_err(|err| format!("cannot create {dir}: {err}"))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|err| format!("cannot set {dir}'s mode: {err}"))?;
+        let path = format!("{dir}/{file}");
+        let _ = std::fs::remove_file(&path);
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o440)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|err| format!("cannot create {path}: {err}"))?;
+        let written = std::io::Write::write_all(&mut out, data)
+            .and_then(|()| std::os::unix::fs::fchown(&out, Some(container.spec.uid), Some(container.spec.gid)));
+        if let Err(err) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(format!("cannot write {path}: {err}").into());
+        }
+        if container.secrets.is_none() {
+            let Some((new, _)) = container.prepared.as_mut() else {
+                return Err(Fault::wrong_state(format!("container {id:?} has started")));
+            };
+            let rootfs = new.rootfs.to_string_lossy().into_owned();
+            new.ops.extend(secrets_ops(&rootfs, &dir)?);
+            container.secrets = Some(dir);
+        }
         Ok(())
     }
 
@@ -537,6 +592,12 @@ impl Containers {
             && err.kind() != ErrorKind::NotFound
         {
             return Err(format!("cannot remove {}: {err}", container.cgroup).into());
+        }
+        if let Some(dir) = self.containers.get(id).and_then(|c| c.secrets.as_ref())
+            && let Err(err) = std::fs::remove_dir_all(dir)
+            && err.kind() != ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove {dir}: {err}");
         }
         self.containers.remove(id);
         Ok(())
@@ -885,6 +946,36 @@ fn endpoint_ops(rootfs: &str, socket: &str) -> Result<Vec<RootOp>, String> {
             target: p(crate::endpoint::IN_CONTAINER)?,
             fstype: cstring("")?,
             flags: libc::MS_BIND,
+            data: cstring("")?,
+        },
+    ])
+}
+
+/// The secrets directory, bound read-only (and nosuid, nodev, noexec) on the
+/// container's own `/dev` tmpfs.
+fn secrets_ops(rootfs: &str, dir: &str) -> Result<Vec<RootOp>, String> {
+    let p = |path: &str| cstring(&format!("{rootfs}{path}"));
+    let target = p(IN_CONTAINER_SECRETS)?;
+    Ok(vec![
+        RootOp::Mkdir { path: p(crate::endpoint::IN_CONTAINER_DIR)?, mode: 0o755 },
+        RootOp::Mkdir { path: target.clone(), mode: 0o755 },
+        RootOp::Mount {
+            source: cstring(dir)?,
+            target: target.clone(),
+            fstype: cstring("")?,
+            flags: libc::MS_BIND,
+            data: cstring("")?,
+        },
+        RootOp::Mount {
+            source: cstring("")?,
+            target,
+            fstype: cstring("")?,
+            flags: libc::MS_REMOUNT
+                | libc::MS_BIND
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | libc::MS_NOEXEC,
             data: cstring("")?,
         },
     ])

@@ -224,6 +224,29 @@ impl Dispatcher {
                     Err(err) => Response::Error(AgentError::new(ErrorCode::Failed, err)),
                 }
             }
+            Request::ProvisionSecret { container_id, broker_url, broker_certificate_sha256, resource, file } => {
+                // The exchange runs under the lock: the container cannot
+                // start or go away meanwhile (Ping and Shutdown need no lock).
+                let outcome = (|| -> Result<usize, Fault> {
+                    guest.containers.check_secret_target(&container_id)?;
+                    let broker =
+                        crate::kbs::Broker::new(&broker_url, &broker_certificate_sha256).map_err(Fault::invalid)?;
+                    let secret = crate::kbs::fetch(&broker, &resource, &self.attestation)
+                        .map_err(|err| Fault::from(format!("the key broker exchange failed: {err}")))?;
+                    guest.containers.add_secret(&container_id, &file, &secret)?;
+                    Ok(secret.len())
+                })();
+                match outcome {
+                    Ok(bytes) => {
+                        tracing::info!(id, "secret {resource:?} ({bytes} bytes) provisioned for {container_id:?}");
+                        Response::Done
+                    }
+                    Err(fault) => {
+                        tracing::warn!(id, "ProvisionSecret failed ({}): {}", fault.code, fault.message);
+                        Response::Error(fault.into())
+                    }
+                }
+            }
             Request::LoadFragment { fragment, signature, public_key } => {
                 let decode = |what: &str, text: &str| {
                     BASE64.decode(text.as_bytes()).map_err(|err| malformed(format!("{what} is not base64: {err}")))
@@ -457,6 +480,7 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
         | Request::Shutdown
         | Request::SetPolicy { .. }
         | Request::GetAttestation { .. }
+        | Request::ProvisionSecret { .. }
         | Request::LoadFragment { .. } => {
             Err(Failure::Failed(Fault::from(String::from("internal error: request routed to the wrong handler"))))
         }
@@ -464,6 +488,16 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
 }
 
 /// A copied file's contents, within [`files::MAX_FILE`].
+/// A secret's file name in `/dev/parma/secrets/`: 1 to 64 bytes of
+/// `[A-Za-z0-9._-]`, not hidden.
+fn check_secret_file(file: &str) -> Result<(), String> {
+    let ok = !file.is_empty()
+        && file.len() <= 64
+        && !file.starts_with('.')
+        && file.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok { Ok(()) } else { Err("the secret's file name is not 1 to 64 of [A-Za-z0-9._-], not hidden".into()) }
+}
+
 fn decode_file(data: &str) -> Result<Vec<u8>, Fault> {
     if data.len() > files::MAX_FILE.div_ceil(3) * 4 {
         return Err(Fault::invalid(format!("a copied file has at most {} bytes", files::MAX_FILE)));
@@ -514,6 +548,19 @@ fn points(request: &Request, containers: &mut Containers) -> Result<Vec<Input>, 
             files::check_mode(*mode).map_err(AgentError::from)?;
             let size = decode_file(data).map_err(AgentError::from)?.len() as u64;
             vec![Input::CopyFile(input::CopyFile { path, size, mode: *mode })]
+        }
+        Request::ProvisionSecret { container_id, broker_url, broker_certificate_sha256, resource, file } => {
+            check_name("container id", container_id).map_err(malformed)?;
+            check_secret_file(file).map_err(malformed)?;
+            crate::kbs::check_resource(resource).map_err(malformed)?;
+            crate::kbs::Broker::new(broker_url, broker_certificate_sha256).map_err(malformed)?;
+            vec![Input::ReleaseSecret(input::ReleaseSecret {
+                container_id: container_id.clone(),
+                broker_url: broker_url.clone(),
+                broker_certificate_sha256: broker_certificate_sha256.clone(),
+                resource: resource.clone(),
+                file: file.clone(),
+            })]
         }
         Request::GetAttestation { report_data } => {
             let data = report_data_from_hex(report_data).map_err(malformed)?;

@@ -208,6 +208,7 @@ impl Gate {
                 | Request::UpdateRoutes { .. }
                 | Request::AddArpNeighbors { .. }
                 | Request::CopyFile { .. }
+                | Request::ProvisionSecret { .. }
                 | Request::LoadFragment { .. } => {
                     Err(denied(format!("{} is denied: {reason}", request.kind().as_str())))
                 }
@@ -249,7 +250,8 @@ impl Gate {
             | Request::UpdateInterface { .. }
             | Request::UpdateRoutes { .. }
             | Request::AddArpNeighbors { .. }
-            | Request::CopyFile { .. } => {
+            | Request::CopyFile { .. }
+            | Request::ProvisionSecret { .. } => {
                 let engine = self.engine_for(request)?;
                 let mut decisions = Vec::with_capacity(points.len());
                 for input in points {

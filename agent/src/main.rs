@@ -17,6 +17,7 @@ mod fault;
 mod files;
 mod gate;
 mod guest;
+mod kbs;
 mod log;
 mod mounts;
 mod network;

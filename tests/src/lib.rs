@@ -8,6 +8,7 @@
 //!
 //! A missing image is a failure, never a skip: `make test` builds it first.
 
+pub mod broker;
 pub mod containerd;
 pub mod netns;
 pub mod oci;

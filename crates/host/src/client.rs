@@ -498,6 +498,27 @@ impl Client {
         self.done(&Request::UpdateRoutes { routes: routes.to_vec() })
     }
 
+    /// `ProvisionSecret`: the agent fetches `resource` from the broker at
+    /// `broker_url` (its certificate pinned by `certificate_sha256`) over
+    /// the host's relay ([`crate::relay::Relay`]) into created container
+    /// `container_id`'s `/dev/parma/secrets/FILE`.
+    pub fn provision_secret(
+        &mut self,
+        container_id: &str,
+        broker_url: &str,
+        certificate_sha256: &str,
+        resource: &str,
+        file: &str,
+    ) -> Result<(), ClientError> {
+        self.done(&Request::ProvisionSecret {
+            container_id: container_id.into(),
+            broker_url: broker_url.into(),
+            broker_certificate_sha256: certificate_sha256.into(),
+            resource: resource.into(),
+            file: file.into(),
+        })
+    }
+
     /// `CopyFile`: `data` to `/run/parma/files/PATH` in the guest.
     pub fn copy_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), ClientError> {
         use base64::Engine as _;

@@ -549,6 +549,7 @@ fn workload_policy(
         sandbox: SandboxSpec { hostname, share_pid: spec.share_process_namespace == Some(true) },
         network: None,
         copy_files: Some(copy_files),
+        brokers: Vec::new(),
     };
     let source = format!("{} {}", workload.kind, workload.name);
     let text = crate::policy_gen::rego_with_fragments(&entries, &[], &knobs, &source)?;

@@ -21,6 +21,7 @@ pub mod policy_gen;
 pub mod qemu;
 pub mod qmp;
 pub mod registry;
+pub mod relay;
 pub mod run;
 pub mod user;
 pub mod vm;

@@ -122,6 +122,10 @@ pub struct Spec {
     /// May the host change the container's cgroup limits once it exists?
     #[serde(default)]
     pub allow_resource_updates: bool,
+    /// Secrets it receives from a key broker before it starts:
+    /// `[{"broker": NAME, "resource": "REPO/TYPE/TAG", "file": NAME}]`.
+    #[serde(default)]
+    pub secrets: Vec<parma_policy::data::SecretRule>,
     /// Does the container get an attestation endpoint
     /// (`/dev/parma/attestation.sock`) for reports binding its own data?
     #[serde(default)]
@@ -159,6 +163,10 @@ pub struct Spec {
     /// "mtu": {"min", "max"}}`); absent: only the framework's refusals.
     #[serde(default)]
     pub network: Option<NetworkSpec>,
+    /// Policy-wide: the key brokers secrets may come from,
+    /// `[{"name", "url": "https://HOST[:PORT]", "certificate_sha256"}]`.
+    #[serde(default)]
+    pub brokers: Vec<parma_policy::data::Broker>,
     /// Policy-wide: RE2 patterns of the guest paths `CopyFile` may write
     /// (default [`DEFAULT_COPY_FILES`]: what Kubernetes hands every
     /// container; `[]`: none).
@@ -361,6 +369,7 @@ pub fn container_for(built: &parma_layer::Built, spec: &Spec, resolved: Option<&
         rlimits,
         allow_resource_updates: spec.allow_resource_updates,
         allow_attestation: spec.allow_attestation,
+        secrets: spec.secrets.clone(),
         readonly_rootfs: spec.readonly_rootfs,
         groups: Some(spec.groups.clone().unwrap_or(image_groups)),
         // Absent: the framework requires runc's defaults.
@@ -393,6 +402,8 @@ pub struct Knobs {
     pub network: Option<NetworkSpec>,
     /// `copy_files` (none: [`DEFAULT_COPY_FILES`]).
     pub copy_files: Option<Vec<String>>,
+    /// `brokers` (none: no secret can be released).
+    pub brokers: Vec<parma_policy::data::Broker>,
 }
 
 /// [`rego`], taking fragments from these issuers and feeds, with these knobs.
@@ -434,6 +445,9 @@ pub fn rego_with_fragments(
     if let Some(network) = &knobs.network {
         out.push_str(&format!("network := {}\n\n", serde_json::to_string_pretty(network)?));
     }
+    if !knobs.brokers.is_empty() {
+        out.push_str(&format!("brokers := {}\n\n", serde_json::to_string_pretty(&knobs.brokers)?));
+    }
     for point in Point::ALL {
         out.push_str(&format!("{0} := data.framework.{0}\n\n", point.rule()));
     }
@@ -468,6 +482,7 @@ pub fn generate(oci: &Path, reference: Option<&str>, spec: Option<&Path>, layers
         sandbox: spec.sandbox.clone(),
         network: spec.network.clone(),
         copy_files: spec.copy_files.clone(),
+        brokers: spec.brokers.clone(),
     };
     // A user by name: its numbers from the image's own /etc/passwd and /etc/group.
     let resolved = if spec.user.is_none() && crate::user::needs_files(&built.config.user) {

@@ -133,6 +133,12 @@ impl Vm {
             .map(|_| Control::VsockUds { path: self.dir.path().join("vsock.sock"), port: parma_protocol::VSOCK_PORT })
     }
 
+    /// Where the guest's connections to the host's vsock `port` arrive (the
+    /// backend's `--uds-path` with `_PORT`): listen there to take them.
+    pub fn vsock_host_port(&self, port: u32) -> Option<PathBuf> {
+        self.vsock_backend.as_ref().map(|_| self.dir.path().join(format!("vsock.sock_{port}")))
+    }
+
     /// A private directory that lives as long as the VM.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -26,6 +26,14 @@ pub fn snp(report: &[u8]) -> Result<Value, EvidenceError> {
     Ok(json!({"attestation_report": parsed, "cert_chain": null}))
 }
 
+/// The report's bytes back from evidence (the broker's side).
+pub fn report_bytes_of(evidence: &Value) -> Result<Vec<u8>, EvidenceError> {
+    use sev::parser::ByteParser as _;
+    let report = report_of(evidence)?;
+    let bytes = report.to_bytes().map_err(|err| EvidenceError(err.to_string()))?;
+    Ok(bytes.to_vec())
+}
+
 /// The report back from evidence (the test broker's side).
 pub fn report_of(evidence: &Value) -> Result<sev::firmware::guest::AttestationReport, EvidenceError> {
     let report = evidence.get("attestation_report").ok_or_else(|| EvidenceError("no attestation_report".into()))?;

@@ -10,6 +10,8 @@
 //! - [`jwe`]: the resource a broker sends, a flattened JWE
 //!   (`ECDH-ES+A256KW`, `A256GCM`), opened with the TEE key; with the
 //!   `broker` feature, made too.
+//! - [`client`] (feature `client`): the exchange over any byte stream,
+//!   TLS with the broker's certificate pinned.
 //! - [`evidence`] (feature `snp`): the SNP evidence in the JSON shape
 //!   Trustee's SNP attester sends.
 //!
@@ -17,6 +19,8 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 pub mod binding;
+#[cfg(feature = "client")]
+pub mod client;
 #[cfg(feature = "snp")]
 pub mod evidence;
 pub mod jwe;

@@ -91,3 +91,10 @@ fn the_evidence_has_trustees_shape_and_reads_back() {
     assert_eq!(serde_json::to_value(back).unwrap(), *report);
     assert!(parma_kbs::evidence::snp(&bytes[..100]).is_err());
 }
+
+#[test]
+fn the_reports_bytes_come_back() {
+    let bytes = report();
+    let evidence = parma_kbs::evidence::snp(&bytes).unwrap();
+    assert_eq!(parma_kbs::evidence::report_bytes_of(&evidence).unwrap(), bytes);
+}

@@ -57,6 +57,9 @@ pub struct Container {
     /// Whether the host may change its cgroup limits.
     #[serde(default)]
     pub allow_resource_updates: bool,
+    /// Secrets it may receive from a key broker before it starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretRule>,
     /// Whether it gets an attestation endpoint (`/dev/parma/attestation.sock`)
     /// for reports binding its own data (absent: no).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -73,6 +76,30 @@ pub struct Container {
     /// Paths it must see read-only (absent: runc's defaults).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readonly_paths: Option<Vec<String>>,
+}
+
+/// A secret a container may receive (`release_secret`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRule {
+    /// The broker's name in the policy's `brokers`.
+    pub broker: String,
+    /// The resource at the broker, `REPO/TYPE/TAG`.
+    pub resource: String,
+    /// The file it becomes in the container's `/dev/parma/secrets/`.
+    pub file: String,
+}
+
+/// A key broker secrets may come from (the policy's `brokers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Broker {
+    /// Its name, which containers' `secrets` use.
+    pub name: String,
+    /// Its URL, `https://HOST[:PORT]`.
+    pub url: String,
+    /// SHA-256 of its TLS certificate (DER), lowercase hex: the agent pins it.
+    pub certificate_sha256: String,
 }
 
 fn root() -> String {

@@ -782,6 +782,52 @@ container_attestation := denied(sprintf("container %s may not get attestation re
 	not attestation_allowed(started_container)
 }
 
+# ---------------------------------------------------------------- secrets from a key broker
+
+# `brokers`: the key brokers (Trustee's KBS protocol) secrets may come from,
+# [{"name", "url" ("https://HOST[:PORT]"), "certificate_sha256" (of its TLS
+# certificate, DER, lowercase hex: the agent pins it)}]. A container's
+# entry lists what it may receive before it starts: "secrets": [{"broker":
+# NAME, "resource": "REPO/TYPE/TAG", "file": NAME in /dev/parma/secrets}].
+default brokers := []
+
+brokers := data.parma_policy_data.brokers
+
+secret_from_listed_broker(s) if {
+	some b in brokers
+	b.name == s.broker
+	b.url == input.brokerUrl
+	b.certificate_sha256 == input.brokerCertificateSHA256
+}
+
+secret_listed(c) if {
+	some s in object.get(c, "secrets", [])
+	s.resource == input.resource
+	s.file == input.file
+	secret_from_listed_broker(s)
+}
+
+default release_secret := {"allowed": false, "reason": {"message": "release_secret: input is missing containerID", "candidates": []}}
+
+release_secret := denied(sprintf("container %s does not exist", [quote(input.containerID)]), []) if {
+	is_string(input.containerID)
+	not containers[input.containerID]
+}
+
+release_secret := denied(sprintf("container %s was already started: a secret is released before the start", [quote(input.containerID)]), []) if {
+	containers[input.containerID].status != "created"
+}
+
+release_secret := {"allowed": true, "metadata": []} if {
+	containers[input.containerID].status == "created"
+	secret_listed(created_container)
+}
+
+release_secret := denied(sprintf("container %s lists no secret %s as file %s from a broker at %s with that certificate", [quote(created_container.name), quote(input.resource), quote(input.file), quote(input.brokerUrl)]), []) if {
+	containers[input.containerID].status == "created"
+	not secret_listed(created_container)
+}
+
 # ---------------------------------------------------------------- the pod
 
 sandboxes := object.get(state, "sandbox", {})

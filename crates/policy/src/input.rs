@@ -164,6 +164,24 @@ pub struct ContainerAttestation {
     pub report_data: String,
 }
 
+/// `release_secret`: a secret from a key broker for a created container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseSecret {
+    /// The container that receives it.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// The broker's URL (`https://HOST[:PORT]`).
+    pub broker_url: String,
+    /// The SHA-256 of the broker's TLS certificate (DER), lowercase hex.
+    #[serde(rename = "brokerCertificateSHA256")]
+    pub broker_certificate_sha256: String,
+    /// The resource at the broker (`REPO/TYPE/TAG`).
+    pub resource: String,
+    /// The file it becomes in the container's `/dev/parma/secrets/`.
+    pub file: String,
+}
+
 /// `create_sandbox`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -284,6 +302,8 @@ pub enum Input {
     GetAttestation(GetAttestation),
     /// `container_attestation`.
     ContainerAttestation(ContainerAttestation),
+    /// `release_secret`.
+    ReleaseSecret(ReleaseSecret),
     /// `runtime_logging`.
     RuntimeLogging(Empty),
     /// `create_sandbox`.
@@ -316,6 +336,7 @@ impl Input {
             Input::GetProperties(_) => Point::GetProperties,
             Input::GetAttestation(_) => Point::GetAttestation,
             Input::ContainerAttestation(_) => Point::ContainerAttestation,
+            Input::ReleaseSecret(_) => Point::ReleaseSecret,
             Input::CreateSandbox(_) => Point::CreateSandbox,
             Input::UpdateInterface(_) => Point::UpdateInterface,
             Input::UpdateRoutes(_) => Point::UpdateRoutes,

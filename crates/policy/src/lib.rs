@@ -469,6 +469,7 @@ pub const DATA_RULES: &[&str] = &[
     "sandbox",
     "network",
     "copy_files",
+    "brokers",
 ];
 
 /// The data document the framework reads the policy's data from.

@@ -42,6 +42,8 @@ pub enum Point {
     GetAttestation,
     /// Give a container an attestation report through its endpoint.
     ContainerAttestation,
+    /// Fetch a secret from a key broker into a created container.
+    ReleaseSecret,
     /// Make the UVM a pod: its shared namespaces and host name.
     CreateSandbox,
     /// Move a NIC into the pod and configure it.
@@ -56,7 +58,7 @@ pub enum Point {
 
 impl Point {
     /// Every enforcement point.
-    pub const ALL: [Point; 23] = [
+    pub const ALL: [Point; 24] = [
         Point::MountDevice,
         Point::UnmountDevice,
         Point::MountOverlay,
@@ -75,6 +77,7 @@ impl Point {
         Point::LoadFragment,
         Point::GetAttestation,
         Point::ContainerAttestation,
+        Point::ReleaseSecret,
         Point::CreateSandbox,
         Point::UpdateInterface,
         Point::UpdateRoutes,
@@ -103,6 +106,7 @@ impl Point {
             Point::LoadFragment => "load_fragment",
             Point::GetAttestation => "get_attestation",
             Point::ContainerAttestation => "container_attestation",
+            Point::ReleaseSecret => "release_secret",
             Point::CreateSandbox => "create_sandbox",
             Point::UpdateInterface => "update_interface",
             Point::UpdateRoutes => "update_routes",

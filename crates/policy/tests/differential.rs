@@ -151,7 +151,7 @@ fn container(rng: &mut Rng, name: &str) -> Value {
         }).collect::<Vec<_>>(),
     });
     let fields = c.as_object_mut().unwrap();
-    let optional: [(&str, Make); 14] = [
+    let optional: [(&str, Make); 15] = [
         ("user", |rng| json!({"uid": rng.pick(&[0, 1000]), "gid": rng.pick(&[0, 1000])})),
         ("groups", |rng| json!(rng.subset(&[5, 1000]))),
         ("capabilities", caps),
@@ -163,6 +163,10 @@ fn container(rng: &mut Rng, name: &str) -> Value {
         ("allow_stdio_access", |rng| json!(rng.chance(70))),
         ("allow_resource_updates", |rng| json!(rng.chance(50))),
         ("allow_attestation", |rng| json!(rng.chance(50))),
+        (
+            "secrets",
+            |rng| json!([{"broker": rng.pick(&["b", "c"]), "resource": rng.pick(&["r/t/a", "r/t/b"]), "file": rng.pick(&["f", "g"])}]),
+        ),
         ("masked_paths", paths),
         ("readonly_paths", paths),
         ("readonly_rootfs", |rng| json!(rng.chance(50))),
@@ -201,6 +205,10 @@ fn policy(rng: &mut Rng) -> (String, Vec<Value>) {
     text.push_str(&format!("required_containers := {}\n\n", json!(required)));
     let fragments = json!([{"issuer": ISSUERS[0], "feed": FEEDS[0], "minimum_svn": rng.below(3)}]);
     text.push_str(&format!("fragments := {fragments}\n\n"));
+    if rng.chance(70) {
+        let brokers = json!([{"name": "b", "url": "https://b:1", "certificate_sha256": rng.pick(&["aa", "bb"])}]);
+        text.push_str(&format!("brokers := {brokers}\n\n"));
+    }
     for point in Point::ALL {
         text.push_str(&format!("{0} := data.framework.{0}\n\n", point.rule()));
     }
@@ -294,8 +302,14 @@ fn request(rng: &mut Rng, containers: &[Value]) -> (Point, Value) {
             let running: Vec<&str> = IDS.iter().copied().filter(|_| rng.chance(60)).collect();
             (Point::GetAttestation, json!({"reportData": "00", "running": running}))
         }
-        _ => match rng.below(7) {
+        _ => match rng.below(8) {
             6 => (Point::ContainerAttestation, json!({"containerID": id, "reportData": "00"})),
+            7 => {
+                let input = json!({"containerID": id, "brokerUrl": rng.pick(&["https://b:1", "https://c:1"]),
+                    "brokerCertificateSHA256": rng.pick(&["aa", "bb"]), "resource": rng.pick(&["r/t/a", "r/t/b"]),
+                    "file": rng.pick(&["f", "g"])});
+                (Point::ReleaseSecret, input)
+            }
             0 => (Point::ScratchMount, json!({"target": "swap", "encrypted": rng.chance(70), "swap": rng.chance(50)})),
             1 => (Point::GetProperties, json!({})),
             2 => (Point::RuntimeLogging, json!({})),

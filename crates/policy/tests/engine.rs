@@ -515,3 +515,59 @@ fn a_container_attests_only_while_it_runs_and_only_if_its_entry_says_so() {
     assert!(!ask(&mut engine, "nobody").allowed);
     assert!(!engine.decide(Point::ContainerAttestation, &json!({"containerID": "a"})).allowed, "no data: denied");
 }
+
+/// `release_secret`: a created container whose entry lists the resource,
+/// as that file, from a listed broker with that certificate.
+#[test]
+fn a_secret_is_released_only_as_the_policy_lists_it_and_before_the_start() {
+    let pin = "ab".repeat(32);
+    let minimal = json!({"name": "web", "layers": ["w"], "command": ["/w"],
+        "secrets": [{"broker": "trustee", "resource": "default/db/password", "file": "db"}]});
+    let full: parma_policy::data::Container = serde_json::from_value(minimal).unwrap();
+    let mut rego = format!("package policy\ncontainers := [{}]\n", serde_json::to_value(full).unwrap());
+    rego.push_str(&format!(
+        "brokers := [{{\"name\": \"trustee\", \"url\": \"https://kbs.example:8080\", \"certificate_sha256\": \"{pin}\"}}]\n"
+    ));
+    for point in Point::ALL {
+        rego.push_str(&format!("{0} := data.framework.{0}\n", point.rule()));
+    }
+    let mut engine = engine(&rego);
+    for (point, input) in [
+        (Point::MountDevice, json!({"target": "/l/w", "deviceHash": "w"})),
+        (Point::MountOverlay, json!({"containerID": "c", "layerPaths": ["/l/w"], "target": "/r/c"})),
+        (
+            Point::CreateContainer,
+            json!({"containerID": "c", "argList": ["/w"], "envList": [], "workingDir": "/", "terminal": false,
+                "rlimits": [], "user": {"uid": 0, "gid": 0}, "groups": [],
+                "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
+                "noNewPrivileges": false, "privileged": false, "seccompProfileSHA256": "", "mounts": [],
+                "maskedPaths": parma_policy::DEFAULT_MASKED_PATHS, "readonlyPaths": parma_policy::DEFAULT_READONLY_PATHS}),
+        ),
+    ] {
+        let decision = engine.decide(point, &input);
+        assert!(decision.allowed, "{point}: {:?}", decision.denial);
+        engine.commit(&decision).unwrap();
+    }
+    let ask = |engine: &mut Engine, change: &dyn Fn(&mut Value)| {
+        let mut input = json!({"containerID": "c", "brokerUrl": "https://kbs.example:8080",
+            "brokerCertificateSHA256": pin, "resource": "default/db/password", "file": "db"});
+        change(&mut input);
+        engine.decide(Point::ReleaseSecret, &input)
+    };
+    assert!(ask(&mut engine, &|_| {}).allowed);
+    for (field, value) in [
+        ("resource", "default/db/other"),
+        ("file", "other"),
+        ("brokerUrl", "https://evil.example:8080"),
+        ("brokerCertificateSHA256", "cd"),
+    ] {
+        let denial = ask(&mut engine, &|input| input[field] = json!(value)).denial.unwrap().line();
+        assert!(denial.contains("lists no secret"), "{field}: {denial}");
+    }
+    let denial = ask(&mut engine, &|input| input["containerID"] = json!("nobody")).denial.unwrap().line();
+    assert!(denial.contains("does not exist"), "{denial}");
+    let started = engine.decide(Point::StartContainer, &json!({"containerID": "c"}));
+    engine.commit(&started).unwrap();
+    let denial = ask(&mut engine, &|_| {}).denial.unwrap().line();
+    assert!(denial.contains("was already started"), "{denial}");
+}

@@ -24,6 +24,9 @@ pub use message::{
 pub const SERIAL_PORT_NAME: &str = "org.parma.agent";
 /// The vsock port the agent listens on.
 pub const VSOCK_PORT: u32 = 1024;
+/// The vsock port on the host (CID 2) the agent connects to for a key
+/// broker: the host relays the stream to the broker's address.
+pub const KBS_VSOCK_PORT: u32 = 1025;
 
 /// Encode a request frame; a body over the frame limit (a host file or a
 /// process too large to send) is refused.

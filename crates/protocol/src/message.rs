@@ -233,6 +233,26 @@ pub enum Request {
         #[serde(default = "file_mode")]
         mode: u32,
     },
+    /// Fetch a secret from a key broker (Trustee's KBS protocol) into a
+    /// created container's `/dev/parma/secrets/FILE`, before it starts
+    /// (policy: `release_secret`: the container's entry lists the
+    /// resource as that file from that broker with that certificate). The
+    /// agent runs the exchange itself over a vsock stream the host relays
+    /// to the broker (guest port [`crate::KBS_VSOCK_PORT`]), with TLS that
+    /// ends in the agent and the broker's certificate pinned, so the host
+    /// sees neither the report's key nor the secret.
+    ProvisionSecret {
+        /// The container.
+        container_id: String,
+        /// The broker, `https://HOST[:PORT]` (the TLS name is HOST).
+        broker_url: String,
+        /// SHA-256 of the broker's TLS certificate (DER), lowercase hex.
+        broker_certificate_sha256: String,
+        /// The resource at the broker, `REPO/TYPE/TAG`.
+        resource: String,
+        /// The file name in `/dev/parma/secrets/`: 1 to 64 bytes of `[A-Za-z0-9._-]`, not hidden.
+        file: String,
+    },
     /// Add a signed policy fragment's containers to the policy in force
     /// (policy: `load_fragment`, on the issuer, feed and SVN, once the
     /// issuer's signature over the fragment checked).
@@ -275,6 +295,7 @@ pub const REQUEST_TYPES: &[&str] = &[
     "UpdateRoutes",
     "AddArpNeighbors",
     "CopyFile",
+    "ProvisionSecret",
 ];
 
 /// A network interface of the pod, as `UpdateInterface` sets it.
@@ -493,6 +514,7 @@ impl Request {
             Request::UpdateRoutes { .. } => RequestKind::UpdateRoutes,
             Request::AddArpNeighbors { .. } => RequestKind::AddArpNeighbors,
             Request::CopyFile { .. } => RequestKind::CopyFile,
+            Request::ProvisionSecret { .. } => RequestKind::ProvisionSecret,
         }
     }
 }
@@ -554,6 +576,8 @@ pub enum RequestKind {
     AddArpNeighbors,
     /// [`Request::CopyFile`].
     CopyFile,
+    /// [`Request::ProvisionSecret`].
+    ProvisionSecret,
 }
 
 impl RequestKind {
@@ -587,6 +611,7 @@ impl RequestKind {
             RequestKind::UpdateRoutes => "UpdateRoutes",
             RequestKind::AddArpNeighbors => "AddArpNeighbors",
             RequestKind::CopyFile => "CopyFile",
+            RequestKind::ProvisionSecret => "ProvisionSecret",
         }
     }
 }

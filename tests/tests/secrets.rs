@@ -1,0 +1,244 @@
+//! Secrets released by a key broker speaking Trustee's KBS protocol
+//! (0.4.0), against the test broker (`parma_tests::broker`, a fixture that
+//! checks evidence with parma-snp; emulated reports only because it is
+//! started with `insecure_emulation`):
+//!
+//! - the client and the broker on the host, with emulated reports: a
+//!   report bound to the session passes; a host-domain report, a report
+//!   for another nonce (replayed), another HOST_DATA or MEASUREMENT, and a
+//!   swapped broker certificate do not;
+//! - end to end under TCG: `ProvisionSecret` makes the agent run the
+//!   exchange over vsock through the host's relay, and the container the
+//!   policy lists starts with the secret in `/dev/parma/secrets/`; a
+//!   container or resource the policy does not list is refused before any
+//!   byte goes out; a broker with another certificate fails the TLS pin; a
+//!   broker expecting another HOST_DATA refuses the evidence; the host's
+//!   own report for the binding cannot pass.
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use parma_host::policy_gen::{self, Knobs, Spec};
+use parma_host::relay::Relay;
+use parma_host::run;
+use parma_kbs::client::{Broker as BrokerRef, Dial};
+use parma_protocol::{ErrorCode, ProcessSpec, Request};
+use parma_snp::emulation::{AGENT_SEED, EmulatedFields, Signer};
+use parma_tests::broker::{Broker, Config};
+use parma_tests::{Boot, Guest, Paths, denied, oci, refused};
+use serde_json::json;
+
+const READY: Duration = Duration::from_secs(90);
+const CALL: Duration = Duration::from_secs(120);
+const RESOURCE: &str = "default/db/password";
+const SECRET: &[u8] = b"correct horse battery staple";
+const NAME: &str = "kbs.test";
+
+/// TCP to the test broker (on the host; in the UVM the host relays vsock).
+struct Tcp(std::net::SocketAddr);
+
+impl Dial for Tcp {
+    type Stream = TcpStream;
+    fn dial(&self) -> Result<TcpStream, String> {
+        TcpStream::connect(self.0).map_err(|err| err.to_string())
+    }
+}
+
+fn config(host_data: [u8; 32]) -> Config {
+    Config {
+        resources: BTreeMap::from([(RESOURCE.to_string(), SECRET.to_vec())]),
+        host_data: Some(host_data),
+        insecure_emulation: true,
+        ..Config::default()
+    }
+}
+
+fn url(broker: &Broker) -> String {
+    format!("https://{NAME}:{}", broker.address().port())
+}
+
+#[test]
+fn the_broker_releases_only_to_a_report_bound_to_its_session() -> anyhow::Result<()> {
+    let host_data = [7u8; 32];
+    let broker = Broker::start(config(host_data), NAME)?;
+    let dial = Tcp(broker.address());
+    let reference = BrokerRef::new(&url(&broker), broker.pin()).map_err(anyhow::Error::msg)?;
+    let signer = Signer::from_seed(&AGENT_SEED);
+    let sign = |report_data: [u8; 64], host_data: [u8; 32]| {
+        zerocopy::IntoBytes::as_bytes(&signer.report(EmulatedFields {
+            report_data,
+            host_data,
+            ..EmulatedFields::default()
+        }))
+        .to_vec()
+    };
+    // Bound to the session: released.
+    let last = std::cell::RefCell::new(Vec::new());
+    let bound = |report_data: &[u8; 64]| {
+        let report = sign(*report_data, host_data);
+        *last.borrow_mut() = report.clone();
+        Ok(report)
+    };
+    let secret = parma_kbs::client::fetch(&dial, &reference, RESOURCE, &bound).map_err(anyhow::Error::msg)?;
+    ensure!(secret.as_slice() == SECRET);
+    // That report again, for the next session's nonce: stale.
+    let replayed = |_: &[u8; 64]| Ok(last.borrow().clone());
+    let err = parma_kbs::client::fetch(&dial, &reference, RESOURCE, &replayed).unwrap_err();
+    ensure!(err.contains("refused attest with HTTP 401") && err.contains("ReportData"), "{err}");
+    // What the host gets for the same binding: the host domain's value.
+    let host =
+        |report_data: &[u8; 64]| Ok(sign(parma_snp::report_data::Domain::Host.report_data(report_data), host_data));
+    let err = parma_kbs::client::fetch(&dial, &reference, RESOURCE, &host).unwrap_err();
+    ensure!(err.contains("refused attest with HTTP 401") && err.contains("ReportData"), "{err}");
+    // Another HOST_DATA (another policy).
+    let other = |report_data: &[u8; 64]| Ok(sign(*report_data, [8u8; 32]));
+    let err = parma_kbs::client::fetch(&dial, &reference, RESOURCE, &other).unwrap_err();
+    ensure!(err.contains("refused attest with HTTP 401") && err.contains("HostData"), "{err}");
+    // Another broker's certificate behind the same name: the pin fails.
+    let impostor = Broker::start(config(host_data), NAME)?;
+    let err = parma_kbs::client::fetch(&Tcp(impostor.address()), &reference, RESOURCE, &bound).unwrap_err();
+    ensure!(err.contains("cannot send to the broker") || err.contains("invalid peer certificate"), "{err}");
+    ensure!(impostor.released().is_empty() && broker.released() == [RESOURCE], "{:?}", broker.log());
+    // A resource it does not hold.
+    let err = parma_kbs::client::fetch(&dial, &reference, "default/db/other", &bound).unwrap_err();
+    ensure!(err.contains("refused resource with HTTP 404"), "{err}");
+    // Without the insecure flag the emulation's chain is no root.
+    let strict = Broker::start(Config { insecure_emulation: false, ..config(host_data) }, NAME)?;
+    let reference = BrokerRef::new(&url(&strict), strict.pin()).map_err(anyhow::Error::msg)?;
+    let err = parma_kbs::client::fetch(&Tcp(strict.address()), &reference, RESOURCE, &bound).unwrap_err();
+    ensure!(err.contains("refused attest with HTTP 401"), "{err}");
+    Ok(())
+}
+
+fn create(id: &str, process: &ProcessSpec) -> Request {
+    Request::CreateContainer {
+        container_id: id.into(),
+        process: process.clone(),
+        hostname: None,
+        readonly_rootfs: false,
+        resources: None,
+        mounts: Vec::new(),
+        masked_paths: None,
+        readonly_paths: None,
+        namespaces: Vec::new(),
+    }
+}
+
+fn provision(id: &str, url: &str, pin: &str, resource: &str, file: &str) -> Request {
+    Request::ProvisionSecret {
+        container_id: id.into(),
+        broker_url: url.into(),
+        broker_certificate_sha256: pin.into(),
+        resource: resource.into(),
+        file: file.into(),
+    }
+}
+
+#[test]
+fn a_listed_container_starts_with_its_secret_and_nothing_else_gets_one() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let hello = paths.guest_binary("oci-hello")?;
+    // The broker first: the policy pins its certificate, and it learns the
+    // policy's hash (HOST_DATA) once the policy is written.
+    let good = Broker::start(config([0; 32]), NAME)?;
+    let reader = ["/bin/cat", "/dev/parma/secrets/db"];
+    let entry = |name: &str, command: &[&str], secrets: serde_json::Value| json!({"name": name, "command": command, "user": {"uid": 1000, "gid": 1000}, "secrets": secrets, "signals": [9]});
+    let fixture = oci::PolicyFixture::with_spec(&hello, entry("reader", &reader, json!([])))?;
+    let spec = |value: serde_json::Value| -> anyhow::Result<Spec> { Ok(serde_json::from_value(value)?) };
+    let listed = json!([{"broker": "good", "resource": RESOURCE, "file": "db"}]);
+    let containers = [
+        serde_json::to_value(policy_gen::container(&fixture.built, &spec(entry("reader", &reader, listed))?))?,
+        serde_json::to_value(policy_gen::container(
+            &fixture.built,
+            &spec(entry("other", &["/bin/cat", "/etc/passwd"], json!([])))?,
+        ))?,
+    ];
+    let brokers =
+        serde_json::from_value(json!([{"name": "good", "url": url(&good), "certificate_sha256": good.pin()}]))?;
+    let text = policy_gen::rego_with_fragments(&containers, &[], &Knobs { brokers, ..Knobs::default() }, "secrets")?;
+    let policy = fixture.dir().join("secrets.rego");
+    std::fs::write(&policy, &text)?;
+    let host_data = parma_policy::Policy::from_bytes(text.clone().into_bytes())?.hash();
+    good.expect_host_data(host_data);
+
+    let mut boot = Boot::emulated_for_policy(&policy)?;
+    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    boot.vsock = true;
+    let mut guest = Guest::boot(&paths, &boot)?;
+    let relay_path = guest.vsock_host_port(parma_protocol::KBS_VSOCK_PORT).context("no vsock")?;
+    let relay = Relay::start(&relay_path, good.address())?;
+    let mut client = guest.ready_client(READY, CALL)?;
+    client.set_policy(text.clone()).with_context(|| guest.serial())?;
+    let layers = run::mount_layers(&mut client, &fixture.built)?;
+    let process = |command: &[&str]| -> anyhow::Result<ProcessSpec> {
+        let args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
+        let mut process = run::process_from_config(&fixture.built.config, &args)?;
+        (process.uid, process.gid, process.groups) = (1000, 1000, Vec::new());
+        Ok(process)
+    };
+    let (url, pin) = (url(&good), good.pin().to_string());
+    client.mount_overlay("a", &layers, true)?;
+    client.done(&create("a", &process(&reader)?))?;
+
+    // Refused by the policy before any byte goes out: another resource,
+    // another file name, another pin, a container that lists none.
+    let before = good.log().len();
+    denied(client.done(&provision("a", &url, &pin, "default/db/other", "db")), "lists no secret")?;
+    denied(client.done(&provision("a", &url, &pin, RESOURCE, "other")), "lists no secret")?;
+    denied(client.done(&provision("a", &url, &"ab".repeat(32), RESOURCE, "db")), "lists no secret")?;
+    client.mount_overlay("b", &layers, true)?;
+    client.done(&create("b", &process(&["/bin/cat", "/etc/passwd"])?))?;
+    denied(client.done(&provision("b", &url, &pin, RESOURCE, "db")), "lists no secret")?;
+    let (code, message) = refused(client.done(&provision("a", &url, &pin, RESOURCE, "../db")))?;
+    ensure!(code == ErrorCode::Malformed && message.contains("file name"), "{code}: {message}");
+    ensure!(good.log().len() == before, "bytes went out: {:?}", good.log());
+
+    // The host routes the exchange to another broker: the TLS pin fails.
+    let impostor = Broker::start(config(host_data), NAME)?;
+    drop(relay);
+    let relay = Relay::start(&relay_path, impostor.address())?;
+    let (code, message) = refused(client.done(&provision("a", &url, &pin, RESOURCE, "db")))?;
+    ensure!(code == ErrorCode::Failed && message.contains("key broker exchange failed"), "{code}: {message}");
+    ensure!(impostor.released().is_empty(), "{:?}", impostor.log());
+    // The right broker, expecting another HOST_DATA: the evidence is refused.
+    drop(relay);
+    let relay = Relay::start(&relay_path, good.address())?;
+    good.expect_host_data([9; 32]);
+    let (_, message) = refused(client.done(&provision("a", &url, &pin, RESOURCE, "db")))?;
+    ensure!(message.contains("refused attest with HTTP 401") && message.contains("HostData"), "{message}");
+    ensure!(good.released().is_empty(), "{:?}", good.log());
+
+    // As the policy says: released, in the container's file before it starts.
+    good.expect_host_data(host_data);
+    client.done(&provision("a", &url, &pin, RESOURCE, "db")).with_context(|| format!("{:?}", good.log()))?;
+    ensure!(good.released() == [RESOURCE], "{:?}", good.log());
+    client.start_container("a")?;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let status = run::pump(&mut client, "a", None, &mut stdout, &mut stderr, Duration::from_secs(120))?;
+    ensure!(run::exit_code(&status) == 0, "{status:?} {}", String::from_utf8_lossy(&stderr));
+    ensure!(stdout == SECRET, "the container read {:?}", String::from_utf8_lossy(&stdout));
+    // Started: no more secrets.
+    denied(client.done(&provision("a", &url, &pin, RESOURCE, "db")), "already started")?;
+
+    // The host's own report for the broker's binding cannot pass: it is
+    // in the host domain.
+    let dial = Tcp(good.address());
+    let reference = BrokerRef::new(&url, &pin).map_err(anyhow::Error::msg)?;
+    let client_cell = std::cell::RefCell::new(&mut client);
+    let hosts = |report_data: &[u8; 64]| {
+        client_cell.borrow_mut().attestation(report_data).map(|(report, _)| report).map_err(|err| err.to_string())
+    };
+    let err = parma_kbs::client::fetch(&dial, &reference, RESOURCE, &hosts).unwrap_err();
+    ensure!(err.contains("refused attest with HTTP 401") && err.contains("ReportData"), "{err}");
+    ensure!(good.released() == [RESOURCE], "{:?}", good.log());
+
+    drop(relay);
+    client.delete_container("a")?;
+    client.ping()?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
+}
