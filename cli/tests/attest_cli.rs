@@ -172,3 +172,45 @@ fn run_snp_script_and_parma_agree_on_the_command_line() {
         assert_eq!(script, ours, "qemu/run-snp.sh {first}");
     }
 }
+
+/// `parma kbs reference-values`: the node image's signed values as
+/// Trustee's reference values and a resource policy for a pod's policy;
+/// a tampered file or another issuer is refused.
+#[test]
+fn kbs_reference_values_come_from_signed_values_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("release.pem");
+    let out = parma(&["node", "keygen", "--out", key_path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pem = std::fs::read_to_string(&key_path).unwrap();
+    let key = <p384::ecdsa::SigningKey as p384::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&pem).unwrap();
+    let values: parma_snp::reference::ReferenceValues = serde_json::from_value(serde_json::json!({
+        "schema": 1, "handler": "parma-0123abcd", "uvm_manifest_sha256": "", "kernel_config_sha256": "",
+        "initrd_sha256": "", "cmdline": "", "guest_policy": "0x30000", "min_tcb": "bl=3,tee=0,snp=8,ucode=115",
+        "host_data": "sha256 of the policy",
+        "launches": [{"boot": "igvm", "vcpus": 1, "vcpu_type": "EPYC-v4", "measurement": "ab".repeat(48)}],
+    }))
+    .unwrap();
+    let signed = parma_snp::reference::Signed::sign(&values, &key).unwrap();
+    let path = dir.path().join("reference-values.json");
+    std::fs::write(&path, serde_json::to_vec(&signed).unwrap()).unwrap();
+    let policy = "policies/allow_all.rego";
+    let hash = parma(&["policy", "hash", policy]);
+    let hash = String::from_utf8(hash.stdout).unwrap().split_whitespace().next().unwrap().to_string();
+    let args = |values: &std::path::Path| {
+        ["kbs", "reference-values", "--values", values.to_str().unwrap(), "--policy", policy, "--json"]
+            .map(String::from)
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_parma")).args(args(&path)).current_dir(repo()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["reference_values"]["snp_launch_measurement"], serde_json::json!(["ab".repeat(48)]));
+    assert_eq!(json["host_data"], hash);
+    assert!(json["resource_policy"].as_str().unwrap().contains(&format!("snp.init_data == \"{hash}\"")));
+    // A changed value breaks the signature.
+    let tampered = dir.path().join("tampered.json");
+    let text = std::fs::read_to_string(&path).unwrap().replace("0x30000", "0x31000");
+    std::fs::write(&tampered, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_parma")).args(args(&tampered)).current_dir(repo()).output().unwrap();
+    assert!(!out.status.success());
+}

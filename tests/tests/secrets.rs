@@ -96,6 +96,11 @@ fn the_broker_releases_only_to_a_report_bound_to_its_session() -> anyhow::Result
     let other = |report_data: &[u8; 64]| Ok(sign(*report_data, [8u8; 32]));
     let err = parma_kbs::client::fetch(&dial, &reference, RESOURCE, &other).unwrap_err();
     ensure!(err.contains("refused attest with HTTP 401") && err.contains("HostData"), "{err}");
+    // A broker that expects another MEASUREMENT (another UVM).
+    let pinned_uvm = Broker::start(Config { measurement: Some([1; 48]), ..config(host_data) }, NAME)?;
+    let pinned_ref = BrokerRef::new(&url(&pinned_uvm), pinned_uvm.pin()).map_err(anyhow::Error::msg)?;
+    let err = parma_kbs::client::fetch(&Tcp(pinned_uvm.address()), &pinned_ref, RESOURCE, &bound).unwrap_err();
+    ensure!(err.contains("refused attest with HTTP 401") && err.contains("Measurement"), "{err}");
     // Another broker's certificate behind the same name: the pin fails.
     let impostor = Broker::start(config(host_data), NAME)?;
     let err = parma_kbs::client::fetch(&Tcp(impostor.address()), &reference, RESOURCE, &bound).unwrap_err();
@@ -110,6 +115,36 @@ fn the_broker_releases_only_to_a_report_bound_to_its_session() -> anyhow::Result
     let err = parma_kbs::client::fetch(&Tcp(strict.address()), &reference, RESOURCE, &bound).unwrap_err();
     ensure!(err.contains("refused attest with HTTP 401"), "{err}");
     Ok(())
+}
+
+/// `parma kbs relay` as an operator runs it; killed when dropped.
+struct CliRelay(std::process::Child);
+
+impl CliRelay {
+    fn start(paths: &Paths, listen: &std::path::Path, broker: std::net::SocketAddr) -> anyhow::Result<Self> {
+        let _ = std::fs::remove_file(listen);
+        let child = std::process::Command::new(paths.repo.join("target/release/parma"))
+            .args(["kbs", "relay", "--listen"])
+            .arg(listen)
+            .args(["--broker", &broker.to_string()])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("parma kbs relay (make image builds target/release/parma)")?;
+        let relay = Self(child);
+        let give_up = std::time::Instant::now() + Duration::from_secs(10);
+        while !listen.exists() {
+            ensure!(std::time::Instant::now() < give_up, "parma kbs relay made no socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(relay)
+    }
+}
+
+impl Drop for CliRelay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn create(id: &str, process: &ProcessSpec) -> Request {
@@ -203,8 +238,9 @@ fn a_listed_container_starts_with_its_secret_and_nothing_else_gets_one() -> anyh
     ensure!(code == ErrorCode::Failed && message.contains("key broker exchange failed"), "{code}: {message}");
     ensure!(impostor.released().is_empty(), "{:?}", impostor.log());
     // The right broker, expecting another HOST_DATA: the evidence is refused.
+    // (From here the relay is the CLI's, `parma kbs relay`.)
     drop(relay);
-    let relay = Relay::start(&relay_path, good.address())?;
+    let relay = CliRelay::start(&paths, &relay_path, good.address())?;
     good.expect_host_data([9; 32]);
     let (_, message) = refused(client.done(&provision("a", &url, &pin, RESOURCE, "db")))?;
     ensure!(message.contains("refused attest with HTTP 401") && message.contains("HostData"), "{message}");

@@ -174,6 +174,32 @@ pub enum AgentCommand {
         #[arg(long)]
         pids_max: Option<u64>,
     },
+    /// Have the agent fetch a secret from a key broker into a created
+    /// container's /dev/parma/secrets/FILE before it starts (policy:
+    /// release_secret). The agent attests to the broker itself over TLS it
+    /// ends, through the host's relay (`parma kbs relay`).
+    #[command(after_help = "Example:\n  PARMA_CONTROL=/tmp/agent.sock parma agent provision-secret --id c0 \\\n    \
+                            --broker-url https://kbs.example:8080 --certificate-sha256 HEX \\\n    \
+                            --resource default/db/password --file db")]
+    ProvisionSecret {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The container's id.
+        #[arg(long)]
+        id: String,
+        /// The broker, https://HOST[:PORT], as the policy lists it.
+        #[arg(long)]
+        broker_url: String,
+        /// SHA-256 of the broker's TLS certificate (DER), as the policy pins it.
+        #[arg(long)]
+        certificate_sha256: String,
+        /// The resource, REPO/TYPE/TAG.
+        #[arg(long)]
+        resource: String,
+        /// The file name in /dev/parma/secrets/.
+        #[arg(long)]
+        file: String,
+    },
     /// Start a created container.
     #[command(after_help = "Example:\n  PARMA_CONTROL=/tmp/agent.sock parma agent start --id c0")]
     Start {
@@ -390,6 +416,11 @@ pub fn execute(command: AgentCommand) -> anyhow::Result<i32> {
             let resources = parma_protocol::Resources { memory_max, pids_max, cpu_max: None };
             connect(&args)?.update_container(&id, &resources)?;
             print(args.json, &serde_json::json!({"updated": id}), |_| format!("container {id} updated"))
+        }
+        AgentCommand::ProvisionSecret { agent: args, id, broker_url, certificate_sha256, resource, file } => {
+            connect(&args)?.provision_secret(&id, &broker_url, &certificate_sha256, &resource, &file)?;
+            let value = serde_json::json!({"container": id, "resource": resource, "file": file});
+            print(args.json, &value, |_| format!("{resource} is in container {id}'s /dev/parma/secrets/{file}"))
         }
         AgentCommand::Start { agent: args, id } => {
             let pid = connect(&args)?.start_container(&id)?;

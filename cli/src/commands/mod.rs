@@ -3,6 +3,7 @@
 //! the exit code.
 
 mod agent;
+mod kbs;
 mod layer;
 mod measure;
 mod node;
@@ -48,6 +49,13 @@ pub enum Command {
         after_help = "Example:\n  parma node install --from out/node --root / --snp --restart-containerd"
     )]
     Node(node::NodeCommand),
+    /// Secrets from a key broker (Trustee's KBS protocol): the relay the
+    /// agent's exchange goes through, and what to register in Trustee.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  parma kbs reference-values --values out/node/reference-values.json --policy policy.rego"
+    )]
+    Kbs(kbs::KbsCommand),
 }
 
 /// Run `command`; its exit code.
@@ -61,5 +69,6 @@ pub fn execute(command: Command) -> anyhow::Result<i32> {
         Command::Verify(args) => verify::execute(args),
         Command::Run(args) => Ok(run::execute(args)),
         Command::Node(command) => node::execute(command),
+        Command::Kbs(command) => kbs::execute(command),
     }
 }
