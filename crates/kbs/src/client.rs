@@ -28,6 +28,9 @@ use crate::types::{Attestation, Challenge, CompositeEvidence, Request, RuntimeDa
 const MAX_HEAD: usize = 16 * 1024;
 /// The most body bytes a broker's answer may have.
 const MAX_BODY: usize = 2 << 20;
+/// How long one answer may take to arrive in full, however the stream
+/// dribbles it (each read has the dialer's own timeout on top).
+const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How the client reaches the broker: one fresh byte stream per request
 /// (the agent: a vsock stream the host relays; tests: TCP).
@@ -192,7 +195,7 @@ fn exchange<D: Dial>(
         tls.write_all(body).map_err(|err| tls_error("send to", &err))?;
     }
     tls.flush().map_err(|err| tls_error("send to", &err))?;
-    read_answer(&mut tls)
+    read_answer(&mut tls, std::time::Instant::now() + ANSWER_DEADLINE)
 }
 
 fn tls_error(doing: &str, err: &std::io::Error) -> String {
@@ -201,7 +204,13 @@ fn tls_error(doing: &str, err: &std::io::Error) -> String {
 
 /// Read an HTTP/1.1 answer: head, then a body by Content-Length, chunks,
 /// or to the end.
-fn read_answer(stream: &mut impl Read) -> Result<Answer, String> {
+fn read_answer(stream: &mut impl Read, deadline: std::time::Instant) -> Result<Answer, String> {
+    let read_some = |stream: &mut dyn Read, chunk: &mut [u8]| {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("the broker's answer took over {} s", ANSWER_DEADLINE.as_secs()));
+        }
+        stream.read(chunk).map_err(|err| tls_error("read from", &err))
+    };
     let mut buffer = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -277,10 +286,6 @@ fn read_answer(stream: &mut impl Read) -> Result<Answer, String> {
         return Err("the broker's answer is over 2 MiB".into());
     }
     Ok(Answer { status, session, body })
-}
-
-fn read_some(stream: &mut impl Read, chunk: &mut [u8]) -> Result<usize, String> {
-    stream.read(chunk).map_err(|err| tls_error("read from", &err))
 }
 
 /// A chunked body's bytes.
@@ -391,29 +396,40 @@ mod tests {
         }
     }
 
+    fn far() -> std::time::Instant {
+        std::time::Instant::now() + ANSWER_DEADLINE
+    }
+
+    #[test]
+    fn a_dribbling_broker_meets_the_deadline() {
+        let past = std::time::Instant::now() - std::time::Duration::from_secs(1);
+        let err = read_answer(&mut &b"HTTP/1.1 200 OK\r\n\r\nbody"[..], past).unwrap_err();
+        assert!(err.contains("took over 60 s"), "{err}");
+    }
+
     #[test]
     fn answers_parse_with_bounds() {
         let plain = b"HTTP/1.1 200 OK\r\nSet-Cookie: kbs-session-id=abc; Path=/\r\nContent-Length: 5\r\n\r\nhelloEXTRA";
-        let answer = read_answer(&mut &plain[..]).unwrap();
+        let answer = read_answer(&mut &plain[..], far()).unwrap();
         assert_eq!(
             (answer.status, answer.session.as_deref(), &answer.body[..]),
             (200, Some("kbs-session-id=abc"), &b"hello"[..])
         );
         let chunked =
             b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        let answer = read_answer(&mut &chunked[..]).unwrap();
+        let answer = read_answer(&mut &chunked[..], far()).unwrap();
         assert_eq!((answer.status, answer.session, &answer.body[..]), (401, None, &b"abcde"[..]));
         let to_end = b"HTTP/1.0 200 OK\r\n\r\nall of it";
-        assert_eq!(read_answer(&mut &to_end[..]).unwrap().body, b"all of it");
+        assert_eq!(read_answer(&mut &to_end[..], far()).unwrap().body, b"all of it");
         let other_cookie = b"HTTP/1.1 200 OK\r\nSet-Cookie: other=1\r\nContent-Length: 0\r\n\r\n";
-        assert_eq!(read_answer(&mut &other_cookie[..]).unwrap().session, None);
+        assert_eq!(read_answer(&mut &other_cookie[..], far()).unwrap().session, None);
         let short = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc";
-        assert!(read_answer(&mut &short[..]).is_err());
+        assert!(read_answer(&mut &short[..], far()).is_err());
         let huge = b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n";
-        assert!(read_answer(&mut &huge[..]).is_err());
+        assert!(read_answer(&mut &huge[..], far()).is_err());
         let endless_head = vec![b'a'; MAX_HEAD + 10];
-        assert!(read_answer(&mut &endless_head[..]).is_err());
-        assert!(read_answer(&mut &b"SMTP ready\r\n\r\n"[..]).is_err());
+        assert!(read_answer(&mut &endless_head[..], far()).is_err());
+        assert!(read_answer(&mut &b"SMTP ready\r\n\r\n"[..], far()).is_err());
         assert!(dechunk(b"zz\r\n").is_err());
         assert!(dechunk(b"10\r\nabc").is_err());
     }
