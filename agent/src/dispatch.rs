@@ -224,15 +224,31 @@ impl Dispatcher {
                     Err(err) => Response::Error(AgentError::new(ErrorCode::Failed, err)),
                 }
             }
-            Request::ProvisionSecret { container_id, broker_url, broker_certificate_sha256, resource, file } => {
+            Request::ProvisionSecret {
+                container_id,
+                broker_url,
+                broker_certificate_sha256,
+                resource,
+                file,
+                broker_address,
+            } => {
                 // The exchange runs under the lock: the container cannot
                 // start or go away meanwhile (Ping and Shutdown need no lock).
                 let outcome = (|| -> Result<usize, Fault> {
                     guest.containers.check_secret_target(&container_id)?;
                     let broker =
                         crate::kbs::Broker::new(&broker_url, &broker_certificate_sha256).map_err(Fault::invalid)?;
-                    let secret = crate::kbs::fetch(&broker, &resource, &self.attestation)
-                        .map_err(|err| Fault::from(format!("the key broker exchange failed: {err}")))?;
+                    let secret = match broker_address {
+                        None => crate::kbs::fetch(&broker, crate::kbs::Route::Vsock, &resource, &self.attestation),
+                        Some(address) => {
+                            let address =
+                                address.parse().map_err(|_| Fault::invalid("broker_address is not IP:PORT"))?;
+                            let pod = guest.containers.sandbox()?;
+                            let route = crate::kbs::Route::Pod(pod.pidfd(), address);
+                            crate::kbs::fetch(&broker, route, &resource, &self.attestation)
+                        }
+                    }
+                    .map_err(|err| Fault::from(format!("the key broker exchange failed: {err}")))?;
                     guest.containers.add_secret(&container_id, &file, &secret)?;
                     Ok(secret.len())
                 })();
@@ -549,8 +565,20 @@ fn points(request: &Request, containers: &mut Containers) -> Result<Vec<Input>, 
             let size = decode_file(data).map_err(AgentError::from)?.len() as u64;
             vec![Input::CopyFile(input::CopyFile { path, size, mode: *mode })]
         }
-        Request::ProvisionSecret { container_id, broker_url, broker_certificate_sha256, resource, file } => {
+        Request::ProvisionSecret {
+            container_id,
+            broker_url,
+            broker_certificate_sha256,
+            resource,
+            file,
+            broker_address,
+        } => {
             check_name("container id", container_id).map_err(malformed)?;
+            if let Some(address) = broker_address {
+                address
+                    .parse::<std::net::SocketAddr>()
+                    .map_err(|_| malformed("broker_address is not IP:PORT".to_string()))?;
+            }
             check_secret_file(file).map_err(malformed)?;
             crate::kbs::check_resource(resource).map_err(malformed)?;
             crate::kbs::Broker::new(broker_url, broker_certificate_sha256).map_err(malformed)?;

@@ -34,10 +34,48 @@ impl parma_kbs::client::Dial for Vsock {
     }
 }
 
-/// Fetch `resource` from `broker`, attesting with `provider`'s reports.
-pub fn fetch(broker: &Broker, resource: &str, provider: &Provider) -> Result<Zeroizing<Vec<u8>>, String> {
+/// TCP over the pod's network: the socket is opened in the pod's network
+/// namespace (the agent itself never joins it).
+struct PodTcp<'a> {
+    pod: std::os::fd::BorrowedFd<'a>,
+    address: std::net::SocketAddr,
+}
+
+impl parma_kbs::client::Dial for PodTcp<'_> {
+    type Stream = std::net::TcpStream;
+
+    fn dial(&self) -> Result<Self::Stream, String> {
+        let address = self.address;
+        let stream = parma_sys::pod::in_network_of(self.pod, move || {
+            std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10))
+        })
+        .map_err(|err| format!("cannot reach the broker at {address} over the pod's network: {err}"))?;
+        stream.set_read_timeout(Some(IO_DEADLINE)).map_err(|err| err.to_string())?;
+        stream.set_write_timeout(Some(IO_DEADLINE)).map_err(|err| err.to_string())?;
+        Ok(stream)
+    }
+}
+
+/// How the agent reaches the broker.
+pub enum Route<'a> {
+    /// The host's relay on vsock.
+    Vsock,
+    /// The pod's network (the pod holder's pidfd), to this address.
+    Pod(std::os::fd::BorrowedFd<'a>, std::net::SocketAddr),
+}
+
+/// Fetch `resource` from `broker` by `route`, attesting with `provider`'s reports.
+pub fn fetch(
+    broker: &Broker,
+    route: Route<'_>,
+    resource: &str,
+    provider: &Provider,
+) -> Result<Zeroizing<Vec<u8>>, String> {
     let report = |report_data: &[u8; 64]| {
         provider.report(report_data).map(|report| zerocopy::IntoBytes::as_bytes(&report).to_vec())
     };
-    parma_kbs::client::fetch(&Vsock, broker, resource, &report)
+    match route {
+        Route::Vsock => parma_kbs::client::fetch(&Vsock, broker, resource, &report),
+        Route::Pod(pod, address) => parma_kbs::client::fetch(&PodTcp { pod, address }, broker, resource, &report),
+    }
 }

@@ -65,6 +65,11 @@ pub struct Broker {
 impl Broker {
     /// Start on 127.0.0.1 with a fresh self-signed certificate for `name`.
     pub fn start(config: Config, name: &str) -> anyhow::Result<Self> {
+        Self::start_on(config, name, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Start on `bind` (in the network namespace of the calling thread).
+    pub fn start_on(config: Config, name: &str, bind: SocketAddr) -> anyhow::Result<Self> {
         let certified = rcgen::generate_simple_self_signed(vec![name.to_string()])?;
         let der = certified.cert.der().to_vec();
         let pin = hex::encode(Sha256::digest(&der));
@@ -77,7 +82,7 @@ impl Broker {
                 .with_no_client_auth()
                 .with_single_cert(vec![rustls::pki_types::CertificateDer::from(der)], key)?,
         );
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let listener = TcpListener::bind(bind)?;
         listener.set_nonblocking(true)?;
         let address = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));

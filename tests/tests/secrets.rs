@@ -13,7 +13,9 @@
 //!   container or resource the policy does not list is refused before any
 //!   byte goes out; a broker with another certificate fails the TLS pin; a
 //!   broker expecting another HOST_DATA refuses the evidence; the host's
-//!   own report for the binding cannot pass.
+//!   own report for the binding cannot pass;
+//! - over the pod's own network instead (a CNI-style namespace, the broker
+//!   in its peer), once the UVM is a pod.
 
 use std::collections::BTreeMap;
 use std::net::TcpStream;
@@ -168,6 +170,7 @@ fn provision(id: &str, url: &str, pin: &str, resource: &str, file: &str) -> Requ
         broker_certificate_sha256: pin.into(),
         resource: resource.into(),
         file: file.into(),
+        broker_address: None,
     }
 }
 
@@ -276,5 +279,76 @@ fn a_listed_container_starts_with_its_secret_and_nothing_else_gets_one() -> anyh
     guest.check_serial()?;
     client.shutdown()?;
     guest.wait_exit(Duration::from_secs(60))?;
+    Ok(())
+}
+
+/// The pod's network as the route: the UVM's NIC is a tap in a namespace
+/// prepared as a CNI plugin would, the broker listens in the peer
+/// namespace behind it, and the agent opens its TCP stream in the pod's
+/// network namespace (TLS and the pin as over the relay).
+#[test]
+fn a_pod_fetches_its_secret_over_its_own_network() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let hello = paths.guest_binary("oci-hello")?;
+    let namespaces = parma_tests::netns::CniNamespaces::new("kbs")?;
+    let peer = std::net::Ipv4Addr::from(parma_tests::netns::CniNamespaces::OUTSIDE_ADDRESS);
+    let broker = namespaces.in_peer(|| Broker::start_on(config([0; 32]), NAME, (peer, 0).into()))?;
+    let reader = ["/bin/cat", "/dev/parma/secrets/db"];
+    let spec = json!({"name": "reader", "command": reader, "user": {"uid": 1000, "gid": 1000}, "signals": [9],
+        "secrets": [{"broker": "good", "resource": RESOURCE, "file": "db"}]});
+    let fixture = oci::PolicyFixture::with_spec(&hello, spec.clone())?;
+    let container =
+        serde_json::to_value(policy_gen::container(&fixture.built, &serde_json::from_value::<Spec>(spec)?))?;
+    let brokers =
+        serde_json::from_value(json!([{"name": "good", "url": url(&broker), "certificate_sha256": broker.pin()}]))?;
+    let knobs = Knobs { brokers, sandbox: serde_json::from_value(json!({}))?, ..Knobs::default() };
+    let text = policy_gen::rego_with_fragments(&[container], &[], &knobs, "secrets over the pod network")?;
+    let policy = fixture.dir().join("pod.rego");
+    std::fs::write(&policy, &text)?;
+    broker.expect_host_data(parma_policy::Policy::from_bytes(text.clone().into_bytes())?.hash());
+
+    let attached =
+        parma_host::netns::attach(std::path::Path::new(&parma_tests::netns::CniNamespaces::path(&namespaces.pod)))?;
+    let mut boot = Boot::emulated_for_policy(&policy)?;
+    boot.disks = run::layer_disks(&fixture.built, &fixture.layers_dir);
+    boot.nic = Some(parma_host::Nic { mac: attached.mac, forwards: Vec::new(), tap: Some(attached.tap.clone()) });
+    let mut guest = Guest::boot(&paths, &boot)?;
+    let mut client = guest.ready_client(READY, CALL)?;
+    client.set_policy(text).with_context(|| guest.serial())?;
+    run::pod_network(&mut client, "pod-kbs", &attached.interface, &attached.routes)?;
+    let layers = run::mount_layers(&mut client, &fixture.built)?;
+    let args: Vec<String> = reader.iter().map(|a| a.to_string()).collect();
+    let mut process = run::process_from_config(&fixture.built.config, &args)?;
+    (process.uid, process.gid, process.groups) = (1000, 1000, Vec::new());
+    client.mount_overlay("a", &layers, true)?;
+    let mut request = create("a", &process);
+    if let Request::CreateContainer { namespaces, .. } = &mut request {
+        let ns = |kind: &str, path: Option<&str>| parma_protocol::Namespace {
+            kind: kind.into(),
+            path: path.map(Into::into),
+        };
+        *namespaces = vec![
+            ns("pid", None),
+            ns("ipc", Some("/proc/1/ns/ipc")),
+            ns("uts", Some("/proc/1/ns/uts")),
+            ns("mount", None),
+            ns("network", Some("/var/run/netns/pod")),
+        ];
+    }
+    client.done(&request)?;
+    let address = format!("{peer}:{}", broker.address().port());
+    client
+        .provision_secret("a", &url(&broker), broker.pin(), RESOURCE, "db", Some(&address))
+        .with_context(|| format!("{:?}", broker.log()))?;
+    ensure!(broker.released() == [RESOURCE], "{:?}", broker.log());
+    client.start_container("a")?;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let status = run::pump(&mut client, "a", None, &mut stdout, &mut stderr, Duration::from_secs(120))?;
+    ensure!(run::exit_code(&status) == 0 && stdout == SECRET, "{status:?} {}", String::from_utf8_lossy(&stdout));
+    client.delete_container("a")?;
+    guest.check_serial()?;
+    client.shutdown()?;
+    guest.wait_exit(Duration::from_secs(60))?;
+    drop(attached);
     Ok(())
 }

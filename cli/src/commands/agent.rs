@@ -199,6 +199,10 @@ pub enum AgentCommand {
         /// The file name in /dev/parma/secrets/.
         #[arg(long)]
         file: String,
+        /// Reach the broker at IP:PORT over the pod's network instead of
+        /// the host's relay (the UVM must be a pod with its interface up).
+        #[arg(long)]
+        broker_address: Option<String>,
     },
     /// Start a created container.
     #[command(after_help = "Example:\n  PARMA_CONTROL=/tmp/agent.sock parma agent start --id c0")]
@@ -417,8 +421,24 @@ pub fn execute(command: AgentCommand) -> anyhow::Result<i32> {
             connect(&args)?.update_container(&id, &resources)?;
             print(args.json, &serde_json::json!({"updated": id}), |_| format!("container {id} updated"))
         }
-        AgentCommand::ProvisionSecret { agent: args, id, broker_url, certificate_sha256, resource, file } => {
-            connect(&args)?.provision_secret(&id, &broker_url, &certificate_sha256, &resource, &file)?;
+        AgentCommand::ProvisionSecret {
+            agent: args,
+            id,
+            broker_url,
+            certificate_sha256,
+            resource,
+            file,
+            broker_address,
+        } => {
+            let mut client = connect(&args)?;
+            client.provision_secret(
+                &id,
+                &broker_url,
+                &certificate_sha256,
+                &resource,
+                &file,
+                broker_address.as_deref(),
+            )?;
             let value = serde_json::json!({"container": id, "resource": resource, "file": file});
             print(args.json, &value, |_| format!("{resource} is in container {id}'s /dev/parma/secrets/{file}"))
         }

@@ -501,7 +501,8 @@ impl Client {
     /// `ProvisionSecret`: the agent fetches `resource` from the broker at
     /// `broker_url` (its certificate pinned by `certificate_sha256`) over
     /// the host's relay ([`crate::relay::Relay`]) into created container
-    /// `container_id`'s `/dev/parma/secrets/FILE`.
+    /// `container_id`'s `/dev/parma/secrets/FILE`; with `broker_address`
+    /// (`IP:PORT`) over the pod's network instead of the relay.
     pub fn provision_secret(
         &mut self,
         container_id: &str,
@@ -509,6 +510,7 @@ impl Client {
         certificate_sha256: &str,
         resource: &str,
         file: &str,
+        broker_address: Option<&str>,
     ) -> Result<(), ClientError> {
         self.done(&Request::ProvisionSecret {
             container_id: container_id.into(),
@@ -516,6 +518,7 @@ impl Client {
             broker_certificate_sha256: certificate_sha256.into(),
             resource: resource.into(),
             file: file.into(),
+            broker_address: broker_address.map(Into::into),
         })
     }
 

@@ -252,6 +252,12 @@ pub enum Request {
         resource: String,
         /// The file name in `/dev/parma/secrets/`: 1 to 64 bytes of `[A-Za-z0-9._-]`, not hidden.
         file: String,
+        /// Reach the broker at this `IP:PORT` over the pod's network (the
+        /// UVM must be a pod with its interface up) instead of the host's
+        /// vsock relay. Either way TLS ends in the agent and the pin
+        /// decides who the broker is; the address is only a route.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        broker_address: Option<String>,
     },
     /// Add a signed policy fragment's containers to the policy in force
     /// (policy: `load_fragment`, on the issuer, feed and SVN, once the
