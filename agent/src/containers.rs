@@ -304,6 +304,13 @@ impl Containers {
     /// Whether container `id` can take a secret: it exists and has not started.
     pub fn check_secret_target(&self, id: &str) -> Result<(), Fault> {
         let container = self.containers.get(id).ok_or_else(|| no_container(id))?;
+        if container.in_pod == Some(PodPid::Shared) {
+            // Another container of the pod could read it through /proc/PID/root.
+            return Err(Fault::new(
+                ErrorCode::PolicyDenied,
+                format!("container {id:?} shares the pod's PID namespace: its secrets would be its neighbours'"),
+            ));
+        }
         match container.prepared {
             Some(_) => Ok(()),
             None => Err(Fault::wrong_state(format!("container {id:?} has started: a secret goes in before the start"))),
@@ -319,7 +326,16 @@ impl Containers {
         self.check_secret_target(id)?;
         let container = self.containers.get_mut(id).ok_or_else(|| no_container(id))?;
         let dir = format!("{SECRETS}/{id}");
-        std::fs::create_dir_all(&dir).map_err(|err| format!("cannot create {dir}: {err}"))?;
+        if container.secrets.is_none() {
+            // A fresh directory: nothing of an earlier container with this id.
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(err) if err.kind() == ErrorKind::NotFound => {}
+                Err(err) => return Err(format!("cannot clear {dir}: {err}").into()),
+            }
+            std::fs::create_dir_all(SECRETS).map_err(|err| format!("cannot create {SECRETS}: {err}"))?;
+            std::fs::create_dir(&dir).map_err(|err| format!("cannot create {dir}: {err}"))?;
+        }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
             .map_err(|err| format!("cannot set {dir}'s mode: {err}"))?;
         let path = format!("{dir}/{file}");

@@ -13,7 +13,8 @@ use crate::attest::Provider;
 
 pub use parma_kbs::client::{Broker, check_resource};
 
-/// How long each read and write on the relayed stream may take.
+/// How long each read and write on the relayed stream may take (and the
+/// whole exchange at most `parma_kbs::client::EXCHANGE_DEADLINE`).
 const IO_DEADLINE: Duration = Duration::from_secs(30);
 /// The host's vsock CID.
 const HOST_CID: u32 = 2;
@@ -28,9 +29,12 @@ impl parma_kbs::client::Dial for Vsock {
         let port = parma_protocol::KBS_VSOCK_PORT;
         let socket = vsock::VsockStream::connect_with_cid_port(HOST_CID, port)
             .map_err(|err| format!("no relay to the broker (vsock port {port}): {err}"))?;
-        socket.set_read_timeout(Some(IO_DEADLINE)).map_err(|err| err.to_string())?;
-        socket.set_write_timeout(Some(IO_DEADLINE)).map_err(|err| err.to_string())?;
         Ok(socket)
+    }
+
+    fn set_timeout(stream: &Self::Stream, limit: Duration) -> std::io::Result<()> {
+        stream.set_read_timeout(Some(limit.min(IO_DEADLINE)))?;
+        stream.set_write_timeout(Some(limit.min(IO_DEADLINE)))
     }
 }
 
@@ -50,9 +54,12 @@ impl parma_kbs::client::Dial for PodTcp<'_> {
             std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10))
         })
         .map_err(|err| format!("cannot reach the broker at {address} over the pod's network: {err}"))?;
-        stream.set_read_timeout(Some(IO_DEADLINE)).map_err(|err| err.to_string())?;
-        stream.set_write_timeout(Some(IO_DEADLINE)).map_err(|err| err.to_string())?;
         Ok(stream)
+    }
+
+    fn set_timeout(stream: &Self::Stream, limit: Duration) -> std::io::Result<()> {
+        stream.set_read_timeout(Some(limit.min(IO_DEADLINE)))?;
+        stream.set_write_timeout(Some(limit.min(IO_DEADLINE)))
     }
 }
 

@@ -46,6 +46,10 @@ impl Dial for Tcp {
     fn dial(&self) -> Result<TcpStream, String> {
         TcpStream::connect(self.0).map_err(|err| err.to_string())
     }
+    fn set_timeout(stream: &TcpStream, limit: Duration) -> std::io::Result<()> {
+        stream.set_read_timeout(Some(limit))?;
+        stream.set_write_timeout(Some(limit))
+    }
 }
 
 fn config(host_data: [u8; 32]) -> Config {
@@ -301,7 +305,7 @@ fn a_pod_fetches_its_secret_over_its_own_network() -> anyhow::Result<()> {
         serde_json::to_value(policy_gen::container(&fixture.built, &serde_json::from_value::<Spec>(spec)?))?;
     let brokers =
         serde_json::from_value(json!([{"name": "good", "url": url(&broker), "certificate_sha256": broker.pin()}]))?;
-    let knobs = Knobs { brokers, sandbox: serde_json::from_value(json!({}))?, ..Knobs::default() };
+    let knobs = Knobs { brokers, sandbox: serde_json::from_value(json!({"share_pid": true}))?, ..Knobs::default() };
     let text = policy_gen::rego_with_fragments(&[container], &[], &knobs, "secrets over the pod network")?;
     let policy = fixture.dir().join("pod.rego");
     std::fs::write(&policy, &text)?;
@@ -315,7 +319,9 @@ fn a_pod_fetches_its_secret_over_its_own_network() -> anyhow::Result<()> {
     let mut guest = Guest::boot(&paths, &boot)?;
     let mut client = guest.ready_client(READY, CALL)?;
     client.set_policy(text).with_context(|| guest.serial())?;
-    run::pod_network(&mut client, "pod-kbs", &attached.interface, &attached.routes)?;
+    client.create_sandbox("pod-kbs", true)?;
+    client.update_interface(&attached.interface)?;
+    client.update_routes(&attached.routes)?;
     let layers = run::mount_layers(&mut client, &fixture.built)?;
     let args: Vec<String> = reader.iter().map(|a| a.to_string()).collect();
     let mut process = run::process_from_config(&fixture.built.config, &args)?;
@@ -337,6 +343,19 @@ fn a_pod_fetches_its_secret_over_its_own_network() -> anyhow::Result<()> {
     }
     client.done(&request)?;
     let address = format!("{peer}:{}", broker.address().port());
+    // A container in the pod's shared PID namespace gets no secret: its
+    // neighbours could read it through /proc/PID/root.
+    client.mount_overlay("s", &layers, true)?;
+    let mut shared = request.clone();
+    if let Request::CreateContainer { container_id, namespaces, .. } = &mut shared {
+        *container_id = "s".into();
+        namespaces[0].path = Some("/proc/4242/ns/pid".into());
+    }
+    client.done(&shared)?;
+    let outcome = client.provision_secret("s", &url(&broker), broker.pin(), RESOURCE, "db", Some(&address));
+    denied(outcome, "shares the pod's PID namespace")?;
+    ensure!(broker.log().is_empty(), "bytes went out: {:?}", broker.log());
+    client.delete_container("s")?;
     client
         .provision_secret("a", &url(&broker), broker.pin(), RESOURCE, "db", Some(&address))
         .with_context(|| format!("{:?}", broker.log()))?;

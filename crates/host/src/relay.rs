@@ -18,6 +18,10 @@ use std::time::Duration;
 const MAX_CONNECTIONS: usize = 8;
 /// How long a connection to the broker may take to open.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+/// How long either side may stay silent before the relay drops the
+/// connection (the agent's exchange ends within 90 s anyway), so nothing
+/// in the guest can hold the relay's slots.
+const IDLE: Duration = Duration::from_secs(60);
 
 /// A relay that runs until it is dropped.
 #[derive(Debug)]
@@ -82,7 +86,11 @@ impl Drop for Relay {
 /// Copy one connection both ways until either side ends.
 fn relay_one(guest: UnixStream, broker: SocketAddr) -> std::io::Result<()> {
     guest.set_nonblocking(false)?;
+    guest.set_read_timeout(Some(IDLE))?;
+    guest.set_write_timeout(Some(IDLE))?;
     let upstream = TcpStream::connect_timeout(&broker, CONNECT_DEADLINE)?;
+    upstream.set_read_timeout(Some(IDLE))?;
+    upstream.set_write_timeout(Some(IDLE))?;
     let (mut guest_in, mut guest_out) = (guest.try_clone()?, guest);
     let (mut broker_in, mut broker_out) = (upstream.try_clone()?, upstream);
     let to_broker = std::thread::spawn(move || {

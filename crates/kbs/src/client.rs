@@ -28,9 +28,6 @@ use crate::types::{Attestation, Challenge, CompositeEvidence, Request, RuntimeDa
 const MAX_HEAD: usize = 16 * 1024;
 /// The most body bytes a broker's answer may have.
 const MAX_BODY: usize = 2 << 20;
-/// How long one answer may take to arrive in full, however the stream
-/// dribbles it (each read has the dialer's own timeout on top).
-const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How the client reaches the broker: one fresh byte stream per request
 /// (the agent: a vsock stream the host relays; tests: TCP).
@@ -39,6 +36,53 @@ pub trait Dial {
     type Stream: Read + Write;
     /// A new stream to the broker.
     fn dial(&self) -> Result<Self::Stream, String>;
+    /// Bound each read and write on `stream` to `limit` (the client keeps
+    /// this at the time left to the exchange's deadline, so a stream that
+    /// dribbles bytes cannot stretch it).
+    fn set_timeout(stream: &Self::Stream, limit: std::time::Duration) -> std::io::Result<()>;
+}
+
+/// The whole exchange (three connections, TLS handshakes included) ends
+/// within this, however the stream between is slowed.
+pub const EXCHANGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// A dialed stream whose every read and write waits at most until the
+/// exchange's deadline.
+struct Deadlined<D: Dial> {
+    stream: D::Stream,
+    deadline: std::time::Instant,
+}
+
+impl<D: Dial> Deadlined<D> {
+    fn arm(&self) -> std::io::Result<()> {
+        let left = self.deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the exchange took over {} s", EXCHANGE_DEADLINE.as_secs()),
+            ));
+        }
+        D::set_timeout(&self.stream, left)
+    }
+}
+
+impl<D: Dial> Read for Deadlined<D> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.stream.read(buf)
+    }
+}
+
+impl<D: Dial> Write for Deadlined<D> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.arm()?;
+        self.stream.flush()
+    }
 }
 
 /// A broker as the policy lists it.
@@ -55,14 +99,23 @@ impl Broker {
     /// hex SHA-256 of its certificate.
     pub fn new(url: &str, certificate_sha256: &str) -> Result<Self, String> {
         let rest = url.strip_prefix("https://").ok_or("the broker URL is not https://HOST[:PORT]")?;
-        let host = match rest.rsplit_once(':') {
-            Some((host, port)) if !host.contains(']') || host.ends_with(']') => {
-                port.parse::<u16>().map_err(|_| "the broker URL's port is not a number")?;
-                host
+        let (host, port) = match rest.strip_prefix('[') {
+            // An IPv6 literal: [ADDRESS] or [ADDRESS]:PORT.
+            Some(bracketed) => {
+                let (host, after) = bracketed.split_once(']').ok_or("the broker URL's [address] is not closed")?;
+                match after {
+                    "" => (host, None),
+                    _ => (host, Some(after.strip_prefix(':').ok_or("the broker URL has text after its address")?)),
+                }
             }
-            _ => rest,
+            None => match rest.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            },
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if let Some(port) = port {
+            port.parse::<u16>().map_err(|_| "the broker URL's port is not a number")?;
+        }
         let name_ok = !host.is_empty()
             && host.len() <= 253
             && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b));
@@ -112,10 +165,11 @@ pub fn fetch<D: Dial>(
     report: &Reporter<'_>,
 ) -> Result<Zeroizing<Vec<u8>>, String> {
     check_resource(resource)?;
+    let deadline = std::time::Instant::now() + EXCHANGE_DEADLINE;
     let request =
         Request { version: crate::PROTOCOL_VERSION.into(), tee: Tee::Snp, extra_params: serde_json::json!({}) };
     let body = serde_json::to_vec(&request).map_err(|err| err.to_string())?;
-    let auth = exchange(dial, broker, "POST", "/kbs/v0/auth", None, Some(&body))?;
+    let auth = exchange(dial, deadline, broker, "POST", "/kbs/v0/auth", None, Some(&body))?;
     auth.expect_ok("auth")?;
     let cookie = auth.session.clone().ok_or("the broker's auth answer set no kbs-session-id cookie")?;
     let challenge: Challenge =
@@ -140,9 +194,9 @@ pub fn fetch<D: Dial>(
         tee_evidence: CompositeEvidence { primary_evidence: evidence, additional_evidence: String::new() },
     };
     let body = serde_json::to_vec(&attestation).map_err(|err| err.to_string())?;
-    exchange(dial, broker, "POST", "/kbs/v0/attest", Some(&cookie), Some(&body))?.expect_ok("attest")?;
+    exchange(dial, deadline, broker, "POST", "/kbs/v0/attest", Some(&cookie), Some(&body))?.expect_ok("attest")?;
     let path = format!("/kbs/v0/resource/{resource}");
-    let answer = exchange(dial, broker, "GET", &path, Some(&cookie), None)?;
+    let answer = exchange(dial, deadline, broker, "GET", &path, Some(&cookie), None)?;
     answer.expect_ok("resource")?;
     crate::jwe::open(&answer.body, &key).map_err(|err| err.to_string())
 }
@@ -170,19 +224,21 @@ impl Answer {
 /// One request on a connection of its own.
 fn exchange<D: Dial>(
     dial: &D,
+    deadline: std::time::Instant,
     broker: &Broker,
     method: &str,
     path: &str,
     cookie: Option<&str>,
     body: Option<&[u8]>,
 ) -> Result<Answer, String> {
-    let socket = dial.dial()?;
+    let socket = Deadlined::<D> { stream: dial.dial()?, deadline };
     let name = rustls::pki_types::ServerName::try_from(broker.host.clone())
         .map_err(|err| format!("the broker's host is no TLS name: {err}"))?;
     let connection = rustls::ClientConnection::new(tls_config(broker.pin)?, name)
         .map_err(|err| format!("TLS to the broker: {err}"))?;
     let mut tls = rustls::StreamOwned::new(connection, socket);
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", broker.host);
+    let host = if broker.host.contains(':') { format!("[{}]", broker.host) } else { broker.host.clone() };
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     if let Some(cookie) = cookie {
         head.push_str(&format!("Cookie: {cookie}\r\n"));
     }
@@ -195,7 +251,7 @@ fn exchange<D: Dial>(
         tls.write_all(body).map_err(|err| tls_error("send to", &err))?;
     }
     tls.flush().map_err(|err| tls_error("send to", &err))?;
-    read_answer(&mut tls, std::time::Instant::now() + ANSWER_DEADLINE)
+    read_answer(&mut tls, deadline)
 }
 
 fn tls_error(doing: &str, err: &std::io::Error) -> String {
@@ -207,7 +263,7 @@ fn tls_error(doing: &str, err: &std::io::Error) -> String {
 fn read_answer(stream: &mut impl Read, deadline: std::time::Instant) -> Result<Answer, String> {
     let read_some = |stream: &mut dyn Read, chunk: &mut [u8]| {
         if std::time::Instant::now() > deadline {
-            return Err(format!("the broker's answer took over {} s", ANSWER_DEADLINE.as_secs()));
+            return Err(format!("the exchange took over {} s", EXCHANGE_DEADLINE.as_secs()));
         }
         stream.read(chunk).map_err(|err| tls_error("read from", &err))
     };
@@ -267,12 +323,8 @@ fn read_answer(stream: &mut impl Read, deadline: std::time::Instant) -> Result<A
         if rest.len() > MAX_BODY * 2 {
             return Err("the broker's answer is over 2 MiB".into());
         }
-        let n = match read_some(stream, &mut chunk) {
-            Ok(n) => n,
-            // A broker that closes without TLS's close_notify: the body ends there.
-            Err(_) if length.is_none() && !rest.is_empty() => 0,
-            Err(err) => return Err(err),
-        };
+        // Only a clean end (TLS's close_notify) ends a body without a length.
+        let n = read_some(stream, &mut chunk)?;
         if n == 0 {
             if length.is_some() {
                 return Err("the broker closed before the answer's body ended".into());
@@ -381,6 +433,9 @@ mod tests {
         assert_eq!(Broker::new("https://kbs.example:8080", &pin).unwrap().host, "kbs.example");
         assert_eq!(Broker::new("https://10.0.0.1", &pin).unwrap().host, "10.0.0.1");
         assert_eq!(Broker::new("https://[::1]:443", &pin).unwrap().host, "::1");
+        assert_eq!(Broker::new("https://[::1]", &pin).unwrap().host, "::1");
+        assert!(Broker::new("https://[::1]x", &pin).is_err());
+        assert!(Broker::new("https://[::1", &pin).is_err());
         for bad in ["http://kbs.example", "https://", "https://kbs.example:port", "https://kbs/x", "https://a b"] {
             assert!(Broker::new(bad, &pin).is_err(), "{bad}");
         }
@@ -397,14 +452,44 @@ mod tests {
     }
 
     fn far() -> std::time::Instant {
-        std::time::Instant::now() + ANSWER_DEADLINE
+        std::time::Instant::now() + EXCHANGE_DEADLINE
+    }
+
+    struct Tcp(std::net::SocketAddr);
+
+    impl Dial for Tcp {
+        type Stream = std::net::TcpStream;
+        fn dial(&self) -> Result<Self::Stream, String> {
+            std::net::TcpStream::connect(self.0).map_err(|err| err.to_string())
+        }
+        fn set_timeout(stream: &Self::Stream, limit: std::time::Duration) -> std::io::Result<()> {
+            stream.set_read_timeout(Some(limit))?;
+            stream.set_write_timeout(Some(limit))
+        }
+    }
+
+    #[test]
+    fn a_silent_stream_ends_at_the_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dial = Tcp(listener.local_addr().unwrap());
+        let soon = std::time::Instant::now() + std::time::Duration::from_millis(300);
+        let mut stream = Deadlined::<Tcp> { stream: dial.dial().unwrap(), deadline: soon };
+        let _held = listener.accept().unwrap();
+        let started = std::time::Instant::now();
+        let mut byte = [0u8; 1];
+        // The read waits only for the time left, then every call is refused.
+        assert!(stream.read(&mut byte).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let err = stream.read(&mut byte).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(stream.write(b"x").is_err());
     }
 
     #[test]
     fn a_dribbling_broker_meets_the_deadline() {
         let past = std::time::Instant::now() - std::time::Duration::from_secs(1);
         let err = read_answer(&mut &b"HTTP/1.1 200 OK\r\n\r\nbody"[..], past).unwrap_err();
-        assert!(err.contains("took over 60 s"), "{err}");
+        assert!(err.contains("took over 90 s"), "{err}");
     }
 
     #[test]

@@ -104,6 +104,12 @@ impl SignedFragment {
         if document.containers.iter().any(|c| !c.get("name").is_some_and(serde_json::Value::is_string)) {
             return Err(FragmentError::BadDocument("every container needs a name".into()));
         }
+        // A fragment's issuer is trusted to add containers, not to receive
+        // the tenant's secrets: HOST_DATA does not change when a fragment
+        // loads, so a key broker could not tell.
+        if document.containers.iter().any(|c| c.get("secrets").is_some_and(|s| !s.is_null())) {
+            return Err(FragmentError::BadDocument("a fragment's containers may not list secrets".into()));
+        }
         Ok(Fragment { issuer, feed: document.feed, svn: document.svn, containers: document.containers })
     }
 }
@@ -172,6 +178,12 @@ mod tests {
         assert!(matches!(unnamed.verify(), Err(FragmentError::BadDocument(_))));
         let extra = signed(r#"{"feed": "f", "svn": 1, "containers": [], "allow_all": true}"#, 7);
         assert!(matches!(extra.verify(), Err(FragmentError::BadDocument(_))));
+        let secrets = r#"{"feed": "f", "svn": 1, "containers": [{"name": "x", "secrets": [{"broker": "b", "resource": "r/t/a", "file": "f"}]}]}"#;
+        let secrets = signed(secrets, 7);
+        assert_eq!(
+            secrets.verify(),
+            Err(FragmentError::BadDocument("a fragment's containers may not list secrets".into()))
+        );
         let huge = SignedFragment { payload: vec![b' '; MAX_FRAGMENT + 1], ..signed(DOC, 7) };
         assert_eq!(huge.verify(), Err(FragmentError::TooLarge(MAX_FRAGMENT + 1)));
     }
