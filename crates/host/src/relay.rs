@@ -22,6 +22,9 @@ const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// connection (the agent's exchange ends within 90 s anyway), so nothing
 /// in the guest can hold the relay's slots.
 const IDLE: Duration = Duration::from_secs(60);
+/// The longest a relayed connection lives, busy or not (the agent's whole
+/// exchange ends within 90 s).
+const LIFETIME: Duration = Duration::from_secs(120);
 
 /// A relay that runs until it is dropped.
 #[derive(Debug)]
@@ -91,6 +94,20 @@ fn relay_one(guest: UnixStream, broker: SocketAddr) -> std::io::Result<()> {
     let upstream = TcpStream::connect_timeout(&broker, CONNECT_DEADLINE)?;
     upstream.set_read_timeout(Some(IDLE))?;
     upstream.set_write_timeout(Some(IDLE))?;
+    // Past its lifetime the connection is shut, whatever flows.
+    let (guest_end, broker_end) = (guest.try_clone()?, upstream.try_clone()?);
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let until = std::time::Instant::now() + LIFETIME;
+            while !done.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let _ = guest_end.shutdown(Shutdown::Both);
+            let _ = broker_end.shutdown(Shutdown::Both);
+        })
+    };
     let (mut guest_in, mut guest_out) = (guest.try_clone()?, guest);
     let (mut broker_in, mut broker_out) = (upstream.try_clone()?, upstream);
     let to_broker = std::thread::spawn(move || {
@@ -100,6 +117,8 @@ fn relay_one(guest: UnixStream, broker: SocketAddr) -> std::io::Result<()> {
     let _ = copy(&mut broker_in, &mut guest_out);
     let _ = guest_out.shutdown(Shutdown::Write);
     let _ = to_broker.join();
+    done.store(true, Ordering::Relaxed);
+    let _ = watchdog.join();
     Ok(())
 }
 
