@@ -15,7 +15,7 @@ mount_overlay := {"allowed": true}
 
 unmount_overlay := {"allowed": true}
 
-create_container := {"allowed": true, "allow_stdio_access": true, "allow_attestation": true}
+create_container := {"allowed": true, "allow_stdio_access": true}
 
 start_container := {"allowed": true}
 

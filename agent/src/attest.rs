@@ -133,7 +133,11 @@ fn tsm_report(dir: &Path, report_data: &[u8; 64]) -> Result<Vec<u8>, Unavailable
             dir.display()
         )));
     }
-    let entry = dir.join(format!("parma-{}", std::process::id()));
+    // One entry per request: requests may overlap (a container's endpoint
+    // signs outside the agent's lock), and an entry is never shared.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let serial = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let entry = dir.join(format!("parma-{}-{serial}", std::process::id()));
     std::fs::create_dir(&entry).map_err(|err| match err.raw_os_error() {
         Some(libc::ENXIO) => {
             Unavailable::No("no attestation provider: the TSM report interface has none (not an SEV-SNP guest?)".into())
@@ -221,7 +225,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tsm = dir.path().join("tsm");
         std::fs::create_dir(&tsm).unwrap();
-        std::fs::write(tsm.join(format!("parma-{}", std::process::id())), b"").unwrap();
+        // Every entry name this process could use next is taken by a file.
+        for serial in 0..64 {
+            std::fs::write(tsm.join(format!("parma-{}-{serial}", std::process::id())), b"").unwrap();
+        }
         let provider = Provider::Firmware { tsm, device: "/nonexistent/sev-guest".into() };
         let err = provider.report(&[0; 64]).unwrap_err();
         assert!(err.starts_with("cannot create"), "{err}");

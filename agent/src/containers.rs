@@ -242,6 +242,14 @@ impl Containers {
         }
         let rootfs = storage::rootfs_target(id);
         let in_pod = crate::pod::joins_pod(options.namespaces, self.sandbox.as_ref().map(|pod| pod.share_pid))?;
+        if options.attestation.is_some() && in_pod == Some(PodPid::Shared) {
+            // A neighbour with the same user could trace its processes and
+            // have them ask in its name.
+            return Err(Fault::new(
+                ErrorCode::PolicyDenied,
+                format!("container {id:?} has an attestation endpoint: it may not share the pod's PID namespace"),
+            ));
+        }
         let hostname = match (&self.sandbox, options.hostname) {
             (Some(pod), Some(asked)) if asked != pod.hostname => {
                 return Err(Fault::invalid(format!(

@@ -19,13 +19,16 @@
 //!
 //! Who asks is never taken from the request: it is the container whose
 //! endpoint the connection came to, and the caller must be in that
-//! container's cgroup (read from `/proc/PID/cgroup` of the socket's peer),
-//! so a process that reached another container's socket (through
-//! `/proc/PID/root` in a shared PID namespace) is refused. Every call is
+//! container's cgroup (read from `/proc/PID/cgroup` of the process that
+//! connected, through its pidfd), so a process of another container that
+//! reached the socket is refused. Every call is
 //! decided at `container_attestation` with the container's id from the
 //! agent's records; the name bound is the one the policy matched at
-//! create. Requests are bounded (8 KiB, 5 s), and each container has at
-//! most [`MAX_CONNECTIONS`] in flight.
+//! create. Requests are bounded (8 KiB, 5 s), each container has at most
+//! [`MAX_CONNECTIONS`] in flight and all of them [`MAX_SIGNING`] reports
+//! being made. A container with an endpoint may not share the pod's PID
+//! namespace: a neighbour with its user could trace its processes and
+//! have them ask.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -48,13 +51,16 @@ pub const IN_CONTAINER_DIR: &str = "/dev/parma";
 pub const IN_CONTAINER: &str = "/dev/parma/attestation.sock";
 /// Connections one container may have in flight; more are refused.
 const MAX_CONNECTIONS: usize = 2;
+/// Reports being made for all containers at once (each takes a thread of
+/// the agent's blocking pool, which host requests use too).
+const MAX_SIGNING: usize = 4;
 /// The longest request head the endpoint reads.
 const MAX_REQUEST: usize = 8 * 1024;
 /// How long a caller has to send its request, and to read the answer.
 const IO_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The endpoints of this boot's containers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Endpoints {
     open: BTreeMap<String, Endpoint>,
     /// Tells endpoints apart across a container id used again.
@@ -62,6 +68,14 @@ pub struct Endpoints {
     /// The runtime and the dispatcher the endpoints serve with (absent in
     /// unit tests, which open none).
     serving: Option<(tokio::runtime::Handle, Weak<Dispatcher>)>,
+    /// [`MAX_SIGNING`] permits, shared by every endpoint.
+    signing: Arc<Semaphore>,
+}
+
+impl Default for Endpoints {
+    fn default() -> Self {
+        Self { open: BTreeMap::new(), serial: 0, serving: None, signing: Arc::new(Semaphore::new(MAX_SIGNING)) }
+    }
 }
 
 #[derive(Debug)]
@@ -111,7 +125,7 @@ impl Endpoints {
             return Err(format!("cannot open {} to the container: {err}", path.display()).into());
         }
         let caller = Caller { id: id.to_string(), name: name.to_string(), serial: self.serial };
-        let task = handle.spawn(serve(listener, caller, dispatcher)).abort_handle();
+        let task = handle.spawn(serve(listener, caller, dispatcher, self.signing.clone())).abort_handle();
         let shown = path.to_string_lossy().into_owned();
         self.open.insert(id.to_string(), Endpoint { serial: self.serial, name: name.to_string(), path, task });
         Ok(shown)
@@ -142,13 +156,13 @@ pub fn policy_name(decisions: &[parma_policy::Decision], id: &str) -> Option<Str
 }
 
 /// Take connections until the endpoint is closed.
-async fn serve(listener: UnixListener, caller: Caller, dispatcher: Weak<Dispatcher>) {
+async fn serve(listener: UnixListener, caller: Caller, dispatcher: Weak<Dispatcher>, signing: Arc<Semaphore>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(err) => {
-                tracing::warn!("attestation endpoint of {:?}: accept: {err}", caller.id);
+                tracing::debug!("attestation endpoint of {:?}: accept: {err}", caller.id);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -162,40 +176,47 @@ async fn serve(listener: UnixListener, caller: Caller, dispatcher: Weak<Dispatch
             });
             continue;
         };
-        let (caller, dispatcher) = (caller.clone(), dispatcher.clone());
+        let (caller, dispatcher, signing) = (caller.clone(), dispatcher.clone(), signing.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            connection(stream, caller, dispatcher).await;
+            connection(stream, caller, dispatcher, signing).await;
         });
     }
 }
 
 /// One request and its answer.
-async fn connection(mut stream: UnixStream, caller: Caller, dispatcher: Weak<Dispatcher>) {
+async fn connection(mut stream: UnixStream, caller: Caller, dispatcher: Weak<Dispatcher>, signing: Arc<Semaphore>) {
     let peer = peer_cgroup(&stream);
     let answer = match tokio::time::timeout(IO_DEADLINE, read_head(&mut stream)).await {
         Err(_) => Answer::error(408, "invalid_argument", "no complete request in 5 s"),
         Ok(Err(answer)) => answer,
         Ok(Ok(head)) => match parse(&head) {
             Err(answer) => answer,
-            Ok(data) => {
-                let dispatcher = dispatcher.upgrade();
-                let asked = caller.clone();
-                let decided = tokio::task::spawn_blocking(move || match dispatcher {
-                    Some(dispatcher) => dispatcher.container_report(&asked, peer, &data),
-                    None => Err(Answer::error(503, "failed", "the agent is stopping")),
-                })
-                .await;
-                match decided {
-                    Ok(Ok(report)) => Answer::ok(&report),
-                    Ok(Err(answer)) => answer,
-                    Err(err) => Answer::error(500, "failed", &format!("internal error: {err}")),
+            Ok(data) => match tokio::time::timeout(IO_DEADLINE, signing.acquire_owned()).await {
+                Ok(Ok(permit)) => {
+                    let dispatcher = dispatcher.upgrade();
+                    let asked = caller.clone();
+                    let decided = tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
+                        match dispatcher {
+                            Some(dispatcher) => dispatcher.container_report(&asked, peer, &data),
+                            None => Err(Answer::error(503, "failed", "the agent is stopping")),
+                        }
+                    })
+                    .await;
+                    match decided {
+                        Ok(Ok(report)) => Answer::ok(&report),
+                        Ok(Err(answer)) => answer,
+                        Err(err) => Answer::error(500, "failed", &format!("internal error: {err}")),
+                    }
                 }
-            }
+                _ => Answer::error(503, "busy", "the agent is making other reports: try again"),
+            },
         },
     };
+    // Debug only: a container sending garbage in a loop must not flood the console.
     if answer.status != 200 {
-        tracing::warn!("attestation endpoint of {:?}: {} {}", caller.id, answer.status, answer.body);
+        tracing::debug!("attestation endpoint of {:?}: {} {}", caller.id, answer.status, answer.body);
     }
     let _ = tokio::time::timeout(IO_DEADLINE, answer.write(&mut stream)).await;
 }
