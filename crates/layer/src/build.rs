@@ -2,8 +2,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, Write};
+use std::io::{self, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::thread::Scope;
 
 use serde::Serialize;
 
@@ -13,11 +14,9 @@ use crate::digest::{Derived, Digest, HashReader};
 use crate::files::Watch;
 use crate::hasher::HashingFile;
 use crate::image::{self, Plan, PlannedLayer};
-use crate::pipe;
+use crate::pipe::{self, Drain, Ended};
 use crate::source::Source;
 
-/// Buffer between the file and the decompressor.
-const READ_BUFFER: usize = 1 << 20;
 /// Buffer in front of the image file.
 const WRITE_BUFFER: usize = 1 << 20;
 /// Bytes between two [`Progress::Read`] reports.
@@ -243,16 +242,17 @@ impl Reporter<'_> {
     }
 }
 
-/// The blob's buffered reader, telling a [`Reporter`] how far it has read.
-struct Reporting<'r, 'p, R> {
-    inner: BufReader<&'r mut HashReader<R>>,
+/// The stream the tar reader reads, telling a [`Reporter`] how far in the
+/// blob it has got.
+struct Reporting<'r, 'p> {
+    inner: pipe::PipeReader,
     reporter: &'r mut Reporter<'p>,
 }
 
-impl<R: Read> Read for Reporting<'_, '_, R> {
+impl Read for Reporting<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.reporter.read(consumed(&self.inner));
+        self.reporter.read(self.inner.progress());
         Ok(n)
     }
 }
@@ -330,25 +330,26 @@ fn convert_layer<R: Read + Send>(
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").suffix(".img").tempfile_in(out).map_err(output)?;
     let options = parma_ext4::Options::new(derived.ext4_uuid, derived.ext4_hash_seed);
 
-    let mut raw = HashReader::new(member, layer.blob.is_some());
     let mut reporter = Reporter { index, size, next_report: 0, progress };
     let read_err = |source| LayerError::Read { name: layer.member.clone(), source };
     // The verity digests of the data blocks are computed on a second thread
     // while the ext4 image is written.
     let params = parma_verity::Params::new(derived.verity_salt.to_vec(), derived.verity_uuid);
     let mut hashing = HashingFile::new(tmp.as_file(), &params).map_err(output)?;
-    let converted = convert_stream(&mut raw, &mut reporter, layer.blob.is_some(), options, &mut hashing, watch);
-    // Whatever happened, a blob whose digest is wrong is the first thing to say.
+    let streamed = convert_stream(member, layer.blob.is_some(), &mut reporter, options, &mut hashing, watch);
+    let (converted, read, blob_sum) = match streamed {
+        Ok(streamed) => (streamed.converted, streamed.read, streamed.blob),
+        Err(err) => (Err(err), 0, None),
+    };
+    // Whatever happened, a blob whose digest is wrong is the first thing to
+    // say (its stage read it to the end, whatever the converter did).
     if let Some((digest, _)) = layer.blob {
-        if converted.is_err() {
-            let _ = drain(&mut raw);
-        }
-        let actual = raw.digest().unwrap_or(digest);
-        if actual != digest && raw.count() == size {
+        let actual = blob_sum.unwrap_or(digest);
+        if actual != digest && read == size {
             return Err(LayerError::BlobDigest { digest, actual });
         }
-        if converted.is_ok() && raw.count() != size {
-            return Err(LayerError::BlobSize { digest, expected: size, actual: raw.count() });
+        if converted.is_ok() && read != size {
+            return Err(LayerError::BlobSize { digest, expected: size, actual: read });
         }
     }
     let (image_size, diff_id, trailing) = converted.map_err(|e| match e {
@@ -358,7 +359,6 @@ fn convert_layer<R: Read + Send>(
     if trailing {
         return Err(LayerError::TrailingData { index });
     }
-    let diff_id = diff_id.or_else(|| raw.digest()).unwrap_or(layer.diff_id);
     if diff_id != layer.diff_id {
         return Err(LayerError::DiffId { index, expected: layer.diff_id, actual: diff_id });
     }
@@ -390,50 +390,118 @@ enum StreamError {
     Read(io::Error),
 }
 
-/// Decompress, hash and convert one layer blob. Returns the image size, the
-/// diff-id unless it is the blob digest `raw` computes (an uncompressed
-/// layer whose blob is hashed), and whether bytes followed the compressed
-/// stream. A compressed blob is decompressed on a thread of its own
-/// ([`pipe`]); the tar reader and the ext4 writer run on this one.
-fn convert_stream<R: Read + Send>(
-    raw: &mut HashReader<R>,
-    reporter: &mut Reporter<'_>,
-    raw_hashed: bool,
-    options: parma_ext4::Options,
-    image: &mut (impl Write + Seek),
-    watch: Option<&mut Watch>,
-) -> Result<(u64, Option<Digest>, bool), StreamError> {
-    let mut buffered = BufReader::with_capacity(READ_BUFFER, raw);
-    let compression = sniff(buffered.fill_buf().map_err(StreamError::Read)?);
-    let decoder_err = |source| StreamError::Tar(TarError::Read { offset: 0, source });
-    match compression {
-        Compression::None => {
-            let blob = Reporting { inner: buffered, reporter };
-            // An uncompressed blob's digest is its diff-id: hash it once.
-            let (image_size, diff_id) = convert_tar(HashReader::new(blob, !raw_hashed), options, image, watch)?;
-            Ok((image_size, diff_id, false))
-        }
-        Compression::Gzip => {
-            let decoder = Gzip(flate2::bufread::MultiGzDecoder::new(buffered));
-            convert_piped(decoder, reporter, options, image, watch)
-        }
-        Compression::Zstd => {
-            let decoder = Zstd(zstd::stream::read::Decoder::with_buffer(buffered).map_err(decoder_err)?);
-            convert_piped(decoder, reporter, options, image, watch)
-        }
+/// What reading and converting one blob gave.
+struct Streamed {
+    /// Blob bytes read: all of them, unless reading failed.
+    read: u64,
+    /// The sha256 of those bytes, when the blob was hashed.
+    blob: Option<Digest>,
+    /// The image size, the diff-id, and whether bytes followed the
+    /// compressed stream.
+    converted: Result<(u64, Digest, bool), StreamError>,
+}
+
+/// The blob as its stage reads it, counted.
+struct Counted<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
     }
 }
 
-/// Convert a decompressed tar stream; returns the image size and the
-/// stream's digest (if `tar` hashes). The end-of-archive blocks and the
-/// padding after them are read too: they count in the diff-id.
-fn convert_tar<R: Read>(
-    tar: HashReader<R>,
+impl<R: Read + Send> pipe::Source for Counted<R> {
+    fn consumed(&self) -> u64 {
+        self.count
+    }
+}
+
+/// The first bytes of `reader` (up to 4, fewer only at its end): enough to
+/// tell its compression.
+fn first_bytes(reader: &mut impl Read) -> io::Result<([u8; 4], usize)> {
+    let mut start = [0u8; 4];
+    let mut filled = 0;
+    while filled < start.len() {
+        match reader.read(start.get_mut(filled..).unwrap_or_default()) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok((start, filled))
+}
+
+/// Read, hash, decompress and convert one layer blob: the blob is read
+/// (and hashed, if `hash_blob` or it is an uncompressed tar, whose digest
+/// is the diff-id) on a thread of its own, a compressed one decompressed on
+/// another, each sha256 sum computed on one of its own ([`pipe`]); the tar
+/// reader and the ext4 writer run on this one. An error here is one that
+/// stopped the threads themselves; the conversion's own is in [`Streamed`].
+fn convert_stream<R: Read + Send>(
+    mut member: R,
+    hash_blob: bool,
+    reporter: &mut Reporter<'_>,
     options: parma_ext4::Options,
     image: &mut (impl Write + Seek),
     watch: Option<&mut Watch>,
-) -> Result<(u64, Option<Digest>), StreamError> {
-    let mut archive = tar::Archive::new(tar);
+) -> Result<Streamed, StreamError> {
+    let (start, filled) = first_bytes(&mut member).map_err(StreamError::Read)?;
+    let start = start.get(..filled).unwrap_or_default();
+    let compression = sniff(start);
+    let spawn_err = StreamError::Read;
+    std::thread::scope(|scope| {
+        let raw = Counted { inner: start.chain(member), count: 0 };
+        // A blob being hashed is read to its end whatever the converter does.
+        let (blob_hasher, drain) = if hash_blob || compression == Compression::None {
+            let (to_hash, hasher) = pipe::hasher(scope, "layer-blob-sha256").map_err(spawn_err)?;
+            (Some((to_hash, hasher)), Drain::ToEnd)
+        } else {
+            (None, Drain::Stop)
+        };
+        let (to_hash, blob_hasher) = blob_hasher.unzip();
+        let (blob, reading) = pipe::stage(scope, "layer-read", raw, to_hash, drain).map_err(spawn_err)?;
+        let converted = match compression {
+            Compression::None => {
+                let tar = Reporting { inner: blob, reporter: &mut *reporter };
+                convert_tar(tar, options, image, watch).map(|size| (size, None, false))
+            }
+            Compression::Gzip => {
+                let decoder = Gzip(flate2::bufread::MultiGzDecoder::new(blob));
+                convert_piped(scope, decoder, reporter, options, image, watch)
+            }
+            Compression::Zstd => match zstd::stream::read::Decoder::with_buffer(blob) {
+                Ok(decoder) => convert_piped(scope, Zstd(decoder), reporter, options, image, watch),
+                Err(source) => Err(StreamError::Tar(TarError::Read { offset: 0, source })),
+            },
+        };
+        let (raw, _) = pipe::join(reading, "blob reading").map_err(spawn_err)?;
+        let blob_sum = blob_hasher.map(|hasher| pipe::join(hasher, "blob digest")).transpose().map_err(spawn_err)?;
+        reporter.read(raw.count);
+        // An uncompressed blob's digest is its diff-id.
+        let converted = converted.and_then(|(size, diff_id, trailing)| match diff_id.or(blob_sum) {
+            Some(diff_id) => Ok((size, diff_id, trailing)),
+            None => Err(StreamError::Read(io::Error::other("the layer's tar was not hashed"))),
+        });
+        Ok(Streamed { read: raw.count, blob: blob_sum, converted })
+    })
+}
+
+/// Convert a decompressed tar stream; returns the image size. The
+/// end-of-archive blocks and the padding after them are read too: they
+/// count in the diff-id.
+fn convert_tar<R: Read>(
+    tar: R,
+    options: parma_ext4::Options,
+    image: &mut (impl Write + Seek),
+    watch: Option<&mut Watch>,
+) -> Result<u64, StreamError> {
+    let mut archive = tar::Archive::new(HashReader::new(tar, false));
     let image_size = {
         let sink = BufWriter::with_capacity(WRITE_BUFFER, &mut *image);
         convert::convert(&mut archive, options, sink, watch).map_err(StreamError::Tar)?
@@ -441,94 +509,79 @@ fn convert_tar<R: Read>(
     let mut rest = archive.into_inner();
     let offset = rest.count();
     drain(&mut rest).map_err(|source| StreamError::Tar(TarError::Read { offset, source }))?;
-    Ok((image_size, rest.digest()))
+    Ok(image_size)
 }
 
-/// [`convert_tar`] with `decoder` on a thread of its own and the diff-id
-/// hashed on another.
-fn convert_piped<D: BlobDecoder>(
+/// [`convert_tar`] with `decoder` on a thread of its own and its output
+/// hashed on another. Returns the image size, the diff-id, and whether
+/// bytes followed the compressed stream.
+fn convert_piped<'scope, D: BlobDecoder + 'scope>(
+    scope: &'scope Scope<'scope, '_>,
     decoder: D,
     reporter: &mut Reporter<'_>,
     options: parma_ext4::Options,
     image: &mut (impl Write + Seek),
     watch: Option<&mut Watch>,
 ) -> Result<(u64, Option<Digest>, bool), StreamError> {
-    let mut consumed = |read| reporter.read(read);
-    std::thread::scope(|scope| {
-        let (reader, decoding) = pipe::spawn(scope, decoder, &mut consumed).map_err(StreamError::Read)?;
-        let converted = convert_tar(HashReader::new(reader, false), options, image, watch);
-        let finished = decoding.finish().map_err(StreamError::Read)?;
-        let (image_size, _) = converted?;
-        // The tar was read to its end, so the stream ended: its digest is
-        // the diff-id. What follows the compressed stream?
-        let (decoder, diff_id) =
-            finished.ok_or_else(|| StreamError::Read(io::Error::other("the decompression stopped early")))?;
-        let mut blob = decoder.into_blob();
-        let trailing = drain(&mut blob).map_err(StreamError::Read)? > 0;
-        // The decoder's last chunk may have come before it read the stream's
-        // trailer: the final count, once.
-        consumed(D::read_from(&blob));
-        Ok((image_size, Some(diff_id), trailing))
-    })
+    let (to_hash, hasher) = pipe::hasher(scope, "layer-diff-id").map_err(StreamError::Read)?;
+    let (reader, decoding) =
+        pipe::stage(scope, "layer-decompress", decoder, Some(to_hash), Drain::Stop).map_err(StreamError::Read)?;
+    let converted = convert_tar(Reporting { inner: reader, reporter }, options, image, watch);
+    let (decoder, ended) = pipe::join(decoding, "decompression").map_err(StreamError::Read)?;
+    let diff_id = pipe::join(hasher, "diff-id").map_err(StreamError::Read)?;
+    let image_size = converted?;
+    // The tar was read to its end, so the stream ended. What follows the
+    // compressed stream? (The blob's stage is never left waiting on a
+    // reader: this one is read to its end or dropped here.)
+    let mut blob = decoder.into_blob();
+    if ended != Ended::End {
+        return Err(StreamError::Read(io::Error::other("the decompression stopped early")));
+    }
+    let trailing = drain(&mut blob).map_err(StreamError::Read)? > 0;
+    Ok((image_size, Some(diff_id), trailing))
 }
 
-/// A blob's decompressor for [`pipe`]: the blob reader comes back at the end.
-trait BlobDecoder: pipe::Decoder {
-    type Blob: BufRead;
-    fn into_blob(self) -> Self::Blob;
-    /// Blob bytes taken from `blob` so far.
-    fn read_from(blob: &Self::Blob) -> u64;
+/// A blob's decompressor for [`pipe`]: the blob's stream comes back at the end.
+trait BlobDecoder: pipe::Source {
+    fn into_blob(self) -> pipe::PipeReader;
 }
 
-struct Gzip<B>(flate2::bufread::MultiGzDecoder<B>);
-struct Zstd<'a, B: BufRead>(zstd::stream::read::Decoder<'a, B>);
+struct Gzip(flate2::bufread::MultiGzDecoder<pipe::PipeReader>);
+struct Zstd(zstd::stream::read::Decoder<'static, pipe::PipeReader>);
 
-impl<B: BufRead> Read for Gzip<B> {
+impl Read for Gzip {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.read(buf)
     }
 }
 
-impl<B: BufRead> Read for Zstd<'_, B> {
+impl Read for Zstd {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.read(buf)
     }
 }
 
-impl<R: Read + Send> pipe::Decoder for Gzip<BufReader<&mut HashReader<R>>> {
+impl pipe::Source for Gzip {
     fn consumed(&self) -> u64 {
-        consumed(self.0.get_ref())
+        self.0.get_ref().taken()
     }
 }
 
-impl<R: Read + Send> pipe::Decoder for Zstd<'_, BufReader<&mut HashReader<R>>> {
+impl pipe::Source for Zstd {
     fn consumed(&self) -> u64 {
-        consumed(self.0.get_ref())
+        self.0.get_ref().taken()
     }
 }
 
-/// Blob bytes the decompressor has taken from `blob`'s buffer.
-fn consumed<R>(blob: &BufReader<&mut HashReader<R>>) -> u64 {
-    blob.get_ref().count().saturating_sub(blob.buffer().len() as u64)
-}
-
-impl<'a, R: Read + Send> BlobDecoder for Gzip<BufReader<&'a mut HashReader<R>>> {
-    type Blob = BufReader<&'a mut HashReader<R>>;
-    fn into_blob(self) -> Self::Blob {
+impl BlobDecoder for Gzip {
+    fn into_blob(self) -> pipe::PipeReader {
         self.0.into_inner()
     }
-    fn read_from(blob: &Self::Blob) -> u64 {
-        consumed(blob)
-    }
 }
 
-impl<'a, R: Read + Send> BlobDecoder for Zstd<'a, BufReader<&'a mut HashReader<R>>> {
-    type Blob = BufReader<&'a mut HashReader<R>>;
-    fn into_blob(self) -> Self::Blob {
+impl BlobDecoder for Zstd {
+    fn into_blob(self) -> pipe::PipeReader {
         self.0.finish()
-    }
-    fn read_from(blob: &Self::Blob) -> u64 {
-        consumed(blob)
     }
 }
 
