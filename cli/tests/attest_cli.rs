@@ -207,6 +207,20 @@ fn kbs_reference_values_come_from_signed_values_only() {
     assert_eq!(json["reference_values"]["snp_launch_measurement"], serde_json::json!(["ab".repeat(48)]));
     assert_eq!(json["host_data"], hash);
     assert!(json["resource_policy"].as_str().unwrap().contains(&format!("snp.init_data == \"{hash}\"")));
+    // Without --issuer the signer is named and said to be unchecked; with
+    // the right one there is no warning, with another one a refusal.
+    let issuer = signed.issuer().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("was not checked") && stderr.contains(&issuer), "{stderr}");
+    let with = |id: &str| {
+        let mut args = args(&path).to_vec();
+        args.extend(["--issuer".to_string(), id.to_string()]);
+        Command::new(env!("CARGO_BIN_EXE_parma")).args(args).current_dir(repo()).output().unwrap()
+    };
+    let out = with(&issuer);
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("WARNING"));
+    let out = with(&"00".repeat(32));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not by the issuer"));
     // A changed value breaks the signature.
     let tampered = dir.path().join("tampered.json");
     let text = std::fs::read_to_string(&path).unwrap().replace("0x30000", "0x31000");

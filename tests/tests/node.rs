@@ -517,7 +517,7 @@ fn reference_values_verify_an_emulated_report_of_the_installed_uvm_and_name_what
 
     let signed = parma_snp::reference::Signed::parse(&std::fs::read(&values_path)?)?;
     let issuer = signed.issuer()?;
-    let verify = |report: &Path, values: &Path, issuer: &str| {
+    let verify_as = |report: &Path, values: &Path, issuer: Option<&str>| {
         let mut command = parma(&paths);
         command
             .args(["verify", "--report"])
@@ -525,14 +525,23 @@ fn reference_values_verify_an_emulated_report_of_the_installed_uvm_and_name_what
             .arg("--certs")
             .arg(&certs)
             .args(["--allow-insecure-emulation", "--expect-host-data", &policy_hash, "--reference-values"])
-            .arg(values)
-            .args(["--issuer", issuer]);
+            .arg(values);
+        if let Some(issuer) = issuer {
+            command.args(["--issuer", issuer]);
+        }
         run(&mut command)
     };
+    let verify = |report: &Path, values: &Path, issuer: &str| verify_as(report, values, Some(issuer));
     let passed = verify(&report_path, &values_path, &issuer)?;
     let text = String::from_utf8_lossy(&passed.stdout).into_owned();
     ensure!(passed.status.success(), "{text}{}", String::from_utf8_lossy(&passed.stderr));
     ensure!(text.contains(&format!("pass  reference_values: {handler} igvm with 1 vCPU EPYC-v4")), "{text}");
+    ensure!(!String::from_utf8_lossy(&passed.stderr).contains("was not checked"));
+    // Without --issuer the values still verify, and the signer is named as unchecked.
+    let unchecked = verify_as(&report_path, &values_path, None)?;
+    let stderr = String::from_utf8_lossy(&unchecked.stderr).into_owned();
+    ensure!(unchecked.status.success(), "{stderr}");
+    ensure!(stderr.contains("was not checked") && stderr.contains(&issuer), "{stderr}");
 
     // One measurement bit changed, signed again by the emulation's key:
     // only the reference values fail, and they name the field.

@@ -64,9 +64,19 @@ pub fn execute(command: KbsCommand) -> anyhow::Result<i32> {
             }
         }
         KbsCommand::ReferenceValues { values, issuer, policy, json } => {
+            let values_path = values.clone();
             let bytes = std::fs::read(&values).with_context(|| format!("cannot read {}", values.display()))?;
             let signed = parma_snp::reference::Signed::parse(&bytes)?;
             let values = signed.verify(issuer.as_deref())?;
+            if issuer.is_none() {
+                // A signature by whoever wrote the file proves nothing about who that was.
+                eprintln!(
+                    "WARNING: the signer of {} was not checked: it is the key with issuer id {}; pass --issuer with \
+                     your release key's id to require it",
+                    values_path.display(),
+                    signed.issuer().unwrap_or_default()
+                );
+            }
             let text = std::fs::read(&policy).with_context(|| format!("cannot read {}", policy.display()))?;
             let host_data = parma_policy::policy_hash(&text);
             let out = trustee(&values, &host_data);

@@ -82,24 +82,39 @@ pub fn execute(args: VerifyArgs) -> anyhow::Result<i32> {
         None => None,
         Some(path) => {
             let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let values = parma_snp::reference::Signed::parse(&bytes)
-                .and_then(|signed| signed.verify(args.issuer.as_deref()))
+            let signed = parma_snp::reference::Signed::parse(&bytes)
                 .with_context(|| format!("{} cannot be used", path.display()))?;
-            Some(values)
+            let values =
+                signed.verify(args.issuer.as_deref()).with_context(|| format!("{} cannot be used", path.display()))?;
+            let issuer = signed.issuer()?;
+            if args.issuer.is_none() {
+                // A signature by whoever wrote the file proves nothing about who that was.
+                eprintln!(
+                    "WARNING: the signer of {} was not checked: it is the key with issuer id {issuer}; pass \
+                     --issuer with your release key's id to require it",
+                    path.display()
+                );
+            }
+            Some((values, issuer))
         }
     };
     let verification = parma_snp::verify(&report, &certs, &expect)?;
-    let comparison = reference
-        .as_ref()
-        .map(|values| (values, values.compare(&report, verification.product(), expect.host_data.as_ref())));
+    let comparison = reference.as_ref().map(|(values, issuer)| {
+        (values, issuer, values.compare(&report, verification.product(), expect.host_data.as_ref()))
+    });
     let reference_passed =
-        comparison.as_ref().is_none_or(|(_, c)| matches!(c, parma_snp::reference::Comparison::Matches(_)));
+        comparison.as_ref().is_none_or(|(_, _, c)| matches!(c, parma_snp::reference::Comparison::Matches(_)));
     if args.json {
         let mut json = serde_json::to_value(&verification)?;
-        if let (Some((values, comparison)), Some(object)) = (&comparison, json.as_object_mut()) {
+        if let (Some((values, issuer, comparison)), Some(object)) = (&comparison, json.as_object_mut()) {
             object.insert(
                 "reference_values".into(),
-                serde_json::json!({"handler": values.handler, "comparison": comparison}),
+                serde_json::json!({
+                    "handler": values.handler,
+                    "issuer": issuer,
+                    "issuer_checked": args.issuer.is_some(),
+                    "comparison": comparison,
+                }),
             );
         }
         println!("{}", serde_json::to_string_pretty(&json)?);
@@ -119,7 +134,7 @@ pub fn execute(args: VerifyArgs) -> anyhow::Result<i32> {
             }
             println!("{line}");
         }
-        if let Some((values, comparison)) = &comparison {
+        if let Some((values, _, comparison)) = &comparison {
             println!("{}", reference_line(values, comparison));
         }
         if verification.insecure_emulation() {
