@@ -11,6 +11,8 @@
 //!   it becomes a file name; the manifest's digest is checked here (against
 //!   the one asked for, if the reference pins one), blobs by `oci-client`
 //!   as they arrive and again by the layer builder as it reads them.
+//! - A blob is written only up to the size the manifest gives it (at most
+//!   16 GiB): a registry that sends more is cut off there.
 //! - The layout is `DIR/<manifest digest hex>`, kept between runs: a blob
 //!   already there is not fetched again. The same image gives the same
 //!   layout, so the same policy.
@@ -35,6 +37,51 @@ const ACCEPTED: [&str; 4] =
 const MAX_MANIFEST: usize = 4 << 20;
 /// The most layers an image may have.
 const MAX_LAYERS: usize = 256;
+/// The largest blob (config or layer) a manifest may name.
+const MAX_BLOB: u64 = 16 << 30;
+
+/// A blob's file that takes no byte past the size its descriptor gives: a
+/// registry streaming more is cut off there, not after filling the disk.
+struct Capped {
+    file: tokio::fs::File,
+    size: u64,
+    written: u64,
+}
+
+impl tokio::io::AsyncWrite for Capped {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if this.written.saturating_add(buf.len() as u64) > this.size {
+            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                "the registry sent more than the {} bytes the manifest gives",
+                this.size
+            ))));
+        }
+        let written = std::pin::Pin::new(&mut this.file).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = written {
+            this.written += n as u64;
+        }
+        written
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.file).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.file).poll_shutdown(cx)
+    }
+}
 
 /// Where images are pulled from, and where they are kept.
 #[derive(Debug, Clone)]
@@ -159,8 +206,18 @@ impl Registry {
                 size: i64::try_from(descriptor.size).context("a blob size over i64")?,
                 ..Default::default()
             };
+            ensure!(
+                descriptor.size <= MAX_BLOB,
+                "blob {} is {} bytes, over the limit of {MAX_BLOB}",
+                descriptor.digest,
+                descriptor.size
+            );
             let partial = tempfile::NamedTempFile::new_in(&blobs).context("cannot make a temporary blob")?;
-            let file = tokio::fs::File::from_std(partial.reopen().context("cannot open the temporary blob")?);
+            let file = Capped {
+                file: tokio::fs::File::from_std(partial.reopen().context("cannot open the temporary blob")?),
+                size: descriptor.size,
+                written: 0,
+            };
             client
                 .pull_blob(reference, &layer, file)
                 .await
@@ -218,6 +275,23 @@ fn write_new(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blob_file_takes_no_byte_past_its_size() {
+        use tokio::io::AsyncWriteExt as _;
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let partial = tempfile::NamedTempFile::new().unwrap();
+        let file = tokio::fs::File::from_std(partial.reopen().unwrap());
+        let mut capped = Capped { file, size: 10, written: 0 };
+        runtime.block_on(async {
+            capped.write_all(b"0123456").await.unwrap();
+            let err = capped.write_all(b"789ab").await.unwrap_err();
+            assert!(err.to_string().contains("more than the 10 bytes"), "{err}");
+            capped.write_all(b"789").await.unwrap();
+            capped.flush().await.unwrap();
+        });
+        assert_eq!(std::fs::read(partial.path()).unwrap(), b"0123456789");
+    }
 
     #[test]
     fn digests_become_file_names_only_when_they_are_sha256() {
