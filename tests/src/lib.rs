@@ -268,6 +268,42 @@ pub fn denied<T: std::fmt::Debug>(result: Result<T, parma_host::ClientError>, re
 }
 
 /// The median of some durations, in seconds.
+/// The namespaces CRI lists for a pod's container: the pod's network, IPC
+/// and UTS by the host's paths (meaningless in the guest: they name the
+/// pod's), a new mount namespace, and a new PID namespace or, with
+/// `share_pid`, the pod's.
+pub fn cri_namespaces(share_pid: bool) -> Vec<parma_protocol::Namespace> {
+    let ns =
+        |kind: &str, path: Option<&str>| parma_protocol::Namespace { kind: kind.into(), path: path.map(Into::into) };
+    vec![
+        ns("pid", share_pid.then_some("/proc/4242/ns/pid")),
+        ns("ipc", Some("/proc/4242/ns/ipc")),
+        ns("uts", Some("/proc/4242/ns/uts")),
+        ns("mount", None),
+        ns("network", Some("/var/run/netns/cni-0f3c")),
+    ]
+}
+
+/// `CreateContainer` of `process` as `id` in `namespaces`, and nothing
+/// else: no host name, mounts, limits or path masks of its own.
+pub fn create_request(
+    id: &str,
+    process: &parma_protocol::ProcessSpec,
+    namespaces: Vec<parma_protocol::Namespace>,
+) -> parma_protocol::Request {
+    parma_protocol::Request::CreateContainer {
+        container_id: id.into(),
+        process: process.clone(),
+        hostname: None,
+        readonly_rootfs: false,
+        resources: None,
+        mounts: Vec::new(),
+        masked_paths: None,
+        readonly_paths: None,
+        namespaces,
+    }
+}
+
 pub fn median_secs(samples: &[Duration]) -> f64 {
     let mut secs: Vec<f64> = samples.iter().map(Duration::as_secs_f64).collect();
     secs.sort_by(f64::total_cmp);

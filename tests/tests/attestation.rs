@@ -17,7 +17,7 @@ use anyhow::{Context, ensure};
 use parma_host::client::Client;
 use parma_host::policy_gen::{self, Knobs, Spec};
 use parma_host::run;
-use parma_protocol::{Namespace, ProcessSpec, Request};
+use parma_protocol::{ProcessSpec, Request};
 use parma_snp::report_data::Domain;
 use parma_tests::{Boot, Guest, Paths, denied, oci};
 use serde_json::json;
@@ -30,31 +30,9 @@ const DATA: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a
 /// Requests on one UVM, one after the other.
 const MANY: &str = "300";
 
-/// A pod's container: its own PID namespace or the pod's.
-fn namespaces(share_pid: bool) -> Vec<Namespace> {
-    let ns = |kind: &str, path: Option<&str>| Namespace { kind: kind.into(), path: path.map(Into::into) };
-    vec![
-        ns("pid", share_pid.then_some("/proc/4242/ns/pid")),
-        ns("ipc", Some("/proc/4242/ns/ipc")),
-        ns("uts", Some("/proc/4242/ns/uts")),
-        ns("mount", None),
-        ns("network", Some("/var/run/netns/cni-0f3c")),
-    ]
-}
-
 /// CreateContainer in the pod, sharing its PID namespace or not.
 fn create_in(id: &str, process: &ProcessSpec, share_pid: bool) -> Request {
-    Request::CreateContainer {
-        container_id: id.into(),
-        process: process.clone(),
-        hostname: None,
-        readonly_rootfs: false,
-        resources: None,
-        mounts: Vec::new(),
-        masked_paths: None,
-        readonly_paths: None,
-        namespaces: namespaces(share_pid),
-    }
+    parma_tests::create_request(id, process, parma_tests::cri_namespaces(share_pid))
 }
 
 fn args(words: &[&str]) -> Vec<String> {

@@ -18,32 +18,16 @@ const READY: Duration = Duration::from_secs(90);
 const CALL: Duration = Duration::from_secs(60);
 const PORT: &str = "7000";
 
-/// The namespaces CRI lists for a pod's container: the pod's network, IPC
-/// and UTS by the host's paths (meaningless in the guest: they name the
-/// pod's), new PID and mount namespaces.
 fn cri_namespaces() -> Vec<Namespace> {
-    let ns = |kind: &str, path: Option<&str>| Namespace { kind: kind.into(), path: path.map(Into::into) };
-    vec![
-        ns("pid", None),
-        ns("ipc", Some("/proc/4242/ns/ipc")),
-        ns("uts", Some("/proc/4242/ns/uts")),
-        ns("mount", None),
-        ns("network", Some("/var/run/netns/cni-0f3c")),
-    ]
+    parma_tests::cri_namespaces(false)
 }
 
 fn create(id: &str, process: &ProcessSpec, namespaces: Vec<Namespace>, hostname: Option<&str>) -> Request {
-    Request::CreateContainer {
-        container_id: id.into(),
-        process: process.clone(),
-        hostname: hostname.map(Into::into),
-        readonly_rootfs: false,
-        resources: None,
-        mounts: Vec::new(),
-        masked_paths: None,
-        readonly_paths: None,
-        namespaces,
+    let mut request = parma_tests::create_request(id, process, namespaces);
+    if let Request::CreateContainer { hostname: name, .. } = &mut request {
+        *name = hostname.map(Into::into);
     }
+    request
 }
 
 /// Stdout of container `id` until a line starts with `prefix`.
@@ -416,9 +400,7 @@ fn files_the_orchestrator_hands_in_reach_containers_only_through_listed_binds() 
 
 /// A pod container's namespaces (the CRI's) asking for the pod's PID namespace.
 fn sharing_pid() -> Vec<Namespace> {
-    let mut sharing = cri_namespaces();
-    sharing[0] = Namespace { kind: "pid".into(), path: Some("/proc/4242/ns/pid".into()) };
-    sharing
+    parma_tests::cri_namespaces(true)
 }
 
 /// `process` as root.

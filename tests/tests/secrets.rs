@@ -154,17 +154,7 @@ impl Drop for CliRelay {
 }
 
 fn create(id: &str, process: &ProcessSpec) -> Request {
-    Request::CreateContainer {
-        container_id: id.into(),
-        process: process.clone(),
-        hostname: None,
-        readonly_rootfs: false,
-        resources: None,
-        mounts: Vec::new(),
-        masked_paths: None,
-        readonly_paths: None,
-        namespaces: Vec::new(),
-    }
+    parma_tests::create_request(id, process, Vec::new())
 }
 
 fn provision(id: &str, url: &str, pin: &str, resource: &str, file: &str) -> Request {
@@ -327,31 +317,13 @@ fn a_pod_fetches_its_secret_over_its_own_network() -> anyhow::Result<()> {
     let mut process = run::process_from_config(&fixture.built.config, &args)?;
     (process.uid, process.gid, process.groups) = (1000, 1000, Vec::new());
     client.mount_overlay("a", &layers, true)?;
-    let mut request = create("a", &process);
-    if let Request::CreateContainer { namespaces, .. } = &mut request {
-        let ns = |kind: &str, path: Option<&str>| parma_protocol::Namespace {
-            kind: kind.into(),
-            path: path.map(Into::into),
-        };
-        *namespaces = vec![
-            ns("pid", None),
-            ns("ipc", Some("/proc/1/ns/ipc")),
-            ns("uts", Some("/proc/1/ns/uts")),
-            ns("mount", None),
-            ns("network", Some("/var/run/netns/pod")),
-        ];
-    }
+    let request = parma_tests::create_request("a", &process, parma_tests::cri_namespaces(false));
     client.done(&request)?;
     let address = format!("{peer}:{}", broker.address().port());
     // A container in the pod's shared PID namespace gets no secret: its
     // neighbours could read it through /proc/PID/root.
     client.mount_overlay("s", &layers, true)?;
-    let mut shared = request.clone();
-    if let Request::CreateContainer { container_id, namespaces, .. } = &mut shared {
-        *container_id = "s".into();
-        namespaces[0].path = Some("/proc/4242/ns/pid".into());
-    }
-    client.done(&shared)?;
+    client.done(&parma_tests::create_request("s", &process, parma_tests::cri_namespaces(true)))?;
     let outcome = client.provision_secret("s", &url(&broker), broker.pin(), RESOURCE, "db", Some(&address));
     denied(outcome, "shares the pod's PID namespace")?;
     ensure!(broker.log().is_empty(), "bytes went out: {:?}", broker.log());
