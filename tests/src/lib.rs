@@ -169,6 +169,16 @@ impl Guest {
         Ok(self.vm.check_serial()?)
     }
 
+    /// The end of a test's UVM: the agent still answers, the console shows
+    /// no fault, and the UVM powers off when asked (within 60 s).
+    pub fn finish(&mut self, client: &mut Client) -> anyhow::Result<()> {
+        client.ping()?;
+        self.check_serial()?;
+        client.shutdown()?;
+        self.wait_exit(Duration::from_secs(60))?;
+        Ok(())
+    }
+
     /// Wait for QEMU to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
         Ok(self.vm.wait_exit(timeout)?)

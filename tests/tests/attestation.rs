@@ -180,10 +180,7 @@ fn a_container_gets_reports_of_its_own_and_no_other_container_or_the_host_gets_t
     client.start_container("a")?;
     let out = exec(&mut client, "a", "attest", &root(&attest)?)?;
     ensure!(out.trim() == "attest=No such file or directory (os error 2)", "{out}");
-    client.ping()?;
-    guest.check_serial()?;
-    client.shutdown()?;
-    guest.wait_exit(Duration::from_secs(60))?;
+    guest.finish(&mut client)?;
     Ok(())
 }
 

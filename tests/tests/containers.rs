@@ -74,10 +74,7 @@ impl Fixture {
 
 /// The agent still answers, the console shows no panic, the UVM powers off.
 fn still_serving_then_shutdown(mut guest: Guest, mut client: Client) -> anyhow::Result<()> {
-    client.ping()?;
-    guest.check_serial()?;
-    client.shutdown()?;
-    guest.wait_exit(Duration::from_secs(60))?;
+    guest.finish(&mut client)?;
     Ok(())
 }
 

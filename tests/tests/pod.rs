@@ -153,10 +153,7 @@ fn two_containers_of_a_pod_share_its_network_ipc_and_host_name_and_nothing_else(
         client.unmount_overlay(id)?;
     }
 
-    client.ping()?;
-    guest.check_serial()?;
-    client.shutdown()?;
-    guest.wait_exit(Duration::from_secs(60))?;
+    guest.finish(&mut client)?;
     Ok(())
 }
 
@@ -274,10 +271,7 @@ fn a_pods_container_serves_the_host_through_the_nic_the_policy_allowed() -> anyh
     client.delete_container("web")?;
     client.unmount_overlay("web")?;
 
-    client.ping()?;
-    guest.check_serial()?;
-    client.shutdown()?;
-    guest.wait_exit(Duration::from_secs(60))?;
+    guest.finish(&mut client)?;
     Ok(())
 }
 
@@ -391,10 +385,7 @@ fn files_the_orchestrator_hands_in_reach_containers_only_through_listed_binds() 
         client.delete_container(id)?;
         client.unmount_overlay(id)?;
     }
-    client.ping()?;
-    guest.check_serial()?;
-    client.shutdown()?;
-    guest.wait_exit(Duration::from_secs(60))?;
+    guest.finish(&mut client)?;
     Ok(())
 }
 
@@ -528,10 +519,7 @@ fn containers_of_a_pod_that_shares_its_pid_namespace_see_each_other() -> anyhow:
     wait_exited(&mut client, "after", None)?;
     client.delete_container("after")?;
     client.unmount_overlay("after")?;
-    client.ping()?;
-    guest.check_serial()?;
-    client.shutdown()?;
-    guest.wait_exit(Duration::from_secs(60))?;
+    guest.finish(&mut client)?;
     Ok(())
 }
 

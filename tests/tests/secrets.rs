@@ -269,10 +269,7 @@ fn a_listed_container_starts_with_its_secret_and_nothing_else_gets_one() -> anyh
 
     drop(relay);
     client.delete_container("a")?;
-    client.ping()?;
-    guest.check_serial()?;
-    client.shutdown()?;
-    guest.wait_exit(Duration::from_secs(60))?;
+    guest.finish(&mut client)?;
     Ok(())
 }
 
