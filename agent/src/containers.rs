@@ -990,19 +990,19 @@ fn secrets_ops(rootfs: &str, dir: &str) -> Result<Vec<RootOp>, String> {
             flags: libc::MS_BIND,
             data: cstring("")?,
         },
-        RootOp::Mount {
-            source: cstring("")?,
-            target,
-            fstype: cstring("")?,
-            flags: libc::MS_REMOUNT
-                | libc::MS_BIND
-                | libc::MS_RDONLY
-                | libc::MS_NOSUID
-                | libc::MS_NODEV
-                | libc::MS_NOEXEC,
-            data: cstring("")?,
-        },
+        read_only_again(target)?,
     ])
+}
+
+/// Make the bind mount at `target` read-only, nosuid, nodev and noexec.
+fn read_only_again(target: CString) -> Result<RootOp, String> {
+    Ok(RootOp::Mount {
+        source: cstring("")?,
+        target,
+        fstype: cstring("")?,
+        flags: libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        data: cstring("")?,
+    })
 }
 
 /// The image decides what is at `/proc`, `/dev` and `/sys` until the agent
@@ -1065,18 +1065,7 @@ fn path_ops(rootfs: &str, masked: &[String], readonly: &[String]) -> Result<(Vec
             flags: libc::MS_BIND | libc::MS_REC,
             data: c("")?,
         });
-        ops.push(RootOp::Mount {
-            source: c("")?,
-            target,
-            fstype: c("")?,
-            flags: libc::MS_REMOUNT
-                | libc::MS_BIND
-                | libc::MS_RDONLY
-                | libc::MS_NOSUID
-                | libc::MS_NODEV
-                | libc::MS_NOEXEC,
-            data: c("")?,
-        });
+        ops.push(read_only_again(target)?);
     }
     for path in masked {
         kernel_path("masked path", path)?;
