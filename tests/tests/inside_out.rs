@@ -147,17 +147,10 @@ fn probe(as_root: bool) -> anyhow::Result<String> {
     let mut limits = process.clone();
     limits.rlimits = vec![parma_protocol::Rlimit { kind: "RLIMIT_NOFILE".into(), soft: 1 << 20, hard: 1 << 20 }];
     denied(client.create_container(ID, &limits), "rlimit \"RLIMIT_NOFILE\"")?;
-    let writable_sys = parma_protocol::Request::CreateContainer {
-        container_id: ID.into(),
-        process: process.clone(),
-        hostname: None,
-        readonly_rootfs: false,
-        resources: None,
-        mounts: Vec::new(),
-        masked_paths: None,
-        readonly_paths: Some(vec!["/proc/bus".into()]),
-        namespaces: Vec::new(),
-    };
+    let mut writable_sys = parma_tests::create_request(ID, &process, Vec::new());
+    if let parma_protocol::Request::CreateContainer { readonly_paths, .. } = &mut writable_sys {
+        *readonly_paths = Some(vec!["/proc/bus".into()]);
+    }
     match client.call(&writable_sys)? {
         parma_protocol::Response::Error(err) if err.code == ErrorCode::PolicyDenied => {
             ensure!(err.message.contains("read-only path \"/proc/sys\" is required"), "{}", err.message);
