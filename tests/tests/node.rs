@@ -277,6 +277,19 @@ fn install_refuses_what_the_host_lacks_and_uninstall_leaves_the_root_as_it_was()
         ensure!(!output.status.success() && stderr.contains(says), "{extra:?}: {stderr}");
         ensure!(tree(&root)? == before, "a refused install wrote something");
     }
+    // A refusal after the payload was written (containerd's config is
+    // version 1) leaves nothing behind either.
+    let old_config = work.path().join("old-config");
+    std::fs::create_dir_all(old_config.join("etc/containerd"))?;
+    std::fs::write(old_config.join("etc/containerd/config.toml"), "[plugins.cri]\n")?;
+    let untouched = tree(&old_config)?;
+    let mut command = parma(&paths);
+    command.args(["node", "install", "--from"]).arg(&node).arg("--root").arg(&old_config);
+    let output = run(command.args(["--accel", "tcg", "--insecure-emulation"]))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(!output.status.success() && stderr.contains("config version 1"), "{stderr}");
+    ensure!(tree(&old_config)? == untouched, "a failed install left {:?}", diff(&untouched, &tree(&old_config)?));
+
     // A link in the handler's place (another root) is replaced, never written through.
     let handler = Layout::open(&node)?.payload()?.handler().to_string();
     let (linked, elsewhere) = (work.path().join("linked"), work.path().join("elsewhere"));
@@ -295,6 +308,16 @@ fn install_refuses_what_the_host_lacks_and_uninstall_leaves_the_root_as_it_was()
     // Idempotent.
     ensure!(install(&["--accel", "tcg", "--insecure-emulation"])?.status.success());
     ensure!(tree(&root)? == once, "a second install changed the root");
+    // Installing again over a config.toml it must refuse (containerd 2's
+    // version 3) leaves the installed handler as it was.
+    let config_path = root.join("etc/containerd/config.toml");
+    let installed_config = std::fs::read_to_string(&config_path)?;
+    std::fs::write(&config_path, installed_config.replace("version = 2", "version = 3"))?;
+    let output = install(&["--accel", "tcg", "--insecure-emulation"])?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(!output.status.success() && stderr.contains("config version 3"), "{stderr}");
+    std::fs::write(&config_path, &installed_config)?;
+    ensure!(tree(&root)? == once, "a refused install changed {:?}", diff(&once, &tree(&root)?));
     // The drop-in carries config.toml's CRI section with the runtime, and config.toml imports it.
     let drop_in = std::fs::read_to_string(root.join("etc/containerd/conf.d/parma.toml"))?;
     let parsed: toml::Table = drop_in.parse()?;
@@ -335,6 +358,35 @@ fn install_refuses_what_the_host_lacks_and_uninstall_leaves_the_root_as_it_was()
     ensure!(tree(&root)? == before, "uninstall left {:?}", diff(&before, &tree(&root)?));
     let again = run(parma(&paths).args(["node", "uninstall", "--root"]).arg(&root).args(["--handler", &handler]))?;
     ensure!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("not installed"));
+
+    // A config.toml install wrote (there was none) and the user changed
+    // since stays; one link among the state's parents stops --purge.
+    let bare = work.path().join("bare");
+    let (state, elsewhere) = (bare.join("var/lib"), work.path().join("state-elsewhere"));
+    std::fs::create_dir_all(&state)?;
+    std::fs::create_dir_all(elsewhere.join(&handler))?;
+    std::fs::write(elsewhere.join(&handler).join("keep"), "not the handler's")?;
+    std::os::unix::fs::symlink(&elsewhere, state.join("parma"))?;
+    let mut command = parma(&paths);
+    command.args(["node", "install", "--from"]).arg(&node).arg("--root").arg(&bare);
+    ok(command.args(["--accel", "tcg", "--insecure-emulation"]))?;
+    let config_path = bare.join("etc/containerd/config.toml");
+    let written = std::fs::read_to_string(&config_path)?;
+    std::fs::write(&config_path, format!("{written}# the operator's own line\n"))?;
+    let purge = |root: &Path| {
+        run(parma(&paths).args(["node", "uninstall", "--root"]).arg(root).args(["--handler", &handler, "--purge"]))
+    };
+    let refused = purge(&bare)?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(!refused.status.success() && stderr.contains("symbolic link"), "{stderr}");
+    ensure!(elsewhere.join(&handler).join("keep").is_file(), "--purge removed through a link");
+    ensure!(bare.join("opt/parma").join(&handler).join("install.json").is_file(), "the refused purge removed files");
+    std::fs::remove_file(state.join("parma"))?;
+    let purged = purge(&bare)?;
+    ensure!(purged.status.success(), "{}", String::from_utf8_lossy(&purged.stderr));
+    // Changed since install wrote it: it stays, without install's imports line.
+    let config = std::fs::read_to_string(&config_path)?;
+    ensure!(config == "version = 2\n# the operator's own line\n", "{config}");
     Ok(())
 }
 
@@ -517,31 +569,47 @@ fn reference_values_verify_an_emulated_report_of_the_installed_uvm_and_name_what
 
     let signed = parma_snp::reference::Signed::parse(&std::fs::read(&values_path)?)?;
     let issuer = signed.issuer()?;
-    let verify_as = |report: &Path, values: &Path, issuer: Option<&str>| {
+    let verify_as = |report: &Path, values: &Path, issuer: Option<&str>, extra: &[&str]| {
         let mut command = parma(&paths);
-        command
-            .args(["verify", "--report"])
-            .arg(report)
-            .arg("--certs")
-            .arg(&certs)
-            .args(["--allow-insecure-emulation", "--expect-host-data", &policy_hash, "--reference-values"])
-            .arg(values);
+        command.args(["verify", "--report"]).arg(report).arg("--certs").arg(&certs);
+        command.args(["--allow-insecure-emulation", "--reference-values"]).arg(values).args(extra);
         if let Some(issuer) = issuer {
             command.args(["--issuer", issuer]);
         }
         run(&mut command)
     };
-    let verify = |report: &Path, values: &Path, issuer: &str| verify_as(report, values, Some(issuer));
+    let host_data = ["--expect-host-data", policy_hash.as_str(), "--expect-handler", handler.as_str()];
+    let verify = |report: &Path, values: &Path, issuer: &str| verify_as(report, values, Some(issuer), &host_data);
     let passed = verify(&report_path, &values_path, &issuer)?;
     let text = String::from_utf8_lossy(&passed.stdout).into_owned();
     ensure!(passed.status.success(), "{text}{}", String::from_utf8_lossy(&passed.stderr));
-    ensure!(text.contains(&format!("pass  reference_values: {handler} igvm with 1 vCPU EPYC-v4")), "{text}");
-    ensure!(!String::from_utf8_lossy(&passed.stderr).contains("was not checked"));
-    // Without --issuer the values still verify, and the signer is named as unchecked.
-    let unchecked = verify_as(&report_path, &values_path, None)?;
-    let stderr = String::from_utf8_lossy(&unchecked.stderr).into_owned();
-    ensure!(unchecked.status.success(), "{stderr}");
-    ensure!(stderr.contains("was not checked") && stderr.contains(&issuer), "{stderr}");
+    let pass_line = format!("pass  reference_values: {handler} igvm with 1 vCPU EPYC-v4");
+    ensure!(text.lines().any(|line| line == pass_line), "{text}");
+    ensure!(text.lines().last().is_some_and(|l| l.ends_with(" failed") && l.contains(", 0 failed")), "{text}");
+    // Without the pod's policy hash the values still pass, saying HOST_DATA went unchecked.
+    let no_host_data = verify_as(&report_path, &values_path, Some(&issuer), &[])?;
+    let text = String::from_utf8_lossy(&no_host_data.stdout).into_owned();
+    ensure!(no_host_data.status.success(), "{text}");
+    ensure!(text.contains(&format!("{pass_line}; HOST_DATA not checked")), "{text}");
+    // Without --issuer the launch matches, but the check fails and names the signer.
+    let unchecked = verify_as(&report_path, &values_path, None, &host_data)?;
+    let text = String::from_utf8_lossy(&unchecked.stdout).into_owned();
+    ensure!(unchecked.status.code() == Some(2), "{text}");
+    ensure!(text.contains("FAIL  reference_values") && text.contains("signer was not checked"), "{text}");
+    ensure!(text.contains(&issuer) && text.contains(", 1 failed"), "{text}");
+    // Values for another handler (the same key signs every UVM's) fail.
+    let other_handler = verify_as(&report_path, &values_path, Some(&issuer), &["--expect-handler", "parma-00000000"])?;
+    let text = String::from_utf8_lossy(&other_handler.stdout).into_owned();
+    ensure!(other_handler.status.code() == Some(2), "{text}");
+    ensure!(
+        text.contains(&format!("FAIL  reference_values: they are for {handler}, not for parma-00000000")),
+        "{text}"
+    );
+    let json = verify_as(&report_path, &values_path, None, &["--json", "--expect-host-data", &policy_hash])?;
+    ensure!(json.status.code() == Some(2));
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    ensure!(json["all_passed"] == false && json["reference_values"]["passed"] == false, "{json}");
+    ensure!(json["reference_values"]["issuer_checked"] == false && json["reference_values"]["issuer"] == *issuer);
 
     // One measurement bit changed, signed again by the emulation's key:
     // only the reference values fail, and they name the field.

@@ -36,9 +36,10 @@ pub enum KbsCommand {
         /// The node image's reference-values.json.
         #[arg(long)]
         values: PathBuf,
-        /// Accept only this issuer (sha256 of the release key, hex).
+        /// The issuer id (sha256 of the release key's public key, hex) that
+        /// must have signed the values: a file's own key proves nothing.
         #[arg(long)]
-        issuer: Option<String>,
+        issuer: String,
         /// The pod's execution policy (its sha256 is HOST_DATA).
         #[arg(long)]
         policy: PathBuf,
@@ -67,16 +68,8 @@ pub fn execute(command: KbsCommand) -> anyhow::Result<i32> {
             let values_path = values.clone();
             let bytes = std::fs::read(&values).with_context(|| format!("cannot read {}", values.display()))?;
             let signed = parma_snp::reference::Signed::parse(&bytes)?;
-            let values = signed.verify(issuer.as_deref())?;
-            if issuer.is_none() {
-                // A signature by whoever wrote the file proves nothing about who that was.
-                eprintln!(
-                    "WARNING: the signer of {} was not checked: it is the key with issuer id {}; pass --issuer with \
-                     your release key's id to require it",
-                    values_path.display(),
-                    signed.issuer().unwrap_or_default()
-                );
-            }
+            let values =
+                signed.verify(Some(&issuer)).with_context(|| format!("{} cannot be used", values_path.display()))?;
             let text = std::fs::read(&policy).with_context(|| format!("cannot read {}", policy.display()))?;
             let host_data = parma_policy::policy_hash(&text);
             let out = trustee(&values, &host_data);

@@ -43,9 +43,16 @@ pub struct VerifyArgs {
     #[arg(long)]
     reference_values: Option<PathBuf>,
     /// The release key's issuer id (sha256 of its public key) the
-    /// reference values must be signed by.
+    /// reference values must be signed by. Without it the reference check
+    /// fails (a file's own key proves nothing about who wrote it) and
+    /// names the key that did sign.
     #[arg(long, requires = "reference_values")]
     issuer: Option<String>,
+    /// The runtime handler (the RuntimeClass's, parma-XXXXXXXX) the
+    /// reference values must be for: values the same key signed for
+    /// another UVM (an older one, say) then fail.
+    #[arg(long, requires = "reference_values")]
+    expect_handler: Option<String>,
     /// INSECURE: accept a chain rooted elsewhere than AMD (the emulation provider's).
     #[arg(long)]
     allow_insecure_emulation: bool,
@@ -86,36 +93,40 @@ pub fn execute(args: VerifyArgs) -> anyhow::Result<i32> {
                 .with_context(|| format!("{} cannot be used", path.display()))?;
             let values =
                 signed.verify(args.issuer.as_deref()).with_context(|| format!("{} cannot be used", path.display()))?;
-            let issuer = signed.issuer()?;
-            if args.issuer.is_none() {
-                // A signature by whoever wrote the file proves nothing about who that was.
-                eprintln!(
-                    "WARNING: the signer of {} was not checked: it is the key with issuer id {issuer}; pass \
-                     --issuer with your release key's id to require it",
-                    path.display()
-                );
-            }
-            Some((values, issuer))
+            Some((values, signed.issuer()?))
         }
     };
     let verification = parma_snp::verify(&report, &certs, &expect)?;
     let comparison = reference.as_ref().map(|(values, issuer)| {
         (values, issuer, values.compare(&report, verification.product(), expect.host_data.as_ref()))
     });
-    let reference_passed =
-        comparison.as_ref().is_none_or(|(_, _, c)| matches!(c, parma_snp::reference::Comparison::Matches(_)));
+    // The reference values pass when a launch matches and their signer is
+    // the one asked for.
+    let handler_ok = |values: &parma_snp::reference::ReferenceValues| {
+        args.expect_handler.as_ref().is_none_or(|expected| *expected == values.handler)
+    };
+    let reference_passed = comparison.as_ref().is_none_or(|(values, _, c)| {
+        matches!(c, parma_snp::reference::Comparison::Matches(_)) && args.issuer.is_some() && handler_ok(values)
+    });
+    let all_passed = verification.all_passed() && reference_passed;
     if args.json {
         let mut json = serde_json::to_value(&verification)?;
-        if let (Some((values, issuer, comparison)), Some(object)) = (&comparison, json.as_object_mut()) {
-            object.insert(
-                "reference_values".into(),
-                serde_json::json!({
-                    "handler": values.handler,
-                    "issuer": issuer,
-                    "issuer_checked": args.issuer.is_some(),
-                    "comparison": comparison,
-                }),
-            );
+        if let Some(object) = json.as_object_mut() {
+            if let Some((values, issuer, comparison)) = &comparison {
+                object.insert(
+                    "reference_values".into(),
+                    serde_json::json!({
+                        "handler": values.handler,
+                        "issuer": issuer,
+                        "issuer_checked": args.issuer.is_some(),
+                        "handler_checked": args.expect_handler.is_some(),
+                        "host_data_checked": expect.host_data.is_some(),
+                        "comparison": comparison,
+                        "passed": reference_passed,
+                    }),
+                );
+            }
+            object.insert("all_passed".into(), serde_json::Value::Bool(all_passed));
         }
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
@@ -134,31 +145,63 @@ pub fn execute(args: VerifyArgs) -> anyhow::Result<i32> {
             }
             println!("{line}");
         }
-        if let Some((values, _, comparison)) = &comparison {
-            println!("{}", reference_line(values, comparison));
+        if let Some((values, issuer, comparison)) = &comparison {
+            match &args.expect_handler {
+                Some(expected) if !handler_ok(values) => println!(
+                    "FAIL  reference_values: they are for {}, not for {expected} (--expect-handler)",
+                    values.handler
+                ),
+                _ => {
+                    let checked = Checked { issuer: args.issuer.is_some(), host_data: expect.host_data.is_some() };
+                    println!("{}", reference_line(values, issuer, comparison, checked));
+                }
+            }
         }
         if verification.insecure_emulation() {
             println!("WARNING: the chain is not AMD's (insecure emulation): this report proves nothing about hardware");
         }
-        let failed = verification.failed().count();
-        println!(
-            "{} checks, {} passed, {failed} failed",
-            verification.checks().len(),
-            verification.checks().len() - failed
-        );
+        let checks = verification.checks().len() + usize::from(comparison.is_some());
+        let failed = verification.failed().count() + usize::from(!reference_passed);
+        println!("{checks} checks, {} passed, {failed} failed", checks - failed);
     }
     // 2: the report failed a check (1: parma could not check it).
-    Ok(if verification.all_passed() && reference_passed { 0 } else { 2 })
+    Ok(if all_passed { 0 } else { 2 })
+}
+
+/// What the reference check was given to check besides the launches.
+#[derive(Clone, Copy)]
+struct Checked {
+    /// `--issuer`: the signer.
+    issuer: bool,
+    /// `--expect-host-data`: the pod's policy.
+    host_data: bool,
 }
 
 /// The reference values' verdict as one line.
 fn reference_line(
     values: &parma_snp::reference::ReferenceValues,
+    issuer: &str,
     comparison: &parma_snp::reference::Comparison,
+    checked: Checked,
 ) -> String {
     use parma_snp::reference::Comparison;
     match comparison {
-        Comparison::Matches(launch) => format!("pass  reference_values: {} {}", values.handler, launch.describe()),
+        Comparison::Matches(launch) if !checked.issuer => format!(
+            "FAIL  reference_values: {} {} matches, but the values' signer was not checked: they are signed by \
+             the key with issuer id {issuer}; pass --issuer with your release key's id",
+            values.handler,
+            launch.describe()
+        ),
+        Comparison::Matches(launch) => format!(
+            "pass  reference_values: {} {}{}",
+            values.handler,
+            launch.describe(),
+            if checked.host_data {
+                ""
+            } else {
+                "; HOST_DATA not checked (--expect-host-data gives the pod's policy hash)"
+            }
+        ),
         Comparison::Empty => format!("FAIL  reference_values: {} lists no launch", values.handler),
         Comparison::Nearest { launch, differences } => {
             let fields: Vec<String> = differences

@@ -449,9 +449,15 @@ pub fn payload_from_dir(dir: &Path) -> anyhow::Result<Payload> {
     let list = read_plain(&dir.join(PAYLOAD_FILE))?;
     let parsed: PayloadList =
         serde_json::from_slice(&list).with_context(|| format!("{} is not a payload list", PAYLOAD_FILE))?;
+    let total = parsed.files.values().try_fold(0u64, |sum, entry| sum.checked_add(entry.size));
+    ensure!(
+        total.is_some_and(|t| t <= super::MAX_PAYLOAD),
+        "{PAYLOAD_FILE} lists more than {} bytes",
+        super::MAX_PAYLOAD
+    );
     let mut files = BTreeMap::new();
     for path in parsed.files.keys() {
-        ensure!(plain_path(path), "{PAYLOAD_FILE} lists {path:?}");
+        ensure!(super::payload_path(path), "{PAYLOAD_FILE} lists {path:?}, which is not a payload path");
         files.insert(path.clone(), read_plain(&dir.join(path))?);
     }
     Payload::checked(&list, files)

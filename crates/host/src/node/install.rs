@@ -29,6 +29,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail, ensure};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use super::{PAYLOAD_FILE, Payload, valid_handler};
 
@@ -120,6 +121,10 @@ struct Record {
 struct Shared {
     /// config.toml did not exist: install wrote it.
     created_config: bool,
+    /// The sha256 of the config.toml install wrote: uninstall removes it
+    /// only while it has it (else only the `imports` line goes).
+    #[serde(default)]
+    config_sha256: Option<String>,
     /// The `imports` line: (what was there, if anything; what install wrote).
     imports: Option<(Option<String>, String)>,
     /// Directories install made, relative to the root, parents first.
@@ -271,23 +276,78 @@ pub fn install(payload: &Payload, options: &Options) -> anyhow::Result<Installed
     ensure!(valid_handler(&handler), "{handler:?} is not a handler name");
     let shared_path = root.join(SHARED_RECORD);
     let mut shared: Shared = read_json(&shared_path)?.unwrap_or_default();
+    // containerd's config is refused, if it is, before anything is written.
+    plan_config(options)?;
     let mut dirs = Vec::new();
-    make_dirs(root, "opt/parma", &mut dirs)?;
-    make_dirs(root, "etc/systemd/system", &mut dirs)?;
-    make_dirs(root, "etc/containerd/conf.d", &mut dirs)?;
+    let made = ["opt/parma", "etc/systemd/system", "etc/containerd/conf.d"]
+        .iter()
+        .try_for_each(|relative| make_dirs(root, relative, &mut dirs));
+    // The handler's files are written to a directory of their own and take
+    // the handler's place only when all are there: a failed install leaves
+    // an installed handler (this one, installed before) as it was.
+    let staging = root.join(format!("opt/parma/.{handler}.new"));
+    let written = made.and_then(|()| {
+        remove_any(&staging)?;
+        std::fs::create_dir(&staging).with_context(|| format!("cannot make {}", staging.display()))?;
+        write_handler(payload, options, &handler, &staging)
+    });
+    let record = match written {
+        Ok(record) => record,
+        Err(err) => {
+            let _ = remove_any(&staging);
+            for made in dirs.iter().rev() {
+                let _ = std::fs::remove_dir(root.join(made));
+            }
+            return Err(err);
+        }
+    };
     shared.dirs.extend(dirs);
-
-    // The payload, each file checked again as it is written.
-    let base = format!("opt/parma/{handler}");
-    let dir = root.join(&base);
-    // The handler's directory is wholly install's: written afresh, never
+    let dir = root.join(format!("opt/parma/{handler}"));
+    // The handler's directory is wholly install's: replaced, never written
     // through whatever (a link included) is in its place.
+    let old = root.join(format!("opt/parma/.{handler}.old"));
+    remove_any(&old)?;
     if std::fs::symlink_metadata(&dir).is_ok() {
-        std::fs::remove_dir_all(&dir)
-            .or_else(|_| std::fs::remove_file(&dir))
-            .with_context(|| format!("cannot replace {}", dir.display()))?;
+        std::fs::rename(&dir, &old).with_context(|| format!("cannot replace {}", dir.display()))?;
     }
-    std::fs::create_dir(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    std::fs::rename(&staging, &dir).with_context(|| format!("cannot move the new {}", dir.display()))?;
+    remove_any(&old)?;
+
+    // The snapshotter's unit, the drop-in naming every handler, the record.
+    let unit = root.join(unit_of(&handler));
+    write_file(&unit, snapshotter_unit(options, &handler).as_bytes(), 0o644)?;
+    let mut handlers = installed(root)?;
+    handlers.insert(handler.clone(), record);
+    write_drop_in(options, &handlers, &mut shared)?;
+    write_file(&shared_path, &serde_json::to_vec_pretty(&shared)?, 0o644)?;
+    Ok(Installed { handler, dir, unit, drop_in: root.join(DROP_IN) })
+}
+
+/// Remove `path`, whatever it is (a link itself, not what it names), if it is there.
+fn remove_any(path: &Path) -> anyhow::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
+    }
+    .with_context(|| format!("cannot remove {}", path.display()))
+}
+
+/// The snapshotter's unit of `handler`, relative to the root.
+fn unit_of(handler: &str) -> String {
+    format!("etc/systemd/system/parma-snapshotter-{handler}.service")
+}
+
+/// The state directories of `handler`'s programs, relative to the root.
+fn state_of(handler: &str) -> [String; 2] {
+    [format!("run/parma/{handler}"), format!("var/lib/parma/{handler}")]
+}
+
+/// Write `handler`'s files into `dir` (its directory to be): the payload,
+/// each file checked again as it is written, `shim.toml` and the record.
+fn write_handler(payload: &Payload, options: &Options, handler: &str, dir: &Path) -> anyhow::Result<Record> {
+    let base = format!("opt/parma/{handler}");
     for (path, bytes) in &payload.files {
         let entry = payload.list.files.get(path).context("a payload file without an entry")?;
         ensure!(super::FileEntry::of(bytes, entry.mode) == *entry, "{path} changed after it was checked");
@@ -300,7 +360,7 @@ pub fn install(payload: &Payload, options: &Options) -> anyhow::Result<Installed
 
     // The shim's configuration, beside its binary's directory.
     let host_dir = options.host(&base);
-    let state = [format!("run/parma/{handler}"), format!("var/lib/parma/{handler}")];
+    let state = state_of(handler);
     let mut shim = format!(
         "# Written by parma node install for {handler}; parma node uninstall removes it.\nuvm = {:?}\nqemu = {:?}\naccel = {:?}\nmemory_mib = {}\nboot_deadline_s = {}\nstate_dir = {:?}\n",
         host_dir.join("uvm").display().to_string(),
@@ -318,18 +378,7 @@ pub fn install(payload: &Payload, options: &Options) -> anyhow::Result<Installed
     }
     write_file(&dir.join("shim.toml"), shim.as_bytes(), 0o644)?;
 
-    // The snapshotter's unit.
-    let socket = options.host(&state[0]).join("snapshotter.sock").display().to_string();
-    let unit_path = format!("etc/systemd/system/parma-snapshotter-{handler}.service");
-    let unit = format!(
-        "# Written by parma node install; parma node uninstall removes it.\n[Unit]\nDescription=Parma snapshotter for {handler} (containerd proxy plugin)\nBefore=containerd.service\n\n[Service]\nExecStart={} --root {} --socket {socket} --containerd {} --namespace k8s.io --content-dir {}\nRestart=always\n\n[Install]\nWantedBy=multi-user.target\n",
-        host_dir.join("bin/parma-snapshotter").display(),
-        options.host(&state[1]).join("snapshotter").display(),
-        options.containerd_socket.display(),
-        options.containerd_root.join("io.containerd.content.v1.content").display(),
-    );
-    write_file(&root.join(&unit_path), unit.as_bytes(), 0o644)?;
-
+    let socket = snapshotter_socket(options, handler);
     // The shim (runtime io.containerd.parma.v2) by its absolute path:
     // containerd 1.6 does not honour runtime_path, but takes a runtime
     // type that is a path as the shim binary; 1.7 and later read both.
@@ -339,51 +388,42 @@ pub fn install(payload: &Payload, options: &Options) -> anyhow::Result<Installed
     runtime.insert("runtime_path".to_string(), shim_path);
     runtime.insert("pod_annotations".to_string(), toml::Value::Array(vec![toml::Value::from("io.parma.*")]));
     // containerd 1.7 and later: this runtime's pods use this snapshotter.
-    runtime.insert("snapshotter".to_string(), toml::Value::from(handler.clone()));
+    runtime.insert("snapshotter".to_string(), toml::Value::from(handler.to_string()));
     let record = Record {
-        handler: handler.clone(),
+        handler: handler.to_string(),
         runtime,
         snapshotter_socket: socket,
         cri_snapshotter: options.cri_snapshotter,
-        files: vec![unit_path],
+        files: vec![unit_of(handler)],
         state: state.to_vec(),
     };
     write_file(&dir.join(RECORD), &serde_json::to_vec_pretty(&record)?, 0o644)?;
+    Ok(record)
+}
 
-    let mut handlers = installed(root)?;
-    handlers.insert(handler.clone(), record);
-    write_drop_in(options, &handlers, &mut shared)?;
-    write_file(&shared_path, &serde_json::to_vec_pretty(&shared)?, 0o644)?;
-    Ok(Installed {
-        handler,
-        dir,
-        unit: root.join(format!("etc/systemd/system/parma-snapshotter-{}.service", payload.handler())),
-        drop_in: root.join(DROP_IN),
-    })
+/// The snapshotter's socket (as the host sees it).
+fn snapshotter_socket(options: &Options, handler: &str) -> String {
+    options.host(&state_of(handler)[0]).join("snapshotter.sock").display().to_string()
+}
+
+/// The snapshotter's systemd unit.
+fn snapshotter_unit(options: &Options, handler: &str) -> String {
+    let host_dir = options.host(&format!("opt/parma/{handler}"));
+    let state = state_of(handler);
+    let socket = snapshotter_socket(options, handler);
+    format!(
+        "# Written by parma node install; parma node uninstall removes it.\n[Unit]\nDescription=Parma snapshotter for {handler} (containerd proxy plugin)\nBefore=containerd.service\n\n[Service]\nExecStart={} --root {} --socket {socket} --containerd {} --namespace k8s.io --content-dir {}\nRestart=always\n\n[Install]\nWantedBy=multi-user.target\n",
+        host_dir.join("bin/parma-snapshotter").display(),
+        options.host(&state[1]).join("snapshotter").display(),
+        options.containerd_socket.display(),
+        options.containerd_root.join("io.containerd.content.v1.content").display(),
+    )
 }
 
 /// The drop-in for `handlers`, and config.toml importing it.
 fn write_drop_in(options: &Options, handlers: &BTreeMap<String, Record>, shared: &mut Shared) -> anyhow::Result<()> {
     let root = &options.root;
-    let config_path = root.join(&options.containerd_config);
-    let config_text = match std::fs::read_to_string(&config_path) {
-        Ok(text) => Some(text),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
-        Err(err) => return Err(err).with_context(|| format!("cannot read {}", config_path.display())),
-    };
-    let config: toml::Table = match &config_text {
-        Some(text) => text.parse().with_context(|| format!("{} is not TOML", config_path.display()))?,
-        None => toml::Table::new(),
-    };
-    if config_text.is_some() {
-        let version = config.get("version").and_then(toml::Value::as_integer);
-        ensure!(
-            version == Some(2),
-            "{} is containerd config version {}: parma node install writes version 2 (containerd 1.5 to 1.7)",
-            config_path.display(),
-            version.map_or_else(|| "1 (no version key)".to_string(), |v| v.to_string())
-        );
-    }
+    let Plan { config_path, config, edit } = plan_config(options)?;
     // config.toml's CRI section, with every parma runtime added.
     let mut cri = config
         .get("plugins")
@@ -428,9 +468,55 @@ fn write_drop_in(options: &Options, handlers: &BTreeMap<String, Record>, shared:
         options.containerd_config.display(),
         toml::to_string(&drop_in).context("cannot write the drop-in")?
     );
-    write_file(&root.join(DROP_IN), text.as_bytes(), 0o644)?;
 
-    // config.toml imports it.
+    write_file(&root.join(DROP_IN), text.as_bytes(), 0o644)?;
+    match edit {
+        None => {}
+        Some(Edit::Create { text, line }) => {
+            make_dirs(root, &parent_of(&options.containerd_config), &mut shared.dirs)?;
+            write_file(&config_path, text.as_bytes(), 0o644)?;
+            shared.created_config = true;
+            shared.config_sha256 = Some(hex::encode(Sha256::digest(text.as_bytes())));
+            shared.imports = Some((None, line));
+        }
+        Some(Edit::Line { text, before, line }) => {
+            write_file(&config_path, text.as_bytes(), mode_of(&config_path))?;
+            shared.imports = Some((before, line));
+        }
+    }
+    Ok(())
+}
+
+/// containerd's config as install finds it, and the edit that makes it
+/// import the drop-in (none when it does already).
+struct Plan {
+    config_path: PathBuf,
+    config: toml::Table,
+    edit: Option<Edit>,
+}
+
+/// Read and check containerd's config (version 2, an `imports` line install
+/// can edit): every refusal of it comes before install writes anything.
+fn plan_config(options: &Options) -> anyhow::Result<Plan> {
+    let config_path = options.root.join(&options.containerd_config);
+    let config_text = match std::fs::read_to_string(&config_path) {
+        Ok(text) => Some(text),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", config_path.display())),
+    };
+    let config: toml::Table = match &config_text {
+        Some(text) => text.parse().with_context(|| format!("{} is not TOML", config_path.display()))?,
+        None => toml::Table::new(),
+    };
+    if config_text.is_some() {
+        let version = config.get("version").and_then(toml::Value::as_integer);
+        ensure!(
+            version == Some(2),
+            "{} is containerd config version {}: parma node install writes version 2 (containerd 1.5 to 1.7)",
+            config_path.display(),
+            version.map_or_else(|| "1 (no version key)".to_string(), |v| v.to_string())
+        );
+    }
     let import = options.host(DROP_IN).display().to_string();
     let imports: Vec<String> = config
         .get("imports")
@@ -438,15 +524,28 @@ fn write_drop_in(options: &Options, handlers: &BTreeMap<String, Record>, shared:
         .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
         .unwrap_or_default();
     let glob = options.host("etc/containerd/conf.d/*.toml").display().to_string();
-    if imports.iter().any(|i| *i == import || *i == glob) {
-        return Ok(());
-    }
-    match config_text {
+    let edit = if imports.iter().any(|i| *i == import || *i == glob) {
+        None
+    } else {
+        Some(import_edit(&config_path, config_text.as_deref(), &imports, &import)?)
+    };
+    Ok(Plan { config_path, config, edit })
+}
+
+/// How config.toml comes to import the drop-in.
+enum Edit {
+    /// There is none: this text, whose `imports` line is `line`.
+    Create { text: String, line: String },
+    /// The whole new text, the `imports` line there was and the one written.
+    Line { text: String, before: Option<String>, line: String },
+}
+
+/// The edit that makes config.toml (`text`, when there is one) import `import`.
+fn import_edit(config_path: &Path, text: Option<&str>, imports: &[String], import: &str) -> anyhow::Result<Edit> {
+    match text {
         None => {
-            let text = format!("version = 2\nimports = [{import:?}]\n");
-            make_dirs(root, &parent_of(&options.containerd_config), &mut shared.dirs)?;
-            write_file(&config_path, text.as_bytes(), 0o644)?;
-            shared.created_config = true;
+            let line = format!("imports = [{import:?}]");
+            Ok(Edit::Create { text: format!("version = 2\n{line}\n"), line })
         }
         Some(text) => {
             let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
@@ -455,13 +554,13 @@ fn write_drop_in(options: &Options, handlers: &BTreeMap<String, Record>, shared:
             let (before, line) = match existing {
                 Some(at) => {
                     let old = lines.get(at).cloned().unwrap_or_default();
-                    let mut all = imports.clone();
+                    let mut all = imports.to_vec();
                     ensure!(
                         old.trim_end().ends_with(']') && toml::from_str::<toml::Table>(&old).is_ok(),
                         "{}: its imports spans lines; add {import:?} to it yourself",
                         config_path.display()
                     );
-                    all.push(import.clone());
+                    all.push(import.to_string());
                     let new =
                         format!("imports = {}", toml::Value::Array(all.into_iter().map(toml::Value::from).collect()));
                     if let Some(slot) = lines.get_mut(at) {
@@ -484,11 +583,9 @@ fn write_drop_in(options: &Options, handlers: &BTreeMap<String, Record>, shared:
             if text.ends_with('\n') {
                 out.push('\n');
             }
-            write_file(&config_path, out.as_bytes(), mode_of(&config_path))?;
-            shared.imports = Some((before, line));
+            Ok(Edit::Line { text: out, before, line })
         }
     }
-    Ok(())
 }
 
 fn parent_of(path: &Path) -> String {
@@ -510,10 +607,24 @@ pub fn uninstall(options: &Options, handler: &str, purge: bool) -> anyhow::Resul
     let record: Record = read_json(&dir.join(RECORD))?
         .with_context(|| format!("{handler} is not installed under {}", root.display()))?;
     // Only what install writes for this handler, whatever the record says.
-    let unit = format!("etc/systemd/system/parma-snapshotter-{handler}.service");
-    let state = [format!("run/parma/{handler}"), format!("var/lib/parma/{handler}")];
+    let unit = unit_of(handler);
+    let state = state_of(handler);
     for file in &record.files {
         ensure!(*file == unit, "the record of {handler} names {file:?}, which install never writes");
+    }
+    if purge {
+        for recorded in &record.state {
+            ensure!(state.contains(recorded), "the record of {handler} names {recorded:?} as its state");
+            // Never through a link (run/parma -> /, say) to remove what
+            // is not the handler's; refused before anything is removed.
+            ensure!(
+                no_links(root, recorded)?,
+                "{} is reached through a symbolic link: remove it yourself",
+                root.join(recorded).display()
+            );
+        }
+    }
+    for file in &record.files {
         match std::fs::remove_file(root.join(file)) {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
                 return Err(err).with_context(|| format!("cannot remove {file}"));
@@ -524,7 +635,6 @@ pub fn uninstall(options: &Options, handler: &str, purge: bool) -> anyhow::Resul
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     if purge {
         for recorded in &record.state {
-            ensure!(state.contains(recorded), "the record of {handler} names {recorded:?} as its state");
             let path = root.join(recorded);
             if path.exists() {
                 std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
@@ -536,17 +646,53 @@ pub fn uninstall(options: &Options, handler: &str, purge: bool) -> anyhow::Resul
         }
     }
 
+    settle(options)
+}
+
+/// Whether no part of `relative` under the root (the last one included)
+/// is a symbolic link; parts that do not exist are none.
+fn no_links(root: &Path, relative: &str) -> anyhow::Result<bool> {
+    let mut path = root.to_path_buf();
+    for part in relative.split('/') {
+        path.push(part);
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => return Ok(false),
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+            Err(err) => return Err(err).with_context(|| format!("cannot look at {}", path.display())),
+        }
+    }
+    Ok(true)
+}
+
+/// The shared edits for the handlers installed now: the drop-in naming
+/// them; with none left, the drop-in, config.toml's edit and the
+/// directories install made removed.
+fn settle(options: &Options) -> anyhow::Result<()> {
+    let root = &options.root;
     let shared_path = root.join(SHARED_RECORD);
     let mut shared: Shared = read_json(&shared_path)?.unwrap_or_default();
     let handlers = installed(root)?;
     if !handlers.is_empty() {
-        return write_drop_in(options, &handlers, &mut shared);
+        write_drop_in(options, &handlers, &mut shared)?;
+        return write_file(&shared_path, &serde_json::to_vec_pretty(&shared)?, 0o644);
     }
     std::fs::remove_file(root.join(DROP_IN)).or_else(ignore_missing)?;
     let config_path = root.join(&options.containerd_config);
-    if shared.created_config {
-        std::fs::remove_file(&config_path).or_else(ignore_missing)?;
-    } else if let Some((before, line)) = &shared.imports {
+    let current = match std::fs::read(&config_path) {
+        Ok(bytes) => Some(hex::encode(Sha256::digest(&bytes))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", config_path.display())),
+    };
+    // A config.toml install made goes while it is as install wrote it (a
+    // record without its hash is older, and it went then too); changed
+    // since, only its imports line goes.
+    let unchanged = shared.config_sha256.as_ref().is_none_or(|written| current.as_ref() == Some(written));
+    if current.is_some() && shared.created_config && unchanged {
+        std::fs::remove_file(&config_path)?;
+    } else if current.is_some()
+        && let Some((before, line)) = &shared.imports
+    {
         let text =
             std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
         let mut lines: Vec<&str> = text.lines().collect();
