@@ -114,19 +114,19 @@ fn the_node_image_rebuilds_to_its_digest_and_states_what_parma_measure_measures(
     ensure!(ours.digest == theirs.digest && ours.layers == theirs.layers && ours.config == theirs.config);
 
     let payload = theirs.payload()?;
-    let manifest = &payload.files["uvm/manifest.json"];
+    let manifest = &payload.files()["uvm/manifest.json"];
     ensure!(payload.handler() == parma_host::node::handler_of(manifest));
     ensure!(payload.handler().len() == "parma-".len() + 8);
     // The reference values, signed, are what parma measure says of the image's own files.
     let uvm = work.path().join("uvm");
     std::fs::create_dir_all(&uvm)?;
-    for (path, bytes) in &payload.files {
+    for (path, bytes) in payload.files() {
         if let Some(name) = path.strip_prefix("uvm/") {
             std::fs::write(uvm.join(name), bytes)?;
         }
     }
-    let signed = parma_snp::reference::Signed::parse(&payload.files["reference-values.json"])?;
-    ensure!(std::fs::read(node.join("reference-values.json"))? == payload.files["reference-values.json"]);
+    let signed = parma_snp::reference::Signed::parse(&payload.files()["reference-values.json"])?;
+    ensure!(std::fs::read(node.join("reference-values.json"))? == payload.files()["reference-values.json"]);
     let values = signed.verify(None)?;
     ensure!(values.handler == payload.handler());
     ensure!(values.launches.len() == 2, "an IGVM and an OVMF launch: {:?}", values.launches);
@@ -245,7 +245,7 @@ fn the_node_image_publishes_to_a_registry_pulls_back_byte_for_byte_and_installs_
         .args(["--accel", "tcg", "--insecure-emulation"]))?;
     let handler = layout.payload()?.handler().to_string();
     ensure!(installed.contains(&format!("installed {handler}")), "{installed}");
-    for (path, bytes) in &layout.payload()?.files {
+    for (path, bytes) in layout.payload()?.files() {
         ensure!(std::fs::read(root.join("opt/parma").join(&handler).join(path))? == *bytes, "{path} differs");
     }
     Ok(())
@@ -318,6 +318,23 @@ fn install_refuses_what_the_host_lacks_and_uninstall_leaves_the_root_as_it_was()
     ensure!(!output.status.success() && stderr.contains("config version 3"), "{stderr}");
     std::fs::write(&config_path, &installed_config)?;
     ensure!(tree(&root)? == once, "a refused install changed {:?}", diff(&once, &tree(&root)?));
+    // One that fails after its files took the handler's place (the drop-in
+    // cannot be written) puts the handler's previous directory back, and
+    // every file it wrote.
+    let handler_dir = root.join("opt/parma").join(&handler);
+    std::fs::write(handler_dir.join("marker"), "the directory before")?;
+    let drop_in_path = root.join("etc/containerd/conf.d/parma.toml");
+    let drop_in_text = std::fs::read_to_string(&drop_in_path)?;
+    std::fs::remove_file(&drop_in_path)?;
+    std::fs::create_dir(&drop_in_path)?;
+    let output = install(&["--accel", "tcg", "--insecure-emulation"])?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(!output.status.success() && stderr.contains("in the way"), "{stderr}");
+    ensure!(handler_dir.join("marker").is_file(), "the failed install kept its new directory");
+    std::fs::remove_dir(&drop_in_path)?;
+    std::fs::write(&drop_in_path, drop_in_text)?;
+    std::fs::remove_file(handler_dir.join("marker"))?;
+    ensure!(tree(&root)? == once, "a failed install changed {:?}", diff(&once, &tree(&root)?));
     // The drop-in carries config.toml's CRI section with the runtime, and config.toml imports it.
     let drop_in = std::fs::read_to_string(root.join("etc/containerd/conf.d/parma.toml"))?;
     let parsed: toml::Table = drop_in.parse()?;
@@ -385,6 +402,22 @@ fn install_refuses_what_the_host_lacks_and_uninstall_leaves_the_root_as_it_was()
     let purged = purge(&bare)?;
     ensure!(purged.status.success(), "{}", String::from_utf8_lossy(&purged.stderr));
     // Changed since install wrote it: it stays, without install's imports line.
+    let config = std::fs::read_to_string(&config_path)?;
+    ensure!(config == "version = 2\n# the operator's own line\n", "{config}");
+    // The same with a record an older install wrote (no hash, no line).
+    std::fs::remove_file(&config_path)?;
+    let mut command = parma(&paths);
+    command.args(["node", "install", "--from"]).arg(&node).arg("--root").arg(&bare);
+    ok(command.args(["--accel", "tcg", "--insecure-emulation"]))?;
+    let record_path = bare.join("opt/parma/containerd.json");
+    let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&record_path)?)?;
+    ensure!(record["created_config"] == true && record["config_sha256"].is_string(), "{record}");
+    record.as_object_mut().context("an object")?.remove("config_sha256");
+    record["imports"] = serde_json::Value::Null;
+    std::fs::write(&record_path, serde_json::to_vec(&record)?)?;
+    let written = std::fs::read_to_string(&config_path)?;
+    std::fs::write(&config_path, format!("{written}# the operator's own line\n"))?;
+    ensure!(purge(&bare)?.status.success());
     let config = std::fs::read_to_string(&config_path)?;
     ensure!(config == "version = 2\n# the operator's own line\n", "{config}");
     Ok(())

@@ -21,7 +21,11 @@
 //! Uninstalling the last handler removes the drop-in and the `imports` edit,
 //! and every directory install made; with `--purge`, the handler's state
 //! too. Files are checked against the payload's hashes before they are
-//! written; every write goes through a temporary name.
+//! written; every write goes through a temporary name. Whatever can refuse
+//! (containerd's config, the other handlers' records) does before the first
+//! write; the handler's files are written to `.HANDLER.new` and take its
+//! place only when all are there, and a failure after that puts back the
+//! directory and every file that was there before.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -276,51 +280,66 @@ pub fn install(payload: &Payload, options: &Options) -> anyhow::Result<Installed
     ensure!(valid_handler(&handler), "{handler:?} is not a handler name");
     let shared_path = root.join(SHARED_RECORD);
     let mut shared: Shared = read_json(&shared_path)?.unwrap_or_default();
-    // containerd's config is refused, if it is, before anything is written.
-    plan_config(options)?;
+    // Whatever can refuse (containerd's config, the other handlers'
+    // records) does so before anything is written.
+    let mut handlers = installed(root)?;
+    handlers.insert(handler.clone(), record_of(options, &handler));
+    render_drop_in(options, &handlers)?;
+    let mut undo = Undo::default();
     let mut dirs = Vec::new();
     let made = ["opt/parma", "etc/systemd/system", "etc/containerd/conf.d"]
         .iter()
         .try_for_each(|relative| make_dirs(root, relative, &mut dirs));
-    // The handler's files are written to a directory of their own and take
-    // the handler's place only when all are there: a failed install leaves
-    // an installed handler (this one, installed before) as it was.
-    let staging = root.join(format!("opt/parma/.{handler}.new"));
-    let written = made.and_then(|()| {
-        remove_any(&staging)?;
-        std::fs::create_dir(&staging).with_context(|| format!("cannot make {}", staging.display()))?;
-        write_handler(payload, options, &handler, &staging)
-    });
-    let record = match written {
-        Ok(record) => record,
-        Err(err) => {
-            let _ = remove_any(&staging);
-            for made in dirs.iter().rev() {
-                let _ = std::fs::remove_dir(root.join(made));
-            }
-            return Err(err);
-        }
-    };
+    undo.dirs.extend(dirs.iter().map(|dir| root.join(dir)));
     shared.dirs.extend(dirs);
-    let dir = root.join(format!("opt/parma/{handler}"));
-    // The handler's directory is wholly install's: replaced, never written
-    // through whatever (a link included) is in its place.
+    // The handler's files are written to a directory of their own and take
+    // the handler's place only when all are there; until the end, the
+    // directory that was there stays beside it, to be put back on a failure.
+    let staging = root.join(format!("opt/parma/.{handler}.new"));
     let old = root.join(format!("opt/parma/.{handler}.old"));
-    remove_any(&old)?;
-    if std::fs::symlink_metadata(&dir).is_ok() {
-        std::fs::rename(&dir, &old).with_context(|| format!("cannot replace {}", dir.display()))?;
+    let dir = root.join(format!("opt/parma/{handler}"));
+    let mut swapped = Swap::default();
+    let result = made.and_then(|()| {
+        remove_any(&staging)?;
+        remove_any(&old)?;
+        std::fs::create_dir(&staging).with_context(|| format!("cannot make {}", staging.display()))?;
+        write_handler(payload, options, &handler, &staging)?;
+        // The handler's directory is wholly install's: replaced, never
+        // written through whatever (a link included) is in its place.
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            std::fs::rename(&dir, &old).with_context(|| format!("cannot replace {}", dir.display()))?;
+            swapped.old = true;
+        }
+        std::fs::rename(&staging, &dir).with_context(|| format!("cannot move the new {}", dir.display()))?;
+        swapped.new = true;
+        undo.write(&root.join(unit_of(&handler)), snapshotter_unit(options, &handler).as_bytes(), 0o644)?;
+        write_drop_in(options, &handlers, &mut shared, &mut undo)?;
+        undo.write(&shared_path, &serde_json::to_vec_pretty(&shared)?, 0o644)
+    });
+    if let Err(err) = result {
+        // Put back what was there: the files written, the handler's directory.
+        let _ = remove_any(&staging);
+        if swapped.new {
+            let _ = remove_any(&dir);
+        }
+        if swapped.old {
+            let _ = std::fs::rename(&old, &dir);
+        }
+        undo.undo();
+        return Err(err);
     }
-    std::fs::rename(&staging, &dir).with_context(|| format!("cannot move the new {}", dir.display()))?;
-    remove_any(&old)?;
+    if let Err(err) = remove_any(&old) {
+        tracing::warn!("the handler's previous files stay in {}: {err:#}", old.display());
+    }
+    Ok(Installed { handler: handler.clone(), dir, unit: root.join(unit_of(&handler)), drop_in: root.join(DROP_IN) })
+}
 
-    // The snapshotter's unit, the drop-in naming every handler, the record.
-    let unit = root.join(unit_of(&handler));
-    write_file(&unit, snapshotter_unit(options, &handler).as_bytes(), 0o644)?;
-    let mut handlers = installed(root)?;
-    handlers.insert(handler.clone(), record);
-    write_drop_in(options, &handlers, &mut shared)?;
-    write_file(&shared_path, &serde_json::to_vec_pretty(&shared)?, 0o644)?;
-    Ok(Installed { handler, dir, unit, drop_in: root.join(DROP_IN) })
+/// What an install moved: the handler's directory there before (to
+/// `.HANDLER.old`), the new one (from `.HANDLER.new`).
+#[derive(Default)]
+struct Swap {
+    old: bool,
+    new: bool,
 }
 
 /// Remove `path`, whatever it is (a link itself, not what it names), if it is there.
@@ -348,14 +367,16 @@ fn state_of(handler: &str) -> [String; 2] {
 /// each file checked again as it is written, `shim.toml` and the record.
 fn write_handler(payload: &Payload, options: &Options, handler: &str, dir: &Path) -> anyhow::Result<Record> {
     let base = format!("opt/parma/{handler}");
-    for (path, bytes) in &payload.files {
-        let entry = payload.list.files.get(path).context("a payload file without an entry")?;
+    for (path, bytes) in payload.files() {
+        let entry = payload.list().files.get(path).context("a payload file without an entry")?;
+        // Checked again as written: the path and mode too.
+        ensure!(super::payload_path(path) && entry.mode == super::mode_of(path), "{path} is not a payload file");
         ensure!(super::FileEntry::of(bytes, entry.mode) == *entry, "{path} changed after it was checked");
         let target = dir.join(path);
         std::fs::create_dir_all(target.parent().context("no parent")?)?;
         write_file(&target, bytes, entry.mode)?;
     }
-    let list = serde_json::to_vec_pretty(&payload.list)?;
+    let list = serde_json::to_vec_pretty(payload.list())?;
     write_file(&dir.join(PAYLOAD_FILE), &list, 0o644)?;
 
     // The shim's configuration, beside its binary's directory.
@@ -378,6 +399,14 @@ fn write_handler(payload: &Payload, options: &Options, handler: &str, dir: &Path
     }
     write_file(&dir.join("shim.toml"), shim.as_bytes(), 0o644)?;
 
+    let record = record_of(options, handler);
+    write_file(&dir.join(RECORD), &serde_json::to_vec_pretty(&record)?, 0o644)?;
+    Ok(record)
+}
+
+/// The record of `handler` installed with `options`.
+fn record_of(options: &Options, handler: &str) -> Record {
+    let host_dir = options.host(&format!("opt/parma/{handler}"));
     let socket = snapshotter_socket(options, handler);
     // The shim (runtime io.containerd.parma.v2) by its absolute path:
     // containerd 1.6 does not honour runtime_path, but takes a runtime
@@ -389,16 +418,14 @@ fn write_handler(payload: &Payload, options: &Options, handler: &str, dir: &Path
     runtime.insert("pod_annotations".to_string(), toml::Value::Array(vec![toml::Value::from("io.parma.*")]));
     // containerd 1.7 and later: this runtime's pods use this snapshotter.
     runtime.insert("snapshotter".to_string(), toml::Value::from(handler.to_string()));
-    let record = Record {
+    Record {
         handler: handler.to_string(),
         runtime,
         snapshotter_socket: socket,
         cri_snapshotter: options.cri_snapshotter,
         files: vec![unit_of(handler)],
-        state: state.to_vec(),
-    };
-    write_file(&dir.join(RECORD), &serde_json::to_vec_pretty(&record)?, 0o644)?;
-    Ok(record)
+        state: state_of(handler).to_vec(),
+    }
 }
 
 /// The snapshotter's socket (as the host sees it).
@@ -421,9 +448,41 @@ fn snapshotter_unit(options: &Options, handler: &str) -> String {
 }
 
 /// The drop-in for `handlers`, and config.toml importing it.
-fn write_drop_in(options: &Options, handlers: &BTreeMap<String, Record>, shared: &mut Shared) -> anyhow::Result<()> {
+fn write_drop_in(
+    options: &Options,
+    handlers: &BTreeMap<String, Record>,
+    shared: &mut Shared,
+    undo: &mut Undo,
+) -> anyhow::Result<()> {
     let root = &options.root;
-    let Plan { config_path, config, edit } = plan_config(options)?;
+    let (text, Plan { config_path, edit, .. }) = render_drop_in(options, handlers)?;
+    undo.write(&root.join(DROP_IN), text.as_bytes(), 0o644)?;
+    match edit {
+        None => {}
+        Some(Edit::Create { text, line }) => {
+            let mut made = Vec::new();
+            let result = make_dirs(root, &parent_of(&options.containerd_config), &mut made);
+            undo.dirs.extend(made.iter().map(|dir| root.join(dir)));
+            shared.dirs.extend(made);
+            result?;
+            undo.write(&config_path, text.as_bytes(), 0o644)?;
+            shared.created_config = true;
+            shared.config_sha256 = Some(hex::encode(Sha256::digest(text.as_bytes())));
+            shared.imports = Some((None, line));
+        }
+        Some(Edit::Line { text, before, line }) => {
+            undo.write(&config_path, text.as_bytes(), mode_of(&config_path))?;
+            shared.imports = Some((before, line));
+        }
+    }
+    Ok(())
+}
+
+/// The drop-in for `handlers` and how config.toml comes to import it:
+/// everything that can refuse, before anything is written.
+fn render_drop_in(options: &Options, handlers: &BTreeMap<String, Record>) -> anyhow::Result<(String, Plan)> {
+    let plan = plan_config(options)?;
+    let config = &plan.config;
     // config.toml's CRI section, with every parma runtime added.
     let mut cri = config
         .get("plugins")
@@ -469,22 +528,51 @@ fn write_drop_in(options: &Options, handlers: &BTreeMap<String, Record>, shared:
         toml::to_string(&drop_in).context("cannot write the drop-in")?
     );
 
-    write_file(&root.join(DROP_IN), text.as_bytes(), 0o644)?;
-    match edit {
-        None => {}
-        Some(Edit::Create { text, line }) => {
-            make_dirs(root, &parent_of(&options.containerd_config), &mut shared.dirs)?;
-            write_file(&config_path, text.as_bytes(), 0o644)?;
-            shared.created_config = true;
-            shared.config_sha256 = Some(hex::encode(Sha256::digest(text.as_bytes())));
-            shared.imports = Some((None, line));
+    Ok((text, plan))
+}
+
+/// A file's bytes and mode before install wrote it.
+type Before = (Vec<u8>, u32);
+
+/// What one install wrote, with what was there before, so that a failure
+/// puts every file back.
+#[derive(Default)]
+struct Undo {
+    /// Each file written, with its bytes and mode before (none: it was not there).
+    files: Vec<(PathBuf, Option<Before>)>,
+    /// Directories made, parents first.
+    dirs: Vec<PathBuf>,
+}
+
+impl Undo {
+    /// Write `path` (a file or nothing before), remembering what was there.
+    fn write(&mut self, path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+        let before = match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_file() => {
+                use std::os::unix::fs::PermissionsExt as _;
+                let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+                Some((bytes, meta.permissions().mode() & 0o7777))
+            }
+            Ok(_) => bail!("{} is in the way: not a file", path.display()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+            Err(err) => return Err(err).with_context(|| format!("cannot look at {}", path.display())),
+        };
+        self.files.push((path.to_path_buf(), before));
+        write_file(path, bytes, mode)
+    }
+
+    /// Put back what was there, last write first.
+    fn undo(self) {
+        for (path, before) in self.files.into_iter().rev() {
+            let _ = match before {
+                Some((bytes, mode)) => write_file(&path, &bytes, mode),
+                None => std::fs::remove_file(&path).map_err(Into::into),
+            };
         }
-        Some(Edit::Line { text, before, line }) => {
-            write_file(&config_path, text.as_bytes(), mode_of(&config_path))?;
-            shared.imports = Some((before, line));
+        for dir in self.dirs.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
         }
     }
-    Ok(())
 }
 
 /// containerd's config as install finds it, and the edit that makes it
@@ -633,6 +721,10 @@ pub fn uninstall(options: &Options, handler: &str, purge: bool) -> anyhow::Resul
         }
     }
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    // What an interrupted install may have left beside it.
+    for stale in [format!("opt/parma/.{handler}.new"), format!("opt/parma/.{handler}.old")] {
+        remove_any(&root.join(stale))?;
+    }
     if purge {
         for recorded in &record.state {
             let path = root.join(recorded);
@@ -674,7 +766,7 @@ fn settle(options: &Options) -> anyhow::Result<()> {
     let mut shared: Shared = read_json(&shared_path)?.unwrap_or_default();
     let handlers = installed(root)?;
     if !handlers.is_empty() {
-        write_drop_in(options, &handlers, &mut shared)?;
+        write_drop_in(options, &handlers, &mut shared, &mut Undo::default())?;
         return write_file(&shared_path, &serde_json::to_vec_pretty(&shared)?, 0o644);
     }
     std::fs::remove_file(root.join(DROP_IN)).or_else(ignore_missing)?;
@@ -684,10 +776,15 @@ fn settle(options: &Options) -> anyhow::Result<()> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
         Err(err) => return Err(err).with_context(|| format!("cannot read {}", config_path.display())),
     };
-    // A config.toml install made goes while it is as install wrote it (a
-    // record without its hash is older, and it went then too); changed
-    // since, only its imports line goes.
-    let unchanged = shared.config_sha256.as_ref().is_none_or(|written| current.as_ref() == Some(written));
+    // A config.toml install made goes while it is as install wrote it;
+    // changed since, only its imports line goes. (A record without the
+    // hash is older: what install wrote then is this text.)
+    if shared.created_config && shared.config_sha256.is_none() {
+        let line = format!("imports = [{:?}]", options.host(DROP_IN).display().to_string());
+        shared.config_sha256 = Some(hex::encode(Sha256::digest(format!("version = 2\n{line}\n"))));
+        shared.imports.get_or_insert((None, line));
+    }
+    let unchanged = shared.config_sha256.is_some() && current == shared.config_sha256;
     if current.is_some() && shared.created_config && unchanged {
         std::fs::remove_file(&config_path)?;
     } else if current.is_some()

@@ -125,9 +125,9 @@ fn check_uvm(manifest: &[u8], files: &BTreeMap<String, Vec<u8>>) -> anyhow::Resu
 #[derive(Debug, Clone)]
 pub struct Payload {
     /// The list.
-    pub list: PayloadList,
+    list: PayloadList,
     /// Path → bytes.
-    pub files: BTreeMap<String, Vec<u8>>,
+    files: BTreeMap<String, Vec<u8>>,
 }
 
 /// Where a payload file may go: a program of [`BINARIES`] under `bin/`, a
@@ -227,6 +227,16 @@ impl Payload {
     pub fn handler(&self) -> &str {
         &self.list.handler
     }
+
+    /// The list, as checked.
+    pub fn list(&self) -> &PayloadList {
+        &self.list
+    }
+
+    /// Path → bytes, each as checked.
+    pub fn files(&self) -> &BTreeMap<String, Vec<u8>> {
+        &self.files
+    }
 }
 
 #[cfg(test)]
@@ -319,10 +329,17 @@ mod tests {
         let tampered = String::from_utf8(ours.clone()).unwrap().replace("0x30000", "0x30001").into_bytes();
         files[3].1 = &tampered;
         fails(&files, None, "reference-values.json: ");
-        // No IGVM file.
+        // No IGVM file (and none in the manifest).
+        let bare = serde_json::to_vec(&serde_json::json!({
+            "schema": 1, "files": {"vmlinuz": parma_image::manifest::FileDigest::of(kernel)},
+        }))
+        .unwrap();
+        let bare_values = values(&handler_of(&bare), &bare);
         let mut files = good.clone();
         files.remove(6);
-        fails(&files, Some(&handler_of(&manifest)), "uvm/uvm.igvm");
+        files[5].1 = &bare;
+        files[3].1 = &bare_values;
+        fails(&files, None, "the payload has no uvm/uvm.igvm");
         // A UVM file the list agrees with but the manifest does not.
         let mut files = good.clone();
         files[4].1 = b"another kernel";
