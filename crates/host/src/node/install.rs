@@ -279,15 +279,29 @@ pub fn install(payload: &Payload, options: &Options) -> anyhow::Result<Installed
     let handler = payload.handler().to_string();
     ensure!(valid_handler(&handler), "{handler:?} is not a handler name");
     let shared_path = root.join(SHARED_RECORD);
-    let mut shared: Shared = read_json(&shared_path)?.unwrap_or_default();
-    // Whatever can refuse (containerd's config, the other handlers'
-    // records) does so before anything is written.
-    let mut handlers = installed(root)?;
-    handlers.insert(handler.clone(), record_of(options, &handler));
-    render_drop_in(options, &handlers)?;
-    let mut undo = Undo::default();
     let mut dirs = Vec::new();
-    let made = ["opt/parma", "etc/systemd/system", "etc/containerd/conf.d"]
+    // One install or uninstall at a time on this root (two handlers'
+    // DaemonSets, say): the drop-in and the records are shared.
+    let prepared = lock_root(root, Some(&mut dirs)).and_then(|lock| {
+        let shared: Shared = read_json(&shared_path)?.unwrap_or_default();
+        // Whatever can refuse (containerd's config, the other handlers'
+        // records) does so before anything else is written.
+        let mut handlers = installed(root)?;
+        handlers.insert(handler.clone(), record_of(options, &handler));
+        render_drop_in(options, &handlers)?;
+        Ok((lock, shared, handlers))
+    });
+    let (_lock, mut shared, handlers) = match prepared {
+        Ok(prepared) => prepared,
+        Err(err) => {
+            for made in dirs.iter().rev() {
+                let _ = std::fs::remove_dir(root.join(made));
+            }
+            return Err(err);
+        }
+    };
+    let mut undo = Undo::default();
+    let made = ["etc/systemd/system", "etc/containerd/conf.d"]
         .iter()
         .try_for_each(|relative| make_dirs(root, relative, &mut dirs));
     undo.dirs.extend(dirs.iter().map(|dir| root.join(dir)));
@@ -340,6 +354,40 @@ pub fn install(payload: &Payload, options: &Options) -> anyhow::Result<Installed
 struct Swap {
     old: bool,
     new: bool,
+}
+
+/// An exclusive lock on `ROOT/opt/parma`, held while it lives.
+#[derive(Debug)]
+struct RootLock {
+    _dir: std::fs::File,
+}
+
+/// Wait for the lock on `ROOT/opt/parma`, the directory every install on
+/// this root (the node's own, or a DaemonSet pod's, which mounts it from
+/// the node) shares; with `made`, the directory is made if missing (and
+/// recorded there). A directory removed or replaced while waiting (the
+/// last handler's uninstall takes it) is locked afresh.
+fn lock_root(root: &Path, mut made: Option<&mut Vec<String>>) -> anyhow::Result<RootLock> {
+    use std::os::unix::fs::MetadataExt as _;
+    let path = root.join("opt/parma");
+    loop {
+        if let Some(made) = made.as_deref_mut() {
+            make_dirs(root, "opt/parma", made)?;
+        }
+        let meta = std::fs::symlink_metadata(&path).with_context(|| format!("cannot look at {}", path.display()))?;
+        ensure!(meta.is_dir(), "{} is in the way: not a directory", path.display());
+        let dir = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        dir.lock().with_context(|| format!("cannot lock {}", path.display()))?;
+        let held = dir.metadata()?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(now) if now.is_dir() && now.dev() == held.dev() && now.ino() == held.ino() => {
+                return Ok(RootLock { _dir: dir });
+            }
+            // Gone: without `made`, nothing is installed there any more.
+            Err(_) if made.is_none() => bail!("{} is gone", path.display()),
+            _ => continue,
+        }
+    }
 }
 
 /// Remove `path`, whatever it is (a link itself, not what it names), if it is there.
@@ -691,6 +739,8 @@ fn mode_of(path: &Path) -> u32 {
 pub fn uninstall(options: &Options, handler: &str, purge: bool) -> anyhow::Result<()> {
     let root = &options.root;
     ensure!(valid_handler(handler), "{handler:?} is not a handler name (parma-XXXXXXXX)");
+    let _lock =
+        lock_root(root, None).with_context(|| format!("{handler} is not installed under {}", root.display()))?;
     let dir = root.join(format!("opt/parma/{handler}"));
     let record: Record = read_json(&dir.join(RECORD))?
         .with_context(|| format!("{handler} is not installed under {}", root.display()))?;
@@ -857,6 +907,33 @@ pub fn restart_containerd(options: &Options, handler: &str) -> anyhow::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn installs_on_one_root_take_turns() {
+        let root = tempfile::tempdir().unwrap();
+        let mut made = Vec::new();
+        let first = lock_root(root.path(), Some(&mut made)).unwrap();
+        assert_eq!(made, ["opt", "opt/parma"]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = root.path().to_path_buf();
+        let waiter = std::thread::spawn(move || {
+            let lock = lock_root(&path, Some(&mut Vec::new()));
+            tx.send(()).unwrap();
+            lock.map(drop)
+        });
+        // The second waits while the first holds the lock...
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(500)).is_err());
+        // ...and takes a fresh directory when the first removed its own.
+        std::fs::remove_dir(root.path().join("opt/parma")).unwrap();
+        drop(first);
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        waiter.join().unwrap().unwrap();
+        assert!(root.path().join("opt/parma").is_dir());
+        // Uninstall's lock makes nothing: a root without opt/parma has nothing installed.
+        let empty = tempfile::tempdir().unwrap();
+        assert!(lock_root(empty.path(), None).is_err());
+        assert!(!empty.path().join("opt").exists());
+    }
 
     #[test]
     fn qemu_versions_are_read() {
