@@ -288,19 +288,18 @@ pub fn install(payload: &Payload, options: &Options) -> anyhow::Result<Installed
         // records) does so before anything else is written.
         let mut handlers = installed(root)?;
         handlers.insert(handler.clone(), record_of(options, &handler));
-        render_drop_in(options, &handlers)?;
-        Ok((lock, shared, handlers))
+        let rendered = render_drop_in(options, &handlers)?;
+        Ok((lock, shared, rendered))
     });
-    let (_lock, mut shared, handlers) = match prepared {
+    let mut undo = Undo::default();
+    let (_lock, mut shared, rendered) = match prepared {
         Ok(prepared) => prepared,
         Err(err) => {
-            for made in dirs.iter().rev() {
-                let _ = std::fs::remove_dir(root.join(made));
-            }
+            undo.dirs.extend(dirs.iter().map(|dir| root.join(dir)));
+            undo.undo();
             return Err(err);
         }
     };
-    let mut undo = Undo::default();
     let made = ["etc/systemd/system", "etc/containerd/conf.d"]
         .iter()
         .try_for_each(|relative| make_dirs(root, relative, &mut dirs));
@@ -327,7 +326,7 @@ pub fn install(payload: &Payload, options: &Options) -> anyhow::Result<Installed
         std::fs::rename(&staging, &dir).with_context(|| format!("cannot move the new {}", dir.display()))?;
         swapped.new = true;
         undo.write(&root.join(unit_of(&handler)), snapshotter_unit(options, &handler).as_bytes(), 0o644)?;
-        write_drop_in(options, &handlers, &mut shared, &mut undo)?;
+        write_drop_in(options, rendered, &mut shared, &mut undo)?;
         undo.write(&shared_path, &serde_json::to_vec_pretty(&shared)?, 0o644)
     });
     if let Err(err) = result {
@@ -418,7 +417,7 @@ fn write_handler(payload: &Payload, options: &Options, handler: &str, dir: &Path
     for (path, bytes) in payload.files() {
         let entry = payload.list().files.get(path).context("a payload file without an entry")?;
         // Checked again as written: the path and mode too.
-        ensure!(super::payload_path(path) && entry.mode == super::mode_of(path), "{path} is not a payload file");
+        ensure!(super::payload_path(path) && entry.mode == super::payload_mode(path), "{path} is not a payload file");
         ensure!(super::FileEntry::of(bytes, entry.mode) == *entry, "{path} changed after it was checked");
         let target = dir.join(path);
         std::fs::create_dir_all(target.parent().context("no parent")?)?;
@@ -495,15 +494,14 @@ fn snapshotter_unit(options: &Options, handler: &str) -> String {
     )
 }
 
-/// The drop-in for `handlers`, and config.toml importing it.
+/// Write the drop-in [`render_drop_in`] made, and config.toml importing it.
 fn write_drop_in(
     options: &Options,
-    handlers: &BTreeMap<String, Record>,
+    (text, Plan { config_path, edit, .. }): (String, Plan),
     shared: &mut Shared,
     undo: &mut Undo,
 ) -> anyhow::Result<()> {
     let root = &options.root;
-    let (text, Plan { config_path, edit, .. }) = render_drop_in(options, handlers)?;
     undo.write(&root.join(DROP_IN), text.as_bytes(), 0o644)?;
     match edit {
         None => {}
@@ -816,7 +814,7 @@ fn settle(options: &Options) -> anyhow::Result<()> {
     let mut shared: Shared = read_json(&shared_path)?.unwrap_or_default();
     let handlers = installed(root)?;
     if !handlers.is_empty() {
-        write_drop_in(options, &handlers, &mut shared, &mut Undo::default())?;
+        write_drop_in(options, render_drop_in(options, &handlers)?, &mut shared, &mut Undo::default())?;
         return write_file(&shared_path, &serde_json::to_vec_pretty(&shared)?, 0o644);
     }
     std::fs::remove_file(root.join(DROP_IN)).or_else(ignore_missing)?;
@@ -829,9 +827,12 @@ fn settle(options: &Options) -> anyhow::Result<()> {
     // A config.toml install made goes while it is as install wrote it;
     // changed since, only its imports line goes. (A record without the
     // hash is older: what install wrote then is this text.)
-    if shared.created_config && shared.config_sha256.is_none() {
-        let line = format!("imports = [{:?}]", options.host(DROP_IN).display().to_string());
-        shared.config_sha256 = Some(hex::encode(Sha256::digest(format!("version = 2\n{line}\n"))));
+    if shared.created_config
+        && shared.config_sha256.is_none()
+        && let Edit::Create { text, line } =
+            import_edit(&config_path, None, &[], &options.host(DROP_IN).display().to_string())?
+    {
+        shared.config_sha256 = Some(hex::encode(Sha256::digest(text.as_bytes())));
         shared.imports.get_or_insert((None, line));
     }
     let unchanged = shared.config_sha256.is_some() && current == shared.config_sha256;

@@ -147,7 +147,7 @@ pub fn payload_path(path: &str) -> bool {
 
 /// The mode a payload file has: 0o755 for a program under `bin/`, 0o644
 /// for the rest.
-pub fn mode_of(path: &str) -> u32 {
+pub fn payload_mode(path: &str) -> u32 {
     if path.starts_with("bin/") { 0o755 } else { 0o644 }
 }
 
@@ -172,10 +172,10 @@ impl Payload {
         for (path, entry) in &list.files {
             anyhow::ensure!(payload_path(path), "{PAYLOAD_FILE}: {path:?} is not a payload path");
             anyhow::ensure!(
-                entry.mode == mode_of(path),
+                entry.mode == payload_mode(path),
                 "{PAYLOAD_FILE}: {path} has mode {:#o}, where a payload's is {:#o}",
                 entry.mode,
-                mode_of(path)
+                payload_mode(path)
             );
             let bytes = files.remove(path).ok_or_else(|| anyhow::anyhow!("{path} is listed but not in the payload"))?;
             let actual = FileEntry::of(&bytes, entry.mode);
