@@ -51,7 +51,7 @@ fn denied(message: impl Into<String>) -> AgentError {
     AgentError::new(ErrorCode::PolicyDenied, message)
 }
 
-/// The framework being parsed on a thread of its own.
+/// The framework being read (or compiled) on a thread of its own.
 #[derive(Debug)]
 struct Parsing {
     parsed: Receiver<Result<Framework, PolicyError>>,
@@ -64,7 +64,7 @@ struct Parsing {
 pub struct Gate {
     engine: Option<Engine>,
     lockdown: Option<String>,
-    /// The framework, parsed ahead of the policy; taken by SetPolicy.
+    /// The framework, read ahead of the policy; taken by SetPolicy.
     framework: Option<Parsing>,
 }
 
@@ -79,7 +79,26 @@ fn renice(thread: Option<rustix::process::Pid>, nice: i32) {
     }
 }
 
-/// Parse the framework on a thread of its own at the lowest priority, so it
+/// Where the image builder puts the framework compiled for the register VM
+/// (`parma_policy::Framework::to_bytes`): part of the initrd, so of the
+/// launch measurement.
+const FRAMEWORK_PROGRAM: &str = "/etc/parma/framework.rvm";
+
+/// The framework: the program the image carries, or, when it has none or
+/// one another build wrote, compiled here (slower: the framework is parsed
+/// and compiled when the policy comes).
+fn read_framework() -> Result<Framework, PolicyError> {
+    match std::fs::read(FRAMEWORK_PROGRAM) {
+        Ok(bytes) => match Framework::from_bytes(&bytes) {
+            Ok(framework) => return Ok(framework),
+            Err(err) => tracing::warn!("{FRAMEWORK_PROGRAM}: {err}; compiling the framework instead"),
+        },
+        Err(err) => tracing::warn!("{FRAMEWORK_PROGRAM}: {err}; compiling the framework instead"),
+    }
+    Framework::compile()
+}
+
+/// Read the framework on a thread of its own at the lowest priority, so it
 /// takes only CPU the boot and the agent leave idle; once it is handed
 /// over, another such thread warms the engine up ([`warm_up`]).
 fn parse_framework() -> Option<Parsing> {
@@ -89,7 +108,7 @@ fn parse_framework() -> Option<Parsing> {
     let spawned = std::thread::Builder::new().name("framework".into()).spawn(move || {
         tid.store(rustix::thread::gettid().as_raw_nonzero().get(), Ordering::Release);
         renice(None, IDLE_NICE);
-        let result = Framework::parse();
+        let result = read_framework();
         let warm = result.as_ref().ok().cloned();
         // No gate waiting any more (a policy was set without it): nothing to warm up for.
         if parsed.send(result).is_ok()
@@ -121,14 +140,14 @@ impl Parsing {
     fn take(self) -> Result<Framework, PolicyError> {
         match self.parsed.try_recv() {
             Ok(parsed) => return parsed,
-            // The parser is gone (without the guest's panic=abort, a panic): parse here.
-            Err(TryRecvError::Disconnected) => return Framework::parse(),
+            // The reader is gone (without the guest's panic=abort, a panic): read here.
+            Err(TryRecvError::Disconnected) => return read_framework(),
             Err(TryRecvError::Empty) => {}
         }
         if let Some(thread) = rustix::process::Pid::from_raw(self.thread.load(Ordering::Acquire)) {
             renice(Some(thread), 0);
         }
-        self.parsed.recv().unwrap_or_else(|_| Framework::parse())
+        self.parsed.recv().unwrap_or_else(|_| read_framework())
     }
 }
 
@@ -359,8 +378,8 @@ impl Gate {
             self.lockdown = Some(reason.clone());
             return Err(denied(reason));
         }
-        // A parser that never started: parse here.
-        let framework = self.framework.take().map_or_else(Framework::parse, Parsing::take);
+        // A reader that never started: read here.
+        let framework = self.framework.take().map_or_else(read_framework, Parsing::take);
         let engine = match framework.and_then(|framework| Engine::with_framework(framework, &policy)) {
             Ok(engine) => engine,
             Err(err) => {
@@ -444,10 +463,10 @@ mod tests {
         let text = warm_up_policy();
         assert_eq!(parma_policy::bound_points(&text), Point::ALL.to_vec());
         let policy = Policy::from_bytes(text.into_bytes()).unwrap();
-        let mut engine = Engine::with_framework(Framework::parse().unwrap(), &policy).unwrap();
+        let mut engine = Engine::with_framework(Framework::compile().unwrap(), &policy).unwrap();
         let input = Input::MountDevice(MountDevice { target: "/run/warm-up".into(), device_hash: "0".repeat(64) });
         assert!(!engine.decide_input(&input).allowed);
-        warm_up(&Framework::parse().unwrap());
+        warm_up(&Framework::compile().unwrap());
     }
 
     #[test]

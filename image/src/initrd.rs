@@ -58,6 +58,9 @@ pub enum InitrdError {
     /// Writing failed.
     #[error("cannot write the initrd")]
     Io(#[from] std::io::Error),
+    /// The policy framework did not compile for the register VM.
+    #[error("cannot compile the policy framework: {0}")]
+    Framework(#[from] parma_policy::PolicyError),
 }
 
 /// One line of the manifest's listing of the initrd.
@@ -224,15 +227,24 @@ pub fn gzip_level(data: &[u8], level: u8) -> Vec<u8> {
     out
 }
 
+/// Where the UVM carries the policy framework compiled for the register VM.
+pub const FRAMEWORK_PROGRAM: &str = "etc/parma/framework.rvm";
+
 /// The UVM's initrd: `/init` (PID 1), the agent at `/bin/parma-agent`, the
-/// console node, and the mount points init uses. Nothing else: no shell.
+/// policy framework compiled for the agent's register VM (the same bytes
+/// for the same framework and regorus), the console node, and the mount
+/// points init uses. Nothing else: no shell.
 pub fn uvm(init: Vec<u8>, agent: Vec<u8>) -> Result<Initrd, InitrdError> {
+    let program = parma_policy::Framework::compile()?.to_bytes()?;
     let mut initrd = Initrd::new();
     initrd
         .dir("bin", 0o755)?
         .file("bin/parma-agent", 0o755, agent)?
         .dir("dev", 0o755)?
         .char_dev("dev/console", 0o600, 5, 1)?
+        .dir("etc", 0o755)?
+        .dir("etc/parma", 0o755)?
+        .file(FRAMEWORK_PROGRAM, 0o444, program)?
         .file("init", 0o755, init)?
         .dir("proc", 0o755)?
         .dir("run", 0o755)?
@@ -288,7 +300,22 @@ mod tests {
         let cpio_bytes = initrd.write_cpio(Vec::new()).unwrap();
         let entries = unpack(&cpio_bytes);
         let names: Vec<_> = entries.iter().map(|e| e.0.as_str()).collect();
-        assert_eq!(names, ["bin", "bin/parma-agent", "dev", "dev/console", "init", "proc", "run", "sys"]);
+        assert_eq!(
+            names,
+            [
+                "bin",
+                "bin/parma-agent",
+                "dev",
+                "dev/console",
+                "etc",
+                "etc/parma",
+                FRAMEWORK_PROGRAM,
+                "init",
+                "proc",
+                "run",
+                "sys"
+            ]
+        );
         for (name, mode, mtime, uid, data) in &entries {
             assert_eq!((*mtime, *uid), (0, 0), "{name}");
             match name.as_str() {

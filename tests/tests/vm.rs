@@ -170,6 +170,10 @@ fn policy_is_set_once_and_compiled_in_the_guest() -> anyhow::Result<()> {
     client.ping()?;
     client.shutdown()?;
     ensure!(guest.wait_exit(Duration::from_secs(10))?.success());
+    // The framework's program came from the image (the agent says when it
+    // had to compile the framework instead).
+    let serial = guest.serial();
+    ensure!(!serial.contains(parma_image::initrd::FRAMEWORK_PROGRAM), "{serial}");
     guest.check_serial()
 }
 

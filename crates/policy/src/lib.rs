@@ -34,6 +34,7 @@ pub mod scenario;
 mod state;
 
 use std::num::NonZeroU32;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use regorus::utils::limits::ExecutionTimerConfig;
@@ -187,7 +188,28 @@ pub enum Backend {
 struct Vm {
     machine: regorus::rvm::RegoVM,
     /// Loaded again after each decision, which drops what the run left behind.
-    program: std::sync::Arc<regorus::rvm::Program>,
+    program: Arc<regorus::rvm::Program>,
+    /// Which rules are the program's entry points.
+    entry: Entry,
+}
+
+/// The entry points of a [`Vm`]'s program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// `data.policy.RULE`: the policy compiled with the framework.
+    Policy,
+    /// `data.framework.RULE`: the framework's own program, for a policy
+    /// that binds the point to it.
+    Framework,
+}
+
+impl Entry {
+    fn rule(self, point: Point) -> String {
+        match self {
+            Self::Policy => format!("data.policy.{}", point.rule()),
+            Self::Framework => framework_entry(point),
+        }
+    }
 }
 
 /// The policy engine: the framework and one policy loaded into regorus,
@@ -216,41 +238,131 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// The framework parsed into an engine configured for decisions: the part
-/// of loading a policy that does not depend on the policy (about a fifth
-/// of it), so the agent can do it at boot, before the policy arrives.
-/// Cloning it is cheap (the parsed modules are shared).
+/// The framework ready for decisions: its rules compiled for regorus's
+/// register VM, one entry point per enforcement point
+/// (`data.framework.RULE`). The framework is a constant of this crate, so
+/// the program is the same for every policy: the image builder compiles it
+/// once and puts it in the UVM ([`Framework::to_bytes`]), and the agent
+/// reads it back at boot ([`Framework::from_bytes`]) instead of parsing
+/// and compiling the framework when the policy comes. Cloning it is cheap
+/// (the program is shared).
 #[derive(Clone)]
 pub struct Framework {
-    rego: regorus::Engine,
+    program: Arc<regorus::rvm::Program>,
     budget: Duration,
 }
 
 impl std::fmt::Debug for Framework {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Framework").field("budget", &self.budget).finish_non_exhaustive()
+        f.debug_struct("Framework")
+            .field("budget", &self.budget)
+            .field("entry_points", &self.program.entry_points.len())
+            .finish_non_exhaustive()
     }
 }
 
+/// The framework's program (or why it does not compile), compiled once per process.
+static FRAMEWORK_PROGRAM: OnceLock<Result<Arc<regorus::rvm::Program>, String>> = OnceLock::new();
+
+/// The VM entry point of `point` in the framework's program.
+fn framework_entry(point: Point) -> String {
+    format!("data.framework.{}", point.rule())
+}
+
+/// A regorus engine configured for decisions: strict builtin errors, and
+/// each evaluation bounded by `budget` of wall-clock time.
+fn decision_engine(budget: Duration) -> regorus::Engine {
+    let mut rego = regorus::Engine::new();
+    rego.set_strict_builtin_errors(true);
+    rego.set_execution_timer_config(ExecutionTimerConfig {
+        limit: budget,
+        check_interval: NonZeroU32::MIN.saturating_add(63),
+    });
+    rego
+}
+
+/// The framework parsed into a decision engine (for the interpreter).
+fn parsed_framework(budget: Duration) -> Result<regorus::Engine, PolicyError> {
+    let mut rego = decision_engine(budget);
+    rego.add_policy("framework.rego".into(), FRAMEWORK.into())
+        .map_err(|err| PolicyError::Rego(format!("framework: {err}")))?;
+    Ok(rego)
+}
+
+/// Compile the framework alone for the register VM, every point an entry point.
+fn compile_framework() -> Result<Arc<regorus::rvm::Program>, PolicyError> {
+    let error = |err: &dyn std::fmt::Display| PolicyError::Rego(format!("framework for the register VM: {err}"));
+    let mut rego = parsed_framework(DEFAULT_BUDGET)?;
+    let names: Vec<String> = Point::ALL.into_iter().map(framework_entry).collect();
+    let first = names.first().ok_or_else(|| error(&"no enforcement points"))?;
+    let compiled = rego.compile_with_entrypoint(&first.as_str().into()).map_err(|err| error(&err))?;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    regorus::languages::rego::compiler::Compiler::compile_from_policy(&compiled, &names).map_err(|err| error(&err))
+}
+
 impl Framework {
-    /// Parse the framework for engines with the default budget.
-    pub fn parse() -> Result<Self, PolicyError> {
+    /// The framework compiled here (once per process), for engines with the
+    /// default budget.
+    pub fn compile() -> Result<Self, PolicyError> {
         Self::with_budget(DEFAULT_BUDGET)
     }
 
-    /// Parse the framework for engines whose decisions may each take at
-    /// most `budget` of wall-clock time.
+    /// The framework compiled here (once per process), for engines whose
+    /// decisions may each take at most `budget` of wall-clock time.
     pub fn with_budget(budget: Duration) -> Result<Self, PolicyError> {
-        let mut rego = regorus::Engine::new();
-        rego.set_strict_builtin_errors(true);
-        rego.set_execution_timer_config(ExecutionTimerConfig {
-            limit: budget,
-            check_interval: NonZeroU32::MIN.saturating_add(63),
-        });
-        rego.add_policy("framework.rego".into(), FRAMEWORK.into())
-            .map_err(|err| PolicyError::Rego(format!("framework: {err}")))?;
-        Ok(Self { rego, budget })
+        let compiled = FRAMEWORK_PROGRAM.get_or_init(|| compile_framework().map_err(|err| err.to_string()));
+        let program = compiled.clone().map_err(PolicyError::Rego)?;
+        Self::checked(program, budget)
     }
+
+    /// The framework's program as [`Framework::to_bytes`] wrote it, for
+    /// engines with the default budget. Refused unless it is complete
+    /// (regorus's format of this build), is the program of this crate's
+    /// framework (its source, byte for byte) and has exactly one entry
+    /// point per enforcement point.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, PolicyError> {
+        let error = |err: &dyn std::fmt::Display| PolicyError::Rego(format!("the framework's program: {err}"));
+        let program = match regorus::rvm::Program::deserialize_binary(bytes).map_err(|err| error(&err))? {
+            regorus::rvm::program::DeserializationResult::Complete(program) => program,
+            regorus::rvm::program::DeserializationResult::Partial(_) => {
+                return Err(error(&"written by another version of regorus (only partly readable)"));
+            }
+        };
+        let source = program.sources.iter().map(|source| source.content.as_str()).collect::<Vec<_>>();
+        if source != [FRAMEWORK] {
+            return Err(error(&"compiled from another framework than this build's"));
+        }
+        Self::checked(Arc::new(program), DEFAULT_BUDGET)
+    }
+
+    /// The program, serialized (regorus's binary format; the same bytes for
+    /// the same framework and regorus, so the image stays reproducible).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, PolicyError> {
+        self.program.serialize_binary().map_err(|err| PolicyError::Rego(format!("the framework's program: {err}")))
+    }
+
+    fn checked(program: Arc<regorus::rvm::Program>, budget: Duration) -> Result<Self, PolicyError> {
+        let mut names: Vec<&str> = program.entry_points.keys().map(String::as_str).collect();
+        let mut expected: Vec<String> = Point::ALL.into_iter().map(framework_entry).collect();
+        names.sort_unstable();
+        expected.sort_unstable();
+        if names != expected.iter().map(String::as_str).collect::<Vec<_>>() {
+            return Err(PolicyError::Rego(format!(
+                "the framework's program has entry points {names:?}, not one per enforcement point"
+            )));
+        }
+        Ok(Self { program, budget })
+    }
+}
+
+/// Whether every `data` of the policy's text is the start of one of its
+/// bindings of an enforcement point to the framework (`RULE :=
+/// data.framework.RULE`): then nothing else in it reads the framework or
+/// any other document, and its rules mean the same alone as beside the
+/// framework. Any other use of `data` (an import, a reference, a variable
+/// so named) says no.
+fn self_contained(text: &str, bound: &[Point]) -> bool {
+    identifiers(text).filter(|ident| *ident == "data").count() == bound.len()
 }
 
 impl Engine {
@@ -259,10 +371,10 @@ impl Engine {
         Self::with_budget(policy, DEFAULT_BUDGET)
     }
 
-    /// Load a policy into an already parsed framework (with its budget),
-    /// for the register VM: the same engine as [`Engine::new`] gives.
+    /// Load a policy for the register VM with an already compiled (or read)
+    /// framework and its budget: the same engine as [`Engine::new`] gives.
     pub fn with_framework(framework: Framework, policy: &Policy) -> Result<Self, PolicyError> {
-        Self::load(framework, policy, Backend::Vm)
+        Self::load(framework, policy)
     }
 
     /// Load a policy; each decision may take at most `budget` of wall-clock time.
@@ -272,27 +384,71 @@ impl Engine {
 
     /// Load a policy for one evaluation backend.
     pub fn with_backend(policy: &Policy, budget: Duration, backend: Backend) -> Result<Self, PolicyError> {
-        Self::load(Framework::with_budget(budget)?, policy, backend)
+        match backend {
+            Backend::Vm => Self::load(Framework::with_budget(budget)?, policy),
+            Backend::Interpreter => Self::load_interpreted(policy, budget),
+        }
     }
 
-    fn load(framework: Framework, policy: &Policy, backend: Backend) -> Result<Self, PolicyError> {
-        let Framework { mut rego, budget } = framework;
+    /// The policy's module in `rego`, checked to be package `policy`.
+    fn add_policy(rego: &mut regorus::Engine, policy: &Policy) -> Result<(), PolicyError> {
         let package = rego
             .add_policy("policy.rego".into(), policy.text.clone())
             .map_err(|err| PolicyError::Rego(err.to_string()))?;
         if package != "data.policy" {
             return Err(PolicyError::WrongPackage(package));
         }
+        Ok(())
+    }
+
+    /// Every point decided by the interpreter, the framework beside the policy.
+    fn load_interpreted(policy: &Policy, budget: Duration) -> Result<Self, PolicyError> {
+        let mut rego = parsed_framework(budget)?;
+        Self::add_policy(&mut rego, policy)?;
+        let data = policy_data(&mut rego)?;
+        rego.add_data(data.clone()).map_err(|err| PolicyError::Rego(err.to_string()))?;
+        Ok(Self {
+            rego,
+            vm: None,
+            entry_points: Vec::new(),
+            data,
+            state: State::default(),
+            policy_hash: policy.hash_hex(),
+        })
+    }
+
+    /// The points the policy binds to the framework on the register VM,
+    /// the others on the interpreter.
+    fn load(framework: Framework, policy: &Policy) -> Result<Self, PolicyError> {
+        let Framework { program, budget } = framework;
+        let bound = bound_points(&policy.text);
+        if self_contained(&policy.text, &bound) {
+            // The policy alone: its data rules and the points it decides
+            // itself read nothing of the framework. The points it binds run
+            // the framework's program, which does not depend on the policy.
+            let mut rego = decision_engine(budget);
+            Self::add_policy(&mut rego, policy)?;
+            let data = policy_data(&mut rego)?;
+            let entry_points: Vec<Point> = bound
+                .into_iter()
+                .filter(|point| rego.has_declared_rule_rooted_at("policy.rego", point.rule()).unwrap_or(false))
+                .collect();
+            let vm = (!entry_points.is_empty())
+                .then(|| vm_of(program, data.clone(), budget, Entry::Framework))
+                .transpose()?;
+            rego.add_data(data.clone()).map_err(|err| PolicyError::Rego(err.to_string()))?;
+            let entry_points = entry_points.into_iter().map(|point| format!("data.policy.{}", point.rule())).collect();
+            return Ok(Self { rego, vm, entry_points, data, state: State::default(), policy_hash: policy.hash_hex() });
+        }
+        let mut rego = parsed_framework(budget)?;
+        Self::add_policy(&mut rego, policy)?;
         // Evaluating the data rules analyses the modules; compiling for the
         // VM reuses that analysis, so the data document (which makes
         // regorus analyse everything again) goes into the interpreter last.
         // The VM gets it directly; the interpreter analyses again only if
         // it is ever asked (a point the policy does not bind).
         let data = policy_data(&mut rego)?;
-        let (vm, entry_points) = match backend {
-            Backend::Interpreter => (None, Vec::new()),
-            Backend::Vm => compile_vm(&mut rego, data.clone(), budget, &bound_points(&policy.text))?,
-        };
+        let (vm, entry_points) = compile_vm(&mut rego, data.clone(), budget, &bound)?;
         rego.add_data(data.clone()).map_err(|err| PolicyError::Rego(err.to_string()))?;
         Ok(Self { rego, vm, entry_points, data, state: State::default(), policy_hash: policy.hash_hex() })
     }
@@ -353,7 +509,8 @@ impl Engine {
         let result = match &mut self.vm {
             Some(vm) if on_vm => {
                 vm.machine.set_input(input);
-                let result = vm.machine.execute_entry_point_by_name(&rule).map_err(|err| err.to_string());
+                let entry = vm.entry.rule(point);
+                let result = vm.machine.execute_entry_point_by_name(&entry).map_err(|err| err.to_string());
                 // Drop the input's share of the state, so the next commit
                 // changes it in place instead of copying it.
                 vm.machine.set_input(regorus::Value::Null);
@@ -497,9 +654,19 @@ fn compile_vm(
     let names: Vec<&str> = entry_points.iter().map(String::as_str).collect();
     let program = regorus::languages::rego::compiler::Compiler::compile_from_policy(&compiled, &names)
         .map_err(|err| vm_error(&err))?;
-    let mut vm = regorus::rvm::RegoVM::new_with_policy(compiled);
+    Ok((Some(vm_of(program, data, budget, Entry::Policy)?), entry_points))
+}
+
+/// A register VM running `program` on `data`, configured for decisions.
+fn vm_of(
+    program: Arc<regorus::rvm::Program>,
+    data: regorus::Value,
+    budget: Duration,
+    entry: Entry,
+) -> Result<Vm, PolicyError> {
+    let mut vm = regorus::rvm::RegoVM::new();
     vm.load_program(program.clone());
-    vm.set_data(data).map_err(|err| vm_error(&err))?;
+    vm.set_data(data).map_err(|err| PolicyError::Rego(format!("register VM: {err}")))?;
     // The instruction budget decides (deterministic); the wall clock below
     // is only a backstop.
     vm.set_max_instructions(DEFAULT_INSTRUCTIONS);
@@ -510,7 +677,7 @@ fn compile_vm(
         limit: budget,
         check_interval: NonZeroU32::MIN.saturating_add(63),
     }));
-    Ok((Some(Vm { machine: vm, program }), entry_points))
+    Ok(Vm { machine: vm, program, entry })
 }
 
 /// Evaluate the policy's data rules once, for the framework's data document
@@ -909,4 +1076,114 @@ fn rule_error(point: Point, error: &str) -> String {
     }
     let flat: Vec<&str> = error.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     format!("policy error: {}", flat.join(" "))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn policy(text: &str) -> Policy {
+        Policy::from_bytes(text.as_bytes().to_vec()).unwrap()
+    }
+
+    /// The points of `engine`'s VM and which program runs them.
+    fn on_vm(engine: &Engine) -> Option<Entry> {
+        engine.vm.as_ref().map(|vm| vm.entry)
+    }
+
+    const BOUND: &str = "package policy\nimport rego.v1\n\ncontainers := [{\"name\": \"c\", \"layers\": [\"aa\"]}]\n\
+        mount_device := data.framework.mount_device\nexec_external := {\"allowed\": input.argList == [\"/bin/ok\"]}\n";
+
+    #[test]
+    fn the_framework_program_round_trips_and_is_reproducible() {
+        let framework = Framework::compile().unwrap();
+        let bytes = framework.to_bytes().unwrap();
+        assert_eq!(bytes, Framework::compile().unwrap().to_bytes().unwrap());
+        // Compiled afresh (not the process's cached program): the same bytes.
+        let fresh = Framework::checked(compile_framework().unwrap(), DEFAULT_BUDGET).unwrap();
+        assert_eq!(fresh.to_bytes().unwrap(), bytes);
+        let read = Framework::from_bytes(&bytes).unwrap();
+        assert_eq!(read.to_bytes().unwrap(), bytes);
+        // A policy on the program read back decides as one on the compiled program.
+        let text = policy(BOUND);
+        let mut a = Engine::with_framework(read, &text).unwrap();
+        let mut b = Engine::new(&text).unwrap();
+        for hash in ["aa", "bb"] {
+            let input = serde_json::json!({"target": "/run/l0", "deviceHash": hash});
+            let (x, y) = (a.decide(Point::MountDevice, &input), b.decide(Point::MountDevice, &input));
+            assert_eq!(x, y);
+            assert_eq!(x.allowed, hash == "aa", "{x:?}");
+        }
+    }
+
+    #[test]
+    fn a_program_of_another_framework_or_format_is_refused() {
+        let bytes = Framework::compile().unwrap().to_bytes().unwrap();
+        let refused = |bytes: &[u8]| Framework::from_bytes(bytes).unwrap_err().to_string();
+        assert!(refused(&[]).contains("the framework's program"), "{}", refused(&[]));
+        assert!(refused(&bytes[..bytes.len() / 2]).contains("the framework's program"));
+        // The same program with one character of the framework's source changed.
+        let at = bytes.windows(16).position(|w| w == b"package framewor").unwrap();
+        let mut other = bytes.clone();
+        other[at + 8] = b'F';
+        assert!(refused(&other).contains("another framework"), "{}", refused(&other));
+        // A program compiled from the framework with one entry point only.
+        let mut rego = parsed_framework(DEFAULT_BUDGET).unwrap();
+        let compiled = rego.compile_with_entrypoint(&"data.framework.mount_device".into()).unwrap();
+        let one = regorus::languages::rego::compiler::Compiler::compile_from_policy(
+            &compiled,
+            &["data.framework.mount_device"],
+        )
+        .unwrap();
+        let err = Framework::checked(one, DEFAULT_BUDGET).unwrap_err().to_string();
+        assert!(err.contains("not one per enforcement point"), "{err}");
+    }
+
+    #[test]
+    fn a_self_contained_policy_runs_the_framework_program() {
+        let mut engine = Engine::new(&policy(BOUND)).unwrap();
+        assert_eq!(on_vm(&engine), Some(Entry::Framework));
+        assert_eq!(engine.backend(Point::MountDevice), Backend::Vm);
+        // A point the policy decides itself: the interpreter, on the policy alone.
+        assert_eq!(engine.backend(Point::ExecExternal), Backend::Interpreter);
+        let ok = engine.decide(Point::ExecExternal, &serde_json::json!({"argList": ["/bin/ok"]}));
+        let no = engine.decide(Point::ExecExternal, &serde_json::json!({"argList": ["/bin/no"]}));
+        assert!(ok.allowed && !no.allowed, "{ok:?} {no:?}");
+        // A point it does not define: denied, saying so.
+        let none = engine.decide(Point::CreateContainer, &serde_json::json!({}));
+        assert!(
+            !none.allowed && none.denial.as_ref().is_some_and(|d| d.message.contains("does not define")),
+            "{none:?}"
+        );
+    }
+
+    #[test]
+    fn a_policy_reading_data_elsewhere_is_compiled_with_the_framework() {
+        // A data rule that reads the framework's document, a helper through
+        // an import, a variable named data: each needs the framework beside
+        // the policy, so the whole is compiled as before, and decides alike.
+        for (import, extra) in [
+            ("", "masked := data.framework.default_masked_paths_unused\n"),
+            ("import data.framework as fw\n", "x := fw.unused\n"),
+            ("", "f(data) := data\n"),
+        ] {
+            let text = BOUND.replacen("import rego.v1\n", &format!("import rego.v1\n{import}"), 1) + extra;
+            assert!(!self_contained(&text, &bound_points(&text)), "{extra}");
+            let mut engine = Engine::new(&policy(&text)).unwrap();
+            assert_eq!(on_vm(&engine), Some(Entry::Policy), "{extra}");
+            let mut interpreter = Engine::with_backend(&policy(&text), DEFAULT_BUDGET, Backend::Interpreter).unwrap();
+            for hash in ["aa", "bb"] {
+                let input = serde_json::json!({"target": "/run/l0", "deviceHash": hash});
+                let (x, y) =
+                    (engine.decide(Point::MountDevice, &input), interpreter.decide(Point::MountDevice, &input));
+                assert_eq!((x.allowed, hash), (y.allowed, hash), "{extra}");
+                assert_eq!(x.allowed, hash == "aa", "{extra}: {x:?}");
+            }
+        }
+        assert!(self_contained(BOUND, &bound_points(BOUND)));
+        // `data` in comments and strings is not a reference.
+        let quiet = format!("{BOUND}# data.framework\nnote := \"data.framework\"\n");
+        assert!(self_contained(&quiet, &bound_points(&quiet)));
+    }
 }

@@ -386,9 +386,12 @@ struct Totals {
 }
 
 /// Run one seed: a policy and `steps` requests on both backends.
-/// Decide each request on the VM and the interpreter, and on a VM engine
-/// loaded into a copy of `framework` (parsed once for every seed, as the
-/// agent does ahead of SetPolicy): all three must agree.
+/// Decide each request on the VM and the interpreter, on a VM engine
+/// loaded into a copy of `framework` (compiled once for every seed, as the
+/// agent reads it from the image ahead of SetPolicy), and on the VM with
+/// the policy compiled together with the framework (the same policy plus a
+/// rule that reads the data document, which rules out loading it alone):
+/// all four must agree.
 fn run_seed(seed: u64, steps: usize, framework: &Framework, totals: &mut Totals) {
     let mut rng = Rng(seed);
     let (text, containers) = policy(&mut rng);
@@ -417,6 +420,8 @@ fn run_seed(seed: u64, steps: usize, framework: &Framework, totals: &mut Totals)
         assert_eq!(vm.backend(point), Backend::Vm, "{point} of a generated policy runs on the VM");
     }
     let mut shared = shared.unwrap();
+    let together = format!("{text}\nreads_the_data_document := data.parma_policy_data\n");
+    let mut together = Engine::new(&Policy::from_bytes(together.into_bytes()).unwrap()).unwrap();
     totals.policies += 1;
     let mut scripted = Vec::new();
     for step in 0..steps {
@@ -435,6 +440,8 @@ fn run_seed(seed: u64, steps: usize, framework: &Framework, totals: &mut Totals)
         let on_interpreter = interpreter.decide(point, &input);
         let on_shared = shared.decide(point, &input);
         assert_eq!(on_shared, on_vm, "seed {seed:#x}, step {step}: {point} on a shared framework");
+        let on_together = together.decide(point, &input);
+        assert_eq!(on_together, on_vm, "seed {seed:#x}, step {step}: {point} compiled with the framework");
         let (a, b) = (outcome(&on_vm), outcome(&on_interpreter));
         let agree = a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && a.3 == b.3 && same_reason(&a.4, &b.4);
         assert!(
@@ -449,11 +456,13 @@ fn run_seed(seed: u64, steps: usize, framework: &Framework, totals: &mut Totals)
             if rng.chance(90) {
                 let committed = (vm.commit(&on_vm), interpreter.commit(&on_interpreter));
                 assert_eq!(shared.commit(&on_shared).is_ok(), committed.0.is_ok());
+                assert_eq!(together.commit(&on_together).is_ok(), committed.0.is_ok());
                 assert_eq!(committed.0.is_ok(), committed.1.is_ok(), "seed {seed:#x}, step {step}: commits differ");
             }
         }
         assert_eq!(vm.state(), interpreter.state(), "seed {seed:#x}, step {step}: states differ");
         assert_eq!(vm.state(), shared.state(), "seed {seed:#x}, step {step}: a shared framework's state differs");
+        assert_eq!(vm.state(), together.state(), "seed {seed:#x}, step {step}: compiled together, the state differs");
     }
 }
 
@@ -462,7 +471,7 @@ fn the_vm_and_the_interpreter_decide_alike() {
     let seconds: u64 = std::env::var("PARMA_DIFF_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let first: u64 = std::env::var("PARMA_DIFF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
     let mut totals = Totals { policies: 0, refused: 0, decisions: 0, allowed: 0 };
-    let framework = Framework::parse().unwrap();
+    let framework = Framework::compile().unwrap();
     let started = Instant::now();
     let mut seed = first;
     if seconds == 0 {

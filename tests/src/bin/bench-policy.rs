@@ -222,7 +222,7 @@ fn main() -> anyhow::Result<()> {
     // the framework's text (Engine::new) against loading into a copy of a
     // framework parsed ahead, interleaved, each up to its first decision.
     let policy = Policy::from_bytes(generated_policy(10).into_bytes())?;
-    let framework = Framework::parse()?;
+    let framework = Framework::compile()?;
     let (mut fresh, mut ahead) = (Vec::new(), Vec::new());
     for _ in 0..SET_POLICY_RUNS {
         let started = Instant::now();
