@@ -71,6 +71,7 @@ impl Progress {
                 writeln!(err, "\r  done: {:.1} MiB image              ", mib(*file_size))
             }
             parma_layer::Progress::Reused { .. } => writeln!(err, "  same as an earlier layer: reused"),
+            parma_layer::Progress::Cached { index } => writeln!(err, "layer {}: built before, reused", index + 1),
             _ => Ok(()),
         };
     }

@@ -310,7 +310,9 @@ pub fn run(options: &RunOptions, io: RunIo<'_>, progress: &dyn Fn(Step<'_>)) -> 
     configure_launch(&mut config, options.snp.as_ref(), host_data).map_err(anyhow::Error::from)?;
     // The UVM's files are checked before the image is converted.
     config.args().map_err(anyhow::Error::from)?;
-    let built = parma_layer::build(&options.oci, options.reference.as_deref(), &options.layers_dir, &|event| {
+    // Layers an earlier run (or policy gen) converted are reused: the guest
+    // checks each against the policy's root hash, so a wrong one is refused.
+    let built = parma_layer::build_reusing(&options.oci, options.reference.as_deref(), &options.layers_dir, &|event| {
         progress(Step::Layer(&event));
     })
     .with_context(|| format!("cannot build the layers of {}", options.oci.display()))?;

@@ -36,6 +36,8 @@ pub enum Progress {
     Done { index: usize, file_size: u64 },
     /// The layer has the same diff-id as an earlier one: its image is reused.
     Reused { index: usize },
+    /// [`build_reusing`] found the layer's image from an earlier build.
+    Cached { index: usize },
 }
 
 /// One line of `layers.json`: where a layer's image is and how to open it.
@@ -135,6 +137,70 @@ pub fn build(
     out: &Path,
     progress: &dyn Fn(Progress),
 ) -> Result<Built, LayerError> {
+    build_with(oci, reference, out, false, progress)
+}
+
+/// [`build`], but a layer whose image an earlier build left in `out` (the
+/// image and its record `<diff-id hex>.json`, written by a build of this
+/// [`IMAGE_FORMAT`], the image's size as recorded and not modified since)
+/// is not converted again: for a host that runs the image (`parma run`),
+/// whose layers the guest checks against the policy's root hashes anyway,
+/// so a wrong image in `out` is refused there, not trusted. Never for
+/// computing a policy's root hashes (`build` converts every layer from
+/// the image's own, digest-checked, blobs).
+pub fn build_reusing(
+    oci: &Path,
+    reference: Option<&str>,
+    out: &Path,
+    progress: &dyn Fn(Progress),
+) -> Result<Built, LayerError> {
+    build_with(oci, reference, out, true, progress)
+}
+
+/// The version of the layer images this crate writes, in each image's
+/// record: raise it whenever a layer's image bytes change, so
+/// [`build_reusing`] converts again what an older build left.
+pub const IMAGE_FORMAT: u32 = 1;
+
+/// `<diff-id hex>.json` beside each image [`build`] writes.
+#[derive(Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CachedRecord {
+    format: u32,
+    record: LayerRecord,
+}
+
+/// The largest image record read back (a record is a few hundred bytes).
+const MAX_RECORD: u64 = 64 << 10;
+
+/// The record of `diff_id`'s image in `out`, if an earlier build of this
+/// format left both and the image is as it recorded.
+fn cached(out: &Path, diff_id: &Digest) -> Option<LayerRecord> {
+    let hex = diff_id.hex();
+    let record_path = out.join(format!("{hex}.json"));
+    let image_path = out.join(format!("{hex}.img"));
+    let record_meta = fs::symlink_metadata(&record_path).ok()?;
+    let image_meta = fs::symlink_metadata(&image_path).ok()?;
+    if !record_meta.is_file() || record_meta.len() > MAX_RECORD || !image_meta.is_file() {
+        return None;
+    }
+    let cached: CachedRecord = serde_json::from_slice(&fs::read(&record_path).ok()?).ok()?;
+    let record = cached.record;
+    let fits = cached.format == IMAGE_FORMAT
+        && record.diff_id == *diff_id
+        && record.file == format!("{hex}.img")
+        && record.file_size == image_meta.len()
+        && image_meta.modified().ok()? <= record_meta.modified().ok()?;
+    fits.then_some(record)
+}
+
+fn build_with(
+    oci: &Path,
+    reference: Option<&str>,
+    out: &Path,
+    reuse: bool,
+    progress: &dyn Fn(Progress),
+) -> Result<Built, LayerError> {
     let source = Source::open(oci)?;
     let plan = image::plan(&source, reference)?;
     fs::create_dir_all(out).map_err(|source| LayerError::Output { path: out.to_owned(), source })?;
@@ -148,7 +214,16 @@ pub fn build(
             records.push(record.clone());
             continue;
         }
+        if let Some(record) = reuse.then(|| cached(out, &layer.diff_id)).flatten() {
+            progress(Progress::Cached { index });
+            done.insert(layer.diff_id, record.clone());
+            records.push(record);
+            continue;
+        }
         let record = build_layer(&source, layer, index, count, out, progress)?;
+        // Its record, after the image: a later build_reusing finds both.
+        let cached = CachedRecord { format: IMAGE_FORMAT, record: record.clone() };
+        write_json(out, &out.join(format!("{}.json", layer.diff_id.hex())), &cached)?;
         progress(Progress::Done { index, file_size: record.file_size });
         done.insert(layer.diff_id, record.clone());
         records.push(record);

@@ -75,7 +75,9 @@ mod source;
 
 use std::path::PathBuf;
 
-pub use build::{Blob, Built, ImageConfig, LayerRecord, LayersFile, Progress, build, convert_blob};
+pub use build::{
+    Blob, Built, IMAGE_FORMAT, ImageConfig, LayerRecord, LayersFile, Progress, build, build_reusing, convert_blob,
+};
 pub use convert::{TarError, tar_to_ext4};
 pub use digest::{Derived, Digest};
 pub use files::{LayerFiles, MAX_FILE, Watch, read_files, scan_blob, stack};

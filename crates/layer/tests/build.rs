@@ -448,3 +448,68 @@ fn fixed_layers_give_pinned_images_from_every_compression() {
         }
     }
 }
+
+#[test]
+fn a_run_reuses_what_an_earlier_build_left_and_a_build_never_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let oci = tmp.path().join("oci");
+    let (one, two) = (tar_of(&layer1()), tar_of(&layer3()));
+    oci_layout(&oci, &[Layer::new(&one, Comp::Gzip), Layer::new(&two, Comp::Zstd)], None);
+    let out = tmp.path().join("out");
+    let cached = |events: &RefCell<Vec<Progress>>| {
+        events.borrow().iter().filter(|p| matches!(p, Progress::Cached { .. })).count()
+    };
+    // Nothing there yet: converted, with a record beside each image.
+    let events = RefCell::new(Vec::new());
+    let first = parma_layer::build_reusing(&oci, None, &out, &|p| events.borrow_mut().push(p)).unwrap();
+    assert_eq!(cached(&events), 0);
+    for layer in &first.layers.layers {
+        assert!(out.join(format!("{}.json", layer.diff_id.hex())).is_file());
+    }
+    // Again: both reused, the same result.
+    let events = RefCell::new(Vec::new());
+    let again = parma_layer::build_reusing(&oci, None, &out, &|p| events.borrow_mut().push(p)).unwrap();
+    assert_eq!(cached(&events), 2);
+    assert_eq!(again, first);
+    check_output(&out);
+    no_temporaries(&out);
+
+    // The first image swapped for the second's, its record claiming it (a
+    // poisoned cache): build_reusing takes it (the guest would refuse its
+    // root hash), build converts it again and gives the true root hash.
+    let [a, b] = [&first.layers.layers[0], &first.layers.layers[1]];
+    let record = |layer: &parma_layer::LayerRecord| out.join(format!("{}.json", layer.diff_id.hex()));
+    std::fs::copy(out.join(&b.file), out.join(&a.file)).unwrap();
+    let mut forged: serde_json::Value = serde_json::from_slice(&std::fs::read(record(a)).unwrap()).unwrap();
+    forged["record"]["root_hash"] = b.root_hash.clone().into();
+    forged["record"]["file_size"] = b.file_size.into();
+    std::fs::write(record(a), serde_json::to_vec(&forged).unwrap()).unwrap();
+    let poisoned = parma_layer::build_reusing(&oci, None, &out, &|_| {}).unwrap();
+    assert_eq!(poisoned.layers.layers[0].root_hash, b.root_hash);
+    let events = RefCell::new(Vec::new());
+    let rebuilt = build(&oci, None, &out, &|p| events.borrow_mut().push(p)).unwrap();
+    assert_eq!(cached(&events), 0);
+    assert_eq!(rebuilt, first);
+    check_output(&out);
+
+    // An image changed after its record, of another size, another format,
+    // or a record that is not one: converted again.
+    let image = out.join(&a.file);
+    let bump = |path: &std::path::Path| {
+        let file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5)).unwrap();
+    };
+    bump(&image);
+    let mut format: serde_json::Value = serde_json::from_slice(&std::fs::read(record(b)).unwrap()).unwrap();
+    format["format"] = (parma_layer::IMAGE_FORMAT + 1).into();
+    std::fs::write(record(b), serde_json::to_vec(&format).unwrap()).unwrap();
+    let events = RefCell::new(Vec::new());
+    assert_eq!(parma_layer::build_reusing(&oci, None, &out, &|p| events.borrow_mut().push(p)).unwrap(), first);
+    assert_eq!(cached(&events), 0);
+    std::fs::OpenOptions::new().append(true).open(&image).unwrap().set_len(a.file_size + 4096).unwrap();
+    std::fs::write(record(b), b"not json").unwrap();
+    let events = RefCell::new(Vec::new());
+    assert_eq!(parma_layer::build_reusing(&oci, None, &out, &|p| events.borrow_mut().push(p)).unwrap(), first);
+    assert_eq!(cached(&events), 0);
+    check_output(&out);
+}
