@@ -357,12 +357,14 @@ impl Framework {
 
 /// Whether every `data` of the policy's text is the start of one of its
 /// bindings of an enforcement point to the framework (`RULE :=
-/// data.framework.RULE`): then nothing else in it reads the framework or
-/// any other document, and its rules mean the same alone as beside the
-/// framework. Any other use of `data` (an import, a reference, a variable
-/// so named) says no.
-fn self_contained(text: &str, bound: &[Point]) -> bool {
-    identifiers(text).filter(|ident| *ident == "data").count() == bound.len()
+/// data.framework.RULE`, `declared`: the points so bound that are rules of
+/// the policy, not a line of the same form inside a rule's body, which
+/// regorus says): then nothing else in it reads the framework or any other
+/// document, and its rules mean the same alone as beside the framework.
+/// Any other use of `data` (an import, a reference, a variable so named, a
+/// body's assignment from the framework) says no.
+fn self_contained(text: &str, declared: &[Point]) -> bool {
+    identifiers(text).filter(|ident| *ident == "data").count() == declared.len()
 }
 
 impl Engine {
@@ -422,22 +424,25 @@ impl Engine {
     fn load(framework: Framework, policy: &Policy) -> Result<Self, PolicyError> {
         let Framework { program, budget } = framework;
         let bound = bound_points(&policy.text);
-        if self_contained(&policy.text, &bound) {
-            // The policy alone: its data rules and the points it decides
-            // itself read nothing of the framework. The points it binds run
-            // the framework's program, which does not depend on the policy.
-            let mut rego = decision_engine(budget);
-            Self::add_policy(&mut rego, policy)?;
+        // The policy alone first: what it declares says whether it is
+        // self-contained.
+        let mut alone = decision_engine(budget);
+        Self::add_policy(&mut alone, policy)?;
+        let declared: Vec<Point> = bound
+            .iter()
+            .copied()
+            .filter(|point| alone.has_declared_rule_rooted_at("policy.rego", point.rule()).unwrap_or(false))
+            .collect();
+        if self_contained(&policy.text, &declared) {
+            // Its data rules and the points it decides itself read nothing
+            // of the framework. The points it binds run the framework's
+            // program, which does not depend on the policy.
+            let mut rego = alone;
             let data = policy_data(&mut rego)?;
-            let entry_points: Vec<Point> = bound
-                .into_iter()
-                .filter(|point| rego.has_declared_rule_rooted_at("policy.rego", point.rule()).unwrap_or(false))
-                .collect();
-            let vm = (!entry_points.is_empty())
-                .then(|| vm_of(program, data.clone(), budget, Entry::Framework))
-                .transpose()?;
+            let vm =
+                (!declared.is_empty()).then(|| vm_of(program, data.clone(), budget, Entry::Framework)).transpose()?;
             rego.add_data(data.clone()).map_err(|err| PolicyError::Rego(err.to_string()))?;
-            let entry_points = entry_points.into_iter().map(|point| format!("data.policy.{}", point.rule())).collect();
+            let entry_points = declared.into_iter().map(|point| format!("data.policy.{}", point.rule())).collect();
             return Ok(Self { rego, vm, entry_points, data, state: State::default(), policy_hash: policy.hash_hex() });
         }
         let mut rego = parsed_framework(budget)?;
@@ -1169,7 +1174,7 @@ mod tests {
             ("", "f(data) := data\n"),
         ] {
             let text = BOUND.replacen("import rego.v1\n", &format!("import rego.v1\n{import}"), 1) + extra;
-            assert!(!self_contained(&text, &bound_points(&text)), "{extra}");
+            assert!(!self_contained(&text, &bound_points(&text)), "{extra}: more data than bindings");
             let mut engine = Engine::new(&policy(&text)).unwrap();
             assert_eq!(on_vm(&engine), Some(Entry::Policy), "{extra}");
             let mut interpreter = Engine::with_backend(&policy(&text), DEFAULT_BUDGET, Backend::Interpreter).unwrap();
@@ -1181,6 +1186,24 @@ mod tests {
                 assert_eq!(x.allowed, hash == "aa", "{extra}: {x:?}");
             }
         }
+        // A line of a binding's form inside a rule's body is an assignment
+        // from the framework, not a binding: with the policy alone it would
+        // be undefined, and `not r` true. Compiled with the framework, it
+        // decides as the interpreter does.
+        let body = format!(
+            "{BOUND}\nr if {{\n\tevery k in [1] {{\n\t\tcreate_container := data.framework.create_container\n\t\tk == 1\n\t}}\n}}\n\n\
+             get_properties := {{\"allowed\": true}} if {{\n\tnot r\n}}\n"
+        );
+        assert!(bound_points(&body).contains(&Point::CreateContainer), "the line has a binding's form");
+        let mut engine = Engine::new(&policy(&body)).unwrap();
+        assert_eq!(on_vm(&engine), Some(Entry::Policy));
+        let mut interpreter = Engine::with_backend(&policy(&body), DEFAULT_BUDGET, Backend::Interpreter).unwrap();
+        let (x, y) = (
+            engine.decide(Point::GetProperties, &serde_json::json!({})),
+            interpreter.decide(Point::GetProperties, &serde_json::json!({})),
+        );
+        assert_eq!(x, y);
+        assert!(!x.allowed, "r holds beside the framework: {x:?}");
         assert!(self_contained(BOUND, &bound_points(BOUND)));
         // `data` in comments and strings is not a reference.
         let quiet = format!("{BOUND}# data.framework\nnote := \"data.framework\"\n");

@@ -39,7 +39,7 @@ use serde::Serialize;
 const REPS: usize = 42;
 const WARMUP: usize = 2;
 /// `parma run`s and plain boots.
-const RUNS: usize = 5;
+const RUNS: usize = 9;
 const READY: Duration = Duration::from_secs(90);
 /// Boots for each SetPolicy timing.
 const SET_POLICY_BOOTS: usize = 3;
