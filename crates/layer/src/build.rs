@@ -147,7 +147,9 @@ pub fn build(
 /// whose layers the guest checks against the policy's root hashes anyway,
 /// so a wrong image in `out` is refused there, not trusted. Never for
 /// computing a policy's root hashes (`build` converts every layer from
-/// the image's own, digest-checked, blobs).
+/// the image's own, digest-checked, blobs); the `layers.json` it writes
+/// carries the cached records, so root hashes for a policy are not taken
+/// from it either.
 pub fn build_reusing(
     oci: &Path,
     reference: Option<&str>,

@@ -95,6 +95,19 @@ pub enum PolicyError {
     /// Not UTF-8 text.
     #[error("policy is not UTF-8 text")]
     NotUtf8,
+    /// A control character other than tab, line feed and carriage return:
+    /// regorus stops reading at a NUL, so the rules after one would be
+    /// hashed into HOST_DATA (and read by a reviewer) but never enforced;
+    /// it refuses the others.
+    #[error(
+        "policy has the control character {byte:#04x} at byte {offset}: a policy is text (tab, newline, carriage return)"
+    )]
+    ControlCharacter {
+        /// The character.
+        byte: u8,
+        /// Where.
+        offset: usize,
+    },
     /// Rego that does not parse or compile.
     #[error("policy does not compile: {0}")]
     Rego(String),
@@ -147,6 +160,10 @@ impl Policy {
             return Err(PolicyError::TooLarge(bytes.len()));
         }
         let hash = Sha256::digest(&bytes).into();
+        let control = |byte: &u8| byte.is_ascii_control() && !matches!(byte, b'\t' | b'\n' | b'\r');
+        if let Some(offset) = bytes.iter().position(control) {
+            return Err(PolicyError::ControlCharacter { byte: bytes.get(offset).copied().unwrap_or_default(), offset });
+        }
         let text = String::from_utf8(bytes).map_err(|_| PolicyError::NotUtf8)?;
         Ok(Self { text, hash })
     }
@@ -319,7 +336,10 @@ impl Framework {
     /// engines with the default budget. Refused unless it is complete
     /// (regorus's format of this build), is the program of this crate's
     /// framework (its source, byte for byte) and has exactly one entry
-    /// point per enforcement point.
+    /// point per enforcement point. These checks catch a mistake (an image
+    /// another build made), not tampering: the compiled code itself is not
+    /// checked, so the bytes must come from where the agent's own do (the
+    /// measured initrd).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, PolicyError> {
         let error = |err: &dyn std::fmt::Display| PolicyError::Rego(format!("the framework's program: {err}"));
         let program = match regorus::rvm::Program::deserialize_binary(bytes).map_err(|err| error(&err))? {
@@ -1099,6 +1119,20 @@ mod tests {
 
     const BOUND: &str = "package policy\nimport rego.v1\n\ncontainers := [{\"name\": \"c\", \"layers\": [\"aa\"]}]\n\
         mount_device := data.framework.mount_device\nexec_external := {\"allowed\": input.argList == [\"/bin/ok\"]}\n";
+
+    #[test]
+    fn a_policy_is_text_without_control_characters() {
+        // After a NUL regorus reads nothing: these rules would be hashed, not enforced.
+        let err = Policy::from_bytes(b"package policy\n\0exec_external := true\n".to_vec()).unwrap_err();
+        assert!(matches!(err, PolicyError::ControlCharacter { byte: 0, offset: 15 }), "{err}");
+        for byte in [0x01u8, 0x1b, 0x7f] {
+            let err = Policy::from_bytes(vec![b'#', byte, b'\n']).unwrap_err().to_string();
+            assert!(err.contains(&format!("{byte:#04x} at byte 1")), "{err}");
+        }
+        let text = "package policy\r\n\nimport rego.v1\n\nexec_external := {\"allowed\":\ttrue}\r\n";
+        let mut engine = Engine::new(&Policy::from_bytes(text.as_bytes().to_vec()).unwrap()).unwrap();
+        assert!(engine.decide(Point::ExecExternal, &serde_json::json!({})).allowed);
+    }
 
     #[test]
     fn the_framework_program_round_trips_and_is_reproducible() {
