@@ -13,8 +13,9 @@
 //! - `SetPolicy` installs the execution policy once, only if its sha256 is
 //!   the HOST_DATA of this launch (on SNP from a fresh attestation report,
 //!   fetched before the host's Rego is parsed); a second one is denied.
-//!   The framework the policy binds to is parsed on a low-priority thread
-//!   from the agent's start, so that SetPolicy only adds the policy. A policy
+//!   The framework the policy binds to comes compiled in the image and is
+//!   read on a low-priority thread from the agent's start, so that
+//!   SetPolicy only adds the policy. A policy
 //!   whose hash differs, or that is HOST_DATA but does not compile, puts the
 //!   agent in lockdown: it refuses everything but `Ping`, `GuestInfo` and
 //!   `Shutdown`, saying why. Once it is in force, its
@@ -53,9 +54,9 @@ fn denied(message: impl Into<String>) -> AgentError {
 
 /// The framework being read (or compiled) on a thread of its own.
 #[derive(Debug)]
-struct Parsing {
-    parsed: Receiver<Result<Framework, PolicyError>>,
-    /// The parser's thread id (0 until it has started).
+struct Reading {
+    read: Receiver<Result<Framework, PolicyError>>,
+    /// The reader's thread id (0 until it has started).
     thread: Arc<AtomicI32>,
 }
 
@@ -65,7 +66,7 @@ pub struct Gate {
     engine: Option<Engine>,
     lockdown: Option<String>,
     /// The framework, read ahead of the policy; taken by SetPolicy.
-    framework: Option<Parsing>,
+    framework: Option<Reading>,
 }
 
 /// The lowest scheduling priority: background work the guest does when idle.
@@ -101,8 +102,8 @@ fn read_framework() -> Result<Framework, PolicyError> {
 /// Read the framework on a thread of its own at the lowest priority, so it
 /// takes only CPU the boot and the agent leave idle; once it is handed
 /// over, another such thread warms the engine up ([`warm_up`]).
-fn parse_framework() -> Option<Parsing> {
-    let (parsed, framework) = mpsc::sync_channel(1);
+fn read_framework_ahead() -> Option<Reading> {
+    let (read, framework) = mpsc::sync_channel(1);
     let thread = Arc::new(AtomicI32::new(0));
     let tid = thread.clone();
     let spawned = std::thread::Builder::new().name("framework".into()).spawn(move || {
@@ -111,7 +112,7 @@ fn parse_framework() -> Option<Parsing> {
         let result = read_framework();
         let warm = result.as_ref().ok().cloned();
         // No gate waiting any more (a policy was set without it): nothing to warm up for.
-        if parsed.send(result).is_ok()
+        if read.send(result).is_ok()
             && let Some(framework) = warm
         {
             let warming = std::thread::Builder::new().name("warm-up".into()).spawn(move || {
@@ -124,22 +125,22 @@ fn parse_framework() -> Option<Parsing> {
         }
     });
     match spawned {
-        Ok(_) => Some(Parsing { parsed: framework, thread }),
+        Ok(_) => Some(Reading { read: framework, thread }),
         Err(err) => {
             // SetPolicy parses it then.
-            tracing::warn!("cannot start the framework parser: {err}");
+            tracing::warn!("cannot start the framework reader: {err}");
             None
         }
     }
 }
 
-impl Parsing {
-    /// The parsed framework. A SetPolicy that comes before the parser is
+impl Reading {
+    /// The framework read. A SetPolicy that comes before the reader is
     /// done puts it back to normal priority and waits (else it would wait
     /// on a thread that gets CPU only when nothing else wants it).
     fn take(self) -> Result<Framework, PolicyError> {
-        match self.parsed.try_recv() {
-            Ok(parsed) => return parsed,
+        match self.read.try_recv() {
+            Ok(framework) => return framework,
             // The reader is gone (without the guest's panic=abort, a panic): read here.
             Err(TryRecvError::Disconnected) => return read_framework(),
             Err(TryRecvError::Empty) => {}
@@ -147,7 +148,7 @@ impl Parsing {
         if let Some(thread) = rustix::process::Pid::from_raw(self.thread.load(Ordering::Acquire)) {
             renice(Some(thread), 0);
         }
-        self.parsed.recv().unwrap_or_else(|_| read_framework())
+        self.read.recv().unwrap_or_else(|_| read_framework())
     }
 }
 
@@ -183,9 +184,9 @@ fn warm_up(framework: &Framework) {
 }
 
 impl Gate {
-    /// A gate with no policy, the framework already being parsed.
+    /// A gate with no policy, the framework already being read.
     pub fn new() -> Self {
-        Self { framework: parse_framework(), ..Self::default() }
+        Self { framework: read_framework_ahead(), ..Self::default() }
     }
 
     /// The sha256 of the policy in force, if any.
@@ -379,7 +380,7 @@ impl Gate {
             return Err(denied(reason));
         }
         // A reader that never started: read here.
-        let framework = self.framework.take().map_or_else(read_framework, Parsing::take);
+        let framework = self.framework.take().map_or_else(read_framework, Reading::take);
         let engine = match framework.and_then(|framework| Engine::with_framework(framework, &policy)) {
             Ok(engine) => engine,
             Err(err) => {
@@ -447,13 +448,13 @@ mod tests {
         let policy = "package policy\nget_properties := data.framework.get_properties\n\
                       allow_properties_access := false\n";
         let mut ahead = Gate::new();
-        // Whether or not the parser (and its warm-up) finished first.
+        // Whether or not the reader (and its warm-up) finished first.
         for gate in [&mut ahead, &mut Gate::default()] {
             assert_eq!(gate.set_policy(policy, hash_of(policy)), Ok(parma_policy::policy_hash(policy.as_bytes())));
             let err = gate.check(&Request::GuestInfo, &info_point()).unwrap_err();
             assert!(err.message.contains("allow_properties_access is false"), "{}", err.message);
         }
-        // A gate whose parser was never waited for is dropped cleanly (the
+        // A gate whose reader was never waited for is dropped cleanly (the
         // thread warms up and ends on its own).
         drop(Gate::new());
     }
