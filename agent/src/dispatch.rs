@@ -426,7 +426,7 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
                 endpoints.close(&container_id);
                 return Err(err.into());
             }
-            Ok(Response::Done)
+            Ok(Response::Created { policy_container: endpoint::policy_name(decisions, &container_id) })
         }
         Request::StartContainer { container_id } => {
             Ok(containers.start(&container_id).map(|pid| Response::Started { pid })?)

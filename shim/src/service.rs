@@ -412,7 +412,7 @@ fn create_in_guest(
             readonly_paths: spec.readonly_paths(),
             namespaces: spec.namespaces(),
         };
-        pod.with_client(|client| client.done(&request)).map_err(agent("cannot create the container"))
+        pod.with_client(|client| client.created(&request)).map(drop).map_err(agent("cannot create the container"))
     })();
     match result {
         Ok(()) => Ok((held, mounts.files.iter().map(|file| (file.path.clone(), file_digest(&file.data))).collect())),

@@ -105,11 +105,11 @@ fn a_container_gets_reports_of_its_own_and_no_other_container_or_the_host_gets_t
     // neighbour with its user could trace its processes and ask through them.
     client.mount_overlay("a", &layers, true)?;
     let attested = root(&[oci::ENTRYPOINT, "sleep", "600000"])?;
-    denied(client.done(&create_in("a", &attested, true)), "may not share the pod's PID namespace")?;
-    client.done(&create_in("a", &attested, false))?;
+    denied(client.created(&create_in("a", &attested, true)), "may not share the pod's PID namespace")?;
+    client.created(&create_in("a", &attested, false))?;
     client.start_container("a")?;
     client.mount_overlay("b", &layers, true)?;
-    client.done(&create_in("b", &root(&[oci::ENTRYPOINT, "sleep", "600001"])?, true))?;
+    client.created(&create_in("b", &root(&[oci::ENTRYPOINT, "sleep", "600001"])?, true))?;
     client.start_container("b")?;
 
     // The attested container's own report.
@@ -176,7 +176,7 @@ fn a_container_gets_reports_of_its_own_and_no_other_container_or_the_host_gets_t
         std::thread::sleep(Duration::from_millis(50));
     }
     client.delete_container("a")?;
-    client.done(&create_in("a", &root(&[oci::ENTRYPOINT, "sleep", "600001"])?, false))?;
+    client.created(&create_in("a", &root(&[oci::ENTRYPOINT, "sleep", "600001"])?, false))?;
     client.start_container("a")?;
     let out = exec(&mut client, "a", "attest", &root(&attest)?)?;
     ensure!(out.trim() == "attest=No such file or directory (os error 2)", "{out}");

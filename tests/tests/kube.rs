@@ -288,9 +288,9 @@ spec:
         (create(&process, &writable), "/etc/settings"),
         (create(&process, &mounts[..5]), "required"),
     ] {
-        parma_tests::denied(client.done(&request), what)?;
+        parma_tests::denied(client.created(&request), what)?;
     }
-    client.done(&create(&process, &mounts)).with_context(|| guest.serial())?;
+    client.created(&create(&process, &mounts)).with_context(|| guest.serial())?;
     client.start_container("app")?;
     let mut out = String::new();
     let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -83,7 +83,7 @@ fn two_containers_of_a_pod_share_its_network_ipc_and_host_name_and_nothing_else(
 
     // Not a pod yet: the pod's namespaces cannot be joined.
     client.mount_overlay("early", &layers, true)?;
-    let (code, message) = refused(client.done(&create("early", &process, cri_namespaces(), None)))?;
+    let (code, message) = refused(client.created(&create("early", &process, cri_namespaces(), None)))?;
     ensure!(code == ErrorCode::InvalidArgument && message.contains("not a pod"), "{code}: {message}");
 
     // The policy's sandbox rule (parma policy gen's default): RFC 1123 host
@@ -102,7 +102,7 @@ fn two_containers_of_a_pod_share_its_network_ipc_and_host_name_and_nothing_else(
         (vec![Namespace { kind: "mount".into(), path: Some("/proc/1/ns/mnt".into()) }], None, "cannot be joined"),
     ];
     for (namespaces, hostname, reason) in hostile {
-        let (code, message) = refused(client.done(&create("early", &process, namespaces, hostname)))?;
+        let (code, message) = refused(client.created(&create("early", &process, namespaces, hostname)))?;
         ensure!(code == ErrorCode::InvalidArgument && message.contains(reason), "{reason}: {code}: {message}");
     }
     client.unmount_overlay("early")?;
@@ -110,13 +110,13 @@ fn two_containers_of_a_pod_share_its_network_ipc_and_host_name_and_nothing_else(
     // The server first; the client finds the port taken in the shared
     // network namespace and reaches the server over the pod's loopback.
     client.mount_overlay("server", &layers, true)?;
-    client.done(&create("server", &process, cri_namespaces(), Some("pod-1")))?;
+    client.created(&create("server", &process, cri_namespaces(), Some("pod-1")))?;
     client.start_container("server")?;
     let server_head = read_until(&mut client, "server", "role=")?;
     ensure!(server_head.contains("role=server"), "{server_head}");
     client.mount_overlay("client", &layers, true)?;
     // No namespace list at all: still the pod's, never the agent's.
-    client.done(&create("client", &process, Vec::new(), None))?;
+    client.created(&create("client", &process, Vec::new(), None))?;
     client.start_container("client")?;
     let (client_out, _) = finish(&mut client, "client")?;
     let (server_rest, _) = finish(&mut client, "server")?;
@@ -242,7 +242,7 @@ fn a_pods_container_serves_the_host_through_the_nic_the_policy_allowed() -> anyh
     let args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
     let process = run::process_from_config(&fixture.built.config, &args)?;
     client.mount_overlay("web", &layers, true)?;
-    client.done(&create("web", &process, cri_namespaces(), None))?;
+    client.created(&create("web", &process, cri_namespaces(), None))?;
     client.start_container("web")?;
     let head = read_until(&mut client, "web", "role=")?;
     ensure!(head.contains("role=server"), "{head}");
@@ -440,12 +440,12 @@ fn containers_of_a_pod_that_shares_its_pid_namespace_see_each_other() -> anyhow:
     let sharing = sharing_pid();
 
     client.mount_overlay("server", &layers, true)?;
-    client.done(&create("server", &process, sharing.clone(), None))?;
+    client.created(&create("server", &process, sharing.clone(), None))?;
     client.start_container("server")?;
     let server_head = read_until(&mut client, "server", "role=")?;
     ensure!(server_head.contains("role=server"), "{server_head}");
     client.mount_overlay("client", &layers, true)?;
-    client.done(&create("client", &process, sharing, None))?;
+    client.created(&create("client", &process, sharing, None))?;
     client.start_container("client")?;
     let (client_out, _) = finish(&mut client, "client")?;
     let (server_rest, _) = finish(&mut client, "server")?;
@@ -459,7 +459,7 @@ fn containers_of_a_pod_that_shares_its_pid_namespace_see_each_other() -> anyhow:
 
     // Without the path, a container of the same pod keeps its own.
     client.mount_overlay("alone", &layers, true)?;
-    client.done(&create("alone", &process, cri_namespaces(), None))?;
+    client.created(&create("alone", &process, cri_namespaces(), None))?;
     client.start_container("alone")?;
     let alone_head = read_until(&mut client, "alone", "role=")?;
     let alone = facts(&alone_head);
@@ -477,7 +477,7 @@ fn containers_of_a_pod_that_shares_its_pid_namespace_see_each_other() -> anyhow:
     // process, unprivileged, before its execve) is killed after the launch
     // deadline at most: the agent answers throughout.
     client.mount_overlay("stopper", &layers, true)?;
-    client.done(&create("stopper", &process, sharing_pid(), None))?;
+    client.created(&create("stopper", &process, sharing_pid(), None))?;
     client.start_container("stopper")?;
     read_until(&mut client, "stopper", "role=server")?;
     let attack =
@@ -488,7 +488,7 @@ fn containers_of_a_pod_that_shares_its_pid_namespace_see_each_other() -> anyhow:
     for round in 0..3 {
         let id = format!("victim-{round}");
         client.mount_overlay(&id, &layers, true)?;
-        client.done(&create(&id, &process, sharing_pid(), None))?;
+        client.created(&create(&id, &process, sharing_pid(), None))?;
         let began = Instant::now();
         let started = client.start_container(&id);
         let took = began.elapsed();
@@ -511,7 +511,7 @@ fn containers_of_a_pod_that_shares_its_pid_namespace_see_each_other() -> anyhow:
     client.unmount_overlay("stopper")?;
     // The pod works on: a member starts and sees the holder and itself.
     client.mount_overlay("after", &layers, true)?;
-    client.done(&create("after", &process, sharing_pid(), None))?;
+    client.created(&create("after", &process, sharing_pid(), None))?;
     client.start_container("after")?;
     let after = facts(&read_until(&mut client, "after", "role=server")?);
     ensure!(after.get("pids").map(String::as_str) == Some("2"), "{after:?}");

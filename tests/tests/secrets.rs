@@ -212,7 +212,7 @@ fn a_listed_container_starts_with_its_secret_and_nothing_else_gets_one() -> anyh
     };
     let (url, pin) = (url(&good), good.pin().to_string());
     client.mount_overlay("a", &layers, true)?;
-    client.done(&create("a", &process(&reader)?))?;
+    client.created(&create("a", &process(&reader)?))?;
 
     // Refused by the policy before any byte goes out: another resource,
     // another file name, another pin, a container that lists none.
@@ -221,7 +221,7 @@ fn a_listed_container_starts_with_its_secret_and_nothing_else_gets_one() -> anyh
     denied(client.done(&provision("a", &url, &pin, RESOURCE, "other")), "lists no secret")?;
     denied(client.done(&provision("a", &url, &"ab".repeat(32), RESOURCE, "db")), "lists no secret")?;
     client.mount_overlay("b", &layers, true)?;
-    client.done(&create("b", &process(&["/bin/cat", "/etc/passwd"])?))?;
+    client.created(&create("b", &process(&["/bin/cat", "/etc/passwd"])?))?;
     denied(client.done(&provision("b", &url, &pin, RESOURCE, "db")), "lists no secret")?;
     let (code, message) = refused(client.done(&provision("a", &url, &pin, RESOURCE, "../db")))?;
     ensure!(code == ErrorCode::Malformed && message.contains("file name"), "{code}: {message}");
@@ -315,12 +315,12 @@ fn a_pod_fetches_its_secret_over_its_own_network() -> anyhow::Result<()> {
     (process.uid, process.gid, process.groups) = (1000, 1000, Vec::new());
     client.mount_overlay("a", &layers, true)?;
     let request = parma_tests::create_request("a", &process, parma_tests::cri_namespaces(false));
-    client.done(&request)?;
+    client.created(&request)?;
     let address = format!("{peer}:{}", broker.address().port());
     // A container in the pod's shared PID namespace gets no secret: its
     // neighbours could read it through /proc/PID/root.
     client.mount_overlay("s", &layers, true)?;
-    client.done(&parma_tests::create_request("s", &process, parma_tests::cri_namespaces(true)))?;
+    client.created(&parma_tests::create_request("s", &process, parma_tests::cri_namespaces(true)))?;
     let outcome = client.provision_secret("s", &url(&broker), broker.pin(), RESOURCE, "db", Some(&address));
     denied(outcome, "shares the pod's PID namespace")?;
     ensure!(broker.log().is_empty(), "bytes went out: {:?}", broker.log());
@@ -338,5 +338,49 @@ fn a_pod_fetches_its_secret_over_its_own_network() -> anyhow::Result<()> {
     client.shutdown()?;
     guest.wait_exit(Duration::from_secs(60))?;
     drop(attached);
+    Ok(())
+}
+
+/// `parma run --netns`: the secrets the policy lists for the container are
+/// provisioned before it starts, over the pod's network, with no request
+/// of the user's naming them (the agent says which entry the container was
+/// created as; `--broker-address` gives the route to a broker whose name
+/// this host cannot resolve). Without a network `parma run` says what it
+/// needs, and no byte goes to the broker.
+#[test]
+fn parma_run_provisions_the_secrets_the_policy_lists_for_its_container() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let parma = paths.repo.join("target/release/parma");
+    ensure!(parma.is_file(), "{} is missing: make test builds it (cargo build --release -p parma)", parma.display());
+    let hello = paths.guest_binary("oci-hello")?;
+    let namespaces = parma_tests::netns::CniNamespaces::new("kbsrun")?;
+    let peer = std::net::Ipv4Addr::from(parma_tests::netns::CniNamespaces::OUTSIDE_ADDRESS);
+    let broker = namespaces.in_peer(|| Broker::start_on(config([0; 32]), NAME, (peer, 0).into()))?;
+    let reader = ["/bin/cat", "/dev/parma/secrets/db"];
+    let spec = json!({"name": "reader", "command": reader, "signals": [9],
+        "secrets": [{"broker": "good", "resource": RESOURCE, "file": "db"}],
+        "brokers": [{"name": "good", "url": url(&broker), "certificate_sha256": broker.pin()}]});
+    let fixture = oci::PolicyFixture::with_spec(&hello, spec)?;
+    let text = std::fs::read(&fixture.policy)?;
+    broker.expect_host_data(parma_policy::Policy::from_bytes(text)?.hash());
+    let pod_path = parma_tests::netns::CniNamespaces::path(&namespaces.pod);
+    let route = format!("good={peer}:{}", broker.address().port());
+
+    // No network: refused after the create, before a byte goes out.
+    let out = fixture.parma_run(&parma, &paths.uvm).args(["-q", "--"]).args(reader).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(125), "{}: {stderr}", out.status);
+    ensure!(stderr.contains("secrets from broker \"good\"") && stderr.contains("--netns"), "{stderr}");
+    ensure!(broker.log().is_empty(), "bytes went out: {:?}", broker.log());
+
+    let out = fixture
+        .parma_run(&parma, &paths.uvm)
+        .args(["-q", "--netns", &pod_path, "--broker-address", &route, "--"])
+        .args(reader)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(0), "{}: {stderr}\n{:?}", out.status, broker.log());
+    ensure!(out.stdout == SECRET, "{:?}", String::from_utf8_lossy(&out.stdout));
+    ensure!(broker.released() == [RESOURCE], "{:?}", broker.log());
     Ok(())
 }

@@ -78,6 +78,14 @@ pub struct RunArgs {
     /// the veth's MAC, addresses and routes, as the policy allows.
     #[arg(long, conflicts_with = "publish")]
     netns: Option<std::path::PathBuf>,
+    /// Where the pod reaches a key broker of the policy, NAME=IP:PORT
+    /// (repeatable; NAME as in the policy's `brokers`). The secrets the
+    /// policy lists for the container are provisioned before it starts,
+    /// over the pod's network (--netns); a broker not named here is
+    /// reached at its URL's host, resolved on this host. Only a route: TLS
+    /// and the policy's pin decide who the broker is
+    #[arg(long = "broker-address", value_name = "NAME=IP:PORT", value_parser = broker_address, requires = "netns")]
+    broker_addresses: Vec<(String, std::net::SocketAddr)>,
     /// Give up on the container after this long (`90s`, `10m`, or seconds).
     #[arg(long, default_value = "10m", value_parser = duration)]
     timeout: Duration,
@@ -139,6 +147,7 @@ fn run(args: RunArgs) -> Result<i32, RunError> {
         args: args.args,
         publish: args.publish,
         netns: args.netns,
+        broker_addresses: args.broker_addresses,
         ..RunOptions::new(args.uvm, args.policy, args.oci)
     };
     let mut forward = terminal::HostForward::install(args.tty).map_err(RunError::Failed)?;
@@ -153,6 +162,7 @@ fn run(args: RunArgs) -> Result<i32, RunError> {
         Step::PolicySet(sha256) => progress.line(&format!("policy {sha256} in force")),
         Step::LayersMounted => progress.line("layers mounted through dm-verity"),
         Step::OverlayMounted | Step::Created => {}
+        Step::SecretProvisioned(file) => progress.line(&format!("secret {file} provisioned")),
         Step::Started(pid) => {
             progress.line(&format!("container started (pid {pid} in the guest)"));
             if args.tty {
@@ -168,4 +178,14 @@ fn run(args: RunArgs) -> Result<i32, RunError> {
     });
     drop(raw);
     Ok(outcome?.exit_code)
+}
+
+/// `NAME=IP:PORT` for `--broker-address`.
+fn broker_address(text: &str) -> Result<(String, std::net::SocketAddr), String> {
+    let (name, address) = text.split_once('=').ok_or_else(|| format!("{text:?} is not NAME=IP:PORT"))?;
+    if name.is_empty() {
+        return Err(format!("{text:?} has no broker name before '='"));
+    }
+    let address = address.parse().map_err(|err| format!("{address:?} is not IP:PORT: {err}"))?;
+    Ok((name.to_string(), address))
 }

@@ -456,20 +456,33 @@ impl Client {
         self.done(&Request::UnmountOverlay { container_id: container_id.into() })
     }
 
-    /// `CreateContainer` with no limits.
-    pub fn create_container(&mut self, container_id: &str, process: &ProcessSpec) -> Result<(), ClientError> {
+    /// `CreateContainer` with no limits ([`Client::created`]'s answer).
+    pub fn create_container(
+        &mut self,
+        container_id: &str,
+        process: &ProcessSpec,
+    ) -> Result<Option<String>, ClientError> {
         self.create_container_with(container_id, process, None, &[])
     }
 
-    /// `CreateContainer` with cgroup limits and mounts.
+    /// A `CreateContainer` request: returns the policy's container entry it
+    /// was created as, when the policy's decision names one.
+    pub fn created(&mut self, request: &Request) -> Result<Option<String>, ClientError> {
+        match self.call(request)? {
+            Response::Created { policy_container } => Ok(policy_container),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `CreateContainer` with cgroup limits and mounts ([`Client::created`]'s answer).
     pub fn create_container_with(
         &mut self,
         container_id: &str,
         process: &ProcessSpec,
         resources: Option<Resources>,
         mounts: &[Mount],
-    ) -> Result<(), ClientError> {
-        self.done(&Request::CreateContainer {
+    ) -> Result<Option<String>, ClientError> {
+        self.created(&Request::CreateContainer {
             container_id: container_id.into(),
             process: process.clone(),
             hostname: None,

@@ -4,6 +4,7 @@
 //! down. Tests and benchmarks use the same functions.
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -77,6 +78,11 @@ pub struct RunOptions {
     /// `/var/run/netns/NAME`): the UVM becomes a pod whose NIC is a tap
     /// connected to the namespace's veth, with its MAC, addresses and routes.
     pub netns: Option<PathBuf>,
+    /// Where the pod reaches a key broker (`--broker-address NAME=IP:PORT`),
+    /// by the broker's name in the policy; a broker not named here is
+    /// reached at its URL's host, resolved on this host. Only a route: TLS
+    /// and the policy's pin decide who the broker is.
+    pub broker_addresses: Vec<(String, SocketAddr)>,
 }
 
 impl RunOptions {
@@ -103,6 +109,7 @@ impl RunOptions {
             args: Vec::new(),
             publish: Vec::new(),
             netns: None,
+            broker_addresses: Vec::new(),
         }
     }
 }
@@ -203,6 +210,9 @@ pub enum Step<'a> {
     OverlayMounted,
     /// The container is created.
     Created,
+    /// The agent holds a secret the policy lists for the container (its
+    /// file in `/dev/parma/secrets/`).
+    SecretProvisioned(&'a str),
     /// The container started.
     Started(i32),
     /// The container's process ended.
@@ -376,6 +386,70 @@ pub fn run(options: &RunOptions, io: RunIo<'_>, progress: &dyn Fn(Step<'_>)) -> 
     Ok(Outcome { exit_code: exit_code(&status), status, ready_after, stopped })
 }
 
+/// Ask the agent for each secret the policy lists for the container's
+/// entry `entry`, over the pod's network (`parma run` gives the UVM no
+/// vsock to relay through). Each is decided in the guest on its own.
+fn provision_secrets(
+    client: &mut Client,
+    options: &RunOptions,
+    policy: &str,
+    id: &str,
+    entry: &str,
+    progress: &dyn Fn(Step<'_>),
+) -> Result<(), RunError> {
+    let policy = parma_policy::Policy::from_bytes(policy.as_bytes().to_vec()).map_err(anyhow::Error::from)?;
+    let listed = parma_policy::listed_secrets(&policy, entry).map_err(anyhow::Error::from)?;
+    let Some(first) = listed.first() else { return Ok(()) };
+    if options.netns.is_none() {
+        return Err(RunError::Usage(format!(
+            "the policy gives container {entry:?} secrets from broker {:?}, which the UVM reaches over the pod's \
+             network: give --netns (and --broker-address NAME=IP:PORT where this host cannot resolve the broker)",
+            first.broker.name
+        )));
+    }
+    for listed in &listed {
+        let address = broker_address(options, &listed.broker)?;
+        client
+            .provision_secret(
+                id,
+                &listed.broker.url,
+                &listed.broker.certificate_sha256,
+                &listed.secret.resource,
+                &listed.secret.file,
+                Some(&address.to_string()),
+            )
+            .map_err(|err| RunError::of("cannot provision a secret", err))?;
+        progress(Step::SecretProvisioned(&listed.secret.file));
+    }
+    Ok(())
+}
+
+/// Where the pod reaches `broker`: the address given for its name, else
+/// its URL's host (`https://HOST[:PORT]`, 443 by default) resolved here.
+fn broker_address(options: &RunOptions, broker: &parma_policy::data::Broker) -> Result<SocketAddr, RunError> {
+    if let Some((_, address)) = options.broker_addresses.iter().find(|(name, _)| *name == broker.name) {
+        return Ok(*address);
+    }
+    let authority = broker.url.strip_prefix("https://").map(|rest| rest.split('/').next().unwrap_or(rest));
+    let Some(authority) = authority.filter(|a| !a.is_empty()) else {
+        return Err(
+            anyhow::anyhow!("broker {:?}: its URL {:?} is not https://HOST[:PORT]", broker.name, broker.url).into()
+        );
+    };
+    let with_port = if authority.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) {
+        authority.to_string()
+    } else {
+        format!("{authority}:443")
+    };
+    use std::net::ToSocketAddrs as _;
+    with_port.to_socket_addrs().ok().and_then(|mut found| found.next()).ok_or_else(|| {
+        RunError::Usage(format!(
+            "broker {:?}: cannot resolve {authority} on this host: give --broker-address {}=IP:PORT",
+            broker.name, broker.name
+        ))
+    })
+}
+
 /// [`run`] once QEMU runs: everything through the agent.
 #[allow(clippy::too_many_arguments)]
 fn drive(
@@ -412,10 +486,13 @@ fn drive(
     let names: Vec<String> = (0..built.layers.layers.len()).map(layer_name).collect();
     client.mount_overlay(id, &names, true).map_err(|err| RunError::of("cannot mount the container's overlay", err))?;
     progress(Step::OverlayMounted);
-    client
+    let entry = client
         .create_container_with(id, process, None, &options.mounts)
         .map_err(|err| RunError::of("cannot create the container", err))?;
     progress(Step::Created);
+    if let Some(entry) = entry {
+        provision_secrets(&mut client, options, policy, id, &entry, progress)?;
+    }
     let pid = client.start_container(id).map_err(|err| RunError::of("cannot start the container", err))?;
     progress(Step::Started(pid));
     let RunIo { stdin, stdout, stderr, forward } = io;

@@ -120,6 +120,15 @@ pub enum PolicyError {
     /// A container without a name.
     #[error("container {0} of the policy has no name (a string)")]
     UnnamedContainer(usize),
+    /// A container's secrets, or the brokers they name, are not of the
+    /// form `docs/policy.md` gives.
+    #[error("the secrets of container {container}: {reason}")]
+    BadSecrets {
+        /// The container's name.
+        container: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A pattern (an re2 env rule, a mount source) that is not a valid regular expression.
     #[error("{what} pattern {pattern:?} is not a valid regular expression: {reason}")]
     BadPattern {
@@ -130,6 +139,63 @@ pub enum PolicyError {
         /// Why.
         reason: String,
     },
+}
+
+/// A secret the policy lists for one of its containers, with the broker
+/// it comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedSecret {
+    /// The container's rule.
+    pub secret: data::SecretRule,
+    /// The policy's broker it names.
+    pub broker: data::Broker,
+}
+
+/// The secrets the policy lists for its container `name` (none when no
+/// container has that name), from the policy's data evaluated as the
+/// agent evaluates it: what a host asks the agent to provision before the
+/// container starts. Each request is still decided on its own in the
+/// guest (`release_secret`); this only says what to ask for.
+pub fn listed_secrets(policy: &Policy, name: &str) -> Result<Vec<ListedSecret>, PolicyError> {
+    let mut rego = parsed_framework(DEFAULT_BUDGET)?;
+    Engine::add_policy(&mut rego, policy)?;
+    let data = policy_data(&mut rego)?;
+    // Absent (undefined) or null: none.
+    let json = |value: &regorus::Value| match value {
+        regorus::Value::Undefined | regorus::Value::Null => serde_json::Value::Null,
+        value => serde_json::to_value(value).unwrap_or(serde_json::Value::Null),
+    };
+    let fields = &data[POLICY_DATA];
+    let bad = |reason: String| PolicyError::BadSecrets { container: name.to_string(), reason };
+    let container = match &fields["containers"] {
+        regorus::Value::Array(containers) => {
+            containers.iter().find(|container| container["name"].as_string().is_ok_and(|n| n.as_ref() == name))
+        }
+        _ => None,
+    };
+    let Some(container) = container else { return Ok(Vec::new()) };
+    let secrets: Vec<data::SecretRule> = match json(&container["secrets"]) {
+        serde_json::Value::Null => Vec::new(),
+        value => serde_json::from_value(value).map_err(|err| bad(format!("not a list of secret rules: {err}")))?,
+    };
+    if secrets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let brokers: Vec<data::Broker> = match json(&fields["brokers"]) {
+        serde_json::Value::Null => Vec::new(),
+        value => serde_json::from_value(value).map_err(|err| bad(format!("the policy's brokers: {err}")))?,
+    };
+    secrets
+        .into_iter()
+        .map(|secret| {
+            let broker = brokers
+                .iter()
+                .find(|broker| broker.name == secret.broker)
+                .cloned()
+                .ok_or_else(|| bad(format!("broker {:?} is not among the policy's brokers", secret.broker)))?;
+            Ok(ListedSecret { secret, broker })
+        })
+        .collect()
 }
 
 /// Check that `pattern` parses as regorus will compile it (anchored).
@@ -1119,6 +1185,39 @@ mod tests {
 
     const BOUND: &str = "package policy\nimport rego.v1\n\ncontainers := [{\"name\": \"c\", \"layers\": [\"aa\"]}]\n\
         mount_device := data.framework.mount_device\nexec_external := {\"allowed\": input.argList == [\"/bin/ok\"]}\n";
+
+    #[test]
+    fn a_host_reads_the_secrets_the_policy_lists_for_a_container() {
+        let text = |secrets: &str, brokers: &str| {
+            policy(&format!(
+                "package policy\nimport rego.v1\n\ncontainers := [\n  {{\"name\": \"web\", \"layers\": [\"aa\"], \"secrets\": {secrets}}},\n  \
+                 {{\"name\": \"plain\", \"layers\": [\"aa\"]}},\n]\n{brokers}\n"
+            ))
+        };
+        let brokers =
+            "brokers := [{\"name\": \"kbs\", \"url\": \"https://kbs.example:8080\", \"certificate_sha256\": \"ab\"}]";
+        let one = "[{\"broker\": \"kbs\", \"resource\": \"default/db/password\", \"file\": \"db\"}]";
+        let listed = listed_secrets(&text(one, brokers), "web").unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].secret.resource, "default/db/password");
+        assert_eq!(listed[0].secret.file, "db");
+        assert_eq!(listed[0].broker.url, "https://kbs.example:8080");
+        assert_eq!(listed[0].broker.certificate_sha256, "ab");
+        // A container without secrets, and a name no container has: none.
+        assert!(listed_secrets(&text(one, brokers), "plain").unwrap().is_empty());
+        assert!(listed_secrets(&text(one, brokers), "nobody").unwrap().is_empty());
+        // A broker the policy does not list, and a malformed rule: an error, not nothing.
+        let err = listed_secrets(&text(one, "brokers := []"), "web").unwrap_err().to_string();
+        assert!(err.contains("broker \"kbs\" is not among the policy's brokers"), "{err}");
+        let err = listed_secrets(&text("[{\"broker\": \"kbs\"}]", brokers), "web").unwrap_err().to_string();
+        assert!(err.contains("the secrets of container web: not a list of secret rules"), "{err}");
+        // Computed data is evaluated, as in the guest.
+        let computed = text(
+            "[{\"broker\": \"kbs\", \"resource\": concat(\"/\", [\"a\", \"b\", \"c\"]), \"file\": \"x\"}]",
+            brokers,
+        );
+        assert_eq!(listed_secrets(&computed, "web").unwrap()[0].secret.resource, "a/b/c");
+    }
 
     #[test]
     fn a_policy_is_text_without_control_characters() {

@@ -664,6 +664,15 @@ pub enum Response {
         /// Usable bytes.
         bytes: u64,
     },
+    /// Answer to [`Request::CreateContainer`]: created, not started.
+    Created {
+        /// The policy's container entry it was created as (its `name`),
+        /// when the policy's decision names one: what a host looks up the
+        /// container's secrets by. The policy is the host's own document;
+        /// this says which of its entries matched.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy_container: Option<String>,
+    },
     /// Answer to [`Request::StartContainer`] and [`Request::ExecProcess`].
     Started {
         /// The process's PID in the guest.
@@ -704,7 +713,7 @@ pub enum Response {
     /// Answer to [`Request::ContainerStats`] (boxed: the largest answer).
     Stats(Box<ContainerStats>),
     /// Answer to requests that return nothing but success (unmounts,
-    /// create, signal, delete).
+    /// signal, delete).
     Done,
     /// The request was refused or failed.
     Error(AgentError),
