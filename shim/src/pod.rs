@@ -93,6 +93,10 @@ pub struct Pod {
     /// The tap on the pod's network namespace and its redirects, removed
     /// when the pod goes.
     _network: Option<parma_host::netns::Attached>,
+    /// The pod's policy: what secrets its containers are listed for.
+    pub policy: parma_policy::Policy,
+    /// Where the UVM reaches key brokers.
+    pub routes: parma_host::secrets::Routes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +125,8 @@ impl Pod {
         let policy = policy_of(spec)?;
         let parsed = parma_policy::Policy::from_bytes(policy.clone().into_bytes())
             .map_err(|err| PodError::Refused(format!("the pod's policy does not load: {err}")))?;
+        let broker_addresses =
+            parma_host::secrets::addresses_from_annotations(&spec.annotations).map_err(PodError::Refused)?;
         let accel = config.accel().map_err(PodError::Refused)?;
         let mut vm_config = VmConfig::new(&config.uvm, "unused");
         vm_config.qemu = config.qemu.clone();
@@ -186,7 +192,9 @@ impl Pod {
                 client: Mutex::new(client),
                 slots: Mutex::new(vec![Slot::Free; usize::from(config.hotplug_slots)]),
                 layers: Mutex::new(std::collections::HashMap::new()),
+                routes: parma_host::secrets::Routes { networked: attached.is_some(), addresses: broker_addresses },
                 _network: attached,
+                policy: parsed,
             }),
             Err(err) => {
                 let serial = vm.serial();

@@ -412,7 +412,30 @@ fn create_in_guest(
             readonly_paths: spec.readonly_paths(),
             namespaces: spec.namespaces(),
         };
-        pod.with_client(|client| client.created(&request)).map(drop).map_err(agent("cannot create the container"))
+        let entry = pod.with_client(|client| client.created(&request)).map_err(agent("cannot create the container"))?;
+        // The secrets the policy lists for the container, before it starts.
+        if let Some(entry) = entry {
+            pod.with_client(|client| {
+                parma_host::secrets::provision(client, &pod.policy, id, &entry, &pod.routes, &|listed| {
+                    tracing::info!(
+                        "{id}: secret {} from broker {:?} provisioned",
+                        listed.secret.file,
+                        listed.broker.name
+                    );
+                })
+            })
+            .map_err(|err| match err {
+                parma_host::secrets::SecretError::Agent { source, broker, file } => {
+                    PodError::Agent { what: format!("cannot provision secret {file:?} from broker {broker:?}"), source }
+                }
+                err @ parma_host::secrets::SecretError::Unresolved { .. } => PodError::Refused(format!(
+                    "{err}: annotate the pod {}NAME: IP:PORT",
+                    parma_host::secrets::BROKER_ADDRESS_ANNOTATION_PREFIX
+                )),
+                err => PodError::Refused(err.to_string()),
+            })?;
+        }
+        Ok(())
     })();
     match result {
         Ok(()) => Ok((held, mounts.files.iter().map(|file| (file.path.clone(), file_digest(&file.data))).collect())),

@@ -276,7 +276,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     default_runtime_name = "{HANDLER}"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}]
       runtime_type = "io.containerd.parma.v2"
-      pod_annotations = ["io.parma.policy"]"#
+      pod_annotations = ["io.parma.*"]"#
                 ),
                 Setup::Installed { .. } => String::new(),
             },

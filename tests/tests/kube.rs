@@ -185,6 +185,59 @@ fn what_a_confidential_pod_cannot_have_is_refused_by_name() -> anyhow::Result<()
     Ok(())
 }
 
+/// A pod's annotations give its containers secrets from its brokers
+/// (`io.parma.brokers`, `io.parma.secrets.CONTAINER`): the policy lists
+/// them as `--spec` would, and the runtime's reading of the policy finds
+/// them; an annotation for a container the pod does not have, a broker it
+/// does not list, or malformed JSON is refused by name.
+#[test]
+fn a_pods_annotations_give_its_containers_secrets_from_its_brokers() -> anyhow::Result<()> {
+    let paths = Paths::get();
+    let dir = tempfile::tempdir()?;
+    let image = oci::build_test_image(&dir.path().join("oci"), &paths.guest_binary("oci-hello")?)?;
+    let images = Images::parse(&[format!("img={}", image.layout.display())])?;
+    let layers = dir.path().join("layers");
+    let brokers = r#"[{"name": "trustee", "url": "https://kbs.example:8080", "certificate_sha256": "ab"}]"#;
+    let secrets = r#"[{"broker": "trustee", "resource": "default/db/password", "file": "db"}]"#;
+    let pod = |annotations: &[(&str, &str)]| {
+        let annotations: serde_json::Map<String, Value> =
+            annotations.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
+        let metadata = serde_json::json!({"name": "p", "annotations": annotations});
+        format!(
+            "kind: Pod\nmetadata: {metadata}\nspec:\n  containers: [{{name: app, image: img}}, {{name: other, image: img}}]\n"
+        )
+    };
+    let (policies, _) =
+        generate_pod(&pod(&[("io.parma.brokers", brokers), ("io.parma.secrets.app", secrets)]), &images, &layers)?;
+    let policy = parma_policy::Policy::from_bytes(policies[0].policy.clone().into_bytes())?;
+    let listed = parma_policy::listed_secrets(&policy, "app")?;
+    ensure!(listed.len() == 1, "{listed:?}");
+    ensure!(listed[0].secret.resource == "default/db/password" && listed[0].secret.file == "db", "{listed:?}");
+    ensure!(listed[0].broker.url == "https://kbs.example:8080" && listed[0].broker.certificate_sha256 == "ab");
+    ensure!(parma_policy::listed_secrets(&policy, "other")?.is_empty(), "only app has secrets");
+    parma_policy::Engine::new(&policy)?;
+
+    for (annotations, reason) in [
+        (
+            vec![("io.parma.brokers", brokers), ("io.parma.secrets.ghost", secrets)],
+            "io.parma.secrets.ghost names no container",
+        ),
+        (
+            vec![("io.parma.secrets.app", secrets)],
+            "from broker \"trustee\", which annotation io.parma.brokers does not list",
+        ),
+        (vec![("io.parma.brokers", "{"), ("io.parma.secrets.app", secrets)], "io.parma.brokers is not a JSON list"),
+        (
+            vec![("io.parma.brokers", brokers), ("io.parma.secrets.app", "[{}]")],
+            "io.parma.secrets.app is not a JSON list",
+        ),
+    ] {
+        let err = generate_pod(&pod(&annotations), &images, &layers).unwrap_err();
+        ensure!(format!("{err:#}").contains(reason), "{reason}: {err:#}");
+    }
+    Ok(())
+}
+
 /// The contract with the runtime, in a UVM: the policy `--pod` wrote admits
 /// what kubelet and the CRI ask for this pod (written out here by hand, as
 /// the shim will send them: the pod, the files kubelet hands in, the

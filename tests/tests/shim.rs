@@ -113,6 +113,11 @@ struct Fixture {
 
 impl Fixture {
     async fn new() -> anyhow::Result<Self> {
+        Self::with_pod(POD).await
+    }
+
+    /// The fixture for a variant of [`POD`] (its app as [`POD`]'s).
+    async fn with_pod(pod: &str) -> anyhow::Result<Self> {
         let paths = Paths::get();
         let shim = paths.repo.join("target/release/containerd-shim-parma-v2");
         ensure!(shim.is_file(), "{} is missing: make test builds it", shim.display());
@@ -120,7 +125,7 @@ impl Fixture {
         let image = oci::build_test_image(&dir.path().join("oci"), &paths.guest_binary("oci-hello")?)?;
         let images = Images::parse(&[format!("{}={}", oci::REF_NAME, image.layout.display())])?;
         let layers_dir = dir.path().join("layers");
-        let (policies, _) = generate_pod(POD, &images, &layers_dir)?;
+        let (policies, _) = generate_pod(pod, &images, &layers_dir)?;
         let built = parma_layer::build(&image.layout, None, &layers_dir, &|_| {})?;
         // As the parma snapshotter hands them over: one bind of the users
         // files whose options name the layers, base first.
@@ -181,6 +186,23 @@ impl Fixture {
     }
 
     fn sandbox_spec(&self) -> Value {
+        self.sandbox_spec_on(None, &[])
+    }
+
+    /// The sandbox's spec with the network namespace at `netns` (as CNI
+    /// prepared it) and `annotations` besides the policy.
+    fn sandbox_spec_on(&self, netns: Option<&str>, annotations: &[(&str, String)]) -> Value {
+        let mut spec = self.pod_sandbox_spec();
+        if let Some(path) = netns {
+            spec["linux"]["namespaces"][4]["path"] = json!(path);
+        }
+        for (key, value) in annotations {
+            spec["annotations"][*key] = json!(value);
+        }
+        spec
+    }
+
+    fn pod_sandbox_spec(&self) -> Value {
         json!({
             "ociVersion": "1.0.2-dev",
             "process": {"args": ["/pause"], "cwd": "/", "user": {"uid": 65535, "gid": 65535}},
@@ -540,6 +562,108 @@ fn a_uvm_that_dies_ends_the_pods_processes() -> anyhow::Result<()> {
         ensure!(waited.exit_status == 255, "{waited:?}");
         let state = task.state(ctx(), &StateRequest { id: SANDBOX.into(), ..Default::default() }).await?;
         ensure!(state.status.enum_value() == Ok(Status::STOPPED), "{state:?}");
+        anyhow::Ok(())
+    })
+}
+
+/// [`POD`] with a secret for its app (from the pod's annotations, as
+/// `parma policy gen --pod` reads them) and a startup probe that reads it.
+const SECRETS_POD: &str = r#"
+kind: Pod
+metadata:
+  name: web-1
+  annotations:
+    io.parma.brokers: '[{"name": "good", "url": "URL", "certificate_sha256": "PIN"}]'
+    io.parma.secrets.app: '[{"broker": "good", "resource": "default/db/password", "file": "db"}]'
+spec:
+  volumes: [{name: cache, emptyDir: {}}, {name: settings, configMap: {name: settings}}]
+  containers:
+    - name: app
+      image: parma-test:1
+      args: ["pod", "8080"]
+      env: [{name: MODE, value: fast}]
+      volumeMounts:
+        - {name: cache, mountPath: /cache}
+        - {name: settings, mountPath: /etc/settings}
+      startupProbe:
+        exec: {command: [/bin/cat, /dev/parma/secrets/db]}
+"#;
+
+/// The shim asks for the secrets the pod's policy lists for a container
+/// between its create and its start, over the pod's network (a CNI-style
+/// namespace, the broker in its peer, the route from the pod's
+/// `io.parma.broker-address.NAME` annotation, as a cluster-internal broker
+/// name does not resolve on the node): the container reads its secret.
+#[test]
+fn the_shim_provisions_the_secrets_the_pods_policy_lists() -> anyhow::Result<()> {
+    use parma_tests::broker::{Broker, Config};
+    use parma_tests::netns::CniNamespaces;
+    const SECRET: &[u8] = b"correct horse battery staple";
+    let namespaces = CniNamespaces::new("shimkbs")?;
+    let peer = std::net::Ipv4Addr::from(CniNamespaces::OUTSIDE_ADDRESS);
+    let config = Config {
+        resources: std::collections::BTreeMap::from([("default/db/password".to_string(), SECRET.to_vec())]),
+        insecure_emulation: true,
+        ..Config::default()
+    };
+    let broker = namespaces.in_peer(|| Broker::start_on(config, "kbs.test", (peer, 0).into()))?;
+    let pod = SECRETS_POD
+        .replace("URL", &format!("https://kbs.test:{}", broker.address().port()))
+        .replace("PIN", broker.pin());
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(async {
+        let fixture = Fixture::with_pod(&pod).await?;
+        broker.expect_host_data(parma_policy::Policy::from_bytes(fixture.policy.clone().into_bytes())?.hash());
+        let route = format!("{peer}:{}", broker.address().port());
+        let netns = CniNamespaces::path(&namespaces.pod);
+        let spec = fixture.sandbox_spec_on(Some(&netns), &[("io.parma.broker-address.good", route)]);
+        let sandbox_bundle = fixture.bundle(SANDBOX, &spec)?;
+        let address = fixture.start_shim(SANDBOX, &sandbox_bundle)?;
+        let task = TaskClient::new(Client::connect(&address).await?);
+        let shim_pid = task.connect(ctx(), &ConnectRequest::new()).await?.shim_pid;
+        let mut leftovers = Leftovers(vec![shim_pid]);
+        let slot = parma_tests::BootSlot::acquire()?;
+        let created = task.create(ctx(), &create_request(SANDBOX, &sandbox_bundle, Vec::new(), "")).await?;
+        drop(slot);
+        leftovers.0.push(created.pid);
+        task.start(ctx(), &StartRequest { id: SANDBOX.into(), ..Default::default() }).await?;
+
+        let app_bundle = fixture.bundle("app", &fixture.container_spec(&fixture.process)?)?;
+        ensure!(fixture.start_shim("app", &app_bundle)? == address, "one shim per pod");
+        task.create(ctx(), &create_request("app", &app_bundle, fixture.layers.clone(), ""))
+            .await
+            .with_context(|| format!("broker: {:?}", broker.log()))?;
+        ensure!(broker.released() == ["default/db/password"], "{:?}", broker.log());
+        task.start(ctx(), &StartRequest { id: "app".into(), ..Default::default() }).await?;
+        let mut process = fixture.process.clone();
+        process.args = ["/bin/cat", "/dev/parma/secrets/db"].map(String::from).to_vec();
+        let mut exec_spec = Any::new();
+        exec_spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Process".into();
+        exec_spec.value = serde_json::to_vec(&oci_process(&process))?;
+        let (probe_out, probe_output) = fifo(fixture.dir.path(), "probe-stdout")?;
+        let exec = ExecProcessRequest {
+            id: "app".into(),
+            exec_id: "probe".into(),
+            stdout: probe_out,
+            spec: Some(exec_spec).into(),
+            ..Default::default()
+        };
+        task.exec(ctx(), &exec).await?;
+        task.start(ctx(), &StartRequest { id: "app".into(), exec_id: "probe".into(), ..Default::default() }).await?;
+        let waited =
+            task.wait(ctx(), &WaitRequest { id: "app".into(), exec_id: "probe".into(), ..Default::default() }).await?;
+        ensure!(waited.exit_status == 0, "{waited:?}");
+        task.delete(ctx(), &DeleteRequest { id: "app".into(), exec_id: "probe".into(), ..Default::default() }).await?;
+        let read = probe_output.join().map_err(|_| anyhow::anyhow!("reader"))?;
+        ensure!(read.as_bytes() == SECRET, "the container read {read:?}");
+
+        task.kill(ctx(), &KillRequest { id: "app".into(), signal: 9, ..Default::default() }).await?;
+        task.wait(ctx(), &WaitRequest { id: "app".into(), ..Default::default() }).await?;
+        task.delete(ctx(), &DeleteRequest { id: "app".into(), ..Default::default() }).await?;
+        task.kill(ctx(), &KillRequest { id: SANDBOX.into(), signal: 9, ..Default::default() }).await?;
+        task.wait(ctx(), &WaitRequest { id: SANDBOX.into(), ..Default::default() }).await?;
+        task.delete(ctx(), &DeleteRequest { id: SANDBOX.into(), ..Default::default() }).await?;
+        task.shutdown(ctx(), &ShutdownRequest { id: SANDBOX.into(), ..Default::default() }).await?;
+        drop(leftovers);
         anyhow::Ok(())
     })
 }

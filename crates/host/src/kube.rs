@@ -515,6 +515,8 @@ fn workload_policy(
         (None, "Pod") if !workload.name.is_empty() => re2_literal(&workload.name),
         _ => crate::policy_gen::RFC1123_HOSTNAME.to_string(),
     };
+    let what = format!("{} {:?}", workload.kind, workload.name);
+    let (brokers, mut secrets) = secret_annotations(workload.metadata, &what)?;
     let mut entries = Vec::new();
     let mut names = std::collections::BTreeSet::new();
     for container in spec.init_containers.iter().chain(&spec.containers) {
@@ -525,7 +527,8 @@ fn workload_policy(
         let oci = oci.as_path();
         let built = parma_layer::build(oci, reference.as_deref(), layers_dir, &|_| {})
             .with_context(|| format!("cannot build the layers of {} ({})", container.image, oci.display()))?;
-        let container_spec = container_spec(container, spec, volumes, &built, &hostname)?;
+        let mut container_spec = container_spec(container, spec, volumes, &built, &hostname)?;
+        container_spec.secrets = secrets.remove(&container.name).unwrap_or_default();
         let resolved = if container_spec.user.is_none() && crate::user::needs_files(&built.config.user) {
             Some(crate::user::image_user(oci, reference.as_deref(), &built.config.user)?)
         } else {
@@ -534,6 +537,9 @@ fn workload_policy(
         let mut entry = crate::policy_gen::container_for(&built, &container_spec, resolved.as_ref());
         crate::policy_gen::with_primary_group(&mut entry);
         entries.push(serde_json::to_value(entry)?);
+    }
+    if let Some(name) = secrets.keys().next() {
+        bail!("{what}: annotation {SECRETS_ANNOTATION_PREFIX}{name} names no container of the pod");
     }
     let mut copy_files: Vec<String> = crate::policy_gen::DEFAULT_COPY_FILES.map(String::from).to_vec();
     for (name, kind) in volumes {
@@ -549,13 +555,61 @@ fn workload_policy(
         sandbox: SandboxSpec { hostname, share_pid: spec.share_process_namespace == Some(true) },
         network: None,
         copy_files: Some(copy_files),
-        brokers: Vec::new(),
+        brokers,
     };
     let source = format!("{} {}", workload.kind, workload.name);
     let text = crate::policy_gen::rego_with_fragments(&entries, &[], &knobs, &source)?;
     parma_policy::Engine::new(&parma_policy::Policy::from_bytes(text.clone().into_bytes())?)
         .context("the generated policy does not load")?;
     Ok(text)
+}
+
+/// The pod annotation listing the key brokers its containers' secrets come
+/// from: JSON, `[{"name", "url", "certificate_sha256"}]` (as `--spec`'s `brokers`).
+pub const BROKERS_ANNOTATION: &str = "io.parma.brokers";
+/// The prefix of the pod annotation listing one container's secrets,
+/// `io.parma.secrets.CONTAINER`: JSON, `[{"broker", "resource", "file"}]`
+/// (as `--spec`'s `secrets`). The runtime asks for each before the
+/// container starts.
+pub const SECRETS_ANNOTATION_PREFIX: &str = "io.parma.secrets.";
+
+/// Secrets by container name, from the pod's annotations.
+type SecretsByContainer = BTreeMap<String, Vec<parma_policy::data::SecretRule>>;
+
+/// The brokers and each container's secrets from the pod template's
+/// annotations; every secret's broker must be listed.
+fn secret_annotations(
+    metadata: &Value,
+    what: &str,
+) -> anyhow::Result<(Vec<parma_policy::data::Broker>, SecretsByContainer)> {
+    let annotations = metadata.get("annotations").and_then(Value::as_object);
+    let text = |value: &Value, key: &str| -> anyhow::Result<String> {
+        value.as_str().map(str::to_string).with_context(|| format!("{what}: annotation {key} is not a string"))
+    };
+    let mut brokers: Vec<parma_policy::data::Broker> = Vec::new();
+    let mut secrets = SecretsByContainer::new();
+    for (key, value) in annotations.into_iter().flatten() {
+        if key == BROKERS_ANNOTATION {
+            brokers = serde_json::from_str(&text(value, key)?).with_context(|| {
+                format!("{what}: annotation {key} is not a JSON list of {{\"name\", \"url\", \"certificate_sha256\"}}")
+            })?;
+        } else if let Some(container) = key.strip_prefix(SECRETS_ANNOTATION_PREFIX) {
+            let listed = serde_json::from_str(&text(value, key)?).with_context(|| {
+                format!("{what}: annotation {key} is not a JSON list of {{\"broker\", \"resource\", \"file\"}}")
+            })?;
+            secrets.insert(container.to_string(), listed);
+        }
+    }
+    for (container, listed) in &secrets {
+        if let Some(secret) = listed.iter().find(|secret| !brokers.iter().any(|broker| broker.name == secret.broker)) {
+            bail!(
+                "{what}: container {container:?} has a secret from broker {:?}, which annotation {BROKERS_ANNOTATION} \
+                 does not list",
+                secret.broker
+            );
+        }
+    }
+    Ok((brokers, secrets))
 }
 
 /// One workload's policy, as `generate_pod` made it.

@@ -23,6 +23,7 @@ pub mod qmp;
 pub mod registry;
 pub mod relay;
 pub mod run;
+pub mod secrets;
 pub mod user;
 pub mod vm;
 

@@ -397,57 +397,23 @@ fn provision_secrets(
     entry: &str,
     progress: &dyn Fn(Step<'_>),
 ) -> Result<(), RunError> {
+    use crate::secrets::SecretError;
     let policy = parma_policy::Policy::from_bytes(policy.as_bytes().to_vec()).map_err(anyhow::Error::from)?;
-    let listed = parma_policy::listed_secrets(&policy, entry).map_err(anyhow::Error::from)?;
-    let Some(first) = listed.first() else { return Ok(()) };
-    if options.netns.is_none() {
-        return Err(RunError::Usage(format!(
-            "the policy gives container {entry:?} secrets from broker {:?}, which the UVM reaches over the pod's \
-             network: give --netns (and --broker-address NAME=IP:PORT where this host cannot resolve the broker)",
-            first.broker.name
-        )));
-    }
-    for listed in &listed {
-        let address = broker_address(options, &listed.broker)?;
-        client
-            .provision_secret(
-                id,
-                &listed.broker.url,
-                &listed.broker.certificate_sha256,
-                &listed.secret.resource,
-                &listed.secret.file,
-                Some(&address.to_string()),
-            )
-            .map_err(|err| RunError::of("cannot provision a secret", err))?;
+    let routes =
+        crate::secrets::Routes { networked: options.netns.is_some(), addresses: options.broker_addresses.clone() };
+    match crate::secrets::provision(client, &policy, id, entry, &routes, &|listed| {
         progress(Step::SecretProvisioned(&listed.secret.file));
+    }) {
+        Ok(_) => Ok(()),
+        Err(err @ SecretError::NoNetwork { .. }) => Err(RunError::Usage(format!(
+            "{err}: give --netns (and --broker-address NAME=IP:PORT where this host cannot resolve the broker)"
+        ))),
+        Err(SecretError::Unresolved { broker, host }) => Err(RunError::Usage(format!(
+            "broker {broker:?}: {host} does not resolve on this host: give --broker-address {broker}=IP:PORT"
+        ))),
+        Err(SecretError::Agent { source, .. }) => Err(RunError::of("cannot provision a secret", source)),
+        Err(err) => Err(anyhow::Error::from(err).into()),
     }
-    Ok(())
-}
-
-/// Where the pod reaches `broker`: the address given for its name, else
-/// its URL's host (`https://HOST[:PORT]`, 443 by default) resolved here.
-fn broker_address(options: &RunOptions, broker: &parma_policy::data::Broker) -> Result<SocketAddr, RunError> {
-    if let Some((_, address)) = options.broker_addresses.iter().find(|(name, _)| *name == broker.name) {
-        return Ok(*address);
-    }
-    let authority = broker.url.strip_prefix("https://").map(|rest| rest.split('/').next().unwrap_or(rest));
-    let Some(authority) = authority.filter(|a| !a.is_empty()) else {
-        return Err(
-            anyhow::anyhow!("broker {:?}: its URL {:?} is not https://HOST[:PORT]", broker.name, broker.url).into()
-        );
-    };
-    let with_port = if authority.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) {
-        authority.to_string()
-    } else {
-        format!("{authority}:443")
-    };
-    use std::net::ToSocketAddrs as _;
-    with_port.to_socket_addrs().ok().and_then(|mut found| found.next()).ok_or_else(|| {
-        RunError::Usage(format!(
-            "broker {:?}: cannot resolve {authority} on this host: give --broker-address {}=IP:PORT",
-            broker.name, broker.name
-        ))
-    })
 }
 
 /// [`run`] once QEMU runs: everything through the agent.
