@@ -127,6 +127,12 @@ impl Pod {
             .map_err(|err| PodError::Refused(format!("the pod's policy does not load: {err}")))?;
         let broker_addresses =
             parma_host::secrets::addresses_from_annotations(&spec.annotations).map_err(PodError::Refused)?;
+        if !broker_addresses.is_empty() {
+            let brokers = parma_policy::listed_brokers(&parsed)
+                .map_err(|err| PodError::Refused(format!("the pod's policy does not load: {err}")))?;
+            let routes = parma_host::secrets::Routes { networked: true, addresses: broker_addresses.clone() };
+            routes.check(&brokers).map_err(|err| PodError::Refused(format!("the pod's annotations: {err}")))?;
+        }
         let accel = config.accel().map_err(PodError::Refused)?;
         let mut vm_config = VmConfig::new(&config.uvm, "unused");
         vm_config.qemu = config.qemu.clone();

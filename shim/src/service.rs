@@ -385,6 +385,7 @@ fn create_in_guest(
     let mounts = guest_mounts(spec).map_err(|err| PodError::Refused(err.to_string()))?;
     let mut held = Vec::new();
     let mut overlay = false;
+    let mut created = false;
     let result = (|| {
         let names = match pod.acquire_layers(layers) {
             Ok(names) => names,
@@ -413,36 +414,43 @@ fn create_in_guest(
             namespaces: spec.namespaces(),
         };
         let entry = pod.with_client(|client| client.created(&request)).map_err(agent("cannot create the container"))?;
-        // The secrets the policy lists for the container, before it starts.
+        created = true;
+        // The secrets the policy lists for the container, before it starts:
+        // planned (the policy read, the brokers resolved) without the
+        // agent, then asked one by one.
         if let Some(entry) = entry {
-            pod.with_client(|client| {
-                parma_host::secrets::provision(client, &pod.policy, id, &entry, &pod.routes, &|listed| {
-                    tracing::info!(
-                        "{id}: secret {} from broker {:?} provisioned",
-                        listed.secret.file,
-                        listed.broker.name
-                    );
-                })
-            })
-            .map_err(|err| match err {
-                parma_host::secrets::SecretError::Agent { source, broker, file } => {
-                    PodError::Agent { what: format!("cannot provision secret {file:?} from broker {broker:?}"), source }
-                }
-                err @ parma_host::secrets::SecretError::Unresolved { .. } => PodError::Refused(format!(
-                    "{err}: annotate the pod {}NAME: IP:PORT",
-                    parma_host::secrets::BROKER_ADDRESS_ANNOTATION_PREFIX
-                )),
-                err => PodError::Refused(err.to_string()),
-            })?;
+            let planned = parma_host::secrets::plan(&pod.policy, &entry, &pod.routes).map_err(secret_error)?;
+            for one in &planned {
+                pod.with_client(|client| parma_host::secrets::ask(client, id, one)).map_err(secret_error)?;
+                tracing::info!(
+                    "{id}: secret {} from broker {:?} provisioned",
+                    one.listed.secret.file,
+                    one.listed.broker.name
+                );
+            }
         }
         Ok(())
     })();
     match result {
         Ok(()) => Ok((held, mounts.files.iter().map(|file| (file.path.clone(), file_digest(&file.data))).collect())),
         Err(err) => {
-            tear_down(pod, id, &held, false, overlay);
+            tear_down(pod, id, &held, created, overlay);
             Err(err)
         }
+    }
+}
+
+/// A secret not provisioned, as the shim reports it.
+fn secret_error(err: parma_host::secrets::SecretError) -> PodError {
+    use parma_host::secrets::{BROKER_ADDRESS_ANNOTATION_PREFIX, SecretError};
+    match err {
+        SecretError::Agent { source, broker, file } => {
+            PodError::Agent { what: format!("cannot provision secret {file:?} from broker {broker:?}"), source }
+        }
+        err @ SecretError::Unresolved { .. } => {
+            PodError::Refused(format!("{err}: annotate the pod {BROKER_ADDRESS_ANNOTATION_PREFIX}NAME: IP:PORT"))
+        }
+        err => PodError::Refused(err.to_string()),
     }
 }
 

@@ -197,7 +197,10 @@ fn a_pods_annotations_give_its_containers_secrets_from_its_brokers() -> anyhow::
     let image = oci::build_test_image(&dir.path().join("oci"), &paths.guest_binary("oci-hello")?)?;
     let images = Images::parse(&[format!("img={}", image.layout.display())])?;
     let layers = dir.path().join("layers");
-    let brokers = r#"[{"name": "trustee", "url": "https://kbs.example:8080", "certificate_sha256": "ab"}]"#;
+    let pin = "ab".repeat(32);
+    let brokers =
+        format!(r#"[{{"name": "trustee", "url": "https://kbs.example:8080", "certificate_sha256": "{pin}"}}]"#);
+    let brokers = brokers.as_str();
     let secrets = r#"[{"broker": "trustee", "resource": "default/db/password", "file": "db"}]"#;
     let pod = |annotations: &[(&str, &str)]| {
         let annotations: serde_json::Map<String, Value> =
@@ -213,10 +216,13 @@ fn a_pods_annotations_give_its_containers_secrets_from_its_brokers() -> anyhow::
     let listed = parma_policy::listed_secrets(&policy, "app")?;
     ensure!(listed.len() == 1, "{listed:?}");
     ensure!(listed[0].secret.resource == "default/db/password" && listed[0].secret.file == "db", "{listed:?}");
-    ensure!(listed[0].broker.url == "https://kbs.example:8080" && listed[0].broker.certificate_sha256 == "ab");
+    ensure!(listed[0].broker.url == "https://kbs.example:8080" && listed[0].broker.certificate_sha256 == pin);
     ensure!(parma_policy::listed_secrets(&policy, "other")?.is_empty(), "only app has secrets");
+    ensure!(parma_policy::listed_brokers(&policy)? == [listed[0].broker.clone()]);
     parma_policy::Engine::new(&policy)?;
 
+    let bad_url = brokers.replace("https://kbs.example:8080", "https://kbs.example:8080/kbs");
+    let bad_pin = brokers.replace(&pin, "AB");
     for (annotations, reason) in [
         (
             vec![("io.parma.brokers", brokers), ("io.parma.secrets.ghost", secrets)],
@@ -231,10 +237,17 @@ fn a_pods_annotations_give_its_containers_secrets_from_its_brokers() -> anyhow::
             vec![("io.parma.brokers", brokers), ("io.parma.secrets.app", "[{}]")],
             "io.parma.secrets.app is not a JSON list",
         ),
+        (vec![("io.parma.brokers", bad_url.as_str())], "broker \"trustee\": the broker URL's port is not 1 to 65535"),
+        (vec![("io.parma.brokers", bad_pin.as_str())], "certificate_sha256 is not 64 lowercase hex digits"),
     ] {
         let err = generate_pod(&pod(&annotations), &images, &layers).unwrap_err();
         ensure!(format!("{err:#}").contains(reason), "{reason}: {err:#}");
     }
+    // A pod whose containers share a PID namespace could read each other's secrets.
+    let shared = pod(&[("io.parma.brokers", brokers), ("io.parma.secrets.app", secrets)])
+        .replace("spec:\n", "spec:\n  shareProcessNamespace: true\n");
+    let err = generate_pod(&shared, &images, &layers).unwrap_err();
+    ensure!(format!("{err:#}").contains("shareProcessNamespace"), "{err:#}");
     Ok(())
 }
 

@@ -286,7 +286,8 @@ fn a_pod_fetches_its_secret_over_its_own_network() -> anyhow::Result<()> {
     let broker = namespaces.in_peer(|| Broker::start_on(config([0; 32]), NAME, (peer, 0).into()))?;
     let reader = ["/bin/cat", "/dev/parma/secrets/db"];
     let spec = json!({"name": "reader", "command": reader, "user": {"uid": 1000, "gid": 1000}, "signals": [9],
-        "secrets": [{"broker": "good", "resource": RESOURCE, "file": "db"}]});
+        "secrets": [{"broker": "good", "resource": RESOURCE, "file": "db"}],
+        "brokers": [{"name": "good", "url": url(&broker), "certificate_sha256": broker.pin()}]});
     let fixture = oci::PolicyFixture::with_spec(&hello, spec.clone())?;
     let container =
         serde_json::to_value(policy_gen::container(&fixture.built, &serde_json::from_value::<Spec>(spec)?))?;

@@ -593,7 +593,9 @@ spec:
 /// between its create and its start, over the pod's network (a CNI-style
 /// namespace, the broker in its peer, the route from the pod's
 /// `io.parma.broker-address.NAME` annotation, as a cluster-internal broker
-/// name does not resolve on the node): the container reads its secret.
+/// name does not resolve on the node): the container reads its secret. A
+/// secret the broker refuses fails the create and leaves nothing behind:
+/// the same container is created again once the broker releases it.
 #[test]
 fn the_shim_provisions_the_secrets_the_pods_policy_lists() -> anyhow::Result<()> {
     use parma_tests::broker::{Broker, Config};
@@ -612,7 +614,8 @@ fn the_shim_provisions_the_secrets_the_pods_policy_lists() -> anyhow::Result<()>
         .replace("PIN", broker.pin());
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(async {
         let fixture = Fixture::with_pod(&pod).await?;
-        broker.expect_host_data(parma_policy::Policy::from_bytes(fixture.policy.clone().into_bytes())?.hash());
+        // First the broker expects another launch: it refuses the evidence.
+        broker.expect_host_data([1; 32]);
         let route = format!("{peer}:{}", broker.address().port());
         let netns = CniNamespaces::path(&namespaces.pod);
         let spec = fixture.sandbox_spec_on(Some(&netns), &[("io.parma.broker-address.good", route)]);
@@ -629,9 +632,16 @@ fn the_shim_provisions_the_secrets_the_pods_policy_lists() -> anyhow::Result<()>
 
         let app_bundle = fixture.bundle("app", &fixture.container_spec(&fixture.process)?)?;
         ensure!(fixture.start_shim("app", &app_bundle)? == address, "one shim per pod");
+        // A secret that cannot be had: no container (the create fails with
+        // the agent's words, and what it created is removed again).
+        let (_, message) =
+            rpc_status(task.create(ctx(), &create_request("app", &app_bundle, fixture.layers.clone(), "")).await)?;
+        ensure!(message.contains("cannot provision secret \"db\" from broker \"good\""), "{message}");
+        ensure!(broker.released().is_empty(), "{:?}", broker.log());
+        broker.expect_host_data(parma_policy::Policy::from_bytes(fixture.policy.clone().into_bytes())?.hash());
         task.create(ctx(), &create_request("app", &app_bundle, fixture.layers.clone(), ""))
             .await
-            .with_context(|| format!("broker: {:?}", broker.log()))?;
+            .with_context(|| format!("the same container again; broker: {:?}", broker.log()))?;
         ensure!(broker.released() == ["default/db/password"], "{:?}", broker.log());
         task.start(ctx(), &StartRequest { id: "app".into(), ..Default::default() }).await?;
         let mut process = fixture.process.clone();

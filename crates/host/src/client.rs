@@ -194,6 +194,11 @@ fn first_id() -> u32 {
 }
 
 impl Client {
+    /// How long each call waits for its answer.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Connect, retrying until `timeout` (QEMU creates the socket a moment
     /// after it starts). Each call then waits up to `timeout` for its answer.
     pub fn connect(control: &Control, timeout: Duration) -> Result<Self, ClientError> {
@@ -466,10 +471,12 @@ impl Client {
     }
 
     /// A `CreateContainer` request: returns the policy's container entry it
-    /// was created as, when the policy's decision names one.
+    /// was created as, when the policy's decision names one (an agent older
+    /// than that answer says `Done`: no entry).
     pub fn created(&mut self, request: &Request) -> Result<Option<String>, ClientError> {
         match self.call(request)? {
             Response::Created { policy_container } => Ok(policy_container),
+            Response::Done => Ok(None),
             other => Err(unexpected(other)),
         }
     }

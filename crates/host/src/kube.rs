@@ -517,6 +517,12 @@ fn workload_policy(
     };
     let what = format!("{} {:?}", workload.kind, workload.name);
     let (brokers, mut secrets) = secret_annotations(workload.metadata, &what)?;
+    if !secrets.is_empty() && spec.share_process_namespace == Some(true) {
+        bail!(
+            "{what}: shareProcessNamespace lets the pod's containers read each other's files through /proc/PID/root, \
+             so no container of it may receive a secret (annotations {SECRETS_ANNOTATION_PREFIX}*)"
+        );
+    }
     let mut entries = Vec::new();
     let mut names = std::collections::BTreeSet::new();
     for container in spec.init_containers.iter().chain(&spec.containers) {
@@ -609,6 +615,8 @@ fn secret_annotations(
             );
         }
     }
+    crate::policy_gen::check_brokers(&brokers, &[])
+        .with_context(|| format!("{what}: annotation {BROKERS_ANNOTATION}"))?;
     Ok((brokers, secrets))
 }
 

@@ -406,6 +406,29 @@ pub struct Knobs {
     pub brokers: Vec<parma_policy::data::Broker>,
 }
 
+/// Refuse brokers the agent would refuse, or secrets from a broker not
+/// listed: each broker's URL is `https://HOST[:PORT]` as the agent reads
+/// it, its pin 64 lowercase hex digits, its name given once.
+pub fn check_brokers(
+    brokers: &[parma_policy::data::Broker],
+    secrets: &[parma_policy::data::SecretRule],
+) -> anyhow::Result<()> {
+    for (index, broker) in brokers.iter().enumerate() {
+        parma_kbs::url::parse(&broker.url).map_err(|reason| anyhow::anyhow!("broker {:?}: {reason}", broker.name))?;
+        let pin = &broker.certificate_sha256;
+        if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            anyhow::bail!("broker {:?}: its certificate_sha256 is not 64 lowercase hex digits", broker.name);
+        }
+        if brokers.iter().take(index).any(|earlier| earlier.name == broker.name) {
+            anyhow::bail!("two brokers are named {:?}", broker.name);
+        }
+    }
+    if let Some(secret) = secrets.iter().find(|secret| !brokers.iter().any(|broker| broker.name == secret.broker)) {
+        anyhow::bail!("a secret comes from broker {:?}, which the policy's brokers do not list", secret.broker);
+    }
+    Ok(())
+}
+
 /// [`rego`], taking fragments from these issuers and feeds, with these knobs.
 pub fn rego_with_fragments(
     containers: &[Value],
@@ -476,6 +499,7 @@ pub fn generate(oci: &Path, reference: Option<&str>, spec: Option<&Path>, layers
             );
         }
     }
+    check_brokers(&spec.brokers, &spec.secrets)?;
     let knobs = Knobs {
         properties_access: spec.allow_properties_access,
         scratch_swap: spec.allow_scratch_swap,

@@ -237,7 +237,9 @@ pub struct Outcome {
 /// Why [`run`] did not run the container to its end.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The options do not fit together; nothing was started.
+    /// The options do not fit together: found before anything started, or,
+    /// where only the agent's answer shows it, after the create (a secret
+    /// the policy lists for the container, which the UVM has no route to).
     #[error("{0}")]
     Usage(String),
     /// The policy denied a step: nothing ran that it did not allow.
@@ -310,9 +312,13 @@ pub fn run(options: &RunOptions, io: RunIo<'_>, progress: &dyn Fn(Step<'_>)) -> 
     }
     let policy = std::fs::read_to_string(&options.policy)
         .with_context(|| format!("cannot read the policy {}", options.policy.display()))?;
-    let host_data = parma_policy::Policy::from_bytes(policy.clone().into_bytes())
-        .with_context(|| format!("{} is not a policy", options.policy.display()))?
-        .hash();
+    let parsed = parma_policy::Policy::from_bytes(policy.clone().into_bytes())
+        .with_context(|| format!("{} is not a policy", options.policy.display()))?;
+    let host_data = parsed.hash();
+    if !options.broker_addresses.is_empty() {
+        let brokers = parma_policy::listed_brokers(&parsed).map_err(anyhow::Error::from)?;
+        secret_routes(options).check(&brokers).map_err(|err| RunError::Usage(format!("--broker-address: {err}")))?;
+    }
     let mut config = VmConfig::new(&options.uvm, "unused");
     config.qemu = options.qemu.clone();
     config.accel = options.accel;
@@ -399,9 +405,7 @@ fn provision_secrets(
 ) -> Result<(), RunError> {
     use crate::secrets::SecretError;
     let policy = parma_policy::Policy::from_bytes(policy.as_bytes().to_vec()).map_err(anyhow::Error::from)?;
-    let routes =
-        crate::secrets::Routes { networked: options.netns.is_some(), addresses: options.broker_addresses.clone() };
-    match crate::secrets::provision(client, &policy, id, entry, &routes, &|listed| {
+    match crate::secrets::provision(client, &policy, id, entry, &secret_routes(options), &|listed| {
         progress(Step::SecretProvisioned(&listed.secret.file));
     }) {
         Ok(_) => Ok(()),
@@ -411,9 +415,16 @@ fn provision_secrets(
         Err(SecretError::Unresolved { broker, host }) => Err(RunError::Usage(format!(
             "broker {broker:?}: {host} does not resolve on this host: give --broker-address {broker}=IP:PORT"
         ))),
-        Err(SecretError::Agent { source, .. }) => Err(RunError::of("cannot provision a secret", source)),
+        Err(SecretError::Agent { source, .. }) => {
+            Err(RunError::of("cannot provision a secret the policy lists", source))
+        }
         Err(err) => Err(anyhow::Error::from(err).into()),
     }
+}
+
+/// Where the UVM reaches key brokers in this run.
+fn secret_routes(options: &RunOptions) -> crate::secrets::Routes {
+    crate::secrets::Routes { networked: options.netns.is_some(), addresses: options.broker_addresses.clone() }
 }
 
 /// [`run`] once QEMU runs: everything through the agent.

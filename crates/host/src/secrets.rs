@@ -12,11 +12,16 @@
 //! mislead.
 
 use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::time::Duration;
 
 use parma_policy::data::Broker;
 use parma_policy::{ListedSecret, Policy, PolicyError};
 
 use crate::client::{Client, ClientError};
+
+/// How long the host waits for one `ProvisionSecret`: the agent's whole
+/// exchange with the broker ends within [`parma_kbs::EXCHANGE_DEADLINE`].
+pub const PROVISION_CALL: Duration = parma_kbs::EXCHANGE_DEADLINE.saturating_add(Duration::from_secs(30));
 
 /// Why the secrets were not provisioned.
 #[derive(Debug, thiserror::Error)]
@@ -36,13 +41,21 @@ pub enum SecretError {
         broker: String,
     },
     /// A broker's URL is not `https://HOST[:PORT]`.
-    #[error("broker {broker:?}: its URL {url:?} is not https://HOST[:PORT]")]
+    #[error("broker {broker:?}: URL {url:?}: {reason}")]
     BadUrl {
         /// The broker's name.
         broker: String,
         /// Its URL.
         url: String,
+        /// What is wrong.
+        reason: String,
     },
+    /// A route was given for a broker the policy does not list (a typo).
+    #[error("a route is given for broker {0:?}, which the policy does not list")]
+    UnknownRoute(String),
+    /// Two routes for one broker.
+    #[error("two routes are given for broker {0:?}")]
+    DuplicateRoute(String),
     /// Its host name does not resolve here, and no address was given.
     #[error("broker {broker:?}: {host} does not resolve on this host, and no address was given for it")]
     Unresolved {
@@ -103,36 +116,101 @@ pub struct Routes {
 
 impl Routes {
     /// Where the UVM reaches `broker`: the address given for its name, else
-    /// its URL's host (`https://HOST[:PORT]`, port 443 by default) resolved here.
+    /// its URL's host (`https://HOST[:PORT]`, port 443 by default) resolved
+    /// here, an IPv4 address first (a pod network is more often IPv4 only).
     pub fn address_of(&self, broker: &Broker) -> Result<SocketAddr, SecretError> {
         if let Some((_, address)) = self.addresses.iter().find(|(name, _)| *name == broker.name) {
             return Ok(*address);
         }
-        let bad = || SecretError::BadUrl { broker: broker.name.clone(), url: broker.url.clone() };
-        let rest = broker.url.strip_prefix("https://").ok_or_else(bad)?;
-        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-        if authority.is_empty() || authority.contains('@') {
-            return Err(bad());
-        }
-        // `[v6]:port`, `[v6]`, `host:port`, `host`.
-        let has_port = match authority.rsplit_once(':') {
-            Some((host, port)) => {
-                (!host.contains(':') || host.ends_with(']')) && !port.is_empty() && port.parse::<u16>().is_ok()
+        let url = parma_kbs::url::parse(&broker.url).map_err(|reason| SecretError::BadUrl {
+            broker: broker.name.clone(),
+            url: broker.url.clone(),
+            reason,
+        })?;
+        let found: Vec<SocketAddr> =
+            (url.host.as_str(), url.port).to_socket_addrs().map(Iterator::collect).unwrap_or_default();
+        found
+            .iter()
+            .find(|address| address.is_ipv4())
+            .or_else(|| found.first())
+            .copied()
+            .ok_or_else(|| SecretError::Unresolved { broker: broker.name.clone(), host: url.authority() })
+    }
+
+    /// Check the routes against the policy's brokers: each names one the
+    /// policy lists, once.
+    pub fn check(&self, brokers: &[Broker]) -> Result<(), SecretError> {
+        for (index, (name, _)) in self.addresses.iter().enumerate() {
+            if !brokers.iter().any(|broker| broker.name == *name) {
+                return Err(SecretError::UnknownRoute(name.clone()));
             }
-            None => false,
-        };
-        let with_port = if has_port { authority.to_string() } else { format!("{authority}:443") };
-        with_port
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut found| found.next())
-            .ok_or_else(|| SecretError::Unresolved { broker: broker.name.clone(), host: authority.to_string() })
+            if self.addresses.iter().take(index).any(|(earlier, _)| earlier == name) {
+                return Err(SecretError::DuplicateRoute(name.clone()));
+            }
+        }
+        Ok(())
     }
 }
 
+/// One `ProvisionSecret` to send: the secret and where the UVM reaches its broker.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// The secret and its broker.
+    pub listed: ListedSecret,
+    /// The route.
+    pub address: SocketAddr,
+}
+
+/// What to ask for the container created as `policy`'s entry `entry`:
+/// each secret the policy lists for it, with its route (each broker
+/// resolved once). Nothing is planned unless every route is known.
+pub fn plan(policy: &Policy, entry: &str, routes: &Routes) -> Result<Vec<Planned>, SecretError> {
+    let listed = parma_policy::listed_secrets(policy, entry)?;
+    let Some(first) = listed.first() else { return Ok(Vec::new()) };
+    if !routes.networked {
+        return Err(SecretError::NoNetwork { container: entry.to_string(), broker: first.broker.name.clone() });
+    }
+    let mut resolved: Vec<(String, SocketAddr)> = Vec::new();
+    let mut planned = Vec::with_capacity(listed.len());
+    for listed in listed {
+        let address = match resolved.iter().find(|(name, _)| *name == listed.broker.name) {
+            Some((_, address)) => *address,
+            None => {
+                let address = routes.address_of(&listed.broker)?;
+                resolved.push((listed.broker.name.clone(), address));
+                address
+            }
+        };
+        planned.push(Planned { listed, address });
+    }
+    Ok(planned)
+}
+
+/// Send one planned `ProvisionSecret` for container `id`, waiting up to
+/// [`PROVISION_CALL`] (the client's own timeout may be shorter).
+pub fn ask(client: &mut Client, id: &str, planned: &Planned) -> Result<(), SecretError> {
+    let Planned { listed, address } = planned;
+    let before = client.timeout();
+    client.set_timeout(before.max(PROVISION_CALL));
+    let result = client.provision_secret(
+        id,
+        &listed.broker.url,
+        &listed.broker.certificate_sha256,
+        &listed.secret.resource,
+        &listed.secret.file,
+        Some(&address.to_string()),
+    );
+    client.set_timeout(before);
+    result.map_err(|source| SecretError::Agent {
+        broker: listed.broker.name.clone(),
+        file: listed.secret.file.clone(),
+        source,
+    })
+}
+
 /// Ask the agent for every secret `policy` lists for its entry `entry`, for
-/// container `id` (created, not started); `done` hears of each provisioned.
-/// Returns how many. Nothing is asked unless every route is known.
+/// container `id` (created, not started): [`plan`], then [`ask`] each;
+/// `done` hears of each provisioned. Returns how many.
 pub fn provision(
     client: &mut Client,
     policy: &Policy,
@@ -141,30 +219,12 @@ pub fn provision(
     routes: &Routes,
     done: &dyn Fn(&ListedSecret),
 ) -> Result<usize, SecretError> {
-    let listed = parma_policy::listed_secrets(policy, entry)?;
-    let Some(first) = listed.first() else { return Ok(0) };
-    if !routes.networked {
-        return Err(SecretError::NoNetwork { container: entry.to_string(), broker: first.broker.name.clone() });
+    let planned = plan(policy, entry, routes)?;
+    for one in &planned {
+        ask(client, id, one)?;
+        done(&one.listed);
     }
-    let addresses = listed.iter().map(|secret| routes.address_of(&secret.broker)).collect::<Result<Vec<_>, _>>()?;
-    for (secret, address) in listed.iter().zip(addresses) {
-        client
-            .provision_secret(
-                id,
-                &secret.broker.url,
-                &secret.broker.certificate_sha256,
-                &secret.secret.resource,
-                &secret.secret.file,
-                Some(&address.to_string()),
-            )
-            .map_err(|source| SecretError::Agent {
-                broker: secret.broker.name.clone(),
-                file: secret.secret.file.clone(),
-                source,
-            })?;
-        done(secret);
-    }
-    Ok(listed.len())
+    Ok(planned.len())
 }
 
 #[cfg(test)]
@@ -184,24 +244,43 @@ mod tests {
         for (url, expected) in [
             ("https://127.0.0.1:8443", "127.0.0.1:8443"),
             ("https://127.0.0.1", "127.0.0.1:443"),
-            ("https://127.0.0.1:8443/kbs/v0", "127.0.0.1:8443"),
             ("https://[::1]:8443", "[::1]:8443"),
             ("https://[::1]", "[::1]:443"),
-            ("https://localhost:8443", "127.0.0.1:8443"),
         ] {
-            let found = routes.address_of(&broker(url)).unwrap();
-            if url.contains("localhost") {
-                assert_eq!(found.port(), 8443, "{url}");
-                assert!(found.ip().is_loopback(), "{url}");
-            } else {
-                assert_eq!(found, expected.parse().unwrap(), "{url}");
-            }
+            assert_eq!(routes.address_of(&broker(url)).unwrap(), expected.parse::<SocketAddr>().unwrap(), "{url}");
         }
-        for url in ["http://127.0.0.1:80", "https://", "https://user@127.0.0.1:8443", "kbs:8080"] {
+        // A name from /etc/hosts: an IPv4 address first.
+        let found = routes.address_of(&broker("https://localhost:8443")).unwrap();
+        assert_eq!(found, "127.0.0.1:8443".parse::<SocketAddr>().unwrap());
+        for url in [
+            "http://127.0.0.1:80",
+            "https://",
+            "https://user@127.0.0.1:8443",
+            "kbs:8080",
+            "https://127.0.0.1:8443/kbs/v0",
+            "https://127.0.0.1:",
+            "https://127.0.0.1:99999",
+        ] {
             let err = routes.address_of(&broker(url)).unwrap_err();
             assert!(matches!(err, SecretError::BadUrl { .. }), "{url}: {err}");
         }
         // (A name that does not resolve would ask the machine's DNS server: not tested here.)
+    }
+
+    #[test]
+    fn routes_name_brokers_the_policy_lists_once_each() {
+        let address: SocketAddr = "10.0.0.9:8080".parse().unwrap();
+        let brokers = [broker("https://kbs.example")];
+        let routes = |names: &[&str]| Routes {
+            networked: true,
+            addresses: names.iter().map(|name| (name.to_string(), address)).collect(),
+        };
+        routes(&["kbs"]).check(&brokers).unwrap();
+        routes(&[]).check(&brokers).unwrap();
+        assert!(matches!(routes(&["kbz"]).check(&brokers), Err(SecretError::UnknownRoute(name)) if name == "kbz"));
+        assert!(
+            matches!(routes(&["kbs", "kbs"]).check(&brokers), Err(SecretError::DuplicateRoute(name)) if name == "kbs")
+        );
     }
 
     #[test]

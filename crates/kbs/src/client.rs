@@ -42,9 +42,7 @@ pub trait Dial {
     fn set_timeout(stream: &Self::Stream, limit: std::time::Duration) -> std::io::Result<()>;
 }
 
-/// The whole exchange (three connections, TLS handshakes included) ends
-/// within this, however the stream between is slowed.
-pub const EXCHANGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(90);
+pub use crate::EXCHANGE_DEADLINE;
 
 /// A dialed stream whose every read and write waits at most until the
 /// exchange's deadline.
@@ -98,30 +96,7 @@ impl Broker {
     /// A broker from its URL (`https://HOST[:PORT]`, nothing after) and the
     /// hex SHA-256 of its certificate.
     pub fn new(url: &str, certificate_sha256: &str) -> Result<Self, String> {
-        let rest = url.strip_prefix("https://").ok_or("the broker URL is not https://HOST[:PORT]")?;
-        let (host, port) = match rest.strip_prefix('[') {
-            // An IPv6 literal: [ADDRESS] or [ADDRESS]:PORT.
-            Some(bracketed) => {
-                let (host, after) = bracketed.split_once(']').ok_or("the broker URL's [address] is not closed")?;
-                match after {
-                    "" => (host, None),
-                    _ => (host, Some(after.strip_prefix(':').ok_or("the broker URL has text after its address")?)),
-                }
-            }
-            None => match rest.split_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (rest, None),
-            },
-        };
-        if let Some(port) = port {
-            port.parse::<u16>().map_err(|_| "the broker URL's port is not a number")?;
-        }
-        let name_ok = !host.is_empty()
-            && host.len() <= 253
-            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b));
-        if !name_ok {
-            return Err("the broker URL's host is not a DNS name or an IP address".into());
-        }
+        let host = crate::url::parse(url)?.host;
         let pin = hex::decode(certificate_sha256)
             .ok()
             .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
@@ -129,7 +104,7 @@ impl Broker {
         if certificate_sha256.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err("the broker's certificate pin is not lowercase hex".into());
         }
-        Ok(Self { host: host.to_string(), pin })
+        Ok(Self { host, pin })
     }
 }
 

@@ -25,8 +25,13 @@ pub mod client;
 pub mod evidence;
 pub mod jwe;
 pub mod key;
+pub mod url;
 
 pub use kbs_types as types;
+
+/// The whole exchange (three connections, TLS handshakes included) ends
+/// within this, however the stream between is slowed.
+pub const EXCHANGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// The protocol version the agent announces in its `Request`.
 pub const PROTOCOL_VERSION: &str = "0.4.0";

@@ -151,20 +151,42 @@ pub struct ListedSecret {
     pub broker: data::Broker,
 }
 
+/// The policy's data as the agent evaluates it (its data rules, indexed).
+fn evaluated_data(policy: &Policy) -> Result<regorus::Value, PolicyError> {
+    let mut rego = parsed_framework(DEFAULT_BUDGET)?;
+    Engine::add_policy(&mut rego, policy)?;
+    policy_data(&mut rego)
+}
+
+/// A data field as JSON; absent (undefined) or null: `Null`.
+fn data_json(value: &regorus::Value) -> serde_json::Value {
+    match value {
+        regorus::Value::Undefined | regorus::Value::Null => serde_json::Value::Null,
+        value => serde_json::to_value(value).unwrap_or(serde_json::Value::Null),
+    }
+}
+
+/// The brokers of the evaluated data `fields`.
+fn brokers_of(fields: &regorus::Value) -> Result<Vec<data::Broker>, String> {
+    match data_json(&fields["brokers"]) {
+        serde_json::Value::Null => Ok(Vec::new()),
+        value => serde_json::from_value(value).map_err(|err| format!("the policy's brokers: {err}")),
+    }
+}
+
+/// The key brokers the policy lists (`brokers`).
+pub fn listed_brokers(policy: &Policy) -> Result<Vec<data::Broker>, PolicyError> {
+    let data = evaluated_data(policy)?;
+    brokers_of(&data[POLICY_DATA]).map_err(PolicyError::Rego)
+}
+
 /// The secrets the policy lists for its container `name` (none when no
 /// container has that name), from the policy's data evaluated as the
 /// agent evaluates it: what a host asks the agent to provision before the
 /// container starts. Each request is still decided on its own in the
 /// guest (`release_secret`); this only says what to ask for.
 pub fn listed_secrets(policy: &Policy, name: &str) -> Result<Vec<ListedSecret>, PolicyError> {
-    let mut rego = parsed_framework(DEFAULT_BUDGET)?;
-    Engine::add_policy(&mut rego, policy)?;
-    let data = policy_data(&mut rego)?;
-    // Absent (undefined) or null: none.
-    let json = |value: &regorus::Value| match value {
-        regorus::Value::Undefined | regorus::Value::Null => serde_json::Value::Null,
-        value => serde_json::to_value(value).unwrap_or(serde_json::Value::Null),
-    };
+    let data = evaluated_data(policy)?;
     let fields = &data[POLICY_DATA];
     let bad = |reason: String| PolicyError::BadSecrets { container: name.to_string(), reason };
     let container = match &fields["containers"] {
@@ -174,17 +196,14 @@ pub fn listed_secrets(policy: &Policy, name: &str) -> Result<Vec<ListedSecret>, 
         _ => None,
     };
     let Some(container) = container else { return Ok(Vec::new()) };
-    let secrets: Vec<data::SecretRule> = match json(&container["secrets"]) {
+    let secrets: Vec<data::SecretRule> = match data_json(&container["secrets"]) {
         serde_json::Value::Null => Vec::new(),
         value => serde_json::from_value(value).map_err(|err| bad(format!("not a list of secret rules: {err}")))?,
     };
     if secrets.is_empty() {
         return Ok(Vec::new());
     }
-    let brokers: Vec<data::Broker> = match json(&fields["brokers"]) {
-        serde_json::Value::Null => Vec::new(),
-        value => serde_json::from_value(value).map_err(|err| bad(format!("the policy's brokers: {err}")))?,
-    };
+    let brokers = brokers_of(fields).map_err(bad)?;
     secrets
         .into_iter()
         .map(|secret| {
