@@ -566,28 +566,19 @@ fn a_uvm_that_dies_ends_the_pods_processes() -> anyhow::Result<()> {
     })
 }
 
-/// [`POD`] with a secret for its app (from the pod's annotations, as
-/// `parma policy gen --pod` reads them) and a startup probe that reads it.
-const SECRETS_POD: &str = r#"
-kind: Pod
-metadata:
-  name: web-1
-  annotations:
-    io.parma.brokers: '[{"name": "good", "url": "URL", "certificate_sha256": "PIN"}]'
-    io.parma.secrets.app: '[{"broker": "good", "resource": "default/db/password", "file": "db"}]'
-spec:
-  volumes: [{name: cache, emptyDir: {}}, {name: settings, configMap: {name: settings}}]
-  containers:
-    - name: app
-      image: parma-test:1
-      args: ["pod", "8080"]
-      env: [{name: MODE, value: fast}]
-      volumeMounts:
-        - {name: cache, mountPath: /cache}
-        - {name: settings, mountPath: /etc/settings}
-      startupProbe:
-        exec: {command: [/bin/cat, /dev/parma/secrets/db]}
-"#;
+/// [`POD`] with a secret for its app from the broker at `url` pinned to
+/// `pin` (in the pod's annotations, as `parma policy gen --pod` reads
+/// them) and a startup probe that reads it.
+fn secrets_pod(url: &str, pin: &str) -> String {
+    let annotations = format!(
+        "metadata:\n  name: web-1\n  annotations:\n    io.parma.brokers: '[{{\"name\": \"good\", \"url\": \"{url}\", \
+         \"certificate_sha256\": \"{pin}\"}}]'\n    io.parma.secrets.app: '[{{\"broker\": \"good\", \"resource\": \
+         \"default/db/password\", \"file\": \"db\"}}]'\n"
+    );
+    let probe =
+        "      startupProbe:\n        exec: {command: [/bin/cat, /dev/parma/secrets/db]}\n      readinessProbe:\n";
+    POD.replace("metadata: {name: web-1}\n", &annotations).replace("      readinessProbe:\n", probe)
+}
 
 /// The shim asks for the secrets the pod's policy lists for a container
 /// between its create and its start, over the pod's network (a CNI-style
@@ -609,9 +600,8 @@ fn the_shim_provisions_the_secrets_the_pods_policy_lists() -> anyhow::Result<()>
         ..Config::default()
     };
     let broker = namespaces.in_peer(|| Broker::start_on(config, "kbs.test", (peer, 0).into()))?;
-    let pod = SECRETS_POD
-        .replace("URL", &format!("https://kbs.test:{}", broker.address().port()))
-        .replace("PIN", broker.pin());
+    let pod = secrets_pod(&format!("https://kbs.test:{}", broker.address().port()), broker.pin());
+    ensure!(pod.contains("io.parma.secrets.app") && pod.contains("startupProbe"), "{pod}");
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(async {
         let fixture = Fixture::with_pod(&pod).await?;
         // First the broker expects another launch: it refuses the evidence.
