@@ -442,13 +442,13 @@ fn create_in_guest(
 
 /// A secret not provisioned, as the shim reports it.
 fn secret_error(err: parma_host::secrets::SecretError) -> PodError {
-    use parma_host::secrets::{BROKER_ADDRESS_ANNOTATION_PREFIX, SecretError};
+    use parma_host::secrets::{BROKER_ADDRESSES_ANNOTATION, SecretError};
     match err {
         SecretError::Agent { source, broker, file } => {
             PodError::Agent { what: format!("cannot provision secret {file:?} from broker {broker:?}"), source }
         }
         err @ SecretError::Unresolved { .. } => {
-            PodError::Refused(format!("{err}: annotate the pod {BROKER_ADDRESS_ANNOTATION_PREFIX}NAME: IP:PORT"))
+            PodError::Refused(format!("{err}: give its address in the pod annotation {BROKER_ADDRESSES_ANNOTATION}"))
         }
         err => PodError::Refused(err.to_string()),
     }

@@ -186,7 +186,7 @@ fn what_a_confidential_pod_cannot_have_is_refused_by_name() -> anyhow::Result<()
 }
 
 /// A pod's annotations give its containers secrets from its brokers
-/// (`io.parma.brokers`, `io.parma.secrets.CONTAINER`): the policy lists
+/// (`io.parma.brokers`, `io.parma.secrets`): the policy lists
 /// them as `--spec` would, and the runtime's reading of the policy finds
 /// them; an annotation for a container the pod does not have, a broker it
 /// does not list, or malformed JSON is refused by name.
@@ -201,7 +201,8 @@ fn a_pods_annotations_give_its_containers_secrets_from_its_brokers() -> anyhow::
     let brokers =
         format!(r#"[{{"name": "trustee", "url": "https://kbs.example:8080", "certificate_sha256": "{pin}"}}]"#);
     let brokers = brokers.as_str();
-    let secrets = r#"[{"broker": "trustee", "resource": "default/db/password", "file": "db"}]"#;
+    let secrets = r#"{"app": [{"broker": "trustee", "resource": "default/db/password", "file": "db"}]}"#;
+    let ghost = r#"{"ghost": [{"broker": "trustee", "resource": "default/db/password", "file": "db"}]}"#;
     let pod = |annotations: &[(&str, &str)]| {
         let annotations: serde_json::Map<String, Value> =
             annotations.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
@@ -211,7 +212,7 @@ fn a_pods_annotations_give_its_containers_secrets_from_its_brokers() -> anyhow::
         )
     };
     let (policies, _) =
-        generate_pod(&pod(&[("io.parma.brokers", brokers), ("io.parma.secrets.app", secrets)]), &images, &layers)?;
+        generate_pod(&pod(&[("io.parma.brokers", brokers), ("io.parma.secrets", secrets)]), &images, &layers)?;
     let policy = parma_policy::Policy::from_bytes(policies[0].policy.clone().into_bytes())?;
     let listed = parma_policy::listed_secrets(&policy, "app")?;
     ensure!(listed.len() == 1, "{listed:?}");
@@ -225,17 +226,17 @@ fn a_pods_annotations_give_its_containers_secrets_from_its_brokers() -> anyhow::
     let bad_pin = brokers.replace(&pin, "AB");
     for (annotations, reason) in [
         (
-            vec![("io.parma.brokers", brokers), ("io.parma.secrets.ghost", secrets)],
-            "io.parma.secrets.ghost names no container",
+            vec![("io.parma.brokers", brokers), ("io.parma.secrets", ghost)],
+            "io.parma.secrets names container \"ghost\", which the pod does not have",
         ),
         (
-            vec![("io.parma.secrets.app", secrets)],
+            vec![("io.parma.secrets", secrets)],
             "from broker \"trustee\", which annotation io.parma.brokers does not list",
         ),
-        (vec![("io.parma.brokers", "{"), ("io.parma.secrets.app", secrets)], "io.parma.brokers is not a JSON list"),
+        (vec![("io.parma.brokers", "{"), ("io.parma.secrets", secrets)], "io.parma.brokers is not a JSON list"),
         (
-            vec![("io.parma.brokers", brokers), ("io.parma.secrets.app", "[{}]")],
-            "io.parma.secrets.app is not a JSON list",
+            vec![("io.parma.brokers", brokers), ("io.parma.secrets", r#"{"app": [{}]}"#)],
+            "io.parma.secrets is not a JSON object of container names",
         ),
         (vec![("io.parma.brokers", bad_url.as_str())], "broker \"trustee\": the broker URL's port is not 1 to 65535"),
         (vec![("io.parma.brokers", bad_pin.as_str())], "certificate_sha256 is not 64 lowercase hex digits"),
@@ -244,7 +245,7 @@ fn a_pods_annotations_give_its_containers_secrets_from_its_brokers() -> anyhow::
         ensure!(format!("{err:#}").contains(reason), "{reason}: {err:#}");
     }
     // A pod whose containers share a PID namespace could read each other's secrets.
-    let shared = pod(&[("io.parma.brokers", brokers), ("io.parma.secrets.app", secrets)])
+    let shared = pod(&[("io.parma.brokers", brokers), ("io.parma.secrets", secrets)])
         .replace("spec:\n", "spec:\n  shareProcessNamespace: true\n");
     let err = generate_pod(&shared, &images, &layers).unwrap_err();
     ensure!(format!("{err:#}").contains("shareProcessNamespace"), "{err:#}");

@@ -572,8 +572,8 @@ fn a_uvm_that_dies_ends_the_pods_processes() -> anyhow::Result<()> {
 fn secrets_pod(url: &str, pin: &str) -> String {
     let annotations = format!(
         "metadata:\n  name: web-1\n  annotations:\n    io.parma.brokers: '[{{\"name\": \"good\", \"url\": \"{url}\", \
-         \"certificate_sha256\": \"{pin}\"}}]'\n    io.parma.secrets.app: '[{{\"broker\": \"good\", \"resource\": \
-         \"default/db/password\", \"file\": \"db\"}}]'\n"
+         \"certificate_sha256\": \"{pin}\"}}]'\n    io.parma.secrets: '{{\"app\": [{{\"broker\": \"good\", \
+         \"resource\": \"default/db/password\", \"file\": \"db\"}}]}}'\n"
     );
     let probe =
         "      startupProbe:\n        exec: {command: [/bin/cat, /dev/parma/secrets/db]}\n      readinessProbe:\n";
@@ -583,7 +583,7 @@ fn secrets_pod(url: &str, pin: &str) -> String {
 /// The shim asks for the secrets the pod's policy lists for a container
 /// between its create and its start, over the pod's network (a CNI-style
 /// namespace, the broker in its peer, the route from the pod's
-/// `io.parma.broker-address.NAME` annotation, as a cluster-internal broker
+/// `io.parma.broker-addresses` annotation, as a cluster-internal broker
 /// name does not resolve on the node): the container reads its secret. A
 /// secret the broker refuses fails the create and leaves nothing behind:
 /// the same container is created again once the broker releases it.
@@ -601,14 +601,15 @@ fn the_shim_provisions_the_secrets_the_pods_policy_lists() -> anyhow::Result<()>
     };
     let broker = namespaces.in_peer(|| Broker::start_on(config, "kbs.test", (peer, 0).into()))?;
     let pod = secrets_pod(&format!("https://kbs.test:{}", broker.address().port()), broker.pin());
-    ensure!(pod.contains("io.parma.secrets.app") && pod.contains("startupProbe"), "{pod}");
+    ensure!(pod.contains("io.parma.secrets: ") && pod.contains("startupProbe"), "{pod}");
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(async {
         let fixture = Fixture::with_pod(&pod).await?;
         // First the broker expects another launch: it refuses the evidence.
         broker.expect_host_data([1; 32]);
         let route = format!("{peer}:{}", broker.address().port());
         let netns = CniNamespaces::path(&namespaces.pod);
-        let spec = fixture.sandbox_spec_on(Some(&netns), &[("io.parma.broker-address.good", route)]);
+        let routes = format!(r#"{{"good": "{route}"}}"#);
+        let spec = fixture.sandbox_spec_on(Some(&netns), &[("io.parma.broker-addresses", routes)]);
         let sandbox_bundle = fixture.bundle(SANDBOX, &spec)?;
         let address = fixture.start_shim(SANDBOX, &sandbox_bundle)?;
         let task = TaskClient::new(Client::connect(&address).await?);

@@ -520,7 +520,7 @@ fn workload_policy(
     if !secrets.is_empty() && spec.share_process_namespace == Some(true) {
         bail!(
             "{what}: shareProcessNamespace lets the pod's containers read each other's files through /proc/PID/root, \
-             so no container of it may receive a secret (annotations {SECRETS_ANNOTATION_PREFIX}*)"
+             so no container of it may receive a secret (annotation {SECRETS_ANNOTATION})"
         );
     }
     let mut entries = Vec::new();
@@ -545,7 +545,7 @@ fn workload_policy(
         entries.push(serde_json::to_value(entry)?);
     }
     if let Some(name) = secrets.keys().next() {
-        bail!("{what}: annotation {SECRETS_ANNOTATION_PREFIX}{name} names no container of the pod");
+        bail!("{what}: annotation {SECRETS_ANNOTATION} names container {name:?}, which the pod does not have");
     }
     let mut copy_files: Vec<String> = crate::policy_gen::DEFAULT_COPY_FILES.map(String::from).to_vec();
     for (name, kind) in volumes {
@@ -573,11 +573,11 @@ fn workload_policy(
 /// The pod annotation listing the key brokers its containers' secrets come
 /// from: JSON, `[{"name", "url", "certificate_sha256"}]` (as `--spec`'s `brokers`).
 pub const BROKERS_ANNOTATION: &str = "io.parma.brokers";
-/// The prefix of the pod annotation listing one container's secrets,
-/// `io.parma.secrets.CONTAINER`: JSON, `[{"broker", "resource", "file"}]`
-/// (as `--spec`'s `secrets`). The runtime asks for each before the
-/// container starts.
-pub const SECRETS_ANNOTATION_PREFIX: &str = "io.parma.secrets.";
+/// The pod annotation listing its containers' secrets: JSON, by container
+/// name, `{"CONTAINER": [{"broker", "resource", "file"}]}` (each list as
+/// `--spec`'s `secrets`). One annotation, so no name is too long for a key.
+/// The runtime asks for each secret before its container starts.
+pub const SECRETS_ANNOTATION: &str = "io.parma.secrets";
 
 /// Secrets by container name, from the pod's annotations.
 type SecretsByContainer = BTreeMap<String, Vec<parma_policy::data::SecretRule>>;
@@ -588,24 +588,28 @@ fn secret_annotations(
     metadata: &Value,
     what: &str,
 ) -> anyhow::Result<(Vec<parma_policy::data::Broker>, SecretsByContainer)> {
-    let annotations = metadata.get("annotations").and_then(Value::as_object);
-    let text = |value: &Value, key: &str| -> anyhow::Result<String> {
-        value.as_str().map(str::to_string).with_context(|| format!("{what}: annotation {key} is not a string"))
-    };
-    let mut brokers: Vec<parma_policy::data::Broker> = Vec::new();
-    let mut secrets = SecretsByContainer::new();
-    for (key, value) in annotations.into_iter().flatten() {
-        if key == BROKERS_ANNOTATION {
-            brokers = serde_json::from_str(&text(value, key)?).with_context(|| {
-                format!("{what}: annotation {key} is not a JSON list of {{\"name\", \"url\", \"certificate_sha256\"}}")
-            })?;
-        } else if let Some(container) = key.strip_prefix(SECRETS_ANNOTATION_PREFIX) {
-            let listed = serde_json::from_str(&text(value, key)?).with_context(|| {
-                format!("{what}: annotation {key} is not a JSON list of {{\"broker\", \"resource\", \"file\"}}")
-            })?;
-            secrets.insert(container.to_string(), listed);
+    let annotation = |key: &str| -> anyhow::Result<Option<String>> {
+        match metadata.get("annotations").and_then(|all| all.get(key)) {
+            None => Ok(None),
+            Some(Value::String(text)) => Ok(Some(text.clone())),
+            Some(_) => bail!("{what}: annotation {key} is not a string"),
         }
-    }
+    };
+    let brokers: Vec<parma_policy::data::Broker> = match annotation(BROKERS_ANNOTATION)? {
+        None => Vec::new(),
+        Some(text) => serde_json::from_str(&text).with_context(|| {
+            format!("{what}: annotation {BROKERS_ANNOTATION} is not a JSON list of {{\"name\", \"url\", \"certificate_sha256\"}}")
+        })?,
+    };
+    let secrets: SecretsByContainer = match annotation(SECRETS_ANNOTATION)? {
+        None => SecretsByContainer::new(),
+        Some(text) => serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{what}: annotation {SECRETS_ANNOTATION} is not a JSON object of container names to lists of \
+                 {{\"broker\", \"resource\", \"file\"}}"
+            )
+        })?,
+    };
     for (container, listed) in &secrets {
         if let Some(secret) = listed.iter().find(|secret| !brokers.iter().any(|broker| broker.name == secret.broker)) {
             bail!(

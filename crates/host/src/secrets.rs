@@ -76,27 +76,32 @@ pub enum SecretError {
     },
 }
 
-/// The prefix of the pod annotation that gives the route to a broker,
-/// `io.parma.broker-address.NAME: IP:PORT` (NAME as in the policy's
-/// `brokers`): for a broker whose URL's host the node cannot resolve (a
-/// cluster-internal name). The shim reads it from the sandbox's spec.
-pub const BROKER_ADDRESS_ANNOTATION_PREFIX: &str = "io.parma.broker-address.";
+/// The pod annotation that gives the routes to brokers: JSON, by broker
+/// name as in the policy's `brokers`, `{"NAME": "IP:PORT"}`: for a broker
+/// whose URL's host the node cannot resolve (a cluster-internal name). The
+/// shim reads it from the sandbox's spec.
+pub const BROKER_ADDRESSES_ANNOTATION: &str = "io.parma.broker-addresses";
 
-/// The broker addresses among `annotations` ([`BROKER_ADDRESS_ANNOTATION_PREFIX`]).
-pub fn addresses_from_annotations<'a>(
-    annotations: impl IntoIterator<Item = (&'a String, &'a String)>,
+/// The broker addresses in `annotations` ([`BROKER_ADDRESSES_ANNOTATION`]).
+pub fn addresses_from_annotations(
+    annotations: &std::collections::BTreeMap<String, String>,
 ) -> Result<Vec<(String, SocketAddr)>, String> {
-    let mut addresses = Vec::new();
-    for (key, value) in annotations {
-        let Some(name) = key.strip_prefix(BROKER_ADDRESS_ANNOTATION_PREFIX) else { continue };
-        if name.is_empty() {
-            return Err(format!("annotation {key} names no broker"));
-        }
-        let address =
-            value.parse().map_err(|err| format!("annotation {key}: {:?} is not IP:PORT: {err}", bounded(value)))?;
-        addresses.push((name.to_string(), address));
-    }
-    Ok(addresses)
+    let Some(text) = annotations.get(BROKER_ADDRESSES_ANNOTATION) else { return Ok(Vec::new()) };
+    let key = BROKER_ADDRESSES_ANNOTATION;
+    let named: std::collections::BTreeMap<String, String> = serde_json::from_str(text)
+        .map_err(|err| format!("annotation {key} is not a JSON object of broker names to \"IP:PORT\": {err}"))?;
+    named
+        .into_iter()
+        .map(|(name, address)| {
+            if name.is_empty() {
+                return Err(format!("annotation {key} names no broker"));
+            }
+            let parsed = address
+                .parse()
+                .map_err(|err| format!("annotation {key}: {:?} is not IP:PORT: {err}", bounded(&address)))?;
+            Ok((name, parsed))
+        })
+        .collect()
 }
 
 /// At most 64 characters of a host-given text, for a message.
@@ -284,16 +289,16 @@ mod tests {
     }
 
     #[test]
-    fn a_pods_annotations_give_broker_addresses() {
-        let annotations: std::collections::BTreeMap<String, String> = [
-            ("io.parma.broker-address.trustee", "10.96.0.20:8080"),
-            ("io.parma.broker-address.v6", "[fd00::1]:443"),
-            ("io.parma.policy", "H4sI..."),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let found = addresses_from_annotations(&annotations).unwrap();
+    fn a_pods_annotation_gives_broker_addresses() {
+        let annotations = |value: &str| {
+            std::collections::BTreeMap::from([
+                (BROKER_ADDRESSES_ANNOTATION.to_string(), value.to_string()),
+                ("io.parma.policy".to_string(), "H4sI...".to_string()),
+            ])
+        };
+        let found =
+            addresses_from_annotations(&annotations(r#"{"trustee": "10.96.0.20:8080", "v6": "[fd00::1]:443"}"#))
+                .unwrap();
         assert_eq!(
             found,
             [
@@ -301,12 +306,13 @@ mod tests {
                 ("v6".to_string(), "[fd00::1]:443".parse().unwrap())
             ]
         );
-        for (key, value, expected) in [
-            ("io.parma.broker-address.", "10.0.0.1:1", "names no broker"),
-            ("io.parma.broker-address.kbs", "kbs.svc:8080", "is not IP:PORT"),
+        assert!(addresses_from_annotations(&std::collections::BTreeMap::new()).unwrap().is_empty());
+        for (value, expected) in [
+            (r#"{"": "10.0.0.1:1"}"#, "names no broker"),
+            (r#"{"kbs": "kbs.svc:8080"}"#, "is not IP:PORT"),
+            (r#"["10.0.0.1:1"]"#, "is not a JSON object"),
         ] {
-            let one = std::collections::BTreeMap::from([(key.to_string(), value.to_string())]);
-            let err = addresses_from_annotations(&one).unwrap_err();
+            let err = addresses_from_annotations(&annotations(value)).unwrap_err();
             assert!(err.contains(expected), "{err}");
         }
     }

@@ -158,17 +158,18 @@ fn evaluated_data(policy: &Policy) -> Result<regorus::Value, PolicyError> {
     policy_data(&mut rego)
 }
 
-/// A data field as JSON; absent (undefined) or null: `Null`.
-fn data_json(value: &regorus::Value) -> serde_json::Value {
+/// A data field as JSON; absent (undefined) or null: `Null`. A value JSON
+/// cannot hold is an error, not nothing.
+fn data_json(value: &regorus::Value) -> Result<serde_json::Value, String> {
     match value {
-        regorus::Value::Undefined | regorus::Value::Null => serde_json::Value::Null,
-        value => serde_json::to_value(value).unwrap_or(serde_json::Value::Null),
+        regorus::Value::Undefined | regorus::Value::Null => Ok(serde_json::Value::Null),
+        value => serde_json::to_value(value).map_err(|err| format!("not JSON: {err}")),
     }
 }
 
 /// The brokers of the evaluated data `fields`.
 fn brokers_of(fields: &regorus::Value) -> Result<Vec<data::Broker>, String> {
-    match data_json(&fields["brokers"]) {
+    match data_json(&fields["brokers"]).map_err(|err| format!("the policy's brokers: {err}"))? {
         serde_json::Value::Null => Ok(Vec::new()),
         value => serde_json::from_value(value).map_err(|err| format!("the policy's brokers: {err}")),
     }
@@ -196,7 +197,7 @@ pub fn listed_secrets(policy: &Policy, name: &str) -> Result<Vec<ListedSecret>, 
         _ => None,
     };
     let Some(container) = container else { return Ok(Vec::new()) };
-    let secrets: Vec<data::SecretRule> = match data_json(&container["secrets"]) {
+    let secrets: Vec<data::SecretRule> = match data_json(&container["secrets"]).map_err(bad)? {
         serde_json::Value::Null => Vec::new(),
         value => serde_json::from_value(value).map_err(|err| bad(format!("not a list of secret rules: {err}")))?,
     };
