@@ -506,14 +506,6 @@ fn act(guest: &mut Guest, request: Request, decisions: &[Decision]) -> Result<Re
 /// A copied file's contents, within [`files::MAX_FILE`].
 /// A secret's file name in `/dev/parma/secrets/`: 1 to 64 bytes of
 /// `[A-Za-z0-9._-]`, not hidden.
-fn check_secret_file(file: &str) -> Result<(), String> {
-    let ok = !file.is_empty()
-        && file.len() <= 64
-        && !file.starts_with('.')
-        && file.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok { Ok(()) } else { Err("the secret's file name is not 1 to 64 of [A-Za-z0-9._-], not hidden".into()) }
-}
-
 fn decode_file(data: &str) -> Result<Vec<u8>, Fault> {
     if data.len() > files::MAX_FILE.div_ceil(3) * 4 {
         return Err(Fault::invalid(format!("a copied file has at most {} bytes", files::MAX_FILE)));
@@ -579,7 +571,7 @@ fn points(request: &Request, containers: &mut Containers) -> Result<Vec<Input>, 
                     .parse::<std::net::SocketAddr>()
                     .map_err(|_| malformed("broker_address is not IP:PORT".to_string()))?;
             }
-            check_secret_file(file).map_err(malformed)?;
+            parma_kbs::check_secret_file(file).map_err(malformed)?;
             crate::kbs::check_resource(resource).map_err(malformed)?;
             crate::kbs::Broker::new(broker_url, broker_certificate_sha256).map_err(malformed)?;
             vec![Input::ReleaseSecret(input::ReleaseSecret {

@@ -224,6 +224,8 @@ fn a_pods_annotations_give_its_containers_secrets_from_its_brokers() -> anyhow::
 
     let bad_url = brokers.replace("https://kbs.example:8080", "https://kbs.example:8080/kbs");
     let bad_pin = brokers.replace(&pin, "AB");
+    let bad_resource = secrets.replace("default/db/password", "password");
+    let hidden_file = secrets.replace("\"file\": \"db\"", "\"file\": \".db\"");
     for (annotations, reason) in [
         (
             vec![("io.parma.brokers", brokers), ("io.parma.secrets", ghost)],
@@ -240,6 +242,8 @@ fn a_pods_annotations_give_its_containers_secrets_from_its_brokers() -> anyhow::
         ),
         (vec![("io.parma.brokers", bad_url.as_str())], "broker \"trustee\": the broker URL's port is not 1 to 65535"),
         (vec![("io.parma.brokers", bad_pin.as_str())], "certificate_sha256 is not 64 lowercase hex digits"),
+        (vec![("io.parma.brokers", brokers), ("io.parma.secrets", bad_resource.as_str())], "is not REPO/TYPE/TAG"),
+        (vec![("io.parma.brokers", brokers), ("io.parma.secrets", hidden_file.as_str())], "file name is not 1 to 64"),
     ] {
         let err = generate_pod(&pod(&annotations), &images, &layers).unwrap_err();
         ensure!(format!("{err:#}").contains(reason), "{reason}: {err:#}");

@@ -621,6 +621,10 @@ fn secret_annotations(
     }
     crate::policy_gen::check_brokers(&brokers, &[])
         .with_context(|| format!("{what}: annotation {BROKERS_ANNOTATION}"))?;
+    for (container, listed) in &secrets {
+        crate::policy_gen::check_brokers(&brokers, listed)
+            .with_context(|| format!("{what}: annotation {SECRETS_ANNOTATION}, container {container:?}"))?;
+    }
     Ok((brokers, secrets))
 }
 

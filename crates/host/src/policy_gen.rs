@@ -406,9 +406,10 @@ pub struct Knobs {
     pub brokers: Vec<parma_policy::data::Broker>,
 }
 
-/// Refuse brokers the agent would refuse, or secrets from a broker not
-/// listed: each broker's URL is `https://HOST[:PORT]` as the agent reads
-/// it, its pin 64 lowercase hex digits, its name given once.
+/// Refuse brokers and secrets the agent would refuse: each broker's URL is
+/// `https://HOST[:PORT]` as the agent reads it, its pin 64 lowercase hex
+/// digits, its name given once; each secret comes from a listed broker, its
+/// resource is `REPO/TYPE/TAG` and its file a plain name.
 pub fn check_brokers(
     brokers: &[parma_policy::data::Broker],
     secrets: &[parma_policy::data::SecretRule],
@@ -423,8 +424,12 @@ pub fn check_brokers(
             anyhow::bail!("two brokers are named {:?}", broker.name);
         }
     }
-    if let Some(secret) = secrets.iter().find(|secret| !brokers.iter().any(|broker| broker.name == secret.broker)) {
-        anyhow::bail!("a secret comes from broker {:?}, which the policy's brokers do not list", secret.broker);
+    for secret in secrets {
+        if !brokers.iter().any(|broker| broker.name == secret.broker) {
+            anyhow::bail!("a secret comes from broker {:?}, which the policy's brokers do not list", secret.broker);
+        }
+        parma_kbs::check_resource(&secret.resource).map_err(anyhow::Error::msg)?;
+        parma_kbs::check_secret_file(&secret.file).map_err(|err| anyhow::anyhow!("{err}: {:?}", secret.file))?;
     }
     Ok(())
 }

@@ -108,25 +108,7 @@ impl Broker {
     }
 }
 
-/// A resource's path at the broker: `REPO/TYPE/TAG`, each 1 to 128 bytes
-/// of `[A-Za-z0-9._-]`, none `.` or `..`.
-pub fn check_resource(resource: &str) -> Result<(), String> {
-    let parts: Vec<&str> = resource.split('/').collect();
-    let part_ok = |p: &&str| {
-        !p.is_empty()
-            && p.len() <= 128
-            && *p != "."
-            && *p != ".."
-            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    };
-    if parts.len() != 3 || !parts.iter().all(part_ok) {
-        return Err(format!(
-            "resource {:?} is not REPO/TYPE/TAG of [A-Za-z0-9._-]",
-            resource.get(..resource.floor_char_boundary(64)).unwrap_or_default()
-        ));
-    }
-    Ok(())
-}
+pub use crate::check_resource;
 
 /// A report binding REPORT_DATA: its bytes (the agent's provider).
 pub type Reporter<'a> = dyn Fn(&[u8; 64]) -> Result<Vec<u8>, String> + 'a;

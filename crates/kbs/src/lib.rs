@@ -39,3 +39,33 @@ pub const PROTOCOL_VERSION: &str = "0.4.0";
 pub const PREFIX: &str = "/kbs/v0";
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "kbs-session-id";
+
+/// A resource's path at the broker: `REPO/TYPE/TAG`, each 1 to 128 bytes
+/// of `[A-Za-z0-9._-]`, none `.` or `..`.
+pub fn check_resource(resource: &str) -> Result<(), String> {
+    let parts: Vec<&str> = resource.split('/').collect();
+    let part_ok = |p: &&str| {
+        !p.is_empty()
+            && p.len() <= 128
+            && *p != "."
+            && *p != ".."
+            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    if parts.len() != 3 || !parts.iter().all(part_ok) {
+        return Err(format!(
+            "resource {:?} is not REPO/TYPE/TAG of [A-Za-z0-9._-]",
+            resource.get(..resource.floor_char_boundary(64)).unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
+
+/// A secret's file name in the container's `/dev/parma/secrets/`: 1 to 64
+/// bytes of `[A-Za-z0-9._-]`, not hidden.
+pub fn check_secret_file(file: &str) -> Result<(), String> {
+    let ok = !file.is_empty()
+        && file.len() <= 64
+        && !file.starts_with('.')
+        && file.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok { Ok(()) } else { Err("the secret's file name is not 1 to 64 of [A-Za-z0-9._-], not hidden".into()) }
+}
