@@ -101,6 +101,21 @@ struct Container {
     in_pod: Option<PodPid>,
     /// Its secrets directory, once a secret was provisioned (bound at its start).
     secrets: Option<String>,
+    /// Which container of this boot it is: an id can be deleted and
+    /// created again while a secret for the first is fetched.
+    serial: u64,
+    /// Secrets being fetched for it ([`Containers::begin_secret`]): it does
+    /// not start before they end.
+    fetching: usize,
+}
+
+/// A secret being fetched for a created container, outside the agent's
+/// lock: [`Containers::end_secret`] writes it only into that container,
+/// never into a later one of the same id.
+#[derive(Debug)]
+pub struct SecretTicket {
+    id: String,
+    serial: u64,
 }
 
 /// How a container is created, besides its process.
@@ -146,6 +161,8 @@ pub struct Containers {
     sandbox: Option<Sandbox>,
     /// The containers' parent cgroup has its guest-wide limits.
     guest_limits: bool,
+    /// The serial the next container gets.
+    next_serial: u64,
 }
 
 impl Containers {
@@ -293,6 +310,7 @@ impl Containers {
             let _ = std::fs::remove_dir(&cgroup);
             return Err(err.into());
         }
+        self.next_serial += 1;
         self.containers.insert(
             id.to_string(),
             Container {
@@ -304,6 +322,8 @@ impl Containers {
                 stdio: options.stdio,
                 in_pod,
                 secrets: None,
+                serial: self.next_serial,
+                fetching: 0,
             },
         );
         Ok(())
@@ -322,6 +342,37 @@ impl Containers {
         match container.prepared {
             Some(_) => Ok(()),
             None => Err(Fault::wrong_state(format!("container {id:?} has started: a secret goes in before the start"))),
+        }
+    }
+
+    /// A secret is about to be fetched for container `id` (which can take
+    /// one: [`Containers::check_secret_target`]); it does not start until
+    /// [`Containers::end_secret`] is called with the ticket.
+    pub fn begin_secret(&mut self, id: &str) -> Result<SecretTicket, Fault> {
+        self.check_secret_target(id)?;
+        let container = self.containers.get_mut(id).ok_or_else(|| no_container(id))?;
+        container.fetching += 1;
+        Ok(SecretTicket { id: id.to_string(), serial: container.serial })
+    }
+
+    /// The fetch of `ticket` ended: with the secret, write it as `file`
+    /// ([`Containers::add_secret`]) if the container it was fetched for is
+    /// still there (not deleted, nor another of its id created since).
+    pub fn end_secret(&mut self, ticket: SecretTicket, secret: Option<(&str, &[u8])>) -> Result<(), Fault> {
+        let SecretTicket { id, serial } = ticket;
+        match self.containers.get_mut(&id) {
+            Some(container) if container.serial == serial => {
+                container.fetching = container.fetching.saturating_sub(1);
+            }
+            _ => {
+                return Err(Fault::wrong_state(format!(
+                    "container {id:?} was deleted while its secret was fetched; the secret is dropped"
+                )));
+            }
+        }
+        match secret {
+            Some((file, data)) => self.add_secret(&id, file, data),
+            None => Ok(()),
         }
     }
 
@@ -393,6 +444,11 @@ impl Containers {
     /// Start a created container's init process; returns its PID.
     pub fn start(&mut self, id: &str) -> Result<i32, Fault> {
         let container = self.containers.get_mut(id).ok_or_else(|| no_container(id))?;
+        if container.fetching > 0 {
+            return Err(Fault::wrong_state(format!(
+                "container {id:?} waits for a secret being fetched from its broker: it starts after"
+            )));
+        }
         let pod = match (container.in_pod, &self.sandbox) {
             (None, _) => None,
             (Some(pid), Some(sandbox)) => Some((sandbox.pidfd(), pid)),

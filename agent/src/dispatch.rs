@@ -165,22 +165,32 @@ impl Dispatcher {
         }
     }
 
-    /// Decide and carry out one request. May block (a disk the host stalls):
-    /// transports run it off their event loop.
+    /// Decide and carry out one request, the part left aside included. May
+    /// block (a disk the host stalls): transports run it off their event loop.
+    #[cfg(test)]
     pub fn handle(&self, id: u32, request: Request) -> (Response, After) {
-        if let Some(answer) = immediate(&request) {
-            return answer;
+        match self.begin(id, request) {
+            Handled::Now(response, after) => (response, after),
+            Handled::Aside(rest) => (rest(self), After::Continue),
+        }
+    }
+
+    /// Decide one request and carry it out, but for what it may leave to run
+    /// beside the connection's later requests ([`Handled::Aside`]). May block.
+    pub fn begin(&self, id: u32, request: Request) -> Handled {
+        if let Some((response, after)) = immediate(&request) {
+            return Handled::Now(response, after);
         }
         let mut guest = self.lock();
         let points = match points(&request, &mut guest.containers) {
             Ok(points) => points,
-            Err(err) => return (Response::Error(err), After::Continue),
+            Err(err) => return Handled::Now(Response::Error(err), After::Continue),
         };
         let decisions = match guest.gate.check(&request, &points) {
             Ok(decisions) => decisions,
             Err(err) => {
                 tracing::warn!(id, "denied: {}", err.message);
-                return (Response::Error(err), After::Continue);
+                return Handled::Now(Response::Error(err), After::Continue);
             }
         };
         let gate = &mut guest.gate;
@@ -232,36 +242,9 @@ impl Dispatcher {
                 file,
                 broker_address,
             } => {
-                // The exchange runs under the lock: the container cannot
-                // start or go away meanwhile (Ping and Shutdown need no lock).
-                let outcome = (|| -> Result<usize, Fault> {
-                    guest.containers.check_secret_target(&container_id)?;
-                    let broker =
-                        crate::kbs::Broker::new(&broker_url, &broker_certificate_sha256).map_err(Fault::invalid)?;
-                    let secret = match broker_address {
-                        None => crate::kbs::fetch(&broker, crate::kbs::Route::Vsock, &resource, &self.attestation),
-                        Some(address) => {
-                            let address =
-                                address.parse().map_err(|_| Fault::invalid("broker_address is not IP:PORT"))?;
-                            let pod = guest.containers.sandbox()?;
-                            let route = crate::kbs::Route::Pod(pod.pidfd(), address);
-                            crate::kbs::fetch(&broker, route, &resource, &self.attestation)
-                        }
-                    }
-                    .map_err(|err| Fault::from(format!("the key broker exchange failed: {err}")))?;
-                    guest.containers.add_secret(&container_id, &file, &secret)?;
-                    Ok(secret.len())
-                })();
-                match outcome {
-                    Ok(bytes) => {
-                        tracing::info!(id, "secret {resource:?} ({bytes} bytes) provisioned for {container_id:?}");
-                        Response::Done
-                    }
-                    Err(fault) => {
-                        tracing::warn!(id, "ProvisionSecret failed ({}): {}", fault.code, fault.message);
-                        Response::Error(fault.into())
-                    }
-                }
+                let asked =
+                    Secret { container_id, broker_url, broker_certificate_sha256, resource, file, broker_address };
+                return provision_secret(guest, id, asked);
             }
             Request::LoadFragment { fragment, signature, public_key } => {
                 let decode = |what: &str, text: &str| {
@@ -304,8 +287,97 @@ impl Dispatcher {
                 }
             },
         };
-        (response, After::Continue)
+        Handled::Now(response, After::Continue)
     }
+}
+
+/// Whether `request` may leave its rest to run aside ([`Handled::Aside`]).
+pub fn runs_aside(request: &Request) -> bool {
+    matches!(request, Request::ProvisionSecret { .. })
+}
+
+/// What [`Dispatcher::begin`] left of a request.
+pub enum Handled {
+    /// Answered.
+    Now(Response, After),
+    /// Allowed and begun under the lock, in the connection's order; the
+    /// rest (a key broker exchange) runs without the lock and gives the
+    /// answer.
+    Aside(Aside),
+}
+
+/// The rest of a request that runs aside.
+pub type Aside = Box<dyn FnOnce(&Dispatcher) -> Response + Send>;
+
+/// A `ProvisionSecret` the policy allowed.
+struct Secret {
+    container_id: String,
+    broker_url: String,
+    broker_certificate_sha256: String,
+    resource: String,
+    file: String,
+    broker_address: Option<String>,
+}
+
+/// Begin an allowed `ProvisionSecret`. The container is checked and marked
+/// under the lock (it does not start until the fetch ends); the exchange
+/// with the broker is left aside, without the lock (it may take up to
+/// `parma_kbs::EXCHANGE_DEADLINE` on a route the host controls: no other
+/// request waits for it); the secret is then written under the lock again,
+/// into the same container only: one deleted meanwhile, or created again
+/// under its id, gets nothing.
+fn provision_secret(mut guest: MutexGuard<'_, Guest>, id: u32, asked: Secret) -> Handled {
+    let Secret { container_id, broker_url, broker_certificate_sha256, resource, file, broker_address } = asked;
+    let failed = move |fault: Fault| {
+        tracing::warn!(id, "ProvisionSecret failed ({}): {}", fault.code, fault.message);
+        Response::Error(fault.into())
+    };
+    let begun = (|| -> Result<_, Fault> {
+        let broker = crate::kbs::Broker::new(&broker_url, &broker_certificate_sha256).map_err(Fault::invalid)?;
+        let pod = match broker_address {
+            None => None,
+            Some(address) => {
+                let address: std::net::SocketAddr =
+                    address.parse().map_err(|_| Fault::invalid("broker_address is not IP:PORT"))?;
+                let pidfd =
+                    guest.containers.sandbox()?.pidfd().try_clone_to_owned().map_err(|err| {
+                        Fault::from(format!("cannot hold the pod's namespaces for the exchange: {err}"))
+                    })?;
+                Some((pidfd, address))
+            }
+        };
+        let ticket = guest.containers.begin_secret(&container_id)?;
+        Ok((broker, pod, ticket))
+    })();
+    let (broker, pod, ticket) = match begun {
+        Ok(begun) => begun,
+        Err(fault) => return Handled::Now(failed(fault), After::Continue),
+    };
+    drop(guest);
+    Handled::Aside(Box::new(move |dispatcher: &Dispatcher| {
+        let route = match &pod {
+            None => crate::kbs::Route::Vsock,
+            Some((pidfd, address)) => crate::kbs::Route::Pod(std::os::fd::AsFd::as_fd(pidfd), *address),
+        };
+        let fetched = crate::kbs::fetch(&broker, route, &resource, &dispatcher.attestation)
+            .map_err(|err| Fault::from(format!("the key broker exchange failed: {err}")));
+        let mut guest = dispatcher.lock();
+        let written = match fetched {
+            Ok(secret) => guest.containers.end_secret(ticket, Some((&file, &secret))).map(|()| secret.len()),
+            Err(fault) => {
+                // The exchange's failure is the answer, whatever became of the container.
+                let _ = guest.containers.end_secret(ticket, None);
+                Err(fault)
+            }
+        };
+        match written {
+            Ok(bytes) => {
+                tracing::info!(id, "secret {resource:?} ({bytes} bytes) provisioned for {container_id:?}");
+                Response::Done
+            }
+            Err(fault) => failed(fault),
+        }
+    }))
 }
 
 #[cfg(test)]

@@ -12,15 +12,21 @@
 //! of at most [`MAX_QUEUED_BYTES`] of frame bodies together, wait behind the
 //! one running; more are answered `busy`, so a connection holds a bounded
 //! amount of memory whatever the host sends.
+//!
+//! A request that waits on the outside world for long (`ProvisionSecret`'s
+//! key broker exchange) is decided and begun in that order; its rest runs
+//! beside the later requests ([`Handled::Aside`]), at most [`MAX_ASIDE`] at
+//! once per connection (more are answered `busy`), and is answered when it
+//! ends, after answers to later requests.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use parma_protocol::{AgentError, Decoder, ErrorCode, Request, Response, encode_response};
+use parma_protocol::{AgentError, Decoder, ErrorCode, MAX_ASIDE, Request, Response, encode_response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::dispatch::{self, After, Dispatcher};
+use crate::dispatch::{self, After, Dispatcher, Handled};
 
 /// Read size per system call.
 const CHUNK: usize = 64 * 1024;
@@ -57,25 +63,65 @@ pub enum OnEof {
 /// A queued request and the size of its frame's body.
 type Queued = (u32, Request, usize);
 
-/// Carry out queued requests in order, each on a blocking thread.
+/// Carry out queued requests in order, each on a blocking thread; the rest
+/// of one that runs aside goes on beside the next ones.
 async fn work(
     dispatcher: Arc<Dispatcher>,
     mut queue: mpsc::Receiver<Queued>,
     done: mpsc::Sender<(u32, Response, After)>,
     queued_bytes: Arc<AtomicUsize>,
 ) {
+    let aside = Arc::new(tokio::sync::Semaphore::new(MAX_ASIDE));
     while let Some((id, request, bytes)) = queue.recv().await {
-        let dispatcher = dispatcher.clone();
-        let handled = tokio::task::spawn_blocking(move || dispatcher.handle(id, request)).await;
+        // A slot is taken before the request begins: one that could not
+        // run aside is refused before anything is done.
+        let slot = match dispatch::runs_aside(&request).then(|| aside.clone().try_acquire_owned()) {
+            None => None,
+            Some(Ok(slot)) => Some(slot),
+            Some(Err(_)) => {
+                queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                let message =
+                    format!("busy: {MAX_ASIDE} key broker exchanges already run for this connection; nothing was done");
+                let busy = Response::Error(AgentError::new(ErrorCode::Busy, message));
+                if done.send((id, busy, After::Continue)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let begun = {
+            let dispatcher = dispatcher.clone();
+            tokio::task::spawn_blocking(move || dispatcher.begin(id, request)).await
+        };
         queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        let answer = match handled {
-            Ok((response, after)) => (id, response, after),
+        let answer = match (begun, slot) {
+            (Ok(Handled::Now(response, after)), _) => (id, response, after),
+            (Ok(Handled::Aside(rest)), Some(slot)) => {
+                let (dispatcher, done) = (dispatcher.clone(), done.clone());
+                tokio::spawn(async move {
+                    let response = finish(dispatcher, rest).await;
+                    drop(slot);
+                    // The connection may have ended meanwhile: the answer is lost with it.
+                    let _ = done.send((id, response, After::Continue)).await;
+                });
+                continue;
+            }
+            // Not one to run aside: its rest runs in turn.
+            (Ok(Handled::Aside(rest)), None) => (id, finish(dispatcher.clone(), rest).await, After::Continue),
             // Only reachable in an unwinding build: the guest aborts on a panic.
-            Err(_) => crate::fail_closed("a request handler panicked"),
+            (Err(_), _) => crate::fail_closed("a request handler panicked"),
         };
         if done.send(answer).await.is_err() {
             return;
         }
+    }
+}
+
+/// The rest of a request, on a blocking thread.
+async fn finish(dispatcher: Arc<Dispatcher>, rest: dispatch::Aside) -> Response {
+    match tokio::task::spawn_blocking(move || rest(&dispatcher)).await {
+        Ok(response) => response,
+        Err(_) => crate::fail_closed("a request handler panicked"),
     }
 }
 

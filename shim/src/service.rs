@@ -421,7 +421,9 @@ fn create_in_guest(
         if let Some(entry) = entry {
             let planned = parma_host::secrets::plan(&pod.policy, &entry, &pod.routes).map_err(secret_error)?;
             for one in &planned {
-                pod.with_client(|client| parma_host::secrets::ask(client, id, one)).map_err(secret_error)?;
+                // Sent aside: the pod's other requests (exec probes, output)
+                // go through while the agent fetches it.
+                parma_host::secrets::ask_shared(&pod.client, id, one).map_err(secret_error)?;
                 tracing::info!(
                     "{id}: secret {} from broker {:?} provisioned",
                     one.listed.secret.file,

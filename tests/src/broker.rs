@@ -30,6 +30,8 @@ pub struct Config {
     pub host_data: Option<[u8; 32]>,
     /// INSECURE: accept reports signed by the emulation's test chain.
     pub insecure_emulation: bool,
+    /// Say nothing on a new connection for this long first (a slow broker).
+    pub hold: Option<Duration>,
 }
 
 /// One session, by its cookie.
@@ -49,6 +51,8 @@ struct State {
     log: Vec<String>,
     /// Resources released, by path.
     released: Vec<String>,
+    /// Connections accepted.
+    connections: usize,
 }
 
 /// A running broker; stops when dropped.
@@ -94,6 +98,9 @@ impl Broker {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
+                            if let Ok(mut state) = state.lock() {
+                                state.connections += 1;
+                            }
                             let (tls, state, config) = (tls.clone(), state.clone(), config.clone());
                             std::thread::spawn(move || {
                                 if let Err(err) = serve(stream, tls, &state, &config)
@@ -127,6 +134,18 @@ impl Broker {
         if let Ok(mut config) = self.config.lock() {
             config.host_data = Some(host_data);
         }
+    }
+
+    /// Hold each new connection this long before answering (none: answer at once).
+    pub fn hold(&self, hold: Option<Duration>) {
+        if let Ok(mut config) = self.config.lock() {
+            config.hold = hold;
+        }
+    }
+
+    /// How many connections it accepted.
+    pub fn connections(&self) -> usize {
+        self.state.lock().map(|state| state.connections).unwrap_or_default()
     }
 
     /// What it did, one line per request.
@@ -164,6 +183,10 @@ fn serve(
     config: &Mutex<Config>,
 ) -> anyhow::Result<()> {
     stream.set_nonblocking(false)?;
+    let hold = config.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.hold;
+    if let Some(hold) = hold {
+        std::thread::sleep(hold);
+    }
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let connection = rustls::ServerConnection::new(tls)?;
     let mut tls = rustls::StreamOwned::new(connection, stream);

@@ -13,7 +13,10 @@
 //!   container or resource the policy does not list is refused before any
 //!   byte goes out; a broker with another certificate fails the TLS pin; a
 //!   broker expecting another HOST_DATA refuses the evidence; the host's
-//!   own report for the binding cannot pass;
+//!   own report for the binding cannot pass; a broker that holds the
+//!   exchange holds up no other request on the connection (the exchange
+//!   runs aside, without the agent's lock), and the container does not
+//!   start until it ends;
 //! - over the pod's own network instead (a CNI-style namespace, the broker
 //!   in its peer), once the UVM is a pod.
 
@@ -26,7 +29,7 @@ use parma_host::policy_gen::{self, Knobs, Spec};
 use parma_host::relay::Relay;
 use parma_host::run;
 use parma_kbs::client::{Broker as BrokerRef, Dial};
-use parma_protocol::{ErrorCode, ProcessSpec, Request};
+use parma_protocol::{ErrorCode, ProcessSpec, Request, Response};
 use parma_snp::emulation::{AGENT_SEED, EmulatedFields, Signer};
 use parma_tests::broker::{Broker, Config};
 use parma_tests::{Boot, Guest, Paths, denied, oci, refused};
@@ -153,6 +156,38 @@ impl Drop for CliRelay {
     }
 }
 
+/// How long [`Staller`] holds each connection.
+const STALL: Duration = Duration::from_secs(8);
+
+/// A TCP listener that holds each connection, saying nothing, then closes it.
+struct Staller {
+    address: std::net::SocketAddr,
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Staller {
+    fn start(hold: Duration) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        let address = listener.local_addr()?;
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = held.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    std::thread::sleep(hold);
+                    drop(stream);
+                });
+            }
+        });
+        Ok(Self { address, held })
+    }
+
+    fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 fn create(id: &str, process: &ProcessSpec) -> Request {
     parma_tests::create_request(id, process, Vec::new())
 }
@@ -234,6 +269,45 @@ fn a_listed_container_starts_with_its_secret_and_nothing_else_gets_one() -> anyh
     let (code, message) = refused(client.done(&provision("a", &url, &pin, RESOURCE, "db")))?;
     ensure!(code == ErrorCode::Failed && message.contains("key broker exchange failed"), "{code}: {message}");
     ensure!(impostor.released().is_empty(), "{:?}", impostor.log());
+
+    // A broker that holds the exchange (the host controls the route): the
+    // agent fetches beside the connection's other requests and without
+    // its lock, so they are answered meanwhile; the container does not
+    // start before the fetch ends; the answer comes when the broker lets go.
+    drop(relay);
+    let staller = Staller::start(STALL)?;
+    let relay = Relay::start(&relay_path, staller.address)?;
+    // One more than runs aside at once is answered busy, at once.
+    let asked = std::time::Instant::now();
+    let mut asides = Vec::new();
+    for _ in 0..=parma_protocol::MAX_ASIDE {
+        asides.push(client.send_aside(&provision("a", &url, &pin, RESOURCE, "db"))?);
+    }
+    let (code, message) = refused(client.start_container("a"))?;
+    ensure!(code == ErrorCode::WrongState && message.contains("secret being fetched"), "{code}: {message}");
+    client.delete_container("b")?;
+    let busy = asides.pop().context("no requests sent aside")?;
+    let answer = client.answer(busy, Duration::from_secs(1))?;
+    ensure!(matches!(&answer, Some(Response::Error(err)) if err.code == ErrorCode::Busy), "{answer:?}");
+    let others = asked.elapsed();
+    for aside in asides {
+        let answer = loop {
+            if let Some(answer) = client.answer(aside, Duration::from_secs(1))? {
+                break answer;
+            }
+            ensure!(asked.elapsed() < CALL, "no answer to the held exchange within {CALL:?}");
+        };
+        ensure!(
+            matches!(&answer, Response::Error(err) if err.message.contains("key broker exchange failed")),
+            "{answer:?}"
+        );
+    }
+    let answered = asked.elapsed();
+    ensure!(staller.held() == parma_protocol::MAX_ASIDE, "{} exchanges reached the broker", staller.held());
+    ensure!(
+        others < STALL && answered >= STALL,
+        "the other requests took {others:?}, the held exchange {answered:?} (the broker held it {STALL:?})"
+    );
     // The right broker, expecting another HOST_DATA: the evidence is refused.
     // (From here the relay is the CLI's, `parma kbs relay`.)
     drop(relay);

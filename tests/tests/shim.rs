@@ -586,7 +586,9 @@ fn secrets_pod(url: &str, pin: &str) -> String {
 /// `io.parma.broker-addresses` annotation, as a cluster-internal broker
 /// name does not resolve on the node): the container reads its secret. A
 /// secret the broker refuses fails the create and leaves nothing behind:
-/// the same container is created again once the broker releases it.
+/// the same container is created again once the broker releases it. While
+/// a slow broker holds a second container's secret, the first container's
+/// exec probe goes through (the shim sends the request aside).
 #[test]
 fn the_shim_provisions_the_secrets_the_pods_policy_lists() -> anyhow::Result<()> {
     use parma_tests::broker::{Broker, Config};
@@ -656,6 +658,47 @@ fn the_shim_provisions_the_secrets_the_pods_policy_lists() -> anyhow::Result<()>
         task.delete(ctx(), &DeleteRequest { id: "app".into(), exec_id: "probe".into(), ..Default::default() }).await?;
         let read = probe_output.join().map_err(|_| anyhow::anyhow!("reader"))?;
         ensure!(read.as_bytes() == SECRET, "the container read {read:?}");
+
+        // A slow broker (each of the exchange's three connections held):
+        // while the pod's second container waits for its secret, the first
+        // one's exec probe goes through.
+        const HOLD: Duration = Duration::from_secs(5);
+        broker.hold(Some(HOLD));
+        let second_bundle = fixture.bundle("second", &fixture.container_spec(&fixture.process)?)?;
+        ensure!(fixture.start_shim("second", &second_bundle)? == address, "one shim per pod");
+        let asked = std::time::Instant::now();
+        let before = broker.connections();
+        let second = create_request("second", &second_bundle, fixture.layers.clone(), "");
+        let probe = async {
+            // Once the agent is at the broker (which holds the connection).
+            while broker.connections() == before && asked.elapsed() < HOLD {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let (probe_out, probe_output) = fifo(fixture.dir.path(), "probe2-stdout")?;
+            let exec = ExecProcessRequest { exec_id: "probe2".into(), stdout: probe_out, ..exec.clone() };
+            task.exec(ctx(), &exec).await?;
+            let start = StartRequest { id: "app".into(), exec_id: "probe2".into(), ..Default::default() };
+            task.start(ctx(), &start).await?;
+            let wait = WaitRequest { id: "app".into(), exec_id: "probe2".into(), ..Default::default() };
+            let waited = task.wait(ctx(), &wait).await?;
+            let probed = asked.elapsed();
+            let delete = DeleteRequest { id: "app".into(), exec_id: "probe2".into(), ..Default::default() };
+            task.delete(ctx(), &delete).await?;
+            let read = probe_output.join().map_err(|_| anyhow::anyhow!("reader"))?;
+            ensure!(waited.exit_status == 0 && read.as_bytes() == SECRET, "{waited:?} {read:?}");
+            anyhow::Ok(probed)
+        };
+        let (created, probed) = tokio::join!(async { task.create(ctx(), &second).await }, probe);
+        let (created, probed) = (created.context("the second container")?, probed?);
+        let answered = asked.elapsed();
+        broker.hold(None);
+        ensure!(created.pid != 0 && broker.released().len() == 2, "{:?}", broker.log());
+        ensure!(
+            answered >= probed + HOLD,
+            "the probe ended after {probed:?}, the second container's create after {answered:?} (the broker held \
+             each connection {HOLD:?})"
+        );
+        task.delete(ctx(), &DeleteRequest { id: "second".into(), ..Default::default() }).await?;
 
         task.kill(ctx(), &KillRequest { id: "app".into(), signal: 9, ..Default::default() }).await?;
         task.wait(ctx(), &WaitRequest { id: "app".into(), ..Default::default() }).await?;

@@ -102,6 +102,10 @@ pub enum ClientError {
     /// The request does not fit in one frame (nothing was sent).
     #[error("the request is too large to send: {0}")]
     TooLarge(parma_protocol::frame::BodyTooLarge),
+    /// [`Client::answer`] was asked for a request not sent aside, or
+    /// already collected.
+    #[error("request {0} was not sent aside, or its answer was collected")]
+    NotAside(u32),
     /// The agent sent a frame whose body is not a response.
     #[error("bad response from the agent")]
     Decode(#[from] DecodeError),
@@ -145,6 +149,9 @@ pub struct Client {
     decoder: Decoder,
     next_id: u32,
     timeout: Duration,
+    /// Requests sent with [`Client::send_aside`] whose answers were not
+    /// collected yet, with the answer once it came.
+    aside: std::collections::BTreeMap<u32, Option<Response>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -215,7 +222,13 @@ impl Client {
             };
             match attempt {
                 Ok(stream) => {
-                    return Ok(Self { stream, decoder: Decoder::new(), next_id: first_id(), timeout });
+                    return Ok(Self {
+                        stream,
+                        decoder: Decoder::new(),
+                        next_id: first_id(),
+                        timeout,
+                        aside: std::collections::BTreeMap::new(),
+                    });
                 }
                 Err(source) if Instant::now() >= deadline => {
                     return Err(ClientError::Connect { control: control.to_string(), source });
@@ -312,7 +325,7 @@ impl Client {
     }
 
     /// Send a request and wait for its answer, skipping stale answers to
-    /// other ids.
+    /// other ids (an answer to a request sent aside is kept).
     pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
         let id = self.send(request)?;
         loop {
@@ -320,8 +333,57 @@ impl Client {
             if got == id {
                 return Ok(response);
             }
-            tracing::debug!("skipping a stale answer to request {got}");
+            self.keep_or_skip(got, response);
         }
+    }
+
+    fn keep_or_skip(&mut self, got: u32, response: Response) {
+        match self.aside.get_mut(&got) {
+            Some(slot) => *slot = Some(response),
+            None => tracing::debug!("skipping a stale answer to request {got}"),
+        }
+    }
+
+    /// Send a request whose answer [`Client::answer`] collects later: calls
+    /// made meanwhile keep it when it comes. For a request the agent runs
+    /// beside later ones (`ProvisionSecret`), so that a caller sharing the
+    /// client need not hold it while the agent works.
+    pub fn send_aside(&mut self, request: &Request) -> Result<u32, ClientError> {
+        let id = self.send(request)?;
+        self.aside.insert(id, None);
+        Ok(id)
+    }
+
+    /// The answer to request `id` sent with [`Client::send_aside`], waiting
+    /// at most `wait` for it: none yet when it has not come (ask again).
+    /// Once returned (or on an error other than none yet) it is forgotten.
+    pub fn answer(&mut self, id: u32, wait: Duration) -> Result<Option<Response>, ClientError> {
+        match self.aside.get(&id) {
+            None => return Err(ClientError::NotAside(id)),
+            Some(Some(_)) => return Ok(self.aside.remove(&id).flatten()),
+            Some(None) => {}
+        }
+        let before = self.timeout;
+        self.timeout = wait;
+        let got = loop {
+            match self.recv() {
+                Ok((got, response)) if got == id => break Ok(Some(response)),
+                Ok((got, response)) => self.keep_or_skip(got, response),
+                Err(ClientError::Timeout(_)) => break Ok(None),
+                Err(err) => break Err(err),
+            }
+        };
+        self.timeout = before;
+        if !matches!(got, Ok(None)) {
+            self.aside.remove(&id);
+        }
+        got
+    }
+
+    /// Stop waiting for the answer to request `id` sent aside: when it
+    /// comes it is skipped.
+    pub fn forget(&mut self, id: u32) {
+        self.aside.remove(&id);
     }
 
     /// `Ping`.
@@ -693,7 +755,8 @@ impl Client {
     }
 }
 
-fn unexpected(response: Response) -> ClientError {
+/// The error for an answer of the wrong kind (an agent's error as itself).
+pub(crate) fn unexpected(response: Response) -> ClientError {
     match response {
         Response::Error(err) => ClientError::Agent(err),
         other => ClientError::Unexpected(Box::new(other)),
@@ -744,6 +807,61 @@ mod tests {
         let mut client = Client::connect(&Control::Unix(path), Duration::from_millis(200)).unwrap();
         client.shutdown().unwrap();
         assert!(matches!(client.ping(), Err(ClientError::Timeout(_))));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn an_answer_to_a_request_sent_aside_is_kept_until_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // The agent answers the second request first, then the first (as
+        // it does a key broker exchange that runs aside), then a third.
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut decoder = Decoder::new();
+            let mut buf = [0u8; 1024];
+            let mut ids = Vec::new();
+            while ids.len() < 3 {
+                if let Some(frame) = decoder.next_frame() {
+                    ids.push(frame.unwrap().id);
+                    if ids.len() == 2 {
+                        conn.write_all(&parma_protocol::encode_response(
+                            ids[1],
+                            &Response::Pong(parma_protocol::PingInfo {
+                                protocol_version: parma_protocol::VERSION,
+                                agent_version: "test".into(),
+                                kernel_release: "test".into(),
+                                uptime_ms: 0,
+                            }),
+                        ))
+                        .unwrap();
+                        conn.write_all(&parma_protocol::encode_response(ids[0], &Response::Done)).unwrap();
+                    }
+                    continue;
+                }
+                let n = conn.read(&mut buf).unwrap();
+                decoder.push(&buf[..n]);
+            }
+            conn.write_all(&parma_protocol::encode_response(ids[2], &Response::Done)).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        let mut client = Client::connect(&Control::Unix(path), Duration::from_secs(5)).unwrap();
+        let aside = client.send_aside(&Request::GuestInfo).unwrap();
+        client.ping().unwrap();
+        assert!(matches!(client.answer(aside, Duration::ZERO), Ok(Some(Response::Done))));
+        assert!(matches!(client.answer(aside, Duration::ZERO), Err(ClientError::NotAside(_))));
+        // Not come yet: none, and asked again later; forgotten: skipped.
+        let third = client.send_aside(&Request::GuestInfo).unwrap();
+        let first_look = client.answer(third, Duration::from_millis(1)).unwrap();
+        let later = match first_look {
+            Some(answer) => Some(answer),
+            None => client.answer(third, Duration::from_secs(5)).unwrap(),
+        };
+        assert!(matches!(later, Some(Response::Done)), "{later:?}");
+        let forgotten = client.send_aside(&Request::GuestInfo).unwrap();
+        client.forget(forgotten);
+        assert!(matches!(client.answer(forgotten, Duration::ZERO), Err(ClientError::NotAside(_))));
         server.join().unwrap();
     }
 }

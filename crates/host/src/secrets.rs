@@ -206,11 +206,55 @@ pub fn ask(client: &mut Client, id: &str, planned: &Planned) -> Result<(), Secre
         Some(&address.to_string()),
     );
     client.set_timeout(before);
-    result.map_err(|source| SecretError::Agent {
-        broker: listed.broker.name.clone(),
+    result.map_err(agent_error(planned))
+}
+
+/// How long [`ask_shared`] holds the client for each look at the answer.
+const SHARED_LOOK: Duration = Duration::from_millis(10);
+/// How long it lets others have the client between looks.
+const SHARED_GAP: Duration = Duration::from_millis(40);
+
+/// [`ask`] through a client other threads use too (the shim's, for a pod's
+/// exec probes and output): the request is sent aside and its answer
+/// looked for in short turns, so while the agent fetches the secret (the
+/// exchange runs beside its other requests) their requests go through.
+pub fn ask_shared(client: &std::sync::Mutex<Client>, id: &str, planned: &Planned) -> Result<(), SecretError> {
+    let Planned { listed, address } = planned;
+    let lock = || client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let request = parma_protocol::Request::ProvisionSecret {
+        container_id: id.into(),
+        broker_url: listed.broker.url.clone(),
+        broker_certificate_sha256: listed.broker.certificate_sha256.clone(),
+        resource: listed.secret.resource.clone(),
         file: listed.secret.file.clone(),
+        broker_address: Some(address.to_string()),
+    };
+    let sent = lock().send_aside(&request).map_err(agent_error(planned))?;
+    let give_up = std::time::Instant::now() + PROVISION_CALL;
+    loop {
+        let answer = {
+            let mut client = lock();
+            let answer = client.answer(sent, SHARED_LOOK);
+            if matches!(answer, Ok(None)) && std::time::Instant::now() >= give_up {
+                client.forget(sent);
+                return Err(agent_error(planned)(ClientError::Timeout(PROVISION_CALL)));
+            }
+            answer.map_err(agent_error(planned))?
+        };
+        match answer {
+            Some(parma_protocol::Response::Done) => return Ok(()),
+            Some(other) => return Err(agent_error(planned)(crate::client::unexpected(other))),
+            None => std::thread::sleep(SHARED_GAP),
+        }
+    }
+}
+
+fn agent_error(planned: &Planned) -> impl FnOnce(ClientError) -> SecretError + '_ {
+    |source| SecretError::Agent {
+        broker: planned.listed.broker.name.clone(),
+        file: planned.listed.secret.file.clone(),
         source,
-    })
+    }
 }
 
 /// Ask the agent for every secret `policy` lists for its entry `entry`, for
