@@ -395,9 +395,9 @@ fn create_in_guest(
             }
         };
         held = layers.iter().map(|layer| layer.root_hash.clone()).collect();
-        pod.with_client(|client| client.mount_overlay(id, &names, true))
-            .map_err(agent("cannot mount the container's root"))?;
-        overlay = true;
+        let mounted = pod.with_client(|client| client.mount_overlay(id, &names, true));
+        overlay = made_or_unknown(&mounted);
+        mounted.map_err(agent("cannot mount the container's root"))?;
         for file in &mounts.files {
             pod.with_client(|client| client.copy_file(&file.path, &file.data, file.mode))
                 .map_err(agent(format!("cannot copy {} into the UVM", file.path)))?;
@@ -413,8 +413,9 @@ fn create_in_guest(
             readonly_paths: spec.readonly_paths(),
             namespaces: spec.namespaces(),
         };
-        let entry = pod.with_client(|client| client.created(&request)).map_err(agent("cannot create the container"))?;
-        created = true;
+        let entry = pod.with_client(|client| client.created(&request));
+        created = made_or_unknown(&entry);
+        let entry = entry.map_err(agent("cannot create the container"))?;
         // The secrets the policy lists for the container, before it starts:
         // planned (the policy read, the brokers resolved) without the
         // agent, then asked one by one.
@@ -458,6 +459,16 @@ fn secret_error(err: parma_host::secrets::SecretError) -> PodError {
 
 /// Take a container out of the guest: the container, its overlay, its use
 /// of its layers. Best effort: each step is tried.
+/// Whether a request may have changed the guest: it did, or its answer was
+/// lost (a timeout, a closed connection), so the agent may have carried it
+/// out. Only an answer from the agent says it did not.
+fn made_or_unknown<T>(result: &Result<T, parma_host::ClientError>) -> bool {
+    match result {
+        Ok(_) => true,
+        Err(err) => err.code().is_none(),
+    }
+}
+
 fn tear_down(pod: &Pod, id: &str, layers: &[String], container: bool, overlay: bool) {
     pod.with_client(|client| {
         if container && let Err(err) = client.delete_container(id) {
@@ -977,6 +988,16 @@ impl Service {
 mod tests {
     use super::*;
     use containerd_shim_protos::api::Mount;
+
+    #[test]
+    fn only_the_agents_own_refusal_says_nothing_was_made() {
+        use parma_host::ClientError;
+        let refused = ClientError::Agent(parma_protocol::AgentError::new(ErrorCode::PolicyDenied, "no"));
+        assert!(!made_or_unknown::<()>(&Err(refused)));
+        assert!(made_or_unknown(&Ok(())));
+        assert!(made_or_unknown::<()>(&Err(ClientError::Timeout(std::time::Duration::from_secs(60)))));
+        assert!(made_or_unknown::<()>(&Err(ClientError::Closed)));
+    }
 
     #[test]
     fn statistics_are_containerds_cgroup_v2_metrics() {

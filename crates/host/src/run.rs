@@ -312,7 +312,7 @@ pub fn run(options: &RunOptions, io: RunIo<'_>, progress: &dyn Fn(Step<'_>)) -> 
     }
     let policy = std::fs::read_to_string(&options.policy)
         .with_context(|| format!("cannot read the policy {}", options.policy.display()))?;
-    let parsed = parma_policy::Policy::from_bytes(policy.clone().into_bytes())
+    let parsed = parma_policy::Policy::from_bytes(policy.into_bytes())
         .with_context(|| format!("{} is not a policy", options.policy.display()))?;
     let host_data = parsed.hash();
     if !options.broker_addresses.is_empty() {
@@ -373,7 +373,7 @@ pub fn run(options: &RunOptions, io: RunIo<'_>, progress: &dyn Fn(Step<'_>)) -> 
     };
     progress(Step::Booting);
     let mut vm = Vm::start(config, &StartOptions::default()).map_err(anyhow::Error::from)?;
-    let result = drive(&mut vm, options, &policy, &built, &process, scratch.is_some(), network.as_ref(), io, progress);
+    let result = drive(&mut vm, options, &parsed, &built, &process, scratch.is_some(), network.as_ref(), io, progress);
     let (status, ready_after) = match result {
         Ok(done) => done,
         Err(err) => {
@@ -398,14 +398,13 @@ pub fn run(options: &RunOptions, io: RunIo<'_>, progress: &dyn Fn(Step<'_>)) -> 
 fn provision_secrets(
     client: &mut Client,
     options: &RunOptions,
-    policy: &str,
+    policy: &parma_policy::Policy,
     id: &str,
     entry: &str,
     progress: &dyn Fn(Step<'_>),
 ) -> Result<(), RunError> {
     use crate::secrets::SecretError;
-    let policy = parma_policy::Policy::from_bytes(policy.as_bytes().to_vec()).map_err(anyhow::Error::from)?;
-    match crate::secrets::provision(client, &policy, id, entry, &secret_routes(options), &|listed| {
+    match crate::secrets::provision(client, policy, id, entry, &secret_routes(options), &|listed| {
         progress(Step::SecretProvisioned(&listed.secret.file));
     }) {
         Ok(_) => Ok(()),
@@ -432,7 +431,7 @@ fn secret_routes(options: &RunOptions) -> crate::secrets::Routes {
 fn drive(
     vm: &mut Vm,
     options: &RunOptions,
-    policy: &str,
+    policy: &parma_policy::Policy,
     built: &Built,
     process: &ProcessSpec,
     scratch: bool,
@@ -444,8 +443,9 @@ fn drive(
     let mut client = vm.ready_client(options.boot_deadline, Duration::from_secs(60)).map_err(anyhow::Error::from)?;
     let ready_after = vm.elapsed();
     progress(Step::Ready(ready_after));
-    let sha256 =
-        client.set_policy(policy.to_string()).map_err(|err| RunError::of("the agent refused the policy", err))?;
+    let sha256 = client
+        .set_policy(policy.text().to_string())
+        .map_err(|err| RunError::of("the agent refused the policy", err))?;
     progress(Step::PolicySet(&sha256));
     if let Some((interface, routes)) = network {
         pod_network(&mut client, id, interface, routes)
