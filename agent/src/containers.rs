@@ -1357,6 +1357,62 @@ mod tests {
         }
     }
 
+    /// A created container's record as `create` leaves it (its root and
+    /// cgroup are not there: nothing here starts it).
+    fn created_record(containers: &mut Containers, id: &str) {
+        let spec = spec(&["/bin/true"]);
+        let process = process_of(&spec, "/bin/true").unwrap();
+        let new = NewContainer {
+            rootfs: CString::new("/nonexistent").unwrap(),
+            ops: Vec::new(),
+            checks: Vec::new(),
+            readonly_rootfs: false,
+            hostname: None,
+        };
+        containers.next_serial += 1;
+        let container = Container {
+            spec,
+            prepared: Some((new, process)),
+            init: None,
+            execs: BTreeMap::new(),
+            cgroup: "/nonexistent".into(),
+            stdio: false,
+            in_pod: None,
+            secrets: None,
+            serial: containers.next_serial,
+            fetching: 0,
+        };
+        containers.containers.insert(id.into(), container);
+    }
+
+    #[test]
+    fn a_secret_goes_only_into_the_container_it_was_fetched_for() {
+        let mut containers = Containers::default();
+        created_record(&mut containers, "a");
+        let ticket = containers.begin_secret("a").unwrap();
+        // It does not start while its secret is fetched.
+        let err = containers.start("a").unwrap_err();
+        assert!(err.code == ErrorCode::WrongState && err.message.contains("secret being fetched"), "{err:?}");
+        // Deleted and created again under its id meanwhile: the secret that
+        // comes is dropped, and the new container is not marked.
+        containers.containers.remove("a");
+        created_record(&mut containers, "a");
+        let err = containers.end_secret(ticket, Some(("db", b"s3cret"))).unwrap_err();
+        assert!(err.code == ErrorCode::WrongState && err.message.contains("deleted while its secret"), "{err:?}");
+        let again = containers.containers.get("a").unwrap();
+        assert!(again.secrets.is_none() && again.fetching == 0, "{again:?}");
+        // Two fetches for one container: marked until both end.
+        let (first, second) = (containers.begin_secret("a").unwrap(), containers.begin_secret("a").unwrap());
+        containers.end_secret(first, None).unwrap();
+        assert!(containers.start("a").is_err());
+        containers.end_secret(second, None).unwrap();
+        assert_eq!(containers.containers.get("a").unwrap().fetching, 0);
+        // Gone for good: the fetch's end says so.
+        let ticket = containers.begin_secret("a").unwrap();
+        containers.containers.remove("a");
+        assert!(containers.end_secret(ticket, None).is_err());
+    }
+
     #[test]
     fn containers_together_leave_room_for_the_agent() {
         let meminfo = "MemTotal:         498340 kB\nMemFree: 1 kB\n";

@@ -1,7 +1,8 @@
 //! The one dispatcher: decode, then the policy gate, then the handler.
 //!
 //! A handler cannot be reached without passing [`Gate::check`]: the only way
-//! from a request to a handler is [`Dispatcher::handle`]. `Ping` and
+//! from a request to a handler is [`Dispatcher::begin`] (a request it
+//! leaves [`Handled::Aside`] was decided and begun there). `Ping` and
 //! `Shutdown` are answered by [`immediate`] without the guest's lock, so a
 //! handler stuck on a disk the host stalls cannot keep the host from
 //! powering the UVM off.
@@ -39,11 +40,18 @@ pub enum After {
 ///
 /// The gate (and the policy state in it) and what the agent mounted and
 /// started are behind one lock, held from the decision to the end of the
-/// handler, so decisions and the state they build happen in one order.
+/// handler, so decisions and the state they build happen in one order. The
+/// one exception is `ProvisionSecret`'s key broker exchange, which runs
+/// without it ([`Handled::Aside`]) between a start under the lock (the
+/// container marked) and an end under it (the secret written, into that
+/// container only).
 #[derive(Debug)]
 pub struct Dispatcher {
     guest: Mutex<Guest>,
     attestation: Provider,
+    /// Requests whose rest runs aside, in the whole agent (they outlive
+    /// their connection): at most `parma_protocol::MAX_ASIDE`.
+    aside: Arc<tokio::sync::Semaphore>,
 }
 
 /// The gate and the agent's own records of the guest.
@@ -80,7 +88,11 @@ impl Dispatcher {
     /// (it serves no endpoints).
     #[cfg(test)]
     pub fn new(attestation: Provider) -> Self {
-        Self { guest: Mutex::new(Guest { gate: Gate::new(), ..Guest::default() }), attestation }
+        Self {
+            guest: Mutex::new(Guest { gate: Gate::new(), ..Guest::default() }),
+            attestation,
+            aside: Arc::new(tokio::sync::Semaphore::new(parma_protocol::MAX_ASIDE)),
+        }
     }
 
     /// A dispatcher that serves the containers' attestation endpoints on
@@ -89,8 +101,18 @@ impl Dispatcher {
         let handle = tokio::runtime::Handle::current();
         Arc::new_cyclic(|weak| {
             let endpoints = Endpoints::serving(handle, weak.clone());
-            Self { guest: Mutex::new(Guest { gate: Gate::new(), endpoints, ..Guest::default() }), attestation }
+            Self {
+                guest: Mutex::new(Guest { gate: Gate::new(), endpoints, ..Guest::default() }),
+                attestation,
+                aside: Arc::new(tokio::sync::Semaphore::new(parma_protocol::MAX_ASIDE)),
+            }
         })
+    }
+
+    /// A slot for a request whose rest runs aside, if one of the agent's
+    /// `parma_protocol::MAX_ASIDE` is free; held until that rest ends.
+    pub fn aside_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.aside.clone().try_acquire_owned().ok()
     }
 
     /// A report for a container that asked through its endpoint: decided at

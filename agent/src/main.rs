@@ -39,7 +39,8 @@ const SERIAL_DEADLINE: Duration = Duration::from_secs(30);
 /// The exit status when the agent cannot go on safely.
 const EXIT_FAIL_CLOSED: i32 = 70;
 /// Threads that carry out requests (each may block on a disk the host
-/// stalls); one per connection is busy at a time.
+/// stalls): one per connection at a time (8 vsock and the serial port),
+/// and the key broker exchanges that run aside (`MAX_ASIDE`, 4 in all).
 const MAX_BLOCKING_THREADS: usize = 16;
 
 /// Stop the agent because going on could act on records that do not match

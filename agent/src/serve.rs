@@ -16,8 +16,9 @@
 //! A request that waits on the outside world for long (`ProvisionSecret`'s
 //! key broker exchange) is decided and begun in that order; its rest runs
 //! beside the later requests ([`Handled::Aside`]), at most [`MAX_ASIDE`] at
-//! once per connection (more are answered `busy`), and is answered when it
-//! ends, after answers to later requests.
+//! once in the whole agent (more are answered `busy`; one outlives its
+//! connection, its answer lost with it), and is answered when it ends,
+//! after answers to later requests.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -71,17 +72,17 @@ async fn work(
     done: mpsc::Sender<(u32, Response, After)>,
     queued_bytes: Arc<AtomicUsize>,
 ) {
-    let aside = Arc::new(tokio::sync::Semaphore::new(MAX_ASIDE));
     while let Some((id, request, bytes)) = queue.recv().await {
-        // A slot is taken before the request begins: one that could not
-        // run aside is refused before anything is done.
-        let slot = match dispatch::runs_aside(&request).then(|| aside.clone().try_acquire_owned()) {
+        // A slot (the agent's, not the connection's: a rest outlives its
+        // connection) is taken before the request begins: one that could
+        // not run aside is refused before anything is done.
+        let slot = match dispatch::runs_aside(&request).then(|| dispatcher.aside_slot()) {
             None => None,
-            Some(Ok(slot)) => Some(slot),
-            Some(Err(_)) => {
+            Some(Some(slot)) => Some(slot),
+            Some(None) => {
                 queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 let message =
-                    format!("busy: {MAX_ASIDE} key broker exchanges already run for this connection; nothing was done");
+                    format!("busy: {MAX_ASIDE} key broker exchanges already run in the agent; nothing was done");
                 let busy = Response::Error(AgentError::new(ErrorCode::Busy, message));
                 if done.send((id, busy, After::Continue)).await.is_err() {
                     return;

@@ -457,8 +457,6 @@ fn secret_error(err: parma_host::secrets::SecretError) -> PodError {
     }
 }
 
-/// Take a container out of the guest: the container, its overlay, its use
-/// of its layers. Best effort: each step is tried.
 /// Whether a request may have changed the guest: it did, or its answer was
 /// lost (a timeout, a closed connection), so the agent may have carried it
 /// out. Only an answer from the agent says it did not.
@@ -469,6 +467,8 @@ fn made_or_unknown<T>(result: &Result<T, parma_host::ClientError>) -> bool {
     }
 }
 
+/// Take a container out of the guest: the container, its overlay, its use
+/// of its layers. Best effort: each step is tried.
 fn tear_down(pod: &Pod, id: &str, layers: &[String], container: bool, overlay: bool) {
     pod.with_client(|client| {
         if container && let Err(err) = client.delete_container(id) {

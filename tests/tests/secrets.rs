@@ -16,7 +16,8 @@
 //!   own report for the binding cannot pass; a broker that holds the
 //!   exchange holds up no other request on the connection (the exchange
 //!   runs aside, without the agent's lock), and the container does not
-//!   start until it ends;
+//!   start until it ends; a secret fetched for a container deleted and
+//!   created again meanwhile reaches neither;
 //! - over the pod's own network instead (a CNI-style namespace, the broker
 //!   in its peer), once the UVM is a pod.
 
@@ -304,9 +305,10 @@ fn a_listed_container_starts_with_its_secret_and_nothing_else_gets_one() -> anyh
     }
     let answered = asked.elapsed();
     ensure!(staller.held() == parma_protocol::MAX_ASIDE, "{} exchanges reached the broker", staller.held());
+    // The held exchanges ran at once, not one after another.
     ensure!(
-        others < STALL && answered >= STALL,
-        "the other requests took {others:?}, the held exchange {answered:?} (the broker held it {STALL:?})"
+        others < STALL && answered >= STALL && answered < STALL * 2,
+        "the other requests took {others:?}, the held exchanges {answered:?} (the broker held each {STALL:?})"
     );
     // The right broker, expecting another HOST_DATA: the evidence is refused.
     // (From here the relay is the CLI's, `parma kbs relay`.)
@@ -341,8 +343,39 @@ fn a_listed_container_starts_with_its_secret_and_nothing_else_gets_one() -> anyh
     ensure!(err.contains("refused attest with HTTP 401") && err.contains("ReportData"), "{err}");
     ensure!(good.released() == [RESOURCE], "{:?}", good.log());
 
+    // The container a secret is fetched for is deleted and created again
+    // under its id (the same entry) while the broker holds the exchange:
+    // the broker releases, the agent drops it, and the new container
+    // starts without it.
+    good.hold(Some(Duration::from_secs(2)));
+    client.mount_overlay("d", &layers, true)?;
+    client.created(&create("d", &process(&reader)?))?;
+    let asked = std::time::Instant::now();
+    let aside = client.send_aside(&provision("d", &url, &pin, RESOURCE, "db"))?;
+    client.delete_container("d")?;
+    client.created(&create("d", &process(&reader)?))?;
+    let answer = loop {
+        if let Some(answer) = client.answer(aside, Duration::from_secs(1))? {
+            break answer;
+        }
+        ensure!(asked.elapsed() < CALL, "no answer to the exchange within {CALL:?}");
+    };
+    ensure!(
+        matches!(&answer, Response::Error(err) if err.code == ErrorCode::WrongState
+            && err.message.contains("deleted while its secret was fetched")),
+        "{answer:?}"
+    );
+    ensure!(good.released() == [RESOURCE, RESOURCE], "the broker did not release the second: {:?}", good.log());
+    good.hold(None);
+    client.start_container("d")?;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let status = run::pump(&mut client, "d", None, &mut stdout, &mut stderr, Duration::from_secs(120))?;
+    let stderr = String::from_utf8_lossy(&stderr);
+    ensure!(run::exit_code(&status) != 0 && stdout.is_empty(), "{status:?} {stdout:?} {stderr}");
+
     drop(relay);
     client.delete_container("a")?;
+    client.delete_container("d")?;
     guest.finish(&mut client)?;
     Ok(())
 }

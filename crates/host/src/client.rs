@@ -364,8 +364,10 @@ impl Client {
             Some(None) => {}
         }
         let before = self.timeout;
-        self.timeout = wait;
+        // One deadline for the whole wait, however many other answers come.
+        let deadline = Instant::now() + wait;
         let got = loop {
+            self.timeout = deadline.saturating_duration_since(Instant::now());
             match self.recv() {
                 Ok((got, response)) if got == id => break Ok(Some(response)),
                 Ok((got, response)) => self.keep_or_skip(got, response),
@@ -815,35 +817,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        // The agent answers the second request first, then the first (as
-        // it does a key broker exchange that runs aside), then a third.
         let server = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
             let mut decoder = Decoder::new();
             let mut buf = [0u8; 1024];
-            let mut ids = Vec::new();
-            while ids.len() < 3 {
+            let mut next_id = |conn: &mut std::os::unix::net::UnixStream| loop {
                 if let Some(frame) = decoder.next_frame() {
-                    ids.push(frame.unwrap().id);
-                    if ids.len() == 2 {
-                        conn.write_all(&parma_protocol::encode_response(
-                            ids[1],
-                            &Response::Pong(parma_protocol::PingInfo {
-                                protocol_version: parma_protocol::VERSION,
-                                agent_version: "test".into(),
-                                kernel_release: "test".into(),
-                                uptime_ms: 0,
-                            }),
-                        ))
-                        .unwrap();
-                        conn.write_all(&parma_protocol::encode_response(ids[0], &Response::Done)).unwrap();
-                    }
-                    continue;
+                    break frame.unwrap().id;
                 }
                 let n = conn.read(&mut buf).unwrap();
                 decoder.push(&buf[..n]);
-            }
-            conn.write_all(&parma_protocol::encode_response(ids[2], &Response::Done)).unwrap();
+            };
+            let pong = Response::Pong(parma_protocol::PingInfo {
+                protocol_version: parma_protocol::VERSION,
+                agent_version: "test".into(),
+                kernel_release: "test".into(),
+                uptime_ms: 0,
+            });
+            let answer = |conn: &mut std::os::unix::net::UnixStream, id, response: &Response| {
+                conn.write_all(&parma_protocol::encode_response(id, response)).unwrap();
+            };
+            // The aside's answer comes while the ping waits for its own.
+            let (aside, ping) = (next_id(&mut conn), next_id(&mut conn));
+            answer(&mut conn, aside, &Response::Done);
+            answer(&mut conn, ping, &pong);
+            // Another comes later than the first look.
+            let later = next_id(&mut conn);
+            std::thread::sleep(Duration::from_millis(200));
+            answer(&mut conn, later, &Response::Done);
+            // A forgotten one's answer is skipped by the next call.
+            let (forgotten, ping) = (next_id(&mut conn), next_id(&mut conn));
+            answer(&mut conn, forgotten, &Response::Done);
+            answer(&mut conn, ping, &pong);
             std::thread::sleep(Duration::from_millis(300));
         });
         let mut client = Client::connect(&Control::Unix(path), Duration::from_secs(5)).unwrap();
@@ -851,16 +856,12 @@ mod tests {
         client.ping().unwrap();
         assert!(matches!(client.answer(aside, Duration::ZERO), Ok(Some(Response::Done))));
         assert!(matches!(client.answer(aside, Duration::ZERO), Err(ClientError::NotAside(_))));
-        // Not come yet: none, and asked again later; forgotten: skipped.
-        let third = client.send_aside(&Request::GuestInfo).unwrap();
-        let first_look = client.answer(third, Duration::from_millis(1)).unwrap();
-        let later = match first_look {
-            Some(answer) => Some(answer),
-            None => client.answer(third, Duration::from_secs(5)).unwrap(),
-        };
-        assert!(matches!(later, Some(Response::Done)), "{later:?}");
+        let later = client.send_aside(&Request::GuestInfo).unwrap();
+        assert!(matches!(client.answer(later, Duration::from_millis(1)), Ok(None)));
+        assert!(matches!(client.answer(later, Duration::from_secs(5)), Ok(Some(Response::Done))));
         let forgotten = client.send_aside(&Request::GuestInfo).unwrap();
         client.forget(forgotten);
+        client.ping().unwrap();
         assert!(matches!(client.answer(forgotten, Duration::ZERO), Err(ClientError::NotAside(_))));
         server.join().unwrap();
     }

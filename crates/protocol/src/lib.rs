@@ -27,9 +27,10 @@ pub const VSOCK_PORT: u32 = 1024;
 /// The vsock port on the host (CID 2) the agent connects to for a key
 /// broker: the host relays the stream to the broker's address.
 pub const KBS_VSOCK_PORT: u32 = 1025;
-/// Most `ProvisionSecret` exchanges that run aside at once on one
-/// connection: the agent answers them when they end, after answers to
-/// later requests; one more is answered `busy`.
+/// Most `ProvisionSecret` exchanges that run aside at once in the agent
+/// (all connections together; one outlives its connection): the agent
+/// answers them when they end, after answers to later requests; one more
+/// is answered `busy`.
 pub const MAX_ASIDE: usize = 4;
 
 /// Encode a request frame; a body over the frame limit (a host file or a
