@@ -17,7 +17,8 @@
 //!   exchange holds up no other request on the connection (the exchange
 //!   runs aside, without the agent's lock), and the container does not
 //!   start until it ends; a secret fetched for a container deleted and
-//!   created again meanwhile reaches neither;
+//!   created again meanwhile reaches neither; 12 exchanges in a row (3
+//!   times as many as run at once) leave no slot or mark behind;
 //! - over the pod's own network instead (a CNI-style namespace, the broker
 //!   in its peer), once the UVM is a pod.
 
@@ -373,12 +374,48 @@ fn a_listed_container_starts_with_its_secret_and_nothing_else_gets_one() -> anyh
     let stderr = String::from_utf8_lossy(&stderr);
     ensure!(run::exit_code(&status) != 0 && stdout.is_empty(), "{status:?} {stdout:?} {stderr}");
 
+    // Many exchanges on one UVM, each collected (here each ends at once: a
+    // broker that closes every connection): every one gets its slot back
+    // and its container's mark, so none is answered busy and the container
+    // starts.
     drop(relay);
+    let closer = Staller::start(Duration::ZERO)?;
+    let relay = Relay::start(&relay_path, closer.address)?;
     client.delete_container("a")?;
     client.delete_container("d")?;
+    client.mount_overlay("e", &layers, true)?;
+    client.created(&create("e", &process(&reader)?))?;
+    let many = std::time::Instant::now();
+    for round in 0..EXCHANGES {
+        let aside = client.send_aside(&provision("e", &url, &pin, RESOURCE, "db"))?;
+        let one = std::time::Instant::now();
+        let answer = loop {
+            if let Some(answer) = client.answer(aside, Duration::from_secs(1))? {
+                break answer;
+            }
+            ensure!(one.elapsed() < CALL, "exchange {round} was not answered in {:?}", one.elapsed());
+        };
+
+        ensure!(
+            matches!(&answer, Response::Error(err) if err.code == ErrorCode::Failed
+                && err.message.contains("key broker exchange failed")),
+            "exchange {round}: {answer:?}"
+        );
+    }
+    eprintln!("{EXCHANGES} exchanges collected in {:?}", many.elapsed());
+    ensure!(closer.held() > 0, "no exchange reached the broker");
+    drop(relay);
+    client.start_container("e")?;
+    let status = run::pump(&mut client, "e", None, &mut Vec::new(), &mut Vec::new(), Duration::from_secs(120))?;
+    ensure!(run::exit_code(&status) != 0, "e read a secret: {status:?}");
+    client.delete_container("e")?;
     guest.finish(&mut client)?;
     Ok(())
 }
+
+/// How many exchanges [`a_listed_container_starts_with_its_secret_and_nothing_else_gets_one`]
+/// runs and collects on one UVM at its end.
+const EXCHANGES: usize = 12;
 
 /// The pod's network as the route: the UVM's NIC is a tap in a namespace
 /// prepared as a CNI plugin would, the broker listens in the peer
