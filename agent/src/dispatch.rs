@@ -109,12 +109,6 @@ impl Dispatcher {
         })
     }
 
-    /// A slot for a request whose rest runs aside, if one of the agent's
-    /// `parma_protocol::MAX_ASIDE` is free; held until that rest ends.
-    pub fn aside_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.aside.clone().try_acquire_owned().ok()
-    }
-
     /// A report for a container that asked through its endpoint: decided at
     /// `container_attestation` with the container the agent's records name
     /// (`caller`, whose endpoint is still open), for a caller in that
@@ -266,7 +260,7 @@ impl Dispatcher {
             } => {
                 let asked =
                     Secret { container_id, broker_url, broker_certificate_sha256, resource, file, broker_address };
-                return provision_secret(guest, id, asked);
+                return self.provision_secret(guest, id, asked);
             }
             Request::LoadFragment { fragment, signature, public_key } => {
                 let decode = |what: &str, text: &str| {
@@ -313,11 +307,6 @@ impl Dispatcher {
     }
 }
 
-/// Whether `request` may leave its rest to run aside ([`Handled::Aside`]).
-pub fn runs_aside(request: &Request) -> bool {
-    matches!(request, Request::ProvisionSecret { .. })
-}
-
 /// What [`Dispatcher::begin`] left of a request.
 pub enum Handled {
     /// Answered.
@@ -341,65 +330,76 @@ struct Secret {
     broker_address: Option<String>,
 }
 
-/// Begin an allowed `ProvisionSecret`. The container is checked and marked
-/// under the lock (it does not start until the fetch ends); the exchange
-/// with the broker is left aside, without the lock (it may take up to
-/// `parma_kbs::EXCHANGE_DEADLINE` on a route the host controls: no other
-/// request waits for it); the secret is then written under the lock again,
-/// into the same container only: one deleted meanwhile, or created again
-/// under its id, gets nothing.
-fn provision_secret(mut guest: MutexGuard<'_, Guest>, id: u32, asked: Secret) -> Handled {
-    let Secret { container_id, broker_url, broker_certificate_sha256, resource, file, broker_address } = asked;
-    let failed = move |fault: Fault| {
-        tracing::warn!(id, "ProvisionSecret failed ({}): {}", fault.code, fault.message);
-        Response::Error(fault.into())
-    };
-    let begun = (|| -> Result<_, Fault> {
-        let broker = crate::kbs::Broker::new(&broker_url, &broker_certificate_sha256).map_err(Fault::invalid)?;
-        let pod = match broker_address {
-            None => None,
-            Some(address) => {
-                let address: std::net::SocketAddr =
-                    address.parse().map_err(|_| Fault::invalid("broker_address is not IP:PORT"))?;
-                let pidfd =
-                    guest.containers.sandbox()?.pidfd().try_clone_to_owned().map_err(|err| {
+impl Dispatcher {
+    /// Begin an allowed `ProvisionSecret`: one of the agent's
+    /// `parma_protocol::MAX_ASIDE` slots is taken (none free: `busy`, nothing
+    /// done), the container is checked and marked under the lock (it does not
+    /// start until the fetch ends); the exchange with the broker is left aside,
+    /// without the lock (it may take up to `parma_kbs::EXCHANGE_DEADLINE` on a
+    /// route the host controls: no other request waits for it); the secret is
+    /// then written under the lock again, into the same container only: one
+    /// deleted meanwhile, or created again under its id, gets nothing.
+    fn provision_secret(&self, mut guest: MutexGuard<'_, Guest>, id: u32, asked: Secret) -> Handled {
+        let Secret { container_id, broker_url, broker_certificate_sha256, resource, file, broker_address } = asked;
+        let failed = move |fault: Fault| {
+            tracing::warn!(id, "ProvisionSecret failed ({}): {}", fault.code, fault.message);
+            Response::Error(fault.into())
+        };
+        let begun = (|| -> Result<_, Fault> {
+            let slot = self.aside.clone().try_acquire_owned().map_err(|_| {
+                let max = parma_protocol::MAX_ASIDE;
+                Fault::new(
+                    ErrorCode::Busy,
+                    format!("busy: {max} key broker exchanges already run in the agent; nothing was done"),
+                )
+            })?;
+            let broker = crate::kbs::Broker::new(&broker_url, &broker_certificate_sha256).map_err(Fault::invalid)?;
+            let pod = match broker_address {
+                None => None,
+                Some(address) => {
+                    let address: std::net::SocketAddr =
+                        address.parse().map_err(|_| Fault::invalid("broker_address is not IP:PORT"))?;
+                    let pidfd = guest.containers.sandbox()?.pidfd().try_clone_to_owned().map_err(|err| {
                         Fault::from(format!("cannot hold the pod's namespaces for the exchange: {err}"))
                     })?;
-                Some((pidfd, address))
-            }
+                    Some((pidfd, address))
+                }
+            };
+            let ticket = guest.containers.begin_secret(&container_id)?;
+            Ok((slot, broker, pod, ticket))
+        })();
+        let (slot, broker, pod, ticket) = match begun {
+            Ok(begun) => begun,
+            Err(fault) => return Handled::Now(failed(fault), After::Continue),
         };
-        let ticket = guest.containers.begin_secret(&container_id)?;
-        Ok((broker, pod, ticket))
-    })();
-    let (broker, pod, ticket) = match begun {
-        Ok(begun) => begun,
-        Err(fault) => return Handled::Now(failed(fault), After::Continue),
-    };
-    drop(guest);
-    Handled::Aside(Box::new(move |dispatcher: &Dispatcher| {
-        let route = match &pod {
-            None => crate::kbs::Route::Vsock,
-            Some((pidfd, address)) => crate::kbs::Route::Pod(std::os::fd::AsFd::as_fd(pidfd), *address),
-        };
-        let fetched = crate::kbs::fetch(&broker, route, &resource, &dispatcher.attestation)
-            .map_err(|err| Fault::from(format!("the key broker exchange failed: {err}")));
-        let mut guest = dispatcher.lock();
-        let written = match fetched {
-            Ok(secret) => guest.containers.end_secret(ticket, Some((&file, &secret))).map(|()| secret.len()),
-            Err(fault) => {
-                // The exchange's failure is the answer, whatever became of the container.
-                let _ = guest.containers.end_secret(ticket, None);
-                Err(fault)
+        drop(guest);
+        Handled::Aside(Box::new(move |dispatcher: &Dispatcher| {
+            let route = match &pod {
+                None => crate::kbs::Route::Vsock,
+                Some((pidfd, address)) => crate::kbs::Route::Pod(std::os::fd::AsFd::as_fd(pidfd), *address),
+            };
+            let fetched = crate::kbs::fetch(&broker, route, &resource, &dispatcher.attestation)
+                .map_err(|err| Fault::from(format!("the key broker exchange failed: {err}")));
+            let mut guest = dispatcher.lock();
+            let written = match fetched {
+                Ok(secret) => guest.containers.end_secret(ticket, Some((&file, &secret))).map(|()| secret.len()),
+                Err(fault) => {
+                    // The exchange's failure is the answer, whatever became of the container.
+                    let _ = guest.containers.end_secret(ticket, None);
+                    Err(fault)
+                }
+            };
+            drop(guest);
+            drop(slot);
+            match written {
+                Ok(bytes) => {
+                    tracing::info!(id, "secret {resource:?} ({bytes} bytes) provisioned for {container_id:?}");
+                    Response::Done
+                }
+                Err(fault) => failed(fault),
             }
-        };
-        match written {
-            Ok(bytes) => {
-                tracing::info!(id, "secret {resource:?} ({bytes} bytes) provisioned for {container_id:?}");
-                Response::Done
-            }
-            Err(fault) => failed(fault),
-        }
-    }))
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -15,15 +15,15 @@
 //!
 //! A request that waits on the outside world for long (`ProvisionSecret`'s
 //! key broker exchange) is decided and begun in that order; its rest runs
-//! beside the later requests ([`Handled::Aside`]), at most [`MAX_ASIDE`] at
-//! once in the whole agent (more are answered `busy`; one outlives its
-//! connection, its answer lost with it), and is answered when it ends,
-//! after answers to later requests.
+//! beside the later requests ([`Handled::Aside`]), at most
+//! `parma_protocol::MAX_ASIDE` at once in the whole agent (the dispatcher
+//! answers more `busy`; one outlives its connection, its answer lost with
+//! it), and is answered when it ends, after answers to later requests.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use parma_protocol::{AgentError, Decoder, ErrorCode, MAX_ASIDE, Request, Response, encode_response};
+use parma_protocol::{AgentError, Decoder, ErrorCode, Request, Response, encode_response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -73,44 +73,25 @@ async fn work(
     queued_bytes: Arc<AtomicUsize>,
 ) {
     while let Some((id, request, bytes)) = queue.recv().await {
-        // A slot (the agent's, not the connection's: a rest outlives its
-        // connection) is taken before the request begins: one that could
-        // not run aside is refused before anything is done.
-        let slot = match dispatch::runs_aside(&request).then(|| dispatcher.aside_slot()) {
-            None => None,
-            Some(Some(slot)) => Some(slot),
-            Some(None) => {
-                queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                let message =
-                    format!("busy: {MAX_ASIDE} key broker exchanges already run in the agent; nothing was done");
-                let busy = Response::Error(AgentError::new(ErrorCode::Busy, message));
-                if done.send((id, busy, After::Continue)).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
         let begun = {
             let dispatcher = dispatcher.clone();
             tokio::task::spawn_blocking(move || dispatcher.begin(id, request)).await
         };
         queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        let answer = match (begun, slot) {
-            (Ok(Handled::Now(response, after)), _) => (id, response, after),
-            (Ok(Handled::Aside(rest)), Some(slot)) => {
+        let answer = match begun {
+            Ok(Handled::Now(response, after)) => (id, response, after),
+            Ok(Handled::Aside(rest)) => {
+                // It holds one of the agent's slots (`MAX_ASIDE`) until it ends.
                 let (dispatcher, done) = (dispatcher.clone(), done.clone());
                 tokio::spawn(async move {
                     let response = finish(dispatcher, rest).await;
-                    drop(slot);
                     // The connection may have ended meanwhile: the answer is lost with it.
                     let _ = done.send((id, response, After::Continue)).await;
                 });
                 continue;
             }
-            // Not one to run aside: its rest runs in turn.
-            (Ok(Handled::Aside(rest)), None) => (id, finish(dispatcher.clone(), rest).await, After::Continue),
             // Only reachable in an unwinding build: the guest aborts on a panic.
-            (Err(_), _) => crate::fail_closed("a request handler panicked"),
+            Err(_) => crate::fail_closed("a request handler panicked"),
         };
         if done.send(answer).await.is_err() {
             return;
